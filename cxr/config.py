@@ -1,0 +1,310 @@
+"""Config dataclasses: the single source of truth for every flag of train.py and sample.py.
+
+Each field carries its default, type, help text and (optionally) choices. The argparse parser, the
+`--config FILE.toml` support, the README flag tables and the saved `config.json` are all generated from
+these dataclasses, so they cannot drift apart. `validate()` rejects bad values with a message that names
+the flag, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr import DEFAULT_MODEL_ID, DEFAULT_PROMPT
+
+
+class ConfigError(ValueError):
+    """A flag has an invalid value. The message starts with the flag's name."""
+
+
+def flag(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its help text (and allowed values) kept next to the default."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _base_type(annotation) -> type:
+    """`int`, `float`, `str`, `bool` or `Path` from an annotation like `int | None`."""
+    hint = annotation
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one `--name` option per dataclass field, plus `--config FILE.toml`."""
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().splitlines()[0])
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="TOML file setting any of these flags (flat `name = value`); flags given on the command line win",
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in ("", None) else "")
+        # SUPPRESS: only flags actually given override the TOML file and the dataclass defaults.
+        kwargs = dict(help=help_text.replace("%", "%%"), default=argparse.SUPPRESS)
+        if kind is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction)  # --flag / --no-flag
+        else:
+            kwargs.update(type=kind, metavar=kind.__name__.upper())
+        if f.metadata.get("choices"):
+            kwargs.update(choices=f.metadata["choices"], metavar=None)
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def _coerce(cls, name: str, value, source: str):
+    hints = typing.get_type_hints(cls)
+    kind = _base_type(hints[name])
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if kind is Path:
+            return Path(value)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, kind):
+            raise TypeError
+        return value
+    except (TypeError, argparse.ArgumentTypeError):
+        raise ConfigError(f"--{name}: {source} gives {value!r}, expected {kind.__name__}") from None
+
+
+def load_toml(cls, path: Path) -> dict:
+    """Read a flat TOML file of flag values; unknown keys are an error (a typo must not be ignored)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--config: {path} is not valid TOML: {error}") from None
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"--config: {path} sets unknown flags {unknown}; see --help for the list")
+    return {k: _coerce(cls, k, v, f"--config {path}") for k, v in data.items()}
+
+
+def parse_config(cls, argv: list[str] | None = None, description: str = ""):
+    """Parse command-line flags (and an optional TOML file) into a validated `cls` instance.
+
+    Invalid values exit with status 2 and a one-line message naming the flag.
+    """
+    parser = build_parser(cls, description)
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    config_file = args.pop("config")
+    try:
+        values = load_toml(cls, config_file) if config_file else {}
+        values.update(args)
+        config = cls(**values)
+        config.validate()
+    except ConfigError as error:
+        parser.error(str(error))
+    return config
+
+
+def to_dict(config) -> dict:
+    """JSON-ready dict of a config (Paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def save_json(config, path: Path, extra: dict | None = None) -> None:
+    payload = {"config": to_dict(config), **(extra or {})}
+    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def flag_table(cls) -> str:
+    """A Markdown table of every flag (name, default, help): the README's flag reference."""
+    hints = typing.get_type_hints(cls)
+    rows = ["| flag | type | default | what it does |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = _base_type(hints[f.name]).__name__
+        choices = f.metadata.get("choices")
+        if choices:
+            kind = "{" + ",".join(map(str, choices)) + "}"
+        help_text = f.metadata.get("help", "").replace("|", "\\|")
+        rows.append(f"| `--{f.name}` | {kind} | `{default!r}` | {help_text} |")
+    return "\n".join(rows)
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"--{name}: {message}")
+
+
+def _check_choices(config) -> None:
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"--{f.name}: {value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tune the SD v1.5 UNet with LoRA on a folder of normal chest X-rays."""
+
+    # --- data ---
+    dataset_dir: Path | None = flag(None, "folder of chest X-ray images (searched recursively: PNG, JPEG, TIFF, BMP, DICOM)")
+    file_list: Path | None = flag(None, "CSV/TXT list of images to use (column `path`, optional `patient_id`); paths relative to --dataset_dir or absolute")
+    output_dir: Path = flag(Path("cxr-lora"), "where the adapter, checkpoints, logs, manifest and config go")
+    resolution: int = flag(256, "training resolution in pixels (square; a multiple of 8)")
+    pad_to_square: bool = flag(False, "pad non-square images to square (black borders) instead of center-cropping")
+    random_flip: bool = flag(False, "random horizontal flips (unwise for chest X-rays: teaches dextrocardia)")
+    skip_bad_images: bool = flag(False, "skip unreadable/truncated/too-small images (listed in a summary) instead of stopping")
+    min_image_size: int = flag(64, "images whose shorter side is below this many pixels are rejected as bad")
+    max_images: int | None = flag(None, "use a seeded random subset of at most this many images")
+    val_fraction: float = flag(0.02, "fraction of images (or of patients, when the file list has patient_id) held out for validation loss and the memorization audit")
+    val_count: int | None = flag(None, "hold out exactly this many images instead of --val_fraction")
+    dataloader_num_workers: int = flag(2, "worker processes that decode images while the latent cache is built")
+    cache_dir: Path | None = flag(None, "where latent caches live (default: OUTPUT_DIR/cache); reused when images, resolution, crop mode and VAE are unchanged")
+    encode_batch_size: int = flag(16, "images per VAE forward pass when building the latent cache")
+    # --- model ---
+    model_id: str = flag(DEFAULT_MODEL_ID, "base model: hub id or local folder (the old runwayml id is mapped to the new one)")
+    revision: str | None = flag(None, "hub revision (branch, tag or commit) of --model_id")
+    prompt: str = flag(DEFAULT_PROMPT, "the constant training prompt")
+    prediction_type: str = flag("", "training target; empty = the base scheduler's (epsilon for SD v1.5)", ("", "epsilon", "v_prediction"))
+    lora_rank: int = flag(16, "LoRA rank r")
+    lora_alpha: float = flag(16.0, "LoRA alpha; the update is scaled by alpha / rank")
+    lora_dropout: float = flag(0.0, "dropout on the LoRA input (0 disables)")
+    lora_targets: str = flag("to_q,to_k,to_v,to_out.0", "comma-separated attention projections to wrap in every attn1/attn2")
+    export_format: str = flag("diffusers", "adapter export format(s) written to OUTPUT_DIR/lora_unet", ("diffusers", "kohya", "both"))
+    # --- optimisation ---
+    train_batch_size: int = flag(16, "images per step per GPU")
+    grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step")
+    max_train_steps: int = flag(2000, "optimizer steps to train")
+    learning_rate: float = flag(1e-4, "AdamW learning rate of the LoRA parameters")
+    lr_scheduler: str = flag("constant", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"))
+    lr_warmup_steps: int = flag(0, "linear warm-up steps")
+    adam_weight_decay: float = flag(1e-2, "AdamW weight decay")
+    max_grad_norm: float = flag(1.0, "gradient clipping norm (0 disables)")
+    snr_gamma: float = flag(5.0, "Min-SNR-gamma loss weighting (0 disables)")
+    noise_offset: float = flag(0.0, "noise offset (0 disables)")
+    mixed_precision: str = flag("bf16", "compute dtype of the frozen base and autocast", ("no", "fp16", "bf16"))
+    seed: int = flag(0, "seed for the split, LoRA init, noise and timesteps")
+    # --- speed ---
+    device: str = flag("auto", "cuda, cpu or auto")
+    cuda_graph: bool = flag(False, "capture the whole train step in a CUDA graph (CUDA only)")
+    torch_compile: bool = flag(False, "torch.compile the UNet forward")
+    gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory, slower)")
+    # --- logging, validation, checkpoints ---
+    logging_dir: Path | None = flag(None, "TensorBoard log folder (default: OUTPUT_DIR/logs)")
+    log_every: int = flag(10, "read loss/grad norm from the device and log them every N steps")
+    validation_steps: int = flag(500, "every N steps: held-out loss and a grid of samples (0 disables)")
+    num_validation_images: int = flag(4, "samples in the validation grid (fixed seeds)")
+    validation_inference_steps: int = flag(25, "denoising steps for the validation samples")
+    checkpointing_steps: int = flag(500, "save a resumable checkpoint every N steps (0: only at the end)")
+    checkpoints_total_limit: int | None = flag(3, "keep at most this many checkpoints (oldest removed first)")
+    resume_from_checkpoint: str | None = flag(None, "`latest` or a checkpoint folder to continue from exactly")
+
+    def validate(self) -> None:
+        _check_choices(self)
+        _require(self.dataset_dir is not None or self.file_list is not None, "dataset_dir", "is required (or give --file_list with absolute paths)")
+        _require(self.resolution > 0 and self.resolution % 8 == 0, "resolution", f"must be a positive multiple of 8, got {self.resolution}")
+        _require(self.min_image_size >= 1, "min_image_size", f"must be >= 1, got {self.min_image_size}")
+        _require(self.max_images is None or self.max_images > 0, "max_images", f"must be > 0, got {self.max_images}")
+        _require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _require(self.val_count is None or self.val_count >= 0, "val_count", f"must be >= 0, got {self.val_count}")
+        _require(self.dataloader_num_workers >= 0, "dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
+        _require(self.encode_batch_size > 0, "encode_batch_size", f"must be > 0, got {self.encode_batch_size}")
+        _require(self.lora_rank > 0, "lora_rank", f"must be > 0, got {self.lora_rank}")
+        _require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        _require(bool(self.lora_targets.strip(",").strip()), "lora_targets", "must name at least one projection")
+        _require(self.train_batch_size > 0, "train_batch_size", f"must be > 0, got {self.train_batch_size}")
+        _require(self.grad_accum_steps > 0, "grad_accum_steps", f"must be > 0, got {self.grad_accum_steps}")
+        _require(self.max_train_steps > 0, "max_train_steps", f"must be > 0, got {self.max_train_steps}")
+        _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+        _require(self.adam_weight_decay >= 0, "adam_weight_decay", f"must be >= 0, got {self.adam_weight_decay}")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _require(self.snr_gamma >= 0, "snr_gamma", f"must be >= 0, got {self.snr_gamma}")
+        _require(self.noise_offset >= 0, "noise_offset", f"must be >= 0, got {self.noise_offset}")
+        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        _require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
+        _require(self.validation_steps >= 0, "validation_steps", f"must be >= 0, got {self.validation_steps}")
+        _require(self.num_validation_images >= 0, "num_validation_images", f"must be >= 0, got {self.num_validation_images}")
+        _require(self.validation_inference_steps > 0, "validation_inference_steps", f"must be > 0, got {self.validation_inference_steps}")
+        _require(self.checkpointing_steps >= 0, "checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
+        _require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "checkpoints_total_limit", f"must be > 0, got {self.checkpoints_total_limit}")
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def resolved_logging_dir(self) -> Path:
+        return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+
+SCHEDULERS = ("dpm++", "ddim", "ddpm", "euler", "euler_a", "pndm", "unipc")
+
+
+@dataclass
+class SampleConfig:
+    """Generate synthetic chest X-rays from the base model plus a cxr LoRA adapter."""
+
+    base_model: str = flag(DEFAULT_MODEL_ID, "base model: hub id or local folder (the old runwayml id is mapped to the new one)")
+    revision: str | None = flag(None, "hub revision of --base_model")
+    lora_path: Path | None = flag(None, "adapter folder (OUTPUT_DIR/lora_unet) or .safetensors file, diffusers or kohya format; omit for the base model alone")
+    lora_scale: float = flag(1.0, "strength of the adapter (0 = base model)")
+    merge_lora: bool = flag(True, "merge the adapter into the UNet weights before sampling (faster; same images up to rounding)")
+    out_dir: Path = flag(Path("samples"), "folder for the images, contact sheet and index")
+    num_images: int = flag(16, "images to generate (image i uses seed + i)")
+    start_index: int = flag(0, "index of the first image (to extend a run: images already on disk are skipped)")
+    height: int = flag(256, "image height in pixels (multiple of 8; the training resolution)")
+    width: int = flag(256, "image width in pixels (multiple of 8)")
+    prompt: str = flag(DEFAULT_PROMPT, "prompt (use the training prompt)")
+    negative_prompt: str = flag("", "negative prompt")
+    num_inference_steps: int = flag(25, "denoising steps")
+    guidance_scale: float = flag(3.0, "classifier-free guidance scale (1 disables guidance)")
+    scheduler: str = flag("dpm++", "sampler", SCHEDULERS)
+    seed: int = flag(0, "base seed; image i uses seed + i")
+    batch_size: int = flag(8, "images per forward pass")
+    grayscale_out: bool = flag(False, "write single-channel PNGs computed from the decoded luminance")
+    bit_depth: int = flag(8, "bit depth of --grayscale_out PNGs", (8, 16))
+    contact_sheet: int = flag(16, "images in the contact sheet (0 disables)")
+    device: str = flag("auto", "cuda, cpu or auto")
+    dtype: str = flag("auto", "compute dtype (auto: fp16 on CUDA, fp32 on CPU)", ("auto", "fp32", "fp16", "bf16"))
+
+    def validate(self) -> None:
+        _check_choices(self)
+        _require(self.num_images > 0, "num_images", f"must be > 0, got {self.num_images}")
+        _require(self.start_index >= 0, "start_index", f"must be >= 0, got {self.start_index}")
+        _require(self.height > 0 and self.height % 8 == 0, "height", f"must be a positive multiple of 8, got {self.height}")
+        _require(self.width > 0 and self.width % 8 == 0, "width", f"must be a positive multiple of 8, got {self.width}")
+        _require(self.num_inference_steps > 0, "num_inference_steps", f"must be > 0, got {self.num_inference_steps}")
+        _require(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.contact_sheet >= 0, "contact_sheet", f"must be >= 0, got {self.contact_sheet}")
+        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
