@@ -308,3 +308,27 @@ class SampleConfig:
         _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         _require(self.contact_sheet >= 0, "contact_sheet", f"must be >= 0, got {self.contact_sheet}")
         _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+FLAG_TABLES = {"train": TrainConfig, "sample": SampleConfig}
+
+
+def update_readme_flag_tables(readme_text: str) -> str:
+    """Replace each `<!-- flags:NAME -->...<!-- /flags:NAME -->` block with the generated table."""
+    for name, cls in FLAG_TABLES.items():
+        start, end = f"<!-- flags:{name} -->", f"<!-- /flags:{name} -->"
+        head, found, rest = readme_text.partition(start)
+        if not found:
+            raise ValueError(f"README has no {start} marker")
+        _, found_end, tail = rest.partition(end)
+        if not found_end:
+            raise ValueError(f"README has no {end} marker")
+        readme_text = f"{head}{start}\n{flag_table(cls)}\n{end}{tail}"
+    return readme_text
+
+
+if __name__ == "__main__":
+    # python -m cxr.config README.md : regenerate the README's flag tables from the dataclasses.
+    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    readme.write_text(update_readme_flag_tables(readme.read_text()))
+    print(f"updated flag tables in {readme}")
