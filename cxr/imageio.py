@@ -1,0 +1,261 @@
+"""Reading chest X-ray files into float grayscale arrays, and preprocessing them for the VAE.
+
+`read_grayscale(path)` returns float32 (H, W) in [0, 1], 0 = black (air), 1 = white (bone, metal), for
+PNG (8/16-bit; modes 1, L, LA, P, PA, RGB, RGBA, I;16*, I, F), JPEG (incl. CMYK and EXIF orientation),
+TIFF, BMP and DICOM (through the optional `dicom` extra). The rules, each chosen for radiographs:
+
+- Colour -> luminance with the ITU-R BT.601 luma weights (0.299 R + 0.587 G + 0.114 B), the weights
+  PIL's own `convert("L")` uses. For the usual case (a grayscale film saved as RGB, R = G = B) every
+  weighting gives the same value.
+- Transparency (LA, RGBA, PA, palette with a transparent index) is composited over *black*: the
+  background of a radiograph is black (no attenuation), so transparent padding becomes background.
+- 8-bit data (and anything PIL converts to 8 bits) is divided by 255.
+- High-bit-depth integer data (16-bit PNG/TIFF modes I;16*, 32-bit I, float F) is scaled by the
+  **min-max of the image's own values**. Dividing by 65535 would make a 12-bit detector image stored in a
+  16-bit container (max 4095, e.g. PadChest) nearly black, and PIL's `convert("L")`/`convert("RGB")`
+  clips at 255, saturating it to white. Min-max keeps every grey level (a 16-bit ramp stays a ramp,
+  nothing is clipped). A constant image (max == min) is divided by the container's full scale instead.
+- DICOM: modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence), then the first VOI LUT or
+  Window Center/Width when the file has one, scaled by the VOI output range (so the window chosen by the
+  modality is kept); without a VOI the modality values are min-max scaled like 16-bit PNGs.
+  MONOCHROME1 (low values displayed white) is inverted so that bone is always bright.
+- EXIF orientation is applied (`ImageOps.exif_transpose`), so phone/scanner JPEGs come out upright.
+- Multi-frame files (TIFF pages, multi-frame DICOM) use the first frame.
+
+Truncated files are an error, never padded with grey: `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is forced
+off while decoding. Every failure raises `ImageReadError(path, reason)`.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+BT601_LUMA = (0.299, 0.587, 0.114)
+DICOM_INSTALL_HINT = "reading DICOM files needs pydicom: pip install 'cxr[dicom]'"
+# Bumped whenever to_model_input changes its output, so latent caches built by older code are rebuilt.
+PREPROCESS_VERSION = "center-crop-or-pad/lanczos-F/v1"
+
+FLIP_WARNING = (
+    "--random_flip mirrors chest X-rays left-right. A mirrored PA film shows the heart on the patient's "
+    "right (dextrocardia, about 1 in 10,000 people), so the model learns an anatomy that is almost never "
+    "normal, and side markers/text come out mirrored. Leave it off unless you know you want this."
+)
+
+
+def flip_warning() -> str:
+    """The warning text shown when horizontal flips are enabled (why they are unwise for chest X-rays)."""
+    return FLIP_WARNING
+
+
+class ImageReadError(ValueError):
+    """A file cannot be used as an image. `.path` is the file, `.reason` says what is wrong."""
+
+    def __init__(self, path, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (self.path, self.reason))
+
+
+def read_grayscale(path) -> np.ndarray:
+    """Read an image file as float32 (H, W) in [0, 1] (see the module docstring for the rules).
+
+    Raises ImageReadError for a missing, empty, unreadable, truncated or unsupported file.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(path, "file does not exist") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a directory, not an image file") from None
+    except OSError as error:
+        raise ImageReadError(path, f"cannot be read: {error.strerror or error}") from None
+    return decode_grayscale(data, path)
+
+
+def decode_grayscale(data: bytes, path) -> np.ndarray:
+    """Like `read_grayscale`, from the file's bytes already in memory (`path` names it in errors)."""
+    path = Path(path)
+    if len(data) == 0:
+        raise ImageReadError(path, "file is empty (0 bytes)")
+    if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(data):
+        gray = _decode_dicom(data, path)
+    else:
+        gray = _decode_pil(data, path)
+    if gray.ndim != 2 or gray.shape[0] == 0 or gray.shape[1] == 0:
+        raise ImageReadError(path, f"decoded to an array of shape {gray.shape}, expected a 2-D image")
+    if not np.isfinite(gray).all():
+        raise ImageReadError(path, "contains NaN or infinite pixel values")
+    return np.ascontiguousarray(gray, dtype=np.float32)
+
+
+def _looks_like_dicom(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _decode_pil(data: bytes, path: Path) -> np.ndarray:
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image (PIL does not recognise the file format)") from None
+    except Exception as error:  # noqa: BLE001 - a corrupt header can raise almost anything
+        raise ImageReadError(path, f"corrupt image header: {error}") from None
+
+    # A truncated file must fail here instead of being silently padded with grey.
+    truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(path, f"image is implausibly large ({error})") from None
+    except Exception as error:  # noqa: BLE001 - OSError, SyntaxError, struct.error, ... from decoders
+        raise ImageReadError(path, f"truncated or corrupt image data: {error}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
+    return _pil_to_gray(image, path)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    return BT601_LUMA[0] * r + BT601_LUMA[1] * g + BT601_LUMA[2] * b
+
+
+def _min_max(values: np.ndarray, full_scale: float) -> np.ndarray:
+    """High-bit-depth values -> [0, 1] by the image's own range (full scale for a constant image)."""
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high > low:
+        return ((values - low) / (high - low)).astype(np.float32)
+    return np.full(values.shape, np.clip(high / full_scale, 0.0, 1.0) if full_scale else 0.0, np.float32)
+
+
+def _pil_to_gray(image, path: Path) -> np.ndarray:
+    mode = image.mode
+    if mode == "1":
+        return np.asarray(image.convert("L"), np.float32) / 255.0
+    if mode == "L":
+        return np.asarray(image, np.float32) / 255.0
+    if mode.startswith("I;16"):
+        return _min_max(np.asarray(image), 65535.0)
+    if mode == "I":
+        values = np.asarray(image)
+        return _min_max(values, 65535.0 if values.min() >= 0 and values.max() <= 65535 else float(np.abs(values).max()))
+    if mode == "F":
+        return _min_max(np.asarray(image), 1.0)
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        mode = image.mode
+    if mode in ("LA", "La"):
+        la = np.asarray(image.convert("LA"), np.float32) / 255.0
+        return la[..., 0] * la[..., 1]  # composited over black
+    if mode in ("RGBA", "RGBa"):
+        rgba = np.asarray(image.convert("RGBA"), np.float32) / 255.0
+        return _luminance(rgba[..., :3]) * rgba[..., 3]  # composited over black
+    if mode in ("RGB", "RGBX", "CMYK", "YCbCr"):
+        # PIL's CMYK -> RGB handles the inverted (Adobe) CMYK that JPEG files use.
+        return _luminance(np.asarray(image.convert("RGB"), np.float32) / 255.0)
+    raise ImageReadError(path, f"unsupported image mode {mode!r} (supported: 1, L, LA, P, RGB, RGBA, CMYK, YCbCr, I;16, I, F)")
+
+
+def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageReadError(path, DICOM_INSTALL_HINT) from None
+
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=path.suffix.lower() in DICOM_SUFFIXES)
+    except Exception as error:  # noqa: BLE001
+        raise ImageReadError(path, f"not a readable DICOM file: {error}") from None
+    if "PixelData" not in dataset and "FloatPixelData" not in dataset:
+        raise ImageReadError(path, "DICOM file has no pixel data (is it a report or structured document?)")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # noqa: BLE001 - missing decoder plugin, truncated pixel data, ...
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        hint = "" if syntax is None else (
+            f" (transfer syntax {syntax.name}; compressed DICOM may need `pip install pylibjpeg "
+            "pylibjpeg-libjpeg pylibjpeg-openjpeg` or python-gdcm)"
+        )
+        raise ImageReadError(path, f"cannot decode DICOM pixel data: {error}{hint}") from None
+
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(dataset.get("SamplesPerPixel", 1))
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        pixels = pixels[0]
+    if samples == 3:
+        # pydicom's pixel_array already converts YBR colour spaces to RGB.
+        return np.clip(_luminance(pixels.astype(np.float32) / _full_scale(pixels)), 0.0, 1.0)
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageReadError(path, f"unsupported DICOM photometric interpretation {photometric!r} with {samples} samples per pixel")
+
+    try:
+        values = apply_modality_lut(pixels, dataset)
+        has_voi = "VOILUTSequence" in dataset or ("WindowCenter" in dataset and "WindowWidth" in dataset)
+        if has_voi:
+            values = apply_voi_lut(values, dataset, index=0)
+            # The VOI output range, found by sending the lowest and highest possible inputs through it.
+            extremes = apply_voi_lut(np.array([-(2**31), 2**31 - 1], np.int64), dataset, index=0)
+            gray = (values.astype(np.float64) - float(np.min(extremes))) / max(float(np.ptp(extremes)), 1e-12)
+            gray = np.clip(gray, 0.0, 1.0).astype(np.float32)
+        else:
+            gray = _min_max(values, 2.0 ** int(dataset.get("BitsStored", 16)) - 1)
+    except ImageReadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - malformed LUT/window attributes
+        raise ImageReadError(path, f"invalid DICOM modality/VOI LUT or window attributes: {error}") from None
+    if photometric == "MONOCHROME1":
+        gray = 1.0 - gray
+    return gray
+
+
+def _full_scale(pixels: np.ndarray) -> float:
+    return float(np.iinfo(pixels.dtype).max) if np.issubdtype(pixels.dtype, np.integer) else 1.0
+
+
+def to_model_input(gray: np.ndarray, resolution: int, pad_to_square: bool = False):
+    """Grayscale (H, W) in [0, 1] -> float32 tensor (3, R, R) in [-1, 1] for the VAE.
+
+    Center crop to the shorter side (default) or pad to the longer side with black (`pad_to_square`),
+    then a Lanczos resize in float ('F' mode, no 8-bit rounding, antialiased when downscaling), clipped to
+    [0, 1] against Lanczos overshoot, replicated to 3 channels. No flipping happens here.
+    """
+    import torch
+    from PIL import Image
+
+    gray = np.asarray(gray, np.float32)
+    if gray.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale array, got shape {gray.shape}")
+    height, width = gray.shape
+    if pad_to_square:
+        side = max(height, width)
+        square = np.zeros((side, side), np.float32)
+        top, left = (side - height) // 2, (side - width) // 2
+        square[top:top + height, left:left + width] = gray
+    else:
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        square = gray[top:top + side, left:left + side]
+    if side != resolution:
+        as_float_image = Image.fromarray(np.ascontiguousarray(square))  # float32 -> mode "F"
+        resized = as_float_image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+        square = np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+    tensor = torch.from_numpy(np.ascontiguousarray(square) * 2.0 - 1.0)
+    return tensor.unsqueeze(0).repeat(3, 1, 1)

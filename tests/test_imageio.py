@@ -1,0 +1,363 @@
+"""cxr.imageio: every format and mode reads to the expected values; every bad file fails clearly."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from cxr.imageio import (
+    BT601_LUMA,
+    FLIP_WARNING,
+    SUPPORTED_SUFFIXES,
+    ImageReadError,
+    flip_warning,
+    read_grayscale,
+    to_model_input,
+)
+
+
+def _ramp8(height=32, width=64) -> np.ndarray:
+    return np.tile(np.linspace(0, 255, width).round().astype(np.uint8), (height, 1))
+
+
+def _save(image: Image.Image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+# ---------------------------------------------------------------- 8-bit and colour modes
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif", ".tiff"])
+def test_8bit_gray_is_divided_by_255(tmp_path, suffix):
+    pixels = _ramp8()
+    path = _save(Image.fromarray(pixels), tmp_path / f"ramp{suffix.upper()}")
+    gray = read_grayscale(path)
+    assert gray.dtype == np.float32 and gray.shape == pixels.shape
+    np.testing.assert_array_equal(gray, pixels.astype(np.float32) / 255.0)
+
+
+def test_mode_1_bilevel(tmp_path):
+    pixels = np.zeros((16, 16), bool)
+    pixels[:, 8:] = True
+    path = _save(Image.fromarray(pixels), tmp_path / "bits.png")
+    assert Image.open(path).mode == "1"
+    np.testing.assert_array_equal(read_grayscale(path), pixels.astype(np.float32))
+
+
+def test_rgb_uses_bt601_luma(tmp_path):
+    rgb = np.zeros((4, 3, 3), np.uint8)
+    rgb[:, 0, 0] = 255  # red column
+    rgb[:, 1, 1] = 255  # green column
+    rgb[:, 2, :] = 200  # a grey column stored as RGB
+    gray = read_grayscale(_save(Image.fromarray(rgb), tmp_path / "rgb.png"))
+    np.testing.assert_allclose(gray[:, 0], 0.299, atol=1e-6)
+    np.testing.assert_allclose(gray[:, 1], 0.587, atol=1e-6)
+    np.testing.assert_allclose(gray[:, 2], 200 / 255, atol=1e-6)  # R = G = B keeps its value exactly
+    assert BT601_LUMA == (0.299, 0.587, 0.114)
+
+
+def test_rgba_and_la_are_composited_over_black(tmp_path):
+    la = np.zeros((2, 4, 2), np.uint8)
+    la[..., 0] = 200
+    la[..., 1] = [[255, 128, 0, 51]] * 2
+    gray = read_grayscale(_save(Image.fromarray(la, "LA"), tmp_path / "la.png"))
+    np.testing.assert_allclose(gray[0], 200 / 255 * np.array([255, 128, 0, 51]) / 255, atol=1e-6)
+
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., :3] = 100
+    rgba[..., 3] = [[255, 0], [128, 255]]
+    gray = read_grayscale(_save(Image.fromarray(rgba, "RGBA"), tmp_path / "rgba.png"))
+    np.testing.assert_allclose(gray, 100 / 255 * rgba[..., 3] / 255, atol=1e-6)
+
+
+def test_palette_png_maps_through_the_palette(tmp_path):
+    indices = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    image = Image.fromarray(indices, "P")
+    palette_grey = [255 - 16 * i for i in range(16)]  # an inverted grey palette: index != grey value
+    palette = []
+    for grey in palette_grey:
+        palette += [grey, grey, grey]
+    image.putpalette(palette + [0, 0, 0] * 240)
+    path = _save(image, tmp_path / "palette.png")
+    assert Image.open(path).mode == "P"
+    np.testing.assert_allclose(read_grayscale(path), np.array(palette_grey, np.float32).reshape(4, 4) / 255, atol=1e-6)
+
+    image.info["transparency"] = 0  # index 0 (white) transparent -> black
+    path = _save(image, tmp_path / "palette_transparent.png", transparency=0)
+    gray = read_grayscale(path)
+    assert gray[0, 0] == 0.0
+    np.testing.assert_allclose(gray.ravel()[1:], np.array(palette_grey[1:]) / 255, atol=1e-6)
+
+
+# ---------------------------------------------------------------- high bit depth
+
+def test_16bit_png_ramp_keeps_its_gradient(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 1024).round().astype(np.uint16), (8, 1))
+    path = _save(Image.fromarray(ramp), tmp_path / "ramp16.png")
+    assert Image.open(path).mode.startswith("I;16")
+    gray = read_grayscale(path)
+    np.testing.assert_allclose(gray, ramp / 65535.0, atol=1e-6)
+    assert len(np.unique(gray)) == 1024  # no 8-bit quantisation
+    assert gray.max() == 1.0 and gray.min() == 0.0 and np.mean(gray >= 0.999) < 0.01  # not saturated
+
+
+def test_12bit_data_in_16bit_container_uses_the_real_range(tmp_path):
+    ramp = np.tile(np.arange(100, 4096, 4, dtype=np.uint16), (4, 1))  # a 12-bit detector, min 100
+    gray = read_grayscale(_save(Image.fromarray(ramp), tmp_path / "ramp12.png"))
+    np.testing.assert_allclose(gray, (ramp - 100.0) / (4092.0 - 100.0), atol=1e-6)
+    assert np.all(np.diff(gray[0]) > 0)
+
+
+def test_big_endian_16bit_tiff_and_mode_i(tmp_path):
+    values = np.linspace(0, 3000, 64).astype(np.uint16).reshape(8, 8)
+    big_endian = Image.frombytes("I;16B", (8, 8), values.astype(">u2").tobytes())
+    path = _save(big_endian, tmp_path / "be.tif")
+    assert Image.open(path).mode == "I;16B"
+    np.testing.assert_allclose(read_grayscale(path), values / 3000.0, atol=1e-6)
+
+    path = _save(Image.fromarray(values.astype(np.int32)), tmp_path / "int32.tif")
+    assert Image.open(path).mode == "I"
+    np.testing.assert_allclose(read_grayscale(path), values / 3000.0, atol=1e-6)
+
+
+def test_constant_16bit_image_uses_full_scale(tmp_path):
+    path = _save(Image.fromarray(np.full((8, 8), 65535, np.uint16)), tmp_path / "white16.png")
+    np.testing.assert_array_equal(read_grayscale(path), np.ones((8, 8), np.float32))
+
+
+# ---------------------------------------------------------------- JPEG
+
+def test_exif_rotated_jpeg_comes_out_upright(tmp_path):
+    upright = np.zeros((48, 80), np.uint8)  # landscape, bright top-left block
+    upright[:16, :24] = 255
+    stored = np.rot90(upright, k=1)  # what a camera stores when it was turned: 90 degrees counter-clockwise
+    image = Image.fromarray(np.ascontiguousarray(stored))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = _save(image, tmp_path / "rotated.jpg", exif=exif, quality=95)
+    gray = read_grayscale(path)
+    assert gray.shape == upright.shape
+    np.testing.assert_allclose(gray, upright / 255.0, atol=0.1)
+
+
+def test_cmyk_jpeg(tmp_path):
+    cmyk = np.zeros((8, 16, 4), np.uint8)
+    cmyk[:, 8:, 3] = 255  # right half: full black ink
+    path = _save(Image.fromarray(cmyk, "CMYK"), tmp_path / "cmyk.jpg", quality=100)
+    assert Image.open(path).mode == "CMYK"
+    gray = read_grayscale(path)
+    np.testing.assert_allclose(gray[:, :6], 1.0, atol=0.03)  # no ink = white paper
+    np.testing.assert_allclose(gray[:, 10:], 0.0, atol=0.03)
+
+
+def test_gray_jpeg_close_to_source(tmp_path):
+    pixels = _ramp8(64, 64)
+    gray = read_grayscale(_save(Image.fromarray(pixels), tmp_path / "g.JPEG", quality=100))
+    np.testing.assert_allclose(gray, pixels / 255.0, atol=0.02)
+
+
+# ---------------------------------------------------------------- DICOM
+
+def _write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", bits_stored=12, signed=False, **attributes):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = pydicom.Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "DX"
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = photometric
+    dataset.BitsAllocated = 16
+    dataset.BitsStored = bits_stored
+    dataset.HighBit = bits_stored - 1
+    dataset.PixelRepresentation = int(signed)
+    for name, value in attributes.items():
+        setattr(dataset, name, value)
+    dataset.PixelData = pixels.astype("<i2" if signed else "<u2").tobytes()
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_monochrome2_without_window_is_min_max_scaled(tmp_path):
+    pixels = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
+    gray = read_grayscale(_write_dicom(tmp_path / "m2.dcm", pixels))
+    np.testing.assert_allclose(gray, pixels / 4080.0, atol=1e-6)
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    pixels = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
+    gray = read_grayscale(_write_dicom(tmp_path / "m1.dicom", pixels, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(gray, 1.0 - pixels / 4080.0, atol=1e-6)
+    assert gray[0, 0] == 1.0  # low stored value is displayed white in MONOCHROME1
+
+
+def test_dicom_rescale_and_window_follow_the_dicom_formula(tmp_path):
+    pixels = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
+    slope, intercept, center, width = 2.0, -1000.0, 3000.0, 4001.0
+    path = _write_dicom(
+        tmp_path / "windowed.dcm", pixels, RescaleSlope=slope, RescaleIntercept=intercept,
+        WindowCenter=center, WindowWidth=width,
+    )
+    modality = pixels * slope + intercept
+    # DICOM PS3.3 C.11.2.1.2.1 (LINEAR), output range normalised to [0, 1].
+    expected = np.clip((modality - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    np.testing.assert_allclose(read_grayscale(path), expected, atol=1e-5)
+    assert (expected == 0).any() and (expected == 1).any()  # the window really clips both ends
+
+
+def test_dicom_window_on_monochrome1(tmp_path):
+    pixels = np.linspace(0, 4095, 64).astype(np.uint16).reshape(8, 8)
+    path = _write_dicom(tmp_path / "w1.dcm", pixels, photometric="MONOCHROME1", WindowCenter=2048.0, WindowWidth=2049.0)
+    expected = np.clip((pixels - 2047.5) / 2048.0 + 0.5, 0.0, 1.0)
+    np.testing.assert_allclose(read_grayscale(path), 1.0 - expected, atol=1e-5)
+
+
+def test_dicom_signed_pixels(tmp_path):
+    pixels = np.linspace(-2000, 2000, 64).astype(np.int16).reshape(8, 8)
+    gray = read_grayscale(_write_dicom(tmp_path / "signed.dcm", pixels, signed=True, bits_stored=16))
+    np.testing.assert_allclose(gray, (pixels + 2000.0) / 4000.0, atol=1e-6)
+
+
+def test_dicom_detected_by_magic_without_suffix_in_name(tmp_path):
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    path = _write_dicom(tmp_path / "IM0001.dcm", pixels)
+    renamed = path.with_name("IM0001")
+    path.rename(renamed)
+    np.testing.assert_allclose(read_grayscale(renamed), pixels / 63.0, atol=1e-6)
+
+
+def test_dicom_without_pydicom_says_how_to_install(tmp_path, monkeypatch):
+    path = _write_dicom(tmp_path / "x.dcm", np.zeros((4, 4), np.uint16))
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # makes `import pydicom` raise ImportError
+    with pytest.raises(ImageReadError, match=r"pip install 'cxr\[dicom\]'") as info:
+        read_grayscale(path)
+    assert info.value.path == path
+
+
+def test_dicom_without_pixel_data(tmp_path):
+    path = _write_dicom(tmp_path / "nopix.dcm", np.zeros((4, 4), np.uint16))
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    del dataset.PixelData
+    dataset.save_as(path)
+    with pytest.raises(ImageReadError, match="no pixel data"):
+        read_grayscale(path)
+
+
+# ---------------------------------------------------------------- bad files
+
+def _good_png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _good_jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("empty.png", b"", "empty"),
+        ("notes.png", b"this is a text file, not a radiograph\n" * 10, "not an image"),
+        ("cut.png", _good_png_bytes()[:2000], "truncated"),
+        ("cut.jpg", _good_jpeg_bytes()[:3000], "truncated"),
+        ("bad.dcm", b"\0" * 200, "DICOM"),
+    ],
+)
+def test_bad_files_raise_imagereaderror_naming_the_file(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason) as info:
+        read_grayscale(path)
+    assert info.value.path == path and str(info.value).startswith(str(path))
+    assert path.read_bytes() == content  # never modified
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageReadError, match="does not exist"):
+        read_grayscale(tmp_path / "nope.png")
+
+
+def test_truncated_image_fails_even_if_someone_enabled_load_truncated_images(tmp_path, monkeypatch):
+    path = tmp_path / "cut.png"
+    path.write_bytes(_good_png_bytes()[:2000])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ImageReadError, match="truncated"):
+        read_grayscale(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the global setting is restored
+
+
+def test_unsupported_mode(tmp_path):
+    path = _save(Image.new("RGB", (8, 8)).convert("LAB"), tmp_path / "lab.tif")
+    with pytest.raises(ImageReadError, match="unsupported image mode 'LAB'"):
+        read_grayscale(path)
+
+
+def test_error_is_picklable_for_worker_processes(tmp_path):
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ImageReadError(tmp_path / "a.png", "file is empty (0 bytes)")))
+    assert error.path == tmp_path / "a.png" and error.reason == "file is empty (0 bytes)"
+    assert str(error) == f"{tmp_path / 'a.png'}: file is empty (0 bytes)"
+
+
+def test_supported_suffixes_are_lowercase():
+    assert SUPPORTED_SUFFIXES >= {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+    assert all(s == s.lower() and s.startswith(".") for s in SUPPORTED_SUFFIXES)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300), (256, 256), (100, 100)])
+@pytest.mark.parametrize("pad", [False, True])
+def test_constant_image_stays_constant_with_right_shape(shape, pad):
+    tensor = to_model_input(np.full(shape, 0.7, np.float32), 64, pad_to_square=pad)
+    assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32
+    if not pad or shape[0] == shape[1]:
+        torch.testing.assert_close(tensor, torch.full((3, 64, 64), 0.4), atol=1e-5, rtol=0)
+
+
+def test_center_crop_vs_pad_to_square():
+    gray = np.zeros((64, 192), np.float32)  # wide: left third black, middle white, right third black
+    gray[:, 64:128] = 1.0
+    cropped = to_model_input(gray, 64)
+    torch.testing.assert_close(cropped, torch.ones(3, 64, 64))  # the crop is the white middle
+    padded = to_model_input(gray, 64, pad_to_square=True)
+    assert padded[0, 0, 32] == -1.0 and padded[0, -1, 32] == -1.0  # black bars above and below
+    assert padded[0, 32, 32] == pytest.approx(1.0, abs=1e-3)  # white middle column of the image
+    assert padded[0, 32, 5] == pytest.approx(-1.0, abs=1e-3)  # black left third
+
+
+def test_resize_is_antialiased_and_in_range():
+    stripes = np.zeros((512, 512), np.float32)
+    stripes[:, ::2] = 1.0  # 1-pixel stripes alias badly without a low-pass filter
+    tensor = to_model_input(stripes, 64)
+    assert tensor.min() >= -1.0 and tensor.max() <= 1.0
+    torch.testing.assert_close(tensor[:, 8:-8, 8:-8], torch.zeros(3, 48, 48), atol=0.02, rtol=0)  # averages to grey
+    assert torch.equal(tensor[0], tensor[1]) and torch.equal(tensor[0], tensor[2])
+
+
+def test_no_flip_in_preprocessing_and_flip_warning_explains_why():
+    gray = np.zeros((64, 64), np.float32)
+    gray[:, 40:] = 1.0  # heart side on the image's right
+    tensor = to_model_input(gray, 64)
+    assert tensor[0, 32, 60] == 1.0 and tensor[0, 32, 4] == -1.0
+    assert "dextrocardia" in flip_warning() and flip_warning() == FLIP_WARNING
