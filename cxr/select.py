@@ -1,0 +1,663 @@
+"""Pick normal frontal chest X-rays out of public datasets' label files and write a file list for train.py.
+
+    python -m cxr.select --source nih --labels Data_Entry_2017_v2020.csv --images_root /data/nih --out nih_normal_pa.csv
+    python -m cxr.select --source chexpert --labels train.csv valid.csv --images_root /data/chexpert --out chexpert.csv
+    python -m cxr.select --source mimic --labels mimic-cxr-2.0.0-chexpert.csv.gz mimic-cxr-2.0.0-metadata.csv.gz \\
+        --images_root /data/mimic-cxr-jpg/2.0.0 --out mimic.csv
+    python -m cxr.select --source vindr --labels annotations_train.csv --images_root /data/vindr-cxr/1.0.0 --out vindr.csv
+    python train.py --dataset_dir IMAGES_ROOT --file_list list.csv ...
+
+The list is a CSV with the header `path,patient_id,view,source`; `path` is relative to --images_root (POSIX
+separators) unless --absolute_paths is given. Rows are sorted by path, so the same inputs give the same file.
+
+Rules per source (counts are printed after every step and returned in `SelectionResult.steps`):
+- nih: `Finding Labels == "No Finding"`; `View Position` in --views; `Patient ID`; the file named `Image Index`
+  is searched anywhere under --images_root (the release spreads the files over `images_*/images/`).
+- chexpert: `No Finding == 1.0` only (blank = not mentioned, -1.0 = uncertain, both excluded); rows that also
+  carry a positive or uncertain pathology other than Support Devices contradict the labeler and are excluded;
+  `Frontal/Lateral == Frontal`; `AP/PA` in --views; patient id = the `patientNNNNN` folder of `Path`.
+- mimic: studies with `No Finding == 1.0` in mimic-cxr-2.0.0-chexpert.csv(.gz), joined on
+  (subject_id, study_id) with the images of mimic-cxr-2.0.0-metadata.csv(.gz); `ViewPosition` in --views;
+  path files/p<first 2 digits>/p<subject_id>/s<study_id>/<dicom_id>.jpg; patient id = subject_id.
+- vindr: an image is normal only when every radiologist row says `class_name == "No finding"`; the dataset
+  publishes no view column (it is described as postero-anterior, so every image counts as PA) and no patient
+  id (patient id = image_id, so a patient split degrades to an image split); files <image_id>.dicom.
+A missing column or a value outside the known set is an error naming the file, line and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxr.config import ConfigError, _check_choices, _require, build_parser, flag, load_toml
+
+SOURCES = ("nih", "chexpert", "mimic", "vindr")
+FRONTAL_VIEWS = ("PA", "AP")
+LIST_COLUMNS = ("path", "patient_id", "view", "source")
+
+NIH_LABELS = frozenset({
+    "No Finding", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+    "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+})
+NIH_VIEWS = frozenset({"PA", "AP"})
+# The 14 CheXpert-labeler observations, shared by CheXpert and MIMIC-CXR-JPG.
+CHEXPERT_PATHOLOGIES = (
+    "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
+    "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+)
+SUPPORT_DEVICES = "Support Devices"
+NO_FINDING = "No Finding"
+CHEXPERT_LABEL_COLUMNS = (NO_FINDING, *CHEXPERT_PATHOLOGIES, SUPPORT_DEVICES)
+CHEXPERT_FRONTAL_LATERAL = frozenset({"Frontal", "Lateral"})
+CHEXPERT_AP_PA = frozenset({"AP", "PA", "LL", "RL", ""})  # blank on lateral images
+MIMIC_VIEWS = frozenset({
+    "PA", "AP", "LATERAL", "LL", "LAO", "RAO", "LPO", "RPO", "AP AXIAL", "PA LLD", "PA RLD", "AP LLD", "AP RLD",
+    "XTABLE LATERAL", "SWIMMERS", "L5 S1", "",  # blank: not recorded in the DICOM header
+})
+VINDR_NO_FINDING = "No finding"
+VINDR_NO_FINDING_CLASS_ID = "14"
+VINDR_DECLARED_VIEW = "PA"
+VINDR_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg", ".jpeg")  # preference order when several exist
+
+
+class SelectionError(ValueError):
+    """A label file is malformed or the selection is empty; the message names the file, line and column."""
+
+
+@dataclass(frozen=True)
+class SelectedImage:
+    """One row of the file list. `path` is relative to the images root, with POSIX separators."""
+
+    path: str
+    patient_id: str
+    view: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One filter step: a short name, what it keeps, and how many items are left after it."""
+
+    name: str
+    description: str
+    count: int
+
+
+@dataclass
+class SelectionResult:
+    """The selected images (sorted by path), the count after each filter step, and the files not found."""
+
+    rows: list[SelectedImage]
+    steps: list[Step]
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {step.name: step.count for step in self.steps}
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """An image that passed the label filters; `locations` are where to look, in order of preference."""
+
+    key: str
+    patient_id: str
+    view: str
+    locations: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading label files
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def read_header(path: Path) -> list[str]:
+    """The column names of a CSV label file (plain or .gz)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelectionError(f"label file {path} does not exist")
+    with _open_text(path) as handle:
+        header = next(csv.reader(handle), None)
+    if not header or not any(name.strip() for name in header):
+        raise SelectionError(f"{path} is empty: expected a CSV file with a header row")
+    return [name.strip() for name in header]
+
+
+def iter_label_rows(path: Path, required: Sequence[str], what: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield (line number, row) of a CSV label file after checking that every `required` column is there.
+
+    Values are stripped. A row too short to hold a required column, a row with more fields than the header,
+    or a file with a header but no rows is an error naming the file and line.
+    """
+    path = Path(path)
+    columns = read_header(path)
+    duplicated = sorted({name for name in columns if name and columns.count(name) > 1})
+    if duplicated:
+        raise SelectionError(f"{path}: column(s) {duplicated} appear more than once in the header")
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise SelectionError(
+            f"{path}: missing column(s) {missing} needed for a {what} file; columns found: {columns}. "
+            "Check that --source matches the file and that the file is the original release.")
+    with _open_text(path) as handle:
+        reader = csv.reader(handle)
+        next(reader)
+        rows = 0
+        for fields in reader:
+            if not fields:
+                continue  # blank line
+            if len(fields) > len(columns):
+                raise SelectionError(
+                    f"{path}, line {reader.line_num}: {len(fields)} fields but the header has {len(columns)}")
+            row = {name: value.strip() for name, value in zip(columns, fields)}
+            short = [name for name in required if name not in row]
+            if short:
+                raise SelectionError(
+                    f"{path}, line {reader.line_num}: row has {len(fields)} fields, so column(s) {short} are missing")
+            rows += 1
+            yield reader.line_num, row
+    if rows == 0:
+        raise SelectionError(f"{path} has a header but no rows")
+
+
+def _bad_value(path: Path, line: int, column: str, value: str, expected: str) -> SelectionError:
+    return SelectionError(f"{path}, line {line}, column {column!r}: unexpected value {value!r}; expected {expected}")
+
+
+def parse_chexpert_label(value: str, path: Path, line: int, column: str) -> float | None:
+    """A CheXpert-labeler cell: 1.0 positive, 0.0 negative, -1.0 uncertain, None when blank (not mentioned)."""
+    if value == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if number not in (1.0, 0.0, -1.0):
+        raise _bad_value(path, line, column, value, "1.0, 0.0, -1.0 or blank")
+    return number
+
+
+def _check_known(value: str, known: Iterable[str], path: Path, line: int, column: str) -> str:
+    if value not in known:
+        shown = ", ".join(repr(v) for v in sorted(known))
+        raise _bad_value(path, line, column, value, f"one of {shown}")
+    return value
+
+
+def _require_value(value: str, path: Path, line: int, column: str) -> str:
+    if not value:
+        raise SelectionError(f"{path}, line {line}, column {column!r}: value is blank")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Label rules per source. Each returns the candidates that pass the label filters and the steps so far.
+
+
+def _nih_candidates(label_files, views, exclude_support_devices):
+    required = ("Image Index", "Finding Labels", "Patient ID", "View Position")
+    seen: dict[str, tuple[Path, int]] = {}
+    total = normal = 0
+    candidates = []
+    for path in label_files:
+        for line, row in iter_label_rows(path, required, "NIH ChestX-ray14 Data_Entry_2017"):
+            name = _require_value(row["Image Index"], path, line, "Image Index")
+            if name in seen:
+                first_path, first_line = seen[name]
+                raise SelectionError(
+                    f"{path}, line {line}: image {name} is listed twice (first at {first_path}, line {first_line}); "
+                    "pass each Data_Entry file once")
+            seen[name] = (path, line)
+            total += 1
+            findings = row["Finding Labels"]
+            tokens = findings.split("|")
+            for token in tokens:
+                _check_known(token, NIH_LABELS, path, line, "Finding Labels")
+            if "No Finding" in tokens and len(tokens) > 1:
+                raise _bad_value(path, line, "Finding Labels", findings, '"No Finding" alone or a list of findings')
+            view = _check_known(row["View Position"], NIH_VIEWS, path, line, "View Position")
+            patient = _require_value(row["Patient ID"], path, line, "Patient ID")
+            if findings != "No Finding":
+                continue
+            normal += 1
+            if view in views:
+                candidates.append(_Candidate(name, patient, view, (name,)))
+    steps = [
+        Step("rows", "label rows (images)", total),
+        Step("normal", 'Finding Labels == "No Finding"', normal),
+        Step("view", f"View Position in {list(views)}", len(candidates)),
+    ]
+    return candidates, steps
+
+
+def _chexpert_normal(row, path, line) -> tuple[bool, bool, bool]:
+    """(labelled normal, consistent with the labeler's rule, free of support devices) for one row."""
+    labels = {c: parse_chexpert_label(row[c], path, line, c) for c in CHEXPERT_LABEL_COLUMNS}
+    normal = labels[NO_FINDING] == 1.0
+    # The labeler sets No Finding only when no pathology (Support Devices aside) is positive or uncertain.
+    consistent = all(labels[c] not in (1.0, -1.0) for c in CHEXPERT_PATHOLOGIES)
+    no_devices = labels[SUPPORT_DEVICES] != 1.0
+    return normal, consistent, no_devices
+
+
+def _support_device_step(count: int, exclude_support_devices: bool) -> list[Step]:
+    if not exclude_support_devices:
+        return []
+    return [Step("no_support_devices", "Support Devices != 1.0 (--exclude_support_devices)", count)]
+
+
+_CHEXPERT_PATIENT = re.compile(r"(?:^|/)(patient\d+)(?:/|$)")
+
+
+def _chexpert_candidates(label_files, views, exclude_support_devices):
+    required = ("Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABEL_COLUMNS)
+    seen: dict[str, tuple[Path, int]] = {}
+    total = normal = consistent = no_devices = frontal = 0
+    candidates = []
+    for path in label_files:
+        for line, row in iter_label_rows(path, required, "CheXpert train.csv/valid.csv"):
+            image_path = _require_value(row["Path"], path, line, "Path").replace("\\", "/")
+            if image_path in seen:
+                first_path, first_line = seen[image_path]
+                raise SelectionError(
+                    f"{path}, line {line}: image {image_path} is listed twice (first at {first_path}, line {first_line})")
+            seen[image_path] = (path, line)
+            match = _CHEXPERT_PATIENT.search(image_path)
+            if match is None:
+                raise _bad_value(path, line, "Path", image_path, "a path with a patientNNNNN folder")
+            orientation = _check_known(row["Frontal/Lateral"], CHEXPERT_FRONTAL_LATERAL, path, line, "Frontal/Lateral")
+            view = _check_known(row["AP/PA"], CHEXPERT_AP_PA, path, line, "AP/PA")
+            is_normal, is_consistent, is_device_free = _chexpert_normal(row, path, line)
+            total += 1
+            if not is_normal:
+                continue
+            normal += 1
+            if not is_consistent:
+                continue
+            consistent += 1
+            if exclude_support_devices and not is_device_free:
+                continue
+            no_devices += 1
+            if orientation != "Frontal":
+                continue
+            frontal += 1
+            if view in views:
+                # The CSV paths start with the archive's folder (CheXpert-v1.0-small/ or CheXpert-v1.0/):
+                # accept an images root above that folder or the folder itself.
+                parts = image_path.split("/")
+                locations = (image_path, "/".join(parts[1:])) if len(parts) > 1 else (image_path,)
+                candidates.append(_Candidate(image_path, match.group(1), view, locations))
+    steps = [
+        Step("rows", "label rows (images)", total),
+        Step("normal", "No Finding == 1.0 (blank and -1.0 excluded)", normal),
+        Step("consistent", "no other pathology 1.0 or -1.0 (Support Devices allowed)", consistent),
+        *_support_device_step(no_devices, exclude_support_devices),
+        Step("frontal", "Frontal/Lateral == Frontal", frontal),
+        Step("view", f"AP/PA in {list(views)}", len(candidates)),
+    ]
+    return candidates, steps
+
+
+def _split_mimic_files(label_files) -> tuple[Path, Path]:
+    """(labels file, metadata file), told apart by their columns, whatever the order on the command line."""
+    labels, metadata = [], []
+    for path in label_files:
+        columns = read_header(path)
+        if "dicom_id" in columns:
+            metadata.append(path)
+        elif NO_FINDING in columns:
+            labels.append(path)
+        else:
+            raise SelectionError(
+                f"{path}: neither a MIMIC-CXR-JPG label file (column {NO_FINDING!r}) nor the metadata file "
+                f"(column 'dicom_id'); columns found: {columns}")
+    if len(labels) != 1 or len(metadata) != 1:
+        raise SelectionError(
+            "--source mimic needs exactly two --labels files: mimic-cxr-2.0.0-chexpert.csv(.gz) (or -negbio) and "
+            f"mimic-cxr-2.0.0-metadata.csv(.gz); got {len(labels)} label file(s) {[str(p) for p in labels]} and "
+            f"{len(metadata)} metadata file(s) {[str(p) for p in metadata]}")
+    return labels[0], metadata[0]
+
+
+def _mimic_id(value: str, path: Path, line: int, column: str) -> str:
+    if not value.isdigit():
+        raise _bad_value(path, line, column, value, "a whole number")
+    return value
+
+
+def _mimic_candidates(label_files, views, exclude_support_devices):
+    labels_path, metadata_path = _split_mimic_files(label_files)
+    studies: dict[tuple[str, str], int] = {}
+    normal_studies: set[tuple[str, str]] = set()
+    normal = consistent = no_devices = 0
+    for line, row in iter_label_rows(labels_path, ("subject_id", "study_id", *CHEXPERT_LABEL_COLUMNS), "MIMIC-CXR-JPG label"):
+        study = (_mimic_id(row["subject_id"], labels_path, line, "subject_id"),
+                 _mimic_id(row["study_id"], labels_path, line, "study_id"))
+        if study in studies:
+            raise SelectionError(
+                f"{labels_path}, line {line}: study {study[1]} of subject {study[0]} is listed twice "
+                f"(first at line {studies[study]})")
+        studies[study] = line
+        is_normal, is_consistent, is_device_free = _chexpert_normal(row, labels_path, line)
+        if not is_normal:
+            continue
+        normal += 1
+        if not is_consistent:
+            continue
+        consistent += 1
+        if exclude_support_devices and not is_device_free:
+            continue
+        no_devices += 1
+        normal_studies.add(study)
+
+    images = images_in_normal = 0
+    candidates = []
+    dicom_lines: dict[str, int] = {}
+    required = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+    for line, row in iter_label_rows(metadata_path, required, "MIMIC-CXR-JPG metadata"):
+        dicom_id = _require_value(row["dicom_id"], metadata_path, line, "dicom_id")
+        if dicom_id in dicom_lines:
+            raise SelectionError(
+                f"{metadata_path}, line {line}: dicom_id {dicom_id} is listed twice (first at line {dicom_lines[dicom_id]})")
+        dicom_lines[dicom_id] = line
+        subject = _mimic_id(row["subject_id"], metadata_path, line, "subject_id")
+        study = _mimic_id(row["study_id"], metadata_path, line, "study_id")
+        view = _check_known(row["ViewPosition"], MIMIC_VIEWS, metadata_path, line, "ViewPosition")
+        images += 1
+        if (subject, study) not in normal_studies:
+            continue
+        images_in_normal += 1
+        if view in views:
+            relpath = f"p{subject[:2]}/p{subject}/s{study}/{dicom_id}.jpg"
+            candidates.append(_Candidate(dicom_id, subject, view, (f"files/{relpath}", relpath)))
+    steps = [
+        Step("rows", f"label rows (studies) in {labels_path.name}", len(studies)),
+        Step("normal", "studies with No Finding == 1.0 (blank and -1.0 excluded)", normal),
+        Step("consistent", "no other pathology 1.0 or -1.0 (Support Devices allowed)", consistent),
+        *_support_device_step(no_devices, exclude_support_devices),
+        Step("images", f"images of those studies in {metadata_path.name} (of {images})", images_in_normal),
+        Step("view", f"ViewPosition in {list(views)}", len(candidates)),
+    ]
+    return candidates, steps
+
+
+def _vindr_candidates(label_files, views, exclude_support_devices):
+    normal_by_image: dict[str, bool] = {}
+    total = 0
+    for path in label_files:
+        columns = read_header(path)
+        check_class_id = "class_id" in columns
+        for line, row in iter_label_rows(path, ("image_id", "class_name"), "VinDr-CXR annotations (train.csv)"):
+            image_id = _require_value(row["image_id"], path, line, "image_id")
+            class_name = _require_value(row["class_name"], path, line, "class_name")
+            is_no_finding = class_name == VINDR_NO_FINDING
+            if not is_no_finding and class_name.lower() == VINDR_NO_FINDING.lower():
+                raise _bad_value(path, line, "class_name", class_name, f"exactly {VINDR_NO_FINDING!r} for no finding")
+            if check_class_id and is_no_finding != (row["class_id"] == VINDR_NO_FINDING_CLASS_ID):
+                raise SelectionError(
+                    f"{path}, line {line}: class_name {class_name!r} does not match class_id {row['class_id']!r} "
+                    f"({VINDR_NO_FINDING!r} is class_id {VINDR_NO_FINDING_CLASS_ID})")
+            total += 1
+            normal_by_image[image_id] = normal_by_image.get(image_id, True) and is_no_finding
+    normal_ids = sorted(image_id for image_id, normal in normal_by_image.items() if normal)
+    view_ok = VINDR_DECLARED_VIEW in views
+    candidates = [
+        _Candidate(image_id, image_id, VINDR_DECLARED_VIEW, tuple(image_id + s for s in VINDR_SUFFIXES))
+        for image_id in normal_ids if view_ok
+    ]
+    steps = [
+        Step("rows", "label rows (one per radiologist and finding)", total),
+        Step("images", "distinct image_id", len(normal_by_image)),
+        Step("normal", f'every row says class_name == "{VINDR_NO_FINDING}"', len(normal_ids)),
+        Step("view", f"declared view {VINDR_DECLARED_VIEW} (no per-image view published) in {list(views)}", len(candidates)),
+    ]
+    return candidates, steps
+
+
+_RULES: dict[str, Callable] = {
+    "nih": _nih_candidates, "chexpert": _chexpert_candidates, "mimic": _mimic_candidates, "vindr": _vindr_candidates,
+}
+# nih and vindr name files that may sit in any subfolder; chexpert and mimic give paths from the root.
+_FIND_BY_NAME = {"nih": True, "vindr": True, "chexpert": False, "mimic": False}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding the files
+
+
+def index_file_names(root: Path, wanted: set[str]) -> dict[str, list[str]]:
+    """Map each wanted file name to its paths (relative, POSIX) anywhere under `root`; one walk of the tree."""
+    found: dict[str, list[str]] = {}
+    visited: set[str] = set()
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in visited:  # a symlink loop
+            continue
+        visited.add(real)
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    pending.append(Path(entry.path))
+                elif entry.name in wanted:
+                    found.setdefault(entry.name, []).append(Path(entry.path).relative_to(root).as_posix())
+    return found
+
+
+def _locate_by_name(root: Path, candidates: list[_Candidate]) -> dict[str, str]:
+    wanted = {name for candidate in candidates for name in candidate.locations}
+    index = index_file_names(root, wanted)
+    located = {}
+    for candidate in candidates:
+        for name in candidate.locations:
+            paths = index.get(name)
+            if not paths:
+                continue
+            if len(paths) > 1:
+                raise SelectionError(
+                    f"{name} is present more than once under {root}: {sorted(paths)}; remove the duplicate copies")
+            located[candidate.key] = paths[0]
+            break
+    return located
+
+
+def _locate_by_path(root: Path, candidates: list[_Candidate]) -> dict[str, str]:
+    located = {}
+    for candidate in candidates:
+        for relpath in candidate.locations:
+            if (root / relpath).is_file():
+                located[candidate.key] = relpath
+                break
+    return located
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def parse_views(views: str | Sequence[str]) -> tuple[str, ...]:
+    """("PA",) from "PA", "pa", "PA,AP" or ["PA", "AP"]; only frontal views are allowed."""
+    items = views.split(",") if isinstance(views, str) else list(views)
+    parsed = tuple(dict.fromkeys(item.strip().upper() for item in items if item.strip()))
+    if not parsed:
+        raise ConfigError("--views: give at least one of PA, AP")
+    unknown = [v for v in parsed if v not in FRONTAL_VIEWS]
+    if unknown:
+        raise ConfigError(f"--views: {unknown} not allowed; use frontal views PA and/or AP (e.g. --views PA,AP)")
+    return parsed
+
+
+def select_images(
+    source: str,
+    labels: str | Path | Sequence[str | Path],
+    images_root: str | Path,
+    views: str | Sequence[str] = ("PA",),
+    *,
+    exclude_support_devices: bool = False,
+    verbose: bool = True,
+) -> SelectionResult:
+    """Select the normal frontal images of one public dataset that are present under `images_root`.
+
+    `labels` are the dataset's label file(s) (see the module docstring for each source's rules). Prints the
+    count left after each filter step unless `verbose` is False. Raises SelectionError for malformed label
+    files, duplicated files on disk, or an empty selection.
+    """
+    if source not in SOURCES:
+        raise SelectionError(f"unknown source {source!r}; use one of {list(SOURCES)}")
+    if exclude_support_devices and source not in ("chexpert", "mimic"):
+        raise SelectionError(f"exclude_support_devices applies to chexpert and mimic only (they have that label), not {source}")
+    label_files = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(p) for p in labels]
+    if not label_files:
+        raise SelectionError("give at least one label file")
+    root = Path(images_root)
+    if not root.is_dir():
+        raise SelectionError(f"images root {root} is not a folder")
+    views = parse_views(views)
+
+    candidates, steps = _RULES[source](label_files, views, exclude_support_devices)
+    locate = _locate_by_name if _FIND_BY_NAME[source] else _locate_by_path
+    located = locate(root, candidates)
+    rows = sorted(
+        (SelectedImage(located[c.key], c.patient_id, c.view, source) for c in candidates if c.key in located),
+        key=lambda row: row.path,
+    )
+    missing = sorted(c.locations[0] for c in candidates if c.key not in located)
+    steps.append(Step("on_disk", "found on disk under --images_root", len(rows)))
+    steps.append(Step("patients", "distinct patient_id among them", len({row.patient_id for row in rows})))
+    if verbose:
+        print(format_steps(source, label_files, root, steps, missing))
+    _check_not_empty(steps, root, candidates)
+    return SelectionResult(rows=rows, steps=steps, missing=missing)
+
+
+def _check_not_empty(steps: list[Step], root: Path, candidates: list[_Candidate]) -> None:
+    emptied = next((step for step in steps if step.count == 0), None)
+    if emptied is None:
+        return
+    if emptied.name == "on_disk":
+        example = candidates[0].locations[0]
+        raise SelectionError(
+            f"none of the {len(candidates)} selected images was found under {root} (e.g. {example}); "
+            "check --images_root: it should be the folder the dataset was unpacked into")
+    raise SelectionError(f"no images left after the step '{emptied.name}' ({emptied.description}); nothing to write")
+
+
+def format_steps(source: str, label_files: Sequence[Path], root: Path, steps: Sequence[Step],
+                 missing: Sequence[str]) -> str:
+    """The per-step counts as printed by select_images."""
+    width = max(len(step.description) for step in steps)
+    lines = [f"cxr.select {source}: labels {', '.join(str(p) for p in label_files)}; images root {root}"]
+    lines += [f"  {step.description:<{width}}  {step.count:>9,}" for step in steps]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        lines.append(f"  {len(missing):,} selected image(s) not on disk (skipped): {shown}")
+    return "\n".join(lines)
+
+
+def write_file_list(rows: Iterable[SelectedImage], out: str | Path, *, absolute_root: str | Path | None = None) -> Path:
+    """Write the file list CSV (`path,patient_id,view,source`) atomically; returns its path.
+
+    With `absolute_root`, paths are written as absolute paths under it instead of relative ones.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(absolute_root).resolve() if absolute_root is not None else None
+    handle = tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", suffix=".tmp",
+                                         delete=False, newline="", encoding="utf-8")
+    try:
+        with handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(LIST_COLUMNS)
+            for row in rows:
+                path = (root / row.path).as_posix() if root is not None else row.path
+                writer.writerow((path, row.patient_id, row.view, row.source))
+        os.replace(handle.name, out)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return out
+
+
+@dataclass
+class SelectConfig:
+    """Select normal frontal chest X-rays from a public dataset's label files and write a file list for train.py."""
+
+    source: str | None = flag(None, "which dataset the label files come from", SOURCES)
+    labels: list | None = flag(None, "label file(s), .csv or .csv.gz: nih Data_Entry_2017*.csv; chexpert train.csv [valid.csv]; mimic mimic-cxr-2.0.0-chexpert.csv.gz and mimic-cxr-2.0.0-metadata.csv.gz; vindr train.csv / annotations_train.csv")
+    images_root: Path | None = flag(None, "folder the images were unpacked into; list paths are relative to it (pass it to train.py as --dataset_dir)")
+    out: Path | None = flag(None, "the file list CSV to write (columns path,patient_id,view,source)")
+    views: str = flag("PA", "comma-separated frontal views to keep: PA, AP or PA,AP")
+    exclude_support_devices: bool = flag(False, "chexpert/mimic: also drop normal images labelled Support Devices == 1.0 (lines, tubes, pacemakers)")
+    absolute_paths: bool = flag(False, "write absolute paths instead of paths relative to --images_root")
+
+    def validate(self) -> None:
+        _require(self.source is not None, "source", f"is required: one of {', '.join(SOURCES)}")
+        _check_choices(self)
+        _require(bool(self.labels), "labels", "is required: the dataset's label file(s)")
+        self.labels = [Path(p) for p in self.labels]
+        for path in self.labels:
+            _require(path.is_file(), "labels", f"file {path} does not exist")
+        _require(self.images_root is not None, "images_root", "is required: the folder the images were unpacked into")
+        _require(Path(self.images_root).is_dir(), "images_root", f"{self.images_root} is not a folder")
+        _require(self.out is not None, "out", "is required: where to write the file list CSV")
+        parse_views(self.views)
+        _require(not self.exclude_support_devices or self.source in ("chexpert", "mimic"), "exclude_support_devices",
+                 f"applies to --source chexpert and mimic only, not {self.source}")
+
+
+def build_select_parser():
+    """The argparse parser of `python -m cxr.select`, generated from SelectConfig."""
+    parser = build_parser(SelectConfig, "Select normal frontal chest X-rays from public label files into a file list for train.py.")
+    parser.prog = "python -m cxr.select"
+    labels = parser._option_string_actions["--labels"]  # one FILE per label file, not a single list value
+    labels.nargs, labels.type, labels.metavar = "+", Path, "FILE"
+    return parser
+
+
+def parse_select_config(argv: list[str] | None = None) -> SelectConfig:
+    """Flags (and an optional --config TOML file) to a validated SelectConfig; bad values exit with status 2."""
+    parser = build_select_parser()
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    config_file = args.pop("config")
+    try:
+        values = load_toml(SelectConfig, config_file) if config_file else {}
+        values.update(args)
+        config = SelectConfig(**values)
+        config.validate()
+    except ConfigError as error:
+        parser.error(str(error))
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cxr.select ...`: select, print the counts, write the list. Exit status 1 on a selection error."""
+    config = parse_select_config(argv)
+    try:
+        result = select_images(config.source, config.labels, config.images_root, config.views,
+                               exclude_support_devices=config.exclude_support_devices)
+    except SelectionError as error:
+        print(f"cxr.select: error: {error}", file=sys.stderr)
+        return 1
+    out = write_file_list(result.rows, config.out, absolute_root=config.images_root if config.absolute_paths else None)
+    print(f"wrote {len(result.rows):,} images of {result.counts['patients']:,} patients to {out}")
+    if not config.absolute_paths:
+        print(f"train with: python train.py --dataset_dir {config.images_root} --file_list {out} ...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
