@@ -69,16 +69,20 @@ def read_grayscale(path) -> np.ndarray:
 
     Raises ImageReadError for a missing, empty, unreadable, truncated or unsupported file.
     """
+    return decode_grayscale(read_file_bytes(path), path)
+
+
+def read_file_bytes(path) -> bytes:
+    """The bytes of an image file; ImageReadError when it is missing or cannot be read."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ImageReadError(path, "file does not exist") from None
     except IsADirectoryError:
         raise ImageReadError(path, "is a directory, not an image file") from None
     except OSError as error:
         raise ImageReadError(path, f"cannot be read: {error.strerror or error}") from None
-    return decode_grayscale(data, path)
 
 
 def decode_grayscale(data: bytes, path) -> np.ndarray:

@@ -1,0 +1,513 @@
+"""Finding, validating and splitting the training images; the run's manifest.
+
+`scan_dataset` finds the images (recursively under `--dataset_dir`, or listed in `--file_list`), opens and
+decodes every one of them once (in worker processes, with a progress bar), and returns one `ImageRecord` per
+usable image with its size and SHA-256 content hash. Bad files (missing, empty, not an image, truncated,
+unsupported, smaller than `--min_image_size`) stop the run with a list of each file and its reason, or are
+skipped with a summary under `--skip_bad_images`. Byte-identical copies are kept once (a copy on both sides
+of the held-out split would leak it). Images are only ever read.
+
+`split_holdout` holds out a validation set fixed by the seed, by patient when the file list gives
+`patient_id`. `write_manifest` records both splits with content hashes, so a run says exactly what it
+trained on.
+
+Seeded choices (the `--max_images` subset, the split) rank items by SHA-256(seed, name): a pure function of
+the seed and the names, the same on every machine and library version, and stable when files are added
+(an image's rank never depends on the other images).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxr.imageio import SUPPORTED_SUFFIXES, ImageReadError, decode_grayscale, read_file_bytes
+
+MANIFEST_FORMAT = "cxr-manifest/1"
+FILE_LIST_COLUMNS = ("path", "patient_id", "view", "source")
+_LISTED_IN_ERRORS = 50  # longer lists of bad files are cut, with a count of the rest
+
+
+class DatasetError(RuntimeError):
+    """The dataset cannot be used as given; the message says which files/flag and what to do."""
+
+
+@dataclass
+class ImageRecord:
+    """One usable image. `relpath` is relative to --dataset_dir (POSIX), or absolute for files outside it."""
+
+    path: Path
+    relpath: str
+    size_bytes: int
+    sha256: str
+    patient_id: str | None = None
+    view: str | None = None
+    source: str | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+@dataclass
+class ScanReport:
+    """What `scan_dataset_report` found: the usable records and every file it left out, with why."""
+
+    records: list[ImageRecord]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (relpath, relpath of the kept copy)
+    candidates: int = 0  # files found or listed
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    relpath: str
+    patient_id: str | None = None
+    view: str | None = None
+    source: str | None = None
+
+
+# ------------------------------------------------------------------------------------------ discovery
+
+def _relpath(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return path.as_posix()
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def discover_images(dataset_dir) -> list[Path]:
+    """Supported image files under `dataset_dir`, recursively, sorted; hidden files and folders skipped.
+
+    The suffix decides (case-insensitive, see SUPPORTED_SUFFIXES). Symlinked folders are followed once.
+    """
+    if dataset_dir is None:
+        raise DatasetError("--dataset_dir is required when no --file_list is given")
+    root = Path(dataset_dir)
+    if not root.exists():
+        raise DatasetError(f"--dataset_dir {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"--dataset_dir {root} is not a folder (to train on a list of files, use --file_list)")
+    found, other_suffixes, visited = [], Counter(), set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # a symlink loop
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not _is_hidden(d))
+        for name in files:
+            if _is_hidden(name):
+                continue
+            suffix = Path(name).suffix.lower()
+            if suffix in SUPPORTED_SUFFIXES:
+                found.append(Path(folder) / name)
+            else:
+                other_suffixes[suffix or "(no suffix)"] += 1
+    if not found:
+        if not other_suffixes:
+            raise DatasetError(f"--dataset_dir {root} contains no files (hidden files are ignored)")
+        seen = ", ".join(f"{s} ({n})" for s, n in other_suffixes.most_common(8))
+        raise DatasetError(
+            f"--dataset_dir {root} has no supported images ({', '.join(sorted(SUPPORTED_SUFFIXES))}); "
+            f"it contains: {seen}. DICOM files without a suffix can be given with --file_list."
+        )
+    return sorted(found, key=lambda p: _relpath(p, root))
+
+
+def read_file_list(file_list, dataset_dir=None) -> list[_Candidate]:
+    """Entries of a `--file_list`: a CSV with a header (`path`, optional `patient_id`, `view`, `source`)
+    or a text file of one path per line (blank lines and `#` comments skipped).
+
+    Relative paths are resolved against `dataset_dir`. Duplicate paths and rows without a patient id (when
+    the column exists) are errors; missing files are left to the validation pass.
+    """
+    list_path = Path(file_list)
+    if not list_path.is_file():
+        raise DatasetError(f"--file_list {list_path} does not exist")
+    root = Path(dataset_dir) if dataset_dir is not None else None
+    if root is not None and not root.is_dir():
+        raise DatasetError(f"--dataset_dir {root} does not exist (relative paths in --file_list are resolved against it)")
+    rows = _read_csv_rows(list_path) if list_path.suffix.lower() == ".csv" else _read_txt_rows(list_path)
+    if not rows:
+        raise DatasetError(f"--file_list {list_path} lists no images")
+
+    candidates, first_line_of = [], {}
+    duplicates = []
+    for line, row in rows:
+        path = Path(row["path"]).expanduser()
+        if not path.is_absolute():
+            if root is None:
+                raise DatasetError(
+                    f"--file_list {list_path} line {line}: relative path {row['path']!r} needs --dataset_dir "
+                    "(the folder the paths are relative to)"
+                )
+            path = root / path
+        key = os.path.normpath(path)
+        if key in first_line_of:
+            duplicates.append(f"line {line}: {row['path']} (same file as line {first_line_of[key]})")
+            continue
+        first_line_of[key] = line
+        candidates.append(_Candidate(
+            Path(key), _relpath(Path(key), root),
+            patient_id=row.get("patient_id"), view=row.get("view"), source=row.get("source"),
+        ))
+    if duplicates:
+        raise DatasetError(f"--file_list {list_path} names the same file more than once:\n  " + "\n  ".join(duplicates[:_LISTED_IN_ERRORS]))
+    return sorted(candidates, key=lambda c: c.relpath)
+
+
+def _read_csv_rows(list_path: Path) -> list[tuple[int, dict]]:
+    with open(list_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [(name or "").strip() for name in (reader.fieldnames or [])]
+        if "path" not in header:
+            raise DatasetError(
+                f"--file_list {list_path}: the CSV header must have a `path` column (optional: patient_id, view, "
+                f"source); found columns {header}. A list without a header must be a .txt file."
+            )
+        reader.fieldnames = header
+        has_patient = "patient_id" in header
+        rows, missing_patient = [], []
+        for line, raw in enumerate(reader, start=2):
+            row = {k: (raw.get(k) or "").strip() or None for k in FILE_LIST_COLUMNS if k in header}
+            if row["path"] is None:
+                raise DatasetError(f"--file_list {list_path} line {line}: empty `path`")
+            if has_patient and row["patient_id"] is None:
+                missing_patient.append(str(line))
+            rows.append((line, row))
+    if missing_patient:
+        raise DatasetError(
+            f"--file_list {list_path}: `patient_id` is empty on line(s) {', '.join(missing_patient[:20])}"
+            f"{' ...' if len(missing_patient) > 20 else ''}; every row needs one for a patient-level split "
+            "(or drop the column to split by image)"
+        )
+    return rows
+
+
+def _read_txt_rows(list_path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    for line, text in enumerate(list_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        entry = text.strip()
+        if not entry or entry.startswith("#") or (line == 1 and entry == "path"):
+            continue
+        rows.append((line, {"path": entry}))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def inspect_file(path: str, min_image_size: int) -> tuple[tuple[int, str, int, int] | None, str | None]:
+    """Open and decode one file: ((size_bytes, sha256, height, width), None) or (None, reason).
+
+    Runs in worker processes, so it takes and returns plain picklable values and never raises for a bad file.
+    """
+    try:
+        data = read_file_bytes(path)
+        gray = decode_grayscale(data, path)
+    except ImageReadError as error:
+        return None, error.reason
+    except Exception as error:  # noqa: BLE001 - a decoder bug must not kill the whole scan
+        return None, f"unexpected error while decoding: {type(error).__name__}: {error}"
+    height, width = gray.shape
+    if min(height, width) < min_image_size:
+        return None, f"too small: {width}x{height} px, shorter side below --min_image_size {min_image_size}"
+    return (len(data), hashlib.sha256(data).hexdigest(), height, width), None
+
+
+def _inspect_star(args):
+    return inspect_file(*args)
+
+
+def _inspect_all(paths: list[Path], min_image_size: int, executor, progress) -> list:
+    jobs = [(str(p), min_image_size) for p in paths]
+    if executor is None:
+        results = map(_inspect_star, jobs)
+    else:
+        chunk = max(1, min(32, len(jobs) // (8 * executor._max_workers) or 1))
+        results = executor.map(_inspect_star, jobs, chunksize=chunk)
+    outcomes = []
+    for outcome in results:
+        outcomes.append(outcome)
+        progress.update(1)
+    return outcomes
+
+
+def selection_rank(seed: int, name: str) -> str:
+    """Sort key of seeded choices: SHA-256 of (seed, name); depends on nothing else."""
+    return hashlib.sha256(f"{seed}\0{name}".encode()).hexdigest()
+
+
+def scan_dataset(dataset_dir, file_list=None, *, min_image_size=64, skip_bad_images=False, max_images=None,
+                 seed=0, num_workers=0) -> list[ImageRecord]:
+    """Find, open and validate every image; return the usable ones sorted by relpath.
+
+    With `max_images`, a seeded subset: candidates are taken in `selection_rank(seed, relpath)` order (only
+    those are opened) and a bad or duplicate file is replaced by the next one in that order, so the subset is
+    a function of the seed and the files alone. `num_workers` decoding processes (0: in this process).
+    Raises DatasetError for a missing/empty folder, an unusable file list, or bad files (unless
+    `skip_bad_images`, which skips them and prints a summary).
+    """
+    return scan_dataset_report(
+        dataset_dir, file_list, min_image_size=min_image_size, skip_bad_images=skip_bad_images,
+        max_images=max_images, seed=seed, num_workers=num_workers,
+    ).records
+
+
+def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_bad_images=False, max_images=None,
+                        seed=0, num_workers=0) -> ScanReport:
+    """`scan_dataset`, also returning the skipped bad files and duplicates (for logs and the manifest)."""
+    from tqdm.auto import tqdm
+
+    if file_list is not None:
+        candidates = read_file_list(file_list, dataset_dir)
+        source = f"--file_list {file_list}"
+    else:
+        root = Path(dataset_dir) if dataset_dir is not None else None
+        candidates = [_Candidate(p, _relpath(p, root)) for p in discover_images(dataset_dir)]
+        source = f"--dataset_dir {dataset_dir}"
+    if file_list is not None and not any(c.path.exists() for c in candidates):
+        raise DatasetError(
+            f"none of the {len(candidates)} files in {source} exist (first: {candidates[0].path}); relative "
+            f"paths are resolved against --dataset_dir ({dataset_dir})"
+        )
+    if max_images is not None:
+        candidates = sorted(candidates, key=lambda c: selection_rank(seed, c.relpath))
+        target = min(max_images, len(candidates))
+    else:
+        target = len(candidates)
+
+    good, bad, duplicates, kept_copy = [], [], [], {}
+    position = 0
+    executor = None
+    if num_workers > 0:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the parent may hold CUDA or threads that a forked child must not inherit.
+        executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with tqdm(total=target, desc="checking images", unit="img", disable=None) as progress:
+            while len(good) < target and position < len(candidates):
+                batch = candidates[position:position + target - len(good)]
+                if position > 0:  # replacements for skipped files
+                    progress.total += len(batch)
+                    progress.refresh()
+                position += len(batch)
+                for candidate, (info, reason) in zip(batch, _inspect_all([c.path for c in batch], min_image_size, executor, progress)):
+                    if info is None:
+                        bad.append((candidate.relpath, reason))
+                        continue
+                    size_bytes, sha256, height, width = info
+                    if sha256 in kept_copy:
+                        duplicates.append((candidate.relpath, kept_copy[sha256]))
+                        continue
+                    kept_copy[sha256] = candidate.relpath
+                    good.append(ImageRecord(
+                        path=Path(os.path.abspath(candidate.path)), relpath=candidate.relpath, size_bytes=size_bytes,
+                        sha256=sha256, patient_id=candidate.patient_id, view=candidate.view,
+                        source=candidate.source, height=height, width=width,
+                    ))
+                if bad and not skip_bad_images:
+                    break
+    finally:
+        if executor is not None:
+            executor.shutdown()
+
+    if bad and not skip_bad_images:
+        raise DatasetError(_bad_files_message(bad, len(good), source))
+    if bad:
+        print(_bad_files_summary(bad), file=sys.stderr)
+    if duplicates:
+        print(
+            f"[cxr] {len(duplicates)} file(s) are byte-identical copies of another image and were used once: "
+            + "; ".join(f"{d} = {k}" for d, k in duplicates[:10]) + (" ..." if len(duplicates) > 10 else ""),
+            file=sys.stderr,
+        )
+    if not good:
+        raise DatasetError(f"no usable images in {source} ({len(bad)} bad file(s), {len(duplicates)} duplicate(s))")
+    good.sort(key=lambda r: r.relpath)
+    return ScanReport(good, bad, duplicates, candidates=len(candidates))
+
+
+def _bad_files_message(bad: list[tuple[str, str]], good_count: int, source: str) -> str:
+    lines = [f"  {relpath}: {reason}" for relpath, reason in bad[:_LISTED_IN_ERRORS]]
+    if len(bad) > _LISTED_IN_ERRORS:
+        lines.append(f"  ... and {len(bad) - _LISTED_IN_ERRORS} more")
+    return (
+        f"{len(bad)} unusable image file(s) in {source}:\n" + "\n".join(lines) + "\n"
+        f"Fix or remove them, or pass --skip_bad_images to train on the usable images ({good_count} checked so "
+        "far; bad files are then listed and skipped, never modified)."
+    )
+
+
+def _bad_files_summary(bad: list[tuple[str, str]]) -> str:
+    reasons = Counter(reason.split(":")[0] for _, reason in bad)
+    lines = [f"  {relpath}: {reason}" for relpath, reason in bad[:_LISTED_IN_ERRORS]]
+    if len(bad) > _LISTED_IN_ERRORS:
+        lines.append(f"  ... and {len(bad) - _LISTED_IN_ERRORS} more")
+    kinds = ", ".join(f"{n} {kind}" for kind, n in reasons.most_common())
+    return f"[cxr] --skip_bad_images: skipped {len(bad)} bad file(s) ({kinds}):\n" + "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ split
+
+def _group_key(record: ImageRecord) -> str:
+    return f"patient:{record.patient_id}" if record.patient_id is not None else f"image:{record.relpath}"
+
+
+def split_holdout(records, *, val_fraction, val_count=None, seed=0) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(train, val), fixed by the seed; both sorted by relpath.
+
+    When records carry `patient_id` the split is by patient: all images of a patient go to the same side,
+    and `val_fraction` is a fraction of patients. `val_count` (images) overrides `val_fraction`; by patient,
+    whole patients are taken in seeded order, each one only if it still fits, so the held-out set has at
+    most `val_count` images (usually exactly; a patient is never split to hit the number). A non-zero fraction holds out at least one image/patient. At least one
+    training image must remain.
+    """
+    records = list(records)
+    if not records:
+        raise DatasetError("split_holdout: no images to split")
+    groups: dict[str, list[ImageRecord]] = {}
+    for record in records:
+        groups.setdefault(_group_key(record), []).append(record)
+    by_patient = any(r.patient_id is not None for r in records)
+    ordered = sorted(groups, key=lambda key: selection_rank(seed, key))
+
+    chosen: list[str] = []
+    if val_count is not None:
+        if val_count < 0:
+            raise DatasetError(f"--val_count must be >= 0, got {val_count}")
+        if val_count >= len(records):
+            raise DatasetError(f"--val_count {val_count} leaves no training images (the dataset has {len(records)})")
+        taken = 0
+        for key in ordered:
+            if taken == val_count:
+                break
+            if taken + len(groups[key]) <= val_count:
+                chosen.append(key)
+                taken += len(groups[key])
+    else:
+        if not 0.0 <= val_fraction < 1.0:
+            raise DatasetError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+        wanted = round(val_fraction * len(ordered))
+        if val_fraction > 0:
+            wanted = max(1, wanted)
+        chosen = ordered[:wanted]
+    val_keys = set(chosen)
+    train = sorted((r for r in records if _group_key(r) not in val_keys), key=lambda r: r.relpath)
+    val = sorted((r for r in records if _group_key(r) in val_keys), key=lambda r: r.relpath)
+    if not train:
+        unit = "patients" if by_patient else "images"
+        raise DatasetError(
+            f"the held-out split leaves no training images ({len(records)} images, {len(groups)} {unit}); "
+            "lower --val_fraction / --val_count or add images"
+        )
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+def _patients(records) -> int | None:
+    ids = {r.patient_id for r in records if r.patient_id is not None}
+    return len(ids) if ids else None
+
+
+def _dataset_root(records) -> str | None:
+    """The --dataset_dir the relative paths start from (recovered from path = root / relpath)."""
+    for record in records:
+        if not Path(record.relpath).is_absolute():
+            parts = len(Path(record.relpath).parts)
+            return Path(record.path).parents[parts - 1].as_posix()
+    return None
+
+
+def _entry(record: ImageRecord, split: str) -> dict:
+    return {
+        "relpath": record.relpath, "size_bytes": record.size_bytes, "sha256": record.sha256,
+        "patient_id": record.patient_id, "view": record.view, "source": record.source,
+        "height": record.height, "width": record.width, "split": split,
+    }
+
+
+def content_fingerprint(records) -> str:
+    """SHA-256 over the sorted content hashes: equal exactly when the image contents are equal."""
+    return hashlib.sha256("\n".join(sorted(r.sha256 for r in records)).encode()).hexdigest()
+
+
+def write_manifest(path, train, val, extra: dict | None = None) -> str:
+    """Write the run's manifest (JSON, written atomically); return the SHA-256 hex of the file.
+
+    Holds every image's relpath, size, content hash, patient id and split, the counts (images and
+    patients), the dataset folder, a content fingerprint per split, and `extra` (e.g. the config).
+    """
+    train, val = list(train), list(val)
+    train_ids = {r.patient_id for r in train if r.patient_id is not None}
+    val_ids = {r.patient_id for r in val if r.patient_id is not None}
+    if train_ids & val_ids:
+        raise DatasetError(f"patients on both sides of the split: {sorted(train_ids & val_ids)[:10]}")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "dataset_dir": _dataset_root(train + val),
+        "split_by": "patient" if (train_ids or val_ids) else "image",
+        "counts": {
+            "train_images": len(train), "val_images": len(val), "total_images": len(train) + len(val),
+            "train_patients": _patients(train), "val_patients": _patients(val), "total_patients": _patients(train + val),
+        },
+        "train_sha256": content_fingerprint(train),
+        "val_sha256": content_fingerprint(val),
+        "train": [_entry(r, "train") for r in train],
+        "val": [_entry(r, "val") for r in val],
+        "extra": extra or {},
+    }
+    data = (json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n").encode()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(path) -> dict:
+    """Read a manifest written by `write_manifest` (DatasetError when missing or not a cxr manifest)."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"manifest {path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"manifest {path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DatasetError(f"{path} is not a cxr manifest (expected format {MANIFEST_FORMAT!r})")
+    return manifest
+
+
+def records_from_manifest(manifest: dict, split: str, dataset_dir=None) -> list[ImageRecord]:
+    """The ImageRecords of one split ("train" or "val") of a manifest; relative paths are resolved against
+    `dataset_dir` (default: the folder the manifest records)."""
+    root = dataset_dir if dataset_dir is not None else manifest.get("dataset_dir")
+    records = []
+    for entry in manifest[split]:
+        path = Path(entry["relpath"])
+        if not path.is_absolute():
+            if root is None:
+                raise DatasetError("the manifest has relative paths and no dataset_dir; pass the training --dataset_dir")
+            path = Path(root) / path
+        records.append(ImageRecord(
+            path=path, relpath=entry["relpath"], size_bytes=entry["size_bytes"], sha256=entry["sha256"],
+            patient_id=entry.get("patient_id"), view=entry.get("view"), source=entry.get("source"),
+            height=entry.get("height"), width=entry.get("width"),
+        ))
+    return records
