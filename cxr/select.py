@@ -4,7 +4,8 @@
     python -m cxr.select --source chexpert --labels train.csv valid.csv --images_root /data/chexpert --out chexpert.csv
     python -m cxr.select --source mimic --labels mimic-cxr-2.0.0-chexpert.csv.gz mimic-cxr-2.0.0-metadata.csv.gz \\
         --images_root /data/mimic-cxr-jpg/2.0.0 --out mimic.csv
-    python -m cxr.select --source vindr --labels annotations_train.csv --images_root /data/vindr-cxr/1.0.0 --out vindr.csv
+    python -m cxr.select --source vindr --labels annotations/annotations_train.csv annotations/image_labels_train.csv \\
+        --images_root /data/vindr-cxr/1.0.0 --out vindr.csv
     python train.py --dataset_dir IMAGES_ROOT --file_list list.csv ...
 
 The list is a CSV with the header `path,patient_id,view,source`; `path` is relative to --images_root (POSIX
@@ -19,7 +20,9 @@ Rules per source (counts are printed after every step and returned in `Selection
 - mimic: studies with `No Finding == 1.0` in mimic-cxr-2.0.0-chexpert.csv(.gz), joined on
   (subject_id, study_id) with the images of mimic-cxr-2.0.0-metadata.csv(.gz); `ViewPosition` in --views;
   path files/p<first 2 digits>/p<subject_id>/s<study_id>/<dicom_id>.jpg; patient id = subject_id.
-- vindr: an image is normal only when every radiologist row says `class_name == "No finding"`; the dataset
+- vindr: an image is normal only when every radiologist row says `class_name == "No finding"` (box files:
+  Kaggle train.csv, PhysioNet annotations_train.csv) and, in PhysioNet image_labels_train.csv, `No finding == 1`
+  with no other local or global label (e.g. Tuberculosis, which has no box); the dataset
   publishes no view column (it is described as postero-anterior, so every image counts as PA) and no patient
   id (patient id = image_id, so a patient split degrades to an image split); files <image_id>.dicom.
 A missing column or a value outside the known set is an error naming the file, line and column.
@@ -64,6 +67,8 @@ MIMIC_VIEWS = frozenset({
 })
 VINDR_NO_FINDING = "No finding"
 VINDR_NO_FINDING_CLASS_ID = "14"
+VINDR_ID_COLUMNS = frozenset({"image_id", "rad_id"})  # compared lower-case: some releases spell it rad_ID
+VINDR_LABEL_VALUES = frozenset({"0", "1", "0.0", "1.0", ""})
 VINDR_DECLARED_VIEW = "PA"
 VINDR_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg", ".jpeg")  # preference order when several exist
 
@@ -394,24 +399,55 @@ def _mimic_candidates(label_files, views, exclude_support_devices):
     return candidates, steps
 
 
+def _vindr_box_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, bool]]:
+    """(image_id, says no finding) per row of a box file: Kaggle train.csv or PhysioNet annotations_*.csv."""
+    check_class_id = "class_id" in columns
+    for line, row in iter_label_rows(path, ("image_id", "class_name"), "VinDr-CXR box annotation"):
+        image_id = _require_value(row["image_id"], path, line, "image_id")
+        class_name = _require_value(row["class_name"], path, line, "class_name")
+        is_no_finding = class_name == VINDR_NO_FINDING
+        if not is_no_finding and class_name.lower() == VINDR_NO_FINDING.lower():
+            raise _bad_value(path, line, "class_name", class_name, f"exactly {VINDR_NO_FINDING!r} for no finding")
+        if check_class_id and is_no_finding != (row["class_id"] == VINDR_NO_FINDING_CLASS_ID):
+            raise SelectionError(
+                f"{path}, line {line}: class_name {class_name!r} does not match class_id {row['class_id']!r} "
+                f"({VINDR_NO_FINDING!r} is class_id {VINDR_NO_FINDING_CLASS_ID})")
+        yield image_id, is_no_finding
+
+
+def _vindr_image_label_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, bool]]:
+    """(image_id, says no finding) per row of PhysioNet image_labels_*.csv: one 0/1 column per local and
+    global label. A row says no finding when `No finding` is 1 and no other label is 1 (blank = not marked)."""
+    labels = [name for name in columns if name and name.lower() not in VINDR_ID_COLUMNS]
+    for line, row in iter_label_rows(path, ("image_id", VINDR_NO_FINDING), "VinDr-CXR image label"):
+        image_id = _require_value(row["image_id"], path, line, "image_id")
+        marked = set()
+        for name in labels:
+            value = row.get(name, "")
+            if value not in VINDR_LABEL_VALUES:
+                raise _bad_value(path, line, name, value, "0, 1 or blank")
+            if value in ("1", "1.0"):
+                marked.add(name)
+        yield image_id, marked == {VINDR_NO_FINDING}
+
+
 def _vindr_candidates(label_files, views, exclude_support_devices):
     normal_by_image: dict[str, bool] = {}
     total = 0
     for path in label_files:
         columns = read_header(path)
-        check_class_id = "class_id" in columns
-        for line, row in iter_label_rows(path, ("image_id", "class_name"), "VinDr-CXR annotations (train.csv)"):
-            image_id = _require_value(row["image_id"], path, line, "image_id")
-            class_name = _require_value(row["class_name"], path, line, "class_name")
-            is_no_finding = class_name == VINDR_NO_FINDING
-            if not is_no_finding and class_name.lower() == VINDR_NO_FINDING.lower():
-                raise _bad_value(path, line, "class_name", class_name, f"exactly {VINDR_NO_FINDING!r} for no finding")
-            if check_class_id and is_no_finding != (row["class_id"] == VINDR_NO_FINDING_CLASS_ID):
-                raise SelectionError(
-                    f"{path}, line {line}: class_name {class_name!r} does not match class_id {row['class_id']!r} "
-                    f"({VINDR_NO_FINDING!r} is class_id {VINDR_NO_FINDING_CLASS_ID})")
+        if "class_name" in columns:
+            rows = _vindr_box_rows(path, columns)
+        elif VINDR_NO_FINDING in columns:
+            rows = _vindr_image_label_rows(path, columns)
+        else:
+            raise SelectionError(
+                f"{path}: neither a VinDr-CXR box annotation file (column 'class_name': train.csv, "
+                f"annotations_train.csv) nor an image label file (column {VINDR_NO_FINDING!r}: image_labels_train.csv); "
+                f"columns found: {columns}")
+        for image_id, says_no_finding in rows:
             total += 1
-            normal_by_image[image_id] = normal_by_image.get(image_id, True) and is_no_finding
+            normal_by_image[image_id] = normal_by_image.get(image_id, True) and says_no_finding
     normal_ids = sorted(image_id for image_id, normal in normal_by_image.items() if normal)
     view_ok = VINDR_DECLARED_VIEW in views
     candidates = [
@@ -419,9 +455,9 @@ def _vindr_candidates(label_files, views, exclude_support_devices):
         for image_id in normal_ids if view_ok
     ]
     steps = [
-        Step("rows", "label rows (one per radiologist and finding)", total),
+        Step("rows", "label rows (per radiologist, and per finding in box files)", total),
         Step("images", "distinct image_id", len(normal_by_image)),
-        Step("normal", f'every row says class_name == "{VINDR_NO_FINDING}"', len(normal_ids)),
+        Step("normal", f'every row of the image says "{VINDR_NO_FINDING}" and nothing else', len(normal_ids)),
         Step("view", f"declared view {VINDR_DECLARED_VIEW} (no per-image view published) in {list(views)}", len(candidates)),
     ]
     return candidates, steps
@@ -597,7 +633,7 @@ class SelectConfig:
     """Select normal frontal chest X-rays from a public dataset's label files and write a file list for train.py."""
 
     source: str | None = flag(None, "which dataset the label files come from", SOURCES)
-    labels: list | None = flag(None, "label file(s), .csv or .csv.gz: nih Data_Entry_2017*.csv; chexpert train.csv [valid.csv]; mimic mimic-cxr-2.0.0-chexpert.csv.gz and mimic-cxr-2.0.0-metadata.csv.gz; vindr train.csv / annotations_train.csv")
+    labels: list | None = flag(None, "label file(s), .csv or .csv.gz: nih Data_Entry_2017*.csv; chexpert train.csv [valid.csv]; mimic mimic-cxr-2.0.0-chexpert.csv.gz and mimic-cxr-2.0.0-metadata.csv.gz; vindr annotations_train.csv [image_labels_train.csv] (PhysioNet) or train.csv (Kaggle)")
     images_root: Path | None = flag(None, "folder the images were unpacked into; list paths are relative to it (pass it to train.py as --dataset_dir)")
     out: Path | None = flag(None, "the file list CSV to write (columns path,patient_id,view,source)")
     views: str = flag("PA", "comma-separated frontal views to keep: PA, AP or PA,AP")

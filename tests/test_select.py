@@ -411,7 +411,7 @@ def test_vindr_every_radiologist_must_say_no_finding(vindr, capsys):
     result = select_images("vindr", labels, root)
     assert as_tuples(result.rows) == [(f"train/{IDS[0]}.dicom", IDS[0], "PA"), (f"train/{IDS[3]}.dicom", IDS[3], "PA")]
     assert result.counts == {"rows": 14, "images": 5, "normal": 3, "view": 3, "on_disk": 2, "patients": 2}
-    assert 'every row says class_name == "No finding"' in capsys.readouterr().out
+    assert 'every row of the image says "No finding" and nothing else' in capsys.readouterr().out
     with pytest.raises(SelectionError, match=r"no images left after the step 'view'"):
         select_images("vindr", labels, root, views="AP", verbose=False)
 
@@ -437,8 +437,50 @@ def test_vindr_errors(tmp_path, vindr):
     with pytest.raises(SelectionError, match=r"b\.csv, line 2: class_name 'No finding' does not match class_id '3'"):
         select_images("vindr", mismatch, root, verbose=False)
     no_class = write_csv(tmp_path / "c.csv", ["image_id", "rad_id"], [[IDS[0], "R1"]])
-    with pytest.raises(SelectionError, match=r"missing column\(s\) \['class_name'\]"):
+    with pytest.raises(SelectionError, match=r"c\.csv: neither a VinDr-CXR box annotation file .*columns found: \['image_id', 'rad_id'\]"):
         select_images("vindr", no_class, root, verbose=False)
+    bad_label = write_csv(tmp_path / "d.csv", VINDR_IMAGE_LABEL_HEADER,
+                          [image_label_row(IDS[0], "R1"), image_label_row(IDS[0], "R2", Tuberculosis="yes")])
+    with pytest.raises(SelectionError, match=r"d\.csv, line 3, column 'Tuberculosis': unexpected value 'yes'"):
+        select_images("vindr", bad_label, root, verbose=False)
+
+
+# PhysioNet annotations/image_labels_train.csv: one row per radiologist, 0/1 per local and global label.
+VINDR_IMAGE_LABEL_HEADER = [
+    "image_id", "rad_id", "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture",
+    "Consolidation", "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity", "Lung cavity",
+    "Lung cyst", "Mediastinal shift", "Nodule/Mass", "Pleural effusion", "Pleural thickening", "Pneumothorax",
+    "Pulmonary fibrosis", "Rib fracture", "Other lesion", "COPD", "Lung tumor", "Pneumonia", "Tuberculosis",
+    "Other diseases", "No finding"]
+
+
+def image_label_row(image_id, rad_id, **marked):
+    values = {name: "0" for name in VINDR_IMAGE_LABEL_HEADER[2:]}
+    values.update({name.replace("_", " "): value for name, value in marked.items()})
+    if not marked:
+        values["No finding"] = "1"
+    assert len(values) == len(VINDR_IMAGE_LABEL_HEADER) - 2
+    return [image_id, rad_id, *values.values()]
+
+
+def test_vindr_image_labels_catch_global_diagnoses(tmp_path):
+    """An image whose boxes all say "No finding" is still abnormal when a radiologist marked a global label."""
+    root = tmp_path / "vindr"
+    boxes = write_csv(tmp_path / "annotations_train.csv", ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"],
+                      [[image_id, f"R{r}", "No finding", "", "", "", ""] for image_id in IDS[:4] for r in (1, 2, 3)])
+    image_labels = write_csv(tmp_path / "image_labels_train.csv", VINDR_IMAGE_LABEL_HEADER, [
+        image_label_row(IDS[0], "R1"), image_label_row(IDS[0], "R2"), image_label_row(IDS[0], "R3"),
+        image_label_row(IDS[1], "R1"), image_label_row(IDS[1], "R2", Tuberculosis="1"), image_label_row(IDS[1], "R3"),
+        image_label_row(IDS[2], "R1"), image_label_row(IDS[2], "R2", **{"No finding": "1", "Other diseases": "1"}),
+        image_label_row(IDS[3], "R1"), image_label_row(IDS[3], "R2", **{"No finding": ""}),
+    ])
+    for image_id in IDS[:4]:
+        touch(root, f"train/{image_id}.dicom")
+    assert [r.patient_id for r in select_images("vindr", boxes, root, verbose=False).rows] == IDS[:4]
+    result = select_images("vindr", [boxes, image_labels], root, verbose=False)
+    assert [r.patient_id for r in result.rows] == [IDS[0]]
+    assert result.counts == {"rows": 22, "images": 4, "normal": 1, "view": 1, "on_disk": 1, "patients": 1}
+    assert [r.patient_id for r in select_images("vindr", image_labels, root, verbose=False).rows] == [IDS[0]]
 
 
 # ------------------------------------------------------------------ output file and CLI
@@ -498,3 +540,33 @@ def test_python_m_cxr_select(vindr, tmp_path):
     assert done.returncode == 0, done.stderr
     assert [r["path"] for r in read_list(out)[1]] == [(root.resolve() / f"train/{i}.dicom").as_posix() for i in (IDS[0], IDS[3])]
     assert "found on disk under --images_root" in done.stdout
+
+
+def test_file_list_is_read_by_scan_dataset(tmp_path):
+    """The written list trains on exactly the selected files, with their patient ids (cxr.dataset reads it)."""
+    from cxr.dataset import scan_dataset
+    from cxr.phantoms import write_phantoms
+
+    root = tmp_path / "nih"
+    names = ["00000001_001.png", "00000004_000.png", "00000005_000.png", "00000004_001.png"]
+    folders = ["images_001/images", "images_002/images", "images_002/images", "images_002/images"]
+    for phantom, name, folder in zip(write_phantoms(tmp_path / "phantoms", len(names), seed=3), names, folders):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        phantom.rename(root / folder / name)
+    labels = write_csv(tmp_path / "Data_Entry_2017.csv", [], [
+        nih_row("00000001_001.png", "No Finding", "1", "PA"),
+        nih_row("00000003_000.png", "No Finding", "3", "PA"),  # not on disk
+        nih_row("00000004_000.png", "No Finding", "4", "PA"),
+        nih_row("00000004_001.png", "Effusion", "4", "PA"),    # on disk, not normal: must not be trained on
+        nih_row("00000005_000.png", "No Finding", "5", "PA"),
+    ], raw_header=NIH_HEADER_2017)
+    result = select_images("nih", labels, root, verbose=False)
+    out = write_file_list(result.rows, tmp_path / "list.csv")
+
+    records = scan_dataset(root, file_list=out, min_image_size=64)
+    assert [(r.relpath, r.patient_id) for r in records] == [
+        ("images_001/images/00000001_001.png", "1"),
+        ("images_002/images/00000004_000.png", "4"),
+        ("images_002/images/00000005_000.png", "5"),
+    ]
+    assert all(r.path == root / r.relpath for r in records)
