@@ -129,13 +129,25 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8-sig", newline="")
 
 
+# A zip, an image or a text file in another encoding passed by mistake as a label file.
+_UNREADABLE = (UnicodeDecodeError, OSError, csv.Error)
+
+
+def _unreadable(path: Path, error: Exception) -> SelectionError:
+    return SelectionError(f"{path} cannot be read as a UTF-8 CSV file ({type(error).__name__}: {error}); "
+                          "pass the label file as released (.csv or .csv.gz)")
+
+
 def read_header(path: Path) -> list[str]:
     """The column names of a CSV label file (plain or .gz)."""
     path = Path(path)
     if not path.is_file():
         raise SelectionError(f"label file {path} does not exist")
-    with _open_text(path) as handle:
-        header = next(csv.reader(handle), None)
+    try:
+        with _open_text(path) as handle:
+            header = next(csv.reader(handle), None)
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from None
     if not header or not any(name.strip() for name in header):
         raise SelectionError(f"{path} is empty: expected a CSV file with a header row")
     return [name.strip() for name in header]
@@ -157,23 +169,26 @@ def iter_label_rows(path: Path, required: Sequence[str], what: str) -> Iterator[
         raise SelectionError(
             f"{path}: missing column(s) {missing} needed for a {what} file; columns found: {columns}. "
             "Check that --source matches the file and that the file is the original release.")
+    rows = 0
     with _open_text(path) as handle:
         reader = csv.reader(handle)
-        next(reader)
-        rows = 0
-        for fields in reader:
-            if not fields:
-                continue  # blank line
-            if len(fields) > len(columns):
-                raise SelectionError(
-                    f"{path}, line {reader.line_num}: {len(fields)} fields but the header has {len(columns)}")
-            row = {name: value.strip() for name, value in zip(columns, fields)}
-            short = [name for name in required if name not in row]
-            if short:
-                raise SelectionError(
-                    f"{path}, line {reader.line_num}: row has {len(fields)} fields, so column(s) {short} are missing")
-            rows += 1
-            yield reader.line_num, row
+        try:
+            next(reader)
+            for fields in reader:
+                if not fields:
+                    continue  # blank line
+                if len(fields) > len(columns):
+                    raise SelectionError(
+                        f"{path}, line {reader.line_num}: {len(fields)} fields but the header has {len(columns)}")
+                row = {name: value.strip() for name, value in zip(columns, fields)}
+                short = [name for name in required if name not in row]
+                if short:
+                    raise SelectionError(
+                        f"{path}, line {reader.line_num}: row has {len(fields)} fields, so column(s) {short} are missing")
+                rows += 1
+                yield reader.line_num, row
+        except _UNREADABLE as error:  # decoding runs ahead of the csv reader, so no reliable line number
+            raise _unreadable(path, error) from None
     if rows == 0:
         raise SelectionError(f"{path} has a header but no rows")
 
@@ -544,18 +559,23 @@ def select_images(
     views: str | Sequence[str] = ("PA",),
     *,
     exclude_support_devices: bool = False,
+    check_files: bool = True,
     verbose: bool = True,
 ) -> SelectionResult:
     """Select the normal frontal images of one public dataset that are present under `images_root`.
 
     `labels` are the dataset's label file(s) (see the module docstring for each source's rules). Prints the
-    count left after each filter step unless `verbose` is False. Raises SelectionError for malformed label
-    files, duplicated files on disk, or an empty selection.
+    count left after each filter step unless `verbose` is False. With `check_files=False` (chexpert and mimic
+    only, whose label files give the full path) the disk is not looked at: the list names the files to fetch.
+    Raises SelectionError for malformed label files, duplicated files on disk, or an empty selection.
     """
     if source not in SOURCES:
         raise SelectionError(f"unknown source {source!r}; use one of {list(SOURCES)}")
     if exclude_support_devices and source not in ("chexpert", "mimic"):
         raise SelectionError(f"exclude_support_devices applies to chexpert and mimic only (they have that label), not {source}")
+    if not check_files and _FIND_BY_NAME[source]:
+        raise SelectionError(f"check_files=False needs a source whose labels give the path (chexpert, mimic); "
+                             f"{source} files are found by name under the images root")
     label_files = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(p) for p in labels]
     if not label_files:
         raise SelectionError("give at least one label file")
@@ -565,14 +585,17 @@ def select_images(
     views = parse_views(views)
 
     candidates, steps = _RULES[source](label_files, views, exclude_support_devices)
-    locate = _locate_by_name if _FIND_BY_NAME[source] else _locate_by_path
-    located = locate(root, candidates)
+    if check_files:
+        locate = _locate_by_name if _FIND_BY_NAME[source] else _locate_by_path
+        located = locate(root, candidates)
+        steps.append(Step("on_disk", "found on disk under --images_root", len(located)))
+    else:
+        located = {c.key: c.locations[0] for c in candidates}
     rows = sorted(
         (SelectedImage(located[c.key], c.patient_id, c.view, source) for c in candidates if c.key in located),
         key=lambda row: row.path,
     )
     missing = sorted(c.locations[0] for c in candidates if c.key not in located)
-    steps.append(Step("on_disk", "found on disk under --images_root", len(rows)))
     steps.append(Step("patients", "distinct patient_id among them", len({row.patient_id for row in rows})))
     if verbose:
         print(format_steps(source, label_files, root, steps, missing))
@@ -639,6 +662,7 @@ class SelectConfig:
     views: str = flag("PA", "comma-separated frontal views to keep: PA, AP or PA,AP")
     exclude_support_devices: bool = flag(False, "chexpert/mimic: also drop normal images labelled Support Devices == 1.0 (lines, tubes, pacemakers)")
     absolute_paths: bool = flag(False, "write absolute paths instead of paths relative to --images_root")
+    check_files: bool = flag(True, "keep only images present under --images_root; --no-check_files (chexpert/mimic) lists them all, e.g. to download just those files")
 
     def validate(self) -> None:
         _require(self.source is not None, "source", f"is required: one of {', '.join(SOURCES)}")
@@ -653,6 +677,8 @@ class SelectConfig:
         parse_views(self.views)
         _require(not self.exclude_support_devices or self.source in ("chexpert", "mimic"), "exclude_support_devices",
                  f"applies to --source chexpert and mimic only, not {self.source}")
+        _require(self.check_files or self.source in ("chexpert", "mimic"), "check_files",
+                 f"--no-check_files needs --source chexpert or mimic (their labels give the path), not {self.source}")
 
 
 def build_select_parser():
@@ -684,13 +710,15 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_select_config(argv)
     try:
         result = select_images(config.source, config.labels, config.images_root, config.views,
-                               exclude_support_devices=config.exclude_support_devices)
+                               exclude_support_devices=config.exclude_support_devices, check_files=config.check_files)
     except SelectionError as error:
         print(f"cxr.select: error: {error}", file=sys.stderr)
         return 1
     out = write_file_list(result.rows, config.out, absolute_root=config.images_root if config.absolute_paths else None)
     print(f"wrote {len(result.rows):,} images of {result.counts['patients']:,} patients to {out}")
-    if not config.absolute_paths:
+    if not config.check_files:
+        print("the disk was not checked (--no-check_files): fetch these files, then run again without it")
+    elif not config.absolute_paths:
         print(f"train with: python train.py --dataset_dir {config.images_root} --file_list {out} ...")
     return 0
 

@@ -167,6 +167,24 @@ def test_empty_label_files(tmp_path, content, message):
         select_images("nih", path, tmp_path, verbose=False)
 
 
+def test_binary_and_misnamed_files(tmp_path):
+    zipped = tmp_path / "Data_Entry_2017.csv"
+    zipped.write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xff\xfe\x80")
+    with pytest.raises(SelectionError, match=r"Data_Entry_2017\.csv cannot be read as a UTF-8 CSV file"):
+        select_images("nih", zipped, tmp_path, verbose=False)
+    not_gzip = write_csv(tmp_path / "labels.csv", ["a"], [["1"]]).rename(tmp_path / "labels.csv.gz")
+    with pytest.raises(SelectionError, match=r"labels\.csv\.gz cannot be read .*BadGzipFile"):
+        select_images("mimic", [not_gzip, zipped], tmp_path, verbose=False)
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes((NIH_HEADER_2017 + "\n").encode() + "00000001_000.png,No Finding,0,1,58,M,PA,\xe9\n".encode("latin-1"))
+    with pytest.raises(SelectionError, match=r"latin1\.csv cannot be read as a UTF-8 CSV file .*UnicodeDecodeError"):
+        select_images("nih", latin1, tmp_path, verbose=False)
+    good_rows = "".join(",".join(nih_row(f"{i:08d}_000.png", "Mass", str(i), "PA")) + "\n" for i in range(1000))
+    latin1.write_bytes((NIH_HEADER_2017 + "\n" + good_rows).encode() + "x.png,\xe9\n".encode("latin-1"))
+    with pytest.raises(SelectionError, match=r"latin1\.csv cannot be read as a UTF-8 CSV file .*UnicodeDecodeError"):
+        select_images("nih", latin1, tmp_path, verbose=False)  # past the header's read buffer
+
+
 def test_short_row_is_an_error(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text(NIH_HEADER_2017 + "\n00000001_000.png,No Finding,0,1\n")
@@ -359,6 +377,21 @@ def test_mimic_views_and_support_devices(mimic):
         (f"p10/p10000032/s50414267/{D[0]}.jpg", "10000032", "PA"),
         (f"p10/p10000764/s57375967/{D[3]}.jpg", "10000764", "AP"),
     ]
+
+
+def test_mimic_no_check_files_lists_what_to_download(mimic, tmp_path, capsys):
+    labels, _ = mimic
+    (tmp_path / "nothing_yet").mkdir()
+    out = tmp_path / "wanted.csv"
+    assert main(["--source", "mimic", "--labels", *map(str, labels), "--images_root", str(tmp_path / "nothing_yet"),
+                 "--out", str(out), "--no-check_files"]) == 0
+    assert [row["path"] for row in read_list(out)[1]] == [f"files/p10/p10000032/s50414267/{D[0]}.jpg",
+                                                           f"files/p10/p10000764/s57375967/{D[4]}.jpg",
+                                                           f"files/p10/p10000898/s50771383/{D[5]}.jpg"]
+    printed = capsys.readouterr().out
+    assert "found on disk" not in printed and "the disk was not checked" in printed
+    with pytest.raises(SelectionError, match="check_files=False needs a source whose labels give the path"):
+        select_images("vindr", labels, tmp_path, check_files=False, verbose=False)
 
 
 def test_mimic_file_errors(mimic, tmp_path):
