@@ -490,22 +490,34 @@ _FIND_BY_NAME = {"nih": True, "vindr": True, "chexpert": False, "mimic": False}
 
 
 def index_file_names(root: Path, wanted: set[str]) -> dict[str, list[str]]:
-    """Map each wanted file name to its paths (relative, POSIX) anywhere under `root`; one walk of the tree."""
+    """Map each wanted file name to its paths (relative, POSIX) anywhere under `root`; one walk of the tree.
+
+    Hidden files and folders (names starting with ".") are skipped, as in cxr.dataset; a folder reached twice
+    through symlinks is walked once, through the first path in sorted order.
+    """
     found: dict[str, list[str]] = {}
     visited: set[str] = set()
     pending = [root]
     while pending:
         folder = pending.pop()
         real = os.path.realpath(folder)
-        if real in visited:  # a symlink loop
+        if real in visited:
             continue
         visited.add(real)
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_dir():
-                    pending.append(Path(entry.path))
-                elif entry.name in wanted:
-                    found.setdefault(entry.name, []).append(Path(entry.path).relative_to(root).as_posix())
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            raise SelectionError(f"cannot list {folder} under --images_root: {error}") from None
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                subfolders.append(Path(entry.path))
+            elif entry.name in wanted:
+                found.setdefault(entry.name, []).append(Path(entry.path).relative_to(root).as_posix())
+        pending.extend(reversed(subfolders))  # depth-first in name order
     return found
 
 

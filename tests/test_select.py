@@ -148,6 +148,16 @@ def test_nih_duplicate_file_on_disk_is_an_error(nih):
         select_images("nih", labels, root, verbose=False)
 
 
+def test_hidden_copies_and_symlinked_folders_are_not_duplicates(nih):
+    labels, root = nih
+    touch(root, ".Trash/00000005_000.png")
+    touch(root, "images_002/images/.00000004_000.png")
+    (root / "all_images").symlink_to(root / "images_002", target_is_directory=True)
+    result = select_images("nih", labels, root, verbose=False)
+    assert [row.path for row in result.rows] == ["all_images/images/00000004_000.png", "all_images/images/00000005_000.png",
+                                                 "images_001/images/00000001_001.png"]
+
+
 def test_wrong_images_root_says_so(nih, tmp_path):
     labels, _ = nih
     (tmp_path / "empty").mkdir()
