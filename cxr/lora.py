@@ -340,9 +340,12 @@ def _preview(items, limit: int = 5) -> str:
     return f"[{shown}{f', ... ({len(items)} in all)' if len(items) > limit else ''}]"
 
 
+_ATTENTION_PATH = re.compile(r"(?:^|\.)attn[12]\.(.+)$")
+
+
 def _target_of(path: str) -> str:
     """`down_blocks.0....attn1.to_out.0` -> `to_out.0` (what follows attn1/attn2)."""
-    match = re.search(r"(?:^|\.)attn[12]\.(.+)$", path)
+    match = _ATTENTION_PATH.search(path)
     if not match:
         raise AdapterError(f"LoRA module {path!r} is not inside an attn1/attn2 attention module")
     return match.group(1)
@@ -490,8 +493,9 @@ def resolve_adapter_file(path) -> Path:
         if candidates:
             raise AdapterError(f"{path}: holds several .safetensors files {[p.name for p in candidates]}; "
                                "pass the adapter file itself")
-        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
-        hint = f" (found {others}: pickle files are never loaded; convert them to safetensors first)" if others else ""
+        others = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        hint = (f" (found {others}: only .safetensors adapters are loaded (pickle files are never unpickled, they "
+                "can run code); convert them to safetensors first)") if others else ""
         raise AdapterError(f"{path}: no {DIFFUSERS_WEIGHT_NAME} or other .safetensors adapter in this folder{hint}")
     if not path.exists():
         raise AdapterError(f"{path}: no such adapter file or folder")
@@ -609,6 +613,10 @@ def read_adapter(path) -> tuple[Adapter, str, dict[str, str], Path]:
 
 def _validate_against_unet(adapter: Adapter, unet: nn.Module, file: Path) -> None:
     """Every check that can fail, before anything in the UNet changes."""
+    outside = [p for p in adapter.paths if not _ATTENTION_PATH.search(p)]
+    if outside:
+        raise AdapterError(f"{file}: keys for modules this UNet has no LoRA target at: {_preview(outside)} "
+                           "(cxr adapters wrap only attn1/attn2 projections)")
     try:
         expected = target_paths(unet, adapter.targets)
     except AdapterError as error:
