@@ -307,6 +307,7 @@ class SampleConfig:
         _require(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         _require(self.contact_sheet >= 0, "contact_sheet", f"must be >= 0, got {self.contact_sheet}")
+        _require(self.bit_depth == 8 or self.grayscale_out, "bit_depth", "16 needs --grayscale_out (16-bit PNGs are single-channel luminance)")
         _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
