@@ -1,0 +1,608 @@
+"""Memorization audit: which generated X-rays are near-copies of training X-rays?
+
+A near-copy of a chest X-ray can re-identify the patient, so every generated image is compared with
+every training image:
+
+1. Each image is center-cropped (or padded) to a square like in training, resized with an antialiased
+   filter to `--resolution` pixels (64 by default) and standardized (zero mean, unit norm).
+2. The normalized cross-correlation (NCC) of two images is then the dot product of their vectors. An
+   exact top-k search runs as chunked matrix products (float32, CPU or CUDA) whose chunk sizes come from
+   `--memory_budget_mb`: no N_samples x N_train matrix is ever held.
+3. Translations: the generated image is also compared after moving it by every offset of a grid of up
+   to `--max_shift` thumbnail pixels in `--shift_step` steps (default +-0.5 px at 64 = +-2 px at 256;
+   half pixels by bilinear interpolation) and its score is the max over the grid, so a copy moved by a
+   few pixels still scores like a copy. (At 64 px a 2-px shift alone drops the NCC of an exact copy of
+   a phantom from 1.0 to ~0.976, as low as unrelated phantoms.) Optionally SSIM is computed on the
+   top-k candidates at `--ssim_resolution`.
+4. Calibration: the same statistic (best match among the training images) is computed for held-out real
+   images that the model never saw. The threshold is the `--threshold_quantile` quantile (0.99) of that
+   baseline: a novel image from the real distribution exceeds it with probability ~1%. `--threshold` sets
+   it by hand; without held-out images `--default_threshold` (0.95) is used with a warning.
+5. A generated image is flagged as a likely copy when its best score is above the threshold.
+
+Commands:
+
+    python -m cxr.audit --train_dir data/train --samples_dir samples --holdout_dir data/val --out audit
+    python -m cxr.audit --train_manifest cxr-lora/manifest.json --train_dir data --samples_dir samples \
+        --out audit --fail_above 0.02
+
+Exit codes: 0 done; 1 the flagged rate is above `--fail_above`; 2 bad flags or unreadable inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr.config import _check_choices, _require, flag, parse_config, to_dict
+
+EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass
+class AuditConfig:
+    """Memorization audit: flag generated images that are near-copies of training images."""
+
+    train_dir: Path | None = flag(None, "folder of training images (searched recursively); with --train_manifest, the folder its relative paths start from")
+    train_manifest: Path | None = flag(None, "OUTPUT_DIR/manifest.json of a training run: its train split is the reference set and its val split the held-out baseline")
+    samples_dir: Path | None = flag(None, "folder of generated images to audit (searched recursively)")
+    holdout_dir: Path | None = flag(None, "folder of held-out real images (never trained on) that calibrate the threshold; overrides the manifest's val split")
+    out: Path = flag(Path("audit"), "report folder: report.json, scores.csv, gallery.png")
+    exclude: str = flag("contact_sheet*", "comma-separated file-name patterns to skip in every folder (sample.py's contact sheet)")
+    resolution: int = flag(64, "side of the square thumbnails compared by NCC")
+    pad_to_square: bool = flag(False, "pad non-square images to square instead of center-cropping (use the training setting)")
+    top_k: int = flag(5, "nearest training images kept per image (re-scored with shifts and SSIM)")
+    max_shift: float = flag(0.5, "tolerate translations up to this many thumbnail pixels (0.5 px at 64 = 2 px at 256; 0 disables; cost grows with the number of shifts)")
+    shift_step: float = flag(0.5, "step of the shift grid in thumbnail pixels (fractional shifts are bilinear)")
+    ssim: bool = flag(False, "also compute SSIM with the top-k candidates at --ssim_resolution (informative; flagging uses NCC)")
+    ssim_resolution: int = flag(256, "image side for SSIM")
+    threshold: float | None = flag(None, "flag images whose best NCC is above this value (default: calibrated on held-out images)")
+    threshold_quantile: float = flag(0.99, "calibrated threshold = this quantile of the held-out images' best NCC with the training set")
+    default_threshold: float = flag(0.95, "threshold used when there are no held-out images and no --threshold (uncalibrated)")
+    fail_above: float | None = flag(None, "exit with code 1 when the flagged fraction of samples is above this rate (e.g. 0.01)")
+    gallery_pairs: int = flag(16, "closest sample/training pairs shown in gallery.png (0 disables)")
+    device: str = flag("auto", "cuda, cpu or auto (matrix products)")
+    num_workers: int = flag(2, "worker processes that read and resize images")
+    batch_size: int = flag(64, "images per reading batch")
+    memory_budget_mb: int = flag(512, "memory for one block of the similarity matrix; sets the chunk sizes")
+
+    def validate(self) -> None:
+        _check_choices(self)
+        _require(self.train_dir is not None or self.train_manifest is not None, "train_dir", "is required (or give --train_manifest)")
+        _require(self.samples_dir is not None, "samples_dir", "is required: the folder of generated images to audit")
+        _require(self.resolution >= 8, "resolution", f"must be >= 8, got {self.resolution}")
+        _require(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        _require(0 <= self.max_shift < self.resolution / 4, "max_shift", f"must be in [0, resolution/4), got {self.max_shift}")
+        _require(self.shift_step > 0, "shift_step", f"must be > 0, got {self.shift_step}")
+        _require(self.ssim_resolution >= 16, "ssim_resolution", f"must be >= 16 (SSIM uses an 11-pixel window), got {self.ssim_resolution}")
+        _require(self.threshold is None or -1.0 <= self.threshold <= 1.0, "threshold", f"must be in [-1, 1] (an NCC), got {self.threshold}")
+        _require(0.0 < self.threshold_quantile <= 1.0, "threshold_quantile", f"must be in (0, 1], got {self.threshold_quantile}")
+        _require(-1.0 <= self.default_threshold <= 1.0, "default_threshold", f"must be in [-1, 1], got {self.default_threshold}")
+        _require(self.fail_above is None or 0.0 <= self.fail_above <= 1.0, "fail_above", f"must be a rate in [0, 1], got {self.fail_above}")
+        _require(self.gallery_pairs >= 0, "gallery_pairs", f"must be >= 0, got {self.gallery_pairs}")
+        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.memory_budget_mb >= 1, "memory_budget_mb", f"must be >= 1, got {self.memory_budget_mb}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def read_image(path) -> np.ndarray:
+    """Grayscale float32 (H, W) in [0, 1] through cxr.imageio (8/16-bit PNG, JPEG, TIFF, DICOM)."""
+    from cxr.imageio import read_grayscale
+
+    return read_grayscale(path)
+
+
+def list_images(folder, exclude: str = "") -> list[Path]:
+    """Image files under `folder` (recursive, sorted), skipping names that match an `exclude` pattern."""
+    from cxr.imageio import SUPPORTED_SUFFIXES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder does not exist")
+    patterns = [p.strip() for p in exclude.split(",") if p.strip()]
+    return sorted(
+        path for path in folder.rglob("*")
+        if path.is_file() and path.suffix.lower() in SUPPORTED_SUFFIXES
+        and not any(fnmatch.fnmatch(path.name.lower(), pattern.lower()) for pattern in patterns)
+    )
+
+
+def square(gray: np.ndarray, pad_to_square: bool = False) -> np.ndarray:
+    """Center-crop (or zero-pad) a (H, W) image to a square, as training does."""
+    height, width = gray.shape
+    if height == width:
+        return gray
+    side = max(height, width) if pad_to_square else min(height, width)
+    if pad_to_square:
+        out = np.zeros((side, side), gray.dtype)
+        top, left = (side - height) // 2, (side - width) // 2
+        out[top:top + height, left:left + width] = gray
+        return out
+    top, left = (height - side) // 2, (width - side) // 2
+    return gray[top:top + side, left:left + side]
+
+
+def resize_square(gray: np.ndarray, size: int, pad_to_square: bool = False):
+    """float32 torch (size, size): squared, then resized with an antialiased bilinear filter."""
+    import torch
+    import torch.nn.functional as F
+
+    image = torch.from_numpy(np.ascontiguousarray(square(gray, pad_to_square), dtype=np.float32))
+    if image.shape[0] == size:
+        return image
+    return F.interpolate(image[None, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0]
+
+
+class _ThumbnailDataset:
+    """Reads image i and returns its (size, size) thumbnail; used through a DataLoader with workers."""
+
+    def __init__(self, paths, size: int, pad_to_square: bool):
+        self.paths, self.size, self.pad_to_square = list(paths), size, pad_to_square
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return resize_square(read_image(self.paths[index]), self.size, self.pad_to_square)
+
+
+def load_thumbnails(paths, size: int, *, pad_to_square=False, num_workers=0, batch_size=64, desc="reading"):
+    """float32 (N, size, size) thumbnails, read in a streaming way by `num_workers` processes."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    paths = list(paths)
+    out = torch.empty((len(paths), size, size), dtype=torch.float32)
+    loader = DataLoader(_ThumbnailDataset(paths, size, pad_to_square), batch_size=batch_size,
+                        num_workers=num_workers, shuffle=False)
+    start = 0
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=None) as bar:
+        for batch in loader:
+            out[start:start + len(batch)] = batch
+            start += len(batch)
+            bar.update(len(batch))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalized cross-correlation
+
+
+def standardize(vectors):
+    """Rows with zero mean and unit L2 norm (float32), so that NCC(a, b) = a . b.
+
+    A constant image has no structure to correlate: its row becomes all zeros (NCC 0 with anything).
+    """
+    import torch
+
+    vectors = torch.as_tensor(vectors, dtype=torch.float32).reshape(len(vectors), -1)
+    centered = vectors - vectors.mean(dim=1, keepdim=True)
+    norms = torch.linalg.vector_norm(centered, dim=1, keepdim=True)
+    return centered / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def chunk_sizes(num_queries: int, num_refs: int, memory_budget_mb: float) -> tuple[int, int]:
+    """(query_chunk, ref_chunk) such that one block of scores and its top-k fit the budget.
+
+    A block costs about 2 x query_chunk x ref_chunk float32 (the scores and topk's work space).
+    """
+    cells = max(1, int(memory_budget_mb * 2**20 / (2 * 4)))
+    query_chunk = max(1, min(num_queries, int(math.sqrt(cells))))
+    ref_chunk = max(1, min(num_refs, cells // query_chunk))
+    return query_chunk, ref_chunk
+
+
+def ncc_topk(queries, refs, k: int, *, memory_budget_mb: float = 512, device=None, progress: bool = False):
+    """Exact top-k by NCC of standardized rows: (scores (Nq, k) descending, indices (Nq, k) int64).
+
+    Computed block by block (`chunk_sizes`), keeping a running top-k, so memory stays bounded whatever
+    Nq x Nr is. `queries` and `refs` stay where they are; only the current chunks are moved to `device`.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or "cpu")
+    num_queries, num_refs = len(queries), len(refs)
+    k = min(k, num_refs)
+    query_chunk, ref_chunk = chunk_sizes(num_queries, num_refs, memory_budget_mb)
+    best_scores = torch.empty((num_queries, k), dtype=torch.float32)
+    best_indices = torch.empty((num_queries, k), dtype=torch.int64)
+    blocks = math.ceil(num_queries / query_chunk) * math.ceil(num_refs / ref_chunk)
+    with tqdm(total=blocks, desc="nearest neighbours", unit="block", disable=not progress or None) as bar:
+        for q0 in range(0, num_queries, query_chunk):
+            query_block = queries[q0:q0 + query_chunk].to(device, torch.float32)
+            scores = torch.full((len(query_block), 0), -math.inf, device=device)
+            indices = torch.empty((len(query_block), 0), dtype=torch.int64, device=device)
+            for r0 in range(0, num_refs, ref_chunk):
+                ref_block = refs[r0:r0 + ref_chunk].to(device, torch.float32)
+                block = query_block @ ref_block.T
+                # Top-k of the block first, then merge with the running top-k: only (n, 2k) is concatenated.
+                block_scores, block_indices = block.topk(min(k, block.shape[1]), dim=1)
+                del block
+                merged_scores = torch.cat([scores, block_scores], dim=1)
+                merged_indices = torch.cat([indices, block_indices + r0], dim=1)
+                scores, position = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+                indices = merged_indices.gather(1, position)
+                bar.update(1)
+            best_scores[q0:q0 + query_chunk] = scores.cpu()
+            best_indices[q0:q0 + query_chunk] = indices.cpu()
+    return best_scores, best_indices
+
+
+def shift_offsets(max_shift: float, step: float) -> list[tuple[float, float]]:
+    """(dy, dx) grid in thumbnail pixels, |dy|, |dx| <= max_shift in steps of `step`; (0, 0) first."""
+    count = int(round(max_shift / step)) if max_shift > 0 else 0
+    values = [i * step for i in range(-count, count + 1)]
+    grid = [(dy, dx) for dy in values for dx in values if (dy, dx) != (0.0, 0.0)]
+    return [(0.0, 0.0)] + grid
+
+
+def shift_images(thumbs, dy: float, dx: float):
+    """(N, H, W) images moved down by dy and right by dx pixels (fractional: bilinear; edges replicated)."""
+    import torch
+    import torch.nn.functional as F
+
+    if dy == 0 and dx == 0:
+        return thumbs
+    count, height, width = thumbs.shape
+    # grid_sample reads output pixel (y, x) from input (y - dy, x - dx), in [-1, 1] pixel-center units.
+    ys = (torch.arange(height, dtype=torch.float32) - dy + 0.5) / height * 2 - 1
+    xs = (torch.arange(width, dtype=torch.float32) - dx + 0.5) / width * 2 - 1
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    grid = torch.stack([grid_x, grid_y], dim=-1).to(thumbs.device)[None].expand(count, -1, -1, -1)
+    moved = F.grid_sample(thumbs[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return moved[:, 0]
+
+
+def merge_topk(scores, indices, k: int):
+    """Per row, the k best distinct indices among candidate (score, index) columns: (scores, indices).
+
+    Rows are (N, C) with C >= k distinct-or-repeated candidates (one block per shift); a reference
+    found under several shifts keeps its best score. Rows with fewer than k distinct indices are padded
+    with -inf / -1.
+    """
+    import torch
+
+    order = scores.argsort(dim=1, descending=True)
+    scores, indices = scores.gather(1, order), indices.gather(1, order)
+    out_scores = torch.full((len(scores), k), -math.inf, dtype=scores.dtype)
+    out_indices = torch.full((len(scores), k), -1, dtype=torch.int64)
+    for row, (row_scores, row_indices) in enumerate(zip(scores.tolist(), indices.tolist())):
+        seen = {}
+        for score, index in zip(row_scores, row_indices):
+            if index not in seen:
+                seen[index] = score
+                if len(seen) == k:
+                    break
+        out_indices[row, : len(seen)] = torch.tensor(list(seen))
+        out_scores[row, : len(seen)] = torch.tensor(list(seen.values()), dtype=scores.dtype)
+    return out_scores, out_indices
+
+
+def best_matches(query_thumbs, ref_features, *, k: int, max_shift: float = 0.0, shift_step: float = 0.5,
+                 memory_budget_mb: float = 512, device=None, progress: bool = False):
+    """The audit statistic: each query's k nearest references by shift-tolerant NCC, best first.
+
+    The score of (query, reference) is the max NCC over copies of the query moved by every offset of
+    `shift_offsets(max_shift, shift_step)` (thumbnail pixels; half pixels are bilinear). Returns
+    (scores (Nq, k), indices (Nq, k), shifts (Nq, k, 2) float: the (dy, dx) that gave each score).
+    """
+    import torch
+
+    offsets = shift_offsets(max_shift, shift_step)
+    query_chunk = max(1, chunk_sizes(len(query_thumbs) * len(offsets), len(ref_features), memory_budget_mb)[0] // len(offsets))
+    k = min(k, len(ref_features))
+    all_scores, all_indices, all_shifts = [], [], []
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(query_thumbs), query_chunk), desc="nearest neighbours", unit="chunk",
+                      disable=not progress or None):
+        chunk = query_thumbs[start:start + query_chunk]
+        variants = torch.cat([standardize(shift_images(chunk, dy, dx)) for dy, dx in offsets])
+        scores, indices = ncc_topk(variants, ref_features, k, memory_budget_mb=memory_budget_mb, device=device)
+        # (S * n, k) -> (n, S * k): every shift's candidates side by side for each query.
+        scores = scores.reshape(len(offsets), len(chunk), k).permute(1, 0, 2).reshape(len(chunk), -1)
+        indices = indices.reshape(len(offsets), len(chunk), k).permute(1, 0, 2).reshape(len(chunk), -1)
+        shift_of_column = torch.tensor(offsets, dtype=torch.float32).repeat_interleave(k, dim=0)
+        best_scores, best_indices = merge_topk(scores, indices, k)
+        # The shift that produced each kept (score, index): the first column holding that pair.
+        match = (indices[:, None, :] == best_indices[:, :, None]) & (scores[:, None, :] == best_scores[:, :, None])
+        all_shifts.append(shift_of_column[match.float().argmax(dim=2)])
+        all_scores.append(best_scores)
+        all_indices.append(best_indices)
+    return torch.cat(all_scores), torch.cat(all_indices), torch.cat(all_shifts)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# SSIM (Wang et al. 2004: 11x11 gaussian window, sigma 1.5, K1 0.01, K2 0.03, 'valid' filtering)
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5):
+    """Normalized 1-D gaussian (float64 torch)."""
+    import torch
+
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    window = torch.exp(-(coords**2) / (2 * sigma**2))
+    return window / window.sum()
+
+
+def _filter(images, window):
+    """Separable 'valid' filtering of (N, 1, H, W) with a 1-D window."""
+    import torch.nn.functional as F
+
+    images = F.conv2d(images, window.view(1, 1, 1, -1))
+    return F.conv2d(images, window.view(1, 1, -1, 1))
+
+
+def ssim_components(x, y, *, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5,
+                    k1: float = 0.01, k2: float = 0.03):
+    """Per-image mean SSIM and mean contrast-structure term cs, for (N, 1, H, W) image batches."""
+    import torch
+
+    window = gaussian_window(window_size, sigma).to(x.device, x.dtype)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    mu_x, mu_y = _filter(x, window), _filter(y, window)
+    var_x = _filter(x * x, window) - mu_x**2
+    var_y = _filter(y * y, window) - mu_y**2
+    cov = _filter(x * y, window) - mu_x * mu_y
+    cs_map = (2 * cov + c2) / (var_x + var_y + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs_map
+    return ssim_map.flatten(1).mean(dim=1), cs_map.flatten(1).mean(dim=1)
+
+
+def ssim(x, y, data_range: float = 1.0, dtype=None):
+    """Mean SSIM of paired grayscale images: x, y (N, H, W) or (N, 1, H, W), values in [0, data_range].
+
+    Returns (N,) in `dtype` (default float32; float64 is several times slower on CPU).
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    x = torch.as_tensor(x).to(dtype)
+    y = torch.as_tensor(y).to(dtype)
+    if x.dim() == 3:
+        x, y = x[:, None], y[:, None]
+    return ssim_components(x, y, data_range=data_range)[0]
+
+
+class _SSIMDataset:
+    """Item i: SSIM of sample i with each of its candidate training images, at `size` pixels."""
+
+    def __init__(self, sample_paths, train_paths, candidates, size, pad_to_square):
+        self.sample_paths, self.train_paths = sample_paths, train_paths
+        self.candidates, self.size, self.pad_to_square = candidates, size, pad_to_square
+
+    def __len__(self):
+        return len(self.sample_paths)
+
+    def __getitem__(self, index):
+        import torch
+
+        load = lambda path: resize_square(read_image(path), self.size, self.pad_to_square)  # noqa: E731
+        sample = load(self.sample_paths[index])
+        refs = torch.stack([load(self.train_paths[j]) for j in self.candidates[index].tolist()])
+        return ssim(sample.expand_as(refs), refs)
+
+
+def candidate_ssim(sample_paths, train_paths, candidates, *, size, pad_to_square=False, num_workers=0):
+    """float32 (Nq, k) SSIM of every sample with each of its candidates (rows of `candidates`)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    dataset = _SSIMDataset(sample_paths, train_paths, candidates, size, pad_to_square)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    rows = [row for row in tqdm(loader, total=len(dataset), desc="SSIM", unit="img", disable=None)]
+    return torch.stack(rows) if rows else torch.empty((0, candidates.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration, summaries, report
+
+
+def calibrate_threshold(holdout_scores, quantile: float) -> float:
+    """The `quantile` of the held-out images' best-match scores (linear interpolation)."""
+    return float(np.quantile(np.asarray(holdout_scores, dtype=np.float64), quantile))
+
+
+def score_summary(scores) -> dict:
+    """count, mean, min, max and percentiles of a score vector (JSON-ready)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return {"count": 0}
+    percentiles = {f"p{p}": float(np.percentile(scores, p)) for p in (1, 5, 25, 50, 75, 95, 99)}
+    return {"count": int(scores.size), "mean": float(scores.mean()), "min": float(scores.min()),
+            **percentiles, "max": float(scores.max())}
+
+
+def score_histogram(scores, bins: int = 40, low: float = 0.0, high: float = 1.0) -> dict:
+    """Histogram of scores on [low, high] (values below `low` are counted in `below`)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    counts, edges = np.histogram(np.clip(scores, low, high), bins=bins, range=(low, high))
+    counts[0] -= int((scores < low).sum())
+    return {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist(), "below": int((scores < low).sum())}
+
+
+def manifest_paths(manifest_path, train_dir=None) -> tuple[list[Path], list[Path]]:
+    """(train, val) image paths of a training run's manifest.json (cxr.dataset format).
+
+    Relative paths are resolved against `train_dir` when given, else against the dataset folder the
+    manifest records.
+    """
+    from cxr.dataset import read_manifest, records_from_manifest
+
+    manifest = read_manifest(manifest_path)
+    train, val = (records_from_manifest(manifest, split, dataset_dir=train_dir) for split in ("train", "val"))
+    return [record.path for record in train], [record.path for record in val]
+
+
+def draw_gallery(rows: list[dict], path, pad_to_square: bool = False, tile: int = 192, pairs_per_row: int = 2) -> None:
+    """PNG of pairs (sample | nearest training image), closest first, scores and names written above."""
+    from PIL import Image, ImageDraw
+
+    banner, margin = 30, 6
+    pair_width, pair_height = 2 * tile + 3 * margin, tile + banner + margin
+    grid_rows = max(1, math.ceil(len(rows) / pairs_per_row))
+    sheet = Image.new("L", (min(len(rows), pairs_per_row) * pair_width + margin, grid_rows * pair_height + margin), 0)
+    draw = ImageDraw.Draw(sheet)
+    for rank, row in enumerate(rows):
+        left = (rank % pairs_per_row) * pair_width
+        top = margin + (rank // pairs_per_row) * pair_height
+        ssim_text = f"  SSIM {row['ssim']:.3f}" if row.get("ssim") is not None else ""
+        verdict = "  FLAGGED" if row["flagged"] else ""
+        draw.text((left + margin, top + 2), f"#{rank + 1}  NCC {row['ncc']:.4f}{ssim_text}{verdict}", fill=255)
+        draw.text((left + margin, top + 15), f"{Path(row['sample']).name}  |  {Path(row['best_match']).name}", fill=180)
+        for column, key in enumerate(("sample", "best_match")):
+            image = resize_square(read_image(row[key]), tile, pad_to_square).numpy()
+            pixels = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8), mode="L")
+            sheet.paste(pixels, (left + margin + column * (tile + margin), top + banner))
+    sheet.save(path)
+
+
+def _resolve_sets(config: AuditConfig) -> tuple[list[Path], list[Path], list[Path]]:
+    if config.train_manifest is not None:
+        train_paths, holdout_paths = manifest_paths(config.train_manifest, config.train_dir)
+    else:
+        train_paths, holdout_paths = list_images(config.train_dir, config.exclude), []
+    if config.holdout_dir is not None:
+        holdout_paths = list_images(config.holdout_dir, config.exclude)
+    sample_paths = list_images(config.samples_dir, config.exclude)
+    if not train_paths:
+        raise FileNotFoundError(f"--train_dir {config.train_dir}: no images found")
+    if not sample_paths:
+        raise FileNotFoundError(f"--samples_dir {config.samples_dir}: no images found")
+    return train_paths, sample_paths, holdout_paths
+
+
+def audit(config: AuditConfig) -> dict:
+    """Run the audit and write report.json, scores.csv and gallery.png to `config.out`.
+
+    Returns the report dict (also in report.json); `report["exit_code"]` is 1 when `--fail_above` is
+    exceeded, else 0.
+    """
+    from cxr.models import pick_device
+
+    started = time.time()
+    device = pick_device(config.device)
+    train_paths, sample_paths, holdout_paths = _resolve_sets(config)
+    read = dict(pad_to_square=config.pad_to_square, num_workers=config.num_workers, batch_size=config.batch_size)
+    train_features = standardize(load_thumbnails(train_paths, config.resolution, desc="training images", **read))
+    search = dict(k=config.top_k, max_shift=config.max_shift, shift_step=config.shift_step,
+                  memory_budget_mb=config.memory_budget_mb, device=device, progress=True)
+
+    holdout_best = np.zeros(0)
+    if holdout_paths:
+        holdout_thumbs = load_thumbnails(holdout_paths, config.resolution, desc="held-out images", **read)
+        holdout_best = best_matches(holdout_thumbs, train_features, **search)[0][:, 0].numpy().astype(np.float64)
+        del holdout_thumbs
+    if config.threshold is not None:
+        threshold, rule = config.threshold, "set by --threshold"
+    elif holdout_best.size:
+        threshold = calibrate_threshold(holdout_best, config.threshold_quantile)
+        rule = f"quantile {config.threshold_quantile} of {holdout_best.size} held-out images' best NCC with the training set"
+    else:
+        threshold, rule = config.default_threshold, "uncalibrated --default_threshold (no held-out images)"
+        warnings.warn(f"no held-out images: using the uncalibrated threshold {threshold}. Pass --holdout_dir or "
+                      "--train_manifest (its val split) so the threshold reflects how similar real images are.",
+                      stacklevel=2)
+
+    sample_thumbs = load_thumbnails(sample_paths, config.resolution, desc="samples", **read)
+    scores, indices, shifts = best_matches(sample_thumbs, train_features, **search)
+    del sample_thumbs, train_features
+    ssim_scores = None
+    if config.ssim:
+        ssim_scores = candidate_ssim(sample_paths, train_paths, indices, size=config.ssim_resolution,
+                                     pad_to_square=config.pad_to_square, num_workers=config.num_workers)
+
+    best = scores[:, 0].numpy().astype(np.float64)
+    flagged = best > threshold
+    rows = []
+    for i, path in enumerate(sample_paths):
+        row = {"sample": str(path), "best_match": str(train_paths[int(indices[i, 0])]), "ncc": float(best[i]),
+               "shift_y": float(shifts[i, 0, 0]), "shift_x": float(shifts[i, 0, 1]), "ssim": None, "ssim_match": None,
+               "flagged": bool(flagged[i])}
+        if ssim_scores is not None:
+            j = int(ssim_scores[i].argmax())
+            row["ssim"], row["ssim_match"] = float(ssim_scores[i, j]), str(train_paths[int(indices[i, j])])
+        rows.append(row)
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scores.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([{**r, "ssim": "" if r["ssim"] is None else f"{r['ssim']:.6f}",
+                           "ssim_match": r["ssim_match"] or "", "ncc": f"{r['ncc']:.6f}"} for r in rows])
+    closest = sorted(rows, key=lambda r: -r["ncc"])[: config.gallery_pairs]
+    if closest:
+        draw_gallery(closest, out / "gallery.png", config.pad_to_square)
+
+    flagged_rate = float(flagged.mean())
+    exit_code = EXIT_FLAGGED if config.fail_above is not None and flagged_rate > config.fail_above else EXIT_OK
+    report = {
+        "config": to_dict(config),
+        "counts": {"train": len(train_paths), "samples": len(sample_paths), "holdout": int(holdout_best.size)},
+        "statistic": f"best NCC with a training image of {config.resolution}x{config.resolution} standardized thumbnails, "
+                     f"max over shifts up to {config.max_shift} px in steps of {config.shift_step} px",
+        "threshold": {"value": float(threshold), "rule": rule, "calibrated": config.threshold is None and holdout_best.size > 0},
+        "flagged": {"count": int(flagged.sum()), "rate": flagged_rate,
+                    "holdout_rate": float((holdout_best > threshold).mean()) if holdout_best.size else None},
+        "samples": {"summary": score_summary(best), "histogram": score_histogram(best)},
+        "holdout": {"summary": score_summary(holdout_best), "histogram": score_histogram(holdout_best)},
+        "closest_pairs": closest,
+        "fail_above": config.fail_above,
+        "exit_code": exit_code,
+        "seconds": round(time.time() - started, 2),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_summary(report: dict) -> str:
+    """A few lines for the terminal."""
+    threshold, flagged, counts = report["threshold"], report["flagged"], report["counts"]
+    samples = report["samples"]["summary"]
+    lines = [
+        f"audited {counts['samples']} samples against {counts['train']} training images "
+        f"({counts['holdout']} held-out images for calibration)",
+        f"threshold NCC > {threshold['value']:.4f} ({threshold['rule']})",
+        f"flagged {flagged['count']} / {counts['samples']} samples = {flagged['rate']:.2%}"
+        + (f" (held-out real images: {flagged['holdout_rate']:.2%})" if flagged["holdout_rate"] is not None else ""),
+        f"sample best NCC: median {samples['p50']:.4f}, p99 {samples['p99']:.4f}, max {samples['max']:.4f}",
+        f"report: {Path(report['config']['out']) / 'report.json'}, scores.csv, gallery.png",
+    ]
+    if report["exit_code"] == EXIT_FLAGGED:
+        lines.append(f"FAIL: flagged rate {flagged['rate']:.2%} is above --fail_above {report['fail_above']:.2%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: parse flags into an AuditConfig, run `audit`, print the summary, return the exit code."""
+    config = parse_config(AuditConfig, argv)
+    try:
+        report = audit(config)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:  # ImageReadError, ConfigError: ValueError; DatasetError: RuntimeError
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_summary(report))
+    return report["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

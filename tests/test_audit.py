@@ -1,0 +1,270 @@
+"""Memorization audit: NCC search against brute-force references, SSIM against a NumPy/SciPy formula,
+and end to end on phantoms: copies (exact, noisy, shifted, brighter) are flagged, fresh phantoms are not."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxr.audit import (AuditConfig, audit, best_matches, chunk_sizes, main, merge_topk, ncc_topk, shift_images,
+                       shift_offsets, ssim, standardize)
+from cxr.phantoms import make_phantom, to_uint
+
+
+def pearson_matrix(a, b):
+    """NCC reference: Pearson correlation of every row of a with every row of b (np.corrcoef)."""
+    return np.corrcoef(a, b)[: len(a), len(a):]
+
+
+def test_ncc_topk_equals_brute_force_with_tiny_chunks():
+    rng = np.random.default_rng(0)
+    queries, refs = rng.normal(size=(37, 64)), rng.normal(size=(53, 64))
+    # 0.002 MB -> 9 x 19 blocks: many query and reference chunks, merged across blocks.
+    assert chunk_sizes(37, 53, 0.002)[0] < 37 and chunk_sizes(37, 53, 0.002)[1] < 53
+    scores, indices = ncc_topk(standardize(queries), standardize(refs), 5, memory_budget_mb=0.002)
+    reference = pearson_matrix(queries, refs)
+    expected_indices = np.argsort(-reference, axis=1)[:, :5]
+    np.testing.assert_array_equal(indices.numpy(), expected_indices)
+    np.testing.assert_allclose(scores.numpy(), np.take_along_axis(reference, expected_indices, 1), atol=1e-5)
+
+
+def test_ncc_is_symmetric():
+    rng = np.random.default_rng(1)
+    a, b = standardize(rng.normal(size=(20, 100))), standardize(rng.normal(size=(30, 100)))
+    ab_scores, ab_indices = ncc_topk(a, b, 30, memory_budget_mb=0.001)
+    ba_scores, ba_indices = ncc_topk(b, a, 20, memory_budget_mb=0.001)
+    ab = torch.empty(20, 30).scatter_(1, ab_indices, ab_scores)
+    ba = torch.empty(30, 20).scatter_(1, ba_indices, ba_scores)
+    torch.testing.assert_close(ab, ba.T, atol=1e-6, rtol=0)
+
+
+def test_standardize_is_invariant_to_brightness_and_contrast():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(size=(3, 16, 16))
+    torch.testing.assert_close(standardize(x), standardize(0.5 * x + 0.2), atol=1e-6, rtol=0)
+    assert torch.all(standardize(np.ones((1, 8, 8))) == 0)  # a constant image correlates with nothing
+
+
+def test_chunk_sizes_respect_the_budget():
+    for budget in (1, 16, 512):
+        query_chunk, ref_chunk = chunk_sizes(20_000, 20_000, budget)
+        assert 2 * 4 * query_chunk * ref_chunk <= budget * 2**20
+
+
+def test_shift_images_integer_shift_moves_pixels():
+    x = torch.arange(2 * 6 * 7, dtype=torch.float32).reshape(2, 6, 7)
+    moved = shift_images(x, 1.0, -2.0)  # down 1, left 2
+    torch.testing.assert_close(moved[:, 1:, :-2], x[:, :-1, 2:])
+    half = shift_images(x, 0.0, 0.5)  # half a pixel right: mean of the two neighbours
+    torch.testing.assert_close(half[:, :, 1:], (x[:, :, 1:] + x[:, :, :-1]) / 2)
+    assert shift_offsets(0.5, 0.5)[0] == (0.0, 0.0) and len(shift_offsets(0.5, 0.5)) == 9
+    assert shift_offsets(0, 0.5) == [(0.0, 0.0)]
+
+
+def test_merge_topk_keeps_each_reference_once_with_its_best_score():
+    scores = torch.tensor([[0.9, 0.5, 0.95, 0.4]])
+    indices = torch.tensor([[3, 1, 3, 7]])
+    best_scores, best_indices = merge_topk(scores, indices, 3)
+    assert best_indices.tolist() == [[3, 1, 7]]
+    torch.testing.assert_close(best_scores, torch.tensor([[0.95, 0.5, 0.4]]))
+
+
+def test_best_matches_without_shift_equals_plain_ncc_and_shift_recovers_a_moved_copy():
+    refs = torch.from_numpy(np.stack([make_phantom(np.random.default_rng([0, i]), 64, 64) for i in range(6)]))
+    queries = refs[:2].clone()
+    queries[1] = shift_images(refs[1:2], 0.5, -0.5)[0]
+    plain, plain_indices, _ = best_matches(queries, standardize(refs), k=3, max_shift=0)
+    direct, direct_indices = ncc_topk(standardize(queries), standardize(refs), 3)
+    torch.testing.assert_close(plain, direct)
+    scores, indices, shifts = best_matches(queries, standardize(refs), k=3, max_shift=0.5, shift_step=0.5)
+    assert indices[:, 0].tolist() == [0, 1]
+    assert scores[1, 0] > plain[1, 0] + 0.01  # (two half-pixel moves blur, so not exactly 1)
+    assert shifts[1, 0].tolist() == [-0.5, 0.5]  # moving the query back aligns it
+    queries[1] = shift_images(refs[1:2], 1.0, 0.0)[0]
+    scores, indices, shifts = best_matches(queries, standardize(refs), k=3, max_shift=1, shift_step=1)
+    assert indices[1, 0] == 1 and scores[1, 0] > 0.995 and shifts[1, 0].tolist() == [-1.0, 0.0]
+
+
+def ssim_reference(x, y, data_range=1.0):
+    """Wang et al. 2004 SSIM with SciPy: 11x11 gaussian (sigma 1.5) 'valid' filtering, K1=0.01, K2=0.03."""
+    from scipy.signal import convolve2d
+
+    coords = np.arange(11) - 5
+    g = np.exp(-(coords**2) / (2 * 1.5**2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    blur = lambda image: convolve2d(image, window, mode="valid")  # noqa: E731
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    return float(np.mean((2 * mx * my + c1) * (2 * sxy + c2) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))))
+
+
+def test_ssim_matches_scipy_reference():
+    pytest.importorskip("scipy")
+    rng = np.random.default_rng(4)
+    x = make_phantom(np.random.default_rng([0, 0]), 64, 64).astype(np.float64)
+    y = np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1)
+    z = make_phantom(np.random.default_rng([0, 1]), 64, 64).astype(np.float64)
+    expected = [ssim_reference(x, x), ssim_reference(x, y), ssim_reference(x, z)]
+    ours = ssim(np.stack([x, x, x]), np.stack([x, y, z]), dtype=torch.float64).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ssim(np.stack([x, x, x]), np.stack([x, y, z])).numpy(), expected, atol=1e-4)
+    assert ours[0] == pytest.approx(1.0) and ours[2] < ours[1] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def save_png(image, path):
+    from PIL import Image
+
+    Image.fromarray(to_uint(image, 8), mode="L").save(path)
+
+
+def copies_of(image, rng):
+    """The four near-copies the audit must catch: exact, gaussian noise, a 2-px shift, 5% brighter."""
+    shifted = np.pad(image, 2, mode="edge")[:-4, :-4]  # content moved 2 px down and 2 px right
+    return {
+        "exact": image,
+        "noise": np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1),
+        "shift": shifted,
+        "bright": np.clip(image * 1.05, 0, 1),
+    }
+
+
+@pytest.fixture(scope="module")
+def audit_data(tmp_path_factory):
+    """48 training phantoms, 48 held-out phantoms, and samples: 24 fresh phantoms + 4 copies of 8 training images."""
+    from cxr.phantoms import write_phantoms
+
+    root = tmp_path_factory.mktemp("audit")
+    train = write_phantoms(root / "train", 48, seed=0)
+    write_phantoms(root / "holdout", 48, seed=1)
+    write_phantoms(root / "samples" / "fresh", 24, seed=2)
+    (root / "samples" / "copies").mkdir()
+    rng = np.random.default_rng(7)
+    sources = {}
+    for source in train[:8]:
+        image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(source), dtype=np.float32) / 255
+        for kind, copy in copies_of(image, rng).items():
+            path = root / "samples" / "copies" / f"{kind}_{source.stem}.png"
+            save_png(copy, path)
+            sources[path.name] = source.name
+    save_png(np.zeros((64, 64)), root / "samples" / "contact_sheet.png")  # sample.py's sheet: excluded
+    return root, sources
+
+
+def read_scores(report_dir):
+    import csv
+
+    with open(report_dir / "scores.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_audit_flags_copies_and_not_fresh_phantoms(audit_data, capsys):
+    root, sources = audit_data
+    out = root / "report"
+    argv = ["--train_dir", str(root / "train"), "--samples_dir", str(root / "samples"), "--holdout_dir",
+            str(root / "holdout"), "--out", str(out), "--num_workers", "0", "--ssim", "--ssim_resolution", "64",
+            "--fail_above", "0.7"]
+    assert main(argv) == 0  # 32 copies of 56 samples (+ at most ~1% false flags) = 57% < 70%
+    assert "flagged 3" in capsys.readouterr().out
+    rows = read_scores(out)
+    assert len(rows) == 24 + 32  # the contact sheet is not audited
+    copies = [r for r in rows if "copies" in r["sample"]]
+    fresh = [r for r in rows if "fresh" in r["sample"]]
+    assert all(r["flagged"] == "True" for r in copies), [(r["sample"], r["ncc"]) for r in copies if r["flagged"] != "True"]
+    assert all(sources[r["sample"].split("/")[-1]] == r["best_match"].split("/")[-1] for r in copies)
+    report = json.loads((out / "report.json").read_text())
+    assert report["threshold"]["calibrated"] and report["counts"] == {"train": 48, "samples": 56, "holdout": 48}
+    # The 0.99 quantile lets ~1% of novel images through by design: at most 1 of 24 fresh phantoms.
+    assert sum(r["flagged"] == "True" for r in fresh) <= 1
+    # With the held-out max as threshold, the sets separate completely: copies above, fresh below.
+    holdout_max = report["holdout"]["summary"]["max"]
+    assert min(float(r["ncc"]) for r in copies) > holdout_max > max(float(r["ncc"]) for r in fresh)
+    assert report["flagged"]["count"] == sum(r["flagged"] == "True" for r in rows) and report["exit_code"] == 0
+    assert sum(report["samples"]["histogram"]["counts"]) + report["samples"]["histogram"]["below"] == 56
+    clean_copies_ssim = [float(r["ssim"]) for r in copies if "exact" in r["sample"] or "bright" in r["sample"]]
+    assert min(clean_copies_ssim) > 0.95 > max(float(r["ssim"]) for r in fresh)
+    from PIL import Image
+
+    assert Image.open(out / "gallery.png").size == (2 * (2 * 192 + 18) + 6, 8 * (192 + 36) + 6)
+
+
+@pytest.mark.slow
+def test_fresh_phantoms_need_calibration(audit_data):
+    """Phantoms resemble each other (NCC ~0.98), so the uncalibrated 0.95 fallback flags fresh ones:
+    the held-out baseline is what makes the audit work, and the fallback warns about it."""
+    root, _ = audit_data
+    config = AuditConfig(train_dir=root / "train", samples_dir=root / "samples" / "fresh", out=root / "uncalibrated",
+                         num_workers=0, gallery_pairs=0)
+    with pytest.warns(UserWarning, match="uncalibrated"):
+        report = audit(config)
+    assert report["threshold"] == {"value": 0.95, "rule": "uncalibrated --default_threshold (no held-out images)", "calibrated": False}
+    assert report["flagged"]["rate"] == 1.0
+
+
+def test_manifest_splits_are_train_and_baseline(tmp_path):
+    from cxr.dataset import scan_dataset, split_holdout, write_manifest
+    from cxr.phantoms import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data / "a", 6, seed=0)
+    train, val = split_holdout(scan_dataset(data), val_fraction=0.0, val_count=2, seed=0)
+    manifest = tmp_path / "run" / "manifest.json"
+    write_manifest(manifest, train, val)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for record in train[:2]:
+        (samples / f"copy_{record.path.name}").write_bytes(record.path.read_bytes())
+    argv = ["--train_manifest", str(manifest), "--samples_dir", str(tmp_path / "samples"), "--out",
+            str(tmp_path / "out"), "--num_workers", "0", "--max_shift", "0", "--fail_above", "0.5"]
+    assert main(argv) == 1  # both samples copy training images: 100% > 50%
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["counts"] == {"train": 4, "samples": 2, "holdout": 2}
+    assert report["threshold"]["calibrated"] and report["exit_code"] == 1
+    flagged = {Path(r["sample"]).name[len("copy_"):] for r in read_scores(tmp_path / "out") if r["flagged"] == "True"}
+    assert flagged == {record.path.name for record in train[:2]}
+
+
+def test_bad_flags_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--train_dir", str(tmp_path), "--samples_dir", str(tmp_path), "--fail_above", "2"])
+    assert exit_info.value.code == 2 and "--fail_above" in capsys.readouterr().err
+    assert main(["--train_dir", str(tmp_path / "missing"), "--samples_dir", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, time, torch
+    from cxr.audit import ncc_topk
+    n, dim, budget = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    torch.manual_seed(0)
+    queries, refs = torch.empty(n, dim), torch.empty(n, dim)
+    for features in (queries, refs):  # filled in place: no temporaries that would raise the peak
+        for start in range(0, n, 500):
+            features[start:start + 500].normal_()
+            features[start:start + 500] /= features[start:start + 500].norm(dim=1, keepdim=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.time()
+    scores, indices = ncc_topk(queries, refs, 5, memory_budget_mb=budget)
+    seconds = time.time() - started
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 1024, before / 1024, seconds)
+""")
+
+
+@pytest.mark.slow
+def test_memory_is_bounded_on_5000_by_5000():
+    """Peak RSS growth of the search stays near the budget, far below the 100 MB a 5000 x 5000 matrix needs."""
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, "5000", "4096", "32"], capture_output=True,
+                            text=True, check=True)
+    growth_mb, baseline_mb, seconds = map(float, result.stdout.split())
+    print(f"5000 x 5000 x 4096, budget 32 MB: peak RSS +{growth_mb:.1f} MB over {baseline_mb:.0f} MB, {seconds:.1f} s")
+    assert growth_mb < 64, growth_mb
