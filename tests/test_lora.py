@@ -532,3 +532,34 @@ def test_sd15_parameter_count_at_rank_16_and_kohya_names():
     print(f"SD v1.5 UNet, rank 16, {len(paths)} projections: {count:,} trainable LoRA parameters "
           f"({100 * count / total:.2f}% of {total:,})")
     assert all(lora.path_from_kohya_name(lora.kohya_name(p)) == p for p in paths)
+
+
+def test_same_file_layout_as_diffusers_save_lora_weights_and_reads_its_files(tiny_model_dir, unet_inputs, tmp_path):
+    """diffusers' own writer is the reference: same tensors and same lora_adapter_metadata JSON; and a file it
+    writes from a peft-adapted UNet (full LoraConfig.to_dict() header) loads into ours with the same output."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = _trained_unet(tiny_model_dir)
+    paths = list(lora.lora_modules(unet))
+    ours, our_header = _read(lora.save_adapter(unet, tmp_path / "ours", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "reference", unet_lora_layers={k.removeprefix("unet."): v for k, v in ours.items()},
+        unet_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA, "target_modules": paths})
+    reference, reference_header = _read(tmp_path / "reference" / lora.DIFFUSERS_WEIGHT_NAME)
+    assert list(ours) == list(reference) and all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert our_header["lora_adapter_metadata"] == reference_header["lora_adapter_metadata"]
+
+    peft_unet = _load_unet(tiny_model_dir)
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    peft_unet.add_adapter(config)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "from_peft", unet_lora_layers=get_peft_model_state_dict(peft_unet),
+        unet_lora_adapter_metadata=config.to_dict())
+    loaded = _load_unet(tiny_model_dir)
+    info = lora.load_adapter(loaded, tmp_path / "from_peft")
+    assert (info.rank, info.alpha, info.targets) == (RANK, ALPHA, ["to_q", "to_v"])
+    expected = _run(peft_unet, unet_inputs)
+    assert (expected - _run(_load_unet(tiny_model_dir), unet_inputs)).abs().max() > 1e-2
+    assert (_run(loaded, unet_inputs) - expected).abs().max() < 1e-5
