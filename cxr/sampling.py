@@ -26,7 +26,9 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,8 +125,11 @@ def run_identity(cfg: SampleConfig, adapter_sha256: str | None) -> dict:
     """The settings that decide the images of a run (JSON values), keyed as in the PNG text chunks."""
     from cxr.models import resolve_model_id
 
+    with warnings.catch_warnings():  # load_pipeline already warned about a renamed hub id
+        warnings.simplefilter("ignore")
+        base_model = resolve_model_id(cfg.base_model)
     return {
-        "base_model": resolve_model_id(cfg.base_model),
+        "base_model": base_model,
         "base_model_revision": cfg.revision,
         "adapter_sha256": adapter_sha256,
         "lora_scale": cfg.lora_scale if adapter_sha256 else None,
@@ -247,10 +252,15 @@ def load_pipeline(cfg: SampleConfig, device=None, dtype=None):
     if device is None or dtype is None:
         device, dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
     model_id = resolve_model_id(cfg.base_model)
+    if _looks_like_local_path(model_id):
+        model_id = str(Path(model_id).expanduser())
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model_id, revision=cfg.revision, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype,
-        )
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renames torch_dtype to dtype; torch_dtype works in every version we support.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                model_id, revision=cfg.revision, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype,
+            )
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise SamplingError(
             f"--base_model {cfg.base_model}: could not load a Stable Diffusion pipeline ({error}). Give a local "
@@ -529,6 +539,12 @@ def write_contact_sheet(out_dir: Path, paths: Sequence[Path], tile: int = 256, g
     return path
 
 
+def _encode_and_write(path: Path, rgb: np.ndarray, text: dict[str, str], *, grayscale: bool, bit_depth: int) -> str | None:
+    """Encode one image as PNG and write it unless the file exists: the file's sha256, or None when skipped."""
+    data = png_bytes(to_pil(rgb, grayscale=grayscale, bit_depth=bit_depth), text)
+    return sha256_bytes(data) if write_new_file(path, data) else None
+
+
 def _remove_stale_partials(out_dir: Path) -> None:
     for partial in out_dir.glob(f".{IMAGE_PREFIX}*.partial"):
         logger.info("removing %s left by an interrupted run", partial)
@@ -572,7 +588,24 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
     made: list[Path] = []
     generation_seconds = 0.0
     last_index_write = time.perf_counter()
+    pending: list[tuple[int, Path, object]] = []  # (index, path, future of the file's sha256 or None)
+
+    def collect_writes(quiet: bool = False) -> None:
+        while pending:
+            index, path, future = pending.pop(0)
+            if quiet and future.exception() is not None:  # already failing: keep what was written
+                continue
+            digest = future.result()  # raises the writer's error (e.g. a full disk)
+            if digest is None:  # the file appeared meanwhile (another process): left as it is
+                skipped.append(path)
+                continue
+            made.append(path)
+            rows[index] = {"file": path.name, "index": index, "seed": cfg.seed + index, "sha256": digest,
+                           "device": device.type, "dtype": dtype_name, "lora_merged": merged}
+
     progress = tqdm(total=len(todo), unit="img", desc="sampling", disable=not todo)
+    # PNG encoding (zlib releases the GIL) and writing of batch k overlap the generation of batch k + 1.
+    writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cxr-png")
     try:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start:start + cfg.batch_size]
@@ -583,23 +616,22 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
                 height=cfg.height, width=cfg.width,
             )
             generation_seconds += time.perf_counter() - batch_started  # output_type="np" already synchronised
+            collect_writes()
             for index, rgb in zip(batch, images):
                 text = png_text(identity, index=index, adapter=str(cfg.lora_path) if adapter else None,
                                 device=device.type, dtype=dtype_name, merged=merged)
-                data = png_bytes(to_pil(rgb, grayscale=cfg.grayscale_out, bit_depth=cfg.bit_depth), text)
                 path = out_dir / image_name(index)
-                if not write_new_file(path, data):
-                    skipped.append(path)
-                    continue
-                made.append(path)
-                rows[index] = {"file": path.name, "index": index, "seed": cfg.seed + index, "sha256": sha256_bytes(data),
-                               "device": device.type, "dtype": dtype_name, "lora_merged": merged}
+                pending.append((index, path, writer.submit(
+                    _encode_and_write, path, rgb, text, grayscale=cfg.grayscale_out, bit_depth=cfg.bit_depth)))
             progress.update(len(batch))
             if time.perf_counter() - last_index_write > INDEX_WRITE_SECONDS:
                 run_record["made"] = len(made)
                 write_index(out_dir, identity, rows, runs)
                 last_index_write = time.perf_counter()
+        collect_writes()
     finally:
+        writer.shutdown(wait=True)
+        collect_writes(quiet=True)
         progress.close()
         run_record["made"] = len(made)
         run_record["images_per_second"] = round(len(made) / generation_seconds, 4) if generation_seconds else None

@@ -201,6 +201,20 @@ def test_existing_files_are_never_overwritten_and_extension_adds_only_new_indice
     assert pngs(out) == files_before
 
 
+def test_write_new_file_never_replaces_and_foreign_images_are_refused(tmp_path):
+    from cxr.sampling import reconcile_folder, write_new_file
+
+    target = tmp_path / "cxr_synth_000000.png"
+    assert write_new_file(target, b"first") is True
+    assert write_new_file(target, b"second") is False
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+    target.unlink()
+    Image.new("L", (8, 8)).save(target)  # a PNG with our file name but no cxr metadata
+    with pytest.raises(SamplingError, match="not written by cxr"):
+        reconcile_folder(tmp_path, {})
+
+
 # ------------------------------------------------------------------------------------ errors
 
 
