@@ -180,7 +180,10 @@ def resolve_device_and_dtype(device: str, dtype: str):
 
     from cxr.models import pick_device
 
-    torch_device = pick_device(device)
+    try:
+        torch_device = pick_device(device)
+    except RuntimeError as error:
+        raise SamplingError(str(error)) from error
     if dtype == "auto":
         dtype = "fp16" if torch_device.type == "cuda" else "fp32"
     return torch_device, getattr(torch, DTYPES[dtype])
@@ -545,8 +548,14 @@ def _encode_and_write(path: Path, rgb: np.ndarray, text: dict[str, str], *, gray
     return sha256_bytes(data) if write_new_file(path, data) else None
 
 
-def _remove_stale_partials(out_dir: Path) -> None:
+def _remove_stale_partials(out_dir: Path, min_age_seconds: float = 600.0) -> None:
+    # Only old ones: a younger temporary file may belong to another process filling this folder right now.
     for partial in out_dir.glob(f".{IMAGE_PREFIX}*.partial"):
+        try:
+            if time.time() - partial.stat().st_mtime < min_age_seconds:
+                continue
+        except FileNotFoundError:
+            continue
         logger.info("removing %s left by an interrupted run", partial)
         partial.unlink(missing_ok=True)
 

@@ -201,6 +201,31 @@ def test_existing_files_are_never_overwritten_and_extension_adds_only_new_indice
     assert pngs(out) == files_before
 
 
+def test_interrupted_run_keeps_and_indexes_its_images_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    import cxr.sampling
+
+    real_generate, calls = cxr.sampling.generate_batch, []
+
+    def interrupted_after_one_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(cxr.sampling, "generate_batch", interrupted_after_one_batch)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        sample_run(make_cfg(tiny_model_dir, out, num_images=4, batch_size=2))
+    assert pngs(out) == ["cxr_synth_000000.png", "cxr_synth_000001.png"]
+    assert [row["index"] for row in json.loads((out / "index.json").read_text())["images"]] == [0, 1]
+
+    monkeypatch.setattr(cxr.sampling, "generate_batch", real_generate)
+    resumed = sample_run(make_cfg(tiny_model_dir, out, num_images=4, batch_size=2))
+    assert [p.name for p in resumed.made] == ["cxr_synth_000002.png", "cxr_synth_000003.png"]
+    reference = sample_run(make_cfg(tiny_model_dir, tmp_path / "reference", num_images=4, batch_size=2))
+    assert [p.read_bytes() for p in resumed.paths] == [p.read_bytes() for p in reference.paths]
+
+
 def test_write_new_file_never_replaces_and_foreign_images_are_refused(tmp_path):
     from cxr.sampling import reconcile_folder, write_new_file
 
