@@ -292,11 +292,10 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
     position = 0
     executor = None
     if num_workers > 0:
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # spawn: the parent may hold CUDA or threads that a forked child must not inherit.
-        executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+        # The platform's default start method, as torch's DataLoader uses: the workers only decode files.
+        executor = ProcessPoolExecutor(num_workers)
     try:
         with tqdm(total=target, desc="checking images", unit="img", disable=None) as progress:
             while len(good) < target and position < len(candidates):
