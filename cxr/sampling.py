@@ -625,6 +625,12 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
                 height=cfg.height, width=cfg.width,
             )
             generation_seconds += time.perf_counter() - batch_started  # output_type="np" already synchronised
+            if not np.isfinite(images).all():
+                raise SamplingError(
+                    f"images {batch[0]}..{batch[-1]} came out NaN/inf in {dtype_name} (fp16 overflow in the UNet or "
+                    "VAE?); nothing of this batch was written. Rerun with --dtype bf16 or --dtype fp32 (the images "
+                    "already written are kept and skipped)."
+                )
             collect_writes()
             for index, rgb in zip(batch, images):
                 text = png_text(identity, index=index, adapter=str(cfg.lora_path) if adapter else None,
