@@ -27,7 +27,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr.imageio import SUPPORTED_SUFFIXES, ImageReadError, decode_grayscale, read_file_bytes
+from cxr.imageio import (
+    DICOM_INSTALL_HINT,
+    DICOM_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    ImageReadError,
+    decode_grayscale,
+    read_file_bytes,
+)
 
 MANIFEST_FORMAT = "cxr-manifest/1"
 FILE_LIST_COLUMNS = ("path", "patient_id", "view", "source")
@@ -282,6 +289,7 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
             f"none of the {len(candidates)} files in {source} exist (first: {candidates[0].path}); relative "
             f"paths are resolved against --dataset_dir ({dataset_dir})"
         )
+    _require_dicom_support(candidates, source)
     if max_images is not None:
         candidates = sorted(candidates, key=lambda c: selection_rank(seed, c.relpath))
         target = min(max_images, len(candidates))
@@ -338,6 +346,17 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
         raise DatasetError(f"no usable images in {source} ({len(bad)} bad file(s), {len(duplicates)} duplicate(s))")
     good.sort(key=lambda r: r.relpath)
     return ScanReport(good, bad, duplicates, candidates=len(candidates))
+
+
+def _require_dicom_support(candidates: list[_Candidate], source: str) -> None:
+    """Fail once, up front, instead of reporting every DICOM file as bad when pydicom is missing."""
+    dicoms = [c for c in candidates if c.path.suffix.lower() in DICOM_SUFFIXES]
+    if not dicoms:
+        return
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        raise DatasetError(f"{source} has {len(dicoms)} DICOM file(s) (e.g. {dicoms[0].relpath}); {DICOM_INSTALL_HINT}") from None
 
 
 def _bad_files_message(bad: list[tuple[str, str]], good_count: int, source: str) -> str:

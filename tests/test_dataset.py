@@ -325,3 +325,13 @@ def test_manifest_refuses_patient_overlap_and_bad_files(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(DatasetError, match="not a cxr manifest"):
         read_manifest(tmp_path / "other.json")
+
+
+def test_dicom_files_without_pydicom_fail_once_with_the_install_hint(tmp_path, monkeypatch):
+    import sys
+
+    _png(tmp_path / "a.png")
+    (tmp_path / "b.dcm").write_bytes(b"\0" * 200)
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # makes `import pydicom` raise ImportError
+    with pytest.raises(DatasetError, match=r"1 DICOM file\(s\) \(e.g. b.dcm\); .*pip install 'cxr\[dicom\]'"):
+        scan_dataset(tmp_path, skip_bad_images=True)
