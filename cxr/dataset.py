@@ -333,7 +333,7 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
             executor.shutdown()
 
     if bad and not skip_bad_images:
-        raise DatasetError(_bad_files_message(bad, len(good), source))
+        raise DatasetError(_bad_files_message(bad, len(good), source, complete=max_images is None))
     if bad:
         print(_bad_files_summary(bad), file=sys.stderr)
     if duplicates:
@@ -359,14 +359,15 @@ def _require_dicom_support(candidates: list[_Candidate], source: str) -> None:
         raise DatasetError(f"{source} has {len(dicoms)} DICOM file(s) (e.g. {dicoms[0].relpath}); {DICOM_INSTALL_HINT}") from None
 
 
-def _bad_files_message(bad: list[tuple[str, str]], good_count: int, source: str) -> str:
+def _bad_files_message(bad: list[tuple[str, str]], good_count: int, source: str, complete: bool) -> str:
     lines = [f"  {relpath}: {reason}" for relpath, reason in bad[:_LISTED_IN_ERRORS]]
     if len(bad) > _LISTED_IN_ERRORS:
         lines.append(f"  ... and {len(bad) - _LISTED_IN_ERRORS} more")
     return (
         f"{len(bad)} unusable image file(s) in {source}:\n" + "\n".join(lines) + "\n"
-        f"Fix or remove them, or pass --skip_bad_images to train on the usable images ({good_count} checked so "
-        "far; bad files are then listed and skipped, never modified)."
+        "Fix or remove them, or pass --skip_bad_images to skip them "
+        + (f"and train on the other {good_count} image(s)" if complete else "(replacements are drawn for --max_images)")
+        + " (skipped files are listed, never modified)."
     )
 
 
