@@ -75,6 +75,8 @@ class LoRALinear(nn.Module):
             raise AdapterError(f"LoRA rank must be > 0, got {rank}")
         if alpha <= 0:
             raise AdapterError(f"LoRA alpha must be > 0, got {alpha}")
+        if not 0.0 <= dropout < 1.0:
+            raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.base = base.requires_grad_(False)
         self.rank = int(rank)
         self.alpha = float(alpha)
@@ -197,12 +199,19 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
+def _target_tuple(targets) -> tuple[str, ...]:
+    """Targets as a tuple; a comma-separated string (the --lora_targets form) is split, not iterated by character."""
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    return tuple(t.strip() for t in targets if t.strip())
+
+
 def target_paths(model: nn.Module, targets=DEFAULT_TARGETS) -> list[str]:
     """Sorted dotted paths of the `nn.Linear` layers `inject_lora` would wrap for `targets`.
 
     Raises AdapterError naming the targets that match no linear layer of any attn1/attn2.
     """
-    targets = tuple(targets)
+    targets = _target_tuple(targets)
     if not targets:
         raise AdapterError("no LoRA targets given; name at least one attention projection, e.g. to_q")
     attentions = _attention_modules(_unwrap(model))
@@ -471,8 +480,8 @@ def save_adapter(model: nn.Module, out_dir, *, rank: int, alpha: float, targets,
     if adapter.rank != rank or adapter.alpha != float(alpha):
         raise AdapterError(f"save_adapter got rank={rank}, alpha={alpha} but the model's LoRA layers have "
                            f"rank={adapter.rank}, alpha={adapter.alpha:g}")
-    if sorted(set(targets)) != adapter.targets:
-        raise AdapterError(f"save_adapter got targets {sorted(set(targets))} but the model's LoRA layers wrap {adapter.targets}")
+    if sorted(set(_target_tuple(targets))) != adapter.targets:
+        raise AdapterError(f"save_adapter got targets {sorted(set(_target_tuple(targets)))} but the model's LoRA layers wrap {adapter.targets}")
     out_dir = Path(out_dir)
     formats = ("diffusers", "kohya") if export_format == "both" else (export_format,)
     names = {"diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": KOHYA_WEIGHT_NAME}
