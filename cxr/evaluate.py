@@ -1,0 +1,454 @@
+"""Quality of generated X-rays against real ones: FID, KID, MS-SSIM diversity, intensity statistics.
+
+    python -m cxr.evaluate --real data/val --fake samples --features inception_v3_google-0cc3c7bd.pth \
+        --out eval.json
+    python -m cxr.evaluate --real data/val --fake samples --skip_features     # no extractor needed
+
+* Frechet distance (FID) and KID are computed on features of a feature extractor that you provide as a
+  LOCAL file; nothing is ever downloaded. Accepted: a TorchScript module mapping (N, 3, H, W) float images
+  in [0, 1] to (N, D) features; the StyleGAN2-ADA / clean-fid TorchScript `inception-2015-12-05.pt`
+  (recognised by its `return_features` argument; it gets uint8 images, as in its own code); or a
+  torchvision Inception-v3 state dict (.pth / .safetensors, needs torchvision), whose 2048-d pool3
+  output is used. Grayscale images are repeated to 3 channels and resized to `--image_size`.
+* KID: polynomial kernel k(x, y) = (x.y / D + 1)^3, unbiased MMD^2 averaged over random subsets
+  (Binkowski et al. 2018; the torch-fidelity / clean-fid defaults: 100 subsets of 1000).
+* Diversity: mean MS-SSIM (Wang et al. 2003, 5 scales) over random pairs of generated images; lower
+  means more diverse. The same number for random pairs of real images is the reference.
+* Intensity statistics: pixel-intensity histograms per set, their mean / std / percentiles, histogram
+  intersection (1 = identical) and the Wasserstein-1 distance between the two distributions.
+
+Exit codes: 0 done; 2 bad flags, unreadable images, or a missing/invalid feature extractor.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr.audit import list_images, read_image, resize_square, ssim_components
+from cxr.config import _check_choices, _require, flag, parse_config, to_dict
+
+EXIT_OK, EXIT_USAGE = 0, 2
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+TORCHVISION_INCEPTION_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
+NVIDIA_INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+MISSING_FEATURES_MESSAGE = f"""\
+--features is required for FID and KID: pass a feature extractor as a LOCAL file (nothing is downloaded):
+  * the FID Inception used by StyleGAN2-ADA and clean-fid (TorchScript), inception-2015-12-05.pt:
+      {NVIDIA_INCEPTION_URL}
+  * or torchvision's Inception-v3 weights, inception_v3_google-0cc3c7bd.pth (needs `pip install torchvision`):
+      {TORCHVISION_INCEPTION_URL}
+  * or any TorchScript module (torch.jit.save) mapping (N, 3, H, W) float images in [0, 1] to (N, D) features.
+Download the file on a machine with internet, copy it here and pass --features PATH.
+Or pass --skip_features to compute only the MS-SSIM diversity and the intensity statistics."""
+
+
+class FeatureExtractorError(ValueError):
+    """The --features file is missing, unreadable, or not a usable feature extractor."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Quality of generated X-rays against real ones: FID, KID, MS-SSIM diversity, intensity statistics."""
+
+    real: Path | None = flag(None, "folder of real images (searched recursively), e.g. the held-out split")
+    fake: Path | None = flag(None, "folder of generated images (searched recursively)")
+    features: Path | None = flag(None, "local feature extractor for FID/KID: TorchScript file, or torchvision Inception-v3 state dict (.pth/.safetensors)")
+    skip_features: bool = flag(False, "skip FID and KID (no extractor needed): only MS-SSIM diversity and intensity statistics")
+    out: Path | None = flag(None, "write the results as JSON to this file")
+    exclude: str = flag("contact_sheet*", "comma-separated file-name patterns to skip (sample.py's contact sheet)")
+    image_size: int = flag(299, "images are resized to this square size for the feature extractor (Inception: 299)")
+    pad_to_square: bool = flag(False, "pad non-square images to square instead of center-cropping")
+    batch_size: int = flag(32, "images per forward pass of the extractor")
+    num_workers: int = flag(2, "worker processes that read and resize images")
+    device: str = flag("auto", "cuda, cpu or auto")
+    kid_subsets: int = flag(100, "random subsets averaged for KID")
+    kid_subset_size: int = flag(1000, "images per KID subset (capped at the smaller set's size)")
+    diversity_pairs: int = flag(200, "random image pairs for the MS-SSIM diversity of each set (0 disables)")
+    msssim_resolution: int = flag(256, "image side for MS-SSIM (at least 161 for 5 scales of an 11-px window)")
+    histogram_bins: int = flag(256, "bins of the intensity histograms on [0, 1]")
+    seed: int = flag(0, "seed of the KID subsets and the MS-SSIM pairs")
+
+    def validate(self) -> None:
+        _check_choices(self)
+        _require(self.real is not None, "real", "is required: a folder of real images")
+        _require(self.fake is not None, "fake", "is required: a folder of generated images")
+        _require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        _require(self.kid_subsets >= 1, "kid_subsets", f"must be >= 1, got {self.kid_subsets}")
+        _require(self.kid_subset_size >= 2, "kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
+        _require(self.diversity_pairs >= 0, "diversity_pairs", f"must be >= 0, got {self.diversity_pairs}")
+        _require(self.msssim_resolution >= 161, "msssim_resolution", f"must be >= 161 (5 scales of an 11-px window), got {self.msssim_resolution}")
+        _require(self.histogram_bins >= 2, "histogram_bins", f"must be >= 2, got {self.histogram_bins}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Frechet distance and KID (pure functions of feature arrays)
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of (N, D) features, float64 (covariance with N - 1)."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (eigendecomposition)."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), the Frechet distance of two Gaussians.
+
+    tr((S1 S2)^(1/2)) is computed as the sum of the square roots of the eigenvalues of the symmetric
+    PSD matrix S1^(1/2) S2 S1^(1/2) (same eigenvalues as S1 S2), which avoids the complex round-off
+    of a general matrix square root.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature statistics differ in shape: {mu1.shape} / {mu2.shape}, {sigma1.shape} / {sigma2.shape}")
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def polynomial_kernel(x, y, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> np.ndarray:
+    """(x y^T * gamma + coef0) ** degree with gamma = 1 / D by default (float64)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    return (x @ y.T * gamma + coef0) ** degree
+
+
+def mmd2_unbiased(x, y, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> float:
+    """Unbiased MMD^2 of two equally sized samples (m, D) under the polynomial kernel."""
+    m = len(x)
+    if len(y) != m or m < 2:
+        raise ValueError(f"mmd2_unbiased needs two samples of the same size >= 2, got {len(x)} and {len(y)}")
+    k_xx = polynomial_kernel(x, x, degree, gamma, coef0)
+    k_yy = polynomial_kernel(y, y, degree, gamma, coef0)
+    k_xy = polynomial_kernel(x, y, degree, gamma, coef0)
+    off_diagonal = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(off_diagonal - 2 * k_xy.sum() / m**2)
+
+
+def kid_subset_indices(n1: int, n2: int, num_subsets: int, subset_size: int, seed: int = 0):
+    """The (indices into set 1, indices into set 2) of each KID subset, drawn without replacement."""
+    size = min(subset_size, n1, n2)
+    rng = np.random.default_rng(seed)
+    return [(rng.choice(n1, size, replace=False), rng.choice(n2, size, replace=False)) for _ in range(num_subsets)]
+
+
+def kid(features1, features2, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0, degree: int = 3,
+        gamma: float | None = None, coef0: float = 1.0) -> tuple[float, float]:
+    """Kernel Inception Distance: (mean, std) of the unbiased MMD^2 over random subsets.
+
+    Each subset takes min(subset_size, N1, N2) rows of each set without replacement.
+    """
+    features1, features2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    values = [mmd2_unbiased(features1[i], features2[j], degree, gamma, coef0)
+              for i, j in kid_subset_indices(len(features1), len(features2), num_subsets, subset_size, seed)]
+    return float(np.mean(values)), float(np.std(values))
+
+
+# ----------------------------------------------------------------------------------------------
+# MS-SSIM
+
+
+def ms_ssim(x, y, data_range: float = 1.0, weights=MS_SSIM_WEIGHTS, dtype=None):
+    """Multi-scale SSIM of paired grayscale images (N, H, W) or (N, 1, H, W) in [0, data_range].
+
+    Wang, Simoncelli & Bovik 2003: the contrast-structure term at the first len(weights) - 1 scales and
+    the full SSIM at the last, each raised to its weight; 2x2 average pooling between scales. Negative
+    terms are clipped to 0 (as in pytorch-msssim) so the power is defined. Returns (N,).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dtype = dtype or torch.float32
+    x, y = torch.as_tensor(x).to(dtype), torch.as_tensor(y).to(dtype)
+    if x.dim() == 3:
+        x, y = x[:, None], y[:, None]
+    smallest = (11 - 1) * 2 ** (len(weights) - 1) + 1
+    if min(x.shape[-2:]) < smallest:
+        raise ValueError(f"MS-SSIM with {len(weights)} scales needs images of at least {smallest} px, got {tuple(x.shape[-2:])}")
+    terms = []
+    for scale in range(len(weights)):
+        ssim_value, cs_value = ssim_components(x, y, data_range=data_range)
+        if scale == len(weights) - 1:
+            terms.append(torch.relu(ssim_value))
+        else:
+            terms.append(torch.relu(cs_value))
+            padding = [size % 2 for size in x.shape[-2:]]
+            x, y = F.avg_pool2d(x, 2, padding=padding), F.avg_pool2d(y, 2, padding=padding)
+    weights = torch.tensor(weights, dtype=dtype)
+    return torch.prod(torch.stack(terms, dim=1) ** weights, dim=1)
+
+
+def random_pairs(count: int, num_pairs: int, seed: int = 0) -> np.ndarray:
+    """(P, 2) distinct index pairs i != j drawn uniformly (with replacement across pairs)."""
+    if count < 2 or num_pairs == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, count, num_pairs)
+    second = (first + rng.integers(1, count, num_pairs)) % count
+    return np.stack([first, second], axis=1)
+
+
+def ms_ssim_diversity(paths, num_pairs: int, *, size: int = 256, pad_to_square=False, seed=0, batch=16) -> dict:
+    """Mean and std of MS-SSIM over random pairs of images (lower = more diverse)."""
+    import torch
+
+    pairs = random_pairs(len(paths), num_pairs, seed)
+    if len(pairs) == 0:
+        return {"pairs": 0, "mean": None, "std": None}
+    needed = sorted(set(pairs.ravel().tolist()))
+    images = {i: resize_square(read_image(paths[i]), size, pad_to_square) for i in needed}
+    values = []
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        a = torch.stack([images[i] for i in chunk[:, 0]])
+        b = torch.stack([images[j] for j in chunk[:, 1]])
+        values.append(ms_ssim(a, b))
+    values = torch.cat(values).double().numpy()
+    return {"pairs": int(len(pairs)), "mean": float(values.mean()), "std": float(values.std())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Intensity histograms
+
+
+def histogram_statistics(counts, sum_values: float, sum_squares: float) -> dict:
+    """Mean and std (exact, from the sums) and percentiles (from the histogram on [0, 1])."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    mean = sum_values / total
+    std = float(np.sqrt(max(sum_squares / total - mean**2, 0.0)))
+    edges = np.linspace(0.0, 1.0, len(counts) + 1)
+    cdf = np.concatenate([[0.0], np.cumsum(counts) / total])
+    percentiles = {f"p{p}": float(np.interp(p / 100, cdf, edges)) for p in (1, 5, 25, 50, 75, 95, 99)}
+    return {"pixels": int(total), "mean": float(mean), "std": std, **percentiles}
+
+
+def histogram_intersection(counts1, counts2) -> float:
+    """sum(min(p, q)) of the two normalized histograms: 1 for identical distributions, 0 for disjoint."""
+    p = np.asarray(counts1, np.float64) / np.sum(counts1)
+    q = np.asarray(counts2, np.float64) / np.sum(counts2)
+    return float(np.minimum(p, q).sum())
+
+
+def histogram_wasserstein1(counts1, counts2) -> float:
+    """Wasserstein-1 distance of two intensity distributions on [0, 1] given as histograms: the area
+    between their CDFs (exact up to the bin width)."""
+    p = np.asarray(counts1, np.float64) / np.sum(counts1)
+    q = np.asarray(counts2, np.float64) / np.sum(counts2)
+    return float(np.abs(np.cumsum(p) - np.cumsum(q)).sum() / len(p))
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature extractors
+
+
+def _torchscript_extractor(module):
+    """Callable (N, 3, H, W) float [0, 1] -> (N, D) for a TorchScript module."""
+    import torch
+
+    arguments = [argument.name for argument in module.forward.schema.arguments]
+    if "return_features" in arguments:
+        # StyleGAN2-ADA / clean-fid inception-2015-12-05.pt: uint8 images, features on request.
+        return lambda images: module((images * 255).round().clamp(0, 255).to(torch.uint8), return_features=True), "torchscript (return_features, uint8 input)"
+    return lambda images: module(images), "torchscript"
+
+
+def _inception_from_state_dict(state: dict, path: Path, device):
+    """torchvision Inception-v3 with the given weights; returns the pool3 (2048-d) feature callable."""
+    try:
+        from torchvision.models import inception_v3
+    except ImportError:
+        raise FeatureExtractorError(
+            f"--features {path}: this is a state dict, and building Inception-v3 from it needs torchvision, which "
+            "is not installed. `pip install torchvision` (the build matching your torch), or pass a TorchScript "
+            "extractor instead.") from None
+    import torch
+
+    if "fc.weight" not in state or "Mixed_7c.branch_pool.conv.weight" not in state:
+        raise FeatureExtractorError(f"--features {path}: not an Inception-v3 state dict (no fc / Mixed_7c weights); "
+                                    "pass torchvision's inception_v3_google-0cc3c7bd.pth or a TorchScript extractor")
+    model = inception_v3(weights=None, aux_logits=any(key.startswith("AuxLogits.") for key in state),
+                         init_weights=False, num_classes=state["fc.weight"].shape[0], transform_input=False)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise FeatureExtractorError(f"--features {path}: does not match torchvision's Inception-v3: {error}") from None
+    model.fc = torch.nn.Identity()  # the 2048-d average-pooled "pool3" features
+    model.eval().to(device)
+    # torchvision's ImageNet weights expect (x - 0.5) / 0.5 (what transform_input=True produces from
+    # ImageNet-normalized input), so [0, 1] images are mapped to [-1, 1] directly.
+    return lambda images: model(images * 2 - 1), "torchvision inception_v3 pool3"
+
+
+def load_feature_extractor(path, device="cpu"):
+    """(callable (N, 3, H, W) float [0, 1] -> (N, D) features, description) from a local file.
+
+    TorchScript files are tried first; anything else is read as a state dict with weights_only=True
+    (or safetensors) and built as torchvision's Inception-v3.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureExtractorError(f"--features {path}: file does not exist.\n{MISSING_FEATURES_MESSAGE}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _inception_from_state_dict(load_file(str(path)), path, device)
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except RuntimeError:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise FeatureExtractorError(f"--features {path}: neither TorchScript nor a weights-only state dict: {error}") from None
+        if not isinstance(state, dict):
+            raise FeatureExtractorError(f"--features {path}: expected a state dict, found {type(state).__name__}")
+        return _inception_from_state_dict(state, path, device)
+    module.eval()
+    return _torchscript_extractor(module)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a set once: extractor inputs and intensity histogram
+
+
+class _EvalDataset:
+    def __init__(self, paths, size, pad_to_square, bins):
+        self.paths, self.size, self.pad_to_square, self.bins = list(paths), size, pad_to_square, bins
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        import torch
+
+        gray = read_image(self.paths[index])
+        counts = np.histogram(gray, bins=self.bins, range=(0.0, 1.0))[0]
+        sums = torch.tensor([gray.sum(dtype=np.float64), np.square(gray, dtype=np.float64).sum()], dtype=torch.float64)
+        image = resize_square(gray, self.size, self.pad_to_square) if self.size else torch.zeros(0)
+        return image, torch.from_numpy(counts), sums
+
+
+def read_set(paths, *, extractor=None, image_size=299, pad_to_square=False, bins=256, batch_size=32,
+             num_workers=0, device="cpu", desc="images") -> dict:
+    """One pass over a set: extractor features (N, D) float64 (or None) and the intensity histogram."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    dataset = _EvalDataset(paths, image_size if extractor else 0, pad_to_square, bins)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    features, counts, sums = [], np.zeros(bins, np.int64), np.zeros(2, np.float64)
+    with torch.inference_mode():
+        for images, batch_counts, batch_sums in tqdm(loader, desc=desc, unit="batch", disable=None):
+            counts += batch_counts.sum(dim=0).numpy()
+            sums += batch_sums.sum(dim=0).numpy()
+            if extractor is not None:
+                rgb = images[:, None].expand(-1, 3, -1, -1).to(device)
+                output = extractor(rgb)
+                if output.dim() != 2:
+                    raise FeatureExtractorError(f"the feature extractor returned shape {tuple(output.shape)}; expected (N, D)")
+                features.append(output.double().cpu().numpy())
+    return {"features": np.concatenate(features) if features else None, "counts": counts,
+            "sum": float(sums[0]), "sum_squares": float(sums[1])}
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Compute every metric; returns the results dict (also written to `config.out` when set)."""
+    from cxr.models import pick_device
+
+    if config.features is None and not config.skip_features:
+        raise FeatureExtractorError(MISSING_FEATURES_MESSAGE)
+    device = pick_device(config.device)
+    real_paths, fake_paths = list_images(config.real, config.exclude), list_images(config.fake, config.exclude)
+    for name, paths in (("real", real_paths), ("fake", fake_paths)):
+        if len(paths) < 2:
+            raise FileNotFoundError(f"--{name} {getattr(config, name)}: found {len(paths)} images, need at least 2")
+    extractor, extractor_kind = (None, None) if config.skip_features else load_feature_extractor(config.features, device)
+    read = dict(extractor=extractor, image_size=config.image_size, pad_to_square=config.pad_to_square,
+                bins=config.histogram_bins, batch_size=config.batch_size, num_workers=config.num_workers, device=device)
+    real, fake = read_set(real_paths, desc="real", **read), read_set(fake_paths, desc="fake", **read)
+
+    results = {"config": to_dict(config), "counts": {"real": len(real_paths), "fake": len(fake_paths)}}
+    if extractor is not None:
+        mu_real, sigma_real = feature_statistics(real["features"])
+        mu_fake, sigma_fake = feature_statistics(fake["features"])
+        kid_mean, kid_std = kid(real["features"], fake["features"], config.kid_subsets, config.kid_subset_size, config.seed)
+        results["features"] = {"extractor": str(config.features), "kind": extractor_kind, "dim": int(real["features"].shape[1]),
+                               "image_size": config.image_size}
+        results["fid"] = frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
+        results["kid"] = {"mean": kid_mean, "std": kid_std, "subsets": config.kid_subsets,
+                          "subset_size": min(config.kid_subset_size, len(real_paths), len(fake_paths))}
+    diversity = dict(size=config.msssim_resolution, pad_to_square=config.pad_to_square, seed=config.seed)
+    results["diversity_ms_ssim"] = {"fake": ms_ssim_diversity(fake_paths, config.diversity_pairs, **diversity),
+                                    "real": ms_ssim_diversity(real_paths, config.diversity_pairs, **diversity)}
+    results["intensity"] = {
+        "real": histogram_statistics(real["counts"], real["sum"], real["sum_squares"]),
+        "fake": histogram_statistics(fake["counts"], fake["sum"], fake["sum_squares"]),
+        "histogram_intersection": histogram_intersection(real["counts"], fake["counts"]),
+        "wasserstein1": histogram_wasserstein1(real["counts"], fake["counts"]),
+        "bins": config.histogram_bins,
+    }
+    if config.out is not None:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The results as an aligned text table."""
+    fmt = lambda value, digits=4: "n/a" if value is None else f"{value:.{digits}f}"  # noqa: E731
+    rows = [("images (real / fake)", f"{results['counts']['real']} / {results['counts']['fake']}", "")]
+    if "fid" in results:
+        rows.append(("FID", fmt(results["fid"], 3), f"{results['features']['kind']}, {results['features']['dim']}-d"))
+        kid_result = results["kid"]
+        rows.append(("KID", f"{fmt(kid_result['mean'], 5)} +- {fmt(kid_result['std'], 5)}",
+                     f"{kid_result['subsets']} subsets of {kid_result['subset_size']}"))
+    else:
+        rows.append(("FID / KID", "skipped", "--skip_features"))
+    diversity = results["diversity_ms_ssim"]
+    rows.append(("MS-SSIM fake pairs", fmt(diversity["fake"]["mean"]), "lower = more diverse"))
+    rows.append(("MS-SSIM real pairs", fmt(diversity["real"]["mean"]), "reference"))
+    intensity = results["intensity"]
+    for name in ("real", "fake"):
+        stats = intensity[name]
+        rows.append((f"intensity {name}", f"mean {fmt(stats['mean'], 3)} std {fmt(stats['std'], 3)}",
+                     f"p5 {fmt(stats['p5'], 3)} p50 {fmt(stats['p50'], 3)} p95 {fmt(stats['p95'], 3)}"))
+    rows.append(("histogram intersection", fmt(intensity["histogram_intersection"]), "1 = identical"))
+    rows.append(("intensity Wasserstein-1", fmt(intensity["wasserstein1"]), "0 = identical"))
+    width = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(f"{a:<{width[0]}}  {b:<{width[1]}}  {c}".rstrip() for a, b, c in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: parse flags into an EvaluateConfig, run `evaluate`, print the table, return the exit code."""
+    config = parse_config(EvaluateConfig, argv)
+    try:
+        results = evaluate(config)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:  # FeatureExtractorError, ImageReadError: ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_table(results))
+    if config.out is not None:
+        print(f"results: {config.out}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
