@@ -1,0 +1,355 @@
+"""The training loop on the tiny pipeline and phantoms: outputs, TensorBoard, exact resume, signals, faults."""
+
+import ast
+import inspect
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr.config import TrainConfig
+from cxr import training
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads make each tiny step ~20x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One latent cache folder for the whole module: the phantoms are encoded once, then reused (keyed)."""
+    return tmp_path_factory.mktemp("latent_cache")
+
+
+def make_cfg(tiny_model_dir, phantom_dir, out, cache, **overrides) -> TrainConfig:
+    values = dict(
+        dataset_dir=Path(phantom_dir), model_id=str(tiny_model_dir), output_dir=Path(out), cache_dir=Path(cache),
+        device="cpu", mixed_precision="no", resolution=64, train_batch_size=4, val_count=4,
+        dataloader_num_workers=0, learning_rate=1e-3, max_train_steps=4, log_every=2, checkpointing_steps=2,
+        validation_steps=0, num_validation_images=0, lora_rank=4, lora_alpha=4.0, seed=0,
+    )
+    values.update(overrides)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def lora_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(adapter_dir / "pytorch_lora_weights.safetensors")
+
+
+# --------------------------------------------------------------------------------------------- pure parts
+
+
+def test_lr_schedule_closed_form():
+    kw = dict(base_lr=1.0, warmup_steps=4, total_steps=14)
+    assert [training.lr_at(s, kind="constant", **kw) for s in (0, 3, 4, 13)] == [0.25, 1.0, 1.0, 1.0]
+    assert training.lr_at(9, kind="linear", **kw) == pytest.approx(0.5)
+    assert training.lr_at(9, kind="cosine", **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert training.lr_at(14, kind="cosine", **kw) == pytest.approx(0.0)
+
+
+def test_data_order_shards_the_global_batch():
+    one = training.DataOrder(10, batch_size=4, grad_accum_steps=1, dist=training.DistInfo(0, 1), seed=3, device="cpu")
+    ranks = [training.DataOrder(10, batch_size=2, grad_accum_steps=1, dist=training.DistInfo(r, 2, r), seed=3,
+                                device="cpu") for r in (0, 1)]
+    assert one.steps_per_epoch == 2  # 10 rows, 4 per step: the last 2 are dropped
+    for _ in range(5):  # crosses epochs
+        full = one.next_indices()
+        assert torch.equal(torch.cat([r.next_indices() for r in ranks], dim=1), full)
+    assert one.state() == {"epoch": 2, "position": 4}
+    epoch_rows = torch.cat([training.DataOrder(10, batch_size=5, grad_accum_steps=1, dist=training.DistInfo(),
+                                               seed=1, device="cpu").next_indices()[0] for _ in range(1)])
+    assert len(set(epoch_rows.tolist())) == 5  # a permutation: no repeats within an epoch
+    with pytest.raises(training.TrainingError, match="--train_batch_size"):
+        training.DataOrder(3, batch_size=4, grad_accum_steps=1, dist=training.DistInfo(), seed=0, device="cpu")
+
+
+def _tiny_step(tiny_model_dir, steps_fn=None):
+    """make_train_step on the tiny UNet with LoRA and random 'cached' latents (no dataset needed)."""
+    from cxr import ddpm
+    from cxr.lora import inject_lora, lora_parameters
+    from cxr.models import load_components
+
+    parts = load_components(str(tiny_model_dir), names=("unet", "scheduler"))
+    unet = parts["unet"]
+    torch.manual_seed(0)
+    inject_lora(unet, rank=4, alpha=4)
+    params = lora_parameters(unet)
+    optimizer = training.make_optimizer(params, lr=1e-3, weight_decay=0.01, device=torch.device("cpu"))
+    schedule = ddpm.make_schedule(dict(parts["scheduler"].config))
+    metrics = training.StepMetrics("cpu")
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(8, 4, 8, 8), torch.full((8, 4, 8, 8), 0.1)
+    step = training.make_train_step(
+        model=unet, params=params, optimizer=optimizer, schedule=schedule, latents_mean=mean, latents_std=std,
+        scaling_factor=0.18215, prompt_embeds=torch.randn(1, 77, 32), generator=gen, metrics=metrics,
+        batch_size=2, grad_accum_steps=2, snr_gamma=5.0, noise_offset=0.05, max_grad_norm=1.0,
+    )
+    return unet, schedule, step, metrics
+
+
+def test_train_step_makes_no_host_sync(tiny_model_dir):
+    """Every host read of a tensor value (`.item()`, `bool(t)`, `.tolist()`, `float(t)`) dispatches
+    aten._local_scalar_dense or aten.is_nonzero; none may happen inside a step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SyncRecorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero,
+                                       torch.ops.aten.item):
+                self.syncs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    unet, _, step, metrics = _tiny_step(tiny_model_dir)
+    indices = torch.tensor([[0, 1], [2, 3]])
+    step(indices)  # first step creates the optimizer state
+    with SyncRecorder() as recorder:
+        step(indices)
+    assert recorder.syncs == []
+    with SyncRecorder() as sanity:  # the recorder does see a sync when there is one
+        metrics.loss_sum.item()
+    assert sanity.syncs
+    assert torch.isfinite(metrics.loss_sum) and metrics.loss_sum > 0 and metrics.grad_norm_sum > 0
+
+
+def test_step_source_has_no_host_reads():
+    """The step's source has no .item()/.cpu()/.tolist()/print and no `if` on a tensor value."""
+    source = textwrap.dedent(inspect.getsource(training.make_train_step))
+    tree = ast.parse(source)
+    step_def = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "step")
+    calls = {n.func.attr for n in ast.walk(step_def) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    names = {n.func.id for n in ast.walk(step_def) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not calls & {"item", "cpu", "tolist", "numpy"} and "print" not in names
+    host_names = {"micro", "grad_accum_steps", "noise_offset", "scaler", "max_grad_norm", "no_sync", "sync"}
+    for node in ast.walk(step_def):
+        if isinstance(node, (ast.If, ast.IfExp)):
+            used = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
+            assert used <= host_names, f"branch on {used - host_names}"
+
+
+@pytest.mark.slow
+def test_forward_and_loss_compile_without_graph_breaks(tiny_model_dir):
+    """torch.compile(fullgraph=True) fails on any graph break, which every host sync would cause."""
+    import torch._dynamo
+
+    unet, schedule, _, _ = _tiny_step(tiny_model_dir)
+    torch._dynamo.reset()
+    compiled = torch.compile(training.diffusion_loss, fullgraph=True, backend="eager")
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([10, 900])
+    expected = training.diffusion_loss(unet, x0, noise, timesteps, torch.randn(1, 77, 32).zero_(), schedule, 5.0, None)
+    loss = compiled(unet, x0, noise, timesteps, torch.zeros(1, 77, 32), schedule, 5.0, None)
+    torch.testing.assert_close(loss, expected)
+
+
+# ------------------------------------------------------------------------------------------- full runs
+
+
+@pytest.mark.slow
+def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cxr.checkpoint import checkpoint_dirs, load_checkpoint
+    from cxr.lora import load_adapter
+    from cxr.models import load_components
+
+    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", shared_cache, validation_steps=2,
+                   num_validation_images=2, validation_inference_steps=2, checkpoints_total_limit=1,
+                   lr_warmup_steps=2)
+    summary = training.train(cfg)
+    out = tmp_path / "run"
+    assert summary["steps"] == 4 and not summary["interrupted"]
+    assert [s for s, _ in checkpoint_dirs(out / "checkpoints")] == [4]  # rotation kept the newest only
+    for name in ("manifest.json", "config.json", "lora_unet/pytorch_lora_weights.safetensors"):
+        assert (out / name).is_file(), name
+    import json
+
+    written = json.loads((out / "config.json").read_text())
+    assert written["config"]["max_train_steps"] == 4 and written["versions"]["torch"] == torch.__version__
+
+    events = EventAccumulator(str(out / "logs"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/loss", "memory/peak_mib"):
+        assert tag in tags["scalars"], tag
+        values = [e.value for e in events.Scalars(tag)]
+        assert values and all(math.isfinite(v) for v in values), tag
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([1e-3, 1e-3])  # warm-up 2: 5e-4, 1e-3
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 2, 4]
+    assert "val/samples" in tags["images"]
+    image = events.Images("val/samples")[-1]
+    assert image.width == 2 * 64 and image.height == 64
+    assert "config/text_summary" in tags["tensors"]
+
+    # The exported adapter holds exactly the trained tensors (a stock-format reader agrees with the checkpoint).
+    checkpoint = load_checkpoint(out / "checkpoints" / "checkpoint-4")
+    unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
+    info = load_adapter(unet, out / "lora_unet")
+    assert info.rank == 4
+    from cxr.lora import lora_state_dict
+
+    loaded = lora_state_dict(unet)
+    assert loaded.keys() == checkpoint.lora.keys()
+    assert all(torch.equal(loaded[k], checkpoint.lora[k]) for k in loaded)
+    assert any(v.abs().sum() > 0 for k, v in loaded.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
+    common = dict(max_train_steps=6, checkpointing_steps=3, train_batch_size=2, grad_accum_steps=2,
+                  lr_scheduler="cosine", lr_warmup_steps=2, noise_offset=0.1, log_every=1)
+    straight = training.train(make_cfg(tiny_model_dir, phantom_dir, tmp_path / "a", shared_cache, **common))
+    # 20 training rows, 4 per step: 5 steps per epoch, so the run crosses an epoch boundary after the resume.
+    cfg_b = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "b", shared_cache, **common)
+    first = training.train(cfg_b, stop_after_steps=3)
+    assert first["interrupted"] and first["steps"] == 3
+    assert not (tmp_path / "b" / "checkpoints" / "checkpoint-6").exists()
+    cfg_b.resume_from_checkpoint = "latest"
+    second = training.train(cfg_b)
+    assert second["start_step"] == 3 and second["steps"] == 6
+    a, b = lora_tensors(tmp_path / "a" / "lora_unet"), lora_tensors(tmp_path / "b" / "lora_unet")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["final_loss"] == second["final_loss"]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tiny_model_dir, phantom_dir, shared_cache,
+                                                                  tmp_path, monkeypatch):
+    real_loss = training.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the 3rd training step's loss is NaN (validation runs without grad)
+        loss = real_loss(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "nan", shared_cache, max_train_steps=8, log_every=4,
+                   checkpointing_steps=2)
+    with pytest.raises(training.NonFiniteLossError, match=r"before step 4.*--learning_rate.*bf16"):
+        training.train(cfg)
+    from cxr.checkpoint import checkpoint_dirs
+
+    # Step 3 went NaN: the checkpoint of step 4 must not be written; the step-2 one is intact and finite.
+    assert [s for s, _ in checkpoint_dirs(tmp_path / "nan" / "checkpoints")] == [2]
+    exported = lora_tensors(tmp_path / "nan" / "lora_unet")
+    assert all(torch.isfinite(v).all() for v in exported.values())
+
+
+@pytest.mark.slow
+def test_training_lowers_fixed_noise_validation_loss(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
+    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "fit", shared_cache, max_train_steps=60,
+                   learning_rate=3e-3, lora_rank=8, lora_alpha=8.0, log_every=20, checkpointing_steps=0,
+                   val_count=8, snr_gamma=0.0)
+    summary = training.train(cfg)
+    before, after = summary["val_loss_initial"], summary["val_loss_final"]
+    print(f"val loss {before:.4f} -> {after:.4f}")
+    assert after < 0.9 * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------- flags and faults
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--lora_rank", "0"], "--lora_rank"),
+        (["--learning_rate", "-1e-4"], "--learning_rate"),
+        (["--train_batch_size", "0"], "--train_batch_size"),
+        (["--resolution", "100"], "--resolution"),
+        (["--mixed_precision", "fp8"], "--mixed_precision"),
+        (["--lr_scheduler", "exp"], "--lr_scheduler"),
+    ],
+)
+def test_invalid_flags_exit_2_naming_the_flag(argv, flag, capsys, tmp_path):
+    sys.path.insert(0, str(REPO))
+    import train as train_script
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--dataset_dir", str(tmp_path)] + argv)
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_cuda_graph_on_cpu_and_unwritable_output_are_clear_errors(tmp_path, capsys):
+    sys.path.insert(0, str(REPO))
+    import train as train_script
+
+    assert train_script.main(["--dataset_dir", str(tmp_path), "--device", "cpu", "--cuda_graph"]) == 1
+    assert "--cuda_graph: needs a CUDA device" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert train_script.main(["--dataset_dir", str(tmp_path), "--device", "cpu",
+                              "--output_dir", str(blocker / "out")]) == 1
+    assert "--output_dir: cannot write to" in capsys.readouterr().err
+
+
+def test_full_disk_is_caught_before_loading_models(tiny_model_dir, phantom_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    loaded = []
+    monkeypatch.setattr("cxr.models.load_components", lambda *a, **k: loaded.append(1))
+    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "full", tmp_path / "cache")
+    with pytest.raises(training.TrainingError, match=r"--output_dir: .* 1 MiB free"):
+        training.train(cfg)
+    assert not loaded
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
+    from cxr.checkpoint import find_latest_checkpoint
+
+    out = tmp_path / "preempted"
+    argv = [sys.executable, str(REPO / "train.py"), "--dataset_dir", str(phantom_dir), "--model_id",
+            str(tiny_model_dir), "--output_dir", str(out), "--cache_dir", str(shared_cache), "--device", "cpu",
+            "--mixed_precision", "no", "--resolution", "64", "--train_batch_size", "4", "--val_count", "4",
+            "--dataloader_num_workers", "0", "--max_train_steps", "100000", "--checkpointing_steps", "0",
+            "--validation_steps", "0", "--lora_rank", "4", "--lora_alpha", "4"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "config.json").exists():  # written just before the first step
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr[-2000:]
+    latest = find_latest_checkpoint(out / "checkpoints")
+    assert latest is not None
+    stopped_at = int(latest.name.split("-")[1])
+    assert 1 <= stopped_at < 100000
+    resumed = training.train(make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=stopped_at + 2,
+                                      resume_from_checkpoint="latest", checkpointing_steps=0))
+    assert resumed["start_step"] == stopped_at and resumed["steps"] == stopped_at + 2
