@@ -421,7 +421,7 @@ def kohya_tensors(adapter: Adapter, dtype: torch.dtype = torch.float32) -> tuple
         name = kohya_name(path)
         tensors[f"{name}.lora_down.weight"] = lora_a.to(dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = lora_b.to(dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)  # exact even in fp16 files
     # kohya sd-scripts' training metadata keys, shown by A1111/ComfyUI metadata viewers.
     header = {
         "ss_network_module": "networks.lora",
@@ -604,7 +604,7 @@ def read_adapter(path) -> tuple[Adapter, str, dict[str, str], Path]:
     keys = sorted(tensors)
     if not keys:
         raise AdapterError(f"{file}: holds no tensors; not a LoRA adapter")
-    text_encoder = [k for k in keys if k.startswith(("text_encoder", "lora_te"))]
+    text_encoder = [k for k in keys if k.startswith(("text_encoder", "lora_te")) and "lora" in k]
     if text_encoder:
         raise AdapterError(f"{file}: has text-encoder LoRA keys {_preview(text_encoder)}; cxr adapts the UNet only")
     diffusers_keys = [k for k in keys if k.startswith("unet.") and re.search(r"\.lora_[AB]\.weight$", k)]

@@ -576,3 +576,36 @@ def test_same_file_layout_as_diffusers_save_lora_weights_and_reads_its_files(tin
     expected = _run(peft_unet, unet_inputs)
     assert (expected - _run(_load_unet(tiny_model_dir), unet_inputs)).abs().max() > 1e-2
     assert (_run(loaded, unet_inputs) - expected).abs().max() < 1e-5
+
+
+def _ldm_names(tensors):
+    return {k.replace("lora_unet_down_blocks_0_attentions_0_", "lora_unet_input_blocks_1_1_"): v for k, v in tensors.items()}
+
+
+def _mixed_alphas(tensors):
+    key = next(k for k in tensors if k.endswith(".alpha"))
+    return {**tensors, key: torch.tensor(1.0)}
+
+
+def _missing_alpha(tensors):
+    key = next(k for k in tensors if k.endswith(".alpha"))
+    return {k: v for k, v in tensors.items() if k != key}
+
+
+@pytest.mark.parametrize("change, message", [
+    (_ldm_names, r"kohya key 'lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_k' is not an attention projection"),
+    (_mixed_alphas, r"different or non-scalar alphas \[1\.0, 8\.0\]"),
+    (_missing_alpha, r"alpha missing for \[lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k\]"),
+], ids=["ldm-names", "mixed-alphas", "missing-alpha"])
+def test_bad_kohya_files_are_refused_and_leave_the_unet_unchanged(tiny_model_dir, tmp_path, change, message):
+    from safetensors.torch import save_file
+
+    source = _trained_unet(tiny_model_dir)
+    good = lora.save_adapter(source, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, export_format="kohya")[0]
+    bad = tmp_path / "bad.safetensors"
+    save_file(change(_read(good)[0]), str(bad))
+    unet = _load_unet(tiny_model_dir)
+    snapshot = _state_snapshot(unet)
+    with pytest.raises(AdapterError, match=message):
+        lora.load_adapter(unet, bad)
+    _assert_unchanged(unet, snapshot)
