@@ -276,3 +276,36 @@ def test_encode_prompt_matches_the_diffusers_pipeline(tiny_model_dir):
     assert ours.shape == (1, 77, pipe.text_encoder.config.hidden_size) and ours.dtype == torch.float32
     torch.testing.assert_close(ours, reference.float(), rtol=0, atol=0)
     assert not np.allclose(ours[0, 0].numpy(), ours[0, 10].numpy())  # not a constant tensor
+
+
+class _StubVAE(torch.nn.Module):
+    """SD-shaped latents (4 x R/8 x R/8) without the compute: for file-size checks at full resolution."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = FrozenDict(scaling_factor=0.18215)
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+    def encode(self, images):
+        from types import SimpleNamespace
+
+        mean = images[:, :1, ::8, ::8].repeat(1, 4, 1, 1)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=torch.ones_like(mean)))
+
+
+def test_cache_size_at_256px_is_32_kib_per_image(tmp_path, capsys):
+    write_phantoms(tmp_path / "images", 8, seed=0, sizes=((64, 64),))
+    records = scan_dataset(tmp_path / "images")
+    cache = _build(records, _StubVAE(), tmp_path / "cache", resolution=256)
+    data = (tmp_path / "cache" / f"{cache.key}.safetensors").read_bytes()
+    header_bytes = 8 + struct.unpack("<Q", data[:8])[0]
+    assert cache.mean.shape == (8, 4, 32, 32)
+    assert len(data) - header_bytes == 8 * 32768  # 2 tensors x 4x32x32 x 4 B = 32 KiB per image
+    assert header_bytes < 8 * 200  # the header (metadata incl. one content hash per image) stays small
+    assert "32.1 KiB per image" in capsys.readouterr().err
