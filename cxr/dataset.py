@@ -237,12 +237,12 @@ def _inspect_star(args):
     return inspect_file(*args)
 
 
-def _inspect_all(paths: list[Path], min_image_size: int, executor, progress) -> list:
+def _inspect_all(paths: list[Path], min_image_size: int, executor, num_workers: int, progress) -> list:
     jobs = [(str(p), min_image_size) for p in paths]
     if executor is None:
         results = map(_inspect_star, jobs)
     else:
-        chunk = max(1, min(32, len(jobs) // (8 * executor._max_workers) or 1))
+        chunk = max(1, min(32, len(jobs) // (8 * num_workers)))
         results = executor.map(_inspect_star, jobs, chunksize=chunk)
     outcomes = []
     for outcome in results:
@@ -312,7 +312,7 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
                     progress.total += len(batch)
                     progress.refresh()
                 position += len(batch)
-                for candidate, (info, reason) in zip(batch, _inspect_all([c.path for c in batch], min_image_size, executor, progress)):
+                for candidate, (info, reason) in zip(batch, _inspect_all([c.path for c in batch], min_image_size, executor, num_workers, progress)):
                     if info is None:
                         bad.append((candidate.relpath, reason))
                         continue
