@@ -310,7 +310,9 @@ def diffusion_loss(model, x0, noise, timesteps, prompt_embeds, schedule, snr_gam
 
     noisy = ddpm.add_noise(x0, noise, timesteps, schedule)
     embeds = prompt_embeds.expand(x0.shape[0], -1, -1)
-    with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    # No autocast weight cache: each weight is used once per forward, and a cache breaks CUDA-graph capture.
+    with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                        cache_enabled=False):
         prediction = model(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
     target = ddpm.training_target(x0, noise, timesteps, schedule)
     per_sample = (prediction.float() - target).pow(2).mean(dim=tuple(range(1, x0.ndim)))
