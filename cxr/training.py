@@ -592,11 +592,13 @@ def _check_flags_for_device(cfg: TrainConfig, device, dist: DistInfo) -> None:
             raise TrainingError("--cuda_graph: use either --cuda_graph or --torch_compile, not both")
 
 
-def _adapter_metadata(cfg: TrainConfig, step: int, manifest_sha: str) -> dict[str, str]:
+def _adapter_metadata(cfg: TrainConfig, step: int, manifest_sha: str, prediction_type: str) -> dict[str, str]:
+    from cxr.models import resolve_model_id
+
     return {
-        "base_model": cfg.model_id, "revision": str(cfg.revision or ""), "resolution": str(cfg.resolution),
-        "prompt": cfg.prompt, "steps": str(step), "manifest_sha256": manifest_sha, "cxr_version": __version__,
-        "prediction_type": cfg.prediction_type,
+        "base_model": resolve_model_id(cfg.model_id), "revision": str(cfg.revision or ""),
+        "resolution": str(cfg.resolution), "prompt": cfg.prompt, "steps": str(step), "manifest_sha256": manifest_sha,
+        "cxr_version": __version__, "prediction_type": prediction_type,
     }
 
 
@@ -714,8 +716,11 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
     writer = make_writer(cfg.resolved_logging_dir, dist.rank)
     run_versions = versions()
     if dist.is_main:
+        resolved = {"prediction_type": schedule.prediction_type, "global_batch": data.rows_per_step,
+                    "steps_per_epoch": data.steps_per_epoch, "device": str(device)}
         save_json(cfg, output_dir / "config.json", {"versions": run_versions, "world_size": dist.world_size,
-                                                   "lora_paths": lora_paths, "manifest_sha256": manifest_sha})
+                                                   "resolved": resolved, "lora_paths": lora_paths,
+                                                   "manifest_sha256": manifest_sha})
         writer.add_text("config", config_markdown(to_dict(cfg), run_versions), start_step)
 
     summary = {"output_dir": str(output_dir), "start_step": start_step, "steps": start_step, "interrupted": False,
@@ -764,7 +769,7 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
             )
             summary["adapter"] = [str(p) for p in save_adapter(
                 unet, output_dir / "lora_unet", rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                targets=cfg.lora_target_list, metadata=_adapter_metadata(cfg, step, manifest_sha),
+                targets=cfg.lora_target_list, metadata=_adapter_metadata(cfg, step, manifest_sha, schedule.prediction_type),
                 export_format=cfg.export_format)]
         except OSError as error:
             raise TrainingError(

@@ -208,6 +208,13 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
     info = load_adapter(unet, out / "lora_unet")
     assert info.rank == 4
+    import hashlib
+
+    manifest_sha = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    assert info.metadata["cxr.manifest_sha256"] == manifest_sha == summary["manifest_sha256"]
+    assert info.metadata["cxr.steps"] == "4" and info.metadata["cxr.resolution"] == "64"
+    assert info.metadata["cxr.base_model"] == str(tiny_model_dir) and info.metadata["cxr.prompt"] == cfg.prompt
+    assert written["resolved"]["prediction_type"] == "epsilon"
     from cxr.lora import lora_state_dict
 
     loaded = lora_state_dict(unet)
