@@ -702,6 +702,15 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
         restore_rng_state(checkpoint.rng, {"noise": generator})
         data.load_state(checkpoint.state["data"])
         start_step = checkpoint.step
+        saved = checkpoint.state.get("config", {})
+        changed = [f"--{name}" for name in ("train_batch_size", "grad_accum_steps", "seed", "max_train_steps",
+                                            "lr_scheduler", "learning_rate", "resolution", "random_flip")
+                   if saved.get(name) != to_dict(cfg)[name]]
+        if checkpoint.state.get("world_size") != dist.world_size:
+            changed.append("the number of processes")
+        if changed and dist.is_main:
+            warnings.warn(f"--resume_from_checkpoint {resume_path}: {', '.join(changed)} differ from the checkpoint's "
+                          "run; training continues, but not exactly as the original run would have")
 
     metrics = StepMetrics(device)
     step_fn = make_train_step(
