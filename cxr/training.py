@@ -398,6 +398,34 @@ def make_train_step(
     return step
 
 
+def snapshot_train_state(params: list[torch.nn.Parameter], optimizer, generator) -> dict:
+    """Copies of what a training step changes (LoRA weights, optimizer state, noise generator)."""
+    return {
+        "params": [p.detach().clone() for p in params],
+        "optimizer": {p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+                      for p in params if p in optimizer.state},
+        "generator": generator.get_state(),
+    }
+
+
+@torch.no_grad()
+def restore_train_state(snapshot: dict, params, optimizer, metrics: StepMetrics, generator) -> None:
+    """Put back a snapshot in place (tensor storage is kept: a captured graph keeps pointing at it); optimizer
+    state created since the snapshot is zeroed, which is what a fresh AdamW state is; metrics are reset."""
+    for param, saved in zip(params, snapshot["params"]):
+        param.copy_(saved)
+    for param in params:
+        for key, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value):
+                saved = snapshot["optimizer"].get(param, {}).get(key)
+                if saved is None:
+                    value.zero_()
+                else:
+                    value.copy_(saved)
+    metrics.reset()
+    generator.set_state(snapshot["generator"])
+
+
 def capture_cuda_graph(step: Callable[[torch.Tensor], None], example_indices: torch.Tensor, *,
                        params: list[torch.nn.Parameter], optimizer, metrics: StepMetrics, generator,
                        warmup_steps: int = 3) -> Callable[[torch.Tensor], None]:
@@ -408,10 +436,7 @@ def capture_cuda_graph(step: Callable[[torch.Tensor], None], example_indices: to
     The optimizer must be capturable and `generator` the device's default CUDA generator (graph-safe).
     """
     static_indices = example_indices.clone()
-    saved_params = [p.detach().clone() for p in params]
-    saved_state = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
-    saved_rng = generator.get_state()
-
+    snapshot = snapshot_train_state(params, optimizer, generator)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -421,16 +446,7 @@ def capture_cuda_graph(step: Callable[[torch.Tensor], None], example_indices: to
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(static_indices)
-
-    with torch.no_grad():
-        for param, saved in zip(params, saved_params):
-            param.copy_(saved)
-        for param in params:
-            for key, value in optimizer.state.get(param, {}).items():
-                if torch.is_tensor(value):
-                    value.copy_(saved_state[param][key]) if param in saved_state else value.zero_()
-    metrics.reset()
-    generator.set_state(saved_rng)
+    restore_train_state(snapshot, params, optimizer, metrics, generator)
 
     def replay(indices: torch.Tensor) -> None:
         static_indices.copy_(indices)

@@ -102,7 +102,7 @@ def _tiny_step(tiny_model_dir, steps_fn=None):
         scaling_factor=0.18215, prompt_embeds=torch.randn(1, 77, 32), generator=gen, metrics=metrics,
         batch_size=2, grad_accum_steps=2, snr_gamma=5.0, noise_offset=0.05, max_grad_norm=1.0,
     )
-    return unet, schedule, step, metrics
+    return unet, schedule, step, metrics, (params, optimizer, gen)
 
 
 def test_train_step_makes_no_host_sync(tiny_model_dir):
@@ -121,7 +121,7 @@ def test_train_step_makes_no_host_sync(tiny_model_dir):
                 self.syncs.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    unet, _, step, metrics = _tiny_step(tiny_model_dir)
+    unet, _, step, metrics, _ = _tiny_step(tiny_model_dir)
     indices = torch.tensor([[0, 1], [2, 3]])
     step(indices)  # first step creates the optimizer state
     with SyncRecorder() as recorder:
@@ -131,6 +131,31 @@ def test_train_step_makes_no_host_sync(tiny_model_dir):
         metrics.loss_sum.item()
     assert sanity.syncs
     assert torch.isfinite(metrics.loss_sum) and metrics.loss_sum > 0 and metrics.grad_norm_sum > 0
+
+
+@pytest.mark.parametrize("steps_before_snapshot", [0, 1])
+def test_graph_warmup_state_restore_leaves_no_trace(tiny_model_dir, steps_before_snapshot):
+    """capture_cuda_graph's warm-up steps are undone by snapshot/restore: afterwards the run continues exactly as
+    if they had never happened (checked eagerly on the CPU, against a run without warm-up)."""
+    from cxr.lora import lora_state_dict
+
+    indices = torch.tensor([[0, 1], [2, 3]])
+    runs = []
+    for warmup in (True, False):
+        unet, _, step, metrics, (params, optimizer, gen) = _tiny_step(tiny_model_dir)
+        for _ in range(steps_before_snapshot):
+            step(indices)
+        if warmup:
+            snapshot = training.snapshot_train_state(params, optimizer, gen)
+            for _ in range(2):
+                step(indices)
+            training.restore_train_state(snapshot, params, optimizer, metrics, gen)
+            assert metrics.loss_sum == 0
+        for _ in range(2):
+            step(indices)
+        runs.append(lora_state_dict(unet))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(runs[0][k].abs().sum() > 0 for k in runs[0] if "lora_B" in k)
 
 
 def test_step_source_has_no_host_reads():
@@ -153,7 +178,7 @@ def test_forward_and_loss_compile_without_graph_breaks(tiny_model_dir):
     """torch.compile(fullgraph=True) fails on any graph break, which every host sync would cause."""
     import torch._dynamo
 
-    unet, schedule, _, _ = _tiny_step(tiny_model_dir)
+    unet, schedule, _, _, _ = _tiny_step(tiny_model_dir)
     torch._dynamo.reset()
     compiled = torch.compile(training.diffusion_loss, fullgraph=True, backend="eager")
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
