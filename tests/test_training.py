@@ -366,14 +366,14 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_d
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while not (out / "config.json").exists():  # written just before the first step
             assert process.poll() is None, process.communicate()[1][-2000:]
             assert time.time() < deadline, "training did not start"
             time.sleep(0.2)
         time.sleep(1.0)
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
+        _, stderr = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
             process.kill()
