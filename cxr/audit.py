@@ -60,7 +60,7 @@ class AuditConfig:
     exclude: str = flag("contact_sheet*", "comma-separated file-name patterns to skip in every folder (sample.py's contact sheet)")
     resolution: int = flag(64, "side of the square thumbnails compared by NCC")
     pad_to_square: bool = flag(False, "pad non-square images to square instead of center-cropping (use the training setting)")
-    top_k: int = flag(5, "nearest training images kept per image (re-scored with shifts and SSIM)")
+    top_k: int = flag(5, "nearest training images kept per image (the best is reported; --ssim scores all of them)")
     max_shift: float = flag(0.5, "tolerate translations up to this many thumbnail pixels (0.5 px at 64 = 2 px at 256; 0 disables; cost grows with the number of shifts)")
     shift_step: float = flag(0.5, "step of the shift grid in thumbnail pixels (fractional shifts are bilinear)")
     ssim: bool = flag(False, "also compute SSIM with the top-k candidates at --ssim_resolution (informative; flagging uses NCC)")
@@ -73,7 +73,7 @@ class AuditConfig:
     device: str = flag("auto", "cuda, cpu or auto (matrix products)")
     num_workers: int = flag(2, "worker processes that read and resize images")
     batch_size: int = flag(64, "images per reading batch")
-    memory_budget_mb: int = flag(512, "memory for one block of the similarity matrix; sets the chunk sizes")
+    memory_budget_mb: int = flag(512, "working memory of the search (similarity blocks and shifted copies of the queries); sets the chunk sizes. The thumbnails come on top: N x resolution^2 x 4 bytes per set")
 
     def validate(self) -> None:
         _check_choices(self)
@@ -224,16 +224,19 @@ def ncc_topk(queries, refs, k: int, *, memory_budget_mb: float = 512, device=Non
     best_indices = torch.empty((num_queries, k), dtype=torch.int64)
     blocks = math.ceil(num_queries / query_chunk) * math.ceil(num_refs / ref_chunk)
     with tqdm(total=blocks, desc="nearest neighbours", unit="block", disable=not progress or None) as bar:
+        # One buffer for every block: fresh allocations of varying size fragment the heap and let the
+        # process grow far beyond the budget (glibc raises its mmap threshold after the first free).
+        block_buffer = torch.empty(query_chunk * ref_chunk, dtype=torch.float32, device=device)
         for q0 in range(0, num_queries, query_chunk):
             query_block = queries[q0:q0 + query_chunk].to(device, torch.float32)
             scores = torch.full((len(query_block), 0), -math.inf, device=device)
             indices = torch.empty((len(query_block), 0), dtype=torch.int64, device=device)
             for r0 in range(0, num_refs, ref_chunk):
                 ref_block = refs[r0:r0 + ref_chunk].to(device, torch.float32)
-                block = query_block @ ref_block.T
+                block = block_buffer[: len(query_block) * len(ref_block)].view(len(query_block), len(ref_block))
+                torch.mm(query_block, ref_block.T, out=block)
                 # Top-k of the block first, then merge with the running top-k: only (n, 2k) is concatenated.
                 block_scores, block_indices = block.topk(min(k, block.shape[1]), dim=1)
-                del block
                 merged_scores = torch.cat([scores, block_scores], dim=1)
                 merged_indices = torch.cat([indices, block_indices + r0], dim=1)
                 scores, position = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
@@ -294,6 +297,19 @@ def merge_topk(scores, indices, k: int):
     return out_scores, out_indices
 
 
+def _return_free_memory_to_os() -> None:
+    """glibc keeps freed blocks of the short-lived per-chunk tensors in fragmented arenas, so without
+    this the resident size of a long search creeps up well past the budget; malloc_trim hands the free
+    pages back. A no-op where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def best_matches(query_thumbs, ref_features, *, k: int, max_shift: float = 0.0, shift_step: float = 0.5,
                  memory_budget_mb: float = 512, device=None, progress: bool = False):
     """The audit statistic: each query's k nearest references by shift-tolerant NCC, best first.
@@ -305,16 +321,24 @@ def best_matches(query_thumbs, ref_features, *, k: int, max_shift: float = 0.0, 
     import torch
 
     offsets = shift_offsets(max_shift, shift_step)
-    query_chunk = max(1, chunk_sizes(len(query_thumbs) * len(offsets), len(ref_features), memory_budget_mb)[0] // len(offsets))
+    # A quarter of the budget holds the shifted copies of a chunk of queries, the rest the score blocks.
+    dim = query_thumbs[0].numel() if len(query_thumbs) else 1
+    variant_rows = max(len(offsets), int(memory_budget_mb * 2**20 / 4 / (4 * dim)))
+    block_budget_mb = memory_budget_mb * 3 / 4
+    variant_rows = min(variant_rows, chunk_sizes(len(query_thumbs) * len(offsets), len(ref_features), block_budget_mb)[0])
+    query_chunk = max(1, variant_rows // len(offsets))
     k = min(k, len(ref_features))
     all_scores, all_indices, all_shifts = [], [], []
+    variant_buffer = torch.empty((query_chunk * len(offsets), dim), dtype=torch.float32)  # reused, see ncc_topk
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(query_thumbs), query_chunk), desc="nearest neighbours", unit="chunk",
                       disable=not progress or None):
         chunk = query_thumbs[start:start + query_chunk]
-        variants = torch.cat([standardize(shift_images(chunk, dy, dx)) for dy, dx in offsets])
-        scores, indices = ncc_topk(variants, ref_features, k, memory_budget_mb=memory_budget_mb, device=device)
+        variants = variant_buffer[: len(offsets) * len(chunk)]
+        for shift_index, (dy, dx) in enumerate(offsets):
+            variants[shift_index * len(chunk):(shift_index + 1) * len(chunk)] = standardize(shift_images(chunk, dy, dx))
+        scores, indices = ncc_topk(variants, ref_features, k, memory_budget_mb=block_budget_mb, device=device)
         # (S * n, k) -> (n, S * k): every shift's candidates side by side for each query.
         scores = scores.reshape(len(offsets), len(chunk), k).permute(1, 0, 2).reshape(len(chunk), -1)
         indices = indices.reshape(len(offsets), len(chunk), k).permute(1, 0, 2).reshape(len(chunk), -1)
@@ -325,6 +349,7 @@ def best_matches(query_thumbs, ref_features, *, k: int, max_shift: float = 0.0, 
         all_shifts.append(shift_of_column[match.float().argmax(dim=2)])
         all_scores.append(best_scores)
         all_indices.append(best_indices)
+        _return_free_memory_to_os()
     return torch.cat(all_scores), torch.cat(all_indices), torch.cat(all_shifts)
 
 

@@ -243,28 +243,46 @@ def test_bad_flags_exit_2(tmp_path, capsys):
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, time, torch
-    from cxr.audit import ncc_topk
-    n, dim, budget = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    import cxr.audit
+    from cxr.audit import best_matches, ncc_topk
+    num_queries, num_refs, side, budget, max_shift = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+    if sys.argv[6:] == ["no_trim"]:
+        cxr.audit._return_free_memory_to_os = lambda: None
     torch.manual_seed(0)
-    queries, refs = torch.empty(n, dim), torch.empty(n, dim)
+    queries, refs = torch.empty(num_queries, side, side), torch.empty(num_refs, side * side)
     for features in (queries, refs):  # filled in place: no temporaries that would raise the peak
-        for start in range(0, n, 500):
+        for start in range(0, len(features), 500):
             features[start:start + 500].normal_()
-            features[start:start + 500] /= features[start:start + 500].norm(dim=1, keepdim=True)
+    refs /= refs.norm(dim=1, keepdim=True)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.time()
-    scores, indices = ncc_topk(queries, refs, 5, memory_budget_mb=budget)
+    if max_shift == 0:
+        ncc_topk(queries.reshape(num_queries, -1), refs, 5, memory_budget_mb=budget)
+    else:
+        best_matches(queries, refs, k=5, max_shift=max_shift, memory_budget_mb=budget)
     seconds = time.time() - started
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((after - before) / 1024, before / 1024, seconds)
 """)
 
 
+def peak_rss_growth(*args):
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *map(str, args)], capture_output=True, text=True, check=True)
+    return tuple(map(float, result.stdout.split()))
+
+
 @pytest.mark.slow
 def test_memory_is_bounded_on_5000_by_5000():
     """Peak RSS growth of the search stays near the budget, far below the 100 MB a 5000 x 5000 matrix needs."""
-    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, "5000", "4096", "32"], capture_output=True,
-                            text=True, check=True)
-    growth_mb, baseline_mb, seconds = map(float, result.stdout.split())
+    growth_mb, baseline_mb, seconds = peak_rss_growth(5000, 5000, 64, 32, 0)
     print(f"5000 x 5000 x 4096, budget 32 MB: peak RSS +{growth_mb:.1f} MB over {baseline_mb:.0f} MB, {seconds:.1f} s")
     assert growth_mb < 64, growth_mb
+
+
+@pytest.mark.slow
+def test_memory_is_bounded_with_shifts():
+    """The shift-tolerant search stays near its budget too (all 9 shifted copies of the queries at once
+    would take 88 MB, the score matrix 14 MB)."""
+    growth_mb, baseline_mb, seconds = peak_rss_growth(600, 1500, 64, 16, 0.5)
+    print(f"600 x 1500 x 4096, 9 shifts, budget 16 MB: peak RSS +{growth_mb:.1f} MB over {baseline_mb:.0f} MB, {seconds:.1f} s")
+    assert growth_mb < 40, growth_mb
