@@ -488,8 +488,20 @@ def section_lora(ctx: Context) -> list[Row]:
                        note=f"peft LoraConfig(r={cfg.lora_rank}, lora_alpha={cfg.lora_alpha:g}), "
                             f"{sum(p.numel() for p in params)} trainable parameters"),
     ]
-    del theirs, step
+    del theirs, step, variants
+    _free_memory(ctx.device)
     return rows
+
+
+def _free_memory(device) -> None:
+    """Return what the last section dropped, so that later peak-memory windows start clean."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def section_cuda(ctx: Context) -> list[Row]:
@@ -524,9 +536,17 @@ def section_cuda(ctx: Context) -> list[Row]:
     except Exception as error:
         failures["torch.compile"] = f"{type(error).__name__}: {error}"
     timings = time_interleaved(variants, ctx.device, warmup=cfg.warmup, steps=cfg.steps, repeats=cfg.repeats)
+    # channels_last is not a train.py option yet: measured here (after the others, same UNet) to decide on it.
+    state.unet.to(memory_format=torch.channels_last)
+    try:
+        timings["eager, channels_last"] = time_interleaved({"eager": state.run}, ctx.device, warmup=cfg.warmup,
+                                                           steps=cfg.steps, repeats=cfg.repeats)["eager"]
+    finally:
+        state.unet.to(memory_format=torch.contiguous_format)
     notes = {"eager": "train.py default", "cuda graph": "train.py --cuda_graph",
              "torch.compile": f"train.py --torch_compile; first 2 steps (compile) took {compile_seconds:.0f} s"
-             if "torch.compile" in variants else ""}
+             if "torch.compile" in variants else "",
+             "eager, channels_last": "UNet weights in channels_last (not a train.py option); measured after the others"}
     rows = [throughput_row(ctx, "cuda", name, timing, cfg.batch_size, ctx.flops.get("cached_step"), note=notes[name])
             for name, timing in timings.items()]
     rows += [Row("cuda", name, note=f"failed: {message[:200]}") for name, message in failures.items()]
@@ -551,19 +571,13 @@ def section_memory(ctx: Context) -> list[Row]:
 
 def memory_child(settings: dict) -> dict:
     """Body of the memory section's child process: build our step, free VAE and text encoder, run, report."""
-    import gc
-
-    import torch
-
     cfg = BenchConfig(**{**settings, "out": None})
     device, dtype = resolve_device_dtype(cfg)
     ctx = Context(cfg, device, dtype)
     state = ctx.train_state()
     for name in ("vae", "text_encoder"):
         del ctx.components[name]
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free_memory(device)
     reset = reset_peak_memory(device)
     for _ in range(cfg.warmup):
         state.run()
