@@ -362,7 +362,7 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_d
             str(tiny_model_dir), "--output_dir", str(out), "--cache_dir", str(shared_cache), "--device", "cpu",
             "--mixed_precision", "no", "--resolution", "64", "--train_batch_size", "4", "--val_count", "4",
             "--dataloader_num_workers", "0", "--max_train_steps", "100000", "--checkpointing_steps", "0",
-            "--validation_steps", "0", "--lora_rank", "4", "--lora_alpha", "4"]
+            "--validation_steps", "0", "--lora_rank", "4", "--lora_alpha", "4", "--learning_rate", "1e-3"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
