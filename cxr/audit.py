@@ -196,6 +196,15 @@ def standardize(vectors):
     return centered / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
+def standardize_in_place(thumbs, rows: int = 4096):
+    """`standardize` of (N, H, W) thumbnails into their own storage, a chunk of rows at a time, as (N, H*W)
+    (so that 20,000 thumbnails do not need two more copies of themselves)."""
+    features = thumbs.reshape(len(thumbs), -1)
+    for start in range(0, len(features), rows):
+        features[start:start + rows] = standardize(features[start:start + rows])
+    return features
+
+
 def chunk_sizes(num_queries: int, num_refs: int, memory_budget_mb: float) -> tuple[int, int]:
     """(query_chunk, ref_chunk) such that one block of scores and its top-k fit the budget.
 
@@ -527,7 +536,7 @@ def audit(config: AuditConfig) -> dict:
     device = pick_device(config.device)
     train_paths, sample_paths, holdout_paths = _resolve_sets(config)
     read = dict(pad_to_square=config.pad_to_square, num_workers=config.num_workers, batch_size=config.batch_size)
-    train_features = standardize(load_thumbnails(train_paths, config.resolution, desc="training images", **read))
+    train_features = standardize_in_place(load_thumbnails(train_paths, config.resolution, desc="training images", **read))
     search = dict(k=config.top_k, max_shift=config.max_shift, shift_step=config.shift_step,
                   memory_budget_mb=config.memory_budget_mb, device=device, progress=True)
 
@@ -536,6 +545,11 @@ def audit(config: AuditConfig) -> dict:
         holdout_thumbs = load_thumbnails(holdout_paths, config.resolution, desc="held-out images", **read)
         holdout_best = best_matches(holdout_thumbs, train_features, **search)[0][:, 0].numpy().astype(np.float64)
         del holdout_thumbs
+        duplicates = int((holdout_best > 0.999).sum())
+        if duplicates:
+            warnings.warn(f"{duplicates} held-out images have a near-identical training image (NCC > 0.999): the "
+                          "held-out set overlaps the training set, which inflates the calibrated threshold. Use images "
+                          "the model was not trained on (the manifest's val split).", stacklevel=2)
     if config.threshold is not None:
         threshold, rule = config.threshold, "set by --threshold"
     elif holdout_best.size:

@@ -316,7 +316,9 @@ def load_feature_extractor(path, device="cpu"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise FeatureExtractorError(f"--features {path}: neither TorchScript nor a weights-only state dict: {error}") from None
+            raise FeatureExtractorError(
+                f"--features {path}: neither TorchScript nor a weights-only state dict ({error}). A pickled nn.Module "
+                "is not loaded (unpickling can run code): export it with torch.jit.trace(model, example).save(PATH)") from None
         if not isinstance(state, dict):
             raise FeatureExtractorError(f"--features {path}: expected a state dict, found {type(state).__name__}")
         return _inception_from_state_dict(state, path, device)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cxr.audit import (AuditConfig, audit, best_matches, chunk_sizes, main, merge_topk, ncc_topk, shift_images,
-                       shift_offsets, ssim, standardize)
+                       shift_offsets, ssim, standardize, standardize_in_place)
 from cxr.phantoms import make_phantom, to_uint
 
 
@@ -31,6 +31,12 @@ def test_ncc_topk_equals_brute_force_with_tiny_chunks():
     expected_indices = np.argsort(-reference, axis=1)[:, :5]
     np.testing.assert_array_equal(indices.numpy(), expected_indices)
     np.testing.assert_allclose(scores.numpy(), np.take_along_axis(reference, expected_indices, 1), atol=1e-5)
+
+
+def test_standardize_in_place_equals_standardize():
+    thumbs = torch.rand(10, 8, 8)
+    expected = standardize(thumbs)
+    torch.testing.assert_close(standardize_in_place(thumbs.clone(), rows=3), expected)
 
 
 def test_ncc_is_symmetric():
@@ -286,3 +292,14 @@ def test_memory_is_bounded_with_shifts():
     growth_mb, baseline_mb, seconds = peak_rss_growth(600, 1500, 64, 16, 0.5)
     print(f"600 x 1500 x 4096, 9 shifts, budget 16 MB: peak RSS +{growth_mb:.1f} MB over {baseline_mb:.0f} MB, {seconds:.1f} s")
     assert growth_mb < 40, growth_mb
+
+
+def test_holdout_overlapping_training_set_warns(tmp_path):
+    from cxr.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "train", 4, seed=0)
+    write_phantoms(tmp_path / "samples", 2, seed=1)
+    config = AuditConfig(train_dir=tmp_path / "train", holdout_dir=tmp_path / "train", samples_dir=tmp_path / "samples",
+                         out=tmp_path / "out", num_workers=0, max_shift=0, gallery_pairs=0)
+    with pytest.warns(UserWarning, match="4 held-out images have a near-identical training image"):
+        audit(config)

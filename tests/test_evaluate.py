@@ -208,6 +208,13 @@ def test_state_dict_without_torchvision_says_what_to_do(tmp_path, monkeypatch):
         load_feature_extractor(weights)
 
 
+def test_pickled_module_is_refused_with_a_hint(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(MeanPoolFeatures(), path)  # a whole pickled module: loading it would need weights_only=False
+    with pytest.raises(FeatureExtractorError, match="torch.jit.trace"):
+        load_feature_extractor(path)
+
+
 def test_skip_features_needs_no_extractor(image_sets):
     results = evaluate(EvaluateConfig(real=image_sets / "real", fake=image_sets / "fake", skip_features=True,
                                       num_workers=0, diversity_pairs=0))
