@@ -817,6 +817,15 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
     images_per_step = data.rows_per_step
     clock, timed_steps, images_per_s = time.perf_counter(), 0, float("nan")
     step = start_step
+    signalled = stop.signal_name is not None
+    if dist.enabled:
+        signalled = metrics.read(dist, extra_flag=signalled)["flag"]
+    if signalled:  # signalled during setup: nothing new to save, leave at once
+        summary.update(interrupted=True, signal=stop.signal_name or "SIGTERM")
+        progress.close()
+        writer.close()
+        _barrier(dist)
+        return summary
     while step < cfg.max_train_steps:
         set_lr(optimizer, lr_at(step, base_lr=cfg.learning_rate, warmup_steps=cfg.lr_warmup_steps,
                                 total_steps=cfg.max_train_steps, kind=cfg.lr_scheduler))

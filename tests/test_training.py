@@ -361,17 +361,16 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_d
     argv = [sys.executable, str(REPO / "train.py"), "--dataset_dir", str(phantom_dir), "--model_id",
             str(tiny_model_dir), "--output_dir", str(out), "--cache_dir", str(shared_cache), "--device", "cpu",
             "--mixed_precision", "no", "--resolution", "64", "--train_batch_size", "4", "--val_count", "4",
-            "--dataloader_num_workers", "0", "--max_train_steps", "100000", "--checkpointing_steps", "0",
+            "--dataloader_num_workers", "0", "--max_train_steps", "100000", "--checkpointing_steps", "5",
             "--validation_steps", "0", "--lora_rank", "4", "--lora_alpha", "4", "--learning_rate", "1e-3"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not (out / "config.json").exists():  # written just before the first step
+        while not (out / "checkpoints" / "checkpoint-5" / "COMPLETE").exists():  # training is under way
             assert process.poll() is None, process.communicate()[1][-2000:]
             assert time.time() < deadline, "training did not start"
             time.sleep(0.2)
-        time.sleep(1.0)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=300)
     finally:
@@ -381,7 +380,7 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_d
     latest = find_latest_checkpoint(out / "checkpoints")
     assert latest is not None
     stopped_at = int(latest.name.split("-")[1])
-    assert 1 <= stopped_at < 100000
+    assert 5 < stopped_at < 100000  # saved on the signal, after the regular checkpoint 5
     resumed = training.train(make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=stopped_at + 2,
-                                      resume_from_checkpoint="latest", checkpointing_steps=0))
+                                      resume_from_checkpoint="latest", checkpointing_steps=5))
     assert resumed["start_step"] == stopped_at and resumed["steps"] == stopped_at + 2
