@@ -13,6 +13,7 @@ Reusable pieces (also used by `cxr.bench`):
     diffusion_loss(model, x0, noise, t, prompt_embeds, schedule, snr_gamma, autocast_dtype)  forward + loss
     make_train_step(...) -> step(indices)       one optimizer step (all micro-batches) on device tensors
     capture_cuda_graph(step, indices, ...) -> step(indices)   the same step replayed from a CUDA graph
+    snapshot_train_state / restore_train_state  undo warm-up steps (LoRA weights, optimizer state, generator)
     DataOrder                                   per-epoch permutations on the device, rank shards, position
 """
 
