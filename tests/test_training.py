@@ -384,3 +384,17 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_d
     resumed = training.train(make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=stopped_at + 2,
                                       resume_from_checkpoint="latest", checkpointing_steps=5))
     assert resumed["start_step"] == stopped_at and resumed["steps"] == stopped_at + 2
+
+
+def test_tensorboard_writer_only_on_rank_zero_and_grid_layout(tmp_path):
+    from cxr.tblog import NullWriter, image_grid, make_writer
+
+    assert isinstance(make_writer(tmp_path / "r1", rank=1), NullWriter)
+    assert not (tmp_path / "r1").exists()
+    writer = make_writer(tmp_path / "r0", rank=0)
+    writer.close()
+    assert list((tmp_path / "r0").glob("events.out.tfevents.*"))
+    images = torch.stack([torch.full((3, 2, 2), float(i)) for i in range(5)])
+    grid = image_grid(images)  # 3 columns, 2 rows; the 6th cell stays black
+    assert grid.shape == (3, 4, 6)
+    assert grid[0, 0, 4] == 2 and grid[0, 2, 2] == 4 and grid[0, 3, 5] == 0
