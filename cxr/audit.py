@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.config import _check_choices, _require, flag, parse_config, to_dict
+from cxr.config import check_choices, require, flag, parse_config, to_dict
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
 
@@ -76,23 +76,23 @@ class AuditConfig:
     memory_budget_mb: int = flag(512, "working memory of the search (similarity blocks and shifted copies of the queries); sets the chunk sizes. The thumbnails come on top: N x resolution^2 x 4 bytes per set")
 
     def validate(self) -> None:
-        _check_choices(self)
-        _require(self.train_dir is not None or self.train_manifest is not None, "train_dir", "is required (or give --train_manifest)")
-        _require(self.samples_dir is not None, "samples_dir", "is required: the folder of generated images to audit")
-        _require(self.resolution >= 8, "resolution", f"must be >= 8, got {self.resolution}")
-        _require(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
-        _require(0 <= self.max_shift < self.resolution / 4, "max_shift", f"must be in [0, resolution/4), got {self.max_shift}")
-        _require(self.shift_step > 0, "shift_step", f"must be > 0, got {self.shift_step}")
-        _require(self.ssim_resolution >= 16, "ssim_resolution", f"must be >= 16 (SSIM uses an 11-pixel window), got {self.ssim_resolution}")
-        _require(self.threshold is None or -1.0 <= self.threshold <= 1.0, "threshold", f"must be in [-1, 1] (an NCC), got {self.threshold}")
-        _require(0.0 < self.threshold_quantile <= 1.0, "threshold_quantile", f"must be in (0, 1], got {self.threshold_quantile}")
-        _require(-1.0 <= self.default_threshold <= 1.0, "default_threshold", f"must be in [-1, 1], got {self.default_threshold}")
-        _require(self.fail_above is None or 0.0 <= self.fail_above <= 1.0, "fail_above", f"must be a rate in [0, 1], got {self.fail_above}")
-        _require(self.gallery_pairs >= 0, "gallery_pairs", f"must be >= 0, got {self.gallery_pairs}")
-        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
-        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.memory_budget_mb >= 1, "memory_budget_mb", f"must be >= 1, got {self.memory_budget_mb}")
+        check_choices(self)
+        require(self.train_dir is not None or self.train_manifest is not None, "train_dir", "is required (or give --train_manifest)")
+        require(self.samples_dir is not None, "samples_dir", "is required: the folder of generated images to audit")
+        require(self.resolution >= 8, "resolution", f"must be >= 8, got {self.resolution}")
+        require(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        require(0 <= self.max_shift < self.resolution / 4, "max_shift", f"must be in [0, resolution/4), got {self.max_shift}")
+        require(self.shift_step > 0, "shift_step", f"must be > 0, got {self.shift_step}")
+        require(self.ssim_resolution >= 16, "ssim_resolution", f"must be >= 16 (SSIM uses an 11-pixel window), got {self.ssim_resolution}")
+        require(self.threshold is None or -1.0 <= self.threshold <= 1.0, "threshold", f"must be in [-1, 1] (an NCC), got {self.threshold}")
+        require(0.0 < self.threshold_quantile <= 1.0, "threshold_quantile", f"must be in (0, 1], got {self.threshold_quantile}")
+        require(-1.0 <= self.default_threshold <= 1.0, "default_threshold", f"must be in [-1, 1], got {self.default_threshold}")
+        require(self.fail_above is None or 0.0 <= self.fail_above <= 1.0, "fail_above", f"must be a rate in [0, 1], got {self.fail_above}")
+        require(self.gallery_pairs >= 0, "gallery_pairs", f"must be >= 0, got {self.gallery_pairs}")
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.memory_budget_mb >= 1, "memory_budget_mb", f"must be >= 1, got {self.memory_budget_mb}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -36,11 +37,19 @@ def flag(default, help: str, choices: tuple | None = None):
 
 
 def _base_type(annotation) -> type:
-    """`int`, `float`, `str`, `bool` or `Path` from an annotation like `int | None`."""
+    """`int`, `float`, `str`, `bool`, `Path` or `list` from an annotation like `int | None`."""
     hint = annotation
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+    return typing.get_origin(hint) or hint
+
+
+def _item_type(annotation) -> type:
+    """The element type of a `list[X] | None` annotation (str when unspecified)."""
+    hint = annotation
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return (typing.get_args(hint) or (str,))[0]
 
 
 def _parse_bool(text: str) -> bool:
@@ -52,9 +61,9 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
+def build_parser(cls, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one `--name` option per dataclass field, plus `--config FILE.toml`."""
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip().splitlines()[0])
     parser.add_argument(
         "--config", type=Path, default=None,
         help="TOML file setting any of these flags (flat `name = value`); flags given on the command line win",
@@ -68,6 +77,9 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
         kwargs = dict(help=help_text.replace("%", "%%"), default=argparse.SUPPRESS)
         if kind is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)  # --flag / --no-flag
+        elif kind is list:
+            item = _item_type(hints[f.name])
+            kwargs.update(nargs="+", type=item, metavar=item.__name__.upper())
         else:
             kwargs.update(type=kind, metavar=kind.__name__.upper())
         if f.metadata.get("choices"):
@@ -86,6 +98,9 @@ def _coerce(cls, name: str, value, source: str):
             return value if isinstance(value, bool) else _parse_bool(str(value))
         if kind is Path:
             return Path(value)
+        if kind is list:
+            item = _item_type(hints[name])
+            return [item(v) for v in (value if isinstance(value, list) else [value])]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if not isinstance(value, kind):
@@ -110,12 +125,12 @@ def load_toml(cls, path: Path) -> dict:
     return {k: _coerce(cls, k, v, f"--config {path}") for k, v in data.items()}
 
 
-def parse_config(cls, argv: list[str] | None = None, description: str = ""):
+def parse_config(cls, argv: list[str] | None = None, description: str = "", prog: str | None = None):
     """Parse command-line flags (and an optional TOML file) into a validated `cls` instance.
 
     Invalid values exit with status 2 and a one-line message naming the flag.
     """
-    parser = build_parser(cls, description)
+    parser = build_parser(cls, description, prog)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     config_file = args.pop("config")
     try:
@@ -145,6 +160,8 @@ def flag_table(cls) -> str:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = _base_type(hints[f.name]).__name__
+        if kind == "list":
+            kind = f"{_item_type(hints[f.name]).__name__} [...]"
         choices = f.metadata.get("choices")
         if choices:
             kind = "{" + ",".join(map(str, choices)) + "}"
@@ -153,12 +170,12 @@ def flag_table(cls) -> str:
     return "\n".join(rows)
 
 
-def _require(condition: bool, name: str, message: str) -> None:
+def require(condition: bool, name: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"--{name}: {message}")
 
 
-def _check_choices(config) -> None:
+def check_choices(config) -> None:
     for f in dataclasses.fields(config):
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
@@ -224,35 +241,35 @@ class TrainConfig:
     resume_from_checkpoint: str | None = flag(None, "`latest` or a checkpoint folder to continue from exactly")
 
     def validate(self) -> None:
-        _check_choices(self)
-        _require(self.dataset_dir is not None or self.file_list is not None, "dataset_dir", "is required (or give --file_list with absolute paths)")
-        _require(self.resolution > 0 and self.resolution % 8 == 0, "resolution", f"must be a positive multiple of 8, got {self.resolution}")
-        _require(self.min_image_size >= 1, "min_image_size", f"must be >= 1, got {self.min_image_size}")
-        _require(self.max_images is None or self.max_images > 0, "max_images", f"must be > 0, got {self.max_images}")
-        _require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        _require(self.val_count is None or self.val_count >= 0, "val_count", f"must be >= 0, got {self.val_count}")
-        _require(self.dataloader_num_workers >= 0, "dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
-        _require(self.encode_batch_size > 0, "encode_batch_size", f"must be > 0, got {self.encode_batch_size}")
-        _require(self.lora_rank > 0, "lora_rank", f"must be > 0, got {self.lora_rank}")
-        _require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
-        _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        _require(bool(self.lora_targets.strip(",").strip()), "lora_targets", "must name at least one projection")
-        _require(self.train_batch_size > 0, "train_batch_size", f"must be > 0, got {self.train_batch_size}")
-        _require(self.grad_accum_steps > 0, "grad_accum_steps", f"must be > 0, got {self.grad_accum_steps}")
-        _require(self.max_train_steps > 0, "max_train_steps", f"must be > 0, got {self.max_train_steps}")
-        _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
-        _require(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
-        _require(self.adam_weight_decay >= 0, "adam_weight_decay", f"must be >= 0, got {self.adam_weight_decay}")
-        _require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        _require(self.snr_gamma >= 0, "snr_gamma", f"must be >= 0, got {self.snr_gamma}")
-        _require(self.noise_offset >= 0, "noise_offset", f"must be >= 0, got {self.noise_offset}")
-        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
-        _require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
-        _require(self.validation_steps >= 0, "validation_steps", f"must be >= 0, got {self.validation_steps}")
-        _require(self.num_validation_images >= 0, "num_validation_images", f"must be >= 0, got {self.num_validation_images}")
-        _require(self.validation_inference_steps > 0, "validation_inference_steps", f"must be > 0, got {self.validation_inference_steps}")
-        _require(self.checkpointing_steps >= 0, "checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
-        _require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "checkpoints_total_limit", f"must be > 0, got {self.checkpoints_total_limit}")
+        check_choices(self)
+        require(self.dataset_dir is not None or self.file_list is not None, "dataset_dir", "is required (or give --file_list with absolute paths)")
+        require(self.resolution > 0 and self.resolution % 8 == 0, "resolution", f"must be a positive multiple of 8, got {self.resolution}")
+        require(self.min_image_size >= 1, "min_image_size", f"must be >= 1, got {self.min_image_size}")
+        require(self.max_images is None or self.max_images > 0, "max_images", f"must be > 0, got {self.max_images}")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        require(self.val_count is None or self.val_count >= 0, "val_count", f"must be >= 0, got {self.val_count}")
+        require(self.dataloader_num_workers >= 0, "dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
+        require(self.encode_batch_size > 0, "encode_batch_size", f"must be > 0, got {self.encode_batch_size}")
+        require(self.lora_rank > 0, "lora_rank", f"must be > 0, got {self.lora_rank}")
+        require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        require(bool(self.lora_targets.strip(",").strip()), "lora_targets", "must name at least one projection")
+        require(self.train_batch_size > 0, "train_batch_size", f"must be > 0, got {self.train_batch_size}")
+        require(self.grad_accum_steps > 0, "grad_accum_steps", f"must be > 0, got {self.grad_accum_steps}")
+        require(self.max_train_steps > 0, "max_train_steps", f"must be > 0, got {self.max_train_steps}")
+        require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        require(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+        require(self.adam_weight_decay >= 0, "adam_weight_decay", f"must be >= 0, got {self.adam_weight_decay}")
+        require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        require(self.snr_gamma >= 0, "snr_gamma", f"must be >= 0, got {self.snr_gamma}")
+        require(self.noise_offset >= 0, "noise_offset", f"must be >= 0, got {self.noise_offset}")
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
+        require(self.validation_steps >= 0, "validation_steps", f"must be >= 0, got {self.validation_steps}")
+        require(self.num_validation_images >= 0, "num_validation_images", f"must be >= 0, got {self.num_validation_images}")
+        require(self.validation_inference_steps > 0, "validation_inference_steps", f"must be > 0, got {self.validation_inference_steps}")
+        require(self.checkpointing_steps >= 0, "checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
+        require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "checkpoints_total_limit", f"must be > 0, got {self.checkpoints_total_limit}")
 
     @property
     def lora_target_list(self) -> list[str]:
@@ -298,25 +315,41 @@ class SampleConfig:
     dtype: str = flag("auto", "compute dtype (auto: fp16 on CUDA, fp32 on CPU)", ("auto", "fp32", "fp16", "bf16"))
 
     def validate(self) -> None:
-        _check_choices(self)
-        _require(self.num_images > 0, "num_images", f"must be > 0, got {self.num_images}")
-        _require(self.start_index >= 0, "start_index", f"must be >= 0, got {self.start_index}")
-        _require(self.height > 0 and self.height % 8 == 0, "height", f"must be a positive multiple of 8, got {self.height}")
-        _require(self.width > 0 and self.width % 8 == 0, "width", f"must be a positive multiple of 8, got {self.width}")
-        _require(self.num_inference_steps > 0, "num_inference_steps", f"must be > 0, got {self.num_inference_steps}")
-        _require(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
-        _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
-        _require(self.contact_sheet >= 0, "contact_sheet", f"must be >= 0, got {self.contact_sheet}")
-        _require(self.bit_depth == 8 or self.grayscale_out, "bit_depth", "16 needs --grayscale_out (16-bit PNGs are single-channel luminance)")
-        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        check_choices(self)
+        require(self.num_images > 0, "num_images", f"must be > 0, got {self.num_images}")
+        require(self.start_index >= 0, "start_index", f"must be >= 0, got {self.start_index}")
+        require(self.height > 0 and self.height % 8 == 0, "height", f"must be a positive multiple of 8, got {self.height}")
+        require(self.width > 0 and self.width % 8 == 0, "width", f"must be a positive multiple of 8, got {self.width}")
+        require(self.num_inference_steps > 0, "num_inference_steps", f"must be > 0, got {self.num_inference_steps}")
+        require(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        require(self.contact_sheet >= 0, "contact_sheet", f"must be >= 0, got {self.contact_sheet}")
+        require(self.bit_depth == 8 or self.grayscale_out, "bit_depth", "16 needs --grayscale_out (16-bit PNGs are single-channel luminance)")
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
-FLAG_TABLES = {"train": TrainConfig, "sample": SampleConfig}
+# README block name -> "module:ConfigClass" (imported lazily: those modules import this one).
+FLAG_TABLES = {
+    "train": "cxr.config:TrainConfig",
+    "sample": "cxr.config:SampleConfig",
+    "select": "cxr.select:SelectConfig",
+    "audit": "cxr.audit:AuditConfig",
+    "evaluate": "cxr.evaluate:EvaluateConfig",
+    "bench": "cxr.bench:BenchConfig",
+}
+
+
+def _config_class(spec: str):
+    import importlib
+
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def update_readme_flag_tables(readme_text: str) -> str:
     """Replace each `<!-- flags:NAME -->...<!-- /flags:NAME -->` block with the generated table."""
-    for name, cls in FLAG_TABLES.items():
+    for name, spec in FLAG_TABLES.items():
+        cls = _config_class(spec)
         start, end = f"<!-- flags:{name} -->", f"<!-- /flags:{name} -->"
         head, found, rest = readme_text.partition(start)
         if not found:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.audit import list_images, read_image, resize_square, ssim_components
-from cxr.config import _check_choices, _require, flag, parse_config, to_dict
+from cxr.config import check_choices, require, flag, parse_config, to_dict
 
 EXIT_OK, EXIT_USAGE = 0, 2
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -74,18 +74,18 @@ class EvaluateConfig:
     seed: int = flag(0, "seed of the KID subsets and the MS-SSIM pairs")
 
     def validate(self) -> None:
-        _check_choices(self)
-        _require(self.real is not None, "real", "is required: a folder of real images")
-        _require(self.fake is not None, "fake", "is required: a folder of generated images")
-        _require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
-        _require(self.kid_subsets >= 1, "kid_subsets", f"must be >= 1, got {self.kid_subsets}")
-        _require(self.kid_subset_size >= 2, "kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
-        _require(self.diversity_pairs >= 0, "diversity_pairs", f"must be >= 0, got {self.diversity_pairs}")
-        _require(self.msssim_resolution >= 161, "msssim_resolution", f"must be >= 161 (5 scales of an 11-px window), got {self.msssim_resolution}")
-        _require(self.histogram_bins >= 2, "histogram_bins", f"must be >= 2, got {self.histogram_bins}")
+        check_choices(self)
+        require(self.real is not None, "real", "is required: a folder of real images")
+        require(self.fake is not None, "fake", "is required: a folder of generated images")
+        require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        require(self.kid_subsets >= 1, "kid_subsets", f"must be >= 1, got {self.kid_subsets}")
+        require(self.kid_subset_size >= 2, "kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
+        require(self.diversity_pairs >= 0, "diversity_pairs", f"must be >= 0, got {self.diversity_pairs}")
+        require(self.msssim_resolution >= 161, "msssim_resolution", f"must be >= 161 (5 scales of an 11-px window), got {self.msssim_resolution}")
+        require(self.histogram_bins >= 2, "histogram_bins", f"must be >= 2, got {self.histogram_bins}")
 
 
 # ----------------------------------------------------------------------------------------------

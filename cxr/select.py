@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr.config import ConfigError, _check_choices, _require, build_parser, flag, load_toml
+from cxr.config import ConfigError, check_choices, flag, parse_config, require
 
 SOURCES = ("nih", "chexpert", "mimic", "vindr")
 FRONTAL_VIEWS = ("PA", "AP")
@@ -668,7 +668,7 @@ class SelectConfig:
     """Select normal frontal chest X-rays from a public dataset's label files and write a file list for train.py."""
 
     source: str | None = flag(None, "which dataset the label files come from", SOURCES)
-    labels: list | None = flag(None, "label file(s), .csv or .csv.gz: nih Data_Entry_2017*.csv; chexpert train.csv [valid.csv]; mimic mimic-cxr-2.0.0-chexpert.csv.gz and mimic-cxr-2.0.0-metadata.csv.gz; vindr annotations_train.csv [image_labels_train.csv] (PhysioNet) or train.csv (Kaggle)")
+    labels: list[Path] | None = flag(None, "label file(s), .csv or .csv.gz: nih Data_Entry_2017*.csv; chexpert train.csv [valid.csv]; mimic mimic-cxr-2.0.0-chexpert.csv.gz and mimic-cxr-2.0.0-metadata.csv.gz; vindr annotations_train.csv [image_labels_train.csv] (PhysioNet) or train.csv (Kaggle)")
     images_root: Path | None = flag(None, "folder the images were unpacked into; list paths are relative to it (pass it to train.py as --dataset_dir)")
     out: Path | None = flag(None, "the file list CSV to write (columns path,patient_id,view,source)")
     views: str = flag("PA", "comma-separated frontal views to keep: PA, AP or PA,AP")
@@ -677,44 +677,25 @@ class SelectConfig:
     check_files: bool = flag(True, "keep only images present under --images_root; --no-check_files (chexpert/mimic) lists them all, e.g. to download just those files")
 
     def validate(self) -> None:
-        _require(self.source is not None, "source", f"is required: one of {', '.join(SOURCES)}")
-        _check_choices(self)
-        _require(bool(self.labels), "labels", "is required: the dataset's label file(s)")
+        require(self.source is not None, "source", f"is required: one of {', '.join(SOURCES)}")
+        check_choices(self)
+        require(bool(self.labels), "labels", "is required: the dataset's label file(s)")
         self.labels = [Path(p) for p in self.labels]
         for path in self.labels:
-            _require(path.is_file(), "labels", f"file {path} does not exist")
-        _require(self.images_root is not None, "images_root", "is required: the folder the images were unpacked into")
-        _require(Path(self.images_root).is_dir(), "images_root", f"{self.images_root} is not a folder")
-        _require(self.out is not None, "out", "is required: where to write the file list CSV")
+            require(path.is_file(), "labels", f"file {path} does not exist")
+        require(self.images_root is not None, "images_root", "is required: the folder the images were unpacked into")
+        require(Path(self.images_root).is_dir(), "images_root", f"{self.images_root} is not a folder")
+        require(self.out is not None, "out", "is required: where to write the file list CSV")
         parse_views(self.views)
-        _require(not self.exclude_support_devices or self.source in ("chexpert", "mimic"), "exclude_support_devices",
+        require(not self.exclude_support_devices or self.source in ("chexpert", "mimic"), "exclude_support_devices",
                  f"applies to --source chexpert and mimic only, not {self.source}")
-        _require(self.check_files or self.source in ("chexpert", "mimic"), "check_files",
+        require(self.check_files or self.source in ("chexpert", "mimic"), "check_files",
                  f"--no-check_files needs --source chexpert or mimic (their labels give the path), not {self.source}")
-
-
-def build_select_parser():
-    """The argparse parser of `python -m cxr.select`, generated from SelectConfig."""
-    parser = build_parser(SelectConfig, "Select normal frontal chest X-rays from public label files into a file list for train.py.")
-    parser.prog = "python -m cxr.select"
-    labels = parser._option_string_actions["--labels"]  # one FILE per label file, not a single list value
-    labels.nargs, labels.type, labels.metavar = "+", Path, "FILE"
-    return parser
 
 
 def parse_select_config(argv: list[str] | None = None) -> SelectConfig:
     """Flags (and an optional --config TOML file) to a validated SelectConfig; bad values exit with status 2."""
-    parser = build_select_parser()
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    config_file = args.pop("config")
-    try:
-        values = load_toml(SelectConfig, config_file) if config_file else {}
-        values.update(args)
-        config = SelectConfig(**values)
-        config.validate()
-    except ConfigError as error:
-        parser.error(str(error))
-    return config
+    return parse_config(SelectConfig, argv, prog="python -m cxr.select")
 
 
 def main(argv: list[str] | None = None) -> int:
