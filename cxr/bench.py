@@ -1,8 +1,10 @@
 """Benchmark: where the time of LoRA training and sampling goes, on the CPU or on CUDA.
 
-    python -m cxr.bench --arch tiny                                   # seconds; what the tests run
-    python -m cxr.bench --arch sd15 --batch_size 2 --steps 2 --repeats 3 --sample_steps 2 --out bench-cpu.json
-    python -m cxr.bench --arch sd15 --batch_size 16 --device cuda --dtype bf16 --out bench-cuda.json
+    python -m cxr.bench --arch tiny                    # the tiny architecture, CPU: a few minutes at most
+    python -m cxr.bench --arch sd15 --batch_size 2 --steps 1 --warmup 1 --repeats 3 \
+        --sections peak,flops,train,lora --out bench-sd15-cpu.json          # the issue's CPU comparison
+    python -m cxr.bench --arch sd15 --batch_size 16 --device cuda --dtype bf16 --steps 20 --warmup 5 \
+        --out bench-cuda.json                                              # one GPU, every section
 
 Models are built with random weights from the SD v1.5 (or tiny) architecture (`cxr.tiny`); nothing is
 downloaded. Sections (`--sections`, comma-separated):
@@ -34,7 +36,6 @@ available the figure is the process-lifetime peak, and the table says so.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import re
@@ -83,6 +84,8 @@ class BenchConfig:
                      "cache_rows", "sample_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name}: must be > 0, got {getattr(self, name)}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"--device: must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup: must be >= 0, got {self.warmup}")
         if self.resolution % 8:
@@ -123,6 +126,7 @@ class Row:
     tflop_per_s: float | None = None
     percent_of_peak: float | None = None
     note: str = ""
+    rounds_ms: list[float] = field(default_factory=list)  # every timed round (JSON only): how noisy it was
 
 
 @dataclass
@@ -279,7 +283,8 @@ def throughput_row(ctx: Context, section: str, variant: str, timing: Timing, ima
     if not timing.peak_reset:
         note = "; ".join(filter(None, [note, "memory: process-lifetime peak"]))
     return Row(section, variant, images_per_s, 1000.0 * timing.seconds_per_call, timing.peak_mem_mb,
-               flops_per_image / 1e9 if flops_per_image else None, tflops, percent, note)
+               flops_per_image / 1e9 if flops_per_image else None, tflops, percent, note,
+               [1000.0 * seconds for seconds in timing.rounds])
 
 
 # ----------------------------------------------------------------------------------------------
