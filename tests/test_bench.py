@@ -133,3 +133,11 @@ def test_invalid_flags_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert flag in capsys.readouterr().err
+
+
+def test_missing_peft_gives_an_install_hint(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[test\]'"):
+        bench.peft_unet(None)
