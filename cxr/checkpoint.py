@@ -15,7 +15,6 @@ not match their recorded hashes is skipped with a warning in favour of the previ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from cxr.fileio import file_sha256
 
 MARKER = "COMPLETE"
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
@@ -46,13 +47,6 @@ class Checkpoint:
     rng: dict
     state: dict
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -139,7 +133,7 @@ def save_checkpoint(
     manifest = {}
     for name in FILES:
         _fsync_file(tmp / name)
-        manifest[name] = {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}
+        manifest[name] = {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
     (tmp / MARKER).write_text(json.dumps({"step": step, "files": manifest}, indent=2, sort_keys=True) + "\n")
     _fsync_file(tmp / MARKER)
     _fsync_dir(tmp)
@@ -182,7 +176,7 @@ def verify_checkpoint(path: Path) -> None:
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
         expected = recorded.get(name, {})
-        if file.stat().st_size != expected.get("size") or _sha256(file) != expected.get("sha256"):
+        if file.stat().st_size != expected.get("size") or file_sha256(file) != expected.get("sha256"):
             raise CheckpointError(f"{path}: {name} is corrupt (its size or sha256 differs from the {MARKER} record)")
 
 

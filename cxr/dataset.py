@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cxr.fileio import atomic_write_bytes
 from cxr.imageio import (
     DICOM_INSTALL_HINT,
     DICOM_SUFFIXES,
@@ -491,11 +492,7 @@ def write_manifest(path, train, val, extra: dict | None = None) -> str:
         "extra": extra or {},
     }
     data = (json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n").encode()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -31,7 +30,14 @@ from pathlib import Path
 import torch
 
 from cxr.dataset import DatasetError, ImageRecord
-from cxr.imageio import PREPROCESS_VERSION, decode_grayscale, flip_warning, read_file_bytes, to_model_input
+from cxr.fileio import atomic_path
+from cxr.imageio import (
+    PREPROCESS_VERSION,
+    decode_grayscale,
+    flip_warning,
+    read_file_bytes,
+    to_model_input,
+)
 
 CACHE_FORMAT = "cxr-latents/1"
 CHUNK_IMAGES = 1024  # rows per resumable chunk file (32 MiB of mean+std at 256 px)
@@ -136,9 +142,8 @@ def _chunk_path(partial_dir: Path, chunk: int) -> Path:
 def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 def _load_chunk(path: Path, key: str, rows: int, flip: bool):

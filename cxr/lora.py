@@ -29,10 +29,8 @@ Convert between the two formats without a model:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr import __version__
+from cxr.fileio import atomic_path, file_sha256
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -436,12 +435,9 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     """Write atomically (temp file + rename) so a crash never leaves a truncated adapter behind."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(dict(sorted(tensors.items())), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as temporary:
+        save_file(dict(sorted(tensors.items())), str(temporary), metadata=metadata)
+    return Path(path)
 
 
 def _write_adapter(adapter: Adapter, path: Path, fmt: str, extra: dict[str, str], dtype: torch.dtype) -> Path:
@@ -513,13 +509,6 @@ def resolve_adapter_file(path) -> Path:
                            "never unpickled, they can run code); convert it to safetensors first")
     return path
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -680,7 +669,7 @@ def load_adapter(unet: nn.Module, path, *, scale: float = 1.0) -> AdapterInfo:
             module.set_alpha(adapter.alpha)
     set_lora_scale(unet, scale)
     return AdapterInfo(rank=adapter.rank, alpha=adapter.alpha, targets=adapter.targets, paths=adapter.paths,
-                       metadata=header, sha256=_sha256(file), file=file, format=fmt)
+                       metadata=header, sha256=file_sha256(file), file=file, format=fmt)
 
 
 def convert_adapter(src, dst, to: str, dtype: str = "float32") -> Path:

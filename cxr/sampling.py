@@ -37,6 +37,7 @@ import numpy as np
 
 from cxr import __version__
 from cxr.config import SampleConfig, to_dict
+from cxr.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +221,15 @@ def check_paths(cfg: SampleConfig) -> None:
 
 def make_scheduler(name: str, base_config):
     """The `--scheduler` sampler, built from the base pipeline's scheduler config (betas, prediction type)."""
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
+    )
 
     factories = {
         # DPM-Solver++(2M): deterministic, good samples in 20-25 steps. Karras sigmas are left off (the diffusers
@@ -414,12 +422,6 @@ def write_new_file(path: Path, data: bytes) -> bool:
     return True
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-
-
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -505,13 +507,13 @@ def write_index(out_dir: Path, identity: dict, rows: dict[int, dict], runs: list
     payload = {"format": INDEX_FORMAT, "cxr_version": __version__, "synthetic": SYNTHETIC_NOTE,
                "settings": identity, "runs": runs, "images": ordered}
     json_path, csv_path = out_dir / INDEX_JSON, out_dir / INDEX_CSV
-    _atomic_write(json_path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(json_path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*INDEX_ROW_KEYS, *IDENTITY_KEYS])
     for row in ordered:
         writer.writerow([_as_text(row.get(k)) for k in INDEX_ROW_KEYS] + [_as_text(identity[k]) for k in IDENTITY_KEYS])
-    _atomic_write(csv_path, buffer.getvalue().encode())
+    atomic_write_bytes(csv_path, buffer.getvalue().encode())
     return json_path, csv_path
 
 
@@ -538,7 +540,7 @@ def write_contact_sheet(out_dir: Path, paths: Sequence[Path], tile: int = 256, g
         sheet.paste(image.convert(mode), ((k % columns) * (cell_w + gap), (k // columns) * (cell_h + gap)))
     text = {"synthetic": SYNTHETIC_NOTE, "images": ",".join(p.name for p in paths), "Software": f"cxr {__version__}"}
     path = Path(out_dir) / CONTACT_SHEET
-    _atomic_write(path, png_bytes(sheet, text))
+    atomic_write_bytes(path, png_bytes(sheet, text))
     return path
 
 

@@ -35,12 +35,12 @@ import gzip
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr.config import ConfigError, check_choices, flag, parse_config, require
+from cxr.fileio import atomic_path
 
 SOURCES = ("nih", "chexpert", "mimic", "vindr")
 FRONTAL_VIEWS = ("PA", "AP")
@@ -647,19 +647,12 @@ def write_file_list(rows: Iterable[SelectedImage], out: str | Path, *, absolute_
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(absolute_root).resolve() if absolute_root is not None else None
-    handle = tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", suffix=".tmp",
-                                         delete=False, newline="", encoding="utf-8")
-    try:
-        with handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(LIST_COLUMNS)
-            for row in rows:
-                path = (root / row.path).as_posix() if root is not None else row.path
-                writer.writerow((path, row.patient_id, row.view, row.source))
-        os.replace(handle.name, out)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(LIST_COLUMNS)
+        for row in rows:
+            path = (root / row.path).as_posix() if root is not None else row.path
+            writer.writerow((path, row.patient_id, row.view, row.source))
     return out
 
 
