@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the cxr demo end to end on the CPU.")
     parser.add_argument("--work_dir", type=Path, default=Path("cxr-demo"), help="folder for everything the demo writes")
     parser.add_argument("--num_images", type=int, default=64, help="phantom chest X-rays to train on")
-    parser.add_argument("--steps", type=int, default=300, help="LoRA training steps")
+    parser.add_argument("--steps", type=int, default=120, help="LoRA training steps")
     parser.add_argument("--num_samples", type=int, default=8, help="synthetic images to generate")
     args = parser.parse_args(argv)
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     print("[3/4] training a LoRA adapter with train.py")
     _run("train.py", [
         "--dataset_dir", str(data_dir), "--model_id", str(model_dir), "--output_dir", str(output_dir),
-        "--resolution", "256", "--train_batch_size", "8", "--max_train_steps", str(args.steps),
+        "--resolution", "256", "--train_batch_size", "4", "--max_train_steps", str(args.steps),
         "--learning_rate", "1e-3", "--lora_rank", "4", "--lora_alpha", "4", "--mixed_precision", "no",
         "--device", "cpu", "--val_count", "8", "--dataloader_num_workers", "0",
         "--checkpointing_steps", str(max(args.steps // 2, 1)), "--validation_steps", str(max(args.steps // 2, 1)),
