@@ -282,10 +282,23 @@ def _support_device_step(count: int, exclude_support_devices: bool) -> list[Step
 _CHEXPERT_PATIENT = re.compile(r"(?:^|/)(patient\d+)(?:/|$)")
 
 
+def _count_normal_filters(row, path: Path, line: int, exclude_support_devices: bool, counts: dict) -> bool:
+    """Apply the CheXpert-labeler normal filters (normal, consistent, device-free) to one row, counting each
+    step's survivors in `counts`; True when the row passes them all."""
+    is_normal, is_consistent, is_device_free = _chexpert_normal(row, path, line)
+    for name, passed in (("normal", is_normal), ("consistent", is_consistent),
+                         ("no_devices", is_device_free or not exclude_support_devices)):
+        if not passed:
+            return False
+        counts[name] += 1
+    return True
+
+
 def _chexpert_candidates(label_files, views, exclude_support_devices):
     required = ("Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABEL_COLUMNS)
     seen: dict[str, tuple[Path, int]] = {}
-    total = normal = consistent = no_devices = frontal = 0
+    total = frontal = 0
+    counts = dict.fromkeys(("normal", "consistent", "no_devices"), 0)
     candidates = []
     for path in label_files:
         for line, row in iter_label_rows(path, required, "CheXpert train.csv/valid.csv"):
@@ -300,17 +313,9 @@ def _chexpert_candidates(label_files, views, exclude_support_devices):
                 raise _bad_value(path, line, "Path", image_path, "a path with a patientNNNNN folder")
             orientation = _check_known(row["Frontal/Lateral"], CHEXPERT_FRONTAL_LATERAL, path, line, "Frontal/Lateral")
             view = _check_known(row["AP/PA"], CHEXPERT_AP_PA, path, line, "AP/PA")
-            is_normal, is_consistent, is_device_free = _chexpert_normal(row, path, line)
             total += 1
-            if not is_normal:
+            if not _count_normal_filters(row, path, line, exclude_support_devices, counts):
                 continue
-            normal += 1
-            if not is_consistent:
-                continue
-            consistent += 1
-            if exclude_support_devices and not is_device_free:
-                continue
-            no_devices += 1
             if orientation != "Frontal":
                 continue
             frontal += 1
@@ -322,9 +327,9 @@ def _chexpert_candidates(label_files, views, exclude_support_devices):
                 candidates.append(_Candidate(image_path, match.group(1), view, locations))
     steps = [
         Step("rows", "label rows (images)", total),
-        Step("normal", "No Finding == 1.0 (blank and -1.0 excluded)", normal),
-        Step("consistent", "no other pathology 1.0 or -1.0 (Support Devices allowed)", consistent),
-        *_support_device_step(no_devices, exclude_support_devices),
+        Step("normal", "No Finding == 1.0 (blank and -1.0 excluded)", counts["normal"]),
+        Step("consistent", "no other pathology 1.0 or -1.0 (Support Devices allowed)", counts["consistent"]),
+        *_support_device_step(counts["no_devices"], exclude_support_devices),
         Step("frontal", "Frontal/Lateral == Frontal", frontal),
         Step("view", f"AP/PA in {list(views)}", len(candidates)),
     ]
@@ -362,7 +367,7 @@ def _mimic_candidates(label_files, views, exclude_support_devices):
     labels_path, metadata_path = _split_mimic_files(label_files)
     studies: dict[tuple[str, str], int] = {}
     normal_studies: set[tuple[str, str]] = set()
-    normal = consistent = no_devices = 0
+    counts = dict.fromkeys(("normal", "consistent", "no_devices"), 0)
     for line, row in iter_label_rows(labels_path, ("subject_id", "study_id", *CHEXPERT_LABEL_COLUMNS), "MIMIC-CXR-JPG label"):
         study = (_mimic_id(row["subject_id"], labels_path, line, "subject_id"),
                  _mimic_id(row["study_id"], labels_path, line, "study_id"))
@@ -371,17 +376,8 @@ def _mimic_candidates(label_files, views, exclude_support_devices):
                 f"{labels_path}, line {line}: study {study[1]} of subject {study[0]} is listed twice "
                 f"(first at line {studies[study]})")
         studies[study] = line
-        is_normal, is_consistent, is_device_free = _chexpert_normal(row, labels_path, line)
-        if not is_normal:
-            continue
-        normal += 1
-        if not is_consistent:
-            continue
-        consistent += 1
-        if exclude_support_devices and not is_device_free:
-            continue
-        no_devices += 1
-        normal_studies.add(study)
+        if _count_normal_filters(row, labels_path, line, exclude_support_devices, counts):
+            normal_studies.add(study)
 
     images = images_in_normal = 0
     candidates = []
@@ -405,9 +401,9 @@ def _mimic_candidates(label_files, views, exclude_support_devices):
             candidates.append(_Candidate(dicom_id, subject, view, (f"files/{relpath}", relpath)))
     steps = [
         Step("rows", f"label rows (studies) in {labels_path.name}", len(studies)),
-        Step("normal", "studies with No Finding == 1.0 (blank and -1.0 excluded)", normal),
-        Step("consistent", "no other pathology 1.0 or -1.0 (Support Devices allowed)", consistent),
-        *_support_device_step(no_devices, exclude_support_devices),
+        Step("normal", "studies with No Finding == 1.0 (blank and -1.0 excluded)", counts["normal"]),
+        Step("consistent", "no other pathology 1.0 or -1.0 (Support Devices allowed)", counts["consistent"]),
+        *_support_device_step(counts["no_devices"], exclude_support_devices),
         Step("images", f"images of those studies in {metadata_path.name} (of {images})", images_in_normal),
         Step("view", f"ViewPosition in {list(views)}", len(candidates)),
     ]
