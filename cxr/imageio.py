@@ -15,9 +15,12 @@ TIFF, BMP and DICOM (through the optional `dicom` extra). The rules, each chosen
   16-bit container (max 4095, e.g. PadChest) nearly black, and PIL's `convert("L")`/`convert("RGB")`
   clips at 255, saturating it to white. Min-max keeps every grey level (a 16-bit ramp stays a ramp,
   nothing is clipped). A constant image (max == min) is divided by the container's full scale instead.
+  Opt-in, `intensity_clip_percent=P` (0 <= P < 50) scales between the P-th and (100 - P)-th percentile
+  instead and clips the tails, so that a few hot pixels or a burned-in label at the maximum value do not
+  squeeze the anatomy into a narrow grey band. P = 0 (the default) is plain min-max.
 - DICOM: modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence), then the first VOI LUT or
   Window Center/Width when the file has one, scaled by the VOI output range (so the window chosen by the
-  modality is kept); without a VOI the modality values are min-max scaled like 16-bit PNGs.
+  modality is kept); without a VOI the modality values are min-max (or percentile) scaled like 16-bit PNGs.
   MONOCHROME1 (low values displayed white) is inverted so that bone is always bright.
 - EXIF orientation is applied (`ImageOps.exif_transpose`), so phone/scanner JPEGs come out upright.
 - Multi-frame files (TIFF pages, multi-frame DICOM) use the first frame.
@@ -64,12 +67,15 @@ class ImageReadError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
-def read_grayscale(path) -> np.ndarray:
+def read_grayscale(path, intensity_clip_percent: float = 0.0) -> np.ndarray:
     """Read an image file as float32 (H, W) in [0, 1] (see the module docstring for the rules).
 
-    Raises ImageReadError for a missing, empty, unreadable, truncated or unsupported file.
+    `intensity_clip_percent` P > 0 scales high-bit-depth images (and DICOM files without a VOI window)
+    between their P-th and (100 - P)-th percentile instead of their min and max; 8-bit images and
+    windowed DICOM files ignore it. Raises ImageReadError for a missing, empty, unreadable, truncated or
+    unsupported file.
     """
-    return decode_grayscale(read_file_bytes(path), path)
+    return decode_grayscale(read_file_bytes(path), path, intensity_clip_percent)
 
 
 def read_file_bytes(path) -> bytes:
@@ -85,15 +91,17 @@ def read_file_bytes(path) -> bytes:
         raise ImageReadError(path, f"cannot be read: {error.strerror or error}") from None
 
 
-def decode_grayscale(data: bytes, path) -> np.ndarray:
+def decode_grayscale(data: bytes, path, intensity_clip_percent: float = 0.0) -> np.ndarray:
     """Like `read_grayscale`, from the file's bytes already in memory (`path` names it in errors)."""
+    if not 0.0 <= intensity_clip_percent < 50.0:
+        raise ValueError(f"intensity_clip_percent must be in [0, 50), got {intensity_clip_percent}")
     path = Path(path)
     if len(data) == 0:
         raise ImageReadError(path, "file is empty (0 bytes)")
     if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(data):
-        gray = _decode_dicom(data, path)
+        gray = _decode_dicom(data, path, intensity_clip_percent)
     else:
-        gray = _decode_pil(data, path)
+        gray = _decode_pil(data, path, intensity_clip_percent)
     if gray.ndim != 2 or gray.shape[0] == 0 or gray.shape[1] == 0:
         raise ImageReadError(path, f"decoded to an array of shape {gray.shape}, expected a 2-D image")
     if not np.isfinite(gray).all():
@@ -105,7 +113,7 @@ def _looks_like_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _decode_pil(data: bytes, path: Path) -> np.ndarray:
+def _decode_pil(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
     from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
     try:
@@ -127,7 +135,7 @@ def _decode_pil(data: bytes, path: Path) -> np.ndarray:
         raise ImageReadError(path, f"truncated or corrupt image data: {error}") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
-    return _pil_to_gray(image, path)
+    return _pil_to_gray(image, path, clip_percent)
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -135,28 +143,40 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return BT601_LUMA[0] * r + BT601_LUMA[1] * g + BT601_LUMA[2] * b
 
 
-def _min_max(values: np.ndarray, full_scale: float) -> np.ndarray:
-    """High-bit-depth values -> [0, 1] by the image's own range (full scale for a constant image)."""
-    values = values.astype(np.float64)
-    low, high = float(values.min()), float(values.max())
+def _min_max(values: np.ndarray, full_scale: float, clip_percent: float = 0.0) -> np.ndarray:
+    """High-bit-depth values -> [0, 1] by the image's own range (full scale for a constant image).
+
+    With `clip_percent` P > 0 the range is the P-th to (100 - P)-th percentile (numpy's linear
+    interpolation) and values outside it are clipped; a range that collapses to one value is treated
+    like a constant image.
+    """
+    if clip_percent > 0:
+        # Percentiles of the stored dtype: partitioning a uint16 copy is about twice as fast as a float64 one.
+        low, high = (float(v) for v in np.percentile(values, (clip_percent, 100.0 - clip_percent)))
+        values = values.astype(np.float64)
+        np.clip(values, low, high, out=values)
+    else:
+        values = values.astype(np.float64)
+        low, high = float(values.min()), float(values.max())
     if high > low:
         return ((values - low) / (high - low)).astype(np.float32)
     return np.full(values.shape, np.clip(high / full_scale, 0.0, 1.0) if full_scale else 0.0, np.float32)
 
 
-def _pil_to_gray(image, path: Path) -> np.ndarray:
+def _pil_to_gray(image, path: Path, clip_percent: float) -> np.ndarray:
     mode = image.mode
     if mode == "1":
         return np.asarray(image.convert("L"), np.float32) / 255.0
     if mode == "L":
         return np.asarray(image, np.float32) / 255.0
     if mode.startswith("I;16"):
-        return _min_max(np.asarray(image), 65535.0)
+        return _min_max(np.asarray(image), 65535.0, clip_percent)
     if mode == "I":
         values = np.asarray(image)
-        return _min_max(values, 65535.0 if values.min() >= 0 and values.max() <= 65535 else float(np.abs(values).max()))
+        full_scale = 65535.0 if values.min() >= 0 and values.max() <= 65535 else float(np.abs(values).max())
+        return _min_max(values, full_scale, clip_percent)
     if mode == "F":
-        return _min_max(np.asarray(image), 1.0)
+        return _min_max(np.asarray(image), 1.0, clip_percent)
     if mode in ("P", "PA"):
         has_alpha = mode == "PA" or "transparency" in image.info
         image = image.convert("RGBA" if has_alpha else "RGB")
@@ -173,7 +193,7 @@ def _pil_to_gray(image, path: Path) -> np.ndarray:
     raise ImageReadError(path, f"unsupported image mode {mode!r} (supported: 1, L, LA, P, RGB, RGBA, CMYK, YCbCr, I;16, I, F)")
 
 
-def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
+def _decode_dicom(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
     try:
         import pydicom
     except ImportError:
@@ -220,7 +240,7 @@ def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
             gray = (values.astype(np.float64) - float(np.min(extremes))) / max(float(np.ptp(extremes)), 1e-12)
             gray = np.clip(gray, 0.0, 1.0).astype(np.float32)
         else:
-            gray = _min_max(values, 2.0 ** int(dataset.get("BitsStored", 16)) - 1)
+            gray = _min_max(values, 2.0 ** int(dataset.get("BitsStored", 16)) - 1, clip_percent)
     except ImageReadError:
         raise
     except Exception as error:  # noqa: BLE001 - malformed LUT/window attributes

@@ -361,3 +361,102 @@ def test_no_flip_in_preprocessing_and_flip_warning_explains_why():
     tensor = to_model_input(gray, 64)
     assert tensor[0, 32, 60] == 1.0 and tensor[0, 32, 4] == -1.0
     assert "dextrocardia" in flip_warning() and flip_warning() == FLIP_WARNING
+
+
+# ---------------------------------------------------------------- --intensity_clip_percent (percentile window)
+
+def _ramp_with_label() -> tuple[np.ndarray, np.ndarray]:
+    """A 12-bit ramp (values 0..3998, each 5 times) plus 6 pixels of a burned-in label at 65535, shuffled.
+
+    20001 pixels, so numpy's linear-interpolation percentiles fall on whole ranks: the 0.5th percentile is
+    sorted value 100 = 20 and the 99.5th is sorted value 19900 = 3980 (closed form, no interpolation).
+    Returns (pixels of shape (3, 6667), label mask).
+    """
+    values = np.concatenate([np.arange(19995) // 5, np.full(6, 65535)]).astype(np.uint16)
+    order = np.random.default_rng(0).permutation(values.size)
+    pixels = values[order].reshape(3, 6667)
+    return pixels, pixels == 65535
+
+
+RAMP_LOW, RAMP_HIGH = 20.0, 3980.0  # the 0.5th and 99.5th percentiles of _ramp_with_label (see its docstring)
+
+
+def test_ramp_with_label_percentiles_are_the_closed_form_values():
+    pixels, _ = _ramp_with_label()
+    np.testing.assert_array_equal(np.percentile(pixels, (0.5, 99.5)), (RAMP_LOW, RAMP_HIGH))
+
+
+@pytest.mark.parametrize("kind", ["png16", "tif_int32", "tif_float32"])
+def test_percentile_window_undoes_the_squeeze_of_a_burned_in_label(tmp_path, kind):
+    pixels, label = _ramp_with_label()
+    if kind == "png16":
+        path, mode = _save(Image.fromarray(pixels), tmp_path / "label.png"), "I;16"
+    elif kind == "tif_int32":
+        path, mode = _save(Image.fromarray(pixels.astype(np.int32)), tmp_path / "label.tif"), "I"
+    else:
+        path, mode = _save(Image.fromarray(pixels.astype(np.float32)), tmp_path / "label.tif"), "F"
+    assert Image.open(path).mode == mode
+
+    squeezed = read_grayscale(path)  # min-max: the label's 65535 is white, the whole ramp lies below 0.062
+    assert squeezed[~label].max() == pytest.approx(3998 / 65535, abs=1e-6)
+
+    windowed = read_grayscale(path, intensity_clip_percent=0.5)
+    expected = np.clip((pixels.astype(np.float64) - RAMP_LOW) / (RAMP_HIGH - RAMP_LOW), 0.0, 1.0)
+    np.testing.assert_allclose(windowed, expected, atol=1e-6)
+    assert windowed.dtype == np.float32 and windowed.min() == 0.0 and windowed.max() == 1.0
+    assert np.all(windowed[label] == 1.0)
+    ramp = windowed[~label]  # values 0..20 (5 pixels each) become black, 3980..3998 white: 1% of the ramp
+    assert (ramp == 0.0).sum() == 21 * 5 and (ramp == 1.0).sum() == 19 * 5
+
+
+def test_percentile_window_zero_is_exactly_min_max(tmp_path):
+    pixels, _ = _ramp_with_label()
+    path = _save(Image.fromarray(pixels), tmp_path / "label.png")
+    values = pixels.astype(np.float64)
+    reference = ((values - values.min()) / (values.max() - values.min())).astype(np.float32)
+    np.testing.assert_array_equal(read_grayscale(path, intensity_clip_percent=0.0), reference)
+    np.testing.assert_array_equal(read_grayscale(path), reference)
+
+
+def test_percentile_window_that_collapses_falls_back_like_a_constant_image(tmp_path):
+    pixels = np.full((40, 50), 1000, np.uint16)
+    pixels[0, :5] = 4000  # 0.25% outliers: the 0.5..99.5 window is [1000, 1000]
+    path = _save(Image.fromarray(pixels), tmp_path / "flat.png")
+    np.testing.assert_array_equal(read_grayscale(path, intensity_clip_percent=0.5), np.full(pixels.shape, np.float32(1000 / 65535)))
+
+
+def test_8bit_and_colour_images_ignore_the_percentile_window(tmp_path):
+    pixels = _ramp8()
+    pixels[0, :3] = 255
+    path = _save(Image.fromarray(pixels), tmp_path / "ramp8.png")
+    np.testing.assert_array_equal(read_grayscale(path, intensity_clip_percent=10.0), pixels / np.float32(255.0))
+    rgb = _save(Image.fromarray(np.stack([pixels] * 3, axis=-1)), tmp_path / "ramp8_rgb.png")
+    np.testing.assert_allclose(read_grayscale(rgb, intensity_clip_percent=10.0), pixels / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [-0.1, 50.0, float("nan")])
+def test_percentile_window_out_of_range_is_an_error(tmp_path, value):
+    path = _save(Image.fromarray(_ramp8()), tmp_path / "ramp8.png")
+    with pytest.raises(ValueError, match="intensity_clip_percent"):
+        read_grayscale(path, intensity_clip_percent=value)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_without_window_honours_the_percentile_window(tmp_path, photometric):
+    pixels, _ = _ramp_with_label()
+    path = _write_dicom(tmp_path / "label.dcm", pixels, photometric=photometric, bits_stored=16)
+    expected = np.clip((pixels.astype(np.float64) - RAMP_LOW) / (RAMP_HIGH - RAMP_LOW), 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    np.testing.assert_allclose(read_grayscale(path, intensity_clip_percent=0.5), expected, atol=1e-6)
+    min_max = pixels / 65535.0
+    np.testing.assert_allclose(read_grayscale(path), 1.0 - min_max if photometric == "MONOCHROME1" else min_max, atol=1e-6)
+
+
+def test_dicom_with_window_ignores_the_percentile_window(tmp_path):
+    pixels, _ = _ramp_with_label()
+    center, width = 2000.0, 3001.0
+    path = _write_dicom(tmp_path / "windowed.dcm", pixels, bits_stored=16, WindowCenter=center, WindowWidth=width)
+    expected = np.clip((pixels - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)  # PS3.3 C.11.2.1.2.1 (LINEAR)
+    np.testing.assert_allclose(read_grayscale(path, intensity_clip_percent=0.5), expected, atol=1e-5)
+    np.testing.assert_array_equal(read_grayscale(path, intensity_clip_percent=0.5), read_grayscale(path))
