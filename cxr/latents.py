@@ -7,8 +7,9 @@ exactly the distribution of `vae.encode(x).latent_dist.sample() * scaling_factor
 Cache file: `cache_dir/<key>.safetensors` with float32 tensors `mean` and `std` of shape (rows, 4, R/8, R/8),
 one row per distinct image content (sorted by content SHA-256), followed by the mirrored rows when
 `random_flip` is on. The key is a SHA-256 over everything that changes the numbers: the image contents,
-resolution, crop mode, flip, preprocessing version, VAE id, a hash of the VAE's config and weights, and
-the VAE dtype. A changed input gives a new key (the cache is rebuilt); an unchanged one finds the file.
+resolution, crop mode, flip, intensity clip percentile (only when > 0, so caches built before it existed stay
+valid), preprocessing version, VAE id, a hash of the VAE's config and weights, and the VAE dtype. A changed
+input gives a new key (the cache is rebuilt); an unchanged one finds the file.
 
 Crash safety: rows are encoded in chunks, each chunk written to `cache_dir/<key>.partial/` by temp file +
 `os.replace`; the final file appears (again by `os.replace`) only when every row is in it. A run that is
@@ -97,7 +98,7 @@ def vae_fingerprint(vae) -> str:
 
 
 def cache_key(content_hashes, *, resolution: int, pad_to_square: bool, random_flip: bool, vae_id: str,
-              vae_hash: str, vae_dtype) -> str:
+              vae_hash: str, vae_dtype, intensity_clip_percent: float = 0.0) -> str:
     """The cache file's name: SHA-256 over every input that changes the cached numbers."""
     fields = {
         "format": CACHE_FORMAT,
@@ -110,6 +111,8 @@ def cache_key(content_hashes, *, resolution: int, pad_to_square: bool, random_fl
         "vae_sha256": vae_hash,
         "vae_dtype": str(vae_dtype),
     }
+    if intensity_clip_percent > 0:  # absent at 0: the keys of caches built before the flag existed still match
+        fields["intensity_clip_percent"] = float(intensity_clip_percent)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -118,9 +121,11 @@ def cache_key(content_hashes, *, resolution: int, pad_to_square: bool, random_fl
 class _EncoderInputs(torch.utils.data.Dataset):
     """Decodes and preprocesses one image per item in a DataLoader worker; checks its content hash."""
 
-    def __init__(self, paths: list[str], hashes: list[str], resolution: int, pad_to_square: bool):
+    def __init__(self, paths: list[str], hashes: list[str], resolution: int, pad_to_square: bool,
+                 intensity_clip_percent: float):
         self.paths, self.hashes = paths, hashes
         self.resolution, self.pad_to_square = resolution, pad_to_square
+        self.intensity_clip_percent = intensity_clip_percent
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -131,7 +136,7 @@ class _EncoderInputs(torch.utils.data.Dataset):
             raise DatasetError(
                 f"{self.paths[index]} changed since the dataset scan (its content hash differs); rerun to rescan"
             )
-        gray = decode_grayscale(data, self.paths[index])
+        gray = decode_grayscale(data, self.paths[index], self.intensity_clip_percent)
         return index, to_model_input(gray, self.resolution, self.pad_to_square)
 
 
@@ -169,7 +174,7 @@ def _posterior(vae, images: torch.Tensor, device) -> tuple[torch.Tensor, torch.T
 
 
 def _encode_rows(unique: list[ImageRecord], vae, key: str, partial_dir: Path, *, resolution, pad_to_square,
-                 random_flip, device, batch_size, num_workers, chunk_images) -> list[tuple]:
+                 intensity_clip_percent, random_flip, device, batch_size, num_workers, chunk_images) -> list[tuple]:
     """Encode every row not yet in a chunk file; return every chunk's tensors in row order."""
     from tqdm.auto import tqdm
 
@@ -190,7 +195,9 @@ def _encode_rows(unique: list[ImageRecord], vae, key: str, partial_dir: Path, *,
 
     rows = [r for c in missing for r in range(c * chunk_images, c * chunk_images + chunk_rows[c])]
     dataset = torch.utils.data.Subset(
-        _EncoderInputs([str(r.path) for r in unique], [r.sha256 for r in unique], resolution, pad_to_square), rows
+        _EncoderInputs([str(r.path) for r in unique], [r.sha256 for r in unique], resolution, pad_to_square,
+                       intensity_clip_percent),
+        rows,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -221,9 +228,11 @@ def _encode_rows(unique: list[ImageRecord], vae, key: str, partial_dir: Path, *,
 
 
 def build_or_load_latent_cache(records, vae, *, resolution, pad_to_square, random_flip, cache_dir, device,
-                               batch_size, num_workers, vae_id: str, chunk_images: int = CHUNK_IMAGES) -> LatentCache:
+                               batch_size, num_workers, vae_id: str, intensity_clip_percent: float = 0.0,
+                               chunk_images: int = CHUNK_IMAGES) -> LatentCache:
     """Load the latent cache of these images and settings, or build it (batched VAE encoding on `device`,
     decoding in `num_workers` DataLoader processes); see the module docstring for the key and crash safety.
+    `intensity_clip_percent` is passed to `cxr.imageio.decode_grayscale` (0: min-max scaling).
 
     Returns rows in the order of `records` (then their mirrored rows with `random_flip`).
     """
@@ -239,7 +248,8 @@ def build_or_load_latent_cache(records, vae, *, resolution, pad_to_square, rando
     scaling_factor = float(vae.config.scaling_factor)
     fingerprint = vae_fingerprint(vae)
     key = cache_key([r.sha256 for r in records], resolution=resolution, pad_to_square=pad_to_square,
-                    random_flip=random_flip, vae_id=vae_id, vae_hash=fingerprint, vae_dtype=vae.dtype)
+                    random_flip=random_flip, vae_id=vae_id, vae_hash=fingerprint, vae_dtype=vae.dtype,
+                    intensity_clip_percent=intensity_clip_percent)
     path = cache_dir / f"{key}.safetensors"
 
     unique = {}
@@ -255,14 +265,16 @@ def build_or_load_latent_cache(records, vae, *, resolution, pad_to_square, rando
         partial_dir = cache_dir / f"{key}.partial"
         partial_dir.mkdir(exist_ok=True)
         chunks = _encode_rows(
-            unique, vae, key, partial_dir, resolution=resolution, pad_to_square=pad_to_square, random_flip=random_flip,
+            unique, vae, key, partial_dir, resolution=resolution, pad_to_square=pad_to_square,
+            intensity_clip_percent=intensity_clip_percent, random_flip=random_flip,
             device=device, batch_size=batch_size, num_workers=num_workers, chunk_images=chunk_images,
         )
         mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
         std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
         metadata = {
             "format": CACHE_FORMAT, "key": key, "resolution": str(resolution), "pad_to_square": str(pad_to_square),
-            "random_flip": str(random_flip), "vae_id": str(vae_id), "vae_sha256": fingerprint,
+            "random_flip": str(random_flip), "intensity_clip_percent": repr(float(intensity_clip_percent)),
+            "vae_id": str(vae_id), "vae_sha256": fingerprint,
             "vae_dtype": str(vae.dtype), "scaling_factor": repr(scaling_factor), "preprocess": PREPROCESS_VERSION,
             "num_images": str(len(unique)), "content_sha256": json.dumps([r.sha256 for r in unique]),
         }

@@ -555,7 +555,7 @@ def _prepare_data(cfg: TrainConfig, dist: DistInfo):
                                                    seed=cfg.seed)
         check_free_space(cfg, len(records))
         extra = {"resolution": cfg.resolution, "pad_to_square": cfg.pad_to_square, "model_id": cfg.model_id,
-                 "seed": cfg.seed}
+                 "seed": cfg.seed, "intensity_clip_percent": cfg.intensity_clip_percent}
         manifest_sha = write_manifest(Path(cfg.output_dir) / "manifest.json", train_records, val_records, extra)
         result = (train_records, val_records, manifest_sha)
     return _broadcast_object(result, dist)
@@ -565,7 +565,8 @@ def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_reco
     """Latent caches of both splits; rank 0 builds them, the other ranks wait and then load them."""
     from cxr.latents import build_or_load_latent_cache
 
-    common = dict(resolution=cfg.resolution, pad_to_square=cfg.pad_to_square, cache_dir=cfg.resolved_cache_dir,
+    common = dict(resolution=cfg.resolution, pad_to_square=cfg.pad_to_square,
+                  intensity_clip_percent=cfg.intensity_clip_percent, cache_dir=cfg.resolved_cache_dir,
                   device=device, batch_size=cfg.encode_batch_size, num_workers=cfg.dataloader_num_workers,
                   vae_id=f"{cfg.model_id}@{cfg.revision or 'main'}")
     caches = None

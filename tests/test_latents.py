@@ -58,8 +58,8 @@ def _build(records, vae, cache_dir, **overrides):
     return build_or_load_latent_cache(records, vae, **settings)
 
 
-def _direct_posterior(vae, record, pad_to_square=False, flip=False):
-    images = to_model_input(read_grayscale(record.path), RESOLUTION, pad_to_square)[None]
+def _direct_posterior(vae, record, pad_to_square=False, flip=False, intensity_clip_percent=0.0):
+    images = to_model_input(read_grayscale(record.path, intensity_clip_percent), RESOLUTION, pad_to_square)[None]
     if flip:
         images = torch.flip(images, dims=[-1])
     with torch.no_grad():
@@ -152,6 +152,58 @@ def test_cache_key_depends_on_every_input():
                 dict(vae_hash="g"), dict(vae_dtype=torch.float16)]
     keys = {cache_key(["a", "b"], **{**base, **v}) for v in variants} | {cache_key(["a", "c"], **base)}
     assert len(keys) == 7 and key not in keys
+
+
+def test_intensity_clip_percent_enters_the_key_only_when_set():
+    import hashlib
+    import json
+
+    from cxr.imageio import PREPROCESS_VERSION
+    from cxr.latents import CACHE_FORMAT
+
+    base = {"resolution": 256, "pad_to_square": False, "random_flip": False, "vae_id": "v", "vae_hash": "h",
+            "vae_dtype": torch.float32}
+    # The fields a cache built before the flag existed was keyed by: at 0 its key (and file) still match.
+    before = {"format": CACHE_FORMAT, "preprocess": PREPROCESS_VERSION, "content_sha256": ["a", "b"], "resolution": 256,
+              "pad_to_square": False, "random_flip": False, "vae_id": "v", "vae_sha256": "h", "vae_dtype": "torch.float32"}
+    old_key = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert cache_key(["a", "b"], **base) == cache_key(["a", "b"], **base, intensity_clip_percent=0.0) == old_key
+    keys = {cache_key(["a", "b"], **base, intensity_clip_percent=p) for p in (0.0, 0.5, 1.0)}
+    assert len(keys) == 3
+
+
+@pytest.fixture
+def labelled_16bit_images(tmp_path):
+    """4 phantoms stored as 12-bit values in 16-bit PNGs, each with a burned-in label (6 px = 0.3%) at 65535."""
+    from PIL import Image
+
+    from cxr.phantoms import make_phantom
+
+    folder = tmp_path / "images16"
+    folder.mkdir()
+    for index, (height, width) in enumerate([(48, 40), (40, 48)] * 2):
+        pixels = np.round(make_phantom(np.random.default_rng([3, index]), height, width) * 4095).astype(np.uint16)
+        pixels[2:4, 2:5] = 65535
+        Image.fromarray(pixels).save(folder / f"label_{index}.png")
+    return folder
+
+
+def test_intensity_clip_percent_reencodes_and_reaches_the_decoder(labelled_16bit_images, vae, tmp_path, monkeypatch):
+    calls = _count_encodes(vae, monkeypatch)
+    records = scan_dataset(labelled_16bit_images, min_image_size=32)
+    min_max = _build(records, vae, tmp_path / "cache")
+    assert sum(calls) == 4
+    calls.clear()
+    windowed = _build(records, vae, tmp_path / "cache", intensity_clip_percent=0.5)
+    assert sum(calls) == 4 and windowed.key != min_max.key  # a changed window re-encodes
+    calls.clear()
+    again = _build(records, vae, tmp_path / "cache", intensity_clip_percent=0.5)
+    assert calls == [] and again.key == windowed.key  # an unchanged one is reused
+    for row, record in enumerate(records):
+        direct = _direct_posterior(vae, record, intensity_clip_percent=0.5)
+        torch.testing.assert_close(windowed.mean[row], direct.mean[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(windowed.std[row], direct.std[0], atol=1e-5, rtol=1e-5)
+    assert (windowed.mean - min_max.mean).abs().max() > 0.1  # the label no longer squeezes the anatomy
 
 
 # ------------------------------------------------------------------------------ agreement with diffusers

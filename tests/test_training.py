@@ -328,6 +328,32 @@ def test_invalid_flags_exit_2_naming_the_flag(argv, flag, capsys, tmp_path):
     assert flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-0.5", "50", "nan"])
+def test_invalid_intensity_clip_percent_exits_2_naming_the_flag(value, capsys, tmp_path):
+    sys.path.insert(0, str(REPO))
+    import train as train_script
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--dataset_dir", str(tmp_path), "--intensity_clip_percent", value])
+    assert exit_info.value.code == 2
+    assert "--intensity_clip_percent: must be in [0, 50)" in capsys.readouterr().err
+
+
+def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(tiny_model_dir, phantom_dir, tmp_path,
+                                                                            monkeypatch):
+    import json
+
+    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache", intensity_clip_percent=0.5)
+    train_records, val_records, _ = training._prepare_data(cfg, training.DistInfo())
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["extra"]["intensity_clip_percent"] == 0.5
+
+    builds = []
+    monkeypatch.setattr("cxr.latents.build_or_load_latent_cache", lambda records, vae, **kwargs: builds.append(kwargs))
+    training._build_caches(cfg, training.DistInfo(), None, train_records, val_records, torch.device("cpu"))
+    assert [kwargs["intensity_clip_percent"] for kwargs in builds] == [0.5, 0.5]  # train and val caches
+
+
 def test_cuda_graph_on_cpu_and_unwritable_output_are_clear_errors(tmp_path, capsys):
     sys.path.insert(0, str(REPO))
     import train as train_script
