@@ -13,7 +13,9 @@ every training image:
    half pixels by bilinear interpolation) and its score is the max over the grid, so a copy moved by a
    few pixels still scores like a copy. (At 64 px a 2-px shift alone drops the NCC of an exact copy of
    a phantom from 1.0 to ~0.976, as low as unrelated phantoms.) Optionally SSIM is computed on the
-   top-k candidates at `--ssim_resolution`.
+   top-k candidates at `--ssim_resolution`. Training and held-out images are read with the training run's
+   `--intensity_clip_percent` (from the manifest, or the flag), so they look as they did to the model;
+   generated images are read as they are.
 4. Calibration: the same statistic (best match among the training images) is computed for held-out real
    images that the model never saw. The threshold is the `--threshold_quantile` quantile (0.99) of that
    baseline: a novel image from the real distribution exceeds it with probability ~1%. `--threshold` sets
@@ -60,6 +62,7 @@ class AuditConfig:
     exclude: str = flag("contact_sheet*", "comma-separated file-name patterns to skip in every folder (sample.py's contact sheet)")
     resolution: int = flag(64, "side of the square thumbnails compared by NCC")
     pad_to_square: bool = flag(False, "pad non-square images to square instead of center-cropping (use the training setting)")
+    intensity_clip_percent: float | None = flag(None, "read the training and held-out images (not the samples) with this train.py --intensity_clip_percent (percentile window for 16-bit/float images and DICOM without a VOI window); default: the value in --train_manifest, else 0 (min-max)")
     top_k: int = flag(5, "nearest training images kept per image (the best is reported; --ssim scores all of them)")
     max_shift: float = flag(0.5, "tolerate translations up to this many thumbnail pixels (0.5 px at 64 = 2 px at 256; 0 disables; cost grows with the number of shifts)")
     shift_step: float = flag(0.5, "step of the shift grid in thumbnail pixels (fractional shifts are bilinear)")
@@ -79,6 +82,8 @@ class AuditConfig:
         check_choices(self)
         require(self.train_dir is not None or self.train_manifest is not None, "train_dir", "is required (or give --train_manifest)")
         require(self.samples_dir is not None, "samples_dir", "is required: the folder of generated images to audit")
+        require(self.intensity_clip_percent is None or 0.0 <= self.intensity_clip_percent < 50.0, "intensity_clip_percent",
+                f"must be in [0, 50), got {self.intensity_clip_percent}")
         require(self.resolution >= 8, "resolution", f"must be >= 8, got {self.resolution}")
         require(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
         require(0 <= self.max_shift < self.resolution / 4, "max_shift", f"must be in [0, resolution/4), got {self.max_shift}")
@@ -99,11 +104,12 @@ class AuditConfig:
 # Images
 
 
-def read_image(path) -> np.ndarray:
-    """Grayscale float32 (H, W) in [0, 1] through cxr.imageio (8/16-bit PNG, JPEG, TIFF, DICOM)."""
+def read_image(path, intensity_clip_percent: float = 0.0) -> np.ndarray:
+    """Grayscale float32 (H, W) in [0, 1] through cxr.imageio (8/16-bit PNG, JPEG, TIFF, DICOM); see
+    `cxr.imageio.read_grayscale` for `intensity_clip_percent`."""
     from cxr.imageio import read_grayscale
 
-    return read_grayscale(path)
+    return read_grayscale(path, intensity_clip_percent)
 
 
 def list_images(folder, exclude: str = "") -> list[Path]:
@@ -150,17 +156,20 @@ def resize_square(gray: np.ndarray, size: int, pad_to_square: bool = False):
 class _ThumbnailDataset:
     """Reads image i and returns its (size, size) thumbnail; used through a DataLoader with workers."""
 
-    def __init__(self, paths, size: int, pad_to_square: bool):
+    def __init__(self, paths, size: int, pad_to_square: bool, intensity_clip_percent: float):
         self.paths, self.size, self.pad_to_square = list(paths), size, pad_to_square
+        self.intensity_clip_percent = intensity_clip_percent
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return resize_square(read_image(self.paths[index]), self.size, self.pad_to_square)
+        gray = read_image(self.paths[index], self.intensity_clip_percent)
+        return resize_square(gray, self.size, self.pad_to_square)
 
 
-def load_thumbnails(paths, size: int, *, pad_to_square=False, num_workers=0, batch_size=64, desc="reading"):
+def load_thumbnails(paths, size: int, *, pad_to_square=False, intensity_clip_percent=0.0, num_workers=0, batch_size=64,
+                    desc="reading"):
     """float32 (N, size, size) thumbnails, read in a streaming way by `num_workers` processes."""
     import torch
     from torch.utils.data import DataLoader
@@ -168,7 +177,7 @@ def load_thumbnails(paths, size: int, *, pad_to_square=False, num_workers=0, bat
 
     paths = list(paths)
     out = torch.empty((len(paths), size, size), dtype=torch.float32)
-    loader = DataLoader(_ThumbnailDataset(paths, size, pad_to_square), batch_size=batch_size,
+    loader = DataLoader(_ThumbnailDataset(paths, size, pad_to_square, intensity_clip_percent), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False)
     start = 0
     with tqdm(total=len(paths), desc=desc, unit="img", disable=None) as bar:
@@ -418,9 +427,10 @@ def ssim(x, y, data_range: float = 1.0, dtype=None):
 class _SSIMDataset:
     """Item i: SSIM of sample i with each of its candidate training images, at `size` pixels."""
 
-    def __init__(self, sample_paths, train_paths, candidates, size, pad_to_square):
+    def __init__(self, sample_paths, train_paths, candidates, size, pad_to_square, intensity_clip_percent):
         self.sample_paths, self.train_paths = sample_paths, train_paths
         self.candidates, self.size, self.pad_to_square = candidates, size, pad_to_square
+        self.intensity_clip_percent = intensity_clip_percent
 
     def __len__(self):
         return len(self.sample_paths)
@@ -428,19 +438,21 @@ class _SSIMDataset:
     def __getitem__(self, index):
         import torch
 
-        load = lambda path: resize_square(read_image(path), self.size, self.pad_to_square)  # noqa: E731
-        sample = load(self.sample_paths[index])
-        refs = torch.stack([load(self.train_paths[j]) for j in self.candidates[index].tolist()])
+        load = lambda path, clip: resize_square(read_image(path, clip), self.size, self.pad_to_square)  # noqa: E731
+        sample = load(self.sample_paths[index], 0.0)
+        refs = torch.stack([load(self.train_paths[j], self.intensity_clip_percent) for j in self.candidates[index].tolist()])
         return ssim(sample.expand_as(refs), refs)
 
 
-def candidate_ssim(sample_paths, train_paths, candidates, *, size, pad_to_square=False, num_workers=0):
-    """float32 (Nq, k) SSIM of every sample with each of its candidates (rows of `candidates`)."""
+def candidate_ssim(sample_paths, train_paths, candidates, *, size, pad_to_square=False, intensity_clip_percent=0.0,
+                   num_workers=0):
+    """float32 (Nq, k) SSIM of every sample with each of its candidates (rows of `candidates`); the
+    training images are read with `intensity_clip_percent`, the samples as they are."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    dataset = _SSIMDataset(sample_paths, train_paths, candidates, size, pad_to_square)
+    dataset = _SSIMDataset(sample_paths, train_paths, candidates, size, pad_to_square, intensity_clip_percent)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     rows = [row for row in tqdm(loader, total=len(dataset), desc="SSIM", unit="img", disable=None)]
     return torch.stack(rows) if rows else torch.empty((0, candidates.shape[1]))
@@ -479,15 +491,22 @@ def manifest_paths(manifest_path, train_dir=None) -> tuple[list[Path], list[Path
     Relative paths are resolved against `train_dir` when given, else against the dataset folder the
     manifest records.
     """
-    from cxr.dataset import read_manifest, records_from_manifest
+    from cxr.dataset import read_manifest
 
-    manifest = read_manifest(manifest_path)
+    return _split_paths(read_manifest(manifest_path), train_dir)
+
+
+def _split_paths(manifest: dict, train_dir=None) -> tuple[list[Path], list[Path]]:
+    from cxr.dataset import records_from_manifest
+
     train, val = (records_from_manifest(manifest, split, dataset_dir=train_dir) for split in ("train", "val"))
     return [record.path for record in train], [record.path for record in val]
 
 
-def draw_gallery(rows: list[dict], path, pad_to_square: bool = False, tile: int = 192, pairs_per_row: int = 2) -> None:
-    """PNG of pairs (sample | nearest training image), closest first, scores and names written above."""
+def draw_gallery(rows: list[dict], path, pad_to_square: bool = False, tile: int = 192, pairs_per_row: int = 2,
+                 intensity_clip_percent: float = 0.0) -> None:
+    """PNG of pairs (sample | nearest training image), closest first, scores and names written above; the
+    training images are read with `intensity_clip_percent`."""
     from PIL import Image, ImageDraw
 
     banner, margin = 30, 6
@@ -502,16 +521,23 @@ def draw_gallery(rows: list[dict], path, pad_to_square: bool = False, tile: int 
         verdict = "  FLAGGED" if row["flagged"] else ""
         draw.text((left + margin, top + 2), f"#{rank + 1}  NCC {row['ncc']:.4f}{ssim_text}{verdict}", fill=255)
         draw.text((left + margin, top + 15), f"{Path(row['sample']).name}  |  {Path(row['best_match']).name}", fill=180)
-        for column, key in enumerate(("sample", "best_match")):
-            image = resize_square(read_image(row[key]), tile, pad_to_square).numpy()
+        for column, (key, clip) in enumerate((("sample", 0.0), ("best_match", intensity_clip_percent))):
+            image = resize_square(read_image(row[key], clip), tile, pad_to_square).numpy()
             pixels = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8), mode="L")
             sheet.paste(pixels, (left + margin + column * (tile + margin), top + banner))
     sheet.save(path)
 
 
-def _resolve_sets(config: AuditConfig) -> tuple[list[Path], list[Path], list[Path]]:
+def _resolve_sets(config: AuditConfig) -> tuple[list[Path], list[Path], list[Path], float]:
+    """(train, samples, held-out) paths and the intensity clip percent to read the real images with."""
+    from cxr.dataset import read_manifest
+
+    clip_percent = config.intensity_clip_percent
     if config.train_manifest is not None:
-        train_paths, holdout_paths = manifest_paths(config.train_manifest, config.train_dir)
+        manifest = read_manifest(config.train_manifest)
+        train_paths, holdout_paths = _split_paths(manifest, config.train_dir)
+        if clip_percent is None:  # runs from before the flag have none: they used min-max
+            clip_percent = float(manifest.get("extra", {}).get("intensity_clip_percent", 0.0))
     else:
         train_paths, holdout_paths = list_images(config.train_dir, config.exclude), []
     if config.holdout_dir is not None:
@@ -521,7 +547,7 @@ def _resolve_sets(config: AuditConfig) -> tuple[list[Path], list[Path], list[Pat
         raise FileNotFoundError(f"--train_dir {config.train_dir}: no images found")
     if not sample_paths:
         raise FileNotFoundError(f"--samples_dir {config.samples_dir}: no images found")
-    return train_paths, sample_paths, holdout_paths
+    return train_paths, sample_paths, holdout_paths, clip_percent or 0.0
 
 
 def audit(config: AuditConfig) -> dict:
@@ -534,15 +560,16 @@ def audit(config: AuditConfig) -> dict:
 
     started = time.time()
     device = pick_device(config.device)
-    train_paths, sample_paths, holdout_paths = _resolve_sets(config)
+    train_paths, sample_paths, holdout_paths, clip_percent = _resolve_sets(config)
     read = dict(pad_to_square=config.pad_to_square, num_workers=config.num_workers, batch_size=config.batch_size)
-    train_features = standardize_in_place(load_thumbnails(train_paths, config.resolution, desc="training images", **read))
+    real = dict(read, intensity_clip_percent=clip_percent)  # training and held-out images, as the model saw them
+    train_features = standardize_in_place(load_thumbnails(train_paths, config.resolution, desc="training images", **real))
     search = dict(k=config.top_k, max_shift=config.max_shift, shift_step=config.shift_step,
                   memory_budget_mb=config.memory_budget_mb, device=device, progress=True)
 
     holdout_best = np.zeros(0)
     if holdout_paths:
-        holdout_thumbs = load_thumbnails(holdout_paths, config.resolution, desc="held-out images", **read)
+        holdout_thumbs = load_thumbnails(holdout_paths, config.resolution, desc="held-out images", **real)
         holdout_best = best_matches(holdout_thumbs, train_features, **search)[0][:, 0].numpy().astype(np.float64)
         del holdout_thumbs
         duplicates = int((holdout_best > 0.999).sum())
@@ -567,7 +594,8 @@ def audit(config: AuditConfig) -> dict:
     ssim_scores = None
     if config.ssim:
         ssim_scores = candidate_ssim(sample_paths, train_paths, indices, size=config.ssim_resolution,
-                                     pad_to_square=config.pad_to_square, num_workers=config.num_workers)
+                                     pad_to_square=config.pad_to_square, intensity_clip_percent=clip_percent,
+                                     num_workers=config.num_workers)
 
     best = scores[:, 0].numpy().astype(np.float64)
     flagged = best > threshold
@@ -590,13 +618,14 @@ def audit(config: AuditConfig) -> dict:
                            "ssim_match": r["ssim_match"] or "", "ncc": f"{r['ncc']:.6f}"} for r in rows])
     closest = sorted(rows, key=lambda r: -r["ncc"])[: config.gallery_pairs]
     if closest:
-        draw_gallery(closest, out / "gallery.png", config.pad_to_square)
+        draw_gallery(closest, out / "gallery.png", config.pad_to_square, intensity_clip_percent=clip_percent)
 
     flagged_rate = float(flagged.mean())
     exit_code = EXIT_FLAGGED if config.fail_above is not None and flagged_rate > config.fail_above else EXIT_OK
     report = {
         "config": to_dict(config),
         "counts": {"train": len(train_paths), "samples": len(sample_paths), "holdout": int(holdout_best.size)},
+        "intensity_clip_percent": clip_percent,
         "statistic": f"best NCC with a training image of {config.resolution}x{config.resolution} standardized thumbnails, "
                      f"max over shifts up to {config.max_shift} px in steps of {config.shift_step} px",
         "threshold": {"value": float(threshold), "rule": rule, "calibrated": config.threshold is None and holdout_best.size > 0},

@@ -303,3 +303,69 @@ def test_holdout_overlapping_training_set_warns(tmp_path):
                          out=tmp_path / "out", num_workers=0, max_shift=0, gallery_pairs=0)
     with pytest.warns(UserWarning, match="4 held-out images have a near-identical training image"):
         audit(config)
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory):
+    """A training run on 12-bit X-rays in 16-bit PNGs, each with a burned-in label (240 px = 0.37%) at 65535,
+    trained with --intensity_clip_percent 0.5 (its manifest says so), and 8-bit samples that copy the anatomy
+    of 2 of them (no label)."""
+    from PIL import Image
+
+    from cxr.dataset import scan_dataset, write_manifest
+
+    root = tmp_path_factory.mktemp("labelled")
+    (root / "train").mkdir()
+    (root / "samples").mkdir()
+    for index in range(6):
+        anatomy = make_phantom(np.random.default_rng([5, index]), 256, 256)
+        stored = np.round(anatomy * 4095).astype(np.uint16)
+        stored[8:16, 200:230] = 65535
+        Image.fromarray(stored).save(root / "train" / f"xray_{index}.png")
+        if index < 2:
+            save_png(anatomy, root / "samples" / f"copy_{index}.png")
+    write_manifest(root / "run" / "manifest.json", scan_dataset(root / "train"), [], {"intensity_clip_percent": 0.5})
+    return root
+
+
+def _best_ncc(report_dir) -> list[float]:
+    return [float(row["ncc"]) for row in read_scores(report_dir)]
+
+
+def test_audit_reads_training_images_with_the_manifests_intensity_window(labelled_run):
+    root = labelled_run
+    common = {"samples_dir": root / "samples", "num_workers": 0, "max_shift": 0, "threshold": 0.9, "gallery_pairs": 2,
+              "ssim": True, "ssim_resolution": 64}
+    report = audit(AuditConfig(train_manifest=root / "run" / "manifest.json", out=root / "manifest", **common))
+    assert report["intensity_clip_percent"] == 0.5
+    rows = read_scores(root / "manifest")
+    assert report["flagged"]["count"] == 2 and min(_best_ncc(root / "manifest")) > 0.95
+    assert all(Path(r["best_match"]).stem == Path(r["sample"]).stem.replace("copy", "xray") for r in rows)
+    assert min(float(r["ssim"]) for r in rows) > 0.95  # SSIM reads the training images with the window too
+
+    # Read min-max instead, the label squeezes the anatomy and dominates the thumbnails: the copies are missed.
+    report = audit(AuditConfig(train_manifest=root / "run" / "manifest.json", intensity_clip_percent=0.0,
+                               out=root / "min_max", **common))
+    assert report["intensity_clip_percent"] == 0.0
+    assert report["flagged"]["count"] == 0 and max(_best_ncc(root / "min_max")) < 0.6
+    assert max(float(r["ssim"]) for r in read_scores(root / "min_max")) < 0.3
+
+    # A folder of training images takes the window from the flag, and gives the manifest run's scores.
+    audit(AuditConfig(train_dir=root / "train", intensity_clip_percent=0.5, out=root / "folder", **common))
+    assert read_scores(root / "folder") == read_scores(root / "manifest")
+
+
+def test_manifest_from_before_the_window_reads_min_max(labelled_run, tmp_path):
+    from cxr.dataset import scan_dataset, write_manifest
+
+    write_manifest(tmp_path / "old_run" / "manifest.json", scan_dataset(labelled_run / "train"), [], {"seed": 0})
+    report = audit(AuditConfig(train_manifest=tmp_path / "old_run" / "manifest.json", samples_dir=labelled_run / "samples",
+                               out=tmp_path / "out", num_workers=0, max_shift=0, threshold=0.9, gallery_pairs=0))
+    assert report["intensity_clip_percent"] == 0.0 and report["flagged"]["count"] == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "50"])
+def test_bad_intensity_clip_percent_exits_2(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--train_dir", str(tmp_path), "--samples_dir", str(tmp_path), "--intensity_clip_percent", value])
+    assert exit_info.value.code == 2 and "--intensity_clip_percent: must be in [0, 50)" in capsys.readouterr().err
