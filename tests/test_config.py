@@ -56,3 +56,23 @@ def test_invalid_sample_flags_exit_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
         parse_config(SampleConfig, argv)
     assert flag in capsys.readouterr().err
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's heading anchor: lower case, punctuation dropped, spaces to hyphens."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_contents_links_point_at_headings():
+    import re
+
+    text, in_code, anchors = README.read_text(), False, set()
+    for line in text.splitlines():
+        in_code ^= line.startswith("```")
+        if not in_code and (match := re.match(r"#{1,6} (.+)$", line)):
+            anchors.add(_github_anchor(match.group(1)))
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert len(links) > 30
+    assert sorted(links - anchors) == []
