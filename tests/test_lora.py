@@ -118,7 +118,7 @@ def test_bf16_base_without_autocast_computes_update_in_float32():
     nn.init.normal_(layer.lora_B, std=1e-3)
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     out = layer(x)
-    expected = base(x) + ((x.float() @ layer.lora_A.T @ layer.lora_B.T) * 2.0).to(torch.bfloat16)
+    expected = torch.add(base(x), (x.float() @ layer.lora_A.T @ layer.lora_B.T).to(torch.bfloat16), alpha=2.0)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, expected)
 
