@@ -63,6 +63,7 @@ class EvaluateConfig:
     exclude: str = flag("contact_sheet*", "comma-separated file-name patterns to skip (sample.py's contact sheet)")
     image_size: int = flag(299, "images are resized to this square size for the feature extractor (Inception: 299)")
     pad_to_square: bool = flag(False, "pad non-square images to square instead of center-cropping")
+    intensity_clip_percent: float = flag(0.0, "read the --real images (not --fake) with this train.py --intensity_clip_percent (percentile window for 16-bit/float images and DICOM without a VOI window), so they look as they did in training; 0 = min-max")
     batch_size: int = flag(32, "images per forward pass of the extractor")
     num_workers: int = flag(2, "worker processes that read and resize images")
     device: str = flag("auto", "cuda, cpu or auto")
@@ -77,6 +78,8 @@ class EvaluateConfig:
         check_choices(self)
         require(self.real is not None, "real", "is required: a folder of real images")
         require(self.fake is not None, "fake", "is required: a folder of generated images")
+        require(0.0 <= self.intensity_clip_percent < 50.0, "intensity_clip_percent",
+                f"must be in [0, 50), got {self.intensity_clip_percent}")
         require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
@@ -203,7 +206,8 @@ def random_pairs(count: int, num_pairs: int, seed: int = 0) -> np.ndarray:
     return np.stack([first, second], axis=1)
 
 
-def ms_ssim_diversity(paths, num_pairs: int, *, size: int = 256, pad_to_square=False, seed=0, batch=16) -> dict:
+def ms_ssim_diversity(paths, num_pairs: int, *, size: int = 256, pad_to_square=False, seed=0, batch=16,
+                      intensity_clip_percent: float = 0.0) -> dict:
     """Mean and std of MS-SSIM over random pairs of images (lower = more diverse)."""
     import torch
 
@@ -211,7 +215,7 @@ def ms_ssim_diversity(paths, num_pairs: int, *, size: int = 256, pad_to_square=F
     if len(pairs) == 0:
         return {"pairs": 0, "mean": None, "std": None}
     needed = sorted(set(pairs.ravel().tolist()))
-    images = {i: resize_square(read_image(paths[i]), size, pad_to_square) for i in needed}
+    images = {i: resize_square(read_image(paths[i], intensity_clip_percent), size, pad_to_square) for i in needed}
     values = []
     for start in range(0, len(pairs), batch):
         chunk = pairs[start:start + batch]
@@ -331,8 +335,9 @@ def load_feature_extractor(path, device="cpu"):
 
 
 class _EvalDataset:
-    def __init__(self, paths, size, pad_to_square, bins):
+    def __init__(self, paths, size, pad_to_square, bins, intensity_clip_percent=0.0):
         self.paths, self.size, self.pad_to_square, self.bins = list(paths), size, pad_to_square, bins
+        self.intensity_clip_percent = intensity_clip_percent
 
     def __len__(self):
         return len(self.paths)
@@ -340,7 +345,7 @@ class _EvalDataset:
     def __getitem__(self, index):
         import torch
 
-        gray = read_image(self.paths[index])
+        gray = read_image(self.paths[index], self.intensity_clip_percent)
         counts = np.histogram(gray, bins=self.bins, range=(0.0, 1.0))[0]
         sums = torch.tensor([gray.sum(dtype=np.float64), np.square(gray, dtype=np.float64).sum()], dtype=torch.float64)
         image = resize_square(gray, self.size, self.pad_to_square) if self.size else torch.zeros(0)
@@ -348,13 +353,13 @@ class _EvalDataset:
 
 
 def read_set(paths, *, extractor=None, image_size=299, pad_to_square=False, bins=256, batch_size=32,
-             num_workers=0, device="cpu", desc="images") -> dict:
+             num_workers=0, device="cpu", desc="images", intensity_clip_percent: float = 0.0) -> dict:
     """One pass over a set: extractor features (N, D) float64 (or None) and the intensity histogram."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    dataset = _EvalDataset(paths, image_size if extractor else 0, pad_to_square, bins)
+    dataset = _EvalDataset(paths, image_size if extractor else 0, pad_to_square, bins, intensity_clip_percent)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     features, counts, sums = [], np.zeros(bins, np.int64), np.zeros(2, np.float64)
     with torch.inference_mode():
@@ -385,7 +390,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     extractor, extractor_kind = (None, None) if config.skip_features else load_feature_extractor(config.features, device)
     read = dict(extractor=extractor, image_size=config.image_size, pad_to_square=config.pad_to_square,
                 bins=config.histogram_bins, batch_size=config.batch_size, num_workers=config.num_workers, device=device)
-    real, fake = read_set(real_paths, desc="real", **read), read_set(fake_paths, desc="fake", **read)
+    clip = config.intensity_clip_percent  # the real images as training saw them; samples are 8/16-bit as written
+    real = read_set(real_paths, desc="real", intensity_clip_percent=clip, **read)
+    fake = read_set(fake_paths, desc="fake", **read)
 
     results = {"config": to_dict(config), "counts": {"real": len(real_paths), "fake": len(fake_paths)}}
     if extractor is not None:
@@ -399,7 +406,8 @@ def evaluate(config: EvaluateConfig) -> dict:
                           "subset_size": min(config.kid_subset_size, len(real_paths), len(fake_paths))}
     diversity = dict(size=config.msssim_resolution, pad_to_square=config.pad_to_square, seed=config.seed)
     results["diversity_ms_ssim"] = {"fake": ms_ssim_diversity(fake_paths, config.diversity_pairs, **diversity),
-                                    "real": ms_ssim_diversity(real_paths, config.diversity_pairs, **diversity)}
+                                    "real": ms_ssim_diversity(real_paths, config.diversity_pairs, **diversity,
+                                                              intensity_clip_percent=clip)}
     results["intensity"] = {
         "real": histogram_statistics(real["counts"], real["sum"], real["sum_squares"]),
         "fake": histogram_statistics(fake["counts"], fake["sum"], fake["sum_squares"]),

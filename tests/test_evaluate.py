@@ -219,3 +219,35 @@ def test_skip_features_needs_no_extractor(image_sets):
     results = evaluate(EvaluateConfig(real=image_sets / "real", fake=image_sets / "fake", skip_features=True,
                                       num_workers=0, diversity_pairs=0))
     assert "fid" not in results and results["intensity"]["real"]["pixels"] == 12 * 256 * 256
+
+
+def test_intensity_clip_percent_reads_the_real_images_like_training(image_sets, tmp_path):
+    """12-bit data in 16-bit PNGs with a burned-in label at 65535: with the training run's window the real
+    set's statistics are those of the percentile-windowed pixels; the generated set is read as written."""
+    from PIL import Image
+
+    from cxr.imageio import read_grayscale
+
+    rng = np.random.default_rng(3)
+    real = tmp_path / "real16"
+    real.mkdir()
+    for i in range(3):
+        pixels = rng.integers(100, 4000, size=(64, 64)).astype(np.uint16)
+        pixels[:3, :3] = 65535  # 9 of 4096 pixels: inside the 1% tail
+        Image.fromarray(pixels).save(real / f"{i}.png")
+    common = dict(real=real, fake=image_sets / "fake", skip_features=True, num_workers=0, diversity_pairs=0)
+    plain = evaluate(EvaluateConfig(**common))["intensity"]
+    windowed = evaluate(EvaluateConfig(**common, intensity_clip_percent=1.0))["intensity"]
+    reference = np.concatenate([read_grayscale(path, 1.0).ravel() for path in sorted(real.glob("*.png"))])
+    assert windowed["real"]["mean"] == pytest.approx(reference.mean(), rel=1e-6)
+    assert windowed["real"]["mean"] > 0.45 and plain["real"]["mean"] < 0.07  # min-max squeezes the anatomy
+    assert windowed["fake"] == plain["fake"]
+
+
+@pytest.mark.parametrize("value", ["-1", "50", "nan"])
+def test_intensity_clip_percent_out_of_range_names_the_flag(value, capsys):
+    from cxr.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--real", "a", "--fake", "b", "--skip_features", "--intensity_clip_percent", value])
+    assert exit_info.value.code == 2 and "--intensity_clip_percent" in capsys.readouterr().err
