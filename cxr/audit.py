@@ -538,6 +538,12 @@ def _resolve_sets(config: AuditConfig) -> tuple[list[Path], list[Path], list[Pat
         train_paths, holdout_paths = _split_paths(manifest, config.train_dir)
         if clip_percent is None:  # runs from before the flag have none: they used min-max
             clip_percent = float(manifest.get("extra", {}).get("intensity_clip_percent", 0.0))
+        trained_padded = manifest.get("extra", {}).get("pad_to_square")
+        if trained_padded is not None and bool(trained_padded) != config.pad_to_square:
+            warnings.warn(f"--pad_to_square: the training run {'padded' if trained_padded else 'center-cropped'} its "
+                          f"images but this audit {'pads' if config.pad_to_square else 'crops'} them, so copies can be "
+                          f"missed; pass {'--pad_to_square' if trained_padded else 'no --pad_to_square'} to match "
+                          f"{config.train_manifest}", stacklevel=2)
     else:
         train_paths, holdout_paths = list_images(config.train_dir, config.exclude), []
     if config.holdout_dir is not None:

@@ -721,9 +721,11 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
         data.load_state(checkpoint.state["data"])
         start_step = checkpoint.step
         saved = checkpoint.state.get("config", {})
+        # Flags a checkpoint predates (absent from its config) had their default value then.
         changed = [f"--{name}" for name in ("train_batch_size", "grad_accum_steps", "seed", "max_train_steps",
-                                            "lr_scheduler", "learning_rate", "resolution", "random_flip")
-                   if saved.get(name) != to_dict(cfg)[name]]
+                                            "lr_scheduler", "learning_rate", "resolution", "random_flip",
+                                            "pad_to_square", "intensity_clip_percent")
+                   if saved.get(name, to_dict(TrainConfig())[name]) != to_dict(cfg)[name]]
         if checkpoint.state.get("world_size") != dist.world_size:
             changed.append("the number of processes")
         if changed and dist.is_main:

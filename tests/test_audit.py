@@ -369,3 +369,20 @@ def test_bad_intensity_clip_percent_exits_2(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["--train_dir", str(tmp_path), "--samples_dir", str(tmp_path), "--intensity_clip_percent", value])
     assert exit_info.value.code == 2 and "--intensity_clip_percent: must be in [0, 50)" in capsys.readouterr().err
+
+
+def test_audit_warns_when_its_crop_differs_from_the_training_runs(labelled_run, tmp_path):
+    import warnings as warnings_module
+
+    from cxr.dataset import scan_dataset, write_manifest
+
+    manifest = tmp_path / "padded_run" / "manifest.json"
+    write_manifest(manifest, scan_dataset(labelled_run / "train"), [], {"pad_to_square": True})
+    common = dict(train_manifest=manifest, samples_dir=labelled_run / "samples", num_workers=0, max_shift=0,
+                  threshold=0.9, gallery_pairs=0)
+    with pytest.warns(UserWarning, match=r"--pad_to_square: the training run padded its images"):
+        audit(AuditConfig(out=tmp_path / "cropped", **common))
+    with warnings_module.catch_warnings(record=True) as caught:
+        warnings_module.simplefilter("always")
+        audit(AuditConfig(out=tmp_path / "padded", pad_to_square=True, **common))
+    assert not [w for w in caught if "--pad_to_square" in str(w.message)]

@@ -267,6 +267,14 @@ def test_resume_is_bit_identical(tiny_model_dir, phantom_dir, shared_cache, tmp_
     assert straight["final_loss"] == second["final_loss"]
 
 
+def test_resume_with_a_changed_pixel_setting_warns_naming_the_flag(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
+    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", shared_cache, max_train_steps=2, checkpointing_steps=1)
+    training.train(cfg, stop_after_steps=1)
+    cfg.resume_from_checkpoint, cfg.intensity_clip_percent = "latest", 0.5
+    with pytest.warns(UserWarning, match=r"--intensity_clip_percent differ from the checkpoint"):
+        assert training.train(cfg)["steps"] == 2
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tiny_model_dir, phantom_dir, shared_cache,
                                                                   tmp_path, monkeypatch):
