@@ -20,6 +20,10 @@ downloaded. Sections (`--sections`, comma-separated):
 - `cuda`: eager vs `--cuda_graph` vs `torch.compile` of our step (CUDA only).
 - `memory`: the memory budget of training: a child process that holds only what the training loop
   holds (UNet + LoRA + optimizer + latent cache) runs our step.
+- `activations`: what the memory budget is made of, counted rather than measured: the bytes autograd saves
+  for the backward pass in one forward of our step (at the bench batch and dtype), and their sum with the
+  frozen weights, the LoRA + AdamW state and the latent cache: a lower bound of the training peak that
+  needs no GPU.
 - `input`: decode + resize images/s per DataLoader worker count, over 8-bit PNG phantoms (1024 px, like NIH).
 - `cache`: latent-cache build images/s (VAE encoding included) and reload images/s.
 - `sampling`: images/s of sampling with classifier-free guidance.
@@ -50,7 +54,7 @@ from typing import Callable
 
 from cxr.config import ConfigError, flag, parse_config
 
-SECTIONS = ("peak", "flops", "train", "lora", "cuda", "memory", "input", "cache", "sampling")
+SECTIONS = ("peak", "flops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -596,6 +600,59 @@ def memory_child(settings: dict) -> dict:
             "images_per_s": cfg.batch_size / seconds}
 
 
+def saved_activation_bytes(forward: Callable[[], object], exclude=()) -> int:
+    """Bytes of the distinct tensor storages autograd saves for the backward pass while `forward()` runs, not
+    counting the storages of the tensors in `exclude` (the model's parameters). The graph is freed on return."""
+    import torch
+
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in exclude}
+    sizes: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            sizes[storage.data_ptr()] = storage.nbytes()  # saved tensors stay alive: no address is reused
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = forward()
+    del result
+    return sum(sizes.values())
+
+
+def section_activations(ctx: Context) -> list[Row]:
+    """Saved activations of one forward of our step (counted), and the budget they add up to with the weights,
+    the LoRA + AdamW state and the latent cache (a lower bound of the training peak: no temporaries)."""
+    import torch
+
+    from cxr.training import diffusion_loss
+
+    cfg, state = ctx.cfg, ctx.train_state()
+    generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+    shape = (cfg.batch_size, *state.latents_mean.shape[1:])
+    x0, noise = (torch.randn(shape, generator=generator, device=ctx.device) for _ in range(2))
+    timesteps = torch.randint(0, len(ctx.schedule().alphas_cumprod), (cfg.batch_size,), generator=generator,
+                              device=ctx.device)
+    autocast_dtype = None if ctx.dtype == torch.float32 else ctx.dtype
+    saved = saved_activation_bytes(
+        lambda: diffusion_loss(state.unet, x0, noise, timesteps, state.prompt_embedding, ctx.schedule(), 0.0,
+                               autocast_dtype),
+        exclude=list(state.unet.parameters()))
+    frozen = sum(p.numel() * p.element_size() for p in state.unet.parameters() if not p.requires_grad)
+    lora_state = 4 * sum(p.numel() * p.element_size() for p in state.params)  # weights, grads, 2 AdamW moments
+    cache = state.latents_mean.nbytes + state.latents_std.nbytes
+    mib = 2**20
+    dtype_name = str(ctx.dtype).replace("torch.", "")
+    return [
+        Row("activations", "saved for backward (counted)", peak_mem_mb=saved / mib,
+            note=f"batch {cfg.batch_size}, {dtype_name}: {saved / cfg.batch_size / mib:.0f} MiB per image; "
+                 "autograd's saved tensors of one forward (saved_tensors_hooks)"),
+        Row("activations", "training lower bound (sum)", peak_mem_mb=(saved + frozen + lora_state + cache) / mib,
+            note=f"saved activations + frozen UNet {frozen / mib:.0f} MiB + LoRA/AdamW {lora_state / mib:.0f} MiB + "
+                 f"latent cache {cache / mib:.0f} MiB ({cfg.cache_rows} rows); excludes backward temporaries"),
+    ]
+
+
 def count_flops(call: Callable[[], object]) -> int:
     """FLOPs of one call, counted by PyTorch's FLOP counter (matmuls, convolutions, attention)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -856,6 +913,7 @@ SECTION_FUNCTIONS = {
     "lora": section_lora,
     "cuda": section_cuda,
     "memory": section_memory,
+    "activations": section_activations,
     "input": section_input,
     "cache": section_cache,
     "sampling": section_sampling,

@@ -18,6 +18,7 @@ TIMED_ROWS = {
     ("cache", "build, 1 workers"), ("cache", "reload (cache hit)"),
     ("sampling", "txt2img, merged LoRA"),
 }
+COUNTED_MEMORY_ROWS = {("activations", "saved for backward (counted)"), ("activations", "training lower bound (sum)")}
 FLOP_ROWS = {("flops", name) for name in
              ("unet_forward", "unet_forward_backward", "vae_encoder", "text_encoder", "cached_step", "encode_every_step")}
 
@@ -45,7 +46,9 @@ def test_tiny_bench_has_every_row_with_positive_finite_figures(tmp_path, one_thr
     result = bench.run_bench(cfg, log=lambda *a, **k: None)
     rows = [bench.Row(**r) for r in result["rows"]]
     keys = {(r.section, r.variant) for r in rows}
-    assert keys == TIMED_ROWS | FLOP_ROWS | {("peak", "matmul float32"), ("cuda", "skipped")}
+    assert keys == TIMED_ROWS | FLOP_ROWS | COUNTED_MEMORY_ROWS | {("peak", "matmul float32"), ("cuda", "skipped")}
+    saved, total = (next(r.peak_mem_mb for r in rows if (r.section, r.variant) == key) for key in sorted(COUNTED_MEMORY_ROWS))
+    assert _positive(saved) and total > saved
 
     for row in rows:
         if (row.section, row.variant) in TIMED_ROWS:
@@ -89,6 +92,19 @@ def test_count_flops_matches_closed_form_for_linear_conv_and_cpu_attention():
     q, k, v = (torch.randn(batch, heads, tokens, dim) for _ in range(3))
     counted = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert counted == 2 * (2 * batch * heads * tokens * tokens * dim)
+
+
+def test_saved_activation_bytes_matches_closed_form():
+    """Linear -> ReLU -> Linear on an input without grad: autograd keeps the input (for the first weight's
+    gradient) and the ReLU output (for ReLU's and the second weight's gradients: one storage), no weights."""
+    batch = 3
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(batch, 8)
+    counted = bench.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters()))
+    assert counted == 4 * batch * (8 + 16)
+    # frozen weights and an input without grad: nothing needs saving
+    model.requires_grad_(False)
+    assert bench.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters())) == 0
 
 
 def test_peak_memory_window_resets_on_cpu():
