@@ -552,10 +552,20 @@ def section_cuda(ctx: Context) -> list[Row]:
                                                            steps=cfg.steps, repeats=cfg.repeats)["eager"]
     finally:
         state.unet.to(memory_format=torch.contiguous_format)
+    # cudnn.benchmark is not a train.py option either: it times conv algorithms per shape (our shapes are static)
+    # but may pick different ones per process, so a resumed run would not be bit-identical. Measured to decide.
+    benchmark_before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        timings["eager, cudnn.benchmark"] = time_interleaved({"eager": state.run}, ctx.device, warmup=cfg.warmup + 1,
+                                                             steps=cfg.steps, repeats=cfg.repeats)["eager"]
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_before
     notes = {"eager": "train.py default", "cuda graph": "train.py --cuda_graph",
              "torch.compile": f"train.py --torch_compile; first 2 steps (compile) took {compile_seconds:.0f} s"
              if "torch.compile" in variants else "",
-             "eager, channels_last": "UNet weights in channels_last (not a train.py option); measured after the others"}
+             "eager, channels_last": "UNet weights in channels_last (not a train.py option); measured after the others",
+             "eager, cudnn.benchmark": "torch.backends.cudnn.benchmark = True (not a train.py option); measured last"}
     rows = [throughput_row(ctx, "cuda", name, timing, cfg.batch_size, ctx.flops.get("cached_step"), note=notes[name])
             for name, timing in timings.items()]
     rows += [Row("cuda", name, note=f"failed: {message[:200]}") for name, message in failures.items()]
