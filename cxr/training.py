@@ -615,7 +615,8 @@ def _adapter_metadata(cfg: TrainConfig, step: int, manifest_sha: str, prediction
 
     return {
         "base_model": resolve_model_id(cfg.model_id), "revision": str(cfg.revision or ""),
-        "resolution": str(cfg.resolution), "prompt": cfg.prompt, "steps": str(step), "manifest_sha256": manifest_sha,
+        "resolution": str(cfg.resolution), "pad_to_square": str(cfg.pad_to_square),
+        "intensity_clip_percent": str(cfg.intensity_clip_percent), "prompt": cfg.prompt, "steps": str(step), "manifest_sha256": manifest_sha,
         "cxr_version": __version__, "prediction_type": prediction_type,
     }
 

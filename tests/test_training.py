@@ -238,6 +238,7 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     manifest_sha = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
     assert info.metadata["cxr.manifest_sha256"] == manifest_sha == summary["manifest_sha256"]
     assert info.metadata["cxr.steps"] == "4" and info.metadata["cxr.resolution"] == "64"
+    assert info.metadata["cxr.pad_to_square"] == "False" and info.metadata["cxr.intensity_clip_percent"] == "0.0"
     assert info.metadata["cxr.base_model"] == str(tiny_model_dir) and info.metadata["cxr.prompt"] == cfg.prompt
     assert written["resolved"]["prediction_type"] == "epsilon"
     from cxr.lora import lora_state_dict
