@@ -28,6 +28,16 @@ class ConfigError(ValueError):
     """A flag has an invalid value. The message starts with the flag's name."""
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one, e.g. under a job scheduler)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def flag(default, help: str, choices: tuple | None = None):
     """A dataclass field with its help text (and allowed values) kept next to the default."""
     metadata = {"help": help, "choices": choices}
@@ -200,7 +210,7 @@ class TrainConfig:
     max_images: int | None = flag(None, "use a seeded random subset of at most this many images")
     val_fraction: float = flag(0.02, "fraction of images (or of patients, when the file list has patient_id) held out for validation loss and the memorization audit")
     val_count: int | None = flag(None, "hold out exactly this many images instead of --val_fraction")
-    dataloader_num_workers: int = flag(2, "worker processes that decode images while the latent cache is built")
+    dataloader_num_workers: int | None = flag(None, "worker processes that decode images (bad-file check, latent-cache build); default: min(8, CPUs available)")
     cache_dir: Path | None = flag(None, "where latent caches live (default: OUTPUT_DIR/cache); reused when images, resolution, crop mode and VAE are unchanged")
     encode_batch_size: int = flag(16, "images per VAE forward pass when building the latent cache")
     # --- model ---
@@ -250,7 +260,8 @@ class TrainConfig:
         require(self.max_images is None or self.max_images > 0, "max_images", f"must be > 0, got {self.max_images}")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         require(self.val_count is None or self.val_count >= 0, "val_count", f"must be >= 0, got {self.val_count}")
-        require(self.dataloader_num_workers >= 0, "dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
+        require(self.dataloader_num_workers is None or self.dataloader_num_workers >= 0, "dataloader_num_workers",
+                f"must be >= 0, got {self.dataloader_num_workers}")
         require(self.encode_batch_size > 0, "encode_batch_size", f"must be > 0, got {self.encode_batch_size}")
         require(self.lora_rank > 0, "lora_rank", f"must be > 0, got {self.lora_rank}")
         require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
@@ -284,6 +295,14 @@ class TrainConfig:
     @property
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+    @property
+    def resolved_num_workers(self) -> int:
+        """--dataloader_num_workers, or min(8, CPUs this process may use): decoding 1024 px PNGs is the slow part
+        of the one-time cache build, and 8 workers outpace the VAE encoder on one GPU."""
+        if self.dataloader_num_workers is not None:
+            return self.dataloader_num_workers
+        return min(8, available_cpus())
 
 
 SCHEDULERS = ("dpm++", "ddim", "ddpm", "euler", "euler_a", "pndm", "unipc")

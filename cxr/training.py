@@ -549,7 +549,7 @@ def _prepare_data(cfg: TrainConfig, dist: DistInfo):
     if dist.is_main:
         records = scan_dataset(
             cfg.dataset_dir, cfg.file_list, min_image_size=cfg.min_image_size, skip_bad_images=cfg.skip_bad_images,
-            max_images=cfg.max_images, seed=cfg.seed, num_workers=cfg.dataloader_num_workers,
+            max_images=cfg.max_images, seed=cfg.seed, num_workers=cfg.resolved_num_workers,
         )
         train_records, val_records = split_holdout(records, val_fraction=cfg.val_fraction, val_count=cfg.val_count,
                                                    seed=cfg.seed)
@@ -567,7 +567,7 @@ def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_reco
 
     common = dict(resolution=cfg.resolution, pad_to_square=cfg.pad_to_square,
                   intensity_clip_percent=cfg.intensity_clip_percent, cache_dir=cfg.resolved_cache_dir,
-                  device=device, batch_size=cfg.encode_batch_size, num_workers=cfg.dataloader_num_workers,
+                  device=device, batch_size=cfg.encode_batch_size, num_workers=cfg.resolved_num_workers,
                   vae_id=f"{cfg.model_id}@{cfg.revision or 'main'}")
     caches = None
     for turn in ("main", "others"):

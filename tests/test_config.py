@@ -76,3 +76,16 @@ def test_readme_contents_links_point_at_headings():
     links = set(re.findall(r"\]\(#([^)]+)\)", text))
     assert len(links) > 30
     assert sorted(links - anchors) == []
+
+
+def test_decode_workers_default_to_the_cpus_available_up_to_8(monkeypatch):
+    import os
+
+    import cxr.config
+
+    assert TrainConfig().resolved_num_workers == min(8, len(os.sched_getaffinity(0)))
+    monkeypatch.setattr(cxr.config, "available_cpus", lambda: 32)
+    assert TrainConfig().resolved_num_workers == 8
+    assert TrainConfig(dataloader_num_workers=0).resolved_num_workers == 0
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--dataset_dir", "d", "--dataloader_num_workers", "-1"])
