@@ -26,18 +26,27 @@ TIFF, BMP and DICOM (through the optional `dicom` extra). The rules, each chosen
 - Multi-frame files (TIFF pages, multi-frame DICOM) use the first frame.
 
 Truncated files are an error, never padded with grey: `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is forced
-off while decoding. Every failure raises `ImageReadError(path, reason)`.
+off while decoding. A PNG must pass its chunk CRCs (PIL skips those of the pixel data). An image larger than
+`PIL.Image.MAX_IMAGE_PIXELS` (PIL's decompression-bomb limit, 89,478,485 pixels by default; None disables it)
+is refused before its pixels are decoded, in every format: for DICOM the count is Rows x Columns x frames x
+samples per pixel from the header (pydicom decodes every frame at once), and a deflate-compressed DICOM is
+inflated only as far as its header. Every failure raises `ImageReadError(path, reason)`.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 SUPPORTED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BT601_LUMA = (0.299, 0.587, 0.114)
 DICOM_INSTALL_HINT = "reading DICOM files needs pydicom: pip install 'cxr[dicom]'"
 # Bumped whenever to_model_input changes its output, so latent caches built by older code are rebuilt.
@@ -98,6 +107,8 @@ def decode_grayscale(data: bytes, path, intensity_clip_percent: float = 0.0) -> 
     path = Path(path)
     if len(data) == 0:
         raise ImageReadError(path, "file is empty (0 bytes)")
+    if data.startswith(PNG_SIGNATURE):
+        check_png_chunks(data, path)
     if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(data):
         gray = _decode_dicom(data, path, intensity_clip_percent)
     else:
@@ -113,15 +124,70 @@ def _looks_like_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+def pixel_limit() -> int | None:
+    """The largest image decoded, in pixels, for every format: `PIL.Image.MAX_IMAGE_PIXELS` (None: no limit)."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS
+
+
+def _check_pixel_count(path: Path, dimensions: str, count: int) -> None:
+    """ImageReadError when `count` pixels ("W x H[ x N frames][ x S samples]") are over `pixel_limit()`."""
+    limit = pixel_limit()
+    if limit is not None and count > limit:
+        raise ImageReadError(path, _too_large(f"{dimensions} = {count:,} pixels", limit))
+
+
+def _too_large(size: str, limit: int) -> str:
+    return (
+        f"too large to decode: {size}, over the limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS, the "
+        "decompression-bomb guard used for every format). A radiograph is far smaller: the header is wrong or the "
+        "file is a decompression bomb; remove it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
+    )
+
+
+def check_png_chunks(data: bytes, path) -> None:
+    """ImageReadError unless every chunk of the PNG `data` is complete and matches its CRC-32.
+
+    PIL checks the CRCs of the header chunks only, not those of the pixel data (IDAT) or of the chunks after
+    it, so a damaged file can decode without an error. Costs one zlib.crc32 pass over the file.
+    """
+    view = memoryview(data)
+    position = len(PNG_SIGNATURE)
+    while position < len(data):
+        if position + 8 > len(data):
+            raise ImageReadError(path, f"truncated or corrupt image data: {len(data) - position} stray PNG byte(s) at the end")
+        length, kind = struct.unpack_from(">I4s", data, position)
+        name = kind.decode("latin-1")
+        end = position + 8 + length
+        if end + 4 > len(data):
+            raise ImageReadError(path, f"truncated or corrupt image data: PNG chunk {name!r} at byte {position} runs past "
+                                       f"the end of the file ({length:,} data bytes declared)")
+        (stored,) = struct.unpack_from(">I", data, end)
+        computed = zlib.crc32(view[position + 8:end], zlib.crc32(kind))
+        if stored != computed:
+            raise ImageReadError(path, f"corrupt image data: PNG chunk {name!r} at byte {position} fails its CRC check "
+                                       f"(stored {stored:#010x}, computed {computed:#010x}): the file was damaged")
+        position = end + 4
+        if kind == b"IEND":
+            return
+
+
 def _decode_pil(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
     from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, naming the file
+            image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image (PIL does not recognise the file format)") from None
+    except Image.DecompressionBombError as error:  # over twice PIL's limit
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        raise ImageReadError(path, _too_large(f"{int(found[1]):,} pixels" if found else str(error), pixel_limit())) from None
     except Exception as error:  # noqa: BLE001 - a corrupt header can raise almost anything
         raise ImageReadError(path, f"corrupt image header: {error}") from None
+    _check_pixel_count(path, f"{image.width} x {image.height}", image.width * image.height)
 
     # A truncated file must fail here instead of being silently padded with grey.
     truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
@@ -130,7 +196,7 @@ def _decode_pil(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
         image.load()
         image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as error:
-        raise ImageReadError(path, f"image is implausibly large ({error})") from None
+        raise ImageReadError(path, _too_large(str(error), pixel_limit())) from None
     except Exception as error:  # noqa: BLE001 - OSError, SyntaxError, struct.error, ... from decoders
         raise ImageReadError(path, f"truncated or corrupt image data: {error}") from None
     finally:
@@ -203,8 +269,21 @@ def _decode_dicom(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom 2.x
         from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    force = path.suffix.lower() in DICOM_SUFFIXES
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), force=path.suffix.lower() in DICOM_SUFFIXES)
+        header = _dicom_header(data, force)
+    except Exception as error:  # noqa: BLE001
+        raise ImageReadError(path, f"not a readable DICOM file: {error}") from None
+    try:
+        rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+        frames = max(1, int(header.get("NumberOfFrames", 1) or 1))
+        samples = max(1, int(header.get("SamplesPerPixel", 1) or 1))
+    except (TypeError, ValueError) as error:
+        raise ImageReadError(path, f"invalid DICOM image size attributes: {error}") from None
+    dimensions = f"{columns} x {rows}" + (f" x {frames} frames" if frames > 1 else "") + (f" x {samples} samples" if samples > 1 else "")
+    _check_pixel_count(path, dimensions, rows * columns * frames * samples)
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=force)
     except Exception as error:  # noqa: BLE001
         raise ImageReadError(path, f"not a readable DICOM file: {error}") from None
     if "PixelData" not in dataset and "FloatPixelData" not in dataset:
@@ -248,6 +327,65 @@ def _decode_dicom(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
     if photometric == "MONOCHROME1":
         gray = 1.0 - gray
     return gray
+
+
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and (plain) Pixel Data
+
+
+def _dicom_header(data: bytes, force: bool):
+    """The DICOM data set up to its pixel data, read without decoding or inflating the pixels.
+
+    pydicom inflates a deflate-compressed file (Deflated Explicit VR Little Endian) whole, even to read its
+    header, and a 0.5 MB file can hold gigabytes of zeros; here the body is inflated only as far as it is read.
+    """
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    stream = io.BytesIO(data)
+    read_preamble(stream, force)
+    meta = _read_file_meta_info(stream)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=force)
+    body = _InflatingReader(data[stream.tell():])
+    return read_dataset(body, is_implicit_VR=False, is_little_endian=True,
+                        stop_when=lambda tag, vr, length: tag in _PIXEL_DATA_TAGS)
+
+
+class _InflatingReader:
+    """A read-only, seekable file over raw deflate data that inflates only as far as it has been read."""
+
+    def __init__(self, compressed: bytes, step: int = 1 << 16):
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._pending = compressed
+        self._inflated = bytearray()
+        self._position = 0
+        self._step = step
+
+    def _inflate_to(self, end: int) -> None:
+        while len(self._inflated) < end and not self._inflater.eof:
+            more = self._inflater.decompress(self._pending, max(self._step, end - len(self._inflated)))
+            self._pending = self._inflater.unconsumed_tail
+            if not more and not self._pending:
+                break
+            self._inflated += more
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            raise ValueError("reading a deflated DICOM header to its end is not supported")
+        self._inflate_to(self._position + size)
+        chunk = bytes(self._inflated[self._position:self._position + size])
+        self._position += len(chunk)
+        return chunk
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            raise ValueError("seeking from the end of a deflated DICOM is not supported")
+        self._position = max(0, offset + (self._position if whence == 1 else 0))
+        return self._position
 
 
 def _full_scale(pixels: np.ndarray) -> float:

@@ -1,0 +1,267 @@
+"""Bad input that used to get through (issue #13, section 4): decompression bombs (DICOM and PIL formats),
+PNG chunks with a wrong CRC, folders that cannot be listed, and hidden files in every command's image search."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.dataset import DatasetError, scan_dataset, scan_dataset_report
+from cxr.imageio import ImageReadError, decode_grayscale, read_grayscale
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_bytes(pixels: np.ndarray, **save_options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", **save_options)
+    return buffer.getvalue()
+
+
+def _write_png(path: Path, seed: int = 0, side: int = 80) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png_bytes(np.random.default_rng(seed).integers(0, 256, (side, side), dtype=np.uint8)))
+    return path
+
+
+# ---------------------------------------------------------------- decompression bombs: one pixel limit
+
+def _dicom_dataset(rows, columns, transfer_syntax, **attributes):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
+    dataset = pydicom.Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "DX"
+    dataset.Rows, dataset.Columns = rows, columns
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+    for name, value in attributes.items():
+        setattr(dataset, name, value)
+    return dataset
+
+
+def _plain_dicom_bytes(pixel_bytes: bytes, rows, columns, **attributes) -> bytes:
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    dataset = _dicom_dataset(rows, columns, ExplicitVRLittleEndian, **attributes)
+    dataset.PixelData = pixel_bytes
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _deflated_zero_dicom_bytes(rows: int, columns: int, frames: int = 1) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM of `frames` x rows x columns 16-bit zeros, built without ever
+    holding the pixels: each row block is deflated once after a full flush (which resets the compressor's
+    dictionary, so every identical block compresses to the same bytes) and repeated."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    dataset = _dicom_dataset(rows, columns, DeflatedExplicitVRLittleEndian)
+    if frames > 1:
+        dataset.NumberOfFrames = frames
+    head = DicomBytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, dataset.file_meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, dataset)
+    pixel_bytes = rows * columns * 2 * frames
+    pixel_element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [compressor.compress(body.getvalue() + pixel_element) + compressor.flush(zlib.Z_FULL_FLUSH)]
+    block_rows = max(1, min(rows * frames, (1 << 20) // (columns * 2)))
+    while (rows * frames) % block_rows:
+        block_rows -= 1
+    zeros = bytes(block_rows * columns * 2)
+    block = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    again = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    assert block == again  # a repeated block is valid deflate data
+    parts += [block] * ((rows * frames) // block_rows - 1) + [again, compressor.flush()]
+    return head.getvalue() + b"".join(parts)
+
+
+def _forbid_pixel_decoding(monkeypatch):
+    """Make decoding (or fully inflating) DICOM pixel data fail loudly, to prove that a check came first."""
+    import pydicom
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the pixel data was decoded or fully inflated")
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(forbidden))
+    monkeypatch.setattr(zlib, "decompress", forbidden)
+
+
+def test_deflated_dicom_builder_makes_the_image_it_claims():
+    pydicom = pytest.importorskip("pydicom")
+
+    data = _deflated_zero_dicom_bytes(300, 200)
+    pixels = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    assert pixels.shape == (300, 200) and not pixels.any()
+
+
+def test_deflated_dicom_bomb_is_rejected_from_its_header_without_inflating_it(tmp_path, monkeypatch):
+    """The issue's file: 16000 x 16000 16-bit zeros, deflated to ~0.5 MB, claims 512 MB of pixels."""
+    pytest.importorskip("pydicom")
+    data = _deflated_zero_dicom_bytes(16000, 16000)
+    assert len(data) < 2_000_000
+    path = tmp_path / "bomb.dcm"
+    path.write_bytes(data)
+    _forbid_pixel_decoding(monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(ImageReadError) as info:
+        read_grayscale(path)
+    assert time.perf_counter() - start < 2.0
+    assert info.value.path == path and str(info.value).startswith(str(path))
+    assert "16000 x 16000 = 256,000,000 pixels" in info.value.reason
+    assert f"limit of {Image.MAX_IMAGE_PIXELS:,}" in info.value.reason and "PIL.Image.MAX_IMAGE_PIXELS" in info.value.reason
+
+
+def test_dicom_limit_counts_every_frame_and_sample(tmp_path, monkeypatch):
+    pytest.importorskip("pydicom")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    _forbid_pixel_decoding(monkeypatch)
+    frames = tmp_path / "frames.dcm"
+    frames.write_bytes(_deflated_zero_dicom_bytes(60, 50, frames=4))  # 3,000 px per frame, 12,000 in all
+    with pytest.raises(ImageReadError, match=r"50 x 60 x 4 frames = 12,000 pixels, over the limit of 10,000"):
+        read_grayscale(frames)
+    # An uncompressed file whose header claims more than its pixel data holds: rejected by the header.
+    colour = tmp_path / "colour.dcm"
+    colour.write_bytes(_plain_dicom_bytes(bytes(16), 60, 60, SamplesPerPixel=3, PhotometricInterpretation="RGB",
+                                          PlanarConfiguration=0))
+    with pytest.raises(ImageReadError, match=r"60 x 60 x 3 samples = 10,800 pixels, over the limit of 10,000"):
+        read_grayscale(colour)
+
+
+def test_dicom_under_the_limit_still_reads_deflated_or_not(tmp_path, monkeypatch):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    pixels = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)
+    plain = _plain_dicom_bytes(pixels.astype("<u2").tobytes(), 64, 48)
+    dataset = pydicom.dcmread(io.BytesIO(plain))
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    expected = (pixels - pixels.min()) / float(pixels.max() - pixels.min())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48)  # exactly at the limit is allowed
+    for name, data in (("plain.dcm", plain), ("deflated.dcm", buffer.getvalue())):
+        np.testing.assert_allclose(decode_grayscale(data, tmp_path / name), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(120, 100), (300, 300)])  # PIL: a warning above the limit, an error above twice it
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_pil_formats_over_the_same_limit_fail_by_name(tmp_path, monkeypatch, fmt, size):
+    width, height = size
+    path = tmp_path / f"big.{fmt.lower()}"
+    Image.new("L", size).save(path, format=fmt)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning must not leak out either
+        with pytest.raises(ImageReadError) as info:
+            read_grayscale(path)
+    assert info.value.path == path and "too large to decode" in info.value.reason
+    # PIL raises before the image's size can be read when it is over twice the limit: then the count alone.
+    assert f"{width * height:,} pixels, over the limit of 10,000" in info.value.reason
+    if width * height <= 20_000:
+        assert f"{width} x {height} = {width * height:,} pixels" in info.value.reason
+
+
+def test_dicom_and_png_report_the_limit_the_same_way(tmp_path, monkeypatch):
+    pytest.importorskip("pydicom")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    png = tmp_path / "big.png"
+    Image.new("L", (120, 100)).save(png)
+    dicom = tmp_path / "big.dcm"
+    dicom.write_bytes(_plain_dicom_bytes(bytes(120 * 100 * 2), 100, 120))
+    reasons = []
+    for path in (png, dicom):
+        with pytest.raises(ImageReadError) as info:
+            read_grayscale(path)
+        reasons.append(info.value.reason)
+    assert reasons[0] == reasons[1]
+
+
+def test_a_bomb_in_the_dataset_is_a_bad_file_of_the_scan(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    _write_png(tmp_path / "ok.png", side=80)
+    Image.new("L", (120, 100)).save(tmp_path / "huge.png")
+    with pytest.raises(DatasetError, match=r"huge\.png: too large to decode: 120 x 100 = 12,000 pixels"):
+        scan_dataset(tmp_path)
+    assert [r.relpath for r in scan_dataset(tmp_path, skip_bad_images=True)] == ["ok.png"]
+
+
+# ---------------------------------------------------------------- PNG chunk CRCs
+
+def _chunks(png: bytes):
+    """(offset, type, data length) of every chunk."""
+    position, found = len(PNG_SIGNATURE), []
+    while position < len(png):
+        (length,) = struct.unpack(">I", png[position:position + 4])
+        found.append((position, png[position + 4:position + 8], length))
+        position += 12 + length
+    return found
+
+
+def _flip(data: bytes, offset: int, bit: int = 0x01) -> bytes:
+    changed = bytearray(data)
+    changed[offset] ^= bit
+    return bytes(changed)
+
+
+def test_png_with_a_flipped_bit_in_idat_data_that_pil_accepts_is_rejected(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 65536, (32, 32)).astype(np.uint16)
+    png = _png_bytes(pixels)
+    idat = next(offset for offset, kind, _ in _chunks(png) if kind == b"IDAT")
+    # Byte 2 of the zlib stream holds the deflate block's BFINAL bit: PIL decodes the pixels unchanged.
+    corrupt = _flip(png, idat + 8 + 2)
+    with Image.open(io.BytesIO(corrupt)) as image:
+        image.load()
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(corrupt)
+    with pytest.raises(ImageReadError, match=r"PNG chunk 'IDAT' at byte \d+ fails its CRC check") as info:
+        read_grayscale(path)
+    assert info.value.path == path and str(info.value).startswith(str(path))
+    assert decode_grayscale(png, tmp_path / "good.png").shape == (32, 32)  # the intact file reads
+
+
+def test_every_single_bit_flip_in_a_png_is_rejected(tmp_path):
+    png = _png_bytes(np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8), compress_level=1)
+    decode_grayscale(png, tmp_path / "good.png")  # the intact file reads
+    accepted = []
+    for offset in range(len(png)):
+        try:
+            decode_grayscale(_flip(png, offset), tmp_path / "flipped.png")
+            accepted.append(offset)
+        except ImageReadError as error:
+            assert error.path == tmp_path / "flipped.png"
+    assert accepted == []
+
+
+def test_png_missing_its_last_bytes_is_truncated(tmp_path):
+    png = _png_bytes(np.zeros((16, 16), np.uint8))
+    with pytest.raises(ImageReadError, match="truncated"):
+        decode_grayscale(png[:-6], tmp_path / "cut.png")
