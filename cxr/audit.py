@@ -34,7 +34,6 @@ Exit codes: 0 done; 1 the flagged rate is above `--fail_above`; 2 bad flags or u
 from __future__ import annotations
 
 import csv
-import fnmatch
 import json
 import math
 import sys
@@ -113,18 +112,18 @@ def read_image(path, intensity_clip_percent: float = 0.0) -> np.ndarray:
 
 
 def list_images(folder, exclude: str = "") -> list[Path]:
-    """Image files under `folder` (recursive, sorted), skipping names that match an `exclude` pattern."""
-    from cxr.imageio import SUPPORTED_SUFFIXES
+    """Image files under `folder` (recursive, sorted, hidden files skipped: `cxr.dataset.find_images`, the search
+    train.py uses), skipping names that match an `exclude` pattern. A folder that cannot be listed is an error."""
+    from cxr.dataset import DatasetError, find_images
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: folder does not exist")
-    patterns = [p.strip() for p in exclude.split(",") if p.strip()]
-    return sorted(
-        path for path in folder.rglob("*")
-        if path.is_file() and path.suffix.lower() in SUPPORTED_SUFFIXES
-        and not any(fnmatch.fnmatch(path.name.lower(), pattern.lower()) for pattern in patterns)
-    )
+    search = find_images(folder, exclude)
+    if search.unreadable:
+        raise DatasetError(search.unreadable_message(str(folder), "Give this user permission to list them, or move "
+                                                                  "them out of the folder."))
+    return search.paths
 
 
 def square(gray: np.ndarray, pad_to_square: bool = False) -> np.ndarray:

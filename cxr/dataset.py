@@ -19,6 +19,7 @@ the seed and the names, the same on every machine and library version, and stabl
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import json
 import os
@@ -95,10 +96,64 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def discover_images(dataset_dir) -> list[Path]:
-    """Supported image files under `dataset_dir`, recursively, sorted; hidden files and folders skipped.
+@dataclass
+class ImageSearch:
+    """What `find_images` found under a folder."""
 
-    The suffix decides (case-insensitive, see SUPPORTED_SUFFIXES). Symlinked folders are followed once.
+    root: Path
+    paths: list[Path]  # supported image files, sorted by their path relative to `root`
+    other_suffixes: Counter  # suffix -> number of other (not hidden, not excluded) files
+    unreadable: list[tuple[Path, str]]  # folders that could not be listed, with the reason
+
+    def unreadable_message(self, name: str, hint: str) -> str:
+        """'N folder(s) under NAME cannot be read: ...' with each folder and why, then `hint`."""
+        lines = [f"  {_relpath(folder, self.root)}/: {reason}" for folder, reason in self.unreadable[:_LISTED_IN_ERRORS]]
+        if len(self.unreadable) > _LISTED_IN_ERRORS:
+            lines.append(f"  ... and {len(self.unreadable) - _LISTED_IN_ERRORS} more")
+        return f"{len(self.unreadable)} folder(s) under {name} cannot be read:\n" + "\n".join(lines) + f"\n{hint}"
+
+
+def find_images(folder, exclude: str = "") -> ImageSearch:
+    """The image search of every command (train.py's scan, cxr.audit, cxr.evaluate): supported image files under
+    `folder`, recursively.
+
+    The suffix decides (case-insensitive, see SUPPORTED_SUFFIXES). Hidden files and folders (names starting with
+    a dot, such as the `._x.png` files macOS leaves on other disks) are skipped, and so are file names matching
+    one of the comma-separated, case-insensitive `exclude` patterns. Symlinked folders are followed once. A folder
+    that cannot be listed (no permission) is never skipped silently: it is returned in `unreadable`.
+    """
+    root = Path(folder)
+    patterns = [p.strip().lower() for p in exclude.split(",") if p.strip()]
+    found, other_suffixes, unreadable, visited = [], Counter(), [], set()
+
+    def on_error(error: OSError) -> None:
+        unreadable.append((Path(error.filename) if error.filename else root, error.strerror or str(error)))
+
+    for current, subfolders, files in os.walk(root, onerror=on_error, followlinks=True):
+        real = os.path.realpath(current)
+        if real in visited:  # a symlink loop
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not _is_hidden(d))
+        for name in files:
+            if _is_hidden(name) or any(fnmatch.fnmatch(name.lower(), pattern) for pattern in patterns):
+                continue
+            suffix = Path(name).suffix.lower()
+            if suffix in SUPPORTED_SUFFIXES:
+                found.append(Path(current) / name)
+            else:
+                other_suffixes[suffix or "(no suffix)"] += 1
+    found.sort(key=lambda p: _relpath(p, root))
+    unreadable.sort(key=lambda item: _relpath(item[0], root))
+    return ImageSearch(root, found, other_suffixes, unreadable)
+
+
+def discover_images(dataset_dir, skip_unreadable: bool = False) -> list[Path]:
+    """`find_images` of --dataset_dir, sorted; a clear DatasetError when it finds nothing usable.
+
+    A subfolder that cannot be listed is an error, or with `skip_unreadable` (--skip_bad_images) skipped with a
+    warning naming it; an unreadable --dataset_dir is always an error.
     """
     if dataset_dir is None:
         raise DatasetError("--dataset_dir is required when no --file_list is given")
@@ -107,31 +162,27 @@ def discover_images(dataset_dir) -> list[Path]:
         raise DatasetError(f"--dataset_dir {root} does not exist")
     if not root.is_dir():
         raise DatasetError(f"--dataset_dir {root} is not a folder (to train on a list of files, use --file_list)")
-    found, other_suffixes, visited = [], Counter(), set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:  # a symlink loop
-            subfolders[:] = []
-            continue
-        visited.add(real)
-        subfolders[:] = sorted(d for d in subfolders if not _is_hidden(d))
-        for name in files:
-            if _is_hidden(name):
-                continue
-            suffix = Path(name).suffix.lower()
-            if suffix in SUPPORTED_SUFFIXES:
-                found.append(Path(folder) / name)
-            else:
-                other_suffixes[suffix or "(no suffix)"] += 1
-    if not found:
-        if not other_suffixes:
+    search = find_images(root)
+    for folder, reason in search.unreadable:
+        if folder == root:
+            raise DatasetError(f"--dataset_dir {root} cannot be read ({reason}): give the user running train.py "
+                               "permission to list it")
+    if search.unreadable:
+        name = f"--dataset_dir {root}"
+        if not skip_unreadable:
+            raise DatasetError(search.unreadable_message(name, "Give the user running train.py permission to list "
+                               "them, or pass --skip_bad_images to train without the images in them."))
+        print("[cxr] --skip_bad_images: skipped " + search.unreadable_message(name, "(their images are not used)"),
+              file=sys.stderr)
+    if not search.paths:
+        if not search.other_suffixes:
             raise DatasetError(f"--dataset_dir {root} contains no files (hidden files are ignored)")
-        seen = ", ".join(f"{s} ({n})" for s, n in other_suffixes.most_common(8))
+        seen = ", ".join(f"{s} ({n})" for s, n in search.other_suffixes.most_common(8))
         raise DatasetError(
             f"--dataset_dir {root} has no supported images ({', '.join(sorted(SUPPORTED_SUFFIXES))}); "
             f"it contains: {seen}. DICOM files without a suffix can be given with --file_list."
         )
-    return sorted(found, key=lambda p: _relpath(p, root))
+    return search.paths
 
 
 def read_file_list(file_list, dataset_dir=None) -> list[_Candidate]:
@@ -283,7 +334,7 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
         source = f"--file_list {file_list}"
     else:
         root = Path(dataset_dir) if dataset_dir is not None else None
-        candidates = [_Candidate(p, _relpath(p, root)) for p in discover_images(dataset_dir)]
+        candidates = [_Candidate(p, _relpath(p, root)) for p in discover_images(dataset_dir, skip_bad_images)]
         source = f"--dataset_dir {dataset_dir}"
     if file_list is not None and not any(c.path.exists() for c in candidates):
         raise DatasetError(

@@ -265,3 +265,149 @@ def test_png_missing_its_last_bytes_is_truncated(tmp_path):
     png = _png_bytes(np.zeros((16, 16), np.uint8))
     with pytest.raises(ImageReadError, match="truncated"):
         decode_grayscale(png[:-6], tmp_path / "cut.png")
+
+
+# ---------------------------------------------------------------- folders that cannot be listed
+
+def _deny_listing(monkeypatch, *denied: Path):
+    """os.scandir raises PermissionError for these folders, as it does for a user without read access (tests
+    run as root, for whom chmod 000 does not block reading)."""
+    real_scandir = os.scandir
+    denied_paths = {os.path.realpath(p) for p in denied}
+
+    def scandir(path="."):
+        if os.path.realpath(os.fspath(path)) in denied_paths:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_subfolder_stops_the_scan_naming_it(tmp_path, monkeypatch):
+    _write_png(tmp_path / "a.png", seed=0)
+    _write_png(tmp_path / "locked" / "b.png", seed=1)
+    _deny_listing(monkeypatch, tmp_path / "locked")
+    with pytest.raises(DatasetError) as info:
+        scan_dataset(tmp_path)
+    message = str(info.value)
+    assert "locked" in message and "Permission denied" in message and "--skip_bad_images" in message
+
+
+def test_skip_bad_images_skips_an_unreadable_subfolder_with_a_warning(tmp_path, monkeypatch, capsys):
+    _write_png(tmp_path / "a.png", seed=0)
+    _write_png(tmp_path / "locked" / "b.png", seed=1)
+    _deny_listing(monkeypatch, tmp_path / "locked")
+    report = scan_dataset_report(tmp_path, skip_bad_images=True)
+    assert [r.relpath for r in report.records] == ["a.png"]
+    error = capsys.readouterr().err
+    assert "locked" in error and "Permission denied" in error
+
+
+@pytest.mark.parametrize("skip_bad_images", [False, True])
+def test_an_unreadable_dataset_dir_is_not_called_empty(tmp_path, monkeypatch, skip_bad_images):
+    _write_png(tmp_path / "data" / "a.png")
+    _deny_listing(monkeypatch, tmp_path / "data")
+    with pytest.raises(DatasetError) as info:
+        scan_dataset(tmp_path / "data", skip_bad_images=skip_bad_images)
+    message = str(info.value)
+    assert "--dataset_dir" in message and "Permission denied" in message and "contains no files" not in message
+
+
+SCAN_SCRIPT = """
+import sys
+from cxr.dataset import DatasetError, scan_dataset
+try:
+    print([r.relpath for r in scan_dataset(sys.argv[1])])
+except DatasetError as error:
+    print(error)
+    sys.exit(3)
+"""
+
+
+def test_a_folder_without_read_permission_really_stops_the_scan():
+    """Real permissions, no monkeypatching: as root (who reads any folder) the scan runs as user `nobody`."""
+    as_user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+    with tempfile.TemporaryDirectory() as scratch:  # not under pytest's tmp_path, which only its owner can enter
+        root = Path(scratch) / "data"
+        _write_png(root / "a.png", seed=0)
+        _write_png(root / "locked" / "b.png", seed=1)
+        os.chmod(scratch, 0o755)
+        os.chmod(root, 0o755)
+        os.chmod(root / "locked", 0o000)
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        try:
+            result = subprocess.run([sys.executable, "-c", SCAN_SCRIPT, str(root)], capture_output=True, text=True,
+                                    env=env, timeout=120, **as_user)
+        except PermissionError as error:  # a container that forbids switching users
+            pytest.skip(f"cannot run as another user here: {error}")
+        finally:
+            os.chmod(root / "locked", 0o755)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "locked/: Permission denied" in result.stdout and "--skip_bad_images" in result.stdout
+
+
+def test_audit_and_evaluate_listing_report_an_unreadable_folder(tmp_path, monkeypatch):
+    import cxr.evaluate
+    from cxr.audit import list_images
+
+    _write_png(tmp_path / "a.png", seed=0)
+    _write_png(tmp_path / "locked" / "b.png", seed=1)
+    _deny_listing(monkeypatch, tmp_path / "locked")
+    for listing in (list_images, cxr.evaluate.list_images):
+        with pytest.raises(DatasetError, match=r"locked.*Permission denied"):
+            listing(tmp_path)
+
+
+def test_audit_command_exits_2_naming_an_unreadable_folder(tmp_path, monkeypatch, capsys):
+    from cxr.audit import main
+
+    for index in range(3):
+        _write_png(tmp_path / "train" / f"t{index}.png", seed=index)
+    _write_png(tmp_path / "samples" / "s.png", seed=9)
+    _deny_listing(monkeypatch, tmp_path / "samples")
+    code = main(["--train_dir", str(tmp_path / "train"), "--samples_dir", str(tmp_path / "samples"),
+                 "--out", str(tmp_path / "report"), "--num_workers", "0", "--threshold", "0.9"])
+    error = capsys.readouterr().err
+    assert code == 2 and "samples" in error and "Permission denied" in error
+
+
+# ---------------------------------------------------------------- hidden files: one image search for every command
+
+@pytest.fixture
+def folder_with_hidden_junk(tmp_path):
+    folder = tmp_path / "images"
+    for index in range(3):
+        _write_png(folder / f"img{index}.png", seed=index)
+    _write_png(folder / "sub" / "img3.png", seed=3)
+    (folder / "._img0.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble metadata, not a PNG")
+    (folder / "sub" / "._img3.png").write_bytes(b"\x00\x05\x16\x07 more AppleDouble")
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "junk.png").write_bytes(b"not an image")
+    return folder
+
+
+EXPECTED_NAMES = ["img0.png", "img1.png", "img2.png", "sub/img3.png"]
+
+
+def test_hidden_files_are_skipped_by_the_training_scan(folder_with_hidden_junk):
+    assert [r.relpath for r in scan_dataset(folder_with_hidden_junk, min_image_size=64)] == EXPECTED_NAMES
+
+
+def test_hidden_files_are_skipped_by_audit_and_evaluate_listing(folder_with_hidden_junk):
+    import cxr.evaluate
+    from cxr.audit import list_images
+
+    for listing in (list_images, cxr.evaluate.list_images):
+        found = [p.relative_to(folder_with_hidden_junk).as_posix() for p in listing(folder_with_hidden_junk)]
+        assert found == EXPECTED_NAMES
+
+
+def test_audit_command_ignores_hidden_files(folder_with_hidden_junk, tmp_path, capsys):
+    from cxr.audit import main
+
+    samples = tmp_path / "samples"
+    _write_png(samples / "s0.png", seed=10)
+    (samples / "._s0.png").write_bytes(b"AppleDouble")
+    code = main(["--train_dir", str(folder_with_hidden_junk), "--samples_dir", str(samples), "--out",
+                 str(tmp_path / "report"), "--num_workers", "0", "--threshold", "0.9", "--gallery_pairs", "0"])
+    assert code == 0, capsys.readouterr().err
