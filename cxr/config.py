@@ -222,7 +222,7 @@ class TrainConfig:
     lora_alpha: float = flag(16.0, "LoRA alpha; the update is scaled by alpha / rank")
     lora_dropout: float = flag(0.0, "dropout on the LoRA input (0 disables)")
     lora_targets: str = flag("to_q,to_k,to_v,to_out.0", "comma-separated attention projections to wrap in every attn1/attn2")
-    export_format: str = flag("diffusers", "adapter export format(s) written to OUTPUT_DIR/lora_unet", ("diffusers", "kohya", "both"))
+    export_format: str = flag("both", "adapter file(s) written to OUTPUT_DIR/lora_unet: kohya (cxr_lora_kohya.safetensors: ComfyUI, A1111/Forge, kohya sd-scripts, diffusers), diffusers (pytorch_lora_weights.safetensors, peft keys: diffusers and peft only) or both", ("diffusers", "kohya", "both"))
     # --- optimisation ---
     train_batch_size: int = flag(16, "images per step per GPU")
     grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step")

@@ -206,3 +206,110 @@ def test_disk_estimate_and_bench_use_the_vae_factor(f2_model_dir, tiny_model_dir
     ctx = Context(cfg=BenchConfig(resolution=64), device=torch.device("cpu"), dtype=torch.float32)
     ctx.components = {"unet": UNet2DConditionModel.from_pretrained(f2_model_dir, subfolder="unet"), "vae": vae}
     assert ctx.latent_shape() == tuple(posterior.mean.shape[1:]) == (4, 32, 32)
+
+
+# ----------------------------------------------------------------------------- 6: the default export
+
+
+def comfyui_unet_key_map(unet) -> dict[str, str]:
+    """ComfyUI's rule for diffusers-named SD UNets (model_lora_keys_unet): for every `<module>.weight` of the
+    diffusers UNet, the LoRA name `lora_unet_<module with . -> _>`; peft-style names are mapped only as
+    `unet.<module with .to_ -> .processor.to_>` (the old attention-processor format)."""
+    key_map = {}
+    for key in unet.state_dict():
+        if key.endswith(".weight"):
+            module = key[: -len(".weight")]
+            key_map["lora_unet_" + module.replace(".", "_")] = key
+            for prefix in ("", "unet."):
+                legacy = prefix + module.replace(".to_", ".processor.to_")
+                key_map[legacy[:-2] if legacy.endswith(".to_out.0") else legacy] = key
+    return key_map
+
+
+def kohya_sd_scripts_names(unet) -> set[str]:
+    """kohya sd-scripts' LoRANetwork for SD v1 UNets: every Linear under a `Transformer2DModel`, named
+    `lora_unet_<module>.<child>` with . -> _."""
+    names = set()
+    for name, module in unet.named_modules():
+        if type(module).__name__ == "Transformer2DModel":
+            for child_name, child in module.named_modules():
+                if isinstance(child, torch.nn.Linear):
+                    names.add("lora_unet_" + f"{name}.{child_name}".replace(".", "_"))
+    return names
+
+
+A1111_ATTENTION_NAMES = (  # the diffusers-name patterns of A1111's convert_diffusers_name_to_compvis
+    re.compile(r"lora_unet_down_blocks_(\d+)_attentions_(\d+)_(.+)"),
+    re.compile(r"lora_unet_mid_block_attentions_(\d+)_(.+)"),
+    re.compile(r"lora_unet_up_blocks_(\d+)_attentions_(\d+)_(.+)"),
+)
+
+
+def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_dir, v_run, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors import safe_open
+
+    from cxr import lora
+
+    assert TrainConfig().export_format == "both"
+    files = sorted(p.name for p in v_run.glob("*.safetensors"))
+    assert files == sorted([lora.DIFFUSERS_WEIGHT_NAME, lora.KOHYA_WEIGHT_NAME])
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    key_map, sd_scripts = comfyui_unet_key_map(unet), kohya_sd_scripts_names(unet)
+    with safe_open(str(v_run / lora.KOHYA_WEIGHT_NAME), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    modules = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.partition(".")
+        assert part in ("lora_down.weight", "lora_up.weight", "alpha"), key  # what ComfyUI/A1111/kohya read
+        modules.setdefault(name, {})[part] = tensor
+    assert len(modules) == len(lora.lora_modules(_loaded(tiny_model_dir, v_run)))  # every LoRA module is in the file
+    for name, parts in modules.items():
+        assert set(parts) == {"lora_down.weight", "lora_up.weight", "alpha"}, name
+        assert name in key_map, f"ComfyUI maps no module to {name}"
+        assert name in sd_scripts, f"kohya sd-scripts creates no module named {name}"
+        assert any(p.fullmatch(name) for p in A1111_ATTENTION_NAMES), f"A1111 does not convert {name}"
+        weight = unet.state_dict()[key_map[name]]
+        assert (parts["lora_up.weight"] @ parts["lora_down.weight"]).shape == weight.shape
+        assert parts["alpha"].numel() == 1 and float(parts["alpha"]) == 8.0
+    # The diffusers/peft file alone maps to nothing in ComfyUI: that is why it cannot be the only default file.
+    with safe_open(str(v_run / lora.DIFFUSERS_WEIGHT_NAME), "pt") as handle:
+        peft_modules = {k.rsplit(".lora_", 1)[0] for k in handle.keys()}
+    assert peft_modules and not peft_modules & set(key_map)
+
+    # diffusers loads the default folder (it picks pytorch_lora_weights.safetensors) and gives our UNet's output.
+    pytest.importorskip("peft")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(v_run))
+    ours = _loaded(tiny_model_dir, v_run)
+    torch.manual_seed(0)
+    sample, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        diff = (pipe.unet(sample, t, text).sample - ours(sample, t, text).sample).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def _loaded(model_dir, adapter):
+    from diffusers import UNet2DConditionModel
+
+    from cxr.lora import load_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    load_adapter(unet, adapter)
+    return unet
+
+
+def test_sampler_and_converter_pick_the_diffusers_file_when_both_are_there(v_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from cxr import lora
+
+    assert lora.resolve_adapter_file(v_run) == v_run / lora.DIFFUSERS_WEIGHT_NAME
+    _, fmt, header, file = lora.read_adapter(v_run)
+    assert fmt == "diffusers" and header["cxr.prediction_type"] == "v_prediction"
+    out = tmp_path / "k.safetensors"
+    assert lora.main(["to-kohya", str(v_run), str(out)]) == 0
+    written, shipped = load_file(out), load_file(v_run / lora.KOHYA_WEIGHT_NAME)
+    assert written.keys() == shipped.keys()
+    assert all(torch.equal(written[k], shipped[k]) for k in written)
