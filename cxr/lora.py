@@ -15,8 +15,9 @@ dotted module paths it wrapped; those paths are the keys of every file we write:
   rank, alpha and target modules in the safetensors header under `lora_adapter_metadata` (the JSON that
   `StableDiffusionLoraLoaderMixin.save_lora_weights(..., unet_lora_adapter_metadata=...)` writes and
   `load_lora_weights` turns into its `LoraConfig`, so alpha != rank loads at the right strength);
-* kohya (`cxr_lora_kohya.safetensors`, for ComfyUI / A1111): `lora_unet_<path with _>.lora_down.weight`,
-  `.lora_up.weight` and a scalar `.alpha` per module.
+* kohya (`cxr_lora_kohya.safetensors`): `lora_unet_<path with _>.lora_down.weight`, `.lora_up.weight` and a
+  scalar `.alpha` per module. The only one of the two that ComfyUI, A1111/Forge and kohya sd-scripts load: their
+  key maps have no entry for the peft-style names above (diffusers reads both).
 
 Our own provenance (base model, resolution, prompt, steps, manifest hash, ...) sits in the same header under
 keys starting with `cxr.`. Only safetensors files are ever read: nothing is unpickled.
@@ -465,7 +466,8 @@ def save_adapter(model: nn.Module, out_dir, *, rank: int, alpha: float, targets,
 
     "diffusers" writes `pytorch_lora_weights.safetensors` (diffusers/peft keys, `lora_adapter_metadata` header:
     `StableDiffusionPipeline.load_lora_weights(out_dir)` reproduces our outputs); "kohya" writes
-    `cxr_lora_kohya.safetensors` (ComfyUI / A1111); "both" writes both. `metadata` (base model id, resolution,
+    `cxr_lora_kohya.safetensors` (ComfyUI, A1111/Forge, kohya sd-scripts, diffusers); "both" (train.py's default)
+    writes both, and a folder holding both resolves to the diffusers file. `metadata` (base model id, resolution,
     prompt, steps, manifest hash, ...) goes into the header with a `cxr.` prefix. `rank`, `alpha` and `targets`
     must describe the model's LoRA layers (a mismatch means the caller's config and model disagree).
     """
