@@ -356,6 +356,7 @@ FLAG_TABLES = {
     "select": "cxr.select:SelectConfig",
     "audit": "cxr.audit:AuditConfig",
     "evaluate": "cxr.evaluate:EvaluateConfig",
+    "report": "cxr.report:ReportConfig",
     "bench": "cxr.bench:BenchConfig",
 }
 
