@@ -357,6 +357,7 @@ FLAG_TABLES = {
     "audit": "cxr.audit:AuditConfig",
     "evaluate": "cxr.evaluate:EvaluateConfig",
     "report": "cxr.report:ReportConfig",
+    "dedup": "cxr.dedup:DedupConfig",
     "bench": "cxr.bench:BenchConfig",
 }
 
