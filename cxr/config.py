@@ -356,6 +356,8 @@ FLAG_TABLES = {
     "select": "cxr.select:SelectConfig",
     "audit": "cxr.audit:AuditConfig",
     "evaluate": "cxr.evaluate:EvaluateConfig",
+    "report": "cxr.report:ReportConfig",
+    "dedup": "cxr.dedup:DedupConfig",
     "bench": "cxr.bench:BenchConfig",
 }
 

@@ -1,0 +1,146 @@
+"""The release report on a real (tiny) run: train -> sample -> audit -> evaluate -> report, then the page is parsed."""
+
+import base64
+import io
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cxr.audit import AuditConfig, audit
+from cxr.config import SampleConfig, TrainConfig
+from cxr.evaluate import EvaluateConfig, evaluate
+from cxr.report import ReportConfig, main, training_curves, write_report
+from cxr.sampling import sample_run
+from cxr.training import train
+
+SECTIONS = ("summary", "provenance", "samples", "training", "audit", "evaluation", "use")
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, tiny_model_dir, phantom_dir):
+    """A finished tiny run with samples, an audit of them and an evaluation: what a user has before releasing."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("release")
+    run = root / "run"
+    cfg = TrainConfig(dataset_dir=Path(phantom_dir), model_id=str(tiny_model_dir), output_dir=run,
+                      device="cpu", mixed_precision="no", resolution=64, train_batch_size=4, val_count=4,
+                      dataloader_num_workers=0, learning_rate=1e-3, max_train_steps=4, log_every=2,
+                      checkpointing_steps=2, validation_steps=2, num_validation_images=0, lora_rank=4,
+                      lora_alpha=4.0, seed=0)
+    cfg.validate()
+    summary = train(cfg)
+    samples = root / "samples"
+    sample_run(SampleConfig(base_model=str(tiny_model_dir), lora_path=run / "lora_unet", out_dir=samples,
+                            num_images=4, batch_size=4, height=64, width=64, num_inference_steps=2, device="cpu",
+                            contact_sheet=0))
+    audit_dir = root / "audit"
+    audit(AuditConfig(train_manifest=run / "manifest.json", train_dir=Path(phantom_dir), samples_dir=samples,
+                      out=audit_dir, num_workers=0, resolution=16, max_shift=0.0, gallery_pairs=2, device="cpu"))
+    eval_file = root / "eval.json"
+    evaluate(EvaluateConfig(real=Path(phantom_dir), fake=samples, skip_features=True, out=eval_file, num_workers=0,
+                            diversity_pairs=2, msssim_resolution=176, device="cpu"))
+    return {"root": root, "run": run, "samples": samples, "audit": audit_dir, "eval": eval_file, "summary": summary}
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.images, self.links, self.text = set(), [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "img":
+            self.images.append(attrs["src"])
+        for key in ("href", "src"):
+            if key in attrs and tag != "img":
+                self.links.append(attrs[key])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _report(released, out: Path, **overrides) -> tuple[dict, _Page]:
+    values = dict(run=released["run"], samples=released["samples"], audit=released["audit"], eval=released["eval"],
+                  out=out)
+    values.update(overrides)
+    facts = write_report(ReportConfig(**values))
+    page = _Page()
+    page.feed(out.read_text())
+    return facts, page
+
+
+def test_report_holds_every_section_with_embedded_images_and_matching_facts(released, tmp_path):
+    from cxr.fileio import file_sha256
+
+    out = tmp_path / "report.html"
+    facts, page = _report(released, out)
+    assert set(SECTIONS) <= page.ids
+    # Self-contained: every image is an embedded PNG that decodes; nothing points outside the page.
+    assert len(page.images) == 2  # the sample grid and the audit's closest-pairs gallery
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    assert not [link for link in page.links if "://" in link]
+    # The JSON beside the page holds the same facts.
+    on_disk = json.loads(out.with_suffix(".json").read_text())
+    assert on_disk["provenance"]["adapter"]["sha256"] == facts["provenance"]["adapter"]["sha256"]
+    adapter_file = released["run"] / "lora_unet" / facts["provenance"]["adapter"]["loaded_by_sample_py"]
+    assert facts["provenance"]["adapter"]["sha256"] == file_sha256(adapter_file)
+    assert facts["provenance"]["manifest_sha256"] == file_sha256(released["run"] / "manifest.json")
+    assert facts["samples"]["count"] == 4 and facts["samples"]["settings"]["adapter_sha256"] == file_sha256(adapter_file)
+    assert facts["warnings"] == [w for w in facts["warnings"] if "calibrated" in w]  # only the small-holdout note, if any
+    text = " ".join(page.text)
+    assert facts["provenance"]["adapter"]["sha256"] in text
+    assert str(facts["audit"]["threshold"]["rule"]) in text
+    assert "not be used for diagnosis" in text
+    # Evaluation numbers come from the evaluate JSON.
+    evaluation = json.loads(released["eval"].read_text())
+    assert on_disk["evaluation"]["intensity"]["wasserstein1"] == evaluation["intensity"]["wasserstein1"]
+
+
+def test_training_curves_are_the_event_files_values(released):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = training_curves(released["run"] / "logs")
+    assert {"train/loss", "val/loss"} <= set(curves)
+    folder = next(p.parent for p in (released["run"] / "logs").rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    expected = [[e.step, e.value] for e in accumulator.Scalars("train/loss")]
+    assert curves["train/loss"] == expected
+    assert [step for step, _ in curves["train/loss"]] == [2, 4]
+    # The final val loss in the page is the run's own final val loss.
+    assert curves["val/loss"][-1][1] == pytest.approx(released["summary"]["val_loss_final"], rel=1e-6)
+
+
+def test_samples_from_another_adapter_are_flagged_on_the_page(released, tmp_path):
+    other = tmp_path / "samples"
+    shutil.copytree(released["samples"], other)
+    index = json.loads((other / "index.json").read_text())
+    index["settings"]["adapter_sha256"] = "0" * 64
+    (other / "index.json").write_text(json.dumps(index))
+    facts, page = _report(released, tmp_path / "report.html", samples=other)
+    assert any("not made by this run's adapter" in w for w in facts["warnings"])
+    assert any("audit was run on" in w for w in facts["warnings"])  # the audit saw the original folder
+    assert "not made by this run" in " ".join(page.text)
+
+
+def test_missing_inputs_are_clear_errors(released, tmp_path, capsys):
+    code = main(["--run", str(released["run"]), "--samples", str(released["samples"]),
+                 "--audit", str(tmp_path / "no-audit"), "--out", str(tmp_path / "r.html")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--audit" in err and "report.json" in err and "python -m cxr.audit" in err
+    assert not (tmp_path / "r.html").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--run", str(released["run"]), "--samples", str(released["samples"]), "--audit", str(released["audit"]),
+              "--out", str(tmp_path / "r.txt")])
+    assert exit_info.value.code == 2
+    assert "--out" in capsys.readouterr().err
