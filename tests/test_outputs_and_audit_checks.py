@@ -1,0 +1,102 @@
+"""Issue 13 (sections 4-6): seed ranges, output paths checked before the work, reproducible adapter bytes, file
+modes that follow the umask, and a memorization-audit threshold that says how many held-out images set it."""
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr import audit as audit_module
+from cxr import evaluate as evaluate_module
+from cxr import sampling
+from cxr.config import ConfigError, SampleConfig, TrainConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_SAMPLE = dict(height=64, width=64, num_inference_steps=2, device="cpu", contact_sheet=2, batch_size=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from more on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def sample_cfg(model_dir, out_dir, **overrides) -> SampleConfig:
+    values = dict(base_model=str(model_dir), out_dir=Path(out_dir), num_images=1, **SMALL_SAMPLE)
+    values.update(overrides)
+    return SampleConfig(**values)
+
+
+def train_cfg(model_dir, dataset_dir, out, **overrides) -> TrainConfig:
+    values = dict(
+        dataset_dir=Path(dataset_dir), model_id=str(model_dir), output_dir=Path(out), device="cpu",
+        mixed_precision="no", resolution=64, train_batch_size=4, val_count=4, dataloader_num_workers=0,
+        learning_rate=1e-3, max_train_steps=2, log_every=1, checkpointing_steps=1, validation_steps=0,
+        num_validation_images=0, lora_rank=4, lora_alpha=4.0, seed=0,
+    )
+    values.update(overrides)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ seeds
+
+
+def _exit_message(cls, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", str(2**32), "-1"])
+def test_train_seed_out_of_range_is_a_flag_error(seed, capsys, tmp_path):
+    message = _exit_message(TrainConfig, ["--dataset_dir", str(tmp_path), "--seed", seed], capsys)
+    assert "--seed: must be in [0, 4294967295]" in message
+
+
+def test_train_seed_limit_fits_every_generator_the_run_seeds():
+    """The largest accepted seed works where training uses it: the data order's seed * 1_000_003 + epoch, the
+    noise generator, the validation noise (seed + 1) and torch.manual_seed (the LoRA init)."""
+    from cxr.config import TRAIN_SEED_MAX
+    from cxr.training import DataOrder, DistInfo
+
+    TrainConfig(dataset_dir=Path("x"), seed=TRAIN_SEED_MAX).validate()
+    order = DataOrder(8, batch_size=2, grad_accum_steps=1, dist=DistInfo(), seed=TRAIN_SEED_MAX, device="cpu")
+    assert sorted(order._permutation(10**9).tolist()) == list(range(8))
+    torch.Generator().manual_seed(TRAIN_SEED_MAX + 1)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(TRAIN_SEED_MAX)
+    torch.random.set_rng_state(state)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--seed", "99999999999999999999999"],
+    ["--seed", str(2**64 - 1), "--num_images", "2"],  # image 1 would use seed 2**64
+    ["--seed", str(2**64 - 3), "--start_index", "2", "--num_images", "2"],
+    ["--seed", "-1"],
+])
+def test_sample_seed_range_covers_every_image(argv, capsys):
+    message = _exit_message(SampleConfig, argv, capsys)
+    assert "--seed:" in message and "18446744073709551615" in message
+
+
+def test_sample_largest_seeds_are_accepted_and_usable(tiny_model_dir, tmp_path):
+    """The bound is the generator's own: images up to seed 2**64 - 1 are made; one more is refused before any
+    file is written (before the fix: image 0 written, then a ValueError overflow midway)."""
+    top = 2**64 - 1
+    result = sampling.sample_run(sample_cfg(tiny_model_dir, tmp_path / "ok", seed=top - 1, num_images=2))
+    assert len(result.made) == 2
+    index = json.loads((tmp_path / "ok" / "index.json").read_text())
+    assert [row["seed"] for row in index["images"]] == [top - 1, top]
+    with pytest.raises(ConfigError, match="--seed"):
+        sampling.sample_run(sample_cfg(tiny_model_dir, tmp_path / "over", seed=top, num_images=2))
+    assert not (tmp_path / "over").exists()
