@@ -562,9 +562,11 @@ def audit(config: AuditConfig) -> dict:
     Returns the report dict (also in report.json); `report["exit_code"]` is 1 when `--fail_above` is
     exceeded, else 0.
     """
+    from cxr.fileio import check_writable
     from cxr.models import pick_device
 
     started = time.time()
+    check_writable(config.out, "--out", create=False)  # before any image is read, not after the search
     device = pick_device(config.device)
     train_paths, sample_paths, holdout_paths, clip_percent = _resolve_sets(config)
     read = dict(pad_to_square=config.pad_to_square, num_workers=config.num_workers, batch_size=config.batch_size)

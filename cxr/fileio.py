@@ -1,8 +1,9 @@
-"""Small file helpers shared by the package: content hashes and crash-safe writes."""
+"""Small file helpers shared by the package: content hashes, crash-safe writes, output-path checks."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -37,3 +38,48 @@ def atomic_path(path: str | Path):
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
+
+
+# ------------------------------------------------------------------------------------- output paths
+
+
+class OutputPathError(RuntimeError):
+    """An output file or folder cannot be written; the message names the flag and what to do."""
+
+
+def check_writable(folder: str | Path, flag: str, error: type[Exception] = OutputPathError, *,
+                   create: bool = True) -> None:
+    """Create `folder` and write + delete a probe file there; raise `error` naming `flag` otherwise.
+
+    With `create=False` nothing is left behind: the probe goes into the folder, or where it does not exist yet
+    into its nearest existing parent (which must be a folder). Every command calls this for its outputs before
+    it loads a model or computes anything, so a bad path fails at once instead of after the work.
+    """
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is an existing file, not a folder")
+        target = folder
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            while not target.exists() and target.parent != target:
+                target = target.parent
+            if not target.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{target} is a file, not a folder")
+        probe = target / f".cxr-write-probe-{os.getpid()}"
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as problem:
+        raise error(
+            f"{flag}: cannot write to {folder} ({problem.strerror or problem}); choose a folder you can write to"
+        ) from None
+
+
+def check_writable_file(path: str | Path, flag: str, error: type[Exception] = OutputPathError) -> None:
+    """`check_writable` for an output file: its folder must be writable and the path must not be a folder.
+    (The file itself is replaced atomically, so a read-only existing file is no obstacle.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{flag}: {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    check_writable(path.parent, flag, error, create=False)

@@ -100,3 +100,89 @@ def test_sample_largest_seeds_are_accepted_and_usable(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="--seed"):
         sampling.sample_run(sample_cfg(tiny_model_dir, tmp_path / "over", seed=top, num_images=2))
     assert not (tmp_path / "over").exists()
+
+
+# ------------------------------------------------------------------------ output paths, checked first
+
+
+def _unwritable(monkeypatch, folder: Path) -> None:
+    """Make writes into `folder` fail with EACCES, as a read-only folder does for a non-root user (root
+    ignores directory permissions, so chmod cannot show it in a test run as root)."""
+    original = Path.write_bytes
+
+    def write_bytes(self, data):
+        if Path(self).parent == folder:
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+def _bad_out_dirs(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    _unwritable(monkeypatch, read_only)
+    return {"existing file": blocker, "under a file": blocker / "out", "read-only": read_only}
+
+
+@pytest.mark.parametrize("case", ["existing file", "under a file", "read-only"])
+def test_sample_out_dir_is_checked_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
+    out_dir = _bad_out_dirs(tmp_path, monkeypatch)[case]
+    loads = []
+    monkeypatch.setattr(sampling, "load_pipeline", lambda *a, **k: loads.append(1) or pytest.fail("model loaded"))
+    sys.path.insert(0, str(REPO))
+    import sample as sample_script
+
+    assert sample_script.main(["--out_dir", str(out_dir), "--device", "cpu", "--num_images", "1"]) == 1
+    assert f"sample.py: error: --out_dir: cannot write to {out_dir}" in capsys.readouterr().err
+    assert not loads
+
+
+@pytest.mark.parametrize("case", ["existing file", "under a file", "read-only"])
+def test_audit_out_is_checked_before_any_image_is_read(case, tmp_path, monkeypatch, capsys):
+    from cxr.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "train", 2, seed=0)
+    out = _bad_out_dirs(tmp_path, monkeypatch)[case]
+    reads = []
+    monkeypatch.setattr(audit_module, "load_thumbnails", lambda *a, **k: reads.append(1) or pytest.fail("read"))
+    argv = ["--train_dir", str(tmp_path / "train"), "--samples_dir", str(tmp_path / "train"), "--out", str(out),
+            "--threshold", "0.9", "--num_workers", "0"]
+    assert audit_module.main(argv) == 2
+    assert f"error: --out: cannot write to {out}" in capsys.readouterr().err
+    assert not reads
+
+
+@pytest.mark.parametrize("case", ["under a file", "a folder", "read-only folder"])
+def test_evaluate_out_is_checked_before_any_metric(case, tmp_path, monkeypatch, capsys):
+    from cxr.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "real", 2, seed=0)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    _unwritable(monkeypatch, read_only)
+    out = {"under a file": blocker / "x.json", "a folder": tmp_path / "real", "read-only folder": read_only / "x.json"}[case]
+    work = []
+    monkeypatch.setattr(evaluate_module, "read_set", lambda *a, **k: work.append(1) or pytest.fail("read"))
+    monkeypatch.setattr(evaluate_module, "load_feature_extractor", lambda *a, **k: work.append(1) or pytest.fail("loaded"))
+    argv = ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "real"), "--out", str(out),
+            "--features", str(tmp_path / "extractor.pt"), "--num_workers", "0"]
+    assert evaluate_module.main(argv) == 2
+    assert "error: --out:" in capsys.readouterr().err
+    assert not work
+
+
+def test_train_keeps_its_output_dir_check(tmp_path):
+    """train.py's check is the shared one (cxr.fileio), raising the training error its CLI reports."""
+    from cxr import fileio, training
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(training.TrainingError, match="--output_dir: cannot write to"):
+        training.check_writable(blocker, "--output_dir")
+    with pytest.raises(fileio.OutputPathError, match="--out: cannot write to .*existing file, not a folder"):
+        fileio.check_writable(blocker, "--out")
