@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -83,3 +84,29 @@ def check_writable_file(path: str | Path, flag: str, error: type[Exception] = Ou
     if path.is_dir():
         raise error(f"{flag}: {path} is a folder; give a file name, e.g. {path / 'results.json'}")
     check_writable(path.parent, flag, error, create=False)
+
+
+# ------------------------------------------------------------------------------------- safetensors
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's content with a reproducible header: same tensors and metadata, same bytes.
+
+    safetensors (0.8.0) keeps the metadata in a Rust HashMap and writes it in a different order on every call,
+    even within one process, so two exports of one adapter had different bytes and sha256 (sorting the dict in
+    Python does not help). The tensor data and layout are safetensors' own; only the JSON header is written
+    again, with sorted metadata keys and the tensor entries in file order, padded with spaces to 8 bytes as
+    safetensors does.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return b"".join((len(text).to_bytes(8, "little"), text, memoryview(data)[8 + length:]))

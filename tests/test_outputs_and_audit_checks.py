@@ -186,3 +186,63 @@ def test_train_keeps_its_output_dir_check(tmp_path):
         training.check_writable(blocker, "--output_dir")
     with pytest.raises(fileio.OutputPathError, match="--out: cannot write to .*existing file, not a folder"):
         fileio.check_writable(blocker, "--out")
+
+
+# ------------------------------------------------------------------------ reproducible adapter bytes
+
+
+def _lora_unet(model_dir, seed=1):
+    from diffusers import UNet2DConditionModel
+
+    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    torch.manual_seed(seed)
+    inject_lora(unet, rank=4, alpha=8.0, targets=DEFAULT_TARGETS)
+    with torch.no_grad():
+        for module in lora_modules(unet).values():
+            module.lora_B.normal_(0.0, 0.2)
+    return unet
+
+
+METADATA = {"base_model": "x", "resolution": "64", "prompt": "chest x-ray", "steps": "10", "seed": "0",
+            "manifest_sha256": "ab" * 32, "pad_to_square": "False", "prediction_type": "epsilon"}
+
+
+def test_export_is_byte_identical_and_readers_agree(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    from cxr.lora import DEFAULT_TARGETS, save_adapter
+
+    unet = _lora_unet(tiny_model_dir)
+    runs = [save_adapter(unet, tmp_path / name, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, metadata=METADATA,
+                         export_format="both") for name in ("a", "b", "c")]
+    for files in zip(*runs):
+        contents = {f.read_bytes() for f in files}
+        assert len(contents) == 1, [f.name for f in files]
+        data = contents.pop()
+        # The same file for safetensors' reader: tensors and header equal what safetensors itself wrote.
+        tensors = load_file(files[0])
+        with safe_open(str(files[0]), framework="pt") as handle:
+            header = handle.metadata()
+        reference = save(tensors, metadata=header)
+        length, ref_length = int.from_bytes(data[:8], "little"), int.from_bytes(reference[:8], "little")
+        assert data[8 + length:] == reference[8 + ref_length:]  # the tensor bytes are safetensors' own
+        assert json.loads(data[8:8 + length]) == json.loads(reference[8:8 + ref_length])
+        assert length % 8 == 0 and list(json.loads(data[8:8 + length])["__metadata__"]) == sorted(header)
+
+
+def test_a_sample_folder_is_extended_after_a_re_export(tiny_model_dir, tmp_path):
+    from cxr.lora import DEFAULT_TARGETS, save_adapter
+
+    unet = _lora_unet(tiny_model_dir)
+    export = lambda: save_adapter(unet, tmp_path / "lora_unet", rank=4, alpha=8.0, targets=DEFAULT_TARGETS,  # noqa: E731
+                                  metadata=METADATA)
+    export()
+    cfg = sample_cfg(tiny_model_dir, tmp_path / "samples", lora_path=tmp_path / "lora_unet", num_images=1)
+    assert len(sampling.sample_run(cfg).made) == 1
+    export()  # e.g. resuming a finished run re-exports its adapter
+    cfg.num_images = 2
+    result = sampling.sample_run(cfg)
+    assert [p.name for p in result.made] == ["cxr_synth_000001.png"] and len(result.skipped) == 1
