@@ -1,4 +1,4 @@
-"""Small file helpers shared by the package: content hashes, crash-safe writes, output-path checks."""
+"""Small file helpers shared by the package: content hashes, crash-safe writes, output-path checks, file modes."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def atomic_path(path: str | Path):
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temporary
+        apply_umask(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -84,6 +85,34 @@ def check_writable_file(path: str | Path, flag: str, error: type[Exception] = Ou
     if path.is_dir():
         raise error(f"{flag}: {path} is a folder; give a file name, e.g. {path / 'results.json'}")
     check_writable(path.parent, flag, error, create=False)
+
+
+# ------------------------------------------------------------------------------------- file modes
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status). Reading it
+    with os.umask means setting it for a moment, which races with other threads creating files."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give `path` the mode `open()` gives a new file: 0o666 & ~umask (0644 with the usual umask 022).
+
+    safetensors (and tempfile.mkstemp) create files 0600, so an adapter would be unreadable by a ComfyUI or
+    A1111 server running as another user; every file cxr writes through `atomic_path` passes through here.
+    """
+    with contextlib.suppress(PermissionError, NotImplementedError):  # a filesystem without modes keeps its own
+        os.chmod(path, 0o666 & ~current_umask())
 
 
 # ------------------------------------------------------------------------------------- safetensors

@@ -246,3 +246,62 @@ def test_a_sample_folder_is_extended_after_a_re_export(tiny_model_dir, tmp_path)
     cfg.num_images = 2
     result = sampling.sample_run(cfg)
     assert [p.name for p in result.made] == ["cxr_synth_000001.png"] and len(result.skipped) == 1
+
+
+# ------------------------------------------------------------------------ file modes follow the umask
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")
+            if p.is_file() or p.is_dir()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_every_output_follows_the_umask(umask, tiny_model_dir, phantom_dir, tmp_path):
+    from cxr import training
+    from cxr.audit import AuditConfig, audit
+    from cxr.evaluate import EvaluateConfig, evaluate
+
+    root = tmp_path / "outputs"
+    root.mkdir()
+    previous = os.umask(umask)
+    try:
+        run = root / "run"
+        training.train(train_cfg(tiny_model_dir, phantom_dir, run, export_format="both"))
+        samples = root / "samples"
+        sampling.sample_run(sample_cfg(tiny_model_dir, samples, lora_path=run / "lora_unet", num_images=2,
+                                       grayscale_out=True))
+        audit(AuditConfig(train_dir=phantom_dir, samples_dir=samples, out=root / "audit", threshold=0.9,
+                          num_workers=0, max_shift=0, gallery_pairs=2, exclude="contact_sheet*"))
+        evaluate(EvaluateConfig(real=phantom_dir, fake=samples, skip_features=True, out=root / "eval" / "x.json",
+                                num_workers=0, diversity_pairs=0))
+    finally:
+        os.umask(previous)
+    modes = _modes(root)
+    for name in ("run/lora_unet/pytorch_lora_weights.safetensors", "run/lora_unet/cxr_lora_kohya.safetensors",
+                 "run/checkpoints/checkpoint-2/lora.safetensors", "run/checkpoints/checkpoint-2/optimizer.pt",
+                 "run/manifest.json", "run/config.json", "run/summary.json", "samples/cxr_synth_000000.png",
+                 "samples/index.json", "samples/index.csv", "samples/contact_sheet.png", "audit/report.json",
+                 "audit/scores.csv", "audit/gallery.png", "eval/x.json"):
+        assert name in modes, name
+    assert any(name.startswith("run/cache/") and name.endswith(".safetensors") for name in modes)
+    files = {name: mode for name, mode in modes.items() if (root / name).is_file()}
+    folders = {name: mode for name, mode in modes.items() if (root / name).is_dir()}
+    assert {name: oct(mode) for name, mode in files.items() if mode != 0o666 & ~umask} == {}
+    assert {name: oct(mode) for name, mode in folders.items() if mode != 0o777 & ~umask} == {}
+
+
+def test_apply_umask_reads_the_umask_without_changing_it(tmp_path):
+    from cxr.fileio import apply_umask, current_umask
+
+    previous = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027 and current_umask() == 0o027
+        path = tmp_path / "f"
+        path.write_bytes(b"")
+        os.chmod(path, 0o600)
+        apply_umask(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(previous)
