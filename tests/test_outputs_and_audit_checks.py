@@ -305,3 +305,76 @@ def test_apply_umask_reads_the_umask_without_changing_it(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640
     finally:
         os.umask(previous)
+
+
+# ------------------------------------------------------------------------ audit calibration
+
+
+@pytest.fixture(scope="module")
+def small_audit(tmp_path_factory):
+    """8 training phantoms, 3 held-out phantoms, 2 samples, an empty folder."""
+    from cxr.phantoms import write_phantoms
+
+    root = tmp_path_factory.mktemp("calibration")
+    write_phantoms(root / "train", 8, seed=0)
+    write_phantoms(root / "holdout", 3, seed=1)
+    write_phantoms(root / "samples", 2, seed=2)
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no images here")
+    return root
+
+
+def _argv(root, out, *extra):
+    return ["--train_dir", str(root / "train"), "--samples_dir", str(root / "samples"), "--out", str(out),
+            "--num_workers", "0", "--max_shift", "0", "--gallery_pairs", "0", *extra]
+
+
+def test_minimum_held_out_images_follows_the_quantile():
+    from cxr.audit import required_holdout_images
+
+    assert required_holdout_images(0.99) == 100
+    assert required_holdout_images(0.999) == 1000
+    assert required_holdout_images(0.9) == 100 and required_holdout_images(1.0) == 100
+
+
+@pytest.mark.parametrize("holdout", ["empty", "missing"])
+def test_empty_or_missing_holdout_dir_is_an_error(holdout, small_audit, tmp_path, monkeypatch, capsys):
+    reads = []
+    monkeypatch.setattr(audit_module, "load_thumbnails", lambda *a, **k: reads.append(1) or pytest.fail("read"))
+    assert audit_module.main(_argv(small_audit, tmp_path / "out", "--holdout_dir", str(small_audit / holdout))) == 2
+    error = capsys.readouterr().err
+    assert str(small_audit / holdout) in error and ("--holdout_dir" in error or "does not exist" in error)
+    assert not reads and not (tmp_path / "out" / "report.json").exists()
+
+
+def test_few_held_out_images_warn_loudly_and_the_report_counts_them(small_audit, tmp_path, capsys):
+    with pytest.warns(UserWarning, match=r"only 3 held-out images.*at least 100"):
+        code = audit_module.main(_argv(small_audit, tmp_path / "out", "--holdout_dir", str(small_audit / "holdout")))
+    assert code == 0
+    output = capsys.readouterr().out
+    assert "WARNING: the threshold rests on only 3 held-out images" in output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["calibration"] == {"holdout_images": 3, "min_holdout_images": 100, "sufficient": False,
+                                     "quantile": 0.99}
+    assert "3 held-out images" in report["threshold"]["rule"]
+
+
+@pytest.mark.parametrize("holdout", ["holdout", None])
+def test_fail_above_needs_enough_held_out_images_or_a_threshold(holdout, small_audit, tmp_path, monkeypatch, capsys):
+    extra = ["--holdout_dir", str(small_audit / holdout)] if holdout else []
+    reads = []
+    original = audit_module.load_thumbnails
+    monkeypatch.setattr(audit_module, "load_thumbnails", lambda *a, **k: reads.append(1) or original(*a, **k))
+    assert audit_module.main(_argv(small_audit, tmp_path / "gate", "--fail_above", "0.5", *extra)) == 2
+    error = capsys.readouterr().err
+    count = 3 if holdout else 0
+    assert f"--fail_above: the threshold would rest on {count} held-out images" in error and "--threshold" in error
+    assert not reads  # refused before any image is read
+    # With --threshold the gate runs; with --min_holdout_images lowered knowingly, the calibrated one does.
+    assert audit_module.main(_argv(small_audit, tmp_path / "set", "--fail_above", "0.5", "--threshold", "0.9999",
+                                   *extra)) == 0
+    if holdout:
+        assert audit_module.main(_argv(small_audit, tmp_path / "low", "--fail_above", "0.5", "--min_holdout_images",
+                                       "3", *extra)) in (0, 1)
+        report = json.loads((tmp_path / "low" / "report.json").read_text())
+        assert report["calibration"]["sufficient"] and report["threshold"]["calibrated"]
