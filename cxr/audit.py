@@ -19,7 +19,9 @@ every training image:
 4. Calibration: the same statistic (best match among the training images) is computed for held-out real
    images that the model never saw. The threshold is the `--threshold_quantile` quantile (0.99) of that
    baseline: a novel image from the real distribution exceeds it with probability ~1%. `--threshold` sets
-   it by hand; without held-out images `--default_threshold` (0.95) is used with a warning.
+   it by hand; without held-out images `--default_threshold` (0.95) is used with a warning. Fewer held-out
+   images than the quantile needs (`required_holdout_images`: 100 for 0.99) give a loud warning, and with
+   `--fail_above` an error unless `--threshold` is given; an empty `--holdout_dir` is an error.
 5. A generated image is flagged as a likely copy when its best score is above the threshold.
 
 Commands:
@@ -47,6 +49,18 @@ import numpy as np
 from cxr.config import check_choices, require, flag, parse_config, to_dict
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
+# Held-out images needed before a calibrated threshold is trusted. A new real image exceeds the k-th largest of n
+# held-out scores with probability k / (n + 1) (order statistics of exchangeable scores), so n images resolve
+# false-flag rates only down to about 1 / (n + 1). For the threshold to be the q-quantile, and not merely "about
+# the largest held-out score", n must be at least 1 / (1 - q): 100 at the default q = 0.99, where it lies between
+# the two largest scores (a rate of 1-2 %); with 48 images that "0.99 quantile" lets 2-4 % through, with 1 image
+# 50 %. And never fewer than 100, whatever q: the rate the threshold lets through has a sampling error of about
+# sqrt(q (1 - q) / n), which 100 images keep to a third of the rate or less for q <= 0.9 (0.03 of 0.1).
+MIN_HOLDOUT_IMAGES = 100
+
+
+class CalibrationError(ValueError):
+    """The threshold cannot be calibrated as asked (no or too few held-out images for a --fail_above gate)."""
 
 
 @dataclass
@@ -70,6 +84,7 @@ class AuditConfig:
     threshold: float | None = flag(None, "flag images whose best NCC is above this value (default: calibrated on held-out images)")
     threshold_quantile: float = flag(0.99, "calibrated threshold = this quantile of the held-out images' best NCC with the training set")
     default_threshold: float = flag(0.95, "threshold used when there are no held-out images and no --threshold (uncalibrated)")
+    min_holdout_images: int | None = flag(None, "held-out images a calibrated threshold needs; fewer: a loud warning, and with --fail_above an error unless --threshold is given (default: 1 / (1 - --threshold_quantile), at least 100; lower it only knowingly)")
     fail_above: float | None = flag(None, "exit with code 1 when the flagged fraction of samples is above this rate (e.g. 0.01)")
     gallery_pairs: int = flag(16, "closest sample/training pairs shown in gallery.png (0 disables)")
     device: str = flag("auto", "cuda, cpu or auto (matrix products)")
@@ -91,6 +106,8 @@ class AuditConfig:
         require(self.threshold is None or -1.0 <= self.threshold <= 1.0, "threshold", f"must be in [-1, 1] (an NCC), got {self.threshold}")
         require(0.0 < self.threshold_quantile <= 1.0, "threshold_quantile", f"must be in (0, 1], got {self.threshold_quantile}")
         require(-1.0 <= self.default_threshold <= 1.0, "default_threshold", f"must be in [-1, 1], got {self.default_threshold}")
+        require(self.min_holdout_images is None or self.min_holdout_images >= 1, "min_holdout_images",
+                f"must be >= 1, got {self.min_holdout_images}")
         require(self.fail_above is None or 0.0 <= self.fail_above <= 1.0, "fail_above", f"must be a rate in [0, 1], got {self.fail_above}")
         require(self.gallery_pairs >= 0, "gallery_pairs", f"must be >= 0, got {self.gallery_pairs}")
         require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -461,6 +478,41 @@ def candidate_ssim(sample_paths, train_paths, candidates, *, size, pad_to_square
 # Calibration, summaries, report
 
 
+def required_holdout_images(quantile: float) -> int:
+    """Held-out images the `quantile` threshold needs: 1 / (1 - quantile), at least MIN_HOLDOUT_IMAGES (see there)."""
+    if quantile >= 1.0:
+        return MIN_HOLDOUT_IMAGES
+    return max(MIN_HOLDOUT_IMAGES, math.ceil(round(1.0 / (1.0 - quantile), 6)))
+
+
+def check_calibration(config: AuditConfig, holdout_count: int) -> dict:
+    """How many held-out images set the threshold and whether that is enough (the report's `calibration`).
+
+    Too few without --threshold: a loud warning, or with --fail_above a CalibrationError (a release gate must not
+    rest on a threshold that is not the quantile it claims to be).
+    """
+    needed = config.min_holdout_images or required_holdout_images(config.threshold_quantile)
+    calibration = {"holdout_images": holdout_count, "min_holdout_images": needed,
+                   "sufficient": holdout_count >= needed, "quantile": config.threshold_quantile}
+    if calibration["sufficient"] or config.threshold is not None:
+        return calibration
+    fix = (f"give a --holdout_dir with at least {needed} real images the model never trained on (or a "
+           f"--train_manifest whose val split has that many: train.py --val_count {needed}), or set --threshold")
+    if config.fail_above is not None:
+        raise CalibrationError(
+            f"--fail_above: the threshold would rest on {holdout_count} held-out images, fewer than the {needed} that "
+            f"quantile {config.threshold_quantile} needs, so the gate would not mean what it says; {fix}")
+    if holdout_count:
+        # The threshold sits at position q (n - 1) of the n sorted scores; a new real image exceeds the j-th smallest
+        # (0-based) with probability (n - j) / (n + 1) (exchangeable scores), interpolated here.
+        passed = (holdout_count - config.threshold_quantile * (holdout_count - 1)) / (holdout_count + 1)
+        warnings.warn(
+            f"only {holdout_count} held-out images calibrate the threshold; quantile {config.threshold_quantile} needs "
+            f"at least {needed}. With {holdout_count} the threshold lets about {passed:.0%} of novel real images "
+            f"through, not {1 - config.threshold_quantile:.0%}; {fix}", stacklevel=3)
+    return calibration
+
+
 def calibrate_threshold(holdout_scores, quantile: float) -> float:
     """The `quantile` of the held-out images' best-match scores (linear interpolation)."""
     return float(np.quantile(np.asarray(holdout_scores, dtype=np.float64), quantile))
@@ -546,7 +598,12 @@ def _resolve_sets(config: AuditConfig) -> tuple[list[Path], list[Path], list[Pat
     else:
         train_paths, holdout_paths = list_images(config.train_dir, config.exclude), []
     if config.holdout_dir is not None:
+        if not Path(config.holdout_dir).is_dir():
+            raise FileNotFoundError(f"--holdout_dir {config.holdout_dir}: folder does not exist")
         holdout_paths = list_images(config.holdout_dir, config.exclude)
+        if not holdout_paths:  # a mistyped or empty folder must not fall back to an uncalibrated threshold
+            raise FileNotFoundError(f"--holdout_dir {config.holdout_dir}: no images found; give the folder of "
+                                    "held-out real images, or leave the flag out to use --train_manifest's val split")
     sample_paths = list_images(config.samples_dir, config.exclude)
     if not train_paths:
         raise FileNotFoundError(f"--train_dir {config.train_dir}: no images found")
@@ -561,11 +618,14 @@ def audit(config: AuditConfig) -> dict:
     Returns the report dict (also in report.json); `report["exit_code"]` is 1 when `--fail_above` is
     exceeded, else 0.
     """
+    from cxr.fileio import check_writable
     from cxr.models import pick_device
 
     started = time.time()
+    check_writable(config.out, "--out", create=False)  # before any image is read, not after the search
     device = pick_device(config.device)
     train_paths, sample_paths, holdout_paths, clip_percent = _resolve_sets(config)
+    calibration = check_calibration(config, len(holdout_paths))  # before the work: may refuse a --fail_above gate
     read = dict(pad_to_square=config.pad_to_square, num_workers=config.num_workers, batch_size=config.batch_size)
     real = dict(read, intensity_clip_percent=clip_percent)  # training and held-out images, as the model saw them
     train_features = standardize_in_place(load_thumbnails(train_paths, config.resolution, desc="training images", **real))
@@ -634,6 +694,7 @@ def audit(config: AuditConfig) -> dict:
         "statistic": f"best NCC with a training image of {config.resolution}x{config.resolution} standardized thumbnails, "
                      f"max over shifts up to {config.max_shift} px in steps of {config.shift_step} px",
         "threshold": {"value": float(threshold), "rule": rule, "calibrated": config.threshold is None and holdout_best.size > 0},
+        "calibration": calibration,
         "flagged": {"count": int(flagged.sum()), "rate": flagged_rate,
                     "holdout_rate": float((holdout_best > threshold).mean()) if holdout_best.size else None},
         "samples": {"summary": score_summary(best), "histogram": score_histogram(best)},
@@ -647,6 +708,18 @@ def audit(config: AuditConfig) -> dict:
     return report
 
 
+def _calibration_warning(report: dict) -> list[str]:
+    calibration = report.get("calibration")
+    if not calibration or calibration["sufficient"] or report["config"].get("threshold") is not None:
+        return []
+    count, needed = calibration["holdout_images"], calibration["min_holdout_images"]
+    if count == 0:
+        return [f"WARNING: no held-out images: the threshold is uncalibrated (quantile {calibration['quantile']} "
+                f"needs at least {needed} held-out images)"]
+    return [f"WARNING: the threshold rests on only {count} held-out images; quantile {calibration['quantile']} "
+            f"needs at least {needed}, so it is not that quantile (see the warning above)"]
+
+
 def format_summary(report: dict) -> str:
     """A few lines for the terminal."""
     threshold, flagged, counts = report["threshold"], report["flagged"], report["counts"]
@@ -655,6 +728,7 @@ def format_summary(report: dict) -> str:
         f"audited {counts['samples']} samples against {counts['train']} training images "
         f"({counts['holdout']} held-out images for calibration)",
         f"threshold NCC > {threshold['value']:.4f} ({threshold['rule']})",
+        *_calibration_warning(report),
         f"flagged {flagged['count']} / {counts['samples']} samples = {flagged['rate']:.2%}"
         + (f" (held-out real images: {flagged['holdout_rate']:.2%})" if flagged["holdout_rate"] is not None else ""),
         f"sample best NCC: median {samples['p50']:.4f}, p99 {samples['p99']:.4f}, max {samples['max']:.4f}",

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.fileio import file_sha256
+from cxr.fileio import apply_umask, file_sha256
 
 MARKER = "COMPLETE"
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
@@ -127,6 +127,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
+    apply_umask(tmp / "lora.safetensors")  # safetensors creates it 0600
     torch.save(optimizer, tmp / "optimizer.pt")
     torch.save(rng, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=2, sort_keys=True) + "\n")

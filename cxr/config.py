@@ -28,6 +28,14 @@ class ConfigError(ValueError):
     """A flag has an invalid value. The message starts with the flag's name."""
 
 
+# torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and wraps negative values onto that range): sample.py seeds
+# image i with seed + i, so every one of those must lie in it.
+SEED_MAX = 2**64 - 1
+# Training seeds its data order with seed * 1_000_003 + epoch (cxr.training.DataOrder), which must stay within
+# SEED_MAX too: 2**32 - 1 (numpy's seed range) leaves room for ~4e12 epochs.
+TRAIN_SEED_MAX = 2**32 - 1
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (the affinity mask where the OS has one, e.g. under a job scheduler)."""
     import os
@@ -235,7 +243,7 @@ class TrainConfig:
     snr_gamma: float = flag(5.0, "Min-SNR-gamma loss weighting (0 disables)")
     noise_offset: float = flag(0.0, "noise offset (0 disables)")
     mixed_precision: str = flag("bf16", "compute dtype of the frozen base and autocast", ("no", "fp16", "bf16"))
-    seed: int = flag(0, "seed for the split, LoRA init, noise and timesteps")
+    seed: int = flag(0, "seed for the split, LoRA init, noise and timesteps (0 to 2**32 - 1)")
     # --- speed ---
     device: str = flag("auto", "cuda, cpu or auto")
     cuda_graph: bool = flag(False, "capture the whole train step in a CUDA graph (CUDA only)")
@@ -276,6 +284,7 @@ class TrainConfig:
         require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         require(self.snr_gamma >= 0, "snr_gamma", f"must be >= 0, got {self.snr_gamma}")
         require(self.noise_offset >= 0, "noise_offset", f"must be >= 0, got {self.noise_offset}")
+        require(0 <= self.seed <= TRAIN_SEED_MAX, "seed", f"must be in [0, {TRAIN_SEED_MAX}], got {self.seed}")
         require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
         require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
         require(self.validation_steps >= 0, "validation_steps", f"must be >= 0, got {self.validation_steps}")
@@ -327,7 +336,7 @@ class SampleConfig:
     num_inference_steps: int = flag(25, "denoising steps")
     guidance_scale: float = flag(3.0, "classifier-free guidance scale (1 disables guidance)")
     scheduler: str = flag("dpm++", "sampler", SCHEDULERS)
-    seed: int = flag(0, "base seed; image i uses seed + i")
+    seed: int = flag(0, "base seed; image i uses seed + i (each in 0 to 2**64 - 1, the generator's range)")
     batch_size: int = flag(8, "images per forward pass")
     grayscale_out: bool = flag(False, "write single-channel PNGs computed from the decoded luminance")
     bit_depth: int = flag(8, "bit depth of --grayscale_out PNGs", (8, 16))
@@ -343,6 +352,10 @@ class SampleConfig:
         require(self.width is None or (self.width > 0 and self.width % 8 == 0), "width", f"must be a positive multiple of 8, got {self.width}")
         require(self.num_inference_steps > 0, "num_inference_steps", f"must be > 0, got {self.num_inference_steps}")
         require(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        last_seed = self.seed + self.start_index + self.num_images - 1
+        require(0 <= self.seed and last_seed <= SEED_MAX, "seed",
+                f"image i uses seed + i, so --seed ({self.seed}) + --start_index ({self.start_index}) + --num_images "
+                f"({self.num_images}) - 1 must be in [0, {SEED_MAX}] (torch.Generator's seed range); choose a smaller --seed")
         require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         require(self.contact_sheet >= 0, "contact_sheet", f"must be >= 0, got {self.contact_sheet}")
         require(self.bit_depth == 8 or self.grayscale_out, "bit_depth", "16 needs --grayscale_out (16-bit PNGs are single-channel luminance)")

@@ -378,10 +378,13 @@ def read_set(paths, *, extractor=None, image_size=299, pad_to_square=False, bins
 
 def evaluate(config: EvaluateConfig) -> dict:
     """Compute every metric; returns the results dict (also written to `config.out` when set)."""
+    from cxr.fileio import check_writable_file
     from cxr.models import pick_device
 
     if config.features is None and not config.skip_features:
         raise FeatureExtractorError(MISSING_FEATURES_MESSAGE)
+    if config.out is not None:
+        check_writable_file(config.out, "--out")  # before any image is read, not after every metric
     device = pick_device(config.device)
     real_paths, fake_paths = list_images(config.real, config.exclude), list_images(config.fake, config.exclude)
     for name, paths in (("real", real_paths), ("fake", fake_paths)):
@@ -416,8 +419,9 @@ def evaluate(config: EvaluateConfig) -> dict:
         "bins": config.histogram_bins,
     }
     if config.out is not None:
-        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.out).write_text(json.dumps(results, indent=2) + "\n")
+        from cxr.fileio import atomic_write_bytes
+
+        atomic_write_bytes(config.out, (json.dumps(results, indent=2) + "\n").encode())
     return results
 
 

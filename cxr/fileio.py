@@ -1,9 +1,11 @@
-"""Small file helpers shared by the package: content hashes and crash-safe writes."""
+"""Small file helpers shared by the package: content hashes, crash-safe writes, output-path checks, file modes."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +31,7 @@ def atomic_path(path: str | Path):
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temporary
+        apply_umask(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -37,3 +40,102 @@ def atomic_path(path: str | Path):
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
+
+
+# ------------------------------------------------------------------------------------- output paths
+
+
+class OutputPathError(RuntimeError):
+    """An output file or folder cannot be written; the message names the flag and what to do."""
+
+
+def check_writable(folder: str | Path, flag: str, error: type[Exception] = OutputPathError, *,
+                   create: bool = True) -> None:
+    """Create `folder` and write + delete a probe file there; raise `error` naming `flag` otherwise.
+
+    With `create=False` nothing is left behind: the probe goes into the folder, or where it does not exist yet
+    into its nearest existing parent (which must be a folder). Every command calls this for its outputs before
+    it loads a model or computes anything, so a bad path fails at once instead of after the work.
+    """
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is an existing file, not a folder")
+        target = folder
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            while not target.exists() and target.parent != target:
+                target = target.parent
+            if not target.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{target} is a file, not a folder")
+        probe = target / f".cxr-write-probe-{os.getpid()}"
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as problem:
+        raise error(
+            f"{flag}: cannot write to {folder} ({problem.strerror or problem}); choose a folder you can write to"
+        ) from None
+
+
+def check_writable_file(path: str | Path, flag: str, error: type[Exception] = OutputPathError) -> None:
+    """`check_writable` for an output file: its folder must be writable and the path must not be a folder.
+    (The file itself is replaced atomically, so a read-only existing file is no obstacle.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{flag}: {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    check_writable(path.parent, flag, error, create=False)
+
+
+# ------------------------------------------------------------------------------------- file modes
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status). Reading it
+    with os.umask means setting it for a moment, which races with other threads creating files."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give `path` the mode `open()` gives a new file: 0o666 & ~umask (0644 with the usual umask 022).
+
+    safetensors (and tempfile.mkstemp) create files 0600, so an adapter would be unreadable by a ComfyUI or
+    A1111 server running as another user; every file cxr writes through `atomic_path` passes through here.
+    """
+    with contextlib.suppress(PermissionError, NotImplementedError):  # a filesystem without modes keeps its own
+        os.chmod(path, 0o666 & ~current_umask())
+
+
+# ------------------------------------------------------------------------------------- safetensors
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's content with a reproducible header: same tensors and metadata, same bytes.
+
+    safetensors (0.8.0) keeps the metadata in a Rust HashMap and writes it in a different order on every call,
+    even within one process, so two exports of one adapter had different bytes and sha256 (sorting the dict in
+    Python does not help). The tensor data and layout are safetensors' own; only the JSON header is written
+    again, with sorted metadata keys and the tensor entries in file order, padded with spaces to 8 bytes as
+    safetensors does.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return b"".join((len(text).to_bytes(8, "little"), text, memoryview(data)[8 + length:]))

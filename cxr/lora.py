@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr import __version__
-from cxr.fileio import atomic_path, file_sha256
+from cxr.fileio import atomic_write_bytes, file_sha256, safetensors_bytes
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -434,11 +434,9 @@ def kohya_tensors(adapter: Adapter, dtype: torch.dtype = torch.float32) -> tuple
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a truncated adapter behind."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as temporary:
-        save_file(dict(sorted(tensors.items())), str(temporary), metadata=metadata)
+    """Write atomically (temp file + rename) so a crash never leaves a truncated adapter behind. The bytes are a
+    function of the tensors and metadata alone (sorted header), so one run's adapter always has one sha256."""
+    atomic_write_bytes(path, safetensors_bytes(dict(sorted(tensors.items())), metadata))
     return Path(path)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from cxr import __version__
 from cxr.config import SampleConfig, to_dict
-from cxr.fileio import atomic_write_bytes
+from cxr.fileio import atomic_write_bytes, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -638,6 +638,7 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
     from tqdm.auto import tqdm
 
     cfg.validate()
+    check_writable(cfg.out_dir, "--out_dir", SamplingError, create=False)  # before the model loads, not after
     started = time.perf_counter()
     device, dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
     dtype_name = str(dtype).removeprefix("torch.")

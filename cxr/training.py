@@ -124,17 +124,10 @@ def versions() -> dict[str, str]:
 
 
 def check_writable(folder: Path, flag: str) -> None:
-    """Create `folder` and write + delete a probe file there; TrainingError naming `flag` otherwise."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".cxr-write-probe-{os.getpid()}"
-        probe.write_bytes(b"probe")
-        probe.unlink()
-    except OSError as error:
-        raise TrainingError(
-            f"{flag}: cannot write to {folder} ({error.strerror or error}); choose a folder you can write to"
-        ) from None
+    """`cxr.fileio.check_writable` (shared by every command), raising TrainingError naming `flag`."""
+    from cxr import fileio
+
+    fileio.check_writable(folder, flag, TrainingError)
 
 
 def estimate_disk_bytes(cfg: TrainConfig, num_images: int, vae_scale_factor: int) -> dict[str, int]:

@@ -178,7 +178,7 @@ def test_audit_flags_copies_and_not_fresh_phantoms(audit_data, capsys):
     out = root / "report"
     argv = ["--train_dir", str(root / "train"), "--samples_dir", str(root / "samples"), "--holdout_dir",
             str(root / "holdout"), "--out", str(out), "--num_workers", "0", "--ssim", "--ssim_resolution", "64",
-            "--fail_above", "0.7"]
+            "--fail_above", "0.7", "--min_holdout_images", "48"]
     assert main(argv) == 0  # 32 copies of 56 samples (+ at most ~1% false flags) = 57% < 70%
     assert "flagged 3" in capsys.readouterr().out
     rows = read_scores(out)
@@ -230,7 +230,8 @@ def test_manifest_splits_are_train_and_baseline(tmp_path):
     for record in train[:2]:
         (samples / f"copy_{record.path.name}").write_bytes(record.path.read_bytes())
     argv = ["--train_manifest", str(manifest), "--samples_dir", str(tmp_path / "samples"), "--out",
-            str(tmp_path / "out"), "--num_workers", "0", "--max_shift", "0", "--fail_above", "0.5"]
+            str(tmp_path / "out"), "--num_workers", "0", "--max_shift", "0", "--fail_above", "0.5",
+            "--min_holdout_images", "2"]
     assert main(argv) == 1  # both samples copy training images: 100% > 50%
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["counts"] == {"train": 4, "samples": 2, "holdout": 2}
