@@ -148,6 +148,37 @@ def test_second_run_into_a_folder_in_use_is_refused(tiny_model_dir, phantom_dir,
     assert not (out / runlock.LOCK_NAME).exists()  # released on the way out
 
 
+@pytest.mark.slow
+def test_lock_of_a_killed_run_is_taken_over_by_the_resume(tiny_model_dir, phantom_dir, tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = [sys.executable, str(REPO / "train.py"), "--dataset_dir", str(phantom_dir), "--model_id",
+            str(tiny_model_dir), "--output_dir", str(out), "--cache_dir", str(cache), "--device", "cpu",
+            "--mixed_precision", "no", "--resolution", "64", "--train_batch_size", "4", "--val_count", "4",
+            "--dataloader_num_workers", "0", "--max_train_steps", "100000", "--checkpointing_steps", "2",
+            "--validation_steps", "0", "--lora_rank", "4", "--lora_alpha", "4"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    killed = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists():
+            assert killed.poll() is None, killed.communicate()[1][-2000:]
+            assert time.time() < deadline, "the run did not start"
+            time.sleep(0.2)
+    finally:
+        killed.kill()  # SIGKILL: no clean-up runs
+        killed.communicate()
+    assert json.loads((out / runlock.LOCK_NAME).read_text())["pid"] == killed.pid
+    from cxr.checkpoint import find_latest_checkpoint
+
+    step = int(find_latest_checkpoint(out / "checkpoints").name.split("-")[1])
+    cfg = make_cfg(tiny_model_dir, phantom_dir, out, cache, max_train_steps=step + 1,
+                   resume_from_checkpoint="latest", checkpointing_steps=2)
+    with pytest.warns(UserWarning, match=rf"taking over the lock of a run that is no longer running \(PID {killed.pid} "):
+        summary = training.train(cfg)
+    assert summary["start_step"] == step and summary["steps"] == step + 1
+    assert not (out / runlock.LOCK_NAME).exists()
+
+
 def test_fresh_run_over_an_earlier_run_is_refused_or_moves_it_aside(tiny_model_dir, phantom_dir, tmp_path):
     """Issue 13 #2: a fresh run into a folder with another run's checkpoints exited 0, rotation deleted its new
     checkpoints and `latest` later resumed the old run."""
