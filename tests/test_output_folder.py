@@ -113,6 +113,17 @@ def test_stale_locks_are_taken_over(tmp_path, sleeper):
             runlock.acquire(tmp_path / "reused").release()
 
 
+def test_taking_over_a_stale_lock_never_removes_a_fresh_one(tmp_path):
+    """Two runs may see the same stale lock; the one that comes second must not remove the lock the first just made."""
+    path = write_lock(tmp_path, dead_pid())
+    stale = path.read_bytes()
+    with pytest.warns(UserWarning, match="taking over"), runlock.acquire(tmp_path) as first:
+        fresh = path.read_bytes()
+        runlock._remove_stale(path, stale)  # the slower run, still holding the old content
+        assert path.read_bytes() == fresh and runlock.read_lock(path).token == first.info.token
+    assert list(tmp_path.iterdir()) == []  # released, and no file left aside
+
+
 # ---------------------------------------------------------------------------------- two runs in one folder
 
 
