@@ -16,8 +16,11 @@ Tiny CPU run (a random-weight SD-shaped model and phantom images; about a minute
         --device cpu --mixed_precision no --train_batch_size 4 --max_train_steps 20 --log_every 5 \\
         --checkpointing_steps 10 --validation_steps 10 --num_validation_images 2 --validation_inference_steps 2
 
-Continue a stopped run exactly: add `--resume_from_checkpoint latest`. SIGINT/SIGTERM save a checkpoint at the
-next step boundary and exit with 130/143; a NaN/inf loss or a bad flag/file exits 1 (bad flags: 2).
+Continue a stopped run exactly: add `--resume_from_checkpoint latest` (the train/held-out split of the first start
+is kept). One run per --output_dir: a second run into it is refused while the first holds its lock, and a fresh
+run into a folder holding an earlier run is refused unless --overwrite_output_dir (which moves that run into
+OUTPUT_DIR/previous-run-<time>/). SIGINT/SIGTERM save a checkpoint at the next step boundary and exit with
+130/143; a NaN/inf loss or a bad flag/file exits 1 (bad flags: 2).
 Every flag: `python train.py --help`; any flag can also come from `--config run.toml`.
 """
 

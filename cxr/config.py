@@ -258,6 +258,7 @@ class TrainConfig:
     checkpointing_steps: int = flag(500, "save a resumable checkpoint every N steps (0: only at the end)")
     checkpoints_total_limit: int | None = flag(3, "keep at most this many checkpoints (oldest removed first)")
     resume_from_checkpoint: str | None = flag(None, "`latest` or a checkpoint folder to continue from exactly")
+    overwrite_output_dir: bool = flag(False, "start a fresh run in an --output_dir that holds an earlier run's checkpoints or adapter: that run's files are moved into OUTPUT_DIR/previous-run-<UTC time>/ (nothing is deleted; the latent cache stays)")
 
     def validate(self) -> None:
         check_choices(self)
@@ -292,6 +293,8 @@ class TrainConfig:
         require(self.validation_inference_steps > 0, "validation_inference_steps", f"must be > 0, got {self.validation_inference_steps}")
         require(self.checkpointing_steps >= 0, "checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
         require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "checkpoints_total_limit", f"must be > 0, got {self.checkpoints_total_limit}")
+        require(not (self.overwrite_output_dir and self.resume_from_checkpoint), "overwrite_output_dir",
+                "cannot be combined with --resume_from_checkpoint (one moves the earlier run aside, the other continues it)")
 
     @property
     def lora_target_list(self) -> list[str]:

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr.fileio import atomic_write_bytes
+from cxr.fileio import atomic_write_bytes, file_sha256
 from cxr.imageio import (
     DICOM_INSTALL_HINT,
     DICOM_SUFFIXES,
@@ -517,11 +517,13 @@ def content_fingerprint(records) -> str:
     return hashlib.sha256("\n".join(sorted(r.sha256 for r in records)).encode()).hexdigest()
 
 
-def write_manifest(path, train, val, extra: dict | None = None) -> str:
+def write_manifest(path, train, val, extra: dict | None = None, dropped: list[dict] | None = None) -> str:
     """Write the run's manifest (JSON, written atomically); return the SHA-256 hex of the file.
 
     Holds every image's relpath, size, content hash, patient id and split, the counts (images and
     patients), the dataset folder, a content fingerprint per split, and `extra` (e.g. the config).
+    `dropped` (only written when non-empty): images of the split that a resumed run no longer uses
+    (`relpath`, `sha256`, `split`, `reason`), see `check_unchanged`.
     """
     train, val = list(train), list(val)
     train_ids = {r.patient_id for r in train if r.patient_id is not None}
@@ -542,6 +544,8 @@ def write_manifest(path, train, val, extra: dict | None = None) -> str:
         "val": [_entry(r, "val") for r in val],
         "extra": extra or {},
     }
+    if dropped:
+        manifest["dropped"] = list(dropped)
     data = (json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n").encode()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
@@ -578,3 +582,30 @@ def records_from_manifest(manifest: dict, split: str, dataset_dir=None) -> list[
             height=entry.get("height"), width=entry.get("width"),
         ))
     return records
+
+
+def _change_reason(record: ImageRecord) -> str | None:
+    try:
+        size = os.path.getsize(record.path)
+        digest = file_sha256(record.path) if size == record.size_bytes else None
+    except FileNotFoundError:
+        return "missing"
+    except OSError as error:
+        return f"cannot be read: {error.strerror or error}"
+    if digest != record.sha256:
+        return "changed (its content no longer matches the sha256 recorded in the manifest)"
+    return None
+
+
+def check_unchanged(records, num_workers: int = 0) -> list[tuple[ImageRecord, str]]:
+    """(record, reason) for every record whose file is missing, unreadable, or whose bytes differ from the size
+    and SHA-256 the manifest recorded; [] when all are as they were. Files are hashed in `num_workers` threads."""
+    records = list(records)
+    if num_workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(num_workers) as pool:  # hashlib releases the GIL on large buffers
+            reasons = list(pool.map(_change_reason, records))
+    else:
+        reasons = [_change_reason(r) for r in records]
+    return [(record, reason) for record, reason in zip(records, reasons) if reason is not None]

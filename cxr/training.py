@@ -537,24 +537,74 @@ class StopFlag:
 # ---------------------------------------------------------------------------------------------- train
 
 
-def _prepare_data(cfg: TrainConfig, dist: DistInfo):
-    """Scan and split the dataset and write the manifest on rank 0; every rank gets the same records."""
+def _prepare_data(cfg: TrainConfig, dist: DistInfo, resume_path: Path | None = None):
+    """Scan and split the dataset (a fresh run) or take the split of the first start from the run's manifest
+    (a resumed run), and write the manifest on rank 0; every rank gets the same records."""
     from cxr.dataset import scan_dataset, split_holdout, write_manifest
 
     result = None
     if dist.is_main:
-        records = scan_dataset(
-            cfg.dataset_dir, cfg.file_list, min_image_size=cfg.min_image_size, skip_bad_images=cfg.skip_bad_images,
-            max_images=cfg.max_images, seed=cfg.seed, num_workers=cfg.resolved_num_workers,
-        )
-        train_records, val_records = split_holdout(records, val_fraction=cfg.val_fraction, val_count=cfg.val_count,
-                                                   seed=cfg.seed)
+        dropped = None
+        if resume_path is not None:
+            train_records, val_records, dropped = _split_of_first_start(cfg, Path(resume_path))
+            records = train_records + val_records
+        else:
+            records = scan_dataset(
+                cfg.dataset_dir, cfg.file_list, min_image_size=cfg.min_image_size, skip_bad_images=cfg.skip_bad_images,
+                max_images=cfg.max_images, seed=cfg.seed, num_workers=cfg.resolved_num_workers,
+            )
+            train_records, val_records = split_holdout(records, val_fraction=cfg.val_fraction, val_count=cfg.val_count,
+                                                       seed=cfg.seed)
         check_free_space(cfg, len(records))
         extra = {"resolution": cfg.resolution, "pad_to_square": cfg.pad_to_square, "model_id": cfg.model_id,
                  "seed": cfg.seed, "intensity_clip_percent": cfg.intensity_clip_percent}
-        manifest_sha = write_manifest(Path(cfg.output_dir) / "manifest.json", train_records, val_records, extra)
+        manifest_sha = write_manifest(Path(cfg.output_dir) / "manifest.json", train_records, val_records, extra,
+                                      dropped)
         result = (train_records, val_records, manifest_sha)
     return _broadcast_object(result, dist)
+
+
+def _split_of_first_start(cfg: TrainConfig, resume_path: Path):
+    """(train, val, dropped) of a resumed run: the split recorded in the manifest of the run the checkpoint belongs
+    to, never re-drawn, so no image moves between the splits. Images missing or changed since are an error naming
+    them, or with --skip_bad_images left out of both splits with a warning (listed under `dropped`)."""
+    from cxr.dataset import DatasetError, check_unchanged, read_manifest, records_from_manifest
+
+    manifest_path = resume_path.parent.parent / "manifest.json"
+    if not manifest_path.is_file():
+        raise TrainingError(
+            f"--resume_from_checkpoint {resume_path}: the run's manifest {manifest_path} is missing; it records the "
+            "train/held-out split fixed at the run's first start, which a resumed run keeps. Restore it, or start a "
+            "new run (without --resume_from_checkpoint) in another --output_dir"
+        )
+    manifest = read_manifest(manifest_path)
+    splits = {name: records_from_manifest(manifest, name, dataset_dir=cfg.dataset_dir) for name in ("train", "val")}
+    changed = [(name, record, reason) for name in splits
+               for record, reason in check_unchanged(splits[name], cfg.resolved_num_workers)]
+    dropped = list(manifest.get("dropped", []))
+    if changed:
+        listed = "\n".join(f"  {record.relpath} ({'held-out' if name == 'val' else 'training'} image): {reason}"
+                           for name, record, reason in changed[:50])
+        listed += f"\n  ... and {len(changed) - 50} more" if len(changed) > 50 else ""
+        head = (f"--resume_from_checkpoint: {len(changed)} image(s) of the run's train/held-out split ({manifest_path}, "
+                f"fixed at its first start) are missing or changed since:\n{listed}\n")
+        if not cfg.skip_bad_images:
+            raise DatasetError(head + "Restore them (the manifest records each file's size and sha256), or pass "
+                               "--skip_bad_images to continue without them (they are left out of both splits, never "
+                               "moved from one to the other), or start a new run in another --output_dir")
+        warnings.warn(head + "--skip_bad_images: continuing without them (left out of both splits and listed under "
+                      "`dropped` in manifest.json); the data order differs from the original run from here on",
+                      stacklevel=2)
+        gone = {(name, record.relpath) for name, record, _ in changed}
+        splits = {name: [r for r in records if (name, r.relpath) not in gone] for name, records in splits.items()}
+        dropped += [{"relpath": record.relpath, "sha256": record.sha256, "split": name, "reason": reason}
+                    for name, record, reason in changed]
+        if not splits["train"]:
+            raise DatasetError(f"--resume_from_checkpoint: no training image of {manifest_path} is left; restore "
+                               "the images, or start a new run in another --output_dir")
+    print(f"[cxr] resuming with the split of the first start ({manifest_path}): {len(splits['train'])} training, "
+          f"{len(splits['val'])} held-out images", file=sys.stderr)
+    return splits["train"], splits["val"], dropped
 
 
 def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_records, device):
@@ -625,11 +675,106 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
     the run after the next step with a checkpoint. Raises TrainingError (and subclasses), CheckpointError,
     DatasetError, AdapterError with messages that name the flag or file at fault.
     """
-    with StopFlag() as stop:
-        return _train(cfg, stop, stop_after_steps)
+    with StopFlag() as stop, contextlib.ExitStack() as held:  # `held`: the output folder's lock, released on exit
+        return _train(cfg, stop, stop_after_steps, held)
 
 
-def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> dict:
+STALE_TEMP_AGE_S = 3600  # temporary files in --cache_dir (may be shared by runs) are removed only this old
+
+
+def _claim_output_dir(cfg: TrainConfig, dist: DistInfo, checkpoints_dir: Path, held: contextlib.ExitStack):
+    """Before the scan and the model load: rank 0 locks --output_dir for the run's life (released by `held`),
+    removes temporary files killed runs left there, checks --resume_from_checkpoint, and refuses to start over an
+    earlier run's checkpoints/adapter (or moves them aside with --overwrite_output_dir). Returns the checkpoint to
+    resume from (None: step 0); every rank gets the same result or the same error."""
+    from cxr.checkpoint import CheckpointError
+
+    resume_path, error = None, None
+    if dist.is_main:
+        try:
+            resume_path = _claim_output_dir_main(cfg, checkpoints_dir, held)
+        except (TrainingError, CheckpointError) as caught:
+            error = caught
+    shared = _broadcast_object((None if resume_path is None else str(resume_path),
+                                None if error is None else str(error)), dist)
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise TrainingError(shared[1])
+    return None if shared[0] is None else Path(shared[0])
+
+
+def _claim_output_dir_main(cfg: TrainConfig, checkpoints_dir: Path, held: contextlib.ExitStack) -> Path | None:
+    from cxr import runlock
+    from cxr.checkpoint import FILES, MARKER, resolve_resume
+
+    output_dir = Path(cfg.output_dir)
+    try:
+        lock = runlock.acquire(output_dir, flag="--output_dir")
+    except runlock.RunLockError as error:
+        raise TrainingError(str(error)) from None
+    except OSError as error:
+        raise TrainingError(f"--output_dir: cannot create the lock file in {output_dir} ({error.strerror or error}); "
+                            "choose a folder you can write to") from None
+    held.callback(lock.release)
+    _remove_stale_temp_files(cfg)
+
+    resume_path = None
+    if cfg.resume_from_checkpoint:
+        given = Path(cfg.resume_from_checkpoint)
+        if cfg.resume_from_checkpoint != "latest" and given.is_dir() and not any((given / n).exists() for n in (*FILES, MARKER)):
+            raise TrainingError(f"--resume_from_checkpoint: {given} is not a checkpoint folder (it has none of "
+                                f"{MARKER}, {', '.join(FILES)}); give `latest` or a folder "
+                                f"{checkpoints_dir}/checkpoint-<step>")
+        resume_path = resolve_resume(cfg.resume_from_checkpoint, checkpoints_dir)
+    continues_here = resume_path is not None and os.path.realpath(resume_path.parent) == os.path.realpath(checkpoints_dir)
+    earlier = [] if continues_here else runlock.previous_run_files(output_dir)
+    if not earlier:
+        return resume_path
+    listed = ", ".join(earlier[:6]) + (f" and {len(earlier) - 6} more" if len(earlier) > 6 else "")
+    if cfg.overwrite_output_dir:
+        keep = () if not _is_inside(cfg.resolved_cache_dir, output_dir) else (
+            Path(os.path.relpath(os.path.realpath(cfg.resolved_cache_dir), os.path.realpath(output_dir))).parts[0],)
+        moved = runlock.move_previous_run(output_dir, keep=keep)
+        warnings.warn(f"--overwrite_output_dir: the earlier run in {output_dir} ({listed}) was moved to {moved}; "
+                      "delete that folder when you no longer need it", stacklevel=2)
+        return resume_path
+    if resume_path is not None:
+        why = f"this run resumes from {resume_path}, a checkpoint of another folder, but {output_dir} holds"
+    elif cfg.resume_from_checkpoint:
+        why = (f"--resume_from_checkpoint latest found no complete checkpoint in {checkpoints_dir} (see the warnings "
+               f"above), but {output_dir} holds")
+    else:
+        why = f"this is a fresh run (no --resume_from_checkpoint) but {output_dir} holds"
+    raise TrainingError(
+        f"--output_dir: {why} an earlier run's files ({listed}). Starting over them would mix two runs (checkpoint "
+        "rotation would delete the new checkpoints, `latest` would pick the old run). Continue that run with "
+        "--resume_from_checkpoint latest, write this run to another --output_dir, or pass --overwrite_output_dir to "
+        f"move the earlier run into {output_dir}/{runlock.PREVIOUS_RUN_PREFIX}<time>/ (nothing is deleted)"
+    )
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _remove_stale_temp_files(cfg: TrainConfig) -> None:
+    """Delete the temporary files killed runs left (see cxr.runlock.stale_temp_files): in --output_dir, which this
+    run holds the lock of, every stale one; in --cache_dir, which other runs may share, only those untouched for
+    STALE_TEMP_AGE_S."""
+    from cxr.runlock import remove_files, stale_temp_files
+
+    output_dir, cache_dir = Path(cfg.output_dir), cfg.resolved_cache_dir
+    found = stale_temp_files(output_dir, unnamed=True, skip=(cache_dir,))
+    found += stale_temp_files(cache_dir, unnamed=True, min_age_s=STALE_TEMP_AGE_S)
+    if found:
+        freed = remove_files(found)
+        print(f"[cxr] removed {len(found)} temporary file(s) ({freed / 2**20:.1f} MiB) that a killed run left: "
+              + ", ".join(str(p) for p in found[:10]) + (" ..." if len(found) > 10 else ""), file=sys.stderr)
+
+
+def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held: contextlib.ExitStack) -> dict:
     from cxr import ddpm
     from cxr.checkpoint import (capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state,
                                 save_checkpoint)
@@ -646,10 +791,11 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
         check_writable(output_dir, "--output_dir")
         check_writable(cfg.resolved_cache_dir, "--cache_dir")
         check_writable(cfg.resolved_logging_dir, "--logging_dir")
+    resume_target = _claim_output_dir(cfg, dist, checkpoints_dir, held)
     dtype = compute_dtype(cfg.mixed_precision)
     autocast_dtype = None if cfg.mixed_precision == "no" else dtype
 
-    train_records, val_records, manifest_sha = _prepare_data(cfg, dist)
+    train_records, val_records, manifest_sha = _prepare_data(cfg, dist, resume_target)
     components, lora_paths = _load_model(cfg, device, dtype)
     unet, vae, tokenizer = components["unet"], components["vae"], components["tokenizer"]
     scheduler_config = dict(components["scheduler"].config)
