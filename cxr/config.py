@@ -206,6 +206,8 @@ def flag_table(cls) -> str:
         if choices:
             kind = "{" + ",".join(map(str, choices)) + "}"
         help_text = f.metadata.get("help", "").replace("|", "\\|")
+        if f.metadata.get("result"):
+            help_text += " *(result, cache key)*" if f.metadata.get("cache") else " *(result)*"
         rows.append(f"| `--{f.name}` | {kind} | `{default!r}` | {help_text} |")
     return "\n".join(rows)
 
