@@ -71,9 +71,9 @@ def recorded_values(cls, saved: dict, names) -> dict:
 
 def changed_result_flags(saved: dict, config) -> list[str]:
     """`--name` of every result flag whose value in `config` differs from the saved config dict's."""
-    names = result_flags(type(config))
     current = to_dict(config)
-    return [f"--{name}" for name, value in recorded_values(type(config), saved, names).items() if value != current[name]]
+    recorded = recorded_values(type(config), saved, result_flags(type(config)))
+    return [f"--{name}" for name, value in recorded.items() if value != current[name]]
 
 
 def _base_type(annotation) -> type:

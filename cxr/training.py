@@ -596,7 +596,9 @@ def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_reco
     for turn in ("main", "others"):
         if (turn == "main") == dist.is_main:
             train_cache = build_or_load_latent_cache(train_records, vae, **common)
-            val_cache = build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False}) if val_records else None
+            val_cache = None
+            if val_records:  # the held-out images are never mirrored
+                val_cache = build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False})
             caches = (train_cache, val_cache)
         _barrier(dist)
     return caches
@@ -854,7 +856,7 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
         step_fn = capture_cuda_graph(step_fn, example, params=params, optimizer=optimizer, metrics=metrics,
                                      generator=generator)
 
-    if start_step < cfg.max_train_steps:
+    if start_step < cfg.max_train_steps and dist.is_main:
         run_validation(start_step, images=start_step == 0)  # the baselines: val/loss, and the grid before training
     progress = tqdm(total=cfg.max_train_steps, initial=start_step, disable=not dist.is_main, desc="train",
                     dynamic_ncols=True)
