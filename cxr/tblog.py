@@ -3,8 +3,8 @@
 The loop calls the writer unconditionally; `make_writer(log_dir, rank)` decides who writes. Each run writes
 into its own subfolder of the logging folder (`new_run_name`: output folder name + start time; a resume
 reuses the name stored in its checkpoint), so TensorBoard lists runs by name and compares them, also in its
-HParams tab (`add_hparams_start` / `add_hparams_end`: the hparams plugin's summaries written into the run's
-own folder, not into a second run folder as `SummaryWriter.add_hparams` does).
+HParams tab (`add_hparams_start` / `add_hparams_end`: the hparams plugin's session summaries written into the
+run's own folder, not into a second run folder as `SummaryWriter.add_hparams` does).
 """
 
 from __future__ import annotations
@@ -58,12 +58,14 @@ def _summary_writer_class():
     class RunWriter(SummaryWriter):
         """A SummaryWriter that also writes the HParams plugin's summaries into its own folder."""
 
-        def add_hparams_start(self, hparam_dict: dict, metric_tags) -> None:
-            """The run's hyperparameters (values: int, float, str, bool; None is left out) and the scalar tags
-            the HParams tab shows as metrics (their last logged value)."""
-            experiment, start, _ = hparams({k: v for k, v in hparam_dict.items() if v is not None},
-                                           {tag: 0.0 for tag in metric_tags})
-            self._get_file_writer().add_summary(experiment)
+        def add_hparams_start(self, hparam_dict: dict) -> None:
+            """The run's hyperparameters (values: int, float, str, bool; None is left out).
+
+            Only the session's start is written, no experiment summary: TensorBoard then builds the experiment
+            from every run's hyperparameters (their union, and which ones differ between runs) and takes the
+            metrics from the runs' scalar tags (the last `val/loss` is the final validation loss). An experiment
+            summary in each run would make it pick one run's arbitrarily (`_find_experiment_tag`)."""
+            _, start, _ = hparams({k: v for k, v in hparam_dict.items() if v is not None}, {})
             self._get_file_writer().add_summary(start)
 
         def add_hparams_end(self) -> None:

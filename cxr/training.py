@@ -783,7 +783,7 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
     if new_run:
         hparams = {name: value for name, value in to_dict(cfg).items() if name in result_flags(TrainConfig)}
         hparams.update(prediction_type=schedule.prediction_type, world_size=dist.world_size)
-        writer.add_hparams_start(hparams, ["val/loss", "train/loss"])
+        writer.add_hparams_start(hparams)
     run_versions = versions()
     if dist.is_main:
         resolved = {"prediction_type": schedule.prediction_type, "global_batch": data.rows_per_step,
