@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.config import check_choices, require, flag, parse_config, to_dict
+from cxr.config import TrainConfig, check_choices, require, flag, parse_config, recorded_values, to_dict
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
 # Held-out images needed before a calibrated threshold is trusted. A new real image exceeds the k-th largest of n
@@ -587,10 +587,12 @@ def _resolve_sets(config: AuditConfig) -> tuple[list[Path], list[Path], list[Pat
     if config.train_manifest is not None:
         manifest = read_manifest(config.train_manifest)
         train_paths, holdout_paths = _split_paths(manifest, config.train_dir)
-        if clip_percent is None:  # runs from before the flag have none: they used min-max
-            clip_percent = float(manifest.get("extra", {}).get("intensity_clip_percent", 0.0))
-        trained_padded = manifest.get("extra", {}).get("pad_to_square")
-        if trained_padded is not None and bool(trained_padded) != config.pad_to_square:
+        # The training run's pixel settings; a manifest from before a flag existed means its default then.
+        trained = recorded_values(TrainConfig, manifest.get("extra", {}), ("intensity_clip_percent", "pad_to_square"))
+        if clip_percent is None:
+            clip_percent = float(trained["intensity_clip_percent"])
+        trained_padded = trained["pad_to_square"]
+        if bool(trained_padded) != config.pad_to_square:
             warnings.warn(f"--pad_to_square: the training run {'padded' if trained_padded else 'center-cropped'} its "
                           f"images but this audit {'pads' if config.pad_to_square else 'crops'} them, so copies can be "
                           f"missed; pass {'--pad_to_square' if trained_padded else 'no --pad_to_square'} to match "

@@ -46,12 +46,42 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def flag(default, help: str, choices: tuple | None = None):
-    """A dataclass field with its help text (and allowed values) kept next to the default."""
-    metadata = {"help": help, "choices": choices}
+def flag(default, help: str, choices: tuple | None = None, *, result: bool = False, cache: bool = False):
+    """A dataclass field with its help text (and allowed values) kept next to the default.
+
+    `result=True`: the flag changes what training produces (beyond float rounding). A resume with another value
+    warns, and the value is recorded in the adapter's header, the manifest and TensorBoard's HParams.
+    `cache=True`: it also changes the latent cache's numbers (implies `result`), so it is part of the cache key.
+    Those lists are derived from these declarations (`result_flags`, `cache_flags`), never kept by hand.
+    """
+    metadata = {"help": help, "choices": choices, "result": result or cache, "cache": cache}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def result_flags(cls) -> tuple[str, ...]:
+    """Names of the fields declared `result=True` (or `cache=True`), in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("result"))
+
+
+def cache_flags(cls) -> tuple[str, ...]:
+    """Names of the fields declared `cache=True`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("cache"))
+
+
+def recorded_values(cls, saved: dict, names) -> dict:
+    """The values of `names` in a saved config dict (a checkpoint's config, a manifest's `extra`), JSON-style
+    (Paths as strings); a flag the record predates (absent from it) had its default value then."""
+    defaults = to_dict(cls())
+    return {name: saved.get(name, defaults[name]) for name in names}
+
+
+def changed_result_flags(saved: dict, config) -> list[str]:
+    """`--name` of every result flag whose value in `config` differs from the saved config dict's."""
+    current = to_dict(config)
+    recorded = recorded_values(type(config), saved, result_flags(type(config)))
+    return [f"--{name}" for name, value in recorded.items() if value != current[name]]
 
 
 def _base_type(annotation) -> type:
@@ -184,6 +214,8 @@ def flag_table(cls) -> str:
         if choices:
             kind = "{" + ",".join(map(str, choices)) + "}"
         help_text = f.metadata.get("help", "").replace("|", "\\|")
+        if f.metadata.get("result"):
+            help_text += " *(result, cache key)*" if f.metadata.get("cache") else " *(result)*"
         rows.append(f"| `--{f.name}` | {kind} | `{default!r}` | {help_text} |")
     return "\n".join(rows)
 
@@ -205,47 +237,57 @@ def check_choices(config) -> None:
 class TrainConfig:
     """Fine-tune the SD v1.5 UNet with LoRA on a folder of normal chest X-rays."""
 
+    # `result=True` / `cache=True` (see `flag`) mark what changes the trained adapter / the latent cache. Not
+    # result flags, by decision: dataset_dir and file_list (paths: the images themselves are pinned by content
+    # hash in the manifest, whose sha256 the adapter records; a moved folder is the same data, and a local path
+    # does not belong in a shared adapter); output/cache/logging folders, workers, encode batch, export format,
+    # logging, validation and checkpoint cadence (they do not touch the weights or the random streams);
+    # gradient_checkpointing (recomputes the same activations); cuda_graph and torch_compile (the same step,
+    # float rounding may differ); device (same computation; CPU and CUDA generators draw different random
+    # streams, so a resume on the other kind continues in distribution but not bit for bit); ddp_timeout_minutes.
+    # skip_bad_images and min_image_size are result flags: they decide which images are trained on.
     # --- data ---
     dataset_dir: Path | None = flag(None, "folder of chest X-ray images (searched recursively: PNG, JPEG, TIFF, BMP, DICOM)")
     file_list: Path | None = flag(None, "CSV/TXT list of images to use (column `path`, optional `patient_id`); paths relative to --dataset_dir or absolute")
     output_dir: Path = flag(Path("cxr-lora"), "where the adapter, checkpoints, logs, manifest and config go")
-    resolution: int = flag(256, "training resolution in pixels (square; a multiple of 8)")
-    pad_to_square: bool = flag(False, "pad non-square images to square (black borders) instead of center-cropping")
-    intensity_clip_percent: float = flag(0.0, "for 16-bit/float images and DICOM files without a VOI window: scale between the P-th and (100-P)-th percentile of the image's pixels (P = this value) instead of its min and max, clipping the tails (e.g. 0.5 for burned-in labels or hot/dead pixels; 0 = min-max). 8-bit images and DICOM files with a window are unaffected")
-    random_flip: bool = flag(False, "random horizontal flips (unwise for chest X-rays: teaches dextrocardia)")
-    skip_bad_images: bool = flag(False, "skip unreadable/truncated/too-small images (listed in a summary) instead of stopping")
-    min_image_size: int = flag(64, "images whose shorter side is below this many pixels are rejected as bad")
-    max_images: int | None = flag(None, "use a seeded random subset of at most this many images")
-    val_fraction: float = flag(0.02, "fraction of images (or of patients, when the file list has patient_id) held out for validation loss and the memorization audit")
-    val_count: int | None = flag(None, "hold out exactly this many images instead of --val_fraction")
+    resolution: int = flag(256, "training resolution in pixels (square; a multiple of 8)", cache=True)
+    pad_to_square: bool = flag(False, "pad non-square images to square (black borders) instead of center-cropping", cache=True)
+    intensity_clip_percent: float = flag(0.0, "for 16-bit/float images and DICOM files without a VOI window: scale between the P-th and (100-P)-th percentile of the image's pixels (P = this value) instead of its min and max, clipping the tails (e.g. 0.5 for burned-in labels or hot/dead pixels; 0 = min-max). 8-bit images and DICOM files with a window are unaffected", cache=True)
+    random_flip: bool = flag(False, "random horizontal flips (unwise for chest X-rays: teaches dextrocardia)", cache=True)
+    skip_bad_images: bool = flag(False, "skip unreadable/truncated/too-small images (listed in a summary) instead of stopping", result=True)
+    min_image_size: int = flag(64, "images whose shorter side is below this many pixels are rejected as bad", result=True)
+    max_images: int | None = flag(None, "use a seeded random subset of at most this many images", result=True)
+    val_fraction: float = flag(0.02, "fraction of images (or of patients, when the file list has patient_id) held out for validation loss and the memorization audit", result=True)
+    val_count: int | None = flag(None, "hold out exactly this many images instead of --val_fraction", result=True)
     dataloader_num_workers: int | None = flag(None, "worker processes that decode images (bad-file check, latent-cache build); default: min(8, CPUs available)")
     cache_dir: Path | None = flag(None, "where latent caches live (default: OUTPUT_DIR/cache); reused when images, resolution, crop mode and VAE are unchanged")
     encode_batch_size: int = flag(16, "images per VAE forward pass when building the latent cache")
     # --- model ---
-    model_id: str = flag(DEFAULT_MODEL_ID, "base model: hub id or local folder (the old runwayml id is mapped to the new one)")
-    revision: str | None = flag(None, "hub revision (branch, tag or commit) of --model_id")
-    prompt: str = flag(DEFAULT_PROMPT, "the constant training prompt")
-    prediction_type: str = flag("", "training target; empty = the base scheduler's (epsilon for SD v1.5)", ("", "epsilon", "v_prediction"))
-    lora_rank: int = flag(16, "LoRA rank r")
-    lora_alpha: float = flag(16.0, "LoRA alpha; the update is scaled by alpha / rank")
-    lora_dropout: float = flag(0.0, "dropout on the LoRA input (0 disables)")
-    lora_targets: str = flag("to_q,to_k,to_v,to_out.0", "comma-separated attention projections to wrap in every attn1/attn2")
+    model_id: str = flag(DEFAULT_MODEL_ID, "base model: hub id or local folder (the old runwayml id is mapped to the new one)", cache=True)
+    revision: str | None = flag(None, "hub revision (branch, tag or commit) of --model_id", cache=True)
+    prompt: str = flag(DEFAULT_PROMPT, "the constant training prompt", result=True)
+    prediction_type: str = flag("", "training target; empty = the base scheduler's (epsilon for SD v1.5)", ("", "epsilon", "v_prediction"), result=True)
+    lora_rank: int = flag(16, "LoRA rank r", result=True)
+    lora_alpha: float = flag(16.0, "LoRA alpha; the update is scaled by alpha / rank", result=True)
+    lora_dropout: float = flag(0.0, "dropout on the LoRA input (0 disables)", result=True)
+    lora_targets: str = flag("to_q,to_k,to_v,to_out.0", "comma-separated attention projections to wrap in every attn1/attn2", result=True)
     export_format: str = flag("both", "adapter file(s) written to OUTPUT_DIR/lora_unet: kohya (cxr_lora_kohya.safetensors: ComfyUI, A1111/Forge, kohya sd-scripts, diffusers), diffusers (pytorch_lora_weights.safetensors, peft keys: diffusers and peft only) or both", ("diffusers", "kohya", "both"))
     # --- optimisation ---
-    train_batch_size: int = flag(16, "images per step per GPU")
-    grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step")
-    max_train_steps: int = flag(2000, "optimizer steps to train")
-    learning_rate: float = flag(1e-4, "AdamW learning rate of the LoRA parameters")
-    lr_scheduler: str = flag("constant", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"))
-    lr_warmup_steps: int = flag(0, "linear warm-up steps")
-    adam_weight_decay: float = flag(1e-2, "AdamW weight decay")
-    max_grad_norm: float = flag(1.0, "gradient clipping norm (0 disables)")
-    snr_gamma: float = flag(5.0, "Min-SNR-gamma loss weighting (0 disables)")
-    noise_offset: float = flag(0.0, "noise offset (0 disables)")
-    mixed_precision: str = flag("bf16", "compute dtype of the frozen base and autocast", ("no", "fp16", "bf16"))
-    seed: int = flag(0, "seed for the split, LoRA init, noise and timesteps (0 to 2**32 - 1)")
+    train_batch_size: int = flag(16, "images per step per GPU", result=True)
+    grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step", result=True)
+    max_train_steps: int = flag(2000, "optimizer steps to train", result=True)
+    learning_rate: float = flag(1e-4, "AdamW learning rate of the LoRA parameters", result=True)
+    lr_scheduler: str = flag("constant", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"), result=True)
+    lr_warmup_steps: int = flag(0, "linear warm-up steps", result=True)
+    adam_weight_decay: float = flag(1e-2, "AdamW weight decay", result=True)
+    max_grad_norm: float = flag(1.0, "gradient clipping norm (0 disables)", result=True)
+    snr_gamma: float = flag(5.0, "Min-SNR-gamma loss weighting (0 disables)", result=True)
+    noise_offset: float = flag(0.0, "noise offset (0 disables)", result=True)
+    mixed_precision: str = flag("bf16", "compute dtype of the frozen base and autocast", ("no", "fp16", "bf16"), result=True)
+    seed: int = flag(0, "seed for the split, LoRA init, noise and timesteps (0 to 2**32 - 1)", result=True)
     # --- speed ---
     device: str = flag("auto", "cuda, cpu or auto")
+    ddp_timeout_minutes: int = flag(180, "under torchrun: how long a process waits for the others at a collective before aborting (NCCL's own default is 10 min, too short while rank 0 alone scans and encodes a large dataset on the first run)")
     cuda_graph: bool = flag(False, "capture the whole train step in a CUDA graph (CUDA only)")
     torch_compile: bool = flag(False, "torch.compile the UNet forward")
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory, slower)")
@@ -287,6 +329,7 @@ class TrainConfig:
         require(self.noise_offset >= 0, "noise_offset", f"must be >= 0, got {self.noise_offset}")
         require(0 <= self.seed <= TRAIN_SEED_MAX, "seed", f"must be in [0, {TRAIN_SEED_MAX}], got {self.seed}")
         require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        require(self.ddp_timeout_minutes > 0, "ddp_timeout_minutes", f"must be > 0, got {self.ddp_timeout_minutes}")
         require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
         require(self.validation_steps >= 0, "validation_steps", f"must be >= 0, got {self.validation_steps}")
         require(self.num_validation_images >= 0, "num_validation_images", f"must be >= 0, got {self.num_validation_images}")

@@ -37,12 +37,13 @@ from typing import Callable
 import torch
 
 from cxr import __version__
-from cxr.config import TrainConfig, save_json, to_dict
+from cxr.config import TrainConfig, cache_flags, changed_result_flags, result_flags, save_json, to_dict
 
 # The validation grid uses the same classifier-free guidance scale as sample.py's default.
 VALIDATION_GUIDANCE_SCALE = 3.0
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed timesteps of the held-out loss
 VALIDATION_MAX_IMAGES = 256  # held-out images used for the loss (the first ones of the split)
+VALIDATION_GRID_GAP = 4  # white pixels between the validation grid's tiles
 LORA_PARAMS_PER_RANK_SD15 = 199_296  # LoRA parameters per unit of rank on SD v1.5's 4 default targets
 
 
@@ -96,6 +97,23 @@ def make_optimizer(params, *, lr: float, weight_decay: float, device: torch.devi
         if capturable:
             raise
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this optimizer's settings.
+
+    The checkpoint gives the state (moments, step counts); the freshly built param groups give everything
+    else: the flags of this run (LR, weight decay) and its mode (`fused`, `capturable`, `foreach`). Taking
+    the mode from the checkpoint would make an eager run's checkpoint fail inside a --cuda_graph capture
+    ("capturable is False"), and the reverse run slower. The settings go in before loading, so the step
+    counters are placed where this mode needs them (on the device when fused or capturable). The LR object
+    itself (a device tensor a CUDA graph reads) is put back after loading, which copies it.
+    """
+    fresh = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    groups = [{**old, **new} for old, new in zip(saved["param_groups"], fresh)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group["lr"] = settings["lr"]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -175,9 +193,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_device_and_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
+def setup_device_and_distributed(device_name: str, timeout_minutes: int = 180) -> tuple[DistInfo, torch.device]:
     """The training device; under torchrun (WORLD_SIZE > 1) also init the process group from the env vars
-    (NCCL on CUDA, gloo on the CPU) and pick cuda:LOCAL_RANK."""
+    (NCCL on CUDA, gloo on the CPU) and pick cuda:LOCAL_RANK. `timeout_minutes` (--ddp_timeout_minutes) is how
+    long a collective waits: the other ranks wait in a barrier while rank 0 alone scans and encodes the dataset."""
+    import datetime
+
     from cxr.models import pick_device
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -191,7 +212,8 @@ def setup_device_and_distributed(device_name: str) -> tuple[DistInfo, torch.devi
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return info, device
 
 
@@ -556,8 +578,7 @@ def _prepare_data(cfg: TrainConfig, dist: DistInfo, resume_path: Path | None = N
             train_records, val_records = split_holdout(records, val_fraction=cfg.val_fraction, val_count=cfg.val_count,
                                                        seed=cfg.seed)
         check_free_space(cfg, len(records))
-        extra = {"resolution": cfg.resolution, "pad_to_square": cfg.pad_to_square, "model_id": cfg.model_id,
-                 "seed": cfg.seed, "intensity_clip_percent": cfg.intensity_clip_percent}
+        extra = {name: value for name, value in to_dict(cfg).items() if name in result_flags(TrainConfig)}
         manifest_sha = write_manifest(Path(cfg.output_dir) / "manifest.json", train_records, val_records, extra,
                                       dropped)
         result = (train_records, val_records, manifest_sha)
@@ -611,15 +632,19 @@ def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_reco
     """Latent caches of both splits; rank 0 builds them, the other ranks wait and then load them."""
     from cxr.latents import build_or_load_latent_cache
 
-    common = dict(resolution=cfg.resolution, pad_to_square=cfg.pad_to_square,
-                  intensity_clip_percent=cfg.intensity_clip_percent, cache_dir=cfg.resolved_cache_dir,
-                  device=device, batch_size=cfg.encode_batch_size, num_workers=cfg.resolved_num_workers,
-                  vae_id=f"{cfg.model_id}@{cfg.revision or 'main'}")
+    # Every flag declared cache=True goes to the cache (which keys on what it is given); the model id and
+    # revision travel as one `vae_id`, the name the key has always used for them.
+    settings = {name: getattr(cfg, name) for name in cache_flags(TrainConfig)}
+    settings["vae_id"] = f"{settings.pop('model_id')}@{settings.pop('revision') or 'main'}"
+    common = dict(settings, cache_dir=cfg.resolved_cache_dir, device=device, batch_size=cfg.encode_batch_size,
+                  num_workers=cfg.resolved_num_workers)
     caches = None
     for turn in ("main", "others"):
         if (turn == "main") == dist.is_main:
-            train_cache = build_or_load_latent_cache(train_records, vae, random_flip=cfg.random_flip, **common)
-            val_cache = build_or_load_latent_cache(val_records, vae, random_flip=False, **common) if val_records else None
+            train_cache = build_or_load_latent_cache(train_records, vae, **common)
+            val_cache = None
+            if val_records:  # the held-out images are never mirrored
+                val_cache = build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False})
             caches = (train_cache, val_cache)
         _barrier(dist)
     return caches
@@ -644,6 +669,12 @@ def _load_model(cfg: TrainConfig, device, dtype):
 
 
 def _check_flags_for_device(cfg: TrainConfig, device, dist: DistInfo) -> None:
+    if cfg.cuda_graph and cfg.gradient_checkpointing:
+        # Checkpointing stashes and restores the CUDA RNG state inside the captured region, which graph capture
+        # does not support in the torch versions we run (pytorch/pytorch#162504); untested on a GPU, so refused.
+        raise TrainingError("--cuda_graph: cannot be combined with --gradient_checkpointing (activation "
+                            "checkpointing is not graph-safe in this PyTorch); drop one of them: "
+                            "--gradient_checkpointing to save memory, --cuda_graph for speed")
     if cfg.cuda_graph:
         if device.type != "cuda":
             raise TrainingError(f"--cuda_graph: needs a CUDA device but this run is on {device}; drop --cuda_graph")
@@ -656,15 +687,21 @@ def _check_flags_for_device(cfg: TrainConfig, device, dist: DistInfo) -> None:
             raise TrainingError("--cuda_graph: use either --cuda_graph or --torch_compile, not both")
 
 
+# Result flags the adapter header records from the weights themselves (cxr.rank, cxr.alpha, cxr.targets).
+_HEADER_FROM_WEIGHTS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
 def _adapter_metadata(cfg: TrainConfig, step: int, manifest_sha: str, prediction_type: str) -> dict[str, str]:
+    """Every result flag (as `str(value)`, None as ""), under the names sample.py and users read: the model id
+    as `base_model` (resolved), the prediction type as resolved from the base scheduler when the flag is empty."""
     from cxr.models import resolve_model_id
 
-    return {
-        "base_model": resolve_model_id(cfg.model_id), "revision": str(cfg.revision or ""),
-        "resolution": str(cfg.resolution), "pad_to_square": str(cfg.pad_to_square),
-        "intensity_clip_percent": str(cfg.intensity_clip_percent), "prompt": cfg.prompt, "steps": str(step), "manifest_sha256": manifest_sha,
-        "cxr_version": __version__, "prediction_type": prediction_type,
-    }
+    metadata = {name: "" if value is None else str(value) for name, value in to_dict(cfg).items()
+                if name in result_flags(TrainConfig) and name not in _HEADER_FROM_WEIGHTS}
+    metadata["base_model"] = resolve_model_id(metadata.pop("model_id"))
+    metadata.update(prediction_type=prediction_type, steps=str(step), manifest_sha256=manifest_sha,
+                    cxr_version=__version__)
+    return metadata
 
 
 def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
@@ -776,14 +813,13 @@ def _remove_stale_temp_files(cfg: TrainConfig) -> None:
 
 def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held: contextlib.ExitStack) -> dict:
     from cxr import ddpm
-    from cxr.checkpoint import (capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state,
-                                save_checkpoint)
+    from cxr.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
     from cxr.latents import encode_prompt
     from cxr.lora import lora_parameters, lora_state_dict, load_lora_state_dict, save_adapter
-    from cxr.tblog import config_markdown, image_grid, make_writer
+    from cxr.tblog import config_markdown, image_grid, make_writer, new_run_name
     from tqdm.auto import tqdm
 
-    dist, device = setup_device_and_distributed(cfg.device)
+    dist, device = setup_device_and_distributed(cfg.device, cfg.ddp_timeout_minutes)
     _check_flags_for_device(cfg, device, dist)
     output_dir = Path(cfg.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
@@ -837,7 +873,6 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
     optimizer = make_optimizer(params, lr=lr_at(0, base_lr=cfg.learning_rate, warmup_steps=cfg.lr_warmup_steps,
                                                 total_steps=cfg.max_train_steps, kind=cfg.lr_scheduler),
                                weight_decay=cfg.adam_weight_decay, device=device, capturable=cfg.cuda_graph)
-    lr_tensors = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
     if cfg.cuda_graph:  # graph capture tracks the default CUDA generator's offsets by itself
         generator = torch.cuda.default_generators[device.index or 0]
@@ -848,27 +883,21 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
                      dist=dist, seed=cfg.seed, device=device)
 
     start_step = 0
-    resume_path = _broadcast_object(resolve_resume(cfg.resume_from_checkpoint, checkpoints_dir) if dist.is_main
-                                    else None, dist)
+    run_name = None
+    resume_path = resume_target  # resolved (and checked) once, under the output folder's lock
     if cfg.resume_from_checkpoint and resume_path is None and dist.is_main:
         warnings.warn(f"--resume_from_checkpoint latest: no complete checkpoint in {checkpoints_dir}; starting from step 0")
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, device)
         load_lora_state_dict(unet, checkpoint.lora)
-        optimizer.load_state_dict(checkpoint.optimizer["optimizer"])
-        for group, lr_tensor in zip(optimizer.param_groups, lr_tensors):
-            group["lr"] = lr_tensor  # keep the tensor the step (and a CUDA graph) reads
+        load_optimizer_state(optimizer, checkpoint.optimizer["optimizer"])
         if scaler is not None and checkpoint.optimizer.get("scaler"):
             scaler.load_state_dict(checkpoint.optimizer["scaler"])
         restore_rng_state(checkpoint.rng, {"noise": generator})
         data.load_state(checkpoint.state["data"])
         start_step = checkpoint.step
-        saved = checkpoint.state.get("config", {})
-        # Flags a checkpoint predates (absent from its config) had their default value then.
-        changed = [f"--{name}" for name in ("train_batch_size", "grad_accum_steps", "seed", "max_train_steps",
-                                            "lr_scheduler", "learning_rate", "resolution", "random_flip",
-                                            "pad_to_square", "intensity_clip_percent")
-                   if saved.get(name, to_dict(TrainConfig())[name]) != to_dict(cfg)[name]]
+        run_name = checkpoint.state.get("run_name")  # a resume appends to its run's TensorBoard folder
+        changed = changed_result_flags(checkpoint.state.get("config", {}), cfg)
         if checkpoint.state.get("world_size") != dist.world_size:
             changed.append("the number of processes")
         if changed and dist.is_main:
@@ -885,11 +914,20 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
         no_sync=ddp.no_sync if ddp is not None else None,
     )
 
-    writer = make_writer(cfg.resolved_logging_dir, dist.rank)
+    # One TensorBoard folder per run; a resume appends to its run's folder, hiding what an interrupted part
+    # logged after the checkpoint it resumes from.
+    run_name = run_name or new_run_name(output_dir, cfg.resolved_logging_dir)
+    run_dir = cfg.resolved_logging_dir / run_name
+    new_run = not run_dir.is_dir() or not any(run_dir.glob("events.out.tfevents.*"))
+    writer = make_writer(run_dir, dist.rank, purge_step=None if new_run else start_step + 1)
+    if new_run:
+        hparams = {name: value for name, value in to_dict(cfg).items() if name in result_flags(TrainConfig)}
+        hparams.update(prediction_type=schedule.prediction_type, world_size=dist.world_size)
+        writer.add_hparams_start(hparams)
     run_versions = versions()
     if dist.is_main:
         resolved = {"prediction_type": schedule.prediction_type, "global_batch": data.rows_per_step,
-                    "steps_per_epoch": data.steps_per_epoch, "device": str(device)}
+                    "steps_per_epoch": data.steps_per_epoch, "device": str(device), "tensorboard_run": str(run_dir)}
         save_json(cfg, output_dir / "config.json", {"versions": run_versions, "world_size": dist.world_size,
                                                    "resolved": resolved, "lora_paths": lora_paths,
                                                    "manifest_sha256": manifest_sha})
@@ -897,7 +935,8 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
 
     summary = {"output_dir": str(output_dir), "start_step": start_step, "steps": start_step, "interrupted": False,
                "signal": None, "val_losses": [], "checkpoint": None, "adapter": [], "manifest_sha256": manifest_sha,
-               "train_images": len(train_records), "val_images": len(val_records), "world_size": dist.world_size}
+               "train_images": len(train_records), "val_images": len(val_records), "world_size": dist.world_size,
+               "tensorboard_run": str(run_dir)}
 
     def run_validation(step: int, images: bool) -> None:
         unet.eval()
@@ -912,7 +951,7 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
                 num_images=cfg.num_validation_images, steps=cfg.validation_inference_steps,
                 resolution=cfg.resolution, seed=cfg.seed, prediction_type=schedule.prediction_type,
                 autocast_dtype=autocast_dtype)
-            writer.add_image("val/samples", image_grid(samples), step)
+            writer.add_image("val/samples", image_grid(samples, gap=VALIDATION_GRID_GAP), step)
         writer.flush()
         unet.train()
 
@@ -936,7 +975,7 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
                 rng=capture_rng_state({"noise": generator}),
                 state={"data": data.state(), "lr_schedule": {"kind": cfg.lr_scheduler, "base_lr": cfg.learning_rate,
                        "warmup_steps": cfg.lr_warmup_steps, "total_steps": cfg.max_train_steps},
-                       "world_size": dist.world_size, "config": to_dict(cfg)},
+                       "world_size": dist.world_size, "config": to_dict(cfg), "run_name": run_name},
                 total_limit=cfg.checkpoints_total_limit,
             )
             summary["adapter"] = [str(p) for p in save_adapter(
@@ -957,8 +996,8 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
         step_fn = capture_cuda_graph(step_fn, example, params=params, optimizer=optimizer, metrics=metrics,
                                      generator=generator)
 
-    if start_step < cfg.max_train_steps and val_inputs is not None:
-        run_validation(start_step, images=False)  # the baseline of val/loss
+    if start_step < cfg.max_train_steps and dist.is_main:
+        run_validation(start_step, images=start_step == 0)  # the baselines: val/loss, and the grid before training
     progress = tqdm(total=cfg.max_train_steps, initial=start_step, disable=not dist.is_main, desc="train",
                     dynamic_ncols=True)
     images_per_step = data.rows_per_step
@@ -1016,6 +1055,7 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
         if step == start_step:  # resumed from a finished run: just (re-)export
             save(step)
         run_validation(step, images=True)
+        writer.add_hparams_end()
     progress.close()
     writer.close()
     summary.update(steps=step, images_per_s=images_per_s, peak_memory_mib=peak_memory_mib(device))

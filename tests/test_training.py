@@ -213,7 +213,7 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     written = json.loads((out / "config.json").read_text())
     assert written["config"]["max_train_steps"] == 4 and written["versions"]["torch"] == torch.__version__
 
-    events = EventAccumulator(str(out / "logs"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events = EventAccumulator(summary["tensorboard_run"], size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/loss", "memory/peak_mib"):
@@ -225,7 +225,7 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     assert [e.step for e in events.Scalars("val/loss")] == [0, 2, 4]
     assert "val/samples" in tags["images"]
     image = events.Images("val/samples")[-1]
-    assert image.width == 2 * 64 and image.height == 64
+    assert image.width == 2 * 64 + training.VALIDATION_GRID_GAP and image.height == 64
     assert "config/text_summary" in tags["tensors"]
 
     # The exported adapter holds exactly the trained tensors (a stock-format reader agrees with the checkpoint).
