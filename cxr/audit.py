@@ -91,6 +91,9 @@ class AuditConfig:
     num_workers: int = flag(2, "worker processes that read and resize images")
     batch_size: int = flag(64, "images per reading batch")
     memory_budget_mb: int = flag(512, "working memory of the search (similarity blocks and shifted copies of the queries); sets the chunk sizes. The thumbnails come on top: N x resolution^2 x 4 bytes per set")
+    features: Path | None = flag(None, "also audit in the embedding space of this local TorchScript network ((N, 3, H, W) images in [0, 1] -> (N, D), as cxr.evaluate --features): the same top-k search and held-out calibration by cosine similarity, reported beside NCC; a sample is flagged when either statistic is above its threshold")
+    features_image_size: int = flag(224, "with --features: images are resized to this square size for the network")
+    features_threshold: float | None = flag(None, "with --features: flag samples whose best cosine is above this value (default: calibrated on the held-out images like the NCC threshold)")
 
     def validate(self) -> None:
         check_choices(self)
@@ -114,6 +117,9 @@ class AuditConfig:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.memory_budget_mb >= 1, "memory_budget_mb", f"must be >= 1, got {self.memory_budget_mb}")
+        require(self.features_image_size >= 8, "features_image_size", f"must be >= 8, got {self.features_image_size}")
+        require(self.features_threshold is None or -1.0 <= self.features_threshold <= 1.0, "features_threshold",
+                f"must be in [-1, 1] (a cosine), got {self.features_threshold}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,6 +631,9 @@ def audit(config: AuditConfig) -> dict:
 
     started = time.time()
     check_writable(config.out, "--out", create=False)  # before any image is read, not after the search
+    if config.features is not None and not Path(config.features).is_file():
+        raise FileNotFoundError(f"--features {config.features}: file does not exist (a local TorchScript network; "
+                                "nothing is downloaded)")
     device = pick_device(config.device)
     train_paths, sample_paths, holdout_paths, clip_percent = _resolve_sets(config)
     calibration = check_calibration(config, len(holdout_paths))  # before the work: may refuse a --fail_above gate
@@ -675,6 +684,10 @@ def audit(config: AuditConfig) -> dict:
             j = int(ssim_scores[i].argmax())
             row["ssim"], row["ssim_match"] = float(ssim_scores[i, j]), str(train_paths[int(indices[i, j])])
         rows.append(row)
+    embedding = None
+    if config.features is not None:
+        embedding = _embedding_audit(config, train_paths, holdout_paths, sample_paths, clip_percent, device, rows)
+    flagged_any = np.array([row["flagged"] or row.get("embedding_flagged", False) for row in rows], dtype=bool)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -688,7 +701,9 @@ def audit(config: AuditConfig) -> dict:
         draw_gallery(closest, out / "gallery.png", config.pad_to_square, intensity_clip_percent=clip_percent)
 
     flagged_rate = float(flagged.mean())
-    exit_code = EXIT_FLAGGED if config.fail_above is not None and flagged_rate > config.fail_above else EXIT_OK
+    # --fail_above gates on the samples flagged by either statistic (NCC, and the embedding with --features).
+    gate_rate = float(flagged_any.mean())
+    exit_code = EXIT_FLAGGED if config.fail_above is not None and gate_rate > config.fail_above else EXIT_OK
     report = {
         "config": to_dict(config),
         "counts": {"train": len(train_paths), "samples": len(sample_paths), "holdout": int(holdout_best.size)},
@@ -697,6 +712,8 @@ def audit(config: AuditConfig) -> dict:
                      f"max over shifts up to {config.max_shift} px in steps of {config.shift_step} px",
         "threshold": {"value": float(threshold), "rule": rule, "calibrated": config.threshold is None and holdout_best.size > 0},
         "calibration": calibration,
+        "flagged_any": {"count": int(flagged_any.sum()), "rate": gate_rate},
+        "embedding": embedding,
         "flagged": {"count": int(flagged.sum()), "rate": flagged_rate,
                     "holdout_rate": float((holdout_best > threshold).mean()) if holdout_best.size else None},
         "samples": {"summary": score_summary(best), "histogram": score_histogram(best)},
@@ -708,6 +725,39 @@ def audit(config: AuditConfig) -> dict:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _embedding_audit(config: AuditConfig, train_paths, holdout_paths, sample_paths, clip_percent: float, device,
+                     rows: list[dict]) -> dict:
+    """The audit by cosine similarity in the --features network's embedding space (cxr.embedding); adds the
+    embedding_* columns to `rows` and returns the report's `embedding` section."""
+    from cxr.embedding import embedding_search
+
+    matches = embedding_search(
+        config.features, train_paths=train_paths, holdout_paths=holdout_paths, sample_paths=sample_paths,
+        k=config.top_k, image_size=config.features_image_size, pad_to_square=config.pad_to_square,
+        intensity_clip_percent=clip_percent, quantile=config.threshold_quantile, threshold=config.features_threshold,
+        batch_size=config.batch_size, num_workers=config.num_workers, device=device,
+        memory_budget_mb=config.memory_budget_mb)
+    best = matches.scores[:, 0]
+    flagged = best > matches.threshold if matches.threshold is not None else np.zeros(len(best), dtype=bool)
+    for i, row in enumerate(rows):
+        row.update(embedding_cosine=float(best[i]), embedding_match=str(train_paths[int(matches.indices[i, 0])]),
+                   embedding_flagged=bool(flagged[i]))
+    holdout = matches.holdout_best
+    closest = sorted(rows, key=lambda r: -r["embedding_cosine"])[: config.gallery_pairs]
+    return {
+        "extractor": matches.extractor, "dim": matches.dim, "image_size": config.features_image_size,
+        "statistic": f"best cosine similarity with a training image of L2-normalized {matches.dim}-d embeddings",
+        "threshold": {"value": matches.threshold, "rule": matches.rule, "calibrated": matches.calibrated},
+        "flagged": {"count": int(flagged.sum()), "rate": float(flagged.mean()),
+                    "holdout_rate": float((holdout > matches.threshold).mean())
+                    if holdout.size and matches.threshold is not None else None},
+        "samples": {"summary": score_summary(best), "histogram": score_histogram(best, low=-1.0, high=1.0)},
+        "holdout": {"summary": score_summary(holdout), "histogram": score_histogram(holdout, low=-1.0, high=1.0)},
+        "closest_pairs": [{"sample": r["sample"], "best_match": r["embedding_match"], "cosine": r["embedding_cosine"],
+                           "flagged": r["embedding_flagged"]} for r in closest],
+    }
 
 
 def _calibration_warning(report: dict) -> list[str]:
@@ -734,10 +784,21 @@ def format_summary(report: dict) -> str:
         f"flagged {flagged['count']} / {counts['samples']} samples = {flagged['rate']:.2%}"
         + (f" (held-out real images: {flagged['holdout_rate']:.2%})" if flagged["holdout_rate"] is not None else ""),
         f"sample best NCC: median {samples['p50']:.4f}, p99 {samples['p99']:.4f}, max {samples['max']:.4f}",
-        f"report: {Path(report['config']['out']) / 'report.json'}, scores.csv, gallery.png",
     ]
+    embedding = report.get("embedding")
+    if embedding:
+        value = embedding["threshold"]["value"]
+        emb_flagged = embedding["flagged"]
+        lines += [
+            f"embedding ({embedding['extractor']}): threshold cosine > "
+            + (f"{value:.4f}" if value is not None else "none") + f" ({embedding['threshold']['rule']})",
+            f"flagged by the embedding {emb_flagged['count']} / {counts['samples']} = {emb_flagged['rate']:.2%}"
+            + (f" (held-out real images: {emb_flagged['holdout_rate']:.2%})" if emb_flagged["holdout_rate"] is not None else ""),
+            f"flagged by either statistic: {report['flagged_any']['count']} / {counts['samples']}",
+        ]
+    lines.append(f"report: {Path(report['config']['out']) / 'report.json'}, scores.csv, gallery.png")
     if report["exit_code"] == EXIT_FLAGGED:
-        lines.append(f"FAIL: flagged rate {flagged['rate']:.2%} is above --fail_above {report['fail_above']:.2%}")
+        lines.append(f"FAIL: flagged rate {report['flagged_any']['rate']:.2%} is above --fail_above {report['fail_above']:.2%}")
     return "\n".join(lines)
 
 

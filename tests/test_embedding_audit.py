@@ -76,3 +76,39 @@ def test_cosine_scores_equal_a_direct_computation(sets):
     np.testing.assert_allclose(matches.scores[:, 0], cosine.max(1), atol=1e-6)
     np.testing.assert_array_equal(matches.indices[:, 0], cosine.argmax(1))
     assert matches.threshold == 0.5 and not matches.calibrated and matches.holdout_best.size == 0
+
+
+def test_audit_with_features_reports_both_statistics_and_gates_on_either(sets, tmp_path):
+    import csv
+
+    from cxr.audit import AuditConfig, audit, format_summary
+
+    folders = {name: sets[name][0].parent for name in ("train", "holdout", "samples")}
+    cfg = AuditConfig(train_dir=folders["train"], holdout_dir=folders["holdout"], samples_dir=folders["samples"],
+                      out=tmp_path / "audit", features=sets["network"], features_image_size=128, num_workers=0,
+                      device="cpu", min_holdout_images=30, fail_above=0.05)
+    cfg.validate()
+    report = audit(cfg)
+    copies = {f"rolled_copy_{i:02d}.png" for i in ROLLS}
+    with open(tmp_path / "audit" / "scores.csv") as handle:
+        rows = {Path(r["sample"]).name: r for r in csv.DictReader(handle)}
+    by_ncc = {name for name, r in rows.items() if r["flagged"] == "True"}
+    by_embedding = {name for name, r in rows.items() if r["embedding_flagged"] == "True"}
+    assert not by_ncc & copies  # pixel NCC misses the rolled copies (phantoms are alike: it may flag a stranger)
+    assert by_embedding == copies
+    embedding = report["embedding"]
+    assert embedding["threshold"]["calibrated"] and embedding["flagged"]["count"] == 2
+    assert {Path(p["sample"]).name for p in embedding["closest_pairs"][:2]} == copies
+    assert report["flagged"]["count"] == len(by_ncc)
+    assert report["flagged_any"]["count"] == len(by_ncc | copies)
+    assert report["exit_code"] == 1  # >= 20% flagged by either statistic > --fail_above 5%
+    assert "flagged by the embedding 2 / 10" in format_summary(report)
+
+
+def test_audit_refuses_a_missing_features_file_before_reading(sets, tmp_path, capsys):
+    from cxr.audit import main
+
+    folder = sets["train"][0].parent
+    code = main(["--train_dir", str(folder), "--samples_dir", str(folder), "--holdout_dir", str(folder),
+                 "--out", str(tmp_path / "a"), "--features", str(tmp_path / "missing.pt")])
+    assert code == 2 and "--features" in capsys.readouterr().err and not (tmp_path / "a").exists()
