@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cxr import __version__
-from cxr.config import check_choices, flag, parse_config, require, to_dict
+from cxr.config import TrainConfig, check_choices, flag, parse_config, require, result_flags
 from cxr.fileio import atomic_write_bytes, file_sha256
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -178,8 +178,13 @@ def gather_facts(cfg: ReportConfig) -> dict:
     if audited and not _same_folder(audited, samples_dir):
         warnings_list.append(f"The audit was run on {audited}, not on the released samples {samples_dir}.")
     counts = audit.get("counts", {})
+    calibration = audit.get("calibration") or {}
     if not audit.get("threshold", {}).get("calibrated", False):
         warnings_list.append("The audit threshold was not calibrated on held-out images.")
+    elif calibration and not calibration.get("sufficient", True):
+        warnings_list.append(f"The audit threshold was calibrated on only {calibration.get('holdout_images')} held-out "
+                             f"images; quantile {calibration.get('quantile')} needs at least "
+                             f"{calibration.get('min_holdout_images')} to mean what it says.")
     image_count = len(index.get("images", []))
     if counts.get("samples") is not None and counts["samples"] != image_count:
         warnings_list.append(f"The audit covered {counts['samples']} images; the sample folder indexes {image_count}.")
@@ -195,14 +200,16 @@ def gather_facts(cfg: ReportConfig) -> dict:
         "provenance": {
             "base_model": train_flags.get("model_id"), "revision": train_flags.get("revision"),
             "adapter": adapter, "manifest_sha256": manifest_sha,
+            "result_flags": {name: train_flags.get(name) for name in result_flags(TrainConfig) if name in train_flags},
             "training_flags": train_flags, "training_versions": run_config.get("versions", {}),
             "report_versions": versions_here(), "resolved": run_config.get("resolved", {}),
         },
         "samples": {"folder": str(samples_dir), "count": image_count, "settings": settings,
                     "files": [row["file"] for row in index.get("images", [])]},
         "training_curves": training_curves(log_dir),
-        "audit": {key: audit.get(key) for key in ("counts", "statistic", "threshold", "flagged", "samples", "holdout",
-                                                  "closest_pairs", "intensity_clip_percent")},
+        "audit": {key: audit.get(key) for key in ("counts", "statistic", "threshold", "calibration", "flagged",
+                                                  "flagged_any", "embedding", "samples", "holdout", "closest_pairs",
+                                                  "intensity_clip_percent")},
         "evaluation": evaluation,
         "intended_use": INTENDED_USE,
         "known_limits": list(KNOWN_LIMITS),
@@ -364,6 +371,9 @@ def render_html(facts: dict, images: dict[str, str]) -> str:
         ("made from", f"{_code(prov['base_model'])} + LoRA adapter {_code(adapter['sha256'][:16])}…"),
         ("memorization audit", html.escape(verdict)),
         ("threshold set by", html.escape(str(threshold.get("rule")))),
+        *([("embedding audit", html.escape(f"{audit['embedding']['flagged']['count']} samples above the cosine "
+                                           f"threshold; {(audit.get('flagged_any') or {}).get('count')} flagged by either "
+                                           "statistic"))] if audit.get("embedding") else []),
     ], ("what", "value")))
     parts.append("</section>")
 
@@ -399,6 +409,22 @@ def render_html(facts: dict, images: dict[str, str]) -> str:
                           threshold.get("value"))
     if hist:
         parts.append(hist)
+    embedding = audit.get("embedding")
+    if embedding:
+        emb_threshold, emb_flagged = embedding["threshold"], embedding["flagged"]
+        emb_rate = emb_flagged.get("holdout_rate")
+        parts.append("<h3>In the embedding space of the --features network</h3>")
+        parts.append(_table([
+            ("network", _code(embedding["extractor"])), ("statistic", html.escape(embedding["statistic"])),
+            ("threshold", f"{_code(emb_threshold['value'])} ({html.escape(str(emb_threshold['rule']))})"),
+            ("flagged samples", f"{emb_flagged['count']} = {emb_flagged['rate']:.2%}"),
+            ("held-out real images above the threshold", "n/a" if emb_rate is None else f"{emb_rate:.2%}"),
+            ("flagged by either statistic", f"{(audit.get('flagged_any') or {}).get('count')}"),
+        ], ("what", "value")))
+        emb_hist = svg_histograms(embedding["samples"].get("histogram"), embedding["holdout"].get("histogram"),
+                                  emb_threshold["value"])
+        if emb_hist:
+            parts.append(emb_hist)
     if "gallery" in images:
         parts.append("<h3>Closest pairs (sample, training image)</h3>")
         parts.append(f"<img alt='closest pairs gallery' src='{images['gallery']}'>")
@@ -440,7 +466,9 @@ def render_html(facts: dict, images: dict[str, str]) -> str:
     if len(adapter["files"]) > 1:
         parts.append(_table([(_code(f["file"]), _code(f["sha256"]), _code(f["bytes"])) for f in adapter["files"]],
                             ("adapter file", "sha256", "bytes")))
-    parts.append("<details><summary>Training flags (the run's config.json)</summary>")
+    parts.append("<h3>Flags that change the result</h3>")
+    parts.append(_table([(_code(k), _code(v)) for k, v in prov["result_flags"].items()], ("flag", "value")))
+    parts.append("<details><summary>All training flags (the run's config.json)</summary>")
     parts.append(_table([(_code(k), _code(v)) for k, v in sorted(prov["training_flags"].items())], ("flag", "value")))
     parts.append("</details>")
     if adapter["metadata"]:
