@@ -269,24 +269,35 @@ class DataOrder:
 
 
 class StepMetrics:
-    """Device-side sums over the steps since the last read; `read()` is the only host sync of the loop."""
+    """Device-side sums over the steps since the last read; `read()` is the only host sync of the loop.
+
+    `nonfinite` counts steps whose loss or gradient norm was NaN/inf; `finite_steps` counts the steps before
+    the first such step, so a read tells which step of its window went bad first (and hence which weights
+    still gave a finite loss)."""
 
     def __init__(self, device):
         self.loss_sum = torch.zeros((), device=device)
         self.grad_norm_sum = torch.zeros((), device=device)
         self.nonfinite = torch.zeros((), device=device)
+        self.finite_steps = torch.zeros((), device=device)
         self.steps = 0  # host counter: the host knows how many steps it launched
 
     def reset(self) -> None:
-        for tensor in (self.loss_sum, self.grad_norm_sum, self.nonfinite):
+        for tensor in (self.loss_sum, self.grad_norm_sum, self.nonfinite, self.finite_steps):
             tensor.zero_()
         self.steps = 0
+
+    def add_nonfinite(self, flag: torch.Tensor) -> None:
+        """Record one step's non-finite flag (0-dim, > 0 when bad) on the device."""
+        self.nonfinite.add_((flag > 0).float())
+        self.finite_steps.add_((self.nonfinite == 0).float())
 
     def read(self, dist: DistInfo | None = None, extra_flag: bool = False) -> dict:
         """Mean loss / grad norm since the last read, whether any was non-finite, and `extra_flag` OR-ed over
         ranks (used to agree on a stop request); averaged over ranks under DDP. Syncs with the device."""
         packed = torch.stack([self.loss_sum, self.grad_norm_sum, self.nonfinite,
                               torch.tensor(float(extra_flag), device=self.loss_sum.device)])
+        finite_steps = self.finite_steps.clone()
         world = 1
         if dist is not None and dist.enabled:
             import torch.distributed as tdist
@@ -294,12 +305,16 @@ class StepMetrics:
             tdist.all_reduce(packed)
             world = dist.world_size
         loss_sum, grad_sum, nonfinite, flag = packed.tolist()  # the sync: once per --log_every steps
+        if nonfinite > 0 and world > 1:  # every rank takes this branch: the first bad step on any rank
+            tdist.all_reduce(finite_steps, op=tdist.ReduceOp.MIN)
+        window = self.steps
         steps = max(1, self.steps)
         self.reset()
         return {
             "loss": loss_sum / world / steps,
             "grad_norm": grad_sum / world / steps,
             "nonfinite": nonfinite > 0,
+            "finite_steps": int(finite_steps.item()) if nonfinite > 0 else window,  # steps before the first bad one
             "flag": flag > 0,
         }
 
@@ -350,8 +365,11 @@ def make_train_step(
     Everything runs on the device: latent sampling (mean + std * noise), diffusion noise (+ offset) and uniform
     timesteps drawn from `generator` for the whole global batch (every rank draws all `batch_size * world_size`
     rows and keeps its own slice, so N ranks at batch B equal one process at batch N*B), forward + weighted
-    loss, backward, gradient clipping, AdamW. Loss and grad norm are added to `metrics` on the device. No
-    host sync except inside a GradScaler (fp16), which reads its inf check on the host.
+    loss, backward, gradient clipping, AdamW. Loss and grad norm are added to `metrics` on the device. An update
+    whose gradient norm is NaN/inf is never applied (`step_unless`: LoRA weights and AdamW state stay as they
+    were); such a step, or a NaN/inf loss, is flagged in `metrics`. With a GradScaler (fp16) the scaler skips
+    inf steps itself (its loss-scale search) and only the loss is flagged. No host sync except inside a
+    GradScaler, which reads its inf check on the host.
     `model` may be the UNet, its DDP wrapper or a compiled module; `no_sync` is DDP's `no_sync` (skips the
     all-reduce on all but the last micro-batch).
     """
@@ -369,6 +387,7 @@ def make_train_step(
 
     def step(indices: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
+        bad_loss = torch.zeros((), device=device)
         for micro in range(grad_accum_steps):
             rows = indices[micro]
             x0 = sample_latents(latents_mean[rows], latents_std[rows], draw(*latent_shape), scaling_factor)
@@ -382,7 +401,7 @@ def make_train_step(
                 scaled = loss / grad_accum_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             metrics.loss_sum.add_(scaled.detach())
-            metrics.nonfinite.add_((~torch.isfinite(loss.detach())).float())
+            bad_loss = bad_loss + (~torch.isfinite(loss.detach())).float()
         if scaler is not None:
             scaler.unscale_(optimizer)
         if max_grad_norm > 0:
@@ -391,12 +410,43 @@ def make_train_step(
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
         metrics.grad_norm_sum.add_(grad_norm.detach())
         if scaler is not None:
+            metrics.add_nonfinite(bad_loss)
             scaler.step(optimizer)
             scaler.update()
         else:
-            optimizer.step()
+            # Decided on the (all-reduced) gradient norm alone, so that every DDP rank skips the same steps.
+            skip = (~torch.isfinite(grad_norm.detach())).float()
+            metrics.add_nonfinite(bad_loss + skip)
+            step_unless(optimizer, params, skip)
 
     return step
+
+
+def step_unless(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], skip: torch.Tensor) -> None:
+    """`optimizer.step()`, without any effect when `skip` (0-dim float32 on the device, 1.0 or 0.0) is 1.
+
+    No host read on the fused path. A fused optimizer (what make_optimizer builds on CUDA and CPU) takes `skip`
+    as its `found_inf`, the GradScaler protocol: the kernel leaves weights and moments alone and the step count
+    is put back. Any other optimizer is stepped, then its weights and tensor state are put back with
+    torch.where (state created by this step goes back to zeros: a fresh AdamW state).
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = skip
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
+    with torch.no_grad():
+        before = {p: (p.detach().clone(), {k: v.clone() for k, v in optimizer.state.get(p, {}).items()
+                                           if torch.is_tensor(v)}) for p in params}
+        optimizer.step()
+        for param, (weights, state) in before.items():
+            param.copy_(torch.where(skip.to(param.device) > 0, weights, param))
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value):
+                    old = state.get(key, torch.zeros_like(value))
+                    value.copy_(torch.where(skip.to(value.device) > 0, old, value))
 
 
 def snapshot_train_state(params: list[torch.nn.Parameter], optimizer, generator) -> dict:
