@@ -51,7 +51,7 @@ class TrainingError(RuntimeError):
 
 
 class NonFiniteLossError(TrainingError):
-    """The loss became NaN/inf; the last good checkpoint is left in place."""
+    """The loss or gradient norm became NaN/inf; checkpoints whose weights led there are marked NONFINITE."""
 
 
 # ----------------------------------------------------------------------------------------- small helpers
@@ -685,8 +685,8 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
 
 def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> dict:
     from cxr import ddpm
-    from cxr.checkpoint import (capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state,
-                                save_checkpoint)
+    from cxr.checkpoint import (NonFiniteError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
+                                mark_nonfinite, resolve_resume, restore_rng_state, save_checkpoint)
     from cxr.latents import encode_prompt
     from cxr.lora import lora_parameters, lora_state_dict, load_lora_state_dict, save_adapter
     from cxr.tblog import config_markdown, image_grid, make_writer
@@ -824,19 +824,62 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
         writer.flush()
         unet.train()
 
-    def check_finite(step: int, nonfinite: bool) -> None:
-        if nonfinite:
-            raise NonFiniteLossError(
-                f"the training loss became NaN/inf before step {step} (checked every --log_every={cfg.log_every} "
-                f"steps). The last good checkpoint in {checkpoints_dir} is kept. Try a lower --learning_rate, "
-                "--mixed_precision bf16 instead of fp16, a smaller --max_grad_norm, and check the images "
-                f"listed in {output_dir / 'manifest.json'}; then --resume_from_checkpoint latest"
-            )
+    # This run's checkpoints (and the one it resumed from) by step, and the step of its last adapter export:
+    # after a NaN/inf, the ones whose weights led there are marked so that `latest` never picks them.
+    session_checkpoints = {start_step: resume_path} if resume_path is not None else {}
+    exported = {"step": None}
+
+    def check_finite(step: int, read: dict, window: int) -> None:
+        if read["nonfinite"]:
+            first_bad = step - window + read["finite_steps"] + 1
+            stop_nonfinite(first_bad, f"the training loss or gradient norm became NaN/inf at step {first_bad} (found "
+                           f"by the check of steps {step - window + 1}-{step}, before step {step} was saved or "
+                           f"logged; read every --log_every={cfg.log_every} steps and at checkpoints); no update "
+                           "with a NaN/inf gradient was applied")
+
+    def stop_nonfinite(first_bad: int, what: str) -> None:
+        """Raise NonFiniteLossError; on rank 0 first mark the checkpoints of weights that did not give a finite
+        loss and gradient at the next step (the step of weights W_s is s + 1, so only those of step
+        <= first_bad - 2 are trusted), and re-export the adapter from the newest trusted checkpoint."""
+        notes = []
+        if dist.is_main:
+            for saved_step, path in sorted(session_checkpoints.items()):
+                if saved_step > first_bad - 2 and path.is_dir():
+                    mark_nonfinite(path, f"its weights gave a NaN/inf loss or gradient at step {first_bad}")
+                    notes.append(f"{path} is marked NONFINITE (kept, never resumed from).")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the folders just marked: the message says so
+                keep = find_latest_checkpoint(checkpoints_dir)
+            if keep is None:
+                notes.append(f"No checkpoint in {checkpoints_dir} can be resumed from: "
+                             "--resume_from_checkpoint latest starts from step 0.")
+            else:
+                notes.append(f"--resume_from_checkpoint latest resumes from {keep}.")
+            if exported["step"] is not None and exported["step"] > first_bad - 2:
+                adapter_dir = output_dir / "lora_unet"
+                if keep is not None:
+                    checkpoint = load_checkpoint(keep, device)
+                    load_lora_state_dict(unet, checkpoint.lora)
+                    save_adapter(unet, adapter_dir, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                 targets=cfg.lora_target_list, export_format=cfg.export_format,
+                                 metadata=_adapter_metadata(cfg, checkpoint.step, manifest_sha, schedule.prediction_type))
+                    notes.append(f"{adapter_dir} was re-exported from it.")
+                else:
+                    notes.append(f"{adapter_dir} holds the weights of step {exported['step']}, which gave NaN/inf "
+                                 "afterwards: do not use it.")
+        raise NonFiniteLossError(
+            f"{what}. {' '.join(notes)} Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, a "
+            f"smaller --max_grad_norm, and check the images listed in {output_dir / 'manifest.json'}; then "
+            "--resume_from_checkpoint latest"
+        )
 
     def save(step: int) -> None:
         """Checkpoint + export (rank 0); refuses to save weights that went non-finite."""
         if not dist.is_main:
             return
+        from safetensors import SafetensorError
+
+        writing = f"checkpoint {step} to {checkpoints_dir}"
         try:
             path = save_checkpoint(
                 checkpoints_dir, step, lora=lora_state_dict(unet),
@@ -847,13 +890,19 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
                        "world_size": dist.world_size, "config": to_dict(cfg)},
                 total_limit=cfg.checkpoints_total_limit,
             )
+            session_checkpoints[step] = path
+            writing = f"the adapter of step {step} to {output_dir / 'lora_unet'}"
             summary["adapter"] = [str(p) for p in save_adapter(
                 unet, output_dir / "lora_unet", rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                 targets=cfg.lora_target_list, metadata=_adapter_metadata(cfg, step, manifest_sha, schedule.prediction_type),
                 export_format=cfg.export_format)]
-        except OSError as error:
+            exported["step"] = step
+        except NonFiniteError as error:  # finite loss up to `step`, yet the weights after it are not
+            stop_nonfinite(step + 1, f"the LoRA weights or optimizer state became NaN/inf at step {step} ({error})")
+        except (OSError, SafetensorError) as error:  # a full disk: OSError, or safetensors' own error type
             raise TrainingError(
-                f"--output_dir: writing checkpoint {step} to {checkpoints_dir} failed ({error.strerror or error}); "
+                f"--output_dir: writing {writing} failed "
+                f"({getattr(error, 'strerror', None) or error}); "
                 "the previous checkpoints are intact. Free disk space, then --resume_from_checkpoint latest"
             ) from error
         summary["checkpoint"] = str(path)
@@ -895,8 +944,9 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
         if dist.enabled and not (log_due or checkpoint_due):
             stop_requested = False  # ranks agree on stopping at the next log or checkpoint step
         if log_due or checkpoint_due or stop_requested:
+            window = metrics.steps
             read = metrics.read(dist, extra_flag=stop_requested)  # host sync: only here
-            check_finite(step, read["nonfinite"])
+            check_finite(step, read, window)
             stop_requested = read["flag"]
             if log_due:
                 images_per_s = timed_steps * images_per_step / (time.perf_counter() - clock)

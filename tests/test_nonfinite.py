@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import typing
+import warnings
 
 import pytest
 import torch
@@ -149,3 +150,240 @@ def test_metrics_tell_the_first_bad_step_of_a_window():
     metrics.add_nonfinite(torch.tensor(0.0))
     metrics.steps += 1
     assert metrics.read()["finite_steps"] == 1 and not metrics.nonfinite
+
+
+# -------------------------------------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("latent_cache")
+
+
+def _saved_tensors(out):
+    """Every tensor the run left on disk: checkpoint LoRA + optimizer files and the exported adapter files."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for file in sorted(out.rglob("*.safetensors")):
+        found.update({f"{file}:{k}": v for k, v in load_file(file).items()})
+    for file in sorted(out.rglob("optimizer.pt")):
+        from cxr.checkpoint import nonfinite_tensors
+
+        found.update({f"{file}:{name}": torch.tensor(math.nan)
+                      for name in nonfinite_tensors(torch.load(file, weights_only=True))})
+    return found
+
+
+@pytest.mark.slow
+def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(tiny_model_dir, phantom_dir, shared_cache,
+                                                                    tmp_path):
+    """4 good steps with a checkpoint each; resumed at --learning_rate 1e6 it stops on a NaN/inf; `latest` then
+    picks a checkpoint whose weights gave a finite loss afterwards (named in the message) and at 1e-4 finishes."""
+    from test_training import make_cfg
+
+    from cxr.checkpoint import checkpoint_dirs, find_latest_checkpoint
+
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=10, checkpointing_steps=1,
+                   checkpoints_total_limit=None, log_every=1)
+    assert training.train(cfg, stop_after_steps=4)["steps"] == 4
+    cfg.resume_from_checkpoint, cfg.learning_rate = "latest", 1e6
+    with pytest.warns(UserWarning, match="--learning_rate"), pytest.raises(training.NonFiniteLossError) as stop:
+        training.train(cfg)
+    message = str(stop.value)
+    print(message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        latest = find_latest_checkpoint(out / "checkpoints")
+    steps = [s for s, _ in checkpoint_dirs(out / "checkpoints")]
+    assert int(latest.name.split("-")[1]) <= 4 < max(steps)  # a diverged checkpoint was written, and is not picked
+    assert f"resumes from {latest}." in message
+    cfg.learning_rate = 1e-4
+    with pytest.warns(UserWarning, match="--learning_rate"):
+        summary = training.train(cfg)
+    assert summary["steps"] == 10 and math.isfinite(summary["final_loss"])
+    saved = _saved_tensors(out)
+    assert saved and not [name for name, t in saved.items() if not torch.isfinite(t).all()]
+
+
+# ----------------------------------------------------------------------------------- adapters and sampling
+
+
+@pytest.fixture(scope="module")
+def good_adapter(tiny_model_dir, tmp_path_factory):
+    """A valid adapter of the tiny UNet in both formats, and the UNet it was made from."""
+    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules, save_adapter
+    from cxr.models import load_components
+
+    unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
+    torch.manual_seed(1)
+    inject_lora(unet, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for module in lora_modules(unet).values():
+            module.lora_B.normal_(0.0, 0.2)
+    out = tmp_path_factory.mktemp("adapter") / "lora_unet"
+    save_adapter(unet, out, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, export_format="both")
+    return out
+
+
+def _rewrite(src, dst, change_tensor=None, change_header=None):
+    """Copy a safetensors file, poisoning one tensor or the header (written with safetensors itself: our writer
+    refuses to write such a file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        header = dict(handle.metadata())
+    if change_tensor:
+        key = sorted(k for k in tensors if change_tensor[0] in k)[0]
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = change_tensor[1]
+    if change_header:
+        header = change_header(header)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst), metadata=header)
+    return dst
+
+
+def _nan_alpha_header(header):
+    import json
+
+    config = json.loads(header["lora_adapter_metadata"])
+    config["unet.lora_alpha"] = math.nan
+    return header | {"lora_adapter_metadata": json.dumps(config)}
+
+
+BAD_ADAPTERS = {
+    "diffusers NaN in B": ("pytorch_lora_weights.safetensors", ("lora_B", math.nan), None, r"NaN/inf values in 1 LoRA"),
+    "diffusers inf in A": ("pytorch_lora_weights.safetensors", ("lora_A", math.inf), None, r"NaN/inf values in 1 LoRA"),
+    "diffusers NaN alpha": ("pytorch_lora_weights.safetensors", None, _nan_alpha_header, r"alpha is nan"),
+    "kohya inf in up": ("cxr_lora_kohya.safetensors", ("lora_up", -math.inf), None, r"NaN/inf values in 1 LoRA"),
+    "kohya inf alpha": ("cxr_lora_kohya.safetensors", (".alpha", math.inf), None, r"NaN/inf alpha"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
+def test_an_adapter_with_nan_or_inf_is_refused_at_load_naming_the_file(case, good_adapter, tiny_model_dir, tmp_path):
+    from cxr.lora import AdapterError, load_adapter, lora_modules
+    from cxr.models import load_components
+
+    name, tensor_change, header_change, message = BAD_ADAPTERS[case]
+    bad = _rewrite(good_adapter / name, tmp_path / "bad" / name, tensor_change, header_change)
+    unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
+    load_adapter(unet, good_adapter / name)  # the untouched file loads
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(AdapterError, match=rf"^{bad}: .*{message}"):
+        load_adapter(unet, bad)
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # nothing changed
+    with pytest.raises(AdapterError, match="finite"):
+        load_adapter(unet, good_adapter / name, scale=math.nan)
+    assert all(m.scale == 1.0 for m in lora_modules(unet).values())
+
+
+def test_sample_refuses_a_nan_adapter_naming_the_file_before_any_image(good_adapter, tiny_model_dir, tmp_path):
+    from test_sampling import make_cfg as sample_cfg
+
+    from cxr.sampling import SamplingError, sample_run
+
+    bad = _rewrite(good_adapter / "pytorch_lora_weights.safetensors", tmp_path / "bad" / "a.safetensors",
+                   ("lora_B", math.nan))
+    with pytest.raises(SamplingError, match=rf"--lora_path {bad}: {bad}: NaN/inf values"):
+        sample_run(sample_cfg(tiny_model_dir, tmp_path / "out", lora_path=bad))
+    assert not list((tmp_path / "out").glob("*.png"))
+    with pytest.raises(ConfigError, match="--lora_scale: must be a finite number"):
+        sample_run(sample_cfg(tiny_model_dir, tmp_path / "out", lora_path=good_adapter, lora_scale=math.inf))
+
+
+def test_save_adapter_refuses_nan_weights_and_fp16_overflow(good_adapter, tiny_model_dir, tmp_path):
+    from cxr.lora import AdapterError, DEFAULT_TARGETS, load_adapter, lora_modules, save_adapter
+    from cxr.models import load_components
+
+    unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
+    load_adapter(unet, good_adapter)
+    module = next(iter(lora_modules(unet).values()))
+    save = dict(rank=4, alpha=8.0, targets=DEFAULT_TARGETS)
+    with torch.no_grad():
+        module.lora_B.view(-1)[0] = 1e6  # finite in float32, inf in float16
+    save_adapter(unet, tmp_path / "fp32", **save)
+    with pytest.raises(AdapterError, match=r"overflow torch.float16.*export as float32"):
+        save_adapter(unet, tmp_path / "fp16", dtype="float16", **save)
+    with torch.no_grad():
+        module.lora_B.view(-1)[0] = math.nan
+    with pytest.raises(AdapterError, match=r"not written: NaN/inf values in 1 LoRA"):
+        save_adapter(unet, tmp_path / "nan", **save)
+    assert not (tmp_path / "fp16").exists() or not list((tmp_path / "fp16").iterdir())
+    assert not (tmp_path / "nan").exists() or not list((tmp_path / "nan").iterdir())
+
+
+@pytest.mark.parametrize("dtype, hinted", [("fp32", False), ("fp16", True)])
+def test_the_fp16_overflow_hint_only_for_fp16(dtype, hinted, tiny_model_dir, tmp_path, monkeypatch):
+    import numpy as np
+    from test_sampling import make_cfg as sample_cfg
+
+    from cxr import sampling
+
+    monkeypatch.setattr(sampling, "generate_batch", lambda pipe, seeds, **kw: np.full((len(seeds), 64, 64, 3), np.nan))
+    with pytest.raises(sampling.SamplingError, match="came out NaN/inf") as error:
+        sampling.sample_run(sample_cfg(tiny_model_dir, tmp_path / "out", dtype=dtype))
+    assert ("fp16 overflow" in str(error.value)) == hinted and ("--dtype fp32" in str(error.value)) == hinted
+
+
+# ------------------------------------------------------------------------------------------------ full disk
+
+
+def _fails_like_a_full_disk(real, when):
+    """`real` (a file writer) runs under a 64-byte file-size limit when `when(*args)` is true: the write fails
+    inside the library with its own error type (SafetensorError, torch.save's RuntimeError), as on a full disk."""
+    import resource
+    import signal
+
+    def call(*args, **kwargs):
+        if not when(*args):
+            return real(*args, **kwargs)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the default kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
+        try:
+            return real(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+
+    return call
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", ["checkpoint safetensors", "checkpoint torch.save", "adapter safetensors"])
+def test_a_disk_that_fills_while_saving_gives_the_documented_message(writer, tiny_model_dir, phantom_dir,
+                                                                     shared_cache, tmp_path, monkeypatch):
+    import safetensors.torch
+    from test_training import make_cfg
+
+    from cxr.checkpoint import checkpoint_dirs, verify_checkpoint
+
+    in_checkpoint_2 = lambda obj, path, *rest: "checkpoint-2.tmp" in str(path)  # noqa: E731
+    calls = {"adapter": 0}
+
+    def second_adapter_export(obj, path, *rest):
+        calls["adapter"] += "lora_unet" in str(path)
+        return "lora_unet" in str(path) and calls["adapter"] == 2
+
+    if writer == "checkpoint torch.save":
+        monkeypatch.setattr(torch, "save", _fails_like_a_full_disk(torch.save, in_checkpoint_2))
+    else:
+        when = in_checkpoint_2 if writer.startswith("checkpoint") else second_adapter_export
+        monkeypatch.setattr(safetensors.torch, "save_file", _fails_like_a_full_disk(safetensors.torch.save_file, when))
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=3, checkpointing_steps=1)
+    what = "the adapter of step 2" if writer.startswith("adapter") else "checkpoint 2"
+    # (torch.save's own message does not name the cause: "unexpected pos 64 vs 0")
+    with pytest.raises(training.TrainingError, match=rf"^--output_dir: writing {what} to .* failed \(.*\); the "
+                                                     r"previous checkpoints are intact\. Free disk space"):
+        training.train(cfg)
+    kept = [s for s, _ in checkpoint_dirs(out / "checkpoints")]
+    assert kept == ([1, 2] if writer.startswith("adapter") else [1])
+    for step in kept:
+        verify_checkpoint(out / "checkpoints" / f"checkpoint-{step}")
+    assert not list((out / "checkpoints").glob("*.tmp")) and not list(out.rglob(".*.tmp"))
