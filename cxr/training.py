@@ -824,10 +824,11 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None) -> di
         writer.flush()
         unet.train()
 
-    # This run's checkpoints (and the one it resumed from) by step, and the step of its last adapter export:
-    # after a NaN/inf, the ones whose weights led there are marked so that `latest` never picks them.
+    # This run's checkpoints (and the one it resumed from) by step, and the step of the adapter in lora_unet/
+    # (on a resume: the resumed step's, as `latest` left it): after a NaN/inf, the ones whose weights led there
+    # are marked so that `latest` never picks them, and the adapter is re-exported.
     session_checkpoints = {start_step: resume_path} if resume_path is not None else {}
-    exported = {"step": None}
+    exported = {"step": start_step if resume_path is not None else None}
 
     def check_finite(step: int, read: dict, window: int) -> None:
         if read["nonfinite"]:

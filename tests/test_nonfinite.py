@@ -182,7 +182,7 @@ def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(tiny_model_d
     picks a checkpoint whose weights gave a finite loss afterwards (named in the message) and at 1e-4 finishes."""
     from test_training import make_cfg
 
-    from cxr.checkpoint import checkpoint_dirs, find_latest_checkpoint
+    from cxr.checkpoint import CheckpointError, checkpoint_dirs, find_latest_checkpoint
 
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=10, checkpointing_steps=1,
@@ -199,7 +199,11 @@ def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(tiny_model_d
     steps = [s for s, _ in checkpoint_dirs(out / "checkpoints")]
     assert int(latest.name.split("-")[1]) <= 4 < max(steps)  # a diverged checkpoint was written, and is not picked
     assert f"resumes from {latest}." in message
-    cfg.learning_rate = 1e-4
+    diverged = out / "checkpoints" / f"checkpoint-{max(steps)}"
+    cfg.resume_from_checkpoint = str(diverged)
+    with pytest.raises(CheckpointError, match=rf"^{diverged}: marked NONFINITE .*delete {diverged / 'NONFINITE'}"):
+        training.train(cfg)
+    cfg.resume_from_checkpoint, cfg.learning_rate = "latest", 1e-4
     with pytest.warns(UserWarning, match="--learning_rate"):
         summary = training.train(cfg)
     assert summary["steps"] == 10 and math.isfinite(summary["final_loss"])
@@ -387,3 +391,29 @@ def test_a_disk_that_fills_while_saving_gives_the_documented_message(writer, tin
     for step in kept:
         verify_checkpoint(out / "checkpoints" / f"checkpoint-{step}")
     assert not list((out / "checkpoints").glob("*.tmp")) and not list(out.rglob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_nan_gradient_mid_window_stops_before_any_save_and_keeps_the_checkpoint_before_it(
+        tiny_model_dir, phantom_dir, shared_cache, tmp_path, monkeypatch):
+    """Step 4 of 6 gets a NaN gradient (its loss is finite), read at step 4 together with step 3: the stop names
+    step 4, checkpoint-2 (whose weights gave finite steps 3) stays resumable, and resuming finishes with finite
+    tensors everywhere."""
+    from test_training import make_cfg
+
+    from cxr.checkpoint import checkpoint_dirs
+
+    _poison_gradients(monkeypatch, {4})
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=6, log_every=4, checkpointing_steps=2)
+    with pytest.raises(training.NonFiniteLossError, match=r"NaN/inf at step 4 \(found by the check of steps 3-4,"
+                                                          rf".* latest resumes from {out / 'checkpoints' / 'checkpoint-2'}\."):
+        training.train(cfg)
+    assert [s for s, _ in checkpoint_dirs(out / "checkpoints")] == [2]
+    assert not (out / "checkpoints" / "checkpoint-2" / "NONFINITE").exists()
+    monkeypatch.undo()
+    cfg.resume_from_checkpoint = "latest"
+    summary = training.train(cfg)
+    assert summary["start_step"] == 2 and summary["steps"] == 6
+    saved = _saved_tensors(out)
+    assert saved and not [name for name, t in saved.items() if not torch.isfinite(t).all()]
