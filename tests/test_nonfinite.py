@@ -105,6 +105,50 @@ def test_step_unless_equals_never_taking_the_skipped_step(kind):
     assert int(runs[0][1][0]["step"]) == 2
 
 
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("where", ["lora", "optimizer"])
+def test_save_checkpoint_refuses_nan_tensors_and_writes_nothing(tmp_path, where):
+    from test_checkpoint import _save
+
+    from cxr import checkpoint as ckpt
+
+    _save(tmp_path, 1)
+    real = ckpt.save_checkpoint
+
+    def poisoned(root, step, **kwargs):
+        if where == "lora":
+            kwargs["lora"] = {"a.lora_A.weight": torch.tensor([[1.0, math.nan, 0.0]])}
+        else:
+            kwargs["optimizer"]["state"][0]["exp_avg_sq"][0, 0] = math.inf
+        return real(root, step, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ckpt, "save_checkpoint", poisoned)
+        with pytest.raises(ckpt.NonFiniteError, match=rf"checkpoint-2: not saved: NaN/inf in 1 tensor\(s\) \({where}\."):
+            _save(tmp_path, 2, limit=1)
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [1] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_nonfinite_marked_checkpoint_is_kept_but_never_resumed_from(tmp_path):
+    from test_checkpoint import _save
+
+    from cxr import checkpoint as ckpt
+
+    _save(tmp_path, 1)
+    marked = _save(tmp_path, 2)
+    files = sorted(p.name for p in marked.iterdir())
+    ckpt.mark_nonfinite(marked, "its weights gave a NaN/inf loss or gradient at step 3")
+    assert sorted(p.name for p in marked.iterdir()) == sorted(files + ["NONFINITE"])  # nothing removed
+    with pytest.warns(UserWarning, match=r"checkpoint-2: marked NONFINITE \(its weights gave a NaN/inf loss"):
+        assert ckpt.resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-1"
+    with pytest.raises(ckpt.CheckpointError, match=r"marked NONFINITE .*\(delete .*NONFINITE to resume from it anyway\)"):
+        ckpt.resolve_resume(str(marked), tmp_path)
+    (marked / "NONFINITE").unlink()  # the user overrides
+    assert ckpt.resolve_resume("latest", tmp_path) == marked
+
+
 def _poison_gradients(monkeypatch, which_calls):
     """The loss stays finite but its gradient is NaN on the given training forward calls (1-based)."""
     real_loss = training.diffusion_loss
