@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cxr.config import ConfigError, flag, parse_config
+from cxr.config import ConfigError, check_choices, flag, parse_config
 
 SECTIONS = ("peak", "flops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -84,6 +84,7 @@ class BenchConfig:
     out: Path | None = flag(None, "also write the table, machine and settings to this JSON file")
 
     def validate(self) -> None:
+        check_choices(self)
         for name in ("batch_size", "resolution", "steps", "repeats", "lora_rank", "input_images", "cache_images",
                      "cache_rows", "sample_steps"):
             if getattr(self, name) <= 0:

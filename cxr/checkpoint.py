@@ -6,11 +6,17 @@ Layout of `checkpoints/checkpoint-<step>/`:
     rng.pt             RNG states: python, numpy, torch CPU, every CUDA device, the step's noise generator
     state.json         step, data position, LR schedule, config
     COMPLETE           written last: sha256 and size of every file above
+    NONFINITE          only in a checkpoint whose weights gave a NaN/inf loss afterwards: why (never resumed from)
 
 A checkpoint is written into `checkpoint-<step>.tmp/`, files fsynced, then `COMPLETE`, then the folder is
 renamed into place with `os.replace`: a crash at any point leaves either the previous checkpoints alone
 or a `.tmp` folder that is ignored. When resuming, a folder whose marker is missing or whose files do
 not match their recorded hashes is skipped with a warning in favour of the previous good one.
+
+No NaN/inf is ever saved: `save_checkpoint` checks the LoRA and optimizer tensors first and refuses
+(NonFiniteError). A failed write (full disk: OSError, safetensors' SafetensorError, torch.save's RuntimeError)
+removes the `.tmp` folder and is raised as OSError. A finite checkpoint whose weights then gave a NaN/inf loss
+is marked with `mark_nonfinite` (a NONFINITE file; nothing is deleted) and skipped by `latest` like a corrupt one.
 """
 
 from __future__ import annotations
@@ -30,12 +36,17 @@ import torch
 from cxr.fileio import apply_umask, file_sha256
 
 MARKER = "COMPLETE"
+NONFINITE = "NONFINITE"
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt (the message names the folder)."""
+
+
+class NonFiniteError(CheckpointError):
+    """Refused to save tensors that hold NaN/inf (the message names them)."""
 
 
 @dataclass
@@ -65,6 +76,30 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def nonfinite_tensors(tree, prefix: str = "") -> list[str]:
+    """Names (dotted paths) of the floating-point tensors in a nested dict/list/tuple that hold NaN or inf."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(node, name):
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                found.append((name, node))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(node, (list, tuple)):
+            for index, value in enumerate(node):
+                walk(value, f"{name}.{index}" if name else str(index))
+
+    walk(tree, prefix)
+    finite: dict[str, bool] = {}
+    for device in {t.device for _, t in found}:  # one host read per device
+        names = [name for name, t in found if t.device == device]
+        flags = torch.stack([torch.isfinite(t).all() for _, t in found if t.device == device]).tolist()
+        finite.update(zip(names, flags))
+    return [name for name, _ in found if not finite[name]]
 
 
 def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -116,27 +151,42 @@ def save_checkpoint(
     state: dict,
     total_limit: int | None = None,
 ) -> Path:
-    """Write `root/checkpoint-<step>` atomically, then keep only the newest `total_limit` complete ones."""
+    """Write `root/checkpoint-<step>` atomically, then keep only the newest `total_limit` complete ones.
+
+    Raises NonFiniteError (nothing written) when a LoRA or optimizer tensor holds NaN/inf, and OSError when a
+    write fails (the partial `.tmp` folder is removed; the existing checkpoints are untouched)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
+    lora_cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()}
+    bad = nonfinite_tensors(lora_cpu, "lora") + nonfinite_tensors(optimizer, "optimizer")
+    if bad:
+        raise NonFiniteError(f"{final}: not saved: NaN/inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''})")
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
-    apply_umask(tmp / "lora.safetensors")  # safetensors creates it 0600
-    torch.save(optimizer, tmp / "optimizer.pt")
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=2, sort_keys=True) + "\n")
-    manifest = {}
-    for name in FILES:
-        _fsync_file(tmp / name)
-        manifest[name] = {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
-    (tmp / MARKER).write_text(json.dumps({"step": step, "files": manifest}, indent=2, sort_keys=True) + "\n")
-    _fsync_file(tmp / MARKER)
+    try:
+        save_file(lora_cpu, tmp / "lora.safetensors")
+        apply_umask(tmp / "lora.safetensors")  # safetensors creates it 0600
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=2, sort_keys=True) + "\n")
+        manifest = {}
+        for name in FILES:
+            _fsync_file(tmp / name)
+            manifest[name] = {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": manifest}, indent=2, sort_keys=True) + "\n")
+        _fsync_file(tmp / MARKER)
+    except (OSError, SafetensorError, RuntimeError) as error:  # a full disk, as each library reports it
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise
+        raise OSError(f"cannot write {tmp}: {error}") from error
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
         old = root / f"checkpoint-{step}.old"
@@ -162,12 +212,26 @@ def rotate_checkpoints(root: Path, total_limit: int) -> list[Path]:
     return doomed
 
 
+def mark_nonfinite(path: Path, reason: str) -> None:
+    """Mark a checkpoint whose weights gave a NaN/inf loss afterwards: `latest` skips it, nothing is deleted."""
+    path = Path(path)
+    tmp = path / f".{NONFINITE}.{os.getpid()}.tmp"
+    tmp.write_text(reason.rstrip() + "\n")
+    _fsync_file(tmp)
+    os.replace(tmp, path / NONFINITE)
+    _fsync_dir(path)
+
+
 def verify_checkpoint(path: Path) -> None:
-    """Raise CheckpointError unless `path` is complete and every file matches its recorded hash."""
+    """Raise CheckpointError unless `path` is complete, not marked NONFINITE and every file matches its hash."""
     path = Path(path)
     marker = path / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker; the save was interrupted)")
+    if (path / NONFINITE).is_file():
+        reason = (path / NONFINITE).read_text(errors="replace").strip()
+        raise CheckpointError(f"{path}: marked {NONFINITE} ({reason}); kept for inspection but not resumed from "
+                              f"(delete {path / NONFINITE} to resume from it anyway)")
     try:
         recorded = json.loads(marker.read_text())["files"]
     except (ValueError, KeyError) as error:

@@ -225,7 +225,20 @@ def require(condition: bool, name: str, message: str) -> None:
         raise ConfigError(f"--{name}: {message}")
 
 
+def check_finite(config) -> None:
+    """Every float flag is a finite number: `inf` and `nan` parse as floats but no flag means them."""
+    import math
+
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if _base_type(hints[f.name]) is float and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name}: must be a finite number, got {value}")
+
+
 def check_choices(config) -> None:
+    """Choices of every flag that has them, and finite float flags (every validate() starts here)."""
+    check_finite(config)
     for f in dataclasses.fields(config):
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)

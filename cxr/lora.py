@@ -73,8 +73,8 @@ class LoRALinear(nn.Module):
             raise AdapterError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
         if rank <= 0:
             raise AdapterError(f"LoRA rank must be > 0, got {rank}")
-        if alpha <= 0:
-            raise AdapterError(f"LoRA alpha must be > 0, got {alpha}")
+        if not 0 < alpha < math.inf:
+            raise AdapterError(f"LoRA alpha must be > 0 and finite, got {alpha}")
         if not 0.0 <= dropout < 1.0:
             raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.base = base.requires_grad_(False)
@@ -113,8 +113,8 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def set_alpha(self, alpha: float) -> None:
-        if alpha <= 0:
-            raise AdapterError(f"LoRA alpha must be > 0, got {alpha}")
+        if not 0 < alpha < math.inf:
+            raise AdapterError(f"LoRA alpha must be > 0 and finite, got {alpha}")
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.rank
 
@@ -291,6 +291,8 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def set_lora_scale(model: nn.Module, scale: float) -> None:
     """Set the adapter strength (1.0 = as trained, 0.0 = base model). Unmerge before changing a merged model."""
+    if not math.isfinite(scale):
+        raise AdapterError(f"LoRA scale must be a finite number, got {scale}")
     for path, module in lora_modules(model).items():
         if module.merged and scale != module.scale:
             raise AdapterError(f"{path} is merged; call unmerge_lora before changing the LoRA scale")
@@ -440,8 +442,24 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     return Path(path)
 
 
+def check_adapter_finite(adapter: Adapter, file) -> None:
+    """AdapterError naming `file` when the adapter's alpha or any of its A/B tensors holds NaN/inf."""
+    if not 0 < adapter.alpha < math.inf:
+        raise AdapterError(f"{file}: LoRA alpha is {adapter.alpha}; it must be > 0 and finite")
+    bad = [f"{path} lora_{half}" for path, pair in sorted(adapter.tensors.items())
+           for half, tensor in zip("AB", pair) if not torch.isfinite(tensor).all()]
+    if bad:
+        raise AdapterError(f"{file}: NaN/inf values in {len(bad)} LoRA tensor(s): {_preview(bad)} (from a training "
+                           "run that diverged?); use an adapter exported from a checkpoint saved before it diverged")
+
+
 def _write_adapter(adapter: Adapter, path: Path, fmt: str, extra: dict[str, str], dtype: torch.dtype) -> Path:
+    check_adapter_finite(adapter, f"{path}: not written")
     tensors, header = (diffusers_tensors if fmt == "diffusers" else kohya_tensors)(adapter, dtype)
+    overflow = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    if overflow:
+        raise AdapterError(f"{path}: not written: {len(overflow)} tensor(s) overflow {dtype} ({_preview(overflow)}); "
+                           "export as float32")
     return _write_safetensors(path, tensors, {**header, **_header_metadata(adapter, extra)})
 
 
@@ -579,6 +597,9 @@ def _parse_kohya(path: Path, tensors: dict, header: dict[str, str]) -> Adapter:
     if stray:
         raise AdapterError(f"{path}: alpha entries without weights: {_preview(stray)}")
     values = sorted({float(v.float().reshape(-1)[0]) for v in alphas.values() if v.numel() == 1})
+    nonfinite = sorted(k for k, v in alphas.items() if not torch.isfinite(v).all())
+    if nonfinite:
+        raise AdapterError(f"{path}: NaN/inf alpha for {_preview(nonfinite)}")
     if len(values) > 1 or any(v.numel() != 1 for v in alphas.values()):
         raise AdapterError(f"{path}: modules have different or non-scalar alphas {values}; cxr adapters use one alpha")
     if alphas and len(alphas) != len(names):
@@ -600,9 +621,13 @@ def read_adapter(path) -> tuple[Adapter, str, dict[str, str], Path]:
     diffusers_keys = [k for k in keys if k.startswith("unet.") and re.search(r"\.lora_[AB]\.weight$", k)]
     kohya_keys = [k for k in keys if k.startswith("lora_unet_") and re.search(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", k)]
     if diffusers_keys and len(diffusers_keys) == len(keys):
-        return _parse_diffusers(file, tensors, header), "diffusers", header, file
+        adapter = _parse_diffusers(file, tensors, header)
+        check_adapter_finite(adapter, file)
+        return adapter, "diffusers", header, file
     if kohya_keys and len(kohya_keys) == len(keys):
-        return _parse_kohya(file, tensors, header), "kohya", header, file
+        adapter = _parse_kohya(file, tensors, header)
+        check_adapter_finite(adapter, file)
+        return adapter, "kohya", header, file
     if not diffusers_keys and not kohya_keys:
         raise AdapterError(f"{file}: not a LoRA adapter (no `unet.*.lora_A.weight` or `lora_unet_*.lora_down.weight` "
                            f"keys; found {_preview(keys)})")
@@ -656,6 +681,8 @@ def load_adapter(unet: nn.Module, path, *, scale: float = 1.0) -> AdapterInfo:
     modules and shapes against this UNet), so an error leaves the UNet as it was. LoRA layers are injected
     when the UNet has none, with the file's rank and alpha (diffusers header or kohya alpha tensors).
     """
+    if not math.isfinite(scale):
+        raise AdapterError(f"{path}: LoRA scale must be a finite number, got {scale}")
     adapter, fmt, header, file = read_adapter(path)
     unet = _unwrap(unet)
     _validate_against_unet(adapter, unet, file)

@@ -265,6 +265,8 @@ def load_pipeline(cfg: SampleConfig, device=None, dtype=None):
     from cxr.models import resolve_model_id
 
     check_paths(cfg)
+    if not np.isfinite(cfg.lora_scale):  # before the slow load (sample_run's validate() already refuses it)
+        raise SamplingError(f"--lora_scale: must be a finite number, got {cfg.lora_scale}")
     if device is None or dtype is None:
         device, dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
     model_id = resolve_model_id(cfg.base_model)
@@ -695,11 +697,11 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
             )
             generation_seconds += time.perf_counter() - batch_started  # output_type="np" already synchronised
             if not np.isfinite(images).all():
-                raise SamplingError(
-                    f"images {batch[0]}..{batch[-1]} came out NaN/inf in {dtype_name} (fp16 overflow in the UNet or "
-                    "VAE?); nothing of this batch was written. Rerun with --dtype bf16 or --dtype fp32 (the images "
-                    "already written are kept and skipped)."
-                )
+                hint = ("fp16 overflow in the UNet or VAE? Rerun with --dtype bf16 or --dtype fp32" if dtype_name == "float16"
+                        else "Check the adapter (--lora_path: from a training run that diverged?), --lora_scale and "
+                        "--guidance_scale")
+                raise SamplingError(f"images {batch[0]}..{batch[-1]} came out NaN/inf in {dtype_name}; nothing of this "
+                                    f"batch was written. {hint} (the images already written are kept and skipped).")
             collect_writes()
             for index, rgb in zip(batch, images):
                 text = png_text(identity, index=index, adapter=str(cfg.lora_path) if adapter else None,

@@ -52,7 +52,7 @@ class TrainingError(RuntimeError):
 
 
 class NonFiniteLossError(TrainingError):
-    """The loss became NaN/inf; the last good checkpoint is left in place."""
+    """The loss or gradient norm became NaN/inf; checkpoints whose weights led there are marked NONFINITE."""
 
 
 # ----------------------------------------------------------------------------------------- small helpers
@@ -287,24 +287,35 @@ class DataOrder:
 
 
 class StepMetrics:
-    """Device-side sums over the steps since the last read; `read()` is the only host sync of the loop."""
+    """Device-side sums over the steps since the last read; `read()` is the only host sync of the loop.
+
+    `nonfinite` counts steps whose loss or gradient norm was NaN/inf; `finite_steps` counts the steps before
+    the first such step, so a read tells which step of its window went bad first (and hence which weights
+    still gave a finite loss)."""
 
     def __init__(self, device):
         self.loss_sum = torch.zeros((), device=device)
         self.grad_norm_sum = torch.zeros((), device=device)
         self.nonfinite = torch.zeros((), device=device)
+        self.finite_steps = torch.zeros((), device=device)
         self.steps = 0  # host counter: the host knows how many steps it launched
 
     def reset(self) -> None:
-        for tensor in (self.loss_sum, self.grad_norm_sum, self.nonfinite):
+        for tensor in (self.loss_sum, self.grad_norm_sum, self.nonfinite, self.finite_steps):
             tensor.zero_()
         self.steps = 0
+
+    def add_nonfinite(self, flag: torch.Tensor) -> None:
+        """Record one step's non-finite flag (0-dim, > 0 when bad) on the device."""
+        self.nonfinite.add_((flag > 0).float())
+        self.finite_steps.add_((self.nonfinite == 0).float())
 
     def read(self, dist: DistInfo | None = None, extra_flag: bool = False) -> dict:
         """Mean loss / grad norm since the last read, whether any was non-finite, and `extra_flag` OR-ed over
         ranks (used to agree on a stop request); averaged over ranks under DDP. Syncs with the device."""
         packed = torch.stack([self.loss_sum, self.grad_norm_sum, self.nonfinite,
                               torch.tensor(float(extra_flag), device=self.loss_sum.device)])
+        finite_steps = self.finite_steps.clone()
         world = 1
         if dist is not None and dist.enabled:
             import torch.distributed as tdist
@@ -312,12 +323,16 @@ class StepMetrics:
             tdist.all_reduce(packed)
             world = dist.world_size
         loss_sum, grad_sum, nonfinite, flag = packed.tolist()  # the sync: once per --log_every steps
+        if nonfinite > 0 and world > 1:  # every rank takes this branch: the first bad step on any rank
+            tdist.all_reduce(finite_steps, op=tdist.ReduceOp.MIN)
+        window = self.steps
         steps = max(1, self.steps)
         self.reset()
         return {
             "loss": loss_sum / world / steps,
             "grad_norm": grad_sum / world / steps,
             "nonfinite": nonfinite > 0,
+            "finite_steps": int(finite_steps.item()) if nonfinite > 0 else window,  # steps before the first bad one
             "flag": flag > 0,
         }
 
@@ -368,8 +383,11 @@ def make_train_step(
     Everything runs on the device: latent sampling (mean + std * noise), diffusion noise (+ offset) and uniform
     timesteps drawn from `generator` for the whole global batch (every rank draws all `batch_size * world_size`
     rows and keeps its own slice, so N ranks at batch B equal one process at batch N*B), forward + weighted
-    loss, backward, gradient clipping, AdamW. Loss and grad norm are added to `metrics` on the device. No
-    host sync except inside a GradScaler (fp16), which reads its inf check on the host.
+    loss, backward, gradient clipping, AdamW. Loss and grad norm are added to `metrics` on the device. An update
+    whose gradient norm is NaN/inf is never applied (`step_unless`: LoRA weights and AdamW state stay as they
+    were); such a step, or a NaN/inf loss, is flagged in `metrics`. With a GradScaler (fp16) the scaler skips
+    inf steps itself (its loss-scale search) and only the loss is flagged. No host sync except inside a
+    GradScaler, which reads its inf check on the host.
     `model` may be the UNet, its DDP wrapper or a compiled module; `no_sync` is DDP's `no_sync` (skips the
     all-reduce on all but the last micro-batch).
     """
@@ -387,6 +405,7 @@ def make_train_step(
 
     def step(indices: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
+        bad_loss = torch.zeros((), device=device)
         for micro in range(grad_accum_steps):
             rows = indices[micro]
             x0 = sample_latents(latents_mean[rows], latents_std[rows], draw(*latent_shape), scaling_factor)
@@ -400,7 +419,7 @@ def make_train_step(
                 scaled = loss / grad_accum_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             metrics.loss_sum.add_(scaled.detach())
-            metrics.nonfinite.add_((~torch.isfinite(loss.detach())).float())
+            bad_loss = bad_loss + (~torch.isfinite(loss.detach())).float()
         if scaler is not None:
             scaler.unscale_(optimizer)
         if max_grad_norm > 0:
@@ -409,12 +428,43 @@ def make_train_step(
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
         metrics.grad_norm_sum.add_(grad_norm.detach())
         if scaler is not None:
+            metrics.add_nonfinite(bad_loss)
             scaler.step(optimizer)
             scaler.update()
         else:
-            optimizer.step()
+            # Decided on the (all-reduced) gradient norm alone, so that every DDP rank skips the same steps.
+            skip = (~torch.isfinite(grad_norm.detach())).float()
+            metrics.add_nonfinite(bad_loss + skip)
+            step_unless(optimizer, params, skip)
 
     return step
+
+
+def step_unless(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], skip: torch.Tensor) -> None:
+    """`optimizer.step()`, without any effect when `skip` (0-dim float32 on the device, 1.0 or 0.0) is 1.
+
+    No host read on the fused path. A fused optimizer (what make_optimizer builds on CUDA and CPU) takes `skip`
+    as its `found_inf`, the GradScaler protocol: the kernel leaves weights and moments alone and the step count
+    is put back. Any other optimizer is stepped, then its weights and tensor state are put back with
+    torch.where (state created by this step goes back to zeros: a fresh AdamW state).
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = skip
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
+    with torch.no_grad():
+        before = {p: (p.detach().clone(), {k: v.clone() for k, v in optimizer.state.get(p, {}).items()
+                                           if torch.is_tensor(v)}) for p in params}
+        optimizer.step()
+        for param, (weights, state) in before.items():
+            param.copy_(torch.where(skip.to(param.device) > 0, weights, param))
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value):
+                    old = state.get(key, torch.zeros_like(value))
+                    value.copy_(torch.where(skip.to(value.device) > 0, old, value))
 
 
 def snapshot_train_state(params: list[torch.nn.Parameter], optimizer, generator) -> dict:
@@ -813,7 +863,8 @@ def _remove_stale_temp_files(cfg: TrainConfig) -> None:
 
 def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held: contextlib.ExitStack) -> dict:
     from cxr import ddpm
-    from cxr.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+    from cxr.checkpoint import (NonFiniteError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
+                                mark_nonfinite, restore_rng_state, save_checkpoint)
     from cxr.latents import encode_prompt
     from cxr.lora import lora_parameters, lora_state_dict, load_lora_state_dict, save_adapter
     from cxr.tblog import config_markdown, image_grid, make_writer, new_run_name
@@ -955,19 +1006,63 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
         writer.flush()
         unet.train()
 
-    def check_finite(step: int, nonfinite: bool) -> None:
-        if nonfinite:
-            raise NonFiniteLossError(
-                f"the training loss became NaN/inf before step {step} (checked every --log_every={cfg.log_every} "
-                f"steps). The last good checkpoint in {checkpoints_dir} is kept. Try a lower --learning_rate, "
-                "--mixed_precision bf16 instead of fp16, a smaller --max_grad_norm, and check the images "
-                f"listed in {output_dir / 'manifest.json'}; then --resume_from_checkpoint latest"
-            )
+    # This run's checkpoints (and the one it resumed from) by step, and the step of the adapter in lora_unet/
+    # (on a resume: the resumed step's, as `latest` left it): after a NaN/inf, the ones whose weights led there
+    # are marked so that `latest` never picks them, and the adapter is re-exported.
+    session_checkpoints = {start_step: resume_path} if resume_path is not None else {}
+    exported = {"step": start_step if resume_path is not None else None}
+
+    def check_finite(step: int, read: dict, window: int) -> None:
+        if read["nonfinite"]:
+            first_bad = step - window + read["finite_steps"] + 1
+            stop_nonfinite(first_bad, f"the training loss or gradient norm became NaN/inf at step {first_bad} (found "
+                           f"by the check of steps {step - window + 1}-{step}, before step {step} was saved or "
+                           f"logged; read every --log_every={cfg.log_every} steps and at checkpoints); no update "
+                           "with a NaN/inf gradient was applied")
+
+    def stop_nonfinite(first_bad: int, what: str) -> None:
+        """Raise NonFiniteLossError; on rank 0 first mark the checkpoints of weights that did not give a finite
+        loss and gradient at the next step (the step of weights W_s is s + 1, so only those of step
+        <= first_bad - 2 are trusted), and re-export the adapter from the newest trusted checkpoint."""
+        notes = []
+        if dist.is_main:
+            for saved_step, path in sorted(session_checkpoints.items()):
+                if saved_step > first_bad - 2 and path.is_dir():
+                    mark_nonfinite(path, f"its weights gave a NaN/inf loss or gradient at step {first_bad}")
+                    notes.append(f"{path} is marked NONFINITE (kept, never resumed from).")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the folders just marked: the message says so
+                keep = find_latest_checkpoint(checkpoints_dir)
+            if keep is None:
+                notes.append(f"No checkpoint in {checkpoints_dir} can be resumed from: "
+                             "--resume_from_checkpoint latest starts from step 0.")
+            else:
+                notes.append(f"--resume_from_checkpoint latest resumes from {keep}.")
+            if exported["step"] is not None and exported["step"] > first_bad - 2:
+                adapter_dir = output_dir / "lora_unet"
+                if keep is not None:
+                    checkpoint = load_checkpoint(keep, device)
+                    load_lora_state_dict(unet, checkpoint.lora)
+                    save_adapter(unet, adapter_dir, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                 targets=cfg.lora_target_list, export_format=cfg.export_format,
+                                 metadata=_adapter_metadata(cfg, checkpoint.step, manifest_sha, schedule.prediction_type))
+                    notes.append(f"{adapter_dir} was re-exported from it.")
+                else:
+                    notes.append(f"{adapter_dir} holds the weights of step {exported['step']}, which gave NaN/inf "
+                                 "afterwards: do not use it.")
+        raise NonFiniteLossError(
+            f"{what}. {' '.join(notes)} Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, a "
+            f"smaller --max_grad_norm, and check the images listed in {output_dir / 'manifest.json'}; then "
+            "--resume_from_checkpoint latest"
+        )
 
     def save(step: int) -> None:
         """Checkpoint + export (rank 0); refuses to save weights that went non-finite."""
         if not dist.is_main:
             return
+        from safetensors import SafetensorError
+
+        writing = f"checkpoint {step} to {checkpoints_dir}"
         try:
             path = save_checkpoint(
                 checkpoints_dir, step, lora=lora_state_dict(unet),
@@ -978,13 +1073,19 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
                        "world_size": dist.world_size, "config": to_dict(cfg), "run_name": run_name},
                 total_limit=cfg.checkpoints_total_limit,
             )
+            session_checkpoints[step] = path
+            writing = f"the adapter of step {step} to {output_dir / 'lora_unet'}"
             summary["adapter"] = [str(p) for p in save_adapter(
                 unet, output_dir / "lora_unet", rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                 targets=cfg.lora_target_list, metadata=_adapter_metadata(cfg, step, manifest_sha, schedule.prediction_type),
                 export_format=cfg.export_format)]
-        except OSError as error:
+            exported["step"] = step
+        except NonFiniteError as error:  # finite loss up to `step`, yet the weights after it are not
+            stop_nonfinite(step + 1, f"the LoRA weights or optimizer state became NaN/inf at step {step} ({error})")
+        except (OSError, SafetensorError) as error:  # a full disk: OSError, or safetensors' own error type
             raise TrainingError(
-                f"--output_dir: writing checkpoint {step} to {checkpoints_dir} failed ({error.strerror or error}); "
+                f"--output_dir: writing {writing} failed "
+                f"({getattr(error, 'strerror', None) or error}); "
                 "the previous checkpoints are intact. Free disk space, then --resume_from_checkpoint latest"
             ) from error
         summary["checkpoint"] = str(path)
@@ -1026,8 +1127,9 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
         if dist.enabled and not (log_due or checkpoint_due):
             stop_requested = False  # ranks agree on stopping at the next log or checkpoint step
         if log_due or checkpoint_due or stop_requested:
+            window = metrics.steps
             read = metrics.read(dist, extra_flag=stop_requested)  # host sync: only here
-            check_finite(step, read["nonfinite"])
+            check_finite(step, read, window)
             stop_requested = read["flag"]
             if log_due:
                 images_per_s = timed_steps * images_per_step / (time.perf_counter() - clock)

@@ -337,15 +337,16 @@ def test_invalid_flags_exit_2_naming_the_flag(argv, flag, capsys, tmp_path):
     assert flag in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["-0.5", "50", "nan"])
-def test_invalid_intensity_clip_percent_exits_2_naming_the_flag(value, capsys, tmp_path):
+@pytest.mark.parametrize("value, message", [("-0.5", "must be in [0, 50)"), ("50", "must be in [0, 50)"),
+                                            ("nan", "must be a finite number")])  # every float flag: config.check_finite
+def test_invalid_intensity_clip_percent_exits_2_naming_the_flag(value, message, capsys, tmp_path):
     sys.path.insert(0, str(REPO))
     import train as train_script
 
     with pytest.raises(SystemExit) as exit_info:
         train_script.main(["--dataset_dir", str(tmp_path), "--intensity_clip_percent", value])
     assert exit_info.value.code == 2
-    assert "--intensity_clip_percent: must be in [0, 50)" in capsys.readouterr().err
+    assert f"--intensity_clip_percent: {message}" in capsys.readouterr().err
 
 
 def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(tiny_model_dir, phantom_dir, tmp_path,
