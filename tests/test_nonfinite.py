@@ -409,20 +409,25 @@ def test_a_disk_that_fills_while_saving_gives_the_documented_message(writer, tin
     import safetensors.torch
     from test_training import make_cfg
 
+    from cxr import lora
+
     from cxr.checkpoint import checkpoint_dirs, verify_checkpoint
 
     in_checkpoint_2 = lambda obj, path, *rest: "checkpoint-2.tmp" in str(path)  # noqa: E731
     calls = {"adapter": 0}
 
-    def second_adapter_export(obj, path, *rest):
-        calls["adapter"] += "lora_unet" in str(path)
+    def second_adapter_export(path, data):  # the adapter is written by cxr.lora through atomic_write_bytes
+        calls["adapter"] += path.name == "pytorch_lora_weights.safetensors"
         return "lora_unet" in str(path) and calls["adapter"] == 2
 
     if writer == "checkpoint torch.save":
         monkeypatch.setattr(torch, "save", _fails_like_a_full_disk(torch.save, in_checkpoint_2))
+    elif writer == "checkpoint safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", _fails_like_a_full_disk(safetensors.torch.save_file,
+                                                                                     in_checkpoint_2))
     else:
-        when = in_checkpoint_2 if writer.startswith("checkpoint") else second_adapter_export
-        monkeypatch.setattr(safetensors.torch, "save_file", _fails_like_a_full_disk(safetensors.torch.save_file, when))
+        monkeypatch.setattr(lora, "atomic_write_bytes", _fails_like_a_full_disk(lora.atomic_write_bytes,
+                                                                                second_adapter_export))
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=3, checkpointing_steps=1)
     what = "the adapter of step 2" if writer.startswith("adapter") else "checkpoint 2"
