@@ -262,6 +262,7 @@ class TrainConfig:
     # --- data ---
     dataset_dir: Path | None = flag(None, "folder of chest X-ray images (searched recursively: PNG, JPEG, TIFF, BMP, DICOM)")
     file_list: Path | None = flag(None, "CSV/TXT list of images to use (column `path`, optional `patient_id`); paths relative to --dataset_dir or absolute")
+    exclude_duplicates: Path | None = flag(None, "report.json of `python -m cxr.dedup`: leave out the images it lists to drop (one image of each duplicate group is kept), matched by content hash, before the split; recorded in the manifest")
     output_dir: Path = flag(Path("cxr-lora"), "where the adapter, checkpoints, logs, manifest and config go")
     resolution: int = flag(256, "training resolution in pixels (square; a multiple of 8)", cache=True)
     pad_to_square: bool = flag(False, "pad non-square images to square (black borders) instead of center-cropping", cache=True)

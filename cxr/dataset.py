@@ -517,13 +517,35 @@ def content_fingerprint(records) -> str:
     return hashlib.sha256("\n".join(sorted(r.sha256 for r in records)).encode()).hexdigest()
 
 
-def write_manifest(path, train, val, extra: dict | None = None, dropped: list[dict] | None = None) -> str:
+def drop_duplicates(records: list[ImageRecord], report_path) -> tuple[list[ImageRecord], dict]:
+    """The records without the images a `cxr.dedup` report lists to drop (matched by SHA-256 content hash, so the
+    report may come from another folder or file list), and what to record in the manifest."""
+    from cxr.fileio import file_sha256
+
+    report_path = Path(report_path)
+    try:
+        report = json.loads(report_path.read_text())
+        drop = {entry["sha256"]: entry for entry in report["drop"]}
+    except FileNotFoundError:
+        raise DatasetError(f"--exclude_duplicates: {report_path} does not exist; run `python -m cxr.dedup --out DIR` "
+                           "and pass DIR/report.json") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DatasetError(f"--exclude_duplicates: {report_path} is not a cxr.dedup report.json ({error})") from None
+    kept = [r for r in records if r.sha256 not in drop]
+    removed = [{"relpath": r.relpath, "sha256": r.sha256, "duplicate_of": drop[r.sha256].get("duplicate_of")}
+               for r in records if r.sha256 in drop]
+    return kept, {"report": str(report_path), "report_sha256": file_sha256(report_path), "dropped": removed}
+
+
+def write_manifest(path, train, val, extra: dict | None = None, dropped: list[dict] | None = None,
+                   deduplicated: dict | None = None) -> str:
     """Write the run's manifest (JSON, written atomically); return the SHA-256 hex of the file.
 
     Holds every image's relpath, size, content hash, patient id and split, the counts (images and
     patients), the dataset folder, a content fingerprint per split, and `extra` (e.g. the config).
     `dropped` (only written when non-empty): images of the split that a resumed run no longer uses
-    (`relpath`, `sha256`, `split`, `reason`), see `check_unchanged`.
+    (`relpath`, `sha256`, `split`, `reason`), see `check_unchanged`. `deduplicated` (only with
+    --exclude_duplicates): the cxr.dedup report used, its hash, and the images it removed (see `drop_duplicates`).
     """
     train, val = list(train), list(val)
     train_ids = {r.patient_id for r in train if r.patient_id is not None}
@@ -546,6 +568,8 @@ def write_manifest(path, train, val, extra: dict | None = None, dropped: list[di
     }
     if dropped:
         manifest["dropped"] = list(dropped)
+    if deduplicated:
+        manifest["deduplicated"] = deduplicated
     data = (json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n").encode()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()

@@ -612,31 +612,33 @@ class StopFlag:
 def _prepare_data(cfg: TrainConfig, dist: DistInfo, resume_path: Path | None = None):
     """Scan and split the dataset (a fresh run) or take the split of the first start from the run's manifest
     (a resumed run), and write the manifest on rank 0; every rank gets the same records."""
-    from cxr.dataset import scan_dataset, split_holdout, write_manifest
+    from cxr.dataset import drop_duplicates, scan_dataset, split_holdout, write_manifest
 
     result = None
     if dist.is_main:
-        dropped = None
+        dropped, deduplicated = None, None
         if resume_path is not None:
-            train_records, val_records, dropped = _split_of_first_start(cfg, Path(resume_path))
+            train_records, val_records, dropped, deduplicated = _split_of_first_start(cfg, Path(resume_path))
             records = train_records + val_records
         else:
             records = scan_dataset(
                 cfg.dataset_dir, cfg.file_list, min_image_size=cfg.min_image_size, skip_bad_images=cfg.skip_bad_images,
                 max_images=cfg.max_images, seed=cfg.seed, num_workers=cfg.resolved_num_workers,
             )
+            if cfg.exclude_duplicates is not None:
+                records, deduplicated = drop_duplicates(records, cfg.exclude_duplicates)
             train_records, val_records = split_holdout(records, val_fraction=cfg.val_fraction, val_count=cfg.val_count,
                                                        seed=cfg.seed)
         check_free_space(cfg, len(records))
         extra = {name: value for name, value in to_dict(cfg).items() if name in result_flags(TrainConfig)}
         manifest_sha = write_manifest(Path(cfg.output_dir) / "manifest.json", train_records, val_records, extra,
-                                      dropped)
+                                      dropped, deduplicated)
         result = (train_records, val_records, manifest_sha)
     return _broadcast_object(result, dist)
 
 
 def _split_of_first_start(cfg: TrainConfig, resume_path: Path):
-    """(train, val, dropped) of a resumed run: the split recorded in the manifest of the run the checkpoint belongs
+    """(train, val, dropped, deduplicated) of a resumed run: the split recorded in the manifest of the run the checkpoint belongs
     to, never re-drawn, so no image moves between the splits. Images missing or changed since are an error naming
     them, or with --skip_bad_images left out of both splits with a warning (listed under `dropped`)."""
     from cxr.dataset import DatasetError, check_unchanged, read_manifest, records_from_manifest
@@ -675,7 +677,7 @@ def _split_of_first_start(cfg: TrainConfig, resume_path: Path):
                                "the images, or start a new run in another --output_dir")
     print(f"[cxr] resuming with the split of the first start ({manifest_path}): {len(splits['train'])} training, "
           f"{len(splits['val'])} held-out images", file=sys.stderr)
-    return splits["train"], splits["val"], dropped
+    return splits["train"], splits["val"], dropped, manifest.get("deduplicated")
 
 
 def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_records, device):

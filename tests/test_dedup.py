@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cxr.dataset import read_file_list, split_holdout, scan_dataset, write_manifest
+from cxr.fileio import file_sha256
 from cxr.dedup import DedupConfig, connected_groups, find_duplicates, main, near_duplicate_pairs
 from cxr.phantoms import write_phantoms
 
@@ -119,3 +120,36 @@ def test_exit_codes(planted, tmp_path, capsys):
     assert main(args + ["--fail_on_duplicates"]) == 1
     assert main(["--dataset_dir", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_train_exclude_duplicates_drops_them_before_the_split_and_records_it(planted, tmp_path, tiny_model_dir):
+    from cxr.config import TrainConfig
+    from cxr.dataset import read_manifest
+    from cxr.training import train
+
+    torch.set_num_threads(1)
+    report = find_duplicates(_cfg(dataset_dir=planted, out=tmp_path / "dedup"))
+    values = dict(dataset_dir=planted, model_id=str(tiny_model_dir), output_dir=tmp_path / "run", device="cpu",
+                  mixed_precision="no", resolution=64, train_batch_size=4, val_count=4, dataloader_num_workers=0,
+                  max_train_steps=2, log_every=1, checkpointing_steps=1, validation_steps=0, num_validation_images=0,
+                  lora_rank=4, lora_alpha=4.0, exclude_duplicates=tmp_path / "dedup" / "report.json")
+    train(TrainConfig(**values))
+    manifest = read_manifest(tmp_path / "run" / "manifest.json")
+    used = {entry["relpath"] for entry in manifest["train"] + manifest["val"]}
+    dropped = {d["relpath"] for d in report["drop"]}
+    assert len(used) == 40 and not used & dropped  # 45 files - 1 byte-identical copy - 4 near copies
+    assert {d["relpath"] for d in manifest["deduplicated"]["dropped"]} == dropped
+    assert manifest["deduplicated"]["report_sha256"] == file_sha256(tmp_path / "dedup" / "report.json")
+    # A resumed run keeps the split of the first start, and the record of what was left out.
+    train(TrainConfig(**dict(values, max_train_steps=3, resume_from_checkpoint="latest")))
+    assert read_manifest(tmp_path / "run" / "manifest.json")["deduplicated"] == manifest["deduplicated"]
+
+
+def test_a_missing_dedup_report_is_a_clear_error(tmp_path, tiny_model_dir, planted, capsys):
+    from cxr.config import TrainConfig
+    from cxr.training import run
+
+    code = run(TrainConfig(dataset_dir=planted, model_id=str(tiny_model_dir), output_dir=tmp_path / "run",
+                           device="cpu", exclude_duplicates=tmp_path / "nope.json", dataloader_num_workers=0))
+    assert code == 1
+    assert "--exclude_duplicates" in capsys.readouterr().err

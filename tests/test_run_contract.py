@@ -32,7 +32,7 @@ NEVER_WARN = ("output_dir", "logging_dir", "cache_dir", "device", "log_every", "
               "checkpoints_total_limit", "dataloader_num_workers", "encode_batch_size", "cuda_graph",
               "torch_compile", "gradient_checkpointing", "validation_steps", "num_validation_images",
               "validation_inference_steps", "export_format", "resume_from_checkpoint", "ddp_timeout_minutes",
-              "dataset_dir", "file_list", "overwrite_output_dir")
+              "dataset_dir", "file_list", "overwrite_output_dir", "exclude_duplicates")
 
 
 @pytest.fixture(autouse=True, scope="module")
