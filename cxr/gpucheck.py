@@ -58,8 +58,10 @@ REQUIRED_MODULES = {"torch": "torch", "diffusers": "diffusers", "transformers": 
                     "safetensors": "safetensors", "PIL": "pillow", "numpy": "numpy", "tqdm": "tqdm",
                     "tensorboard": "tensorboard", "pytest": "pytest"}
 SECTIONS = ("machine", "tests", "throughput", "real_path")
-# Each section's own time limit in seconds (further cut by what is left of --budget_s).
-SECTION_LIMITS = {"machine": 60, "tests": 150, "throughput": 170, "real_path": 240}
+# Each section's own time limit in seconds, further cut by what is left of --budget_s. On an H100/H200 the
+# throughput section's torch.compile of the full UNet (forward + backward) is the largest unknown; the bench's
+# sections before it (eager step, memory) are kept when it is killed.
+SECTION_LIMITS = {"machine": 45, "tests": 120, "throughput": 200, "throughput_later": 180, "real_path": 200}
 RESULT_MARKER = "GPUCHECK_RESULT "
 LOG_TAIL_BYTES = 200_000  # per subprocess, in log.txt
 MODE_FLAGS = {"eager": [], "cuda graph": ["--cuda_graph"], "torch.compile": ["--torch_compile"]}
@@ -291,17 +293,33 @@ def child_machine(args: dict) -> dict:
 
 
 def child_throughput(args: dict) -> dict:
-    """`cxr.bench` at one batch size: eager, CUDA graph, torch.compile (CUDA) or the eager step (CPU)."""
-    from cxr.bench import BenchConfig, run_bench
+    """`cxr.bench`'s sections at one batch size, the result printed after each one (a kill keeps what is done):
+    flops, train (the eager step, quick), memory (first batch size, CUDA), then cuda (CUDA graph and
+    torch.compile, whose compilation is the slow part)."""
+    import torch
+
+    from cxr.bench import SECTION_FUNCTIONS, BenchConfig, Context, resolve_device_dtype, speedups
 
     cuda = args["device"].startswith("cuda")
-    sections = ["flops", "cuda" if cuda else "train"] + (["memory"] if args["memory"] else [])
+    sections = ["flops", "train"] + (["memory"] if args["memory"] else []) + (["cuda"] if cuda else [])
     cfg = BenchConfig(arch=args["arch"], batch_size=args["batch_size"], resolution=args["resolution"],
                       steps=args["steps"], warmup=args["warmup"], repeats=args["repeats"], device=args["device"],
                       dtype="bf16" if cuda else "fp32", sections=",".join(sections),
                       cache_rows=20000 if cuda else 64)
     cfg.validate()
-    return run_bench(cfg)
+    torch.manual_seed(cfg.seed)
+    device, dtype = resolve_device_dtype(cfg)
+    ctx = Context(cfg, device, dtype)
+    rows, result = [], {}
+    for name in sections:  # run_bench's loop, with the partial result printed after each section
+        started = time.perf_counter()
+        rows.extend(SECTION_FUNCTIONS[name](ctx))
+        print(f"[gpucheck] bench section {name}: {time.perf_counter() - started:.1f} s", flush=True)
+        result = {"rows": [asdict(row) for row in rows], "flops": ctx.flops, "speedups": speedups(rows),
+                  "dtype": str(dtype).replace("torch.", ""), "done": sections[: sections.index(name) + 1],
+                  "planned": sections}
+        print(RESULT_MARKER + json.dumps(result), flush=True)
+    return result
 
 
 def child_prepare(args: dict) -> dict:
@@ -376,7 +394,7 @@ def child_pytest(args: dict) -> dict:
     records: dict[str, list[dict]] = {}
 
     class AssertCloseRecorder:
-        @pytest.hookimpl(wrapper=True)
+        @pytest.hookimpl(hookwrapper=True)  # the old-style wrapper: any pytest the GPU image may have
         def pytest_runtest_call(self, item):
             original = torch.testing.assert_close
             seen = records.setdefault(item.nodeid, [])
@@ -403,7 +421,7 @@ def child_pytest(args: dict) -> dict:
 
             torch.testing.assert_close = recording
             try:
-                return (yield)
+                yield
             finally:
                 torch.testing.assert_close = original
 
@@ -558,24 +576,27 @@ def section_throughput(check: Check, batch_size: int, first: bool) -> None:
     entry["batch_size"] = batch_size
     args = {"device": cfg.device, "arch": cfg.arch, "batch_size": batch_size, "resolution": cfg.resolution,
             "steps": cfg.bench_steps, "warmup": cfg.bench_warmup, "repeats": cfg.bench_repeats, "memory": first and cfg.on_cuda}
-    limit = SECTION_LIMITS["throughput"] if first else SECTION_LIMITS["throughput"] - 20
+    limit = SECTION_LIMITS["throughput" if first else "throughput_later"]
     child = check.run(python_child("throughput", args), timeout=check.limit(limit), title=f"throughput batch {batch_size}")
-    if child.result is None:
-        check.end(entry, *_failure(child, "cxr.bench"), seconds=child.seconds)
-        return
-    result = child.result
+    result = child.result or {}
     peak = check.report["sections"].get("machine", {}).get("matmul_tflop_per_s")
     rows = []
-    for row in result["rows"]:
+    for row in result.get("rows", []):
         if row["section"] == "flops":
             continue
         if row.get("tflop_per_s") and peak:
             row["percent_of_measured_peak"] = 100.0 * row["tflop_per_s"] / peak
         rows.append(row)
     entry.update(rows=rows, flops=result.get("flops"), dtype=result.get("dtype"), arch=cfg.arch,
-                 speedups=result.get("speedups"))
+                 speedups=result.get("speedups"), bench_sections_done=result.get("done"))
     if not cfg.on_cuda:
         entry["note"] = "CPU: the eager step only; CUDA graph and torch.compile need CUDA"
+    if child.returncode != 0:
+        status, reason = _failure(child, "cxr.bench")
+        if result:
+            reason += f" (bench sections finished before: {', '.join(result['done'])} of {', '.join(result['planned'])})"
+        check.end(entry, status, child.seconds, reason)
+        return
     failed = [row["variant"] for row in rows if row.get("note", "").startswith("failed")]
     check.end(entry, "failed" if failed else "ok", child.seconds,
               reason=f"variants failed: {', '.join(failed)}" if failed else "")
@@ -661,16 +682,21 @@ def section_real_path(check: Check) -> None:
         return finish("failed", f"comparing the adapters: {type(error).__name__}: {error}")
     check.write()
 
-    child = check.run([sys.executable, "sample.py", "--base_model", str(model_dir), "--lora_path",
-                       str(resumed / "lora_unet"), "--out_dir", str(work / "samples"), "--num_images",
-                       str(cfg.sample_images), "--device", cfg.device, "--contact_sheet", "0",
-                       *(["--num_inference_steps", str(cfg.sample_steps)] if cfg.sample_steps else [])], timeout=left(),
-                      title="real path: sample.py")
+    sample_argv = [sys.executable, "sample.py", "--base_model", str(model_dir), "--lora_path", str(resumed / "lora_unet"),
+                   "--num_images", str(cfg.sample_images), "--device", cfg.device, "--contact_sheet", "0",
+                   *(["--num_inference_steps", str(cfg.sample_steps)] if cfg.sample_steps else [])]
+    child = check.run([*sample_argv, "--out_dir", str(work / "samples")], timeout=left(), title="real path: sample.py")
+    sample_note = "sample.py's default dtype"
+    if child.returncode != 0 and "came out NaN/inf" in child.output:
+        # Random weights may overflow fp16 (sample.py's CUDA default) where trained ones do not: time bf16 instead.
+        sample_note = "fp16 (the default) gave NaN/inf with these random weights; timed with --dtype bf16"
+        child = check.run([*sample_argv, "--out_dir", str(work / "samples-bf16"), "--dtype", "bf16"], timeout=left(),
+                          title="real path: sample.py --dtype bf16")
     if child.returncode != 0:
         return finish(*_failure(child, "sample.py"))
     match = SPEED_LINE.search(child.output)
     steps_done["sample"] = {"seconds": child.seconds, "images": cfg.sample_images, "steps": cfg.sample_steps or "default",
-                            "images_per_s": float(match.group(1)) if match else None}
+                            "images_per_s": float(match.group(1)) if match else None, "note": sample_note}
     final = steps_done["resume"].get("final_adapter", {})
     if final.get("max_abs_diff") == 0.0:
         return finish("ok")
@@ -774,13 +800,13 @@ def render_markdown(report: dict) -> str:
         peak = machine.get("matmul_tflop_per_s")
         lines += ["", f"## Training throughput ({cfg['arch']}, random weights, {cfg['resolution']} px)", "",
                   f"TFLOP/s from the bench's counted FLOPs per image (forward + backward); % of the measured matmul "
-                  f"peak ({_fmt(peak, '{:.0f}')} TFLOP/s). Goal: {GOAL_IMAGES_PER_S} images/s at batch 16, bf16, on one H100.", "",
+                  f"peak ({_fmt(peak, '{:.3g}')} TFLOP/s). Goal: {GOAL_IMAGES_PER_S} images/s at batch 16, bf16, on one H100.", "",
                   "| batch | mode | images/s | ms/step | TFLOP/s | % of peak | peak MiB | note |",
                   "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for _, entry in throughput:
             for row in entry["rows"]:
                 lines.append(f"| {entry['batch_size']} | {row['variant']} | {_fmt(row.get('images_per_s'), '{:.1f}')} | "
-                             f"{_fmt(row.get('ms_per_step'), '{:.1f}')} | {_fmt(row.get('tflop_per_s'), '{:.1f}')} | "
+                             f"{_fmt(row.get('ms_per_step'), '{:.1f}')} | {_fmt(row.get('tflop_per_s'), '{:.3g}')} | "
                              f"{_fmt(row.get('percent_of_measured_peak'), '{:.1f}')} | {_fmt(row.get('peak_mem_mb'), '{:.0f}')} | "
                              f"{row.get('note', '').replace('|', '/')[:200]} |")
     real = sections.get("real_path", {})
@@ -790,7 +816,7 @@ def render_markdown(report: dict) -> str:
         prep = steps.get("prepare", {})
         if prep:
             lines.append(f"| data and model | {prep['phantoms']} phantoms of {prep['phantom_size']} px in {prep['phantom_seconds']:.0f} s; "
-                         f"pipeline folder {prep['model_bytes'] / 2**30:.2f} GiB written in {prep['save_pretrained_seconds']:.0f} s |")
+                         f"pipeline folder {prep['model_bytes'] / 2**20:,.0f} MiB written in {prep['save_pretrained_seconds']:.0f} s |")
         if real.get("mode"):
             lines.append(f"| training mode | {real['mode']} ({real.get('mode_reason', '')}) |")
         cache = steps.get("latent_cache")
@@ -807,13 +833,13 @@ def render_markdown(report: dict) -> str:
                            ("final_adapter", "straight vs stopped + resumed, final adapter")):
             if key in resume:
                 r = resume[key]
-                lines.append(f"| {label} | {r.get('bit_identical')}/{r.get('tensors')} tensors bit-identical, max |diff| "
-                             f"{_fmt(r.get('max_abs_diff'), '{:.3g}')} (max |value| {_fmt(r.get('max_abs_value'), '{:.3g}')}) |"
+                lines.append(f"| {label} | {r.get('bit_identical')}/{r.get('tensors')} tensors bit-identical, max abs diff "
+                             f"{_fmt(r.get('max_abs_diff'), '{:.3g}')} (max abs value {_fmt(r.get('max_abs_value'), '{:.3g}')}) |"
                              if "error" not in r else f"| {label} | {r['error']} |")
         sample = steps.get("sample")
         if sample:
             lines.append(f"| sample.py, default sampler | {_fmt(sample.get('images_per_s'), '{:.2f}')} images/s, {sample['images']} images, "
-                         f"{sample.get('steps')} steps, {sample['seconds']:.0f} s wall |")
+                         f"{sample.get('steps')} steps, {sample['seconds']:.0f} s wall; {sample.get('note', '')} |")
     return "\n".join(lines) + "\n"
 
 
