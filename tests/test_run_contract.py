@@ -76,7 +76,7 @@ def other_value(field: dataclasses.Field, value):
     if isinstance(value, (str, Path)):
         return type(value)(f"{value}-other")
     if value is None:
-        return {"max_images": 10, "val_count": 3, "revision": "v2", "dataset_dir": Path("d"), "file_list": Path("f"),
+        return {"max_images": 10, "val_count": 3, "revision": "v2", "dataset_dir": Path("d"), "file_list": Path("f"), "exclude_duplicates": Path("x"),
                 "cache_dir": Path("c"), "logging_dir": Path("l"), "dataloader_num_workers": 3,
                 "checkpoints_total_limit": 7, "resume_from_checkpoint": "latest"}[field.name]
     raise AssertionError(f"no other value for {field.name}={value!r}")
