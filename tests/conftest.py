@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +27,14 @@ def phantom_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantoms")
     write_phantoms(out, 24, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny
+    models' kernels gain nothing from more, and on a busy 2-core machine two spinning OpenMP threads make each
+    tiny step several times slower (measured ~20x for a training step). The previous count comes back after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

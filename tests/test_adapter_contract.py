@@ -24,12 +24,7 @@ from cxr.sampling import SamplingError, generate_batch, load_pipeline, sample_ru
 TRAIN_PROMPT = "chest x-ray, pa view"  # not the default, so a sampler that ignores the header is caught
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pixels(path) -> np.ndarray:

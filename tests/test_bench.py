@@ -27,15 +27,6 @@ def _positive(value) -> bool:
     return value is not None and math.isfinite(value) and value > 0
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small shared CPU two threads of tiny kernels mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_tiny_bench_has_every_row_with_positive_finite_figures(tmp_path, one_thread):
     cfg = bench.BenchConfig(

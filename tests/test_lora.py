@@ -43,13 +43,7 @@ def _trained_unet(model_dir, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGET
     return unet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core machine, intra-op threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

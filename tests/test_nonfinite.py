@@ -58,12 +58,7 @@ def test_learning_rate_inf_on_the_command_line_exits_2_naming_the_flag(text, cap
 # ------------------------------------------------------------------------------------------- the train step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _optimizer_state(optimizer, params):

@@ -19,13 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_SAMPLE = dict(height=64, width=64, num_inference_steps=2, device="cpu", contact_sheet=2, batch_size=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sample_cfg(model_dir, out_dir, **overrides) -> SampleConfig:

@@ -35,13 +35,7 @@ NEVER_WARN = ("output_dir", "logging_dir", "cache_dir", "device", "log_every", "
               "dataset_dir", "file_list", "overwrite_output_dir", "exclude_duplicates")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads make each tiny step much slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -40,14 +40,7 @@ def pngs(folder) -> list[str]:
     return sorted(p.name for p in Path(folder).glob("*.png")) if Path(folder).exists() else []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are too small to gain from threads; on a busy 2-core CI machine a second spinning
-    # OpenMP thread makes every call several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
