@@ -1,7 +1,7 @@
 """Config dataclasses: the single source of truth for every flag of train.py and sample.py.
 
 Each field carries its default, type, help text and (optionally) choices. The argparse parser, the
-`--config FILE.toml` support, the README flag tables and the saved `config.json` are all generated from
+`--config FILE.toml` support, the flag tables of docs/flags.md and the saved `config.json` are all generated from
 these dataclasses, so they cannot drift apart. `validate()` rejects bad values with a message that names
 the flag, before any model is loaded.
 """
@@ -202,7 +202,7 @@ def save_json(config, path: Path, extra: dict | None = None) -> None:
 
 
 def flag_table(cls) -> str:
-    """A Markdown table of every flag (name, default, help): the README's flag reference."""
+    """A Markdown table of every flag (name, default, help): one table of docs/flags.md."""
     hints = typing.get_type_hints(cls)
     rows = ["| flag | type | default | what it does |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(cls):
@@ -422,7 +422,7 @@ class SampleConfig:
         require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
-# README block name -> "module:ConfigClass" (imported lazily: those modules import this one).
+# docs/flags.md block name -> "module:ConfigClass" (imported lazily: those modules import this one).
 FLAG_TABLES = {
     "train": "cxr.config:TrainConfig",
     "sample": "cxr.config:SampleConfig",
@@ -442,23 +442,23 @@ def _config_class(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def update_readme_flag_tables(readme_text: str) -> str:
+def update_flag_tables(text: str) -> str:
     """Replace each `<!-- flags:NAME -->...<!-- /flags:NAME -->` block with the generated table."""
     for name, spec in FLAG_TABLES.items():
         cls = _config_class(spec)
         start, end = f"<!-- flags:{name} -->", f"<!-- /flags:{name} -->"
-        head, found, rest = readme_text.partition(start)
+        head, found, rest = text.partition(start)
         if not found:
-            raise ValueError(f"README has no {start} marker")
+            raise ValueError(f"the flag reference has no {start} marker")
         _, found_end, tail = rest.partition(end)
         if not found_end:
-            raise ValueError(f"README has no {end} marker")
-        readme_text = f"{head}{start}\n{flag_table(cls)}\n{end}{tail}"
-    return readme_text
+            raise ValueError(f"the flag reference has no {end} marker")
+        text = f"{head}{start}\n{flag_table(cls)}\n{end}{tail}"
+    return text
 
 
 if __name__ == "__main__":
-    # python -m cxr.config README.md : regenerate the README's flag tables from the dataclasses.
-    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    readme.write_text(update_readme_flag_tables(readme.read_text()))
-    print(f"updated flag tables in {readme}")
+    # python -m cxr.config [docs/flags.md] : regenerate the flag reference's tables from the dataclasses.
+    reference = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/flags.md")
+    reference.write_text(update_flag_tables(reference.read_text()))
+    print(f"updated flag tables in {reference}")

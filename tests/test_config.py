@@ -1,17 +1,21 @@
-"""Flags: one dataclass per command drives the parser, the TOML file, validation and the README."""
+"""Flags: one dataclass per command drives the parser, the TOML file, validation and docs/flags.md.
+Also: every link between README.md and docs/*.md resolves."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from cxr.config import SampleConfig, TrainConfig, parse_config, update_readme_flag_tables
+from cxr.config import SampleConfig, TrainConfig, parse_config, update_flag_tables
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
-def test_readme_flag_tables_match_the_config_dataclasses():
-    text = README.read_text()
-    assert update_readme_flag_tables(text) == text, "run `python -m cxr.config README.md` to regenerate the flag tables"
+def test_flag_reference_matches_the_config_dataclasses():
+    text = (ROOT / "docs" / "flags.md").read_text()
+    assert update_flag_tables(text) == text, "run `python -m cxr.config` to regenerate the tables of docs/flags.md"
 
 
 def test_command_line_overrides_toml_file(tmp_path):
@@ -58,24 +62,53 @@ def test_invalid_sample_flags_exit_naming_the_flag(argv, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
-def _github_anchor(heading: str) -> str:
-    """GitHub's heading anchor: lower case, punctuation dropped, spaces to hyphens."""
-    import re
+def _prose_lines(path: Path) -> list[str]:
+    """The lines of a Markdown file outside fenced code blocks."""
+    lines, in_code = [], False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        elif not in_code:
+            lines.append(line)
+    return lines
 
-    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+def _github_anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens; a repeated heading gets -1, -2."""
+    anchors = set()
+    for line in _prose_lines(path):
+        if match := re.match(r"#{1,6} (.+)$", line):
+            anchor = base = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+            repeat = 0
+            while anchor in anchors:
+                repeat += 1
+                anchor = f"{base}-{repeat}"
+            anchors.add(anchor)
+    return anchors
 
 
-def test_readme_contents_links_point_at_headings():
-    import re
+def test_links_in_readme_and_docs_point_at_files_and_headings():
+    """Every relative link of README.md and docs/*.md names a file that exists and, after #, a heading in it."""
+    broken, checked = [], 0
+    for doc in [README, *DOCS]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", "\n".join(_prose_lines(doc))):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (doc.parent / file_part).resolve() if file_part else doc
+            checked += 1
+            if not linked.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _github_anchors(linked):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
+    assert checked > 30
+    assert broken == []
 
-    text, in_code, anchors = README.read_text(), False, set()
-    for line in text.splitlines():
-        in_code ^= line.startswith("```")
-        if not in_code and (match := re.match(r"#{1,6} (.+)$", line)):
-            anchors.add(_github_anchor(match.group(1)))
-    links = set(re.findall(r"\]\(#([^)]+)\)", text))
-    assert len(links) > 30
-    assert sorted(links - anchors) == []
+
+def test_readme_links_every_doc():
+    readme = README.read_text()
+    assert len(DOCS) > 5
+    assert [doc.name for doc in DOCS if f"](docs/{doc.name}" not in readme] == []
 
 
 def test_decode_workers_default_to_the_cpus_available_up_to_8(monkeypatch):
