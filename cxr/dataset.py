@@ -5,7 +5,8 @@ decodes every one of them once (in worker processes, with a progress bar), and r
 usable image with its size and SHA-256 content hash. Bad files (missing, empty, not an image, truncated,
 unsupported, smaller than `--min_image_size`) stop the run with a list of each file and its reason, or are
 skipped with a summary under `--skip_bad_images`. Byte-identical copies are kept once (a copy on both sides
-of the held-out split would leak it). Images are only ever read.
+of the held-out split would leak it). Images are only ever read. Decoding one file and the bad-file messages
+live in `cxr.imagecheck`.
 
 `split_holdout` holds out a validation set fixed by the seed, by patient when the file list gives
 `patient_id`. `write_manifest` records both splits with content hashes, so a run says exactly what it
@@ -25,22 +26,18 @@ import json
 import os
 import sys
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from cxr.fileio import atomic_write_bytes, file_sha256
-from cxr.imageio import (
-    DICOM_INSTALL_HINT,
-    DICOM_SUFFIXES,
-    SUPPORTED_SUFFIXES,
-    ImageReadError,
-    decode_grayscale,
-    read_file_bytes,
-)
+from cxr.imagecheck import LISTED_IN_ERRORS, bad_files_message, bad_files_summary, inspect_all
+from cxr.imageio import DICOM_INSTALL_HINT, DICOM_SUFFIXES, SUPPORTED_SUFFIXES
 
 MANIFEST_FORMAT = "cxr-manifest/1"
-FILE_LIST_COLUMNS = ("path", "patient_id", "view", "source")
-_LISTED_IN_ERRORS = 50  # longer lists of bad files are cut, with a count of the rest
+FILE_LIST_COLUMNS = ("path", "patient_id", "view", "source")  # written by cxr.select, read by read_file_list
 
 
 class DatasetError(RuntimeError):
@@ -73,7 +70,9 @@ class ScanReport:
 
 
 @dataclass(frozen=True)
-class _Candidate:
+class ImageToCheck:
+    """A file found under --dataset_dir or listed in --file_list (with the list's columns), not yet opened."""
+
     path: Path
     relpath: str
     patient_id: str | None = None
@@ -107,9 +106,9 @@ class ImageSearch:
 
     def unreadable_message(self, name: str, hint: str) -> str:
         """'N folder(s) under NAME cannot be read: ...' with each folder and why, then `hint`."""
-        lines = [f"  {_relpath(folder, self.root)}/: {reason}" for folder, reason in self.unreadable[:_LISTED_IN_ERRORS]]
-        if len(self.unreadable) > _LISTED_IN_ERRORS:
-            lines.append(f"  ... and {len(self.unreadable) - _LISTED_IN_ERRORS} more")
+        lines = [f"  {_relpath(folder, self.root)}/: {reason}" for folder, reason in self.unreadable[:LISTED_IN_ERRORS]]
+        if len(self.unreadable) > LISTED_IN_ERRORS:
+            lines.append(f"  ... and {len(self.unreadable) - LISTED_IN_ERRORS} more")
         return f"{len(self.unreadable)} folder(s) under {name} cannot be read:\n" + "\n".join(lines) + f"\n{hint}"
 
 
@@ -185,7 +184,7 @@ def discover_images(dataset_dir, skip_unreadable: bool = False) -> list[Path]:
     return search.paths
 
 
-def read_file_list(file_list, dataset_dir=None) -> list[_Candidate]:
+def read_file_list(file_list, dataset_dir=None) -> list[ImageToCheck]:
     """Entries of a `--file_list`: a CSV with a header (`path`, optional `patient_id`, `view`, `source`)
     or a text file of one path per line (blank lines and `#` comments skipped).
 
@@ -218,12 +217,12 @@ def read_file_list(file_list, dataset_dir=None) -> list[_Candidate]:
             duplicates.append(f"line {line}: {row['path']} (same file as line {first_line_of[key]})")
             continue
         first_line_of[key] = line
-        candidates.append(_Candidate(
+        candidates.append(ImageToCheck(
             Path(key), _relpath(Path(key), root),
             patient_id=row.get("patient_id"), view=row.get("view"), source=row.get("source"),
         ))
     if duplicates:
-        raise DatasetError(f"--file_list {list_path} names the same file more than once:\n  " + "\n  ".join(duplicates[:_LISTED_IN_ERRORS]))
+        raise DatasetError(f"--file_list {list_path} names the same file more than once:\n  " + "\n  ".join(duplicates[:LISTED_IN_ERRORS]))
     return sorted(candidates, key=lambda c: c.relpath)
 
 
@@ -267,42 +266,6 @@ def _read_txt_rows(list_path: Path) -> list[tuple[int, dict]]:
 
 # ------------------------------------------------------------------------------------------ validation
 
-def inspect_file(path: str, min_image_size: int) -> tuple[tuple[int, str, int, int] | None, str | None]:
-    """Open and decode one file: ((size_bytes, sha256, height, width), None) or (None, reason).
-
-    Runs in worker processes, so it takes and returns plain picklable values and never raises for a bad file.
-    """
-    try:
-        data = read_file_bytes(path)
-        gray = decode_grayscale(data, path)
-    except ImageReadError as error:
-        return None, error.reason
-    except Exception as error:  # noqa: BLE001 - a decoder bug must not kill the whole scan
-        return None, f"unexpected error while decoding: {type(error).__name__}: {error}"
-    height, width = gray.shape
-    if min(height, width) < min_image_size:
-        return None, f"too small: {width}x{height} px, shorter side below --min_image_size {min_image_size}"
-    return (len(data), hashlib.sha256(data).hexdigest(), height, width), None
-
-
-def _inspect_star(args):
-    return inspect_file(*args)
-
-
-def _inspect_all(paths: list[Path], min_image_size: int, executor, num_workers: int, progress) -> list:
-    jobs = [(str(p), min_image_size) for p in paths]
-    if executor is None:
-        results = map(_inspect_star, jobs)
-    else:
-        chunk = max(1, min(32, len(jobs) // (8 * num_workers)))
-        results = executor.map(_inspect_star, jobs, chunksize=chunk)
-    outcomes = []
-    for outcome in results:
-        outcomes.append(outcome)
-        progress.update(1)
-    return outcomes
-
-
 def selection_rank(seed: int, name: str) -> str:
     """Sort key of seeded choices: SHA-256 of (seed, name); depends on nothing else."""
     return hashlib.sha256(f"{seed}\0{name}".encode()).hexdigest()
@@ -327,14 +290,12 @@ def scan_dataset(dataset_dir, file_list=None, *, min_image_size=64, skip_bad_ima
 def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_bad_images=False, max_images=None,
                         seed=0, num_workers=0) -> ScanReport:
     """`scan_dataset`, also returning the skipped bad files and duplicates (for logs and the manifest)."""
-    from tqdm.auto import tqdm
-
     if file_list is not None:
         candidates = read_file_list(file_list, dataset_dir)
         source = f"--file_list {file_list}"
     else:
         root = Path(dataset_dir) if dataset_dir is not None else None
-        candidates = [_Candidate(p, _relpath(p, root)) for p in discover_images(dataset_dir, skip_bad_images)]
+        candidates = [ImageToCheck(p, _relpath(p, root)) for p in discover_images(dataset_dir, skip_bad_images)]
         source = f"--dataset_dir {dataset_dir}"
     if file_list is not None and not any(c.path.exists() for c in candidates):
         raise DatasetError(
@@ -352,8 +313,6 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
     position = 0
     executor = None
     if num_workers > 0:
-        from concurrent.futures import ProcessPoolExecutor
-
         # The platform's default start method, as torch's DataLoader uses: the workers only decode files.
         executor = ProcessPoolExecutor(num_workers)
     try:
@@ -364,7 +323,7 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
                     progress.total += len(batch)
                     progress.refresh()
                 position += len(batch)
-                for candidate, (info, reason) in zip(batch, _inspect_all([c.path for c in batch], min_image_size, executor, num_workers, progress)):
+                for candidate, (info, reason) in zip(batch, inspect_all([c.path for c in batch], min_image_size, executor, num_workers, progress)):
                     if info is None:
                         bad.append((candidate.relpath, reason))
                         continue
@@ -385,9 +344,9 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
             executor.shutdown()
 
     if bad and not skip_bad_images:
-        raise DatasetError(_bad_files_message(bad, len(good), source, complete=max_images is None))
+        raise DatasetError(bad_files_message(bad, len(good), source, complete=max_images is None))
     if bad:
-        print(_bad_files_summary(bad), file=sys.stderr)
+        print(bad_files_summary(bad), file=sys.stderr)
     if duplicates:
         print(
             f"[cxr] {len(duplicates)} file(s) are byte-identical copies of another image and were used once: "
@@ -400,36 +359,15 @@ def scan_dataset_report(dataset_dir, file_list=None, *, min_image_size=64, skip_
     return ScanReport(good, bad, duplicates, candidates=len(candidates))
 
 
-def _require_dicom_support(candidates: list[_Candidate], source: str) -> None:
+def _require_dicom_support(candidates: list[ImageToCheck], source: str) -> None:
     """Fail once, up front, instead of reporting every DICOM file as bad when pydicom is missing."""
     dicoms = [c for c in candidates if c.path.suffix.lower() in DICOM_SUFFIXES]
     if not dicoms:
         return
     try:
-        import pydicom  # noqa: F401
+        import pydicom  # noqa: F401 - an optional dependency, only needed for DICOM files
     except ImportError:
         raise DatasetError(f"{source} has {len(dicoms)} DICOM file(s) (e.g. {dicoms[0].relpath}); {DICOM_INSTALL_HINT}") from None
-
-
-def _bad_files_message(bad: list[tuple[str, str]], good_count: int, source: str, complete: bool) -> str:
-    lines = [f"  {relpath}: {reason}" for relpath, reason in bad[:_LISTED_IN_ERRORS]]
-    if len(bad) > _LISTED_IN_ERRORS:
-        lines.append(f"  ... and {len(bad) - _LISTED_IN_ERRORS} more")
-    return (
-        f"{len(bad)} unusable image file(s) in {source}:\n" + "\n".join(lines) + "\n"
-        "Fix or remove them, or pass --skip_bad_images to skip them "
-        + (f"and train on the other {good_count} image(s)" if complete else "(replacements are drawn for --max_images)")
-        + " (skipped files are listed, never modified)."
-    )
-
-
-def _bad_files_summary(bad: list[tuple[str, str]]) -> str:
-    reasons = Counter(reason.split(":")[0] for _, reason in bad)
-    lines = [f"  {relpath}: {reason}" for relpath, reason in bad[:_LISTED_IN_ERRORS]]
-    if len(bad) > _LISTED_IN_ERRORS:
-        lines.append(f"  ... and {len(bad) - _LISTED_IN_ERRORS} more")
-    kinds = ", ".join(f"{n} {kind}" for kind, n in reasons.most_common())
-    return f"[cxr] --skip_bad_images: skipped {len(bad)} bad file(s) ({kinds}):\n" + "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ split
@@ -520,8 +458,6 @@ def content_fingerprint(records) -> str:
 def drop_duplicates(records: list[ImageRecord], report_path) -> tuple[list[ImageRecord], dict]:
     """The records without the images a `cxr.dedup` report lists to drop (matched by SHA-256 content hash, so the
     report may come from another folder or file list), and what to record in the manifest."""
-    from cxr.fileio import file_sha256
-
     report_path = Path(report_path)
     try:
         report = json.loads(report_path.read_text())
@@ -626,8 +562,6 @@ def check_unchanged(records, num_workers: int = 0) -> list[tuple[ImageRecord, st
     and SHA-256 the manifest recorded; [] when all are as they were. Files are hashed in `num_workers` threads."""
     records = list(records)
     if num_workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(num_workers) as pool:  # hashlib releases the GIL on large buffers
             reasons = list(pool.map(_change_reason, records))
     else:

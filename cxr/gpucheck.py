@@ -28,6 +28,9 @@ output (the tail of each), `DIR/test_cuda.xml` pytest's junit XML. Models, image
 
 The lent GPU machine has torch, transformers, safetensors, tensorboard and pytest but not diffusers and no
 network: bring the wheels (`--fetch_wheels`, README "GPU check"); the command checks its imports first.
+
+This module runs the sections and keeps the report; `cxr.gpucheck_children` holds what each section's subprocess
+runs, `cxr.gpucheck_report` writes report.md, `cxr.gpucheck_env` the wheels, the import check and the versions.
 """
 
 from __future__ import annotations
@@ -41,22 +44,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from cxr.config import ConfigError, flag, parse_config
+from cxr.fileio import atomic_write_bytes
+from cxr.gpucheck_env import fetch_wheels, install_line, missing_modules, versions
+from cxr.gpucheck_report import render_markdown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# What the lent GPU machine's image lacks (it has torch, transformers, huggingface_hub, safetensors, numpy,
-# pillow, tqdm, tensorboard, pytest, scipy, ...): diffusers and what diffusers needs beyond that image, at the
-# versions this project was tested with. Pure-Python wheels.
-WHEELS = ("diffusers==0.42.1", "importlib_metadata==10.2.0", "lazy-importer==0.1.0")
-# Top-level modules the sections import (module -> pip name), checked before anything runs.
-REQUIRED_MODULES = {"torch": "torch", "diffusers": "diffusers", "transformers": "transformers",
-                    "safetensors": "safetensors", "PIL": "pillow", "numpy": "numpy", "tqdm": "tqdm",
-                    "tensorboard": "tensorboard", "pytest": "pytest"}
 SECTIONS = ("machine", "tests", "throughput", "real_path")
 # Each section's own time limit in seconds, further cut by what is left of --budget_s. On an H100/H200 the
 # throughput section's torch.compile of the full UNet (forward + backward) is the largest unknown; the bench's
@@ -65,8 +64,6 @@ SECTION_LIMITS = {"machine": 45, "tests": 120, "throughput": 200, "throughput_la
 RESULT_MARKER = "GPUCHECK_RESULT "
 LOG_TAIL_BYTES = 200_000  # per subprocess, in log.txt
 MODE_FLAGS = {"eager": [], "cuda graph": ["--cuda_graph"], "torch.compile": ["--torch_compile"]}
-# The issue's goal, stated against the bench's rows.
-GOAL_IMAGES_PER_S = 1000
 
 
 @dataclass
@@ -135,59 +132,6 @@ class GpuCheckConfig:
         return self.device.startswith("cuda")
 
 
-# ---------------------------------------------------------------------------------------------- wheels, imports
-
-
-def fetch_wheels(folder: Path) -> int:
-    """Download WHEELS (no dependencies, Python 3.12 manylinux x86-64 wheels only) into `folder`."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-               "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
-               "-d", str(folder), *WHEELS]
-    print("$ " + " ".join(command), flush=True)
-    code = subprocess.call(command)
-    if code == 0:
-        print(f"\nwheels in {folder}. On the GPU machine, from the repository root (carry {folder}):\n  {install_line(folder)}")
-    return code
-
-
-def install_line(folder: Path | str = ".whl") -> str:
-    return (f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
-            f"{folder}/*.whl && export PYTHONPATH=/tmp/site")
-
-
-def missing_modules() -> dict[str, str]:
-    """Modules the sections need that do not import: {module: why}. Imports each one (diffusers pulls its own
-    dependencies, so a missing `importlib_metadata` shows up here too)."""
-    import importlib
-    import importlib.util
-
-    missing = {}
-    for module, package in REQUIRED_MODULES.items():
-        if importlib.util.find_spec(module) is None:
-            missing[module] = f"not installed (pip: {package})"
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError as error:
-            name = getattr(error, "name", None) or str(error)
-            missing[name if name != module else module] = f"needed by {module}: {error}"
-    return missing
-
-
-def versions() -> dict[str, str | None]:
-    import importlib.metadata
-    import platform
-
-    found = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "huggingface_hub", "safetensors", "numpy", "tensorboard",
-                 "pytest", "triton"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 # ---------------------------------------------------------------------------------------------- subprocesses
 
 
@@ -254,184 +198,11 @@ def _kill_group(process: subprocess.Popen, sig: int) -> None:
 
 
 def python_child(name: str, args: dict) -> list[str]:
-    """The command that runs CHILD_FUNCTIONS[name](args) in a fresh interpreter."""
-    code = "import sys; from cxr.gpucheck import child_main; child_main(sys.argv[1], sys.argv[2])"
+    """The command that runs cxr.gpucheck_children.CHILD_FUNCTIONS[name](args) in a fresh interpreter."""
+    code = "import sys; from cxr.gpucheck_children import child_main; child_main(sys.argv[1], sys.argv[2])"
     return [sys.executable, "-c", code, name, json.dumps(args)]
 
 
-def child_main(name: str, args: str) -> None:
-    result = CHILD_FUNCTIONS[name](json.loads(args))
-    print(RESULT_MARKER + json.dumps(result, default=str), flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- child bodies
-
-
-def child_machine(args: dict) -> dict:
-    """Machine facts and the measured dense matmul peak (bf16 on CUDA, fp32 on the CPU)."""
-    import torch
-
-    from cxr.bench import machine_info, measure_matmul_peak
-
-    device = torch.device(args["device"])
-    info = {**machine_info(device), "versions": versions()}
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu_memory_gib=props.total_memory / 2**30, compute_capability=f"{props.major}.{props.minor}",
-                    multiprocessors=props.multi_processor_count, cudnn=torch.backends.cudnn.version())
-        try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name,memory.total,clocks.max.sm",
-                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-            info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
-            info["driver"] = info["nvidia_smi"].split(",")[0].strip()
-        except (OSError, subprocess.SubprocessError) as error:
-            info["nvidia_smi"] = f"not available: {error}"
-    info["matmul_dtype"] = str(dtype).replace("torch.", "")
-    info["matmul_tflop_per_s"] = measure_matmul_peak(device, dtype)
-    return info
-
-
-def child_throughput(args: dict) -> dict:
-    """`cxr.bench`'s sections at one batch size, the result printed after each one (a kill keeps what is done):
-    flops, train (the eager step, quick), memory (first batch size, CUDA), then cuda (CUDA graph and
-    torch.compile, whose compilation is the slow part)."""
-    import torch
-
-    from cxr.bench import SECTION_FUNCTIONS, BenchConfig, Context, resolve_device_dtype, speedups
-
-    cuda = args["device"].startswith("cuda")
-    sections = ["flops", "train"] + (["memory"] if args["memory"] else []) + (["cuda"] if cuda else [])
-    cfg = BenchConfig(arch=args["arch"], batch_size=args["batch_size"], resolution=args["resolution"],
-                      steps=args["steps"], warmup=args["warmup"], repeats=args["repeats"], device=args["device"],
-                      dtype="bf16" if cuda else "fp32", sections=",".join(sections),
-                      cache_rows=20000 if cuda else 64)
-    cfg.validate()
-    torch.manual_seed(cfg.seed)
-    device, dtype = resolve_device_dtype(cfg)
-    ctx = Context(cfg, device, dtype)
-    rows, result = [], {}
-    for name in sections:  # run_bench's loop, with the partial result printed after each section
-        started = time.perf_counter()
-        rows.extend(SECTION_FUNCTIONS[name](ctx))
-        print(f"[gpucheck] bench section {name}: {time.perf_counter() - started:.1f} s", flush=True)
-        result = {"rows": [asdict(row) for row in rows], "flops": ctx.flops, "speedups": speedups(rows),
-                  "dtype": str(dtype).replace("torch.", ""), "done": sections[: sections.index(name) + 1],
-                  "planned": sections}
-        print(RESULT_MARKER + json.dumps(result), flush=True)
-    return result
-
-
-def child_prepare(args: dict) -> dict:
-    """Phantom radiographs (in parallel) and a random-weight pipeline folder written with save_pretrained."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    started = time.perf_counter()
-    data_dir, count, size = Path(args["data_dir"]), args["num_images"], args["image_size"]
-    workers = max(1, min(os.cpu_count() or 1, 16, count // 4 or 1))
-    shares = [count // workers + (1 if k < count % workers else 0) for k in range(workers)]
-    with ProcessPoolExecutor(workers) as pool:  # phantom i of part k depends on (seed k, i) only
-        list(pool.map(_write_part, [(str(data_dir / f"part{k:02d}"), n, k, size) for k, n in enumerate(shares) if n]))
-    phantom_seconds = time.perf_counter() - started
-
-    from cxr.tiny import save_pipeline
-
-    started = time.perf_counter()
-    model_dir = save_pipeline(args["model_dir"], arch=args["arch"], seed=0)
-    model_bytes = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
-    return {"phantoms": count, "phantom_size": size, "phantom_seconds": phantom_seconds, "phantom_workers": workers,
-            "save_pretrained_seconds": time.perf_counter() - started, "model_bytes": model_bytes}
-
-
-def _write_part(job) -> int:
-    from cxr.phantoms import write_phantoms
-
-    folder, count, seed, size = job
-    return len(write_phantoms(folder, count, seed=seed, sizes=((size, size),), formats=("png8",)))
-
-
-def child_train_stop(args: dict) -> dict:
-    """train.py's flags through train.py's parser, stopped after `stop_after` steps exactly as a SIGTERM would."""
-    from cxr.config import TrainConfig
-    from cxr.training import train
-
-    cfg = parse_config(TrainConfig, args["argv"], prog="train.py")
-    summary = train(cfg, stop_after_steps=args["stop_after"])
-    return {k: summary.get(k) for k in ("steps", "interrupted", "signal", "checkpoint")}
-
-
-def compare_adapters(args: dict) -> dict:
-    """Max |difference| between the LoRA tensors of two adapters and of two checkpoints (exact resume check)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from cxr.checkpoint import load_checkpoint
-    from cxr.lora import DIFFUSERS_WEIGHT_NAME
-
-    def compare(a: dict, b: dict) -> dict:
-        if a.keys() != b.keys():
-            return {"error": f"different tensors: {sorted(a.keys() ^ b.keys())[:5]}"}
-        diffs = [(a[k].double() - b[k].double()).abs().max().item() for k in a]
-        equal = sum(torch.equal(a[k], b[k]) for k in a)
-        scale = max(b[k].double().abs().max().item() for k in b)
-        return {"tensors": len(a), "bit_identical": equal, "max_abs_diff": max(diffs), "max_abs_value": scale}
-
-    result = {}
-    a, b = (Path(p) / "lora_unet" / DIFFUSERS_WEIGHT_NAME for p in (args["straight"], args["resumed"]))
-    result["final_adapter"] = compare(load_file(a), load_file(b))
-    half = args["half"]
-    checkpoints = [Path(p) / "checkpoints" / f"checkpoint-{half}" for p in (args["straight"], args["resumed"])]
-    if all(c.is_dir() for c in checkpoints):
-        result["half_way_checkpoint"] = compare(*(load_checkpoint(c).lora for c in checkpoints))
-    return result
-
-
-def child_pytest(args: dict) -> dict:
-    """tests/test_cuda.py with a plugin that records, per test, every assert_close's difference and tolerance."""
-    import pytest
-    import torch
-
-    records: dict[str, list[dict]] = {}
-
-    class AssertCloseRecorder:
-        @pytest.hookimpl(hookwrapper=True)  # the old-style wrapper: any pytest the GPU image may have
-        def pytest_runtest_call(self, item):
-            original = torch.testing.assert_close
-            seen = records.setdefault(item.nodeid, [])
-
-            def recording(actual, expected, *a, **kw):
-                entry = {"atol": kw.get("atol"), "rtol": kw.get("rtol")}
-                try:
-                    x, y = (torch.as_tensor(v).detach().to("cpu", torch.float64) for v in (actual, expected))
-                    diff = (x - y).abs()
-                    entry["max_abs_diff"] = diff.max().item() if diff.numel() else 0.0
-                    if entry["atol"] is not None and entry["rtol"] is not None:
-                        allowed = entry["atol"] + entry["rtol"] * y.abs()
-                        entry["max_fraction_of_tolerance"] = (diff / allowed).max().item() if diff.numel() else 0.0
-                except Exception as error:  # noqa: BLE001 - recording must never change the test's outcome
-                    entry["record_error"] = str(error)[:200]
-                try:
-                    original(actual, expected, *a, **kw)
-                    entry["passed"] = True
-                except AssertionError:
-                    entry["passed"] = False
-                    raise
-                finally:
-                    seen.append(entry)
-
-            torch.testing.assert_close = recording
-            try:
-                yield
-            finally:
-                torch.testing.assert_close = original
-
-    code = pytest.main(["-q", "-p", "no:cacheprovider", args["test_file"], f"--junitxml={args['junit']}"],
-                       plugins=[AssertCloseRecorder()])
-    return {"exit_code": int(code), "assert_close": records}
-
-
-CHILD_FUNCTIONS = {"machine": child_machine, "throughput": child_throughput, "prepare": child_prepare,
-                   "train_stop": child_train_stop, "pytest": child_pytest}
 
 
 # ---------------------------------------------------------------------------------------------- junit
@@ -439,8 +210,6 @@ CHILD_FUNCTIONS = {"machine": child_machine, "throughput": child_throughput, "pr
 
 def parse_junit(path: Path) -> list[dict]:
     """pytest's junit XML as [{name, outcome, seconds, message}]."""
-    import xml.etree.ElementTree as ElementTree
-
     tests = []
     for case in ElementTree.parse(path).getroot().iter("testcase"):
         outcome, message = "passed", ""
@@ -477,8 +246,8 @@ class Check:
     # -- report
     def write(self) -> None:
         self.report["updated"] = _now()
-        _atomic_write(self.out / "report.json", json.dumps(self.report, indent=2, default=str) + "\n")
-        _atomic_write(self.out / "report.md", render_markdown(self.report))
+        atomic_write_bytes(self.out / "report.json", (json.dumps(self.report, indent=2, default=str) + "\n").encode())
+        atomic_write_bytes(self.out / "report.md", render_markdown(self.report).encode())
 
     def section(self, name: str) -> dict:
         return self.report["sections"].setdefault(name, {"status": "pending"})
@@ -513,12 +282,6 @@ class Check:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _failure(child: Child, what: str) -> tuple[str, str]:
@@ -615,6 +378,32 @@ def fastest_mode(check: Check) -> tuple[str, str]:
     return best, "fastest in the throughput section: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in speeds.items())
 
 
+def compare_adapters(args: dict) -> dict:
+    """Max |difference| between the LoRA tensors of two adapters and of two checkpoints (exact resume check)."""
+    import torch  # here, not at the top: this module must load without torch to report it missing
+    from safetensors.torch import load_file
+
+    from cxr.checkpoint import load_checkpoint
+    from cxr.lora import DIFFUSERS_WEIGHT_NAME
+
+    def compare(a: dict, b: dict) -> dict:
+        if a.keys() != b.keys():
+            return {"error": f"different tensors: {sorted(a.keys() ^ b.keys())[:5]}"}
+        diffs = [(a[k].double() - b[k].double()).abs().max().item() for k in a]
+        equal = sum(torch.equal(a[k], b[k]) for k in a)
+        scale = max(b[k].double().abs().max().item() for k in b)
+        return {"tensors": len(a), "bit_identical": equal, "max_abs_diff": max(diffs), "max_abs_value": scale}
+
+    result = {}
+    a, b = (Path(p) / "lora_unet" / DIFFUSERS_WEIGHT_NAME for p in (args["straight"], args["resumed"]))
+    result["final_adapter"] = compare(load_file(a), load_file(b))
+    half = args["half"]
+    checkpoints = [Path(p) / "checkpoints" / f"checkpoint-{half}" for p in (args["straight"], args["resumed"])]
+    if all(c.is_dir() for c in checkpoints):
+        result["half_way_checkpoint"] = compare(*(load_checkpoint(c).lora for c in checkpoints))
+    return result
+
+
 ENCODE_LINE = re.compile(r"\[cxr\] encoded (\d+) images in ([\d.]+) s \(([\d.]+) images/s, (\d+) decode workers\)")
 SPEED_LINE = re.compile(r"speed:\s+([\d.]+) images/s")
 
@@ -641,12 +430,8 @@ def section_real_path(check: Check) -> None:
 
     mode, why = fastest_mode(check)
     entry.update(mode=mode, mode_reason=why)
-    batch, total, half = cfg.batch_list[0], cfg.train_steps, cfg.train_steps // 2
-    common = ["--dataset_dir", str(data_dir), "--model_id", str(model_dir), "--cache_dir", str(work / "cache"),
-              "--resolution", str(cfg.resolution), "--train_batch_size", str(batch), "--max_train_steps", str(total),
-              "--checkpointing_steps", str(half), "--validation_steps", "0", "--log_every", str(max(half // 2, 1)),
-              "--val_count", "2", "--device", cfg.device, "--mixed_precision", "bf16" if cfg.on_cuda else "no",
-              *MODE_FLAGS[mode], *([] if cfg.on_cuda else ["--dataloader_num_workers", "0"])]
+    total, half = cfg.train_steps, cfg.train_steps // 2
+    common = _train_argv(cfg, work, data_dir, model_dir, mode)
     straight, resumed = work / "run-straight", work / "run-resumed"
 
     child = check.run([sys.executable, "train.py", *common, "--output_dir", str(straight)], timeout=left(),
@@ -682,7 +467,30 @@ def section_real_path(check: Check) -> None:
         return finish("failed", f"comparing the adapters: {type(error).__name__}: {error}")
     check.write()
 
-    sample_argv = [sys.executable, "sample.py", "--base_model", str(model_dir), "--lora_path", str(resumed / "lora_unet"),
+    child, sample_note = _run_sample(check, model_dir, resumed / "lora_unet", left)
+    if child.returncode != 0:
+        return finish(*_failure(child, "sample.py"))
+    match = SPEED_LINE.search(child.output)
+    steps_done["sample"] = {"seconds": child.seconds, "images": cfg.sample_images, "steps": cfg.sample_steps or "default",
+                            "images_per_s": float(match.group(1)) if match else None, "note": sample_note}
+    finish(*_resume_verdict(steps_done["resume"]))
+
+
+def _train_argv(cfg: GpuCheckConfig, work: Path, data_dir: Path, model_dir: Path, mode: str) -> list[str]:
+    """train.py's flags shared by the straight, stopped and resumed runs (all but --output_dir)."""
+    half = cfg.train_steps // 2
+    return ["--dataset_dir", str(data_dir), "--model_id", str(model_dir), "--cache_dir", str(work / "cache"),
+            "--resolution", str(cfg.resolution), "--train_batch_size", str(cfg.batch_list[0]),
+            "--max_train_steps", str(cfg.train_steps),
+            "--checkpointing_steps", str(half), "--validation_steps", "0", "--log_every", str(max(half // 2, 1)),
+            "--val_count", "2", "--device", cfg.device, "--mixed_precision", "bf16" if cfg.on_cuda else "no",
+            *MODE_FLAGS[mode], *([] if cfg.on_cuda else ["--dataloader_num_workers", "0"])]
+
+
+def _run_sample(check: Check, model_dir: Path, lora_dir: Path, left) -> tuple[Child, str]:
+    """sample.py with its default sampler and dtype (bf16 if that gives NaN/inf); (the child, a note on the dtype)."""
+    cfg, work = check.cfg, check.work
+    sample_argv = [sys.executable, "sample.py", "--base_model", str(model_dir), "--lora_path", str(lora_dir),
                    "--num_images", str(cfg.sample_images), "--device", cfg.device, "--contact_sheet", "0",
                    *(["--num_inference_steps", str(cfg.sample_steps)] if cfg.sample_steps else [])]
     child = check.run([*sample_argv, "--out_dir", str(work / "samples")], timeout=left(), title="real path: sample.py")
@@ -692,18 +500,18 @@ def section_real_path(check: Check) -> None:
         sample_note = "fp16 (the default) gave NaN/inf with these random weights; timed with --dtype bf16"
         child = check.run([*sample_argv, "--out_dir", str(work / "samples-bf16"), "--dtype", "bf16"], timeout=left(),
                           title="real path: sample.py --dtype bf16")
-    if child.returncode != 0:
-        return finish(*_failure(child, "sample.py"))
-    match = SPEED_LINE.search(child.output)
-    steps_done["sample"] = {"seconds": child.seconds, "images": cfg.sample_images, "steps": cfg.sample_steps or "default",
-                            "images_per_s": float(match.group(1)) if match else None, "note": sample_note}
-    final = steps_done["resume"].get("final_adapter", {})
+    return child, sample_note
+
+
+def _resume_verdict(resume: dict) -> tuple[str, str]:
+    """(status, reason): ok when the resumed adapter equals the straight run's bit for bit."""
+    final = resume.get("final_adapter", {})
     if final.get("max_abs_diff") == 0.0:
-        return finish("ok")
-    half_way = steps_done["resume"].get("half_way_checkpoint", {}).get("max_abs_diff")
+        return "ok", ""
+    half_way = resume.get("half_way_checkpoint", {}).get("max_abs_diff")
     noise = ("; two runs of the same first half already differ by " + f"{half_way:.3g} (the GPU run is not deterministic)"
              if half_way else "; the first halves were identical, so the resume itself is not exact")
-    finish("failed", f"the resumed adapter differs from the straight run's by {final.get('max_abs_diff')}{noise}")
+    return "failed", f"the resumed adapter differs from the straight run's by {final.get('max_abs_diff')}{noise}"
 
 
 def run_check(cfg: GpuCheckConfig) -> dict:
@@ -748,99 +556,6 @@ def run_check(cfg: GpuCheckConfig) -> dict:
         if not cfg.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     return check.report
-
-
-# ---------------------------------------------------------------------------------------------- markdown
-
-
-def _fmt(value, spec: str = "{:.3g}") -> str:
-    return "" if value is None or value == "" else spec.format(value)
-
-
-def render_markdown(report: dict) -> str:
-    sections, cfg = report["sections"], report["config"]
-    lines = ["# cxr GPU check", "",
-             f"Started {report['started']}, last written {report.get('updated')}, status **{report['status']}**"
-             + ("" if report.get("finished") else " (still running when written: a run killed here stops at this point)")
-             + f". Device `{cfg['device']}`, architecture `{cfg['arch']}`, {cfg['resolution']} px, budget {cfg['budget_s']:.0f} s.", ""]
-    lines += ["## Sections", "", "| section | status | seconds | note |", "| --- | --- | ---: | --- |"]
-    for name, entry in sections.items():
-        lines.append(f"| {name} | {entry.get('status')} | {_fmt(entry.get('seconds'), '{:.0f}')} | "
-                     f"{str(entry.get('reason', '')).replace('|', '/')[:400]} |")
-    machine = sections.get("machine", {})
-    if machine.get("status") == "ok":
-        v = machine.get("versions", {})
-        lines += ["", "## Machine", "", "| what | value |", "| --- | --- |"]
-        for label, value in (("GPU", machine.get("gpu", machine.get("cpu"))),
-                             ("GPU memory", _fmt(machine.get("gpu_memory_gib"), "{:.1f} GiB")),
-                             ("compute capability, SMs", f"{machine.get('compute_capability', '')} {machine.get('multiprocessors', '')}".strip()),
-                             ("driver", machine.get("driver")), ("CUDA (torch build)", machine.get("cuda")),
-                             ("cuDNN", machine.get("cudnn")), ("CPUs", machine.get("cpu_count")),
-                             ("python / torch", f"{v.get('python')} / {v.get('torch')}"),
-                             ("diffusers / transformers / huggingface_hub",
-                              f"{v.get('diffusers')} / {v.get('transformers')} / {v.get('huggingface_hub')}"),
-                             (f"measured {machine.get('matmul_dtype')} matmul", _fmt(machine.get("matmul_tflop_per_s"), "{:.3g} TFLOP/s"))):
-            if value not in (None, "", "None"):
-                lines.append(f"| {label} | {value} |")
-    tests = sections.get("tests", {})
-    if tests.get("tests"):
-        lines += ["", "## tests/test_cuda.py", "", "| test | outcome | s | assert_close: max diff seen (max fraction of tolerance) | message |",
-                  "| --- | --- | ---: | --- | --- |"]
-        for test in tests["tests"]:
-            seen = test.get("assert_close") or []
-            tol = ""
-            if seen:
-                worst = max(seen, key=lambda e: e.get("max_fraction_of_tolerance") or 0.0)
-                tol = (f"{len(seen)} calls; {_fmt(max(e.get('max_abs_diff') or 0.0 for e in seen), '{:.2e}')} "
-                       f"({_fmt(worst.get('max_fraction_of_tolerance'), '{:.2f}')} of atol {worst.get('atol')} + rtol {worst.get('rtol')})")
-            message = test["message"].replace("|", "/").replace("\n", " ")[:200]
-            lines.append(f"| {test['name']} | {test['outcome']} | {test['seconds']:.1f} | {tol} | {message} |")
-    throughput = [(k, v) for k, v in sections.items() if k.startswith("throughput_b") and v.get("rows")]
-    if throughput:
-        peak = machine.get("matmul_tflop_per_s")
-        lines += ["", f"## Training throughput ({cfg['arch']}, random weights, {cfg['resolution']} px)", "",
-                  f"TFLOP/s from the bench's counted FLOPs per image (forward + backward); % of the measured matmul "
-                  f"peak ({_fmt(peak, '{:.3g}')} TFLOP/s). Goal: {GOAL_IMAGES_PER_S} images/s at batch 16, bf16, on one H100.", "",
-                  "| batch | mode | images/s | ms/step | TFLOP/s | % of peak | peak MiB | note |",
-                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for _, entry in throughput:
-            for row in entry["rows"]:
-                lines.append(f"| {entry['batch_size']} | {row['variant']} | {_fmt(row.get('images_per_s'), '{:.1f}')} | "
-                             f"{_fmt(row.get('ms_per_step'), '{:.1f}')} | {_fmt(row.get('tflop_per_s'), '{:.3g}')} | "
-                             f"{_fmt(row.get('percent_of_measured_peak'), '{:.1f}')} | {_fmt(row.get('peak_mem_mb'), '{:.0f}')} | "
-                             f"{row.get('note', '').replace('|', '/')[:200]} |")
-    real = sections.get("real_path", {})
-    if real.get("steps"):
-        steps = real["steps"]
-        lines += ["", "## Real path (save_pretrained -> train.py -> stop/resume -> sample.py)", "", "| what | figure |", "| --- | --- |"]
-        prep = steps.get("prepare", {})
-        if prep:
-            lines.append(f"| data and model | {prep['phantoms']} phantoms of {prep['phantom_size']} px in {prep['phantom_seconds']:.0f} s; "
-                         f"pipeline folder {prep['model_bytes'] / 2**20:,.0f} MiB written in {prep['save_pretrained_seconds']:.0f} s |")
-        if real.get("mode"):
-            lines.append(f"| training mode | {real['mode']} ({real.get('mode_reason', '')}) |")
-        cache = steps.get("latent_cache")
-        if cache:
-            lines.append(f"| latent-cache build | {cache['images_per_s']:.1f} images/s ({cache['images']} images in "
-                         f"{cache['seconds']:.1f} s, {cache['decode_workers']} decode workers) |")
-        run = steps.get("train")
-        if run:
-            lines.append(f"| train.py straight run | {run['steps']} steps in {run['seconds']:.0f} s wall (load, cache, compile "
-                         f"included); {_fmt(run.get('images_per_s'), '{:.1f}')} images/s over the last log window; "
-                         f"peak {_fmt(run.get('peak_memory_mib'), '{:.0f}')} MiB |")
-        resume = steps.get("resume", {})
-        for key, label in (("half_way_checkpoint", "straight vs stopped run at the half-way checkpoint (run-to-run)"),
-                           ("final_adapter", "straight vs stopped + resumed, final adapter")):
-            if key in resume:
-                r = resume[key]
-                lines.append(f"| {label} | {r.get('bit_identical')}/{r.get('tensors')} tensors bit-identical, max abs diff "
-                             f"{_fmt(r.get('max_abs_diff'), '{:.3g}')} (max abs value {_fmt(r.get('max_abs_value'), '{:.3g}')}) |"
-                             if "error" not in r else f"| {label} | {r['error']} |")
-        sample = steps.get("sample")
-        if sample:
-            lines.append(f"| sample.py, default sampler | {_fmt(sample.get('images_per_s'), '{:.2f}')} images/s, {sample['images']} images, "
-                         f"{sample.get('steps')} steps, {sample['seconds']:.0f} s wall; {sample.get('note', '')} |")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr import gpucheck
+from cxr import gpucheck, gpucheck_env, gpucheck_report
 from cxr.config import build_parser
 
 
@@ -88,8 +88,8 @@ def test_a_failing_child_reports_its_last_line(tmp_path):
 
 
 def test_missing_packages_are_named_with_the_way_to_bring_them(tmp_path, monkeypatch):
-    monkeypatch.setitem(gpucheck.REQUIRED_MODULES, "cxr_no_such_module", "cxr-no-such-package")
-    assert gpucheck.missing_modules() == {"cxr_no_such_module": "not installed (pip: cxr-no-such-package)"}
+    monkeypatch.setitem(gpucheck_env.REQUIRED_MODULES, "cxr_no_such_module", "cxr-no-such-package")
+    assert gpucheck_env.missing_modules() == {"cxr_no_such_module": "not installed (pip: cxr-no-such-package)"}
     cfg = gpucheck.GpuCheckConfig(out=tmp_path / "out", work_dir=tmp_path / "work", sections="tests,real_path")
     cfg.validate()
     report = gpucheck.run_check(cfg)
@@ -112,7 +112,7 @@ def test_a_report_written_mid_run_says_where_it_stopped():
     report = {"started": "t0", "updated": "t1", "finished": None, "status": "running",
               "config": {"device": "cuda", "arch": "sd15", "resolution": 256, "budget_s": 480.0},
               "sections": {"imports": {"status": "ok"}, "machine": {"status": "running", "started": "t1"}}}
-    md = gpucheck.render_markdown(report)
+    md = gpucheck_report.render_markdown(report)
     assert "still running when written" in md and "| machine | running |" in md
 
 
@@ -135,7 +135,7 @@ def test_help_says_how_to_bring_the_wheels_and_the_dry_run_settings():
     cfg = gpucheck.GpuCheckConfig(dry_run=True)
     cfg.validate()
     assert (cfg.device, cfg.arch, cfg.batch_list) == ("cpu", "tiny", [2])
-    assert all(wheel.count("==") == 1 for wheel in gpucheck.WHEELS)  # pinned: one version of each
+    assert all(wheel.count("==") == 1 for wheel in gpucheck_env.WHEELS)  # pinned: one version of each
 
 
 def test_later_batch_sizes_run_after_the_real_path(tmp_path, monkeypatch):

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from cxr.select import (
-    CHEXPERT_LABEL_COLUMNS,
     SelectedImage,
     SelectionError,
     main,
     select_images,
     write_file_list,
 )
+from cxr.select_labels import CHEXPERT_LABEL_COLUMNS
 
 # ------------------------------------------------------------------ helpers
 
