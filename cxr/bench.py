@@ -744,9 +744,9 @@ class _DecodeDataset:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from cxr.imageio import read_grayscale, to_model_input
+        from cxr.imageio import Preprocess, read_grayscale, to_model_input
 
-        return to_model_input(read_grayscale(self.paths[index]), self.resolution)
+        return to_model_input(read_grayscale(self.paths[index]), Preprocess(self.resolution))
 
 
 def write_bench_phantoms(out_dir: Path, count: int, size: int, seed: int) -> list[Path]:

@@ -153,8 +153,11 @@ def find_duplicates(cfg: DedupConfig) -> dict:
     """Run the search and write report.json, pairs.csv, gallery.png (and the kept file list) to `cfg.out`."""
     import torch
 
-    from cxr.audit import best_matches, draw_gallery, load_thumbnails, score_histogram, standardize
+    from cxr.audit import score_histogram
+    from cxr.imageio import Preprocess
+    from cxr.imagesets import draw_gallery, load_thumbnails
     from cxr.models import pick_device
+    from cxr.ncc import best_matches, standardize
 
     started = time.time()
     device = pick_device(cfg.device)
@@ -163,8 +166,8 @@ def find_duplicates(cfg: DedupConfig) -> dict:
     records, splits, exact = _records(cfg)
     if len(records) < 2:
         raise FileNotFoundError(f"found {len(records)} usable image(s): nothing to compare")
-    thumbs = load_thumbnails([r.path for r in records], cfg.resolution, pad_to_square=cfg.pad_to_square,
-                             intensity_clip_percent=cfg.intensity_clip_percent, num_workers=cfg.num_workers,
+    preprocess = Preprocess(cfg.resolution, cfg.pad_to_square, cfg.intensity_clip_percent)
+    thumbs = load_thumbnails([r.path for r in records], preprocess, num_workers=cfg.num_workers,
                              batch_size=cfg.batch_size, desc="reading images")
     read_seconds = time.time() - started
     features = standardize(thumbs)
@@ -219,8 +222,7 @@ def find_duplicates(cfg: DedupConfig) -> dict:
     if closest:
         by_rel = {r.relpath: r.path for r in records}
         draw_gallery([{"sample": str(by_rel[row["a"]]), "best_match": str(by_rel[row["b"]]), "ncc": row["ncc"],
-                       "flagged": True} for row in closest], out / "gallery.png", cfg.pad_to_square,
-                     intensity_clip_percent=cfg.intensity_clip_percent)
+                       "flagged": True} for row in closest], out / "gallery.png", preprocess)
     if cfg.write_file_list is not None:
         dropped = {d["relpath"] for d in drop}
         write_kept_list(cfg.write_file_list, [r for r in records if r.relpath not in dropped])

@@ -14,10 +14,15 @@ images' best cosine with the training set (or set by hand).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from cxr.evaluate import load_feature_extractor, read_set
+from cxr.imageio import Preprocess
+from cxr.ncc import calibrate_threshold, ncc_topk
 
 
 @dataclass
@@ -35,39 +40,34 @@ class EmbeddingMatches:
     dim: int
 
 
-def embed(paths, extractor, *, image_size: int, pad_to_square: bool = False, intensity_clip_percent: float = 0.0,
-          batch_size: int = 32, num_workers: int = 0, device="cpu", desc: str = "embedding"):
-    """(N, D) float32 torch tensor of L2-normalized embeddings of the images at `paths`."""
-    import torch
-
-    from cxr.evaluate import read_set
-
+def embed(paths, extractor, preprocess: Preprocess, *, batch_size: int = 32, num_workers: int = 0, device="cpu",
+          desc: str = "embedding"):
+    """(N, D) float32 torch tensor of L2-normalized embeddings of the images at `paths`, read as `preprocess` says
+    and resized to its resolution."""
     if not paths:
         return torch.zeros((0, 1))
-    features = read_set(paths, extractor=extractor, image_size=image_size, pad_to_square=pad_to_square,
-                        batch_size=batch_size, num_workers=num_workers, device=device, desc=desc,
-                        intensity_clip_percent=intensity_clip_percent)["features"]
+    features = read_set(paths, preprocess, extractor=extractor, batch_size=batch_size, num_workers=num_workers,
+                        device=device, desc=desc)["features"]
     features = torch.from_numpy(np.asarray(features, dtype=np.float32))
     if not torch.isfinite(features).all():
         raise ValueError("the feature network returned NaN/inf embeddings; check the network and its input range")
     return torch.nn.functional.normalize(features, dim=1)
 
 
-def embedding_search(features_path, *, train_paths, holdout_paths, sample_paths, k: int = 5, image_size: int = 224,
-                     pad_to_square: bool = False, intensity_clip_percent: float = 0.0, quantile: float = 0.99,
-                     threshold: float | None = None, batch_size: int = 32, num_workers: int = 0, device="cpu",
-                     memory_budget_mb: float = 512) -> EmbeddingMatches:
+def embedding_search(features_path, *, train_paths, holdout_paths, sample_paths, preprocess: Preprocess, k: int = 5,
+                     quantile: float = 0.99, threshold: float | None = None, batch_size: int = 32, num_workers: int = 0,
+                     device="cpu", memory_budget_mb: float = 512) -> EmbeddingMatches:
     """Embed the three sets with the network at `features_path`, then the exact top-k cosine search of every sample
-    and held-out image against the training set (chunked like the NCC search) and the calibrated threshold."""
-    from cxr.audit import calibrate_threshold, ncc_topk
-    from cxr.evaluate import load_feature_extractor
+    and held-out image against the training set (chunked like the NCC search) and the calibrated threshold.
 
+    The training and held-out images are read as `preprocess` says (its resolution: the network's input size), the
+    samples the same way without the intensity window."""
     extractor, kind = load_feature_extractor(features_path, device)
-    read = dict(image_size=image_size, pad_to_square=pad_to_square, batch_size=batch_size, num_workers=num_workers,
-                device=device)
-    train = embed(train_paths, extractor, intensity_clip_percent=intensity_clip_percent, desc="embedding training images", **read)
-    holdout = embed(holdout_paths, extractor, intensity_clip_percent=intensity_clip_percent, desc="embedding held-out images", **read)
-    samples = embed(sample_paths, extractor, desc="embedding samples", **read)
+    read = dict(batch_size=batch_size, num_workers=num_workers, device=device)
+    train = embed(train_paths, extractor, preprocess, desc="embedding training images", **read)
+    holdout = embed(holdout_paths, extractor, preprocess, desc="embedding held-out images", **read)
+    samples = embed(sample_paths, extractor, replace(preprocess, intensity_clip_percent=0.0), desc="embedding samples",
+                    **read)
     search = dict(memory_budget_mb=memory_budget_mb, device=device)
     scores, indices = ncc_topk(samples, train, k, **search)
     holdout_best = ncc_topk(holdout, train, 1, **search)[0][:, 0].numpy().astype(np.float64) if len(holdout) else np.zeros(0)

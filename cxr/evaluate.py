@@ -24,16 +24,23 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from cxr.audit import list_images, read_image, resize_square, ssim_components
 from cxr.config import check_choices, require, flag, parse_config, to_dict
+from cxr.fileio import atomic_write_bytes, check_writable_file
+from cxr.imagemetrics import (feature_statistics, frechet_distance, histogram_intersection, histogram_statistics,
+                              histogram_wasserstein1, kid, ms_ssim)
+from cxr.imageio import Preprocess, thumbnail
+from cxr.imagesets import list_images
+from cxr.models import pick_device
 
 EXIT_OK, EXIT_USAGE = 0, 2
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 TORCHVISION_INCEPTION_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
 NVIDIA_INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 MISSING_FEATURES_MESSAGE = f"""\
@@ -92,108 +99,7 @@ class EvaluateConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Frechet distance and KID (pure functions of feature arrays)
-
-
-def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and covariance (D, D) of (N, D) features, float64 (covariance with N - 1)."""
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric positive semi-definite matrix (eigendecomposition)."""
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), the Frechet distance of two Gaussians.
-
-    tr((S1 S2)^(1/2)) is computed as the sum of the square roots of the eigenvalues of the symmetric
-    PSD matrix S1^(1/2) S2 S1^(1/2) (same eigenvalues as S1 S2), which avoids the complex round-off
-    of a general matrix square root.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"feature statistics differ in shape: {mu1.shape} / {mu2.shape}, {sigma1.shape} / {sigma2.shape}")
-    root1 = _psd_sqrt(sigma1)
-    middle = root1 @ sigma2 @ root1
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
-
-
-def polynomial_kernel(x, y, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> np.ndarray:
-    """(x y^T * gamma + coef0) ** degree with gamma = 1 / D by default (float64)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    gamma = 1.0 / x.shape[1] if gamma is None else gamma
-    return (x @ y.T * gamma + coef0) ** degree
-
-
-def mmd2_unbiased(x, y, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> float:
-    """Unbiased MMD^2 of two equally sized samples (m, D) under the polynomial kernel."""
-    m = len(x)
-    if len(y) != m or m < 2:
-        raise ValueError(f"mmd2_unbiased needs two samples of the same size >= 2, got {len(x)} and {len(y)}")
-    k_xx = polynomial_kernel(x, x, degree, gamma, coef0)
-    k_yy = polynomial_kernel(y, y, degree, gamma, coef0)
-    k_xy = polynomial_kernel(x, y, degree, gamma, coef0)
-    off_diagonal = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-    return float(off_diagonal - 2 * k_xy.sum() / m**2)
-
-
-def kid_subset_indices(n1: int, n2: int, num_subsets: int, subset_size: int, seed: int = 0):
-    """The (indices into set 1, indices into set 2) of each KID subset, drawn without replacement."""
-    size = min(subset_size, n1, n2)
-    rng = np.random.default_rng(seed)
-    return [(rng.choice(n1, size, replace=False), rng.choice(n2, size, replace=False)) for _ in range(num_subsets)]
-
-
-def kid(features1, features2, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0, degree: int = 3,
-        gamma: float | None = None, coef0: float = 1.0) -> tuple[float, float]:
-    """Kernel Inception Distance: (mean, std) of the unbiased MMD^2 over random subsets.
-
-    Each subset takes min(subset_size, N1, N2) rows of each set without replacement.
-    """
-    features1, features2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
-    values = [mmd2_unbiased(features1[i], features2[j], degree, gamma, coef0)
-              for i, j in kid_subset_indices(len(features1), len(features2), num_subsets, subset_size, seed)]
-    return float(np.mean(values)), float(np.std(values))
-
-
-# ----------------------------------------------------------------------------------------------
-# MS-SSIM
-
-
-def ms_ssim(x, y, data_range: float = 1.0, weights=MS_SSIM_WEIGHTS, dtype=None):
-    """Multi-scale SSIM of paired grayscale images (N, H, W) or (N, 1, H, W) in [0, data_range].
-
-    Wang, Simoncelli & Bovik 2003: the contrast-structure term at the first len(weights) - 1 scales and
-    the full SSIM at the last, each raised to its weight; 2x2 average pooling between scales. Negative
-    terms are clipped to 0 (as in pytorch-msssim) so the power is defined. Returns (N,).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    dtype = dtype or torch.float32
-    x, y = torch.as_tensor(x).to(dtype), torch.as_tensor(y).to(dtype)
-    if x.dim() == 3:
-        x, y = x[:, None], y[:, None]
-    smallest = (11 - 1) * 2 ** (len(weights) - 1) + 1
-    if min(x.shape[-2:]) < smallest:
-        raise ValueError(f"MS-SSIM with {len(weights)} scales needs images of at least {smallest} px, got {tuple(x.shape[-2:])}")
-    terms = []
-    for scale in range(len(weights)):
-        ssim_value, cs_value = ssim_components(x, y, data_range=data_range)
-        if scale == len(weights) - 1:
-            terms.append(torch.relu(ssim_value))
-        else:
-            terms.append(torch.relu(cs_value))
-            padding = [size % 2 for size in x.shape[-2:]]
-            x, y = F.avg_pool2d(x, 2, padding=padding), F.avg_pool2d(y, 2, padding=padding)
-    weights = torch.tensor(weights, dtype=dtype)
-    return torch.prod(torch.stack(terms, dim=1) ** weights, dim=1)
+# MS-SSIM diversity of a set
 
 
 def random_pairs(count: int, num_pairs: int, seed: int = 0) -> np.ndarray:
@@ -206,16 +112,14 @@ def random_pairs(count: int, num_pairs: int, seed: int = 0) -> np.ndarray:
     return np.stack([first, second], axis=1)
 
 
-def ms_ssim_diversity(paths, num_pairs: int, *, size: int = 256, pad_to_square=False, seed=0, batch=16,
-                      intensity_clip_percent: float = 0.0) -> dict:
-    """Mean and std of MS-SSIM over random pairs of images (lower = more diverse)."""
-    import torch
-
+def ms_ssim_diversity(paths, num_pairs: int, preprocess: Preprocess, *, seed=0, batch=16) -> dict:
+    """Mean and std of MS-SSIM over random pairs of images read as `preprocess` says, at its resolution (lower =
+    more diverse)."""
     pairs = random_pairs(len(paths), num_pairs, seed)
     if len(pairs) == 0:
         return {"pairs": 0, "mean": None, "std": None}
     needed = sorted(set(pairs.ravel().tolist()))
-    images = {i: resize_square(read_image(paths[i], intensity_clip_percent), size, pad_to_square) for i in needed}
+    images = {i: thumbnail(preprocess.read(paths[i]), preprocess) for i in needed}
     values = []
     for start in range(0, len(pairs), batch):
         chunk = pairs[start:start + batch]
@@ -227,44 +131,11 @@ def ms_ssim_diversity(paths, num_pairs: int, *, size: int = 256, pad_to_square=F
 
 
 # ----------------------------------------------------------------------------------------------
-# Intensity histograms
-
-
-def histogram_statistics(counts, sum_values: float, sum_squares: float) -> dict:
-    """Mean and std (exact, from the sums) and percentiles (from the histogram on [0, 1])."""
-    counts = np.asarray(counts, dtype=np.float64)
-    total = counts.sum()
-    mean = sum_values / total
-    std = float(np.sqrt(max(sum_squares / total - mean**2, 0.0)))
-    edges = np.linspace(0.0, 1.0, len(counts) + 1)
-    cdf = np.concatenate([[0.0], np.cumsum(counts) / total])
-    percentiles = {f"p{p}": float(np.interp(p / 100, cdf, edges)) for p in (1, 5, 25, 50, 75, 95, 99)}
-    return {"pixels": int(total), "mean": float(mean), "std": std, **percentiles}
-
-
-def histogram_intersection(counts1, counts2) -> float:
-    """sum(min(p, q)) of the two normalized histograms: 1 for identical distributions, 0 for disjoint."""
-    p = np.asarray(counts1, np.float64) / np.sum(counts1)
-    q = np.asarray(counts2, np.float64) / np.sum(counts2)
-    return float(np.minimum(p, q).sum())
-
-
-def histogram_wasserstein1(counts1, counts2) -> float:
-    """Wasserstein-1 distance of two intensity distributions on [0, 1] given as histograms: the area
-    between their CDFs (exact up to the bin width)."""
-    p = np.asarray(counts1, np.float64) / np.sum(counts1)
-    q = np.asarray(counts2, np.float64) / np.sum(counts2)
-    return float(np.abs(np.cumsum(p) - np.cumsum(q)).sum() / len(p))
-
-
-# ----------------------------------------------------------------------------------------------
 # Feature extractors
 
 
 def _torchscript_extractor(module):
     """Callable (N, 3, H, W) float [0, 1] -> (N, D) for a TorchScript module."""
-    import torch
-
     arguments = [argument.name for argument in module.forward.schema.arguments]
     if "return_features" in arguments:
         # StyleGAN2-ADA / clean-fid inception-2015-12-05.pt: uint8 images, features on request.
@@ -281,8 +152,6 @@ def _inception_from_state_dict(state: dict, path: Path, device):
             f"--features {path}: this is a state dict, and building Inception-v3 from it needs torchvision, which "
             "is not installed. `pip install torchvision` (the build matching your torch), or pass a TorchScript "
             "extractor instead.") from None
-    import torch
-
     if "fc.weight" not in state or "Mixed_7c.branch_pool.conv.weight" not in state:
         raise FeatureExtractorError(f"--features {path}: not an Inception-v3 state dict (no fc / Mixed_7c weights); "
                                     "pass torchvision's inception_v3_google-0cc3c7bd.pth or a TorchScript extractor")
@@ -305,8 +174,6 @@ def load_feature_extractor(path, device="cpu"):
     TorchScript files are tried first; anything else is read as a state dict with weights_only=True
     (or safetensors) and built as torchvision's Inception-v3.
     """
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise FeatureExtractorError(f"--features {path}: file does not exist.\n{MISSING_FEATURES_MESSAGE}")
@@ -335,31 +202,27 @@ def load_feature_extractor(path, device="cpu"):
 
 
 class _EvalDataset:
-    def __init__(self, paths, size, pad_to_square, bins, intensity_clip_percent=0.0):
-        self.paths, self.size, self.pad_to_square, self.bins = list(paths), size, pad_to_square, bins
-        self.intensity_clip_percent = intensity_clip_percent
+    """Item i: image i resized for the extractor (when `resize`), its intensity histogram and its pixel sums."""
+
+    def __init__(self, paths, preprocess: Preprocess, bins: int, resize: bool):
+        self.paths, self.preprocess, self.bins, self.resize = list(paths), preprocess, bins, resize
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        import torch
-
-        gray = read_image(self.paths[index], self.intensity_clip_percent)
+        gray = self.preprocess.read(self.paths[index])
         counts = np.histogram(gray, bins=self.bins, range=(0.0, 1.0))[0]
         sums = torch.tensor([gray.sum(dtype=np.float64), np.square(gray, dtype=np.float64).sum()], dtype=torch.float64)
-        image = resize_square(gray, self.size, self.pad_to_square) if self.size else torch.zeros(0)
+        image = thumbnail(gray, self.preprocess) if self.resize else torch.zeros(0)
         return image, torch.from_numpy(counts), sums
 
 
-def read_set(paths, *, extractor=None, image_size=299, pad_to_square=False, bins=256, batch_size=32,
-             num_workers=0, device="cpu", desc="images", intensity_clip_percent: float = 0.0) -> dict:
-    """One pass over a set: extractor features (N, D) float64 (or None) and the intensity histogram."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    dataset = _EvalDataset(paths, image_size if extractor else 0, pad_to_square, bins, intensity_clip_percent)
+def read_set(paths, preprocess: Preprocess, *, extractor=None, bins=256, batch_size=32, num_workers=0, device="cpu",
+             desc="images") -> dict:
+    """One pass over a set read as `preprocess` says: extractor features (N, D) float64 of the images resized to
+    its resolution (or None without an extractor) and the intensity histogram."""
+    dataset = _EvalDataset(paths, preprocess, bins, resize=extractor is not None)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     features, counts, sums = [], np.zeros(bins, np.int64), np.zeros(2, np.float64)
     with torch.inference_mode():
@@ -378,9 +241,6 @@ def read_set(paths, *, extractor=None, image_size=299, pad_to_square=False, bins
 
 def evaluate(config: EvaluateConfig) -> dict:
     """Compute every metric; returns the results dict (also written to `config.out` when set)."""
-    from cxr.fileio import check_writable_file
-    from cxr.models import pick_device
-
     if config.features is None and not config.skip_features:
         raise FeatureExtractorError(MISSING_FEATURES_MESSAGE)
     if config.out is not None:
@@ -391,11 +251,13 @@ def evaluate(config: EvaluateConfig) -> dict:
         if len(paths) < 2:
             raise FileNotFoundError(f"--{name} {getattr(config, name)}: found {len(paths)} images, need at least 2")
     extractor, extractor_kind = (None, None) if config.skip_features else load_feature_extractor(config.features, device)
-    read = dict(extractor=extractor, image_size=config.image_size, pad_to_square=config.pad_to_square,
-                bins=config.histogram_bins, batch_size=config.batch_size, num_workers=config.num_workers, device=device)
-    clip = config.intensity_clip_percent  # the real images as training saw them; samples are 8/16-bit as written
-    real = read_set(real_paths, desc="real", intensity_clip_percent=clip, **read)
-    fake = read_set(fake_paths, desc="fake", **read)
+    read = dict(extractor=extractor, bins=config.histogram_bins, batch_size=config.batch_size,
+                num_workers=config.num_workers, device=device)
+    # The real images as training saw them; samples are 8/16-bit as written.
+    real_preprocess = Preprocess(config.image_size, config.pad_to_square, config.intensity_clip_percent)
+    fake_preprocess = replace(real_preprocess, intensity_clip_percent=0.0)
+    real = read_set(real_paths, real_preprocess, desc="real", **read)
+    fake = read_set(fake_paths, fake_preprocess, desc="fake", **read)
 
     results = {"config": to_dict(config), "counts": {"real": len(real_paths), "fake": len(fake_paths)}}
     if extractor is not None:
@@ -407,10 +269,10 @@ def evaluate(config: EvaluateConfig) -> dict:
         results["fid"] = frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
         results["kid"] = {"mean": kid_mean, "std": kid_std, "subsets": config.kid_subsets,
                           "subset_size": min(config.kid_subset_size, len(real_paths), len(fake_paths))}
-    diversity = dict(size=config.msssim_resolution, pad_to_square=config.pad_to_square, seed=config.seed)
-    results["diversity_ms_ssim"] = {"fake": ms_ssim_diversity(fake_paths, config.diversity_pairs, **diversity),
-                                    "real": ms_ssim_diversity(real_paths, config.diversity_pairs, **diversity,
-                                                              intensity_clip_percent=clip)}
+    at_msssim_size = dict(resolution=config.msssim_resolution)
+    results["diversity_ms_ssim"] = {
+        "fake": ms_ssim_diversity(fake_paths, config.diversity_pairs, replace(fake_preprocess, **at_msssim_size), seed=config.seed),
+        "real": ms_ssim_diversity(real_paths, config.diversity_pairs, replace(real_preprocess, **at_msssim_size), seed=config.seed)}
     results["intensity"] = {
         "real": histogram_statistics(real["counts"], real["sum"], real["sum_squares"]),
         "fake": histogram_statistics(fake["counts"], fake["sum"], fake["sum_squares"]),
@@ -419,8 +281,6 @@ def evaluate(config: EvaluateConfig) -> dict:
         "bins": config.histogram_bins,
     }
     if config.out is not None:
-        from cxr.fileio import atomic_write_bytes
-
         atomic_write_bytes(config.out, (json.dumps(results, indent=2) + "\n").encode())
     return results
 

@@ -34,7 +34,7 @@ from cxr.dataset import DatasetError, ImageRecord
 from cxr.fileio import atomic_path
 from cxr.imageio import (
     PREPROCESS_VERSION,
-    decode_grayscale,
+    Preprocess,
     flip_warning,
     read_file_bytes,
     to_model_input,
@@ -100,19 +100,17 @@ def vae_fingerprint(vae) -> str:
 def cache_key(content_hashes, *, resolution: int, pad_to_square: bool, random_flip: bool, vae_id: str,
               vae_hash: str, vae_dtype, intensity_clip_percent: float = 0.0) -> str:
     """The cache file's name: SHA-256 over every input that changes the cached numbers."""
+    preprocess = Preprocess(resolution, pad_to_square, intensity_clip_percent)
     fields = {
         "format": CACHE_FORMAT,
         "preprocess": PREPROCESS_VERSION,
         "content_sha256": sorted(set(content_hashes)),
-        "resolution": int(resolution),
-        "pad_to_square": bool(pad_to_square),
+        **preprocess.key_fields(),
         "random_flip": bool(random_flip),
         "vae_id": str(vae_id),
         "vae_sha256": vae_hash,
         "vae_dtype": str(vae_dtype),
     }
-    if intensity_clip_percent > 0:  # absent at 0: the keys of caches built before the flag existed still match
-        fields["intensity_clip_percent"] = float(intensity_clip_percent)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -121,11 +119,8 @@ def cache_key(content_hashes, *, resolution: int, pad_to_square: bool, random_fl
 class _EncoderInputs(torch.utils.data.Dataset):
     """Decodes and preprocesses one image per item in a DataLoader worker; checks its content hash."""
 
-    def __init__(self, paths: list[str], hashes: list[str], resolution: int, pad_to_square: bool,
-                 intensity_clip_percent: float):
-        self.paths, self.hashes = paths, hashes
-        self.resolution, self.pad_to_square = resolution, pad_to_square
-        self.intensity_clip_percent = intensity_clip_percent
+    def __init__(self, paths: list[str], hashes: list[str], preprocess: Preprocess):
+        self.paths, self.hashes, self.preprocess = paths, hashes, preprocess
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -136,8 +131,7 @@ class _EncoderInputs(torch.utils.data.Dataset):
             raise DatasetError(
                 f"{self.paths[index]} changed since the dataset scan (its content hash differs); rerun to rescan"
             )
-        gray = decode_grayscale(data, self.paths[index], self.intensity_clip_percent)
-        return index, to_model_input(gray, self.resolution, self.pad_to_square)
+        return index, to_model_input(self.preprocess.decode(data, self.paths[index]), self.preprocess)
 
 
 def _chunk_path(partial_dir: Path, chunk: int) -> Path:
@@ -173,8 +167,8 @@ def _posterior(vae, images: torch.Tensor, device) -> tuple[torch.Tensor, torch.T
     return distribution.mean.float().cpu(), distribution.std.float().cpu()
 
 
-def _encode_rows(unique: list[ImageRecord], vae, key: str, partial_dir: Path, *, resolution, pad_to_square,
-                 intensity_clip_percent, random_flip, device, batch_size, num_workers, chunk_images) -> list[tuple]:
+def _encode_rows(unique: list[ImageRecord], vae, key: str, partial_dir: Path, *, preprocess: Preprocess, random_flip,
+                 device, batch_size, num_workers, chunk_images) -> list[tuple]:
     """Encode every row not yet in a chunk file; return every chunk's tensors in row order."""
     from tqdm.auto import tqdm
 
@@ -195,8 +189,7 @@ def _encode_rows(unique: list[ImageRecord], vae, key: str, partial_dir: Path, *,
 
     rows = [r for c in missing for r in range(c * chunk_images, c * chunk_images + chunk_rows[c])]
     dataset = torch.utils.data.Subset(
-        _EncoderInputs([str(r.path) for r in unique], [r.sha256 for r in unique], resolution, pad_to_square,
-                       intensity_clip_percent),
+        _EncoderInputs([str(r.path) for r in unique], [r.sha256 for r in unique], preprocess),
         rows,
     )
     loader = torch.utils.data.DataLoader(
@@ -232,7 +225,8 @@ def build_or_load_latent_cache(records, vae, *, resolution, pad_to_square, rando
                                chunk_images: int = CHUNK_IMAGES) -> LatentCache:
     """Load the latent cache of these images and settings, or build it (batched VAE encoding on `device`,
     decoding in `num_workers` DataLoader processes); see the module docstring for the key and crash safety.
-    `intensity_clip_percent` is passed to `cxr.imageio.decode_grayscale` (0: min-max scaling).
+    `resolution`, `pad_to_square` and `intensity_clip_percent` (0: min-max scaling) are the flags of the same names,
+    given one by one like every `cache=True` training flag; they travel on as one `cxr.imageio.Preprocess`.
 
     Returns rows in the order of `records` (then their mirrored rows with `random_flip`).
     """
@@ -247,6 +241,7 @@ def build_or_load_latent_cache(records, vae, *, resolution, pad_to_square, rando
     cache_dir.mkdir(parents=True, exist_ok=True)
     scaling_factor = float(vae.config.scaling_factor)
     fingerprint = vae_fingerprint(vae)
+    preprocess = Preprocess(resolution, pad_to_square, intensity_clip_percent)
     key = cache_key([r.sha256 for r in records], resolution=resolution, pad_to_square=pad_to_square,
                     random_flip=random_flip, vae_id=vae_id, vae_hash=fingerprint, vae_dtype=vae.dtype,
                     intensity_clip_percent=intensity_clip_percent)
@@ -265,15 +260,13 @@ def build_or_load_latent_cache(records, vae, *, resolution, pad_to_square, rando
         partial_dir = cache_dir / f"{key}.partial"
         partial_dir.mkdir(exist_ok=True)
         chunks = _encode_rows(
-            unique, vae, key, partial_dir, resolution=resolution, pad_to_square=pad_to_square,
-            intensity_clip_percent=intensity_clip_percent, random_flip=random_flip,
-            device=device, batch_size=batch_size, num_workers=num_workers, chunk_images=chunk_images,
+            unique, vae, key, partial_dir, preprocess=preprocess, random_flip=random_flip, device=device,
+            batch_size=batch_size, num_workers=num_workers, chunk_images=chunk_images,
         )
         mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
         std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
         metadata = {
-            "format": CACHE_FORMAT, "key": key, "resolution": str(resolution), "pad_to_square": str(pad_to_square),
-            "random_flip": str(random_flip), "intensity_clip_percent": repr(float(intensity_clip_percent)),
+            "format": CACHE_FORMAT, "key": key, **preprocess.metadata(), "random_flip": str(random_flip),
             "vae_id": str(vae_id), "vae_sha256": fingerprint,
             "vae_dtype": str(vae.dtype), "scaling_factor": repr(scaling_factor), "preprocess": PREPROCESS_VERSION,
             "num_images": str(len(unique)), "content_sha256": json.dumps([r.sha256 for r in unique]),

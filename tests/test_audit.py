@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.audit import (AuditConfig, audit, best_matches, chunk_sizes, main, merge_topk, ncc_topk, shift_images,
-                       shift_offsets, ssim, standardize, standardize_in_place)
+from cxr.audit import AuditConfig, audit, main
+from cxr.imagemetrics import ssim
+from cxr.ncc import (best_matches, chunk_sizes, merge_topk, ncc_topk, shift_images, shift_offsets, standardize,
+                     standardize_in_place)
 from cxr.phantoms import make_phantom, to_uint
 
 
@@ -250,11 +252,11 @@ def test_bad_flags_exit_2(tmp_path, capsys):
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, time, torch
-    import cxr.audit
-    from cxr.audit import best_matches, ncc_topk
+    import cxr.ncc
+    from cxr.ncc import best_matches, ncc_topk
     num_queries, num_refs, side, budget, max_shift = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
     if sys.argv[6:] == ["no_trim"]:
-        cxr.audit._return_free_memory_to_os = lambda: None
+        cxr.ncc._return_free_memory_to_os = lambda: None
     torch.manual_seed(0)
     queries, refs = torch.empty(num_queries, side, side), torch.empty(num_refs, side * side)
     for features in (queries, refs):  # filled in place: no temporaries that would raise the peak

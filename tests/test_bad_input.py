@@ -348,7 +348,7 @@ def test_a_folder_without_read_permission_really_stops_the_scan():
 
 def test_audit_and_evaluate_listing_report_an_unreadable_folder(tmp_path, monkeypatch):
     import cxr.evaluate
-    from cxr.audit import list_images
+    from cxr.imagesets import list_images
 
     _write_png(tmp_path / "a.png", seed=0)
     _write_png(tmp_path / "locked" / "b.png", seed=1)
@@ -395,7 +395,7 @@ def test_hidden_files_are_skipped_by_the_training_scan(folder_with_hidden_junk):
 
 def test_hidden_files_are_skipped_by_audit_and_evaluate_listing(folder_with_hidden_junk):
     import cxr.evaluate
-    from cxr.audit import list_images
+    from cxr.imagesets import list_images
 
     for listing in (list_images, cxr.evaluate.list_images):
         found = [p.relative_to(folder_with_hidden_junk).as_posix() for p in listing(folder_with_hidden_junk)]

@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.audit import best_matches, calibrate_threshold, load_thumbnails, standardize
 from cxr.embedding import embedding_search
+from cxr.imageio import Preprocess
+from cxr.imagesets import load_thumbnails
+from cxr.ncc import best_matches, calibrate_threshold, standardize
 from cxr.phantoms import write_phantoms
 
 ROLLS = {3: (37, 53), 8: (-60, 25)}  # training image index -> circular shift (rows, columns) at 256 px
@@ -45,7 +47,7 @@ def sets(tmp_path_factory):
 def test_embedding_search_flags_rolled_copies_that_pixel_ncc_misses(sets):
     torch.set_num_threads(1)
     matches = embedding_search(sets["network"], train_paths=sets["train"], holdout_paths=sets["holdout"],
-                               sample_paths=sets["samples"], k=3, image_size=128)
+                               sample_paths=sets["samples"], k=3, preprocess=Preprocess(128))
     names = [p.name for p in sets["samples"]]
     flagged_by_embedding = {names[i] for i in np.flatnonzero(matches.scores[:, 0] > matches.threshold)}
     assert flagged_by_embedding == {f"rolled_copy_{i:02d}.png" for i in ROLLS}
@@ -57,9 +59,9 @@ def test_embedding_search_flags_rolled_copies_that_pixel_ncc_misses(sets):
 
     # The same images through the pixel audit's statistic (default 64 px, shifts up to 0.5 px): the rolled copies
     # score like strangers, far below the threshold calibrated the same way.
-    train = standardize(load_thumbnails(sets["train"], 64))
-    ncc = best_matches(load_thumbnails(sets["samples"], 64), train, k=1, max_shift=0.5)[0][:, 0].numpy()
-    holdout = best_matches(load_thumbnails(sets["holdout"], 64), train, k=1, max_shift=0.5)[0][:, 0].numpy()
+    train = standardize(load_thumbnails(sets["train"], Preprocess(64)))
+    ncc = best_matches(load_thumbnails(sets["samples"], Preprocess(64)), train, k=1, max_shift=0.5)[0][:, 0].numpy()
+    holdout = best_matches(load_thumbnails(sets["holdout"], Preprocess(64)), train, k=1, max_shift=0.5)[0][:, 0].numpy()
     ncc_threshold = calibrate_threshold(holdout.astype(np.float64), 0.99)
     assert not {names[i] for i in np.flatnonzero(ncc > ncc_threshold)} & flagged_by_embedding
 
@@ -69,9 +71,9 @@ def test_cosine_scores_equal_a_direct_computation(sets):
     from cxr.evaluate import load_feature_extractor
 
     matches = embedding_search(sets["network"], train_paths=sets["train"], holdout_paths=[],
-                               sample_paths=sets["samples"], k=2, image_size=64, threshold=0.5)
+                               sample_paths=sets["samples"], k=2, preprocess=Preprocess(64), threshold=0.5)
     extractor, _ = load_feature_extractor(sets["network"])
-    samples, train = (embed(paths, extractor, image_size=64) for paths in (sets["samples"], sets["train"]))
+    samples, train = (embed(paths, extractor, Preprocess(64)) for paths in (sets["samples"], sets["train"]))
     cosine = (samples @ train.T).numpy()
     np.testing.assert_allclose(matches.scores[:, 0], cosine.max(1), atol=1e-6)
     np.testing.assert_array_equal(matches.indices[:, 0], cosine.argmax(1))

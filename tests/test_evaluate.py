@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.evaluate import (MISSING_FEATURES_MESSAGE, EvaluateConfig, FeatureExtractorError, evaluate, feature_statistics,
-                          frechet_distance, histogram_intersection, histogram_statistics, histogram_wasserstein1, kid,
-                          kid_subset_indices, load_feature_extractor, main, mmd2_unbiased, ms_ssim, random_pairs)
+from cxr.evaluate import (MISSING_FEATURES_MESSAGE, EvaluateConfig, FeatureExtractorError, evaluate,
+                          load_feature_extractor, main, random_pairs)
+from cxr.imagemetrics import (feature_statistics, frechet_distance, histogram_intersection, histogram_statistics,
+                              histogram_wasserstein1, kid, kid_subset_indices, mmd2_unbiased, ms_ssim)
 from cxr.phantoms import make_phantom
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
@@ -168,11 +169,11 @@ def test_evaluate_end_to_end_with_a_torchscript_extractor(image_sets, tmp_path, 
     results = json.loads(out.read_text())
     assert results["counts"] == {"real": 12, "fake": 10} and results["features"]["dim"] == 48
     # The FID equals the formula on features computed here independently of the command.
-    from cxr.audit import read_image, resize_square
-    from cxr.audit import list_images
+    from cxr.imageio import Preprocess, read_grayscale, thumbnail
+    from cxr.imagesets import list_images
 
     def direct_features(folder):
-        images = torch.stack([resize_square(read_image(p), 64) for p in list_images(folder)])
+        images = torch.stack([thumbnail(read_grayscale(p), Preprocess(64)) for p in list_images(folder)])
         return MeanPoolFeatures()(images[:, None].expand(-1, 3, -1, -1)).double().numpy()
 
     real, fake = direct_features(image_sets / "real"), direct_features(image_sets / "fake")

@@ -15,6 +15,7 @@ from cxr.imageio import (
     FLIP_WARNING,
     SUPPORTED_SUFFIXES,
     ImageReadError,
+    Preprocess,
     flip_warning,
     read_grayscale,
     to_model_input,
@@ -329,7 +330,7 @@ def test_supported_suffixes_are_lowercase():
 @pytest.mark.parametrize("shape", [(300, 200), (200, 300), (256, 256), (100, 100)])
 @pytest.mark.parametrize("pad", [False, True])
 def test_constant_image_stays_constant_with_right_shape(shape, pad):
-    tensor = to_model_input(np.full(shape, 0.7, np.float32), 64, pad_to_square=pad)
+    tensor = to_model_input(np.full(shape, 0.7, np.float32), Preprocess(64, pad_to_square=pad))
     assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32
     if not pad or shape[0] == shape[1]:
         torch.testing.assert_close(tensor, torch.full((3, 64, 64), 0.4), atol=1e-5, rtol=0)
@@ -338,9 +339,9 @@ def test_constant_image_stays_constant_with_right_shape(shape, pad):
 def test_center_crop_vs_pad_to_square():
     gray = np.zeros((64, 192), np.float32)  # wide: left third black, middle white, right third black
     gray[:, 64:128] = 1.0
-    cropped = to_model_input(gray, 64)
+    cropped = to_model_input(gray, Preprocess(64))
     torch.testing.assert_close(cropped, torch.ones(3, 64, 64))  # the crop is the white middle
-    padded = to_model_input(gray, 64, pad_to_square=True)
+    padded = to_model_input(gray, Preprocess(64, pad_to_square=True))
     assert padded[0, 0, 32] == -1.0 and padded[0, -1, 32] == -1.0  # black bars above and below
     assert padded[0, 32, 32] == pytest.approx(1.0, abs=1e-3)  # white middle column of the image
     assert padded[0, 32, 5] == pytest.approx(-1.0, abs=1e-3)  # black left third
@@ -349,7 +350,7 @@ def test_center_crop_vs_pad_to_square():
 def test_resize_is_antialiased_and_in_range():
     stripes = np.zeros((512, 512), np.float32)
     stripes[:, ::2] = 1.0  # 1-pixel stripes alias badly without a low-pass filter
-    tensor = to_model_input(stripes, 64)
+    tensor = to_model_input(stripes, Preprocess(64))
     assert tensor.min() >= -1.0 and tensor.max() <= 1.0
     torch.testing.assert_close(tensor[:, 8:-8, 8:-8], torch.zeros(3, 48, 48), atol=0.02, rtol=0)  # averages to grey
     assert torch.equal(tensor[0], tensor[1]) and torch.equal(tensor[0], tensor[2])
@@ -358,7 +359,7 @@ def test_resize_is_antialiased_and_in_range():
 def test_no_flip_in_preprocessing_and_flip_warning_explains_why():
     gray = np.zeros((64, 64), np.float32)
     gray[:, 40:] = 1.0  # heart side on the image's right
-    tensor = to_model_input(gray, 64)
+    tensor = to_model_input(gray, Preprocess(64))
     assert tensor[0, 32, 60] == 1.0 and tensor[0, 32, 4] == -1.0
     assert "dextrocardia" in flip_warning() and flip_warning() == FLIP_WARNING
 

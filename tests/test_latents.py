@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cxr.dataset import DatasetError, scan_dataset
-from cxr.imageio import read_grayscale, to_model_input
+from cxr.imageio import Preprocess, read_grayscale, to_model_input
 from cxr.latents import (
     build_or_load_latent_cache,
     cache_key,
@@ -59,7 +59,7 @@ def _build(records, vae, cache_dir, **overrides):
 
 
 def _direct_posterior(vae, record, pad_to_square=False, flip=False, intensity_clip_percent=0.0):
-    images = to_model_input(read_grayscale(record.path, intensity_clip_percent), RESOLUTION, pad_to_square)[None]
+    images = to_model_input(read_grayscale(record.path, intensity_clip_percent), Preprocess(RESOLUTION, pad_to_square))[None]
     if flip:
         images = torch.flip(images, dims=[-1])
     with torch.no_grad():
