@@ -20,7 +20,7 @@ Tiny CPU run (no download; random-weight model from cxr.tiny):
     python sample.py --base_model /tmp/tiny-sd --out_dir /tmp/tiny-samples --num_images 4 \
         --num_inference_steps 4 --device cpu --grayscale_out --bit_depth 16
 
-Every flag: `python sample.py --help` (or the README's flag reference).
+Every flag: `python sample.py --help` (or docs/flags.md).
 """
 
 from __future__ import annotations

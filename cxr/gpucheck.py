@@ -27,7 +27,7 @@ a run killed from outside still leaves everything finished so far. `DIR/log.txt`
 output (the tail of each), `DIR/test_cuda.xml` pytest's junit XML. Models, images and runs go to `--work_dir`.
 
 The lent GPU machine has torch, transformers, safetensors, tensorboard and pytest but not diffusers and no
-network: bring the wheels (`--fetch_wheels`, README "GPU check"); the command checks its imports first.
+network: bring the wheels (`--fetch_wheels`, docs/performance.md "GPU check"); the command checks its imports first.
 
 This module runs the sections and keeps the report; `cxr.gpucheck_children` holds what each section's subprocess
 runs, `cxr.gpucheck_report` writes report.md, `cxr.gpucheck_env` the wheels, the import check and the versions.
@@ -68,7 +68,7 @@ MODE_FLAGS = {"eager": [], "cuda graph": ["--cuda_graph"], "torch.compile": ["--
 
 @dataclass
 class GpuCheckConfig:
-    """Check and measure the CUDA path in one time-boxed command (missing wheels: --fetch_wheels, README 'GPU check')."""
+    """Check and measure the CUDA path in one time-boxed command (missing wheels: --fetch_wheels, docs/performance.md "GPU check")."""
 
     out: Path = flag(Path("gpucheck"), "folder for report.json, report.md, log.txt and test_cuda.xml (rewritten as sections finish)")
     work_dir: Path | None = flag(None, "scratch folder for models, images and runs (default: a temporary folder, removed at the end)")
