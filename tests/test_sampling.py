@@ -55,7 +55,8 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     """A diffusers-format adapter for the tiny UNet with random (non-zero) B, written by cxr.lora."""
     from diffusers import UNet2DConditionModel
 
-    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules, save_adapter
+    from cxr.adapter_files import save_adapter
+    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     torch.manual_seed(1)
