@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 
 from cxr.config import SCHEDULERS, SampleConfig
-from cxr.sampling import (
-    SYNTHETIC_NOTE, SamplingError, generate_batch, load_pipeline, make_scheduler, sample_run,
-)
+from cxr.samplefolder import SYNTHETIC_NOTE
+from cxr.sampling import SamplingError, generate_batch, load_pipeline, make_scheduler, sample_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "chest x-ray, normal"
@@ -228,7 +227,7 @@ def test_interrupted_run_keeps_and_indexes_its_images_and_resumes(tiny_model_dir
 
 
 def test_write_new_file_never_replaces_and_foreign_images_are_refused(tmp_path):
-    from cxr.sampling import reconcile_folder, write_new_file
+    from cxr.samplefolder import reconcile_folder, write_new_file
 
     target = tmp_path / "cxr_synth_000000.png"
     assert write_new_file(target, b"first") is True
