@@ -77,6 +77,8 @@ class AdapterInfo:
     format: str  # "diffusers" or "kohya"
 
 
+# --------------------------------------------------------------------------------------------- key names
+
 
 _ATTENTION_PATH = re.compile(r"(?:^|\.)attn[12]\.(.+)$")
 
@@ -111,6 +113,9 @@ def path_from_kohya_name(name: str) -> str:
     block = f"{match['updown']}.{match['block']}" if match["updown"] else "mid_block"
     tail = re.sub(r"_(\d+)$", r".\1", match["tail"])
     return f"{block}.attentions.{match['attention']}.transformer_blocks.{match['tblock']}.{match['attn']}.{tail}"
+
+
+# --------------------------------------------------------------------------------------------- writing
 
 
 def _header_metadata(adapter: Adapter, extra: dict[str, str]) -> dict[str, str]:
@@ -229,6 +234,9 @@ def save_adapter(model: nn.Module, out_dir, *, rank: int, alpha: float, targets,
     return [_write_adapter(adapter, out_dir / names[f], f, metadata or {}, SAVE_DTYPES[dtype]) for f in formats]
 
 
+# --------------------------------------------------------------------------------------------- reading
+
+
 def resolve_adapter_file(path) -> Path:
     """The adapter file for `path`: the file itself, or in a folder `pytorch_lora_weights.safetensors`, else its
     single `*.safetensors`. Anything that is not `.safetensors` is refused: pickles are never loaded."""
@@ -253,7 +261,6 @@ def resolve_adapter_file(path) -> Path:
         raise AdapterError(f"{path}: only .safetensors adapters are loaded (pickle files such as .bin/.pt/.ckpt are "
                            "never unpickled, they can run code); convert it to safetensors first")
     return path
-
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -359,6 +366,9 @@ def read_adapter(path) -> tuple[Adapter, str, dict[str, str], Path]:
     raise AdapterError(f"{file}: unknown keys {preview(sorted(set(keys) - known))}")
 
 
+# --------------------------------------------------------------------------------------------- loading into a UNet
+
+
 def _validate_against_unet(adapter: Adapter, unet: nn.Module, file: Path) -> None:
     """Every check that can fail, before anything in the UNet changes."""
     outside = [p for p in adapter.paths if not _ATTENTION_PATH.search(p)]
@@ -422,6 +432,9 @@ def load_adapter(unet: nn.Module, path, *, scale: float = 1.0) -> AdapterInfo:
     set_lora_scale(unet, scale)
     return AdapterInfo(rank=adapter.rank, alpha=adapter.alpha, targets=adapter.targets, paths=adapter.paths,
                        metadata=header, sha256=file_sha256(file), file=file, format=fmt)
+
+
+# --------------------------------------------------------------------------------------------- converting
 
 
 def convert_adapter(src, dst, to: str, dtype: str = "float32") -> Path:

@@ -236,6 +236,10 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
 
 
+def trainable_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in lora_parameters(model))
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`{"<path>.lora_A.weight": A, "<path>.lora_B.weight": B}` (detached float32 copies), for checkpoints."""
     state = {}
@@ -290,11 +294,6 @@ def preview(items, limit: int = 5) -> str:
     items = list(items)
     shown = ", ".join(map(str, items[:limit]))
     return f"[{shown}{f', ... ({len(items)} in all)' if len(items) > limit else ''}]"
-
-
-
-def trainable_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in lora_parameters(model))
 
 
 def main(argv: list[str] | None = None) -> int:
