@@ -31,9 +31,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from cxr.config import SampleConfig, parse_config
-    from cxr.sampling import SamplingError, sample
 
     cfg = parse_config(SampleConfig, argv)
+    from cxr.sampling import SamplingError, sample  # after parsing: torch and diffusers take seconds, --help need not wait
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         sample(cfg)

@@ -384,7 +384,7 @@ def compare_adapters(args: dict) -> dict:
     from safetensors.torch import load_file
 
     from cxr.checkpoint import load_checkpoint
-    from cxr.lora import DIFFUSERS_WEIGHT_NAME
+    from cxr.adapter_files import DIFFUSERS_WEIGHT_NAME
 
     def compare(a: dict, b: dict) -> dict:
         if a.keys() != b.keys():

@@ -95,7 +95,8 @@ def adapter_facts(run_dir: Path) -> dict:
     """sha256 and `cxr.*` header metadata of every adapter file in RUN/lora_unet, and the one sample.py loads."""
     from safetensors import safe_open
 
-    from cxr.lora import AdapterError, resolve_adapter_file
+    from cxr.adapter_files import resolve_adapter_file
+    from cxr.lora import AdapterError
 
     folder = Path(run_dir) / "lora_unet"
     try:

@@ -868,7 +868,8 @@ def _train(cfg: TrainConfig, stop: StopFlag, stop_after_steps: int | None, held:
     from cxr.checkpoint import (NonFiniteError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
                                 mark_nonfinite, restore_rng_state, save_checkpoint)
     from cxr.latents import encode_prompt
-    from cxr.lora import lora_parameters, lora_state_dict, load_lora_state_dict, save_adapter
+    from cxr.adapter_files import save_adapter
+    from cxr.lora import lora_parameters, lora_state_dict, load_lora_state_dict
     from cxr.tblog import config_markdown, image_grid, make_writer, new_run_name
     from tqdm.auto import tqdm
 

@@ -244,15 +244,15 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from safetensors import safe_open
 
-    from cxr import lora
+    from cxr import adapter_files, lora
 
     assert TrainConfig().export_format == "both"
     files = sorted(p.name for p in v_run.glob("*.safetensors"))
-    assert files == sorted([lora.DIFFUSERS_WEIGHT_NAME, lora.KOHYA_WEIGHT_NAME])
+    assert files == sorted([adapter_files.DIFFUSERS_WEIGHT_NAME, adapter_files.KOHYA_WEIGHT_NAME])
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     key_map, sd_scripts = comfyui_unet_key_map(unet), kohya_sd_scripts_names(unet)
-    with safe_open(str(v_run / lora.KOHYA_WEIGHT_NAME), "pt") as handle:
+    with safe_open(str(v_run / adapter_files.KOHYA_WEIGHT_NAME), "pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     modules = {}
     for key, tensor in tensors.items():
@@ -269,7 +269,7 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
         assert (parts["lora_up.weight"] @ parts["lora_down.weight"]).shape == weight.shape
         assert parts["alpha"].numel() == 1 and float(parts["alpha"]) == 8.0
     # The diffusers/peft file alone maps to nothing in ComfyUI: that is why it cannot be the only default file.
-    with safe_open(str(v_run / lora.DIFFUSERS_WEIGHT_NAME), "pt") as handle:
+    with safe_open(str(v_run / adapter_files.DIFFUSERS_WEIGHT_NAME), "pt") as handle:
         peft_modules = {k.rsplit(".lora_", 1)[0] for k in handle.keys()}
     assert peft_modules and not peft_modules & set(key_map)
 
@@ -288,7 +288,7 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
 def _loaded(model_dir, adapter):
     from diffusers import UNet2DConditionModel
 
-    from cxr.lora import load_adapter
+    from cxr.adapter_files import load_adapter
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     load_adapter(unet, adapter)
@@ -298,13 +298,13 @@ def _loaded(model_dir, adapter):
 def test_sampler_and_converter_pick_the_diffusers_file_when_both_are_there(v_run, tmp_path):
     from safetensors.torch import load_file
 
-    from cxr import lora
+    from cxr import adapter_files, lora
 
-    assert lora.resolve_adapter_file(v_run) == v_run / lora.DIFFUSERS_WEIGHT_NAME
-    _, fmt, header, file = lora.read_adapter(v_run)
+    assert adapter_files.resolve_adapter_file(v_run) == v_run / adapter_files.DIFFUSERS_WEIGHT_NAME
+    _, fmt, header, file = adapter_files.read_adapter(v_run)
     assert fmt == "diffusers" and header["cxr.prediction_type"] == "v_prediction"
     out = tmp_path / "k.safetensors"
     assert lora.main(["to-kohya", str(v_run), str(out)]) == 0
-    written, shipped = load_file(out), load_file(v_run / lora.KOHYA_WEIGHT_NAME)
+    written, shipped = load_file(out), load_file(v_run / adapter_files.KOHYA_WEIGHT_NAME)
     assert written.keys() == shipped.keys()
     assert all(torch.equal(written[k], shipped[k]) for k in written)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr import lora
+from cxr import adapter_files, lora
 from cxr.lora import AdapterError
 
 RANK, ALPHA = 4, 8.0  # rank != alpha on purpose: a lost alpha shows up as a 2x wrong update
@@ -273,9 +273,9 @@ def test_diffusers_load_lora_weights_reproduces_our_output(tiny_model_dir, unet_
     unet = _trained_unet(tiny_model_dir)
     ours = _run(unet, unet_inputs)
     out_dir = tmp_path / "lora_unet"
-    files = lora.save_adapter(unet, out_dir, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS,
+    files = adapter_files.save_adapter(unet, out_dir, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS,
                               metadata={"model_id": "tiny", "resolution": "256"})
-    assert files == [out_dir / lora.DIFFUSERS_WEIGHT_NAME]
+    assert files == [out_dir / adapter_files.DIFFUSERS_WEIGHT_NAME]
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     pipe.load_lora_weights(str(out_dir))
@@ -301,17 +301,17 @@ def test_header_is_what_carries_alpha(tiny_model_dir, unet_inputs, tmp_path):
 
     unet = _trained_unet(tiny_model_dir)
     ours = _run(unet, unet_inputs)
-    tensors, _ = _read(lora.save_adapter(unet, tmp_path / "full", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
+    tensors, _ = _read(adapter_files.save_adapter(unet, tmp_path / "full", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
     bare = tmp_path / "bare"
     bare.mkdir()
-    save_file(tensors, str(bare / lora.DIFFUSERS_WEIGHT_NAME))
+    save_file(tensors, str(bare / adapter_files.DIFFUSERS_WEIGHT_NAME))
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     pipe.load_lora_weights(str(bare))
     theirs = _run(pipe.unet, unet_inputs)
     assert (ours - theirs).abs().max() > 1e-3
     reloaded = _load_unet(tiny_model_dir)
-    info = lora.load_adapter(reloaded, bare)
+    info = adapter_files.load_adapter(reloaded, bare)
     assert info.alpha == RANK
     assert (_run(reloaded, unet_inputs) - theirs).abs().max() < 1e-5
 
@@ -321,8 +321,8 @@ def test_kohya_export_loads_in_diffusers_the_same(tiny_model_dir, unet_inputs, t
 
     unet = _trained_unet(tiny_model_dir)
     ours = _run(unet, unet_inputs)
-    files = lora.save_adapter(unet, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, export_format="both")
-    assert [f.name for f in files] == [lora.DIFFUSERS_WEIGHT_NAME, lora.KOHYA_WEIGHT_NAME]
+    files = adapter_files.save_adapter(unet, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, export_format="both")
+    assert [f.name for f in files] == [adapter_files.DIFFUSERS_WEIGHT_NAME, adapter_files.KOHYA_WEIGHT_NAME]
     tensors, header = _read(files[1])
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in tensors)
@@ -331,11 +331,11 @@ def test_kohya_export_loads_in_diffusers_the_same(tiny_model_dir, unet_inputs, t
     assert header["ss_network_dim"] == str(RANK)
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
-    pipe.load_lora_weights(str(tmp_path), weight_name=lora.KOHYA_WEIGHT_NAME)
+    pipe.load_lora_weights(str(tmp_path), weight_name=adapter_files.KOHYA_WEIGHT_NAME)
     assert (_run(pipe.unet, unet_inputs) - ours).abs().max() < 1e-5
 
     reloaded = _load_unet(tiny_model_dir)
-    info = lora.load_adapter(reloaded, files[1])
+    info = adapter_files.load_adapter(reloaded, files[1])
     assert (info.format, info.rank, info.alpha) == ("kohya", RANK, ALPHA)
     assert (_run(reloaded, unet_inputs) - ours).abs().max() < 1e-6
 
@@ -344,10 +344,10 @@ def test_save_load_save_is_byte_stable_and_info_is_complete(tiny_model_dir, unet
     import hashlib
 
     unet = _trained_unet(tiny_model_dir, targets=["to_q", "to_v"])
-    first = lora.save_adapter(unet, tmp_path / "a", rank=RANK, alpha=ALPHA, targets=["to_v", "to_q"],
+    first = adapter_files.save_adapter(unet, tmp_path / "a", rank=RANK, alpha=ALPHA, targets=["to_v", "to_q"],
                               metadata={"cxr.prompt": "chest x-ray, normal"})[0]
     reloaded = _load_unet(tiny_model_dir)
-    info = lora.load_adapter(reloaded, tmp_path / "a", scale=0.5)
+    info = adapter_files.load_adapter(reloaded, tmp_path / "a", scale=0.5)
     assert (info.rank, info.alpha, info.targets, info.format) == (RANK, ALPHA, ["to_q", "to_v"], "diffusers")
     assert info.paths == sorted(lora.lora_modules(unet))
     assert info.sha256 == hashlib.sha256(first.read_bytes()).hexdigest()
@@ -356,7 +356,7 @@ def test_save_load_save_is_byte_stable_and_info_is_complete(tiny_model_dir, unet
 
     lora.set_lora_scale(reloaded, 1.0)
     torch.testing.assert_close(_run(reloaded, unet_inputs), _run(unet, unet_inputs), atol=0, rtol=0)
-    second = lora.save_adapter(reloaded, tmp_path / "b", rank=RANK, alpha=ALPHA, targets=info.targets)[0]
+    second = adapter_files.save_adapter(reloaded, tmp_path / "b", rank=RANK, alpha=ALPHA, targets=info.targets)[0]
     (t1, _), (t2, _) = _read(first), _read(second)
     assert list(t1) == list(t2)
     assert all(t1[k].numpy().tobytes() == t2[k].numpy().tobytes() for k in t1)
@@ -364,13 +364,13 @@ def test_save_load_save_is_byte_stable_and_info_is_complete(tiny_model_dir, unet
 
 def test_conversion_command_round_trip_is_byte_stable(tiny_model_dir, tmp_path, capsys):
     unet = _trained_unet(tiny_model_dir)
-    saved = lora.save_adapter(unet, tmp_path / "orig", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS,
+    saved = adapter_files.save_adapter(unet, tmp_path / "orig", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS,
                               metadata={"steps": "10"}, export_format="both")
     kohya_file = tmp_path / "k.safetensors"
-    assert lora.main(["to-kohya", str(tmp_path / "orig" / lora.DIFFUSERS_WEIGHT_NAME), str(kohya_file)]) == 0
+    assert lora.main(["to-kohya", str(tmp_path / "orig" / adapter_files.DIFFUSERS_WEIGHT_NAME), str(kohya_file)]) == 0
     assert lora.main(["to-diffusers", str(kohya_file), str(tmp_path / "back")]) == 0
     assert str(kohya_file) in capsys.readouterr().out
-    for original, converted in ((saved[1], kohya_file), (saved[0], tmp_path / "back" / lora.DIFFUSERS_WEIGHT_NAME)):
+    for original, converted in ((saved[1], kohya_file), (saved[0], tmp_path / "back" / adapter_files.DIFFUSERS_WEIGHT_NAME)):
         (a, header_a), (b, header_b) = _read(original), _read(converted)
         assert list(a) == list(b) and all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
         assert header_a == header_b  # cxr.* provenance and rank/alpha survive the conversions
@@ -378,10 +378,10 @@ def test_conversion_command_round_trip_is_byte_stable(tiny_model_dir, tmp_path, 
 
 def test_float16_export_loads_as_float32_master_weights(tiny_model_dir, tmp_path):
     unet = _trained_unet(tiny_model_dir)
-    file = lora.save_adapter(unet, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, dtype="float16")[0]
+    file = adapter_files.save_adapter(unet, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, dtype="float16")[0]
     assert {t.dtype for t in _read(file)[0].values()} == {torch.float16}
     reloaded = _load_unet(tiny_model_dir)
-    lora.load_adapter(reloaded, file)
+    adapter_files.load_adapter(reloaded, file)
     for path, module in lora.lora_modules(reloaded).items():
         assert module.lora_B.dtype == torch.float32
         torch.testing.assert_close(module.lora_B, lora.lora_modules(unet)[path].lora_B.half().float(), atol=0, rtol=0)
@@ -389,15 +389,15 @@ def test_float16_export_loads_as_float32_master_weights(tiny_model_dir, tmp_path
 
 def test_load_into_unet_that_already_has_lora(tiny_model_dir, unet_inputs, tmp_path):
     source = _trained_unet(tiny_model_dir)
-    lora.save_adapter(source, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)
+    adapter_files.save_adapter(source, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)
     target = _load_unet(tiny_model_dir)
     lora.inject_lora(target, rank=RANK, alpha=1.0)
-    info = lora.load_adapter(target, tmp_path)
+    info = adapter_files.load_adapter(target, tmp_path)
     assert all(m.alpha == ALPHA for m in lora.lora_modules(target).values()) and info.alpha == ALPHA
     torch.testing.assert_close(_run(target, unet_inputs), _run(source, unet_inputs), atol=0, rtol=0)
     lora.merge_lora(target)
     with pytest.raises(AdapterError, match="merged"):
-        lora.load_adapter(target, tmp_path)
+        adapter_files.load_adapter(target, tmp_path)
 
 
 def _write_pickle(directory, tensors):
@@ -424,7 +424,7 @@ def _write_variant(change):
     def write(directory, tensors):
         from safetensors.torch import save_file
 
-        path = directory / lora.DIFFUSERS_WEIGHT_NAME
+        path = directory / adapter_files.DIFFUSERS_WEIGHT_NAME
         save_file(change(dict(tensors)), str(path))
         return path
     return write
@@ -478,7 +478,7 @@ def _text_encoder(tensors):
         "missing-half", "mixed-ranks", "text-encoder"])
 def test_bad_files_are_refused_and_leave_the_unet_unchanged(tiny_model_dir, tmp_path, write, message):
     source = _trained_unet(tiny_model_dir)
-    tensors, _ = _read(lora.save_adapter(source, tmp_path / "good", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
+    tensors, _ = _read(adapter_files.save_adapter(source, tmp_path / "good", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
     bad_file = write(bad_dir, tensors)
@@ -486,7 +486,7 @@ def test_bad_files_are_refused_and_leave_the_unet_unchanged(tiny_model_dir, tmp_
     snapshot = _state_snapshot(unet)
     for target in (bad_file, bad_dir):
         with pytest.raises(AdapterError, match=message) as error:
-            lora.load_adapter(unet, target)
+            adapter_files.load_adapter(unet, target)
         assert str(bad_file) in str(error.value)
         _assert_unchanged(unet, snapshot)
 
@@ -499,28 +499,28 @@ def test_adapter_for_another_base_model_is_refused(tiny_model_dir, tmp_path):
 
     other = UNet2DConditionModel(**{**_unet_config("tiny"), "block_out_channels": (16, 32), "norm_num_groups": 4})
     lora.inject_lora(other, rank=RANK, alpha=ALPHA)
-    lora.save_adapter(other, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)
+    adapter_files.save_adapter(other, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)
     unet = _load_unet(tiny_model_dir)
     snapshot = _state_snapshot(unet)
     with pytest.raises(AdapterError, match=r"shapes do not fit this UNet .*vs base layer 32x32"):
-        lora.load_adapter(unet, tmp_path)
+        adapter_files.load_adapter(unet, tmp_path)
     _assert_unchanged(unet, snapshot)
 
 
 def test_folder_resolution(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="no pytorch_lora_weights.safetensors or other"):
-        lora.resolve_adapter_file(tmp_path / "empty")
+        adapter_files.resolve_adapter_file(tmp_path / "empty")
     two = tmp_path / "two"
     two.mkdir()
     for name in ("a.safetensors", "b.safetensors"):
         (two / name).write_bytes(b"")
     with pytest.raises(AdapterError, match="several .safetensors files"):
-        lora.resolve_adapter_file(two)
-    (two / lora.DIFFUSERS_WEIGHT_NAME).write_bytes(b"")
-    assert lora.resolve_adapter_file(two) == two / lora.DIFFUSERS_WEIGHT_NAME
+        adapter_files.resolve_adapter_file(two)
+    (two / adapter_files.DIFFUSERS_WEIGHT_NAME).write_bytes(b"")
+    assert adapter_files.resolve_adapter_file(two) == two / adapter_files.DIFFUSERS_WEIGHT_NAME
     with pytest.raises(AdapterError, match="no such adapter"):
-        lora.resolve_adapter_file(tmp_path / "nope.safetensors")
+        adapter_files.resolve_adapter_file(tmp_path / "nope.safetensors")
 
 
 def test_sd15_parameter_count_at_rank_16_and_kohya_names():
@@ -538,7 +538,7 @@ def test_sd15_parameter_count_at_rank_16_and_kohya_names():
     assert len(paths) == 128 and count == 3_188_736
     print(f"SD v1.5 UNet, rank 16, {len(paths)} projections: {count:,} trainable LoRA parameters "
           f"({100 * count / total:.2f}% of {total:,})")
-    assert all(lora.path_from_kohya_name(lora.kohya_name(p)) == p for p in paths)
+    assert all(adapter_files.path_from_kohya_name(adapter_files.kohya_name(p)) == p for p in paths)
 
 
 def test_same_file_layout_as_diffusers_save_lora_weights_and_reads_its_files(tiny_model_dir, unet_inputs, tmp_path):
@@ -550,11 +550,11 @@ def test_same_file_layout_as_diffusers_save_lora_weights_and_reads_its_files(tin
 
     unet = _trained_unet(tiny_model_dir)
     paths = list(lora.lora_modules(unet))
-    ours, our_header = _read(lora.save_adapter(unet, tmp_path / "ours", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
+    ours, our_header = _read(adapter_files.save_adapter(unet, tmp_path / "ours", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
     StableDiffusionPipeline.save_lora_weights(
         tmp_path / "reference", unet_lora_layers={k.removeprefix("unet."): v for k, v in ours.items()},
         unet_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA, "target_modules": paths})
-    reference, reference_header = _read(tmp_path / "reference" / lora.DIFFUSERS_WEIGHT_NAME)
+    reference, reference_header = _read(tmp_path / "reference" / adapter_files.DIFFUSERS_WEIGHT_NAME)
     assert list(ours) == list(reference) and all(torch.equal(ours[k], reference[k]) for k in ours)
     assert our_header["lora_adapter_metadata"] == reference_header["lora_adapter_metadata"]
 
@@ -565,7 +565,7 @@ def test_same_file_layout_as_diffusers_save_lora_weights_and_reads_its_files(tin
         tmp_path / "from_peft", unet_lora_layers=get_peft_model_state_dict(peft_unet),
         unet_lora_adapter_metadata=config.to_dict())
     loaded = _load_unet(tiny_model_dir)
-    info = lora.load_adapter(loaded, tmp_path / "from_peft")
+    info = adapter_files.load_adapter(loaded, tmp_path / "from_peft")
     assert (info.rank, info.alpha, info.targets) == (RANK, ALPHA, ["to_q", "to_v"])
     expected = _run(peft_unet, unet_inputs)
     assert (expected - _run(_load_unet(tiny_model_dir), unet_inputs)).abs().max() > 1e-2
@@ -595,11 +595,11 @@ def test_bad_kohya_files_are_refused_and_leave_the_unet_unchanged(tiny_model_dir
     from safetensors.torch import save_file
 
     source = _trained_unet(tiny_model_dir)
-    good = lora.save_adapter(source, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, export_format="kohya")[0]
+    good = adapter_files.save_adapter(source, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, export_format="kohya")[0]
     bad = tmp_path / "bad.safetensors"
     save_file(change(_read(good)[0]), str(bad))
     unet = _load_unet(tiny_model_dir)
     snapshot = _state_snapshot(unet)
     with pytest.raises(AdapterError, match=message):
-        lora.load_adapter(unet, bad)
+        adapter_files.load_adapter(unet, bad)
     _assert_unchanged(unet, snapshot)

@@ -256,7 +256,8 @@ def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(tiny_model_d
 @pytest.fixture(scope="module")
 def good_adapter(tiny_model_dir, tmp_path_factory):
     """A valid adapter of the tiny UNet in both formats, and the UNet it was made from."""
-    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules, save_adapter
+    from cxr.adapter_files import save_adapter
+    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules
     from cxr.models import load_components
 
     unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
@@ -309,7 +310,8 @@ BAD_ADAPTERS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
 def test_an_adapter_with_nan_or_inf_is_refused_at_load_naming_the_file(case, good_adapter, tiny_model_dir, tmp_path):
-    from cxr.lora import AdapterError, load_adapter, lora_modules
+    from cxr.adapter_files import load_adapter
+    from cxr.lora import AdapterError, lora_modules
     from cxr.models import load_components
 
     name, tensor_change, header_change, message = BAD_ADAPTERS[case]
@@ -340,7 +342,8 @@ def test_sample_refuses_a_nan_adapter_naming_the_file_before_any_image(good_adap
 
 
 def test_save_adapter_refuses_nan_weights_and_fp16_overflow(good_adapter, tiny_model_dir, tmp_path):
-    from cxr.lora import AdapterError, DEFAULT_TARGETS, load_adapter, lora_modules, save_adapter
+    from cxr.adapter_files import load_adapter, save_adapter
+    from cxr.lora import AdapterError, DEFAULT_TARGETS, lora_modules
     from cxr.models import load_components
 
     unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
@@ -404,14 +407,14 @@ def test_a_disk_that_fills_while_saving_gives_the_documented_message(writer, tin
     import safetensors.torch
     from test_training import make_cfg
 
-    from cxr import lora
+    from cxr import adapter_files
 
     from cxr.checkpoint import checkpoint_dirs, verify_checkpoint
 
     in_checkpoint_2 = lambda obj, path, *rest: "checkpoint-2.tmp" in str(path)  # noqa: E731
     calls = {"adapter": 0}
 
-    def second_adapter_export(path, data):  # the adapter is written by cxr.lora through atomic_write_bytes
+    def second_adapter_export(path, data):  # the adapter is written by cxr.adapter_files through atomic_write_bytes
         calls["adapter"] += path.name == "pytorch_lora_weights.safetensors"
         return "lora_unet" in str(path) and calls["adapter"] == 2
 
@@ -421,7 +424,7 @@ def test_a_disk_that_fills_while_saving_gives_the_documented_message(writer, tin
         monkeypatch.setattr(safetensors.torch, "save_file", _fails_like_a_full_disk(safetensors.torch.save_file,
                                                                                      in_checkpoint_2))
     else:
-        monkeypatch.setattr(lora, "atomic_write_bytes", _fails_like_a_full_disk(lora.atomic_write_bytes,
+        monkeypatch.setattr(adapter_files, "atomic_write_bytes", _fails_like_a_full_disk(adapter_files.atomic_write_bytes,
                                                                                 second_adapter_export))
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=3, checkpointing_steps=1)

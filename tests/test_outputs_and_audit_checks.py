@@ -207,7 +207,8 @@ def test_export_is_byte_identical_and_readers_agree(tiny_model_dir, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
-    from cxr.lora import DEFAULT_TARGETS, save_adapter
+    from cxr.adapter_files import save_adapter
+    from cxr.lora import DEFAULT_TARGETS
 
     unet = _lora_unet(tiny_model_dir)
     runs = [save_adapter(unet, tmp_path / name, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, metadata=METADATA,
@@ -228,7 +229,8 @@ def test_export_is_byte_identical_and_readers_agree(tiny_model_dir, tmp_path):
 
 
 def test_a_sample_folder_is_extended_after_a_re_export(tiny_model_dir, tmp_path):
-    from cxr.lora import DEFAULT_TARGETS, save_adapter
+    from cxr.adapter_files import save_adapter
+    from cxr.lora import DEFAULT_TARGETS
 
     unet = _lora_unet(tiny_model_dir)
     export = lambda: save_adapter(unet, tmp_path / "lora_unet", rank=4, alpha=8.0, targets=DEFAULT_TARGETS,  # noqa: E731

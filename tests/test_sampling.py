@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 
 from cxr.config import SCHEDULERS, SampleConfig
-from cxr.sampling import (
-    SYNTHETIC_NOTE, SamplingError, generate_batch, load_pipeline, make_scheduler, sample_run,
-)
+from cxr.samplefolder import SYNTHETIC_NOTE
+from cxr.sampling import SamplingError, generate_batch, load_pipeline, make_scheduler, sample_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "chest x-ray, normal"
@@ -48,7 +47,8 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     """A diffusers-format adapter for the tiny UNet with random (non-zero) B, written by cxr.lora."""
     from diffusers import UNet2DConditionModel
 
-    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules, save_adapter
+    from cxr.adapter_files import save_adapter
+    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     torch.manual_seed(1)
@@ -220,7 +220,7 @@ def test_interrupted_run_keeps_and_indexes_its_images_and_resumes(tiny_model_dir
 
 
 def test_write_new_file_never_replaces_and_foreign_images_are_refused(tmp_path):
-    from cxr.sampling import reconcile_folder, write_new_file
+    from cxr.samplefolder import reconcile_folder, write_new_file
 
     target = tmp_path / "cxr_synth_000000.png"
     assert write_new_file(target, b"first") is True

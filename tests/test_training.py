@@ -190,7 +190,7 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from cxr.checkpoint import checkpoint_dirs, load_checkpoint
-    from cxr.lora import load_adapter
+    from cxr.adapter_files import load_adapter
     from cxr.models import load_components
 
     cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", shared_cache, validation_steps=2,
