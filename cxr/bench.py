@@ -64,7 +64,7 @@ class BenchConfig:
 
     arch: str = flag("tiny", "model architecture: tiny (tests, seconds) or sd15 (full SD v1.5, random weights)", ("tiny", "sd15"))
     batch_size: int = flag(2, "images per training step")
-    resolution: int = flag(256, "image resolution in pixels (latents are resolution / 8)")
+    resolution: int = flag(256, "image resolution in pixels (latents are resolution / 8, the VAE's downsampling)")
     steps: int = flag(3, "timed steps per round")
     warmup: int = flag(1, "untimed steps per variant before timing")
     repeats: int = flag(3, "timed rounds per variant; the median round is reported")
@@ -173,6 +173,14 @@ class Context:
             for name in ("unet", "vae", "text_encoder"):
                 self.components[name].to(device=self.device, dtype=self.dtype)
         return self.components
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(UNet input channels, resolution / f, resolution / f), f the VAE's downsampling (8 for SD v1.5)."""
+        from cxr.models import vae_scale_factor
+
+        parts = self.models()
+        size = self.cfg.resolution // vae_scale_factor(parts["vae"].config)
+        return (parts["unet"].config.in_channels, size, size)
 
     def schedule(self):
         """DDPM tables of the base scheduler config, on the device (as the training loop builds them)."""
@@ -340,13 +348,14 @@ def _train_defaults():
     return TrainConfig()
 
 
-def synthetic_posterior(rows: int, latent_size: int, device, seed: int):
-    """A latent cache of `rows` random VAE posteriors (mean, std), float32 on `device` like the real cache."""
+def synthetic_posterior(rows: int, shape: tuple[int, int, int], device, seed: int):
+    """A latent cache of `rows` random VAE posteriors (mean, std) of latent `shape`, float32 on `device` like the
+    real cache."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    mean = torch.randn(rows, 4, latent_size, latent_size, generator=generator)
-    std = torch.rand(rows, 4, latent_size, latent_size, generator=generator) * 0.1 + 0.01
+    mean = torch.randn(rows, *shape, generator=generator)
+    std = torch.rand(rows, *shape, generator=generator) * 0.1 + 0.01
     return mean.to(device), std.to(device)
 
 
@@ -391,7 +400,7 @@ def build_train_state(ctx: Context) -> TrainState:
     unet.train()
     params = lora_parameters(unet)
     prompt_embedding = encode_prompt(parts["tokenizer"], parts["text_encoder"], DEFAULT_PROMPT, ctx.device).to(ctx.dtype)
-    mean, std = synthetic_posterior(cfg.cache_rows, cfg.resolution // 8, ctx.device, cfg.seed)
+    mean, std = synthetic_posterior(cfg.cache_rows, ctx.latent_shape(), ctx.device, cfg.seed)
     data = DataOrder(cfg.cache_rows, batch_size=cfg.batch_size, grad_accum_steps=1, dist=DistInfo(),
                      seed=cfg.seed, device=ctx.device)
     step, optimizer, _, _ = make_step(ctx, model=unet, params=params, latents_mean=mean, latents_std=std,
@@ -681,8 +690,8 @@ def section_flops(ctx: Context) -> list[Row]:
 
     state = ctx.train_state()
     unet, vae, text_encoder = state.unet, ctx.models()["vae"], ctx.models()["text_encoder"]
-    device, dtype, size = ctx.device, ctx.dtype, ctx.cfg.resolution // 8
-    latents = torch.randn(1, 4, size, size, device=device, dtype=dtype)
+    device, dtype = ctx.device, ctx.dtype
+    latents = torch.randn(1, *ctx.latent_shape(), device=device, dtype=dtype)
     timesteps = torch.full((1,), 500, device=device, dtype=torch.long)
     embedding = state.prompt_embedding[:1].to(dtype)
     pixels = torch.zeros(1, 3, ctx.cfg.resolution, ctx.cfg.resolution, device=device, dtype=dtype)

@@ -57,6 +57,30 @@ def load_components(model_id: str, revision: str | None = None, names=("unet", "
     return components
 
 
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent cell along each side: 2 ** (VAE levels - 1), as diffusers' pipelines compute their
+    `vae_scale_factor` (8 for SD v1.5)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def read_vae_scale_factor(model_id: str, revision: str | None = None) -> int:
+    """`vae_scale_factor` of a base model's VAE, read from its config alone (no weights are loaded)."""
+    from diffusers import AutoencoderKL
+
+    with warnings.catch_warnings():  # load_components warns about a renamed hub id
+        warnings.simplefilter("ignore")
+        model_id = resolve_model_id(model_id)
+    try:
+        config = AutoencoderKL.load_config(model_id, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as error:
+        raise RuntimeError(
+            f"could not read the vae config of {model_id!r}: {error}\n"
+            "Give a local diffusers pipeline folder or a hub id you can download "
+            "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5; log in with `hf auth login` if it is gated)."
+        ) from error
+    return vae_scale_factor(config)
+
+
 def pick_device(name: str = "auto"):
     import torch
 

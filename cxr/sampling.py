@@ -1,10 +1,11 @@
 """Sampling synthetic chest X-rays: the base SD v1.5 pipeline plus a cxr LoRA adapter -> PNG files with provenance.
 
 Reproducibility rule: image `i` is made from its own generator `torch.Generator("cpu").manual_seed(seed + i)`.
-Its initial latent is the first draw of that generator, `randn((4, height // 8, width // 8), float32)`, and
-schedulers that draw noise while sampling (ddpm, euler_a) continue from the same generator. So image `i` does
-not depend on which other images share its batch, on `--start_index` or on `--batch_size` (beyond float
-rounding of batched kernels), and the initial noise is the same on CPU and GPU.
+Its initial latent is the first draw of that generator, `randn((C, height // f, width // f), float32)`, with C
+the UNet's `in_channels` and f the pipeline's `vae_scale_factor` (4 and 8 for SD v1.5; the shape diffusers' own
+pipeline draws), and schedulers that draw noise while sampling (ddpm, euler_a) continue from the same
+generator. So image `i` does not depend on which other images share its batch, on `--start_index` or on
+`--batch_size` (beyond float rounding of batched kernels), and the initial noise is the same on CPU and GPU.
 
 Output folder (`--out_dir`):
 
@@ -19,6 +20,7 @@ Output folder (`--out_dir`):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -219,8 +221,9 @@ def check_paths(cfg: SampleConfig) -> None:
         )
 
 
-def make_scheduler(name: str, base_config):
-    """The `--scheduler` sampler, built from the base pipeline's scheduler config (betas, prediction type)."""
+def make_scheduler(name: str, base_config, prediction_type: str | None = None):
+    """The `--scheduler` sampler, built from the base pipeline's scheduler config (betas, prediction type);
+    `prediction_type` (the adapter's training target) overrides the config's."""
     from diffusers import (
         DDIMScheduler,
         DDPMScheduler,
@@ -245,6 +248,8 @@ def make_scheduler(name: str, base_config):
     if name not in factories:
         raise SamplingError(f"--scheduler {name!r}: unknown; choose one of {sorted(factories)}")
     cls, overrides = factories[name]
+    if prediction_type:
+        overrides = {**overrides, "prediction_type": prediction_type}
     return cls.from_config(base_config, **overrides)
 
 
@@ -279,7 +284,6 @@ def load_pipeline(cfg: SampleConfig, device=None, dtype=None):
         ) from error
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
     adapter = None
     if cfg.lora_path is not None:
         from cxr.lora import AdapterError, load_adapter, merge_lora
@@ -291,17 +295,72 @@ def load_pipeline(cfg: SampleConfig, device=None, dtype=None):
             raise SamplingError(f"--lora_path {cfg.lora_path}: {error}") from error
         if cfg.merge_lora:
             merge_lora(pipe.unet)
+    # An adapter trained with --prediction_type v_prediction predicts v: sample it as v, whatever the base says.
+    prediction_type = adapter_prediction_type(adapter.metadata, adapter.file) if adapter else None
+    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config, prediction_type)
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     return pipe, adapter
 
 
+def adapter_prediction_type(header: dict[str, str], source) -> str | None:
+    """The training target in an adapter header (`cxr.prediction_type`, written by train.py), or None when the
+    header has none (an adapter from another tool: the base scheduler's is used)."""
+    from cxr.ddpm import PREDICTION_TYPES
+
+    prediction_type = header.get("cxr.prediction_type") or None
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise SamplingError(f"--lora_path {source}: header key cxr.prediction_type is {prediction_type!r}, not one of "
+                            f"{list(PREDICTION_TYPES)}; the file is damaged or not written by cxr")
+    return prediction_type
+
+
+def resolve_sample_settings(cfg: SampleConfig, header: dict[str, str] | None, source) -> SampleConfig:
+    """`cfg` with --prompt/--height/--width filled in from the adapter header `header` (None: the base model
+    alone). Unset flags take the header's training prompt and resolution (`cxr.prompt`, `cxr.resolution`), else
+    the defaults; a flag given that differs from the header warns."""
+    from cxr import DEFAULT_PROMPT
+    from cxr.config import TrainConfig
+
+    header = header or {}
+    trained_prompt = header.get("cxr.prompt")
+    try:
+        trained_size = int(header["cxr.resolution"]) if header.get("cxr.resolution") else None
+    except ValueError:
+        raise SamplingError(f"--lora_path {source}: header key cxr.resolution is {header['cxr.resolution']!r}, not "
+                            "a number of pixels; give --height and --width") from None
+    values = {}
+    for name, trained, default in (("prompt", trained_prompt, DEFAULT_PROMPT), ("height", trained_size, TrainConfig.resolution),
+                                   ("width", trained_size, TrainConfig.resolution)):
+        given = getattr(cfg, name)
+        if given is None:
+            values[name] = trained if trained is not None else default
+        else:
+            values[name] = given
+            if trained is not None and given != trained:
+                what = "prompt" if name == "prompt" else "resolution"
+                warnings.warn(f"--{name} {given!r} differs from the adapter's training {what} {trained!r} ({source}); "
+                              f"the adapter has only seen that {what}. Omit --{name} to use it.", stacklevel=2)
+    return dataclasses.replace(cfg, **values)
+
+
 # --------------------------------------------------------------------------------------------- generation
 
 
-def initial_latents(seeds: Sequence[int], height: int, width: int):
-    """(latents (B, 4, h/8, w/8) float32 on CPU, one CPU generator per image) for the given image seeds.
+def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
+    """(C, height / f, width / f): the UNet's input channels and the VAE's downsampling f (`pipe.vae_scale_factor`),
+    the shape diffusers' pipeline draws its own initial latents in."""
+    factor = int(pipe.vae_scale_factor)
+    if height % factor or width % factor:
+        raise SamplingError(f"--height {height} / --width {width}: must be multiples of {factor}, the downsampling "
+                            "factor of this base model's VAE")
+    return (int(pipe.unet.config.in_channels), height // factor, width // factor)
+
+
+def initial_latents(seeds: Sequence[int], shape: Sequence[int]):
+    """(latents (B, *shape) float32 on CPU, one CPU generator per image) for the given image seeds; `shape` is
+    `latent_shape(pipe, height, width)`.
 
     Each generator has made exactly the image's initial latent; schedulers that draw noise while sampling
     continue from it, so every random number of image i comes from seed i alone.
@@ -309,8 +368,7 @@ def initial_latents(seeds: Sequence[int], height: int, width: int):
     import torch
 
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
-    shape = (4, height // 8, width // 8)
-    latents = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    latents = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators])
     return latents, generators
 
 
@@ -320,7 +378,7 @@ def generate_batch(pipe, seeds: Sequence[int], *, prompt: str, negative_prompt: 
     quantisation. The building block of `sample_run` and of throughput measurements."""
     import torch
 
-    latents, generators = initial_latents(seeds, height, width)
+    latents, generators = initial_latents(seeds, latent_shape(pipe, height, width))
     with torch.inference_mode():
         out = pipe(
             prompt=prompt,
@@ -334,7 +392,13 @@ def generate_batch(pipe, seeds: Sequence[int], *, prompt: str, negative_prompt: 
             width=width,
             output_type="np",
         )
-    return np.asarray(out.images, dtype=np.float32)
+    images = np.asarray(out.images, dtype=np.float32)
+    if images.shape[1:3] != (height, width):
+        # diffusers takes given latents as they are: a wrong latent shape silently makes images of another size.
+        raise SamplingError(f"the pipeline made {images.shape[2]}x{images.shape[1]} images for a {width}x{height} "
+                            f"request (--width x --height; latents {tuple(latents.shape[1:])}); the base model's VAE "
+                            "does not downsample by its pipeline's vae_scale_factor")
+    return images
 
 
 def _synchronize(device) -> None:
@@ -578,6 +642,8 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
     device, dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     pipe, adapter = load_pipeline(cfg, device, dtype)
+    cfg = resolve_sample_settings(cfg, adapter.metadata if adapter else None, adapter.file if adapter else None)
+    latent_shape(pipe, cfg.height, cfg.width)  # a size this VAE cannot make fails before the first image
     identity = run_identity(cfg, adapter.sha256 if adapter else None)
     out_dir = Path(cfg.out_dir)
     rows, runs = reconcile_folder(out_dir, identity)

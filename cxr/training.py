@@ -137,18 +137,21 @@ def check_writable(folder: Path, flag: str) -> None:
         ) from None
 
 
-def estimate_disk_bytes(cfg: TrainConfig, num_images: int) -> dict[str, int]:
-    """Rough upper bounds of what the run writes: checkpoints, adapter export, latent cache, logs."""
+def estimate_disk_bytes(cfg: TrainConfig, num_images: int, vae_scale_factor: int) -> dict[str, int]:
+    """Rough upper bounds of what the run writes: checkpoints, adapter export, latent cache, logs.
+    `vae_scale_factor`: the base VAE's downsampling (8 for SD v1.5; `cxr.models.read_vae_scale_factor`)."""
     lora_bytes = cfg.lora_rank * LORA_PARAMS_PER_RANK_SD15 * 4
     checkpoint = 3 * lora_bytes + (1 << 20)  # weights + two AdamW moments
     kept = (cfg.checkpoints_total_limit or max(1, cfg.max_train_steps // max(1, cfg.checkpointing_steps or cfg.max_train_steps))) + 1
-    latent = 4 * (cfg.resolution // 8) ** 2 * 4 * 2  # mean and std, float32
+    latent = 4 * (cfg.resolution // vae_scale_factor) ** 2 * 4 * 2  # mean and std, float32
     rows = num_images * (2 if cfg.random_flip else 1)
     return {"output": kept * checkpoint + 2 * lora_bytes + (64 << 20), "cache": rows * latent + (16 << 20)}
 
 
 def check_free_space(cfg: TrainConfig, num_images: int) -> None:
-    need = estimate_disk_bytes(cfg, num_images)
+    from cxr.models import read_vae_scale_factor
+
+    need = estimate_disk_bytes(cfg, num_images, read_vae_scale_factor(cfg.model_id, cfg.revision))
     places = [(Path(cfg.output_dir), need["output"], "--output_dir"), (cfg.resolved_cache_dir, need["cache"], "--cache_dir")]
     for folder, needed, flag in places:
         folder.mkdir(parents=True, exist_ok=True)
