@@ -20,7 +20,7 @@ import torch
 from cxr.audit import list_images
 from cxr.config import SampleConfig, TrainConfig
 from cxr.phantoms import write_phantoms
-from cxr import pretrained
+from cxr import DEFAULT_PROMPT, pretrained
 from cxr.pretrained import BaseSettings, distance_to_training, pretrained_base, settings_key
 
 pytestmark = pytest.mark.slow
@@ -204,7 +204,7 @@ def test_v_prediction_adapter_sampled_as_epsilon_fails(base_dir, v_adapter, trai
     cfg = sample_cfg(base_dir, "unused", v_adapter)
     pipe, _ = load_pipeline(cfg, torch.device("cpu"), torch.float32)
     pipe.scheduler = make_scheduler(cfg.scheduler, {**pipe.scheduler.config, "prediction_type": "epsilon"})
-    images = generate_batch(pipe, list(range(NUM_SAMPLES)), prompt=cfg.prompt, num_inference_steps=cfg.num_inference_steps,
+    images = generate_batch(pipe, list(range(NUM_SAMPLES)), prompt=DEFAULT_PROMPT, num_inference_steps=cfg.num_inference_steps,
                             guidance_scale=cfg.guidance_scale, height=RESOLUTION, width=RESOLUTION)
     wrong = distance_to_training([image.mean(axis=-1) for image in images], training_images)
     assert not learned(wrong), wrong
