@@ -38,7 +38,8 @@ def learning_sheet(rows: list[list[Path]], labels: list[str], out: Path, tile: i
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from cxr.audit import read_image
+    from cxr.imageio import read_grayscale
+    from cxr.pretrained import center_square
 
     label_width = 118
     columns = max(len(row) for row in rows)
@@ -48,10 +49,8 @@ def learning_sheet(rows: list[list[Path]], labels: list[str], out: Path, tile: i
         top = r * (tile + gap)
         draw.multiline_text((4, top + tile // 2 - 12), label, fill=0)
         for c, path in enumerate(row):
-            gray = np.round(read_image(path) * 255).astype(np.uint8)  # 8- and 16-bit PNG, JPEG alike
-            side = min(gray.shape)
-            top_crop, left_crop = (gray.shape[0] - side) // 2, (gray.shape[1] - side) // 2
-            image = Image.fromarray(gray[top_crop:top_crop + side, left_crop:left_crop + side])
+            gray = center_square(np.round(read_grayscale(path) * 255).astype(np.uint8))  # 8/16-bit PNG, JPEG
+            image = Image.fromarray(gray)
             sheet.paste(image.resize((tile, tile), Image.Resampling.BICUBIC), (label_width + c * (tile + gap), top))
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, optimize=True)
@@ -67,9 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"), help="training target")
     args = parser.parse_args(argv)
 
-    from cxr.audit import list_images
     from cxr.phantoms import write_phantoms
-    from cxr.pretrained import distance_to_training, pretrained_base
+    from cxr.pretrained import distance_to_training, image_paths, pretrained_base
 
     started = time.time()
     work = args.work_dir.resolve()
@@ -103,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     print("[5/5] sampling the adapter with sample.py (same seeds)")
     _run("sample.py", [*sample_flags, "--lora_path", str(output_dir / "lora_unet"), "--out_dir", str(samples_dir)])
 
-    training = list_images(data_dir)
-    base_paths, adapter_paths = list_images(base_samples, exclude="contact_sheet*"), list_images(samples_dir, exclude="contact_sheet*")
+    training, base_paths, adapter_paths = image_paths(data_dir), image_paths(base_samples), image_paths(samples_dir)
     distances = {"base": distance_to_training(base_paths, training), "adapter": distance_to_training(adapter_paths, training)}
     (work / "distances.json").write_text(json.dumps(distances, indent=2) + "\n")
     shown = min(8, args.num_samples)

@@ -266,15 +266,33 @@ def build(out_dir: str | Path, settings: BaseSettings = BaseSettings(), log=_log
 THUMBNAIL = 16  # the fixed feature space: a 16x16 grey thumbnail (256 numbers) of each image
 
 
+def center_square(gray: np.ndarray) -> np.ndarray:
+    """The largest centred square of an (H, W) image (the training crop)."""
+    side = min(gray.shape)
+    top, left = (gray.shape[0] - side) // 2, (gray.shape[1] - side) // 2
+    return gray[top:top + side, left:left + side]
+
+
+def image_paths(folder: str | Path) -> list[Path]:
+    """The PNG and JPEG files directly in `folder`, sorted (sample.py's contact sheet left out)."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in (".png", ".jpg", ".jpeg") and not p.name.startswith("contact_sheet"))
+
+
 def thumbnails(images_or_paths, size: int = THUMBNAIL) -> np.ndarray:
     """(N, size*size) float64 features: each image read as grey [0, 1] (paths through cxr.imageio, or
-    (H, W) arrays), resized with an antialiased bilinear filter."""
-    from cxr.audit import read_image, resize_square
+    (H, W) arrays), centre-cropped to a square and resized with an antialiased bilinear filter."""
+    import torch
+    import torch.nn.functional as F
+
+    from cxr.imageio import read_grayscale
 
     rows = []
     for item in images_or_paths:
-        gray = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item, np.float32)
-        rows.append(resize_square(gray, size).numpy().reshape(-1))
+        gray = read_grayscale(item) if isinstance(item, (str, Path)) else np.asarray(item, np.float32)
+        square = torch.from_numpy(np.ascontiguousarray(center_square(gray), dtype=np.float32))[None, None]
+        small = F.interpolate(square, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        rows.append(small.reshape(-1).numpy())
     return np.stack(rows).astype(np.float64)
 
 

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.audit import list_images
 from cxr.config import SampleConfig, TrainConfig
 from cxr.phantoms import write_phantoms
 from cxr import DEFAULT_PROMPT, pretrained
-from cxr.pretrained import BaseSettings, distance_to_training, pretrained_base, settings_key
+from cxr.pretrained import BaseSettings, distance_to_training, image_paths, pretrained_base, settings_key
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +67,7 @@ def training_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def training_images(training_dir):
-    return list_images(training_dir)
+    return image_paths(training_dir)
 
 
 def sample_cfg(base_dir, out_dir, lora_path=None, **overrides) -> SampleConfig:
@@ -153,10 +152,10 @@ def test_vae_reconstructs_phantoms(base_dir, training_images):
     at 64 px through 8x8x4 latents; the phantoms' own pixel noise alone caps it near 36 dB)."""
     from diffusers import AutoencoderKL
 
-    from cxr.audit import read_image
+    from cxr.imageio import read_grayscale
 
     vae = AutoencoderKL.from_pretrained(base_dir, subfolder="vae").eval()
-    images = np.stack([read_image(p) for p in training_images[:16]])
+    images = np.stack([read_grayscale(p) for p in training_images[:16]])
     x = torch.from_numpy(images)[:, None].repeat(1, 3, 1, 1) * 2 - 1
     with torch.no_grad():
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
