@@ -4,7 +4,8 @@ rank 0 locks --output_dir for the run's life, removes temporary files killed run
 
     check_writable(folder, flag)                  TrainingError naming the flag when `folder` is not writable
     check_free_space(cfg, num_images)             TrainingError when a disk is too small for the run
-    claim_output_dir(cfg, dist, checkpoints_dir, held) -> checkpoint to resume from, or None
+    claim_output_dir(cfg, dist, checkpoints_dir, held) -> checkpoint to resume from, or None (after checking
+                                                  that the output, cache and logging folders are writable)
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def check_free_space(cfg: TrainConfig, num_images: int) -> None:
 
 
 def claim_output_dir(cfg: TrainConfig, dist: DistInfo, checkpoints_dir: Path, held: contextlib.ExitStack):
-    """Before the scan and the model load: rank 0 locks --output_dir for the run's life (released by `held`),
+    """Before the scan and the model load: rank 0 checks that --output_dir, --cache_dir and --logging_dir are
+    writable, locks --output_dir for the run's life (released by `held`),
     removes temporary files killed runs left there, checks --resume_from_checkpoint, and refuses to start over an
     earlier run's checkpoints/adapter (or moves them aside with --overwrite_output_dir). Returns the checkpoint to
     resume from (None: step 0); every rank gets the same result or the same error."""
@@ -78,6 +80,9 @@ def claim_output_dir(cfg: TrainConfig, dist: DistInfo, checkpoints_dir: Path, he
 
 def _claim_output_dir_main(cfg: TrainConfig, checkpoints_dir: Path, held: contextlib.ExitStack) -> Path | None:
     output_dir = Path(cfg.output_dir)
+    check_writable(output_dir, "--output_dir")
+    check_writable(cfg.resolved_cache_dir, "--cache_dir")
+    check_writable(cfg.resolved_logging_dir, "--logging_dir")
     try:
         lock = runlock.acquire(output_dir, flag="--output_dir")
     except runlock.RunLockError as error:

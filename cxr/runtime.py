@@ -3,7 +3,7 @@
 Used by training, the benchmark and sampling, so that each of these has one home:
     DTYPES / compute_dtype / autocast_dtype   the one dtype table (flag value -> torch dtype)
     DistInfo, setup_device_and_distributed    rank, world size and device (torchrun's env vars)
-    barrier, broadcast_object                 no-ops in a single process
+    barrier, broadcast_object, warn_on_main   rank-aware helpers (no-ops / plain in a single process)
     synchronize                               wait for the device before reading a clock
     reset_peak_memory, peak_memory_mib        peak memory, measured one way (see peak_memory_mib)
     StopFlag, exit_code                       SIGINT/SIGTERM -> stop at the next step; 130 / 143 on exit
@@ -19,6 +19,7 @@ import resource
 import signal
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,12 @@ def shutdown_distributed() -> None:
     """Destroy the process group a torchrun run created (nothing in a single process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def warn_on_main(info: DistInfo, message: str) -> None:
+    """warnings.warn on rank 0 only: every rank comes to the same conclusion, one report is enough."""
+    if info.is_main:
+        warnings.warn(message, stacklevel=2)
 
 
 def barrier(info: DistInfo) -> None:

@@ -39,9 +39,9 @@ from cxr.checkpoint import (CheckpointError, NonFiniteError, capture_rng_state, 
 from cxr.config import TrainConfig, cache_flags, changed_result_flags, result_flags, save_json, to_dict
 from cxr.dataset import DatasetError
 from cxr.lora import AdapterError, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict, save_adapter
-from cxr.rundir import check_free_space, check_writable, claim_output_dir
+from cxr.rundir import check_free_space, claim_output_dir
 from cxr.runtime import (DistInfo, StopFlag, TrainingError, autocast_dtype, barrier, broadcast_object, compute_dtype,
-                         exit_code, peak_memory_mib, setup_device_and_distributed, shutdown_distributed)
+                         exit_code, peak_memory_mib, setup_device_and_distributed, shutdown_distributed, warn_on_main)
 from cxr.step import DataOrder, TrainStep, build_train_step, load_optimizer_state, scheduled_lr, set_lr
 from cxr.tblog import NullWriter, config_markdown, image_grid, make_writer, new_run_name
 from cxr.validation import VALIDATION_GRID_GAP, fixed_validation_inputs, validation_images, validation_loss
@@ -255,10 +255,6 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     dist, device = setup_device_and_distributed(cfg.device, cfg.ddp_timeout_minutes)
     _check_flags_for_device(cfg, device, dist)
     output_dir = Path(cfg.output_dir)
-    if dist.is_main:
-        check_writable(output_dir, "--output_dir")
-        check_writable(cfg.resolved_cache_dir, "--cache_dir")
-        check_writable(cfg.resolved_logging_dir, "--logging_dir")
     resume_path = claim_output_dir(cfg, dist, output_dir / "checkpoints", held)
     dtype = compute_dtype(cfg.mixed_precision)
     train_records, val_records, manifest_sha = _prepare_data(cfg, dist, resume_path)
@@ -301,9 +297,9 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
                             no_sync=ddp.no_sync if ddp is not None else None)
     data = DataOrder(latents_mean.shape[0], batch_size=cfg.train_batch_size, grad_accum_steps=cfg.grad_accum_steps,
                      dist=dist, seed=cfg.seed, device=device)
-    if cfg.resume_from_checkpoint and resume_path is None and dist.is_main:
-        warnings.warn(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir / 'checkpoints'}; "
-                      "starting from step 0")
+    if cfg.resume_from_checkpoint and resume_path is None:
+        warn_on_main(dist, f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir / 'checkpoints'}; "
+                     "starting from step 0")
     return TrainRun(cfg, dist, device, unet, vae, tokenizer, scheduler_config, schedule, lora_paths, prompt_embeds,
                     negative_embeds, val_inputs, data, step, train_records, val_records, manifest_sha, resume_path)
 
@@ -323,9 +319,9 @@ def resume(run: TrainRun, path: Path) -> None:
     changed = changed_result_flags(checkpoint.state.get("config", {}), run.cfg)
     if checkpoint.state.get("world_size") != run.dist.world_size:
         changed.append("the number of processes")
-    if changed and run.dist.is_main:
-        warnings.warn(f"--resume_from_checkpoint {path}: {', '.join(changed)} differ from the checkpoint's "
-                      "run; training continues, but not exactly as the original run would have")
+    if changed:
+        warn_on_main(run.dist, f"--resume_from_checkpoint {path}: {', '.join(changed)} differ from the checkpoint's "
+                     "run; training continues, but not exactly as the original run would have")
 
 
 def start_logging(run: TrainRun) -> None:
@@ -533,7 +529,7 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
             if log_due:
                 _log_train(run, step, read, clock.measure(), progress)
                 clock.restart()
-        if dist.is_main and cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
             validate(run, step, images=True)
             clock.restart()
         if checkpoint_due or stop_requested:
