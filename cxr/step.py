@@ -407,12 +407,6 @@ class TrainStep:
         self.run = capture_cuda_graph(self.run, example_indices, params=self.params, optimizer=self.optimizer,
                                       metrics=self.metrics, generator=self.generator)
 
-    def snapshot(self) -> dict:
-        return snapshot_train_state(self.params, self.optimizer, self.generator)
-
-    def restore(self, snapshot: dict) -> None:
-        restore_train_state(snapshot, self.params, self.optimizer, self.metrics, self.generator)
-
 
 def build_train_step(cfg: TrainConfig, *, model, params: list[torch.nn.Parameter], schedule,
                      latents_mean: torch.Tensor, latents_std: torch.Tensor, scaling_factor: float,

@@ -51,155 +51,25 @@ class NonFiniteLossError(TrainingError):
     """The loss or gradient norm became NaN/inf; checkpoints whose weights led there are marked NONFINITE."""
 
 
-def versions() -> dict[str, str]:
-    return {
-        "cxr": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+# --------------------------------------------------------------------------------------------- the run
 
 
-# ------------------------------------------------------------------------------------------ data, model
-def _prepare_data(cfg: TrainConfig, dist: DistInfo, resume_path: Path | None = None):
-    """Scan and split the dataset (a fresh run) or take the split of the first start from the run's manifest
-    (a resumed run), and write the manifest on rank 0; every rank gets the same records."""
-    result = None
-    if dist.is_main:
-        dropped, deduplicated = None, None
-        if resume_path is not None:
-            train_records, val_records, dropped, deduplicated = _split_of_first_start(cfg, Path(resume_path))
-            records = train_records + val_records
-        else:
-            records = dataset.scan_dataset(
-                cfg.dataset_dir, cfg.file_list, min_image_size=cfg.min_image_size, skip_bad_images=cfg.skip_bad_images,
-                max_images=cfg.max_images, seed=cfg.seed, num_workers=cfg.resolved_num_workers,
-            )
-            if cfg.exclude_duplicates is not None:
-                records, deduplicated = dataset.drop_duplicates(records, cfg.exclude_duplicates)
-            train_records, val_records = dataset.split_holdout(records, val_fraction=cfg.val_fraction,
-                                                               val_count=cfg.val_count, seed=cfg.seed)
-        check_free_space(cfg, len(records))
-        extra = {name: value for name, value in to_dict(cfg).items() if name in result_flags(TrainConfig)}
-        manifest_sha = dataset.write_manifest(Path(cfg.output_dir) / "manifest.json", train_records, val_records, extra,
-                                      dropped, deduplicated)
-        result = (train_records, val_records, manifest_sha)
-    return broadcast_object(result, dist)
+def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
+    """Run (or resume) LoRA training as configured; returns a summary dict.
 
-
-def _split_of_first_start(cfg: TrainConfig, resume_path: Path):
-    """(train, val, dropped, deduplicated) of a resumed run: the split recorded in the manifest of the run the checkpoint belongs
-    to, never re-drawn, so no image moves between the splits. Images missing or changed since are an error naming
-    them, or with --skip_bad_images left out of both splits with a warning (listed under `dropped`)."""
-    manifest_path = resume_path.parent.parent / "manifest.json"
-    if not manifest_path.is_file():
-        raise TrainingError(
-            f"--resume_from_checkpoint {resume_path}: the run's manifest {manifest_path} is missing; it records the "
-            "train/held-out split fixed at the run's first start, which a resumed run keeps. Restore it, or start a "
-            "new run (without --resume_from_checkpoint) in another --output_dir"
-        )
-    manifest = dataset.read_manifest(manifest_path)
-    splits = {name: dataset.records_from_manifest(manifest, name, dataset_dir=cfg.dataset_dir)
-              for name in ("train", "val")}
-    changed = [(name, record, reason) for name in splits
-               for record, reason in dataset.check_unchanged(splits[name], cfg.resolved_num_workers)]
-    dropped = list(manifest.get("dropped", []))
-    if changed:
-        listed = "\n".join(f"  {record.relpath} ({'held-out' if name == 'val' else 'training'} image): {reason}"
-                           for name, record, reason in changed[:50])
-        listed += f"\n  ... and {len(changed) - 50} more" if len(changed) > 50 else ""
-        head = (f"--resume_from_checkpoint: {len(changed)} image(s) of the run's train/held-out split ({manifest_path}, "
-                f"fixed at its first start) are missing or changed since:\n{listed}\n")
-        if not cfg.skip_bad_images:
-            raise DatasetError(head + "Restore them (the manifest records each file's size and sha256), or pass "
-                               "--skip_bad_images to continue without them (they are left out of both splits, never "
-                               "moved from one to the other), or start a new run in another --output_dir")
-        warnings.warn(head + "--skip_bad_images: continuing without them (left out of both splits and listed under "
-                      "`dropped` in manifest.json); the data order differs from the original run from here on",
-                      stacklevel=2)
-        gone = {(name, record.relpath) for name, record, _ in changed}
-        splits = {name: [r for r in records if (name, r.relpath) not in gone] for name, records in splits.items()}
-        dropped += [{"relpath": record.relpath, "sha256": record.sha256, "split": name, "reason": reason}
-                    for name, record, reason in changed]
-        if not splits["train"]:
-            raise DatasetError(f"--resume_from_checkpoint: no training image of {manifest_path} is left; restore "
-                               "the images, or start a new run in another --output_dir")
-    print(f"[cxr] resuming with the split of the first start ({manifest_path}): {len(splits['train'])} training, "
-          f"{len(splits['val'])} held-out images", file=sys.stderr)
-    return splits["train"], splits["val"], dropped, manifest.get("deduplicated")
-
-
-def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_records, device):
-    """Latent caches of both splits; rank 0 builds them, the other ranks wait and then load them."""
-    # Every flag declared cache=True goes to the cache (which keys on what it is given); the model id and
-    # revision travel as one `vae_id`, the name the key has always used for them.
-    settings = {name: getattr(cfg, name) for name in cache_flags(TrainConfig)}
-    settings["vae_id"] = f"{settings.pop('model_id')}@{settings.pop('revision') or 'main'}"
-    common = dict(settings, cache_dir=cfg.resolved_cache_dir, device=device, batch_size=cfg.encode_batch_size,
-                  num_workers=cfg.resolved_num_workers)
-    caches = None
-    for turn in ("main", "others"):
-        if (turn == "main") == dist.is_main:
-            train_cache = latents.build_or_load_latent_cache(train_records, vae, **common)
-            val_cache = None
-            if val_records:  # the held-out images are never mirrored
-                val_cache = latents.build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False})
-            caches = (train_cache, val_cache)
-        barrier(dist)
-    return caches
-
-def _load_model(cfg: TrainConfig, device, dtype):
-    components = models.load_components(cfg.model_id, cfg.revision)
-    unet = components["unet"].to(device=device, dtype=dtype)
-    # The LoRA A init draws from --seed without touching the global RNG the caller (or a later run) relies on.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        paths = inject_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_target_list,
-                            dropout=cfg.lora_dropout)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    # The VAE stays float32: the cache stores its posterior exactly and validation decodes without fp16 overflow.
-    components["vae"].to(device=device, dtype=torch.float32)
-    components["text_encoder"].to(device=device)
-    components["unet"] = unet
-    return components, paths
-
-
-def _check_flags_for_device(cfg: TrainConfig, device, dist: DistInfo) -> None:
-    if cfg.cuda_graph and cfg.gradient_checkpointing:
-        # Checkpointing stashes and restores the CUDA RNG state inside the captured region, which graph capture
-        # does not support in the torch versions we run (pytorch/pytorch#162504); untested on a GPU, so refused.
-        raise TrainingError("--cuda_graph: cannot be combined with --gradient_checkpointing (activation "
-                            "checkpointing is not graph-safe in this PyTorch); drop one of them: "
-                            "--gradient_checkpointing to save memory, --cuda_graph for speed")
-    if cfg.cuda_graph:
-        if device.type != "cuda":
-            raise TrainingError(f"--cuda_graph: needs a CUDA device but this run is on {device}; drop --cuda_graph")
-        if cfg.mixed_precision == "fp16":
-            raise TrainingError("--cuda_graph: cannot capture fp16 training (the GradScaler checks for inf on the "
-                                "host every step); use --mixed_precision bf16")
-        if dist.enabled:
-            raise TrainingError("--cuda_graph: not supported with several processes (DDP); drop --cuda_graph")
-        if cfg.torch_compile:
-            raise TrainingError("--cuda_graph: use either --cuda_graph or --torch_compile, not both")
-
-
-# Result flags the adapter header records from the weights themselves (cxr.rank, cxr.alpha, cxr.targets).
-_HEADER_FROM_WEIGHTS = ("lora_rank", "lora_alpha", "lora_targets")
-
-
-def _adapter_metadata(cfg: TrainConfig, step: int, manifest_sha: str, prediction_type: str) -> dict[str, str]:
-    """Every result flag (as `str(value)`, None as ""), under the names sample.py and users read: the model id
-    as `base_model` (resolved), the prediction type as resolved from the base scheduler when the flag is empty."""
-    metadata = {name: "" if value is None else str(value) for name, value in to_dict(cfg).items()
-                if name in result_flags(TrainConfig) and name not in _HEADER_FROM_WEIGHTS}
-    metadata["base_model"] = models.resolve_model_id(metadata.pop("model_id"))
-    metadata.update(prediction_type=prediction_type, steps=str(step), manifest_sha256=manifest_sha,
-                    cxr_version=__version__)
-    return metadata
-
-# ------------------------------------------------------------------------------------------------ the run
+    `stop_after_steps` behaves like a SIGTERM arriving after that many steps (checkpoint, export, return): for
+    tests and for simulating preemption. SIGINT/SIGTERM received at any time (model loading included) stop
+    the run after the next step with a checkpoint. Raises TrainingError (and subclasses), CheckpointError,
+    DatasetError, AdapterError with messages that name the flag or file at fault.
+    """
+    with StopFlag() as stop, contextlib.ExitStack() as held:  # `held`: the output folder's lock, released on exit
+        run = setup(cfg, held)
+        if run.resume_path is not None:
+            resume(run, run.resume_path)
+        start_logging(run)
+        if cfg.cuda_graph and run.start_step < cfg.max_train_steps:
+            run.step.capture_cuda_graph(run.data.peek_indices())
+        return train_loop(run, stop, stop_after_steps)
 
 
 @dataclass
@@ -351,6 +221,98 @@ def start_logging(run: TrainRun) -> None:
                    "val_images": len(run.val_records), "world_size": dist.world_size, "tensorboard_run": str(run_dir)}
 
 
+def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> dict:
+    cfg, dist, metrics = run.cfg, run.dist, run.step.metrics
+    if run.start_step < cfg.max_train_steps:
+        validate(run, run.start_step, images=run.start_step == 0)  # the baselines: val/loss, the grid before training
+    progress = tqdm(total=cfg.max_train_steps, initial=run.start_step, disable=not dist.is_main, desc="train",
+                    dynamic_ncols=True)
+    clock = _Throughput(run.data.rows_per_step)
+    step = run.start_step
+    signalled = stop.signal_name is not None
+    if dist.enabled:
+        signalled = metrics.read(dist, extra_flag=signalled)["flag"]
+    if signalled:  # signalled during setup: nothing new to save, leave at once
+        run.summary.update(interrupted=True, signal=stop.signal_name or "SIGTERM")
+        return _close(run, progress)
+    while step < cfg.max_train_steps:
+        set_lr(run.step.optimizer, scheduled_lr(cfg, step))
+        run.step(run.data.next_indices())
+        metrics.steps += 1
+        step += 1
+        clock.steps += 1
+        progress.update(1)
+        stop_requested = stop.signal_name is not None or (stop_after_steps is not None and step >= stop_after_steps)
+        log_due = step % cfg.log_every == 0 or step == cfg.max_train_steps
+        checkpoint_due = step == cfg.max_train_steps or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0)
+        if dist.enabled and not (log_due or checkpoint_due):
+            stop_requested = False  # ranks agree on stopping at the next log or checkpoint step
+        if log_due or checkpoint_due or stop_requested:
+            window = metrics.steps
+            read = metrics.read(dist, extra_flag=stop_requested)  # host sync: only here
+            _check_finite(run, step, read, window)
+            stop_requested = read["flag"]
+            if log_due:
+                _log_train(run, step, read, clock.measure(), progress)
+                clock.restart()
+        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+            validate(run, step, images=True)
+            clock.restart()
+        if checkpoint_due or stop_requested:
+            save_state(run, step)
+            barrier(dist)
+            clock.restart()
+        if stop_requested:
+            run.summary.update(interrupted=True, signal=stop.signal_name or "stop_after_steps")
+            break
+    if step >= cfg.max_train_steps:
+        if step == run.start_step:  # resumed from a finished run: just (re-)export
+            save_state(run, step)
+        validate(run, step, images=True)
+        run.writer.add_hparams_end()
+    run.summary.update(steps=step, images_per_s=clock.last, peak_memory_mib=peak_memory_mib(run.device))
+    if run.summary["val_losses"]:
+        run.summary["val_loss_initial"] = run.summary["val_losses"][0][1]
+        run.summary["val_loss_final"] = run.summary["val_losses"][-1][1]
+    if dist.is_main:
+        (run.output_dir / "summary.json").write_text(json.dumps(run.summary, indent=2, default=str) + "\n")
+    return _close(run, progress)
+
+
+def _log_train(run: TrainRun, step: int, read: dict, images_per_s: float, progress) -> None:
+    for tag, value in (("train/loss", read["loss"]), ("train/grad_norm", read["grad_norm"]),
+                       ("train/lr", scheduled_lr(run.cfg, step - 1)), ("train/images_per_s", images_per_s),
+                       ("memory/peak_mib", peak_memory_mib(run.device))):
+        run.writer.add_scalar(tag, value, step)
+    progress.set_postfix(loss=f"{read['loss']:.4f}", img_s=f"{images_per_s:.1f}")
+    run.summary["final_loss"] = read["loss"]
+
+
+class _Throughput:
+    """Images/s over the steps since the last restart (validation and checkpoints restart it)."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step, self.last = images_per_step, float("nan")
+        self.restart()
+
+    def restart(self) -> None:
+        self.started, self.steps = time.perf_counter(), 0
+
+    def measure(self) -> float:
+        self.last = self.steps * self.images_per_step / (time.perf_counter() - self.started)
+        return self.last
+
+
+def _close(run: TrainRun, progress) -> dict:
+    progress.close()
+    run.writer.close()
+    barrier(run.dist)
+    return run.summary
+
+
+# ------------------------------------------------------------------------------ validation, checkpoints
+
+
 def validate(run: TrainRun, step: int, images: bool) -> None:
     """Rank 0: the held-out loss (val/loss) and, with `images`, the sample grid (val/samples)."""
     if not run.dist.is_main:
@@ -459,114 +421,159 @@ def _mark_nonfinite(run: TrainRun, first_bad: int) -> list[str]:
     return notes
 
 
-# ------------------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------- data and model
 
 
-class _Throughput:
-    """Images/s over the steps since the last restart (validation and checkpoints restart it)."""
-
-    def __init__(self, images_per_step: int):
-        self.images_per_step, self.last = images_per_step, float("nan")
-        self.restart()
-
-    def restart(self) -> None:
-        self.started, self.steps = time.perf_counter(), 0
-
-    def measure(self) -> float:
-        self.last = self.steps * self.images_per_step / (time.perf_counter() - self.started)
-        return self.last
-
-
-def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
-    """Run (or resume) LoRA training as configured; returns a summary dict.
-
-    `stop_after_steps` behaves like a SIGTERM arriving after that many steps (checkpoint, export, return): for
-    tests and for simulating preemption. SIGINT/SIGTERM received at any time (model loading included) stop
-    the run after the next step with a checkpoint. Raises TrainingError (and subclasses), CheckpointError,
-    DatasetError, AdapterError with messages that name the flag or file at fault.
-    """
-    with StopFlag() as stop, contextlib.ExitStack() as held:  # `held`: the output folder's lock, released on exit
-        run = setup(cfg, held)
-        if run.resume_path is not None:
-            resume(run, run.resume_path)
-        start_logging(run)
-        if cfg.cuda_graph and run.start_step < cfg.max_train_steps:
-            run.step.capture_cuda_graph(run.data.peek_indices())
-        return train_loop(run, stop, stop_after_steps)
-
-
-def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> dict:
-    cfg, dist, metrics = run.cfg, run.dist, run.step.metrics
-    if run.start_step < cfg.max_train_steps:
-        validate(run, run.start_step, images=run.start_step == 0)  # the baselines: val/loss, the grid before training
-    progress = tqdm(total=cfg.max_train_steps, initial=run.start_step, disable=not dist.is_main, desc="train",
-                    dynamic_ncols=True)
-    clock = _Throughput(run.data.rows_per_step)
-    step = run.start_step
-    signalled = stop.signal_name is not None
-    if dist.enabled:
-        signalled = metrics.read(dist, extra_flag=signalled)["flag"]
-    if signalled:  # signalled during setup: nothing new to save, leave at once
-        run.summary.update(interrupted=True, signal=stop.signal_name or "SIGTERM")
-        return _close(run, progress)
-    while step < cfg.max_train_steps:
-        set_lr(run.step.optimizer, scheduled_lr(cfg, step))
-        run.step(run.data.next_indices())
-        metrics.steps += 1
-        step += 1
-        clock.steps += 1
-        progress.update(1)
-        stop_requested = stop.signal_name is not None or (stop_after_steps is not None and step >= stop_after_steps)
-        log_due = step % cfg.log_every == 0 or step == cfg.max_train_steps
-        checkpoint_due = step == cfg.max_train_steps or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0)
-        if dist.enabled and not (log_due or checkpoint_due):
-            stop_requested = False  # ranks agree on stopping at the next log or checkpoint step
-        if log_due or checkpoint_due or stop_requested:
-            window = metrics.steps
-            read = metrics.read(dist, extra_flag=stop_requested)  # host sync: only here
-            _check_finite(run, step, read, window)
-            stop_requested = read["flag"]
-            if log_due:
-                _log_train(run, step, read, clock.measure(), progress)
-                clock.restart()
-        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
-            validate(run, step, images=True)
-            clock.restart()
-        if checkpoint_due or stop_requested:
-            save_state(run, step)
-            barrier(dist)
-            clock.restart()
-        if stop_requested:
-            run.summary.update(interrupted=True, signal=stop.signal_name or "stop_after_steps")
-            break
-    if step >= cfg.max_train_steps:
-        if step == run.start_step:  # resumed from a finished run: just (re-)export
-            save_state(run, step)
-        validate(run, step, images=True)
-        run.writer.add_hparams_end()
-    run.summary.update(steps=step, images_per_s=clock.last, peak_memory_mib=peak_memory_mib(run.device))
-    if run.summary["val_losses"]:
-        run.summary["val_loss_initial"] = run.summary["val_losses"][0][1]
-        run.summary["val_loss_final"] = run.summary["val_losses"][-1][1]
+def _prepare_data(cfg: TrainConfig, dist: DistInfo, resume_path: Path | None = None):
+    """Scan and split the dataset (a fresh run) or take the split of the first start from the run's manifest
+    (a resumed run), and write the manifest on rank 0; every rank gets the same records."""
+    result = None
     if dist.is_main:
-        (run.output_dir / "summary.json").write_text(json.dumps(run.summary, indent=2, default=str) + "\n")
-    return _close(run, progress)
+        dropped, deduplicated = None, None
+        if resume_path is not None:
+            train_records, val_records, dropped, deduplicated = _split_of_first_start(cfg, Path(resume_path))
+            records = train_records + val_records
+        else:
+            records = dataset.scan_dataset(
+                cfg.dataset_dir, cfg.file_list, min_image_size=cfg.min_image_size, skip_bad_images=cfg.skip_bad_images,
+                max_images=cfg.max_images, seed=cfg.seed, num_workers=cfg.resolved_num_workers,
+            )
+            if cfg.exclude_duplicates is not None:
+                records, deduplicated = dataset.drop_duplicates(records, cfg.exclude_duplicates)
+            train_records, val_records = dataset.split_holdout(records, val_fraction=cfg.val_fraction,
+                                                               val_count=cfg.val_count, seed=cfg.seed)
+        check_free_space(cfg, len(records))
+        extra = {name: value for name, value in to_dict(cfg).items() if name in result_flags(TrainConfig)}
+        manifest_sha = dataset.write_manifest(Path(cfg.output_dir) / "manifest.json", train_records, val_records, extra,
+                                      dropped, deduplicated)
+        result = (train_records, val_records, manifest_sha)
+    return broadcast_object(result, dist)
 
 
-def _log_train(run: TrainRun, step: int, read: dict, images_per_s: float, progress) -> None:
-    for tag, value in (("train/loss", read["loss"]), ("train/grad_norm", read["grad_norm"]),
-                       ("train/lr", scheduled_lr(run.cfg, step - 1)), ("train/images_per_s", images_per_s),
-                       ("memory/peak_mib", peak_memory_mib(run.device))):
-        run.writer.add_scalar(tag, value, step)
-    progress.set_postfix(loss=f"{read['loss']:.4f}", img_s=f"{images_per_s:.1f}")
-    run.summary["final_loss"] = read["loss"]
+def _split_of_first_start(cfg: TrainConfig, resume_path: Path):
+    """(train, val, dropped, deduplicated) of a resumed run: the split recorded in the manifest of the run the checkpoint belongs
+    to, never re-drawn, so no image moves between the splits. Images missing or changed since are an error naming
+    them, or with --skip_bad_images left out of both splits with a warning (listed under `dropped`)."""
+    manifest_path = resume_path.parent.parent / "manifest.json"
+    if not manifest_path.is_file():
+        raise TrainingError(
+            f"--resume_from_checkpoint {resume_path}: the run's manifest {manifest_path} is missing; it records the "
+            "train/held-out split fixed at the run's first start, which a resumed run keeps. Restore it, or start a "
+            "new run (without --resume_from_checkpoint) in another --output_dir"
+        )
+    manifest = dataset.read_manifest(manifest_path)
+    splits = {name: dataset.records_from_manifest(manifest, name, dataset_dir=cfg.dataset_dir)
+              for name in ("train", "val")}
+    changed = [(name, record, reason) for name in splits
+               for record, reason in dataset.check_unchanged(splits[name], cfg.resolved_num_workers)]
+    dropped = list(manifest.get("dropped", []))
+    if changed:
+        listed = "\n".join(f"  {record.relpath} ({'held-out' if name == 'val' else 'training'} image): {reason}"
+                           for name, record, reason in changed[:50])
+        listed += f"\n  ... and {len(changed) - 50} more" if len(changed) > 50 else ""
+        head = (f"--resume_from_checkpoint: {len(changed)} image(s) of the run's train/held-out split ({manifest_path}, "
+                f"fixed at its first start) are missing or changed since:\n{listed}\n")
+        if not cfg.skip_bad_images:
+            raise DatasetError(head + "Restore them (the manifest records each file's size and sha256), or pass "
+                               "--skip_bad_images to continue without them (they are left out of both splits, never "
+                               "moved from one to the other), or start a new run in another --output_dir")
+        warnings.warn(head + "--skip_bad_images: continuing without them (left out of both splits and listed under "
+                      "`dropped` in manifest.json); the data order differs from the original run from here on",
+                      stacklevel=2)
+        gone = {(name, record.relpath) for name, record, _ in changed}
+        splits = {name: [r for r in records if (name, r.relpath) not in gone] for name, records in splits.items()}
+        dropped += [{"relpath": record.relpath, "sha256": record.sha256, "split": name, "reason": reason}
+                    for name, record, reason in changed]
+        if not splits["train"]:
+            raise DatasetError(f"--resume_from_checkpoint: no training image of {manifest_path} is left; restore "
+                               "the images, or start a new run in another --output_dir")
+    print(f"[cxr] resuming with the split of the first start ({manifest_path}): {len(splits['train'])} training, "
+          f"{len(splits['val'])} held-out images", file=sys.stderr)
+    return splits["train"], splits["val"], dropped, manifest.get("deduplicated")
 
 
-def _close(run: TrainRun, progress) -> dict:
-    progress.close()
-    run.writer.close()
-    barrier(run.dist)
-    return run.summary
+def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_records, device):
+    """Latent caches of both splits; rank 0 builds them, the other ranks wait and then load them."""
+    # Every flag declared cache=True goes to the cache (which keys on what it is given); the model id and
+    # revision travel as one `vae_id`, the name the key has always used for them.
+    settings = {name: getattr(cfg, name) for name in cache_flags(TrainConfig)}
+    settings["vae_id"] = f"{settings.pop('model_id')}@{settings.pop('revision') or 'main'}"
+    common = dict(settings, cache_dir=cfg.resolved_cache_dir, device=device, batch_size=cfg.encode_batch_size,
+                  num_workers=cfg.resolved_num_workers)
+    caches = None
+    for turn in ("main", "others"):
+        if (turn == "main") == dist.is_main:
+            train_cache = latents.build_or_load_latent_cache(train_records, vae, **common)
+            val_cache = None
+            if val_records:  # the held-out images are never mirrored
+                val_cache = latents.build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False})
+            caches = (train_cache, val_cache)
+        barrier(dist)
+    return caches
+
+
+def _load_model(cfg: TrainConfig, device, dtype):
+    components = models.load_components(cfg.model_id, cfg.revision)
+    unet = components["unet"].to(device=device, dtype=dtype)
+    # The LoRA A init draws from --seed without touching the global RNG the caller (or a later run) relies on.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        paths = inject_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_target_list,
+                            dropout=cfg.lora_dropout)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    # The VAE stays float32: the cache stores its posterior exactly and validation decodes without fp16 overflow.
+    components["vae"].to(device=device, dtype=torch.float32)
+    components["text_encoder"].to(device=device)
+    components["unet"] = unet
+    return components, paths
+
+
+def _check_flags_for_device(cfg: TrainConfig, device, dist: DistInfo) -> None:
+    if cfg.cuda_graph and cfg.gradient_checkpointing:
+        # Checkpointing stashes and restores the CUDA RNG state inside the captured region, which graph capture
+        # does not support in the torch versions we run (pytorch/pytorch#162504); untested on a GPU, so refused.
+        raise TrainingError("--cuda_graph: cannot be combined with --gradient_checkpointing (activation "
+                            "checkpointing is not graph-safe in this PyTorch); drop one of them: "
+                            "--gradient_checkpointing to save memory, --cuda_graph for speed")
+    if cfg.cuda_graph:
+        if device.type != "cuda":
+            raise TrainingError(f"--cuda_graph: needs a CUDA device but this run is on {device}; drop --cuda_graph")
+        if cfg.mixed_precision == "fp16":
+            raise TrainingError("--cuda_graph: cannot capture fp16 training (the GradScaler checks for inf on the "
+                                "host every step); use --mixed_precision bf16")
+        if dist.enabled:
+            raise TrainingError("--cuda_graph: not supported with several processes (DDP); drop --cuda_graph")
+        if cfg.torch_compile:
+            raise TrainingError("--cuda_graph: use either --cuda_graph or --torch_compile, not both")
+
+
+# Result flags the adapter header records from the weights themselves (cxr.rank, cxr.alpha, cxr.targets).
+_HEADER_FROM_WEIGHTS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def _adapter_metadata(cfg: TrainConfig, step: int, manifest_sha: str, prediction_type: str) -> dict[str, str]:
+    """Every result flag (as `str(value)`, None as ""), under the names sample.py and users read: the model id
+    as `base_model` (resolved), the prediction type as resolved from the base scheduler when the flag is empty."""
+    metadata = {name: "" if value is None else str(value) for name, value in to_dict(cfg).items()
+                if name in result_flags(TrainConfig) and name not in _HEADER_FROM_WEIGHTS}
+    metadata["base_model"] = models.resolve_model_id(metadata.pop("model_id"))
+    metadata.update(prediction_type=prediction_type, steps=str(step), manifest_sha256=manifest_sha,
+                    cxr_version=__version__)
+    return metadata
+
+
+def versions() -> dict[str, str]:
+    return {
+        "cxr": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# ------------------------------------------------------------------------------------------- command
 
 
 def run(cfg: TrainConfig) -> int:
