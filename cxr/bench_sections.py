@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import StableDiffusionPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -429,6 +428,10 @@ def section_cache(ctx: Context) -> list[Row]:
 
 def section_sampling(ctx: Context) -> list[Row]:
     """Images/s of sampling (sample.py's default DPM-Solver++ and guidance) with the merged adapter."""
+    # Imported here: the pipeline module pulls in transformers' image processors (seconds, and their warnings),
+    # which only this section needs.
+    from diffusers import StableDiffusionPipeline
+
     cfg, parts = ctx.cfg, ctx.models()
     unet = ctx.train_state().unet
     pipe = StableDiffusionPipeline(

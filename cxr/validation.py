@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from cxr.step import diffusion_loss
 
@@ -49,6 +48,10 @@ def validation_images(unet, vae, tokenizer, scheduler_config: dict, prompt_embed
                       autocast_dtype) -> torch.Tensor:
     """(N, 3, R, R) samples in [0, 1] from fixed seeds (seed + i): a stock StableDiffusionPipeline built from the
     in-memory components (LoRA applied, DPM-Solver++), then a float32 VAE decode outside autocast."""
+    # Imported on first use: the pipeline module pulls in transformers' image processors (seconds, and their
+    # warnings), which a run without a validation grid never needs.
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
     device = prompt_embeds.device
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=None, tokenizer=tokenizer, unet=unet,
