@@ -139,7 +139,8 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     prompt_embeds = latents.encode_prompt(tokenizer, components["text_encoder"], cfg.prompt, device).to(device)
     negative_embeds = latents.encode_prompt(tokenizer, components["text_encoder"], "", device).to(device)
     train_cache, val_cache = _build_caches(cfg, dist, components["vae"], train_records, val_records, device)
-    want_images = dist.is_main and cfg.validation_steps > 0 and cfg.num_validation_images > 0
+    validates = dist.is_main  # rank 0 alone runs validation
+    want_images = validates and cfg.validation_steps > 0 and cfg.num_validation_images > 0
     vae = components["vae"] if want_images else None  # kept only for the validation grid's decode
     del components
     gc.collect()
@@ -150,7 +151,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     latents_std = train_cache.std.to(device=device, dtype=torch.float32)
     scaling_factor = float(train_cache.scaling_factor)
     val_inputs = None
-    if val_cache is not None and dist.is_main:
+    if val_cache is not None and validates:
         val_inputs = fixed_validation_inputs(val_cache.mean, scaling_factor, cfg.seed + 1, device)
 
     unet.train()
@@ -222,6 +223,8 @@ def start_logging(run: TrainRun) -> None:
 
 
 def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> dict:
+    """Steps from run.start_step to --max_train_steps; metrics are read (the only host sync) at log and checkpoint
+    steps, where the ranks also agree on stopping; checkpoints at --checkpointing_steps and on a stop."""
     cfg, dist, metrics = run.cfg, run.dist, run.step.metrics
     if run.start_step < cfg.max_train_steps:
         validate(run, run.start_step, images=run.start_step == 0)  # the baselines: val/loss, the grid before training
@@ -265,18 +268,23 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
         if stop_requested:
             run.summary.update(interrupted=True, signal=stop.signal_name or "stop_after_steps")
             break
-    if step >= cfg.max_train_steps:
+    _finish(run, step, clock.last)
+    return _close(run, progress)
+
+
+def _finish(run: TrainRun, step: int, images_per_s: float) -> None:
+    """After the last step (or a stop): the final validation and HParams, the summary and summary.json."""
+    if step >= run.cfg.max_train_steps:
         if step == run.start_step:  # resumed from a finished run: just (re-)export
             save_state(run, step)
         validate(run, step, images=True)
         run.writer.add_hparams_end()
-    run.summary.update(steps=step, images_per_s=clock.last, peak_memory_mib=peak_memory_mib(run.device))
+    run.summary.update(steps=step, images_per_s=images_per_s, peak_memory_mib=peak_memory_mib(run.device))
     if run.summary["val_losses"]:
         run.summary["val_loss_initial"] = run.summary["val_losses"][0][1]
         run.summary["val_loss_final"] = run.summary["val_losses"][-1][1]
-    if dist.is_main:
+    if run.dist.is_main:
         (run.output_dir / "summary.json").write_text(json.dumps(run.summary, indent=2, default=str) + "\n")
-    return _close(run, progress)
 
 
 def _log_train(run: TrainRun, step: int, read: dict, images_per_s: float, progress) -> None:
