@@ -32,7 +32,8 @@ def child_machine(args: dict) -> dict:
     """Machine facts and the measured dense matmul peak (bf16 on CUDA, fp32 on the CPU)."""
     import torch
 
-    from cxr.bench import machine_info, measure_matmul_peak
+    from cxr.bench import machine_info
+    from cxr.bench_sections import measure_matmul_peak
 
     device = torch.device(args["device"])
     info = {**machine_info(device), "versions": versions()}

@@ -45,6 +45,7 @@ from cxr.ddpm import PREDICTION_TYPES
 from cxr.fileio import check_writable
 from cxr.lora import AdapterError, merge_lora
 from cxr.models import pick_device, resolve_model_id
+from cxr.runtime import DTYPES
 from cxr.samplefolder import (
     IMAGE_PREFIX,
     SamplingError,
@@ -64,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 # ITU-R BT.601 luma weights, the ones Pillow's convert("L") and cxr.imageio's colour -> gray use.
 from cxr.imageio import BT601_LUMA as LUMA_WEIGHTS  # noqa: E402 - one home for the luma weights
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 INDEX_WRITE_SECONDS = 60.0  # rewrite the index at most this often during a run (and always at the end)
 
 
@@ -114,7 +114,7 @@ def resolve_device_and_dtype(device: str, dtype: str):
         raise SamplingError(str(error)) from error
     if dtype == "auto":
         dtype = "fp16" if torch_device.type == "cuda" else "fp32"
-    return torch_device, getattr(torch, DTYPES[dtype])
+    return torch_device, DTYPES[dtype]
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -300,13 +300,6 @@ def generate_batch(pipe, seeds: Sequence[int], *, prompt: str, negative_prompt: 
                             f"request (--width x --height; latents {tuple(latents.shape[1:])}); the base model's VAE "
                             "does not downsample by its pipeline's vae_scale_factor")
     return images
-
-
-def _synchronize(device) -> None:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------- pixels

@@ -187,7 +187,7 @@ def test_disk_estimate_and_bench_use_the_vae_factor(f2_model_dir, tiny_model_dir
 
     from cxr.bench import BenchConfig, Context
     from cxr.models import read_vae_scale_factor
-    from cxr.training import estimate_disk_bytes
+    from cxr.rundir import estimate_disk_bytes
 
     assert read_vae_scale_factor(str(f2_model_dir)) == 2 and read_vae_scale_factor(str(tiny_model_dir)) == 8
     vae = AutoencoderKL.from_pretrained(f2_model_dir, subfolder="vae")

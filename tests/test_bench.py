@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cxr import bench
+from cxr import bench, bench_context, bench_sections, runtime
 
 TIMED_ROWS = {
     ("train", "our step, cached latents"), ("train", "encode every step"),
@@ -73,15 +73,15 @@ def test_count_flops_matches_closed_form_for_linear_conv_and_cpu_attention():
     batch, tokens, heads, dim = 2, 64, 4, 16
     linear = torch.nn.Linear(32, 48)
     x = torch.randn(batch, tokens, 32)
-    assert bench.count_flops(lambda: linear(x)) == 2 * batch * tokens * 32 * 48
+    assert bench_sections.count_flops(lambda: linear(x)) == 2 * batch * tokens * 32 * 48
 
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     image = torch.randn(1, 3, 16, 16)
-    assert bench.count_flops(lambda: conv(image)) == 2 * 16 * 16 * 8 * 3 * 3 * 3
+    assert bench_sections.count_flops(lambda: conv(image)) == 2 * 16 * 16 * 8 * 3 * 3 * 3
 
     # CPU attention has no FLOP formula in PyTorch; count_flops must still see QK^T and AV.
     q, k, v = (torch.randn(batch, heads, tokens, dim) for _ in range(3))
-    counted = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    counted = bench_sections.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert counted == 2 * (2 * batch * heads * tokens * tokens * dim)
 
 
@@ -91,23 +91,23 @@ def test_saved_activation_bytes_matches_closed_form():
     batch = 3
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     x = torch.randn(batch, 8)
-    counted = bench.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters()))
+    counted = bench_sections.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters()))
     assert counted == 4 * batch * (8 + 16)
     # frozen weights and an input without grad: nothing needs saving
     model.requires_grad_(False)
-    assert bench.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters())) == 0
+    assert bench_sections.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters())) == 0
 
 
 def test_peak_memory_window_resets_on_cpu():
     device = torch.device("cpu")
-    if not bench.reset_peak_memory(device):
+    if not runtime.reset_peak_memory(device):
         pytest.skip("this kernel does not allow resetting the peak RSS (/proc/self/clear_refs)")
-    before = bench.peak_memory_mb(device)
+    before = runtime.peak_memory_mib(device)
     block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, written, so resident
-    grown = bench.peak_memory_mb(device)
+    grown = runtime.peak_memory_mib(device)
     del block
-    assert bench.reset_peak_memory(device)
-    after = bench.peak_memory_mb(device)
+    assert runtime.reset_peak_memory(device)
+    after = runtime.peak_memory_mib(device)
     assert grown - before > 200
     assert grown - after > 200
 
@@ -122,7 +122,7 @@ def test_time_interleaved_calls_each_variant_warmup_plus_rounds_times():
             order.append(name)
         return call
 
-    timings = bench.time_interleaved({"a": make("a"), "b": make("b")}, torch.device("cpu"), warmup=2, steps=3, repeats=4)
+    timings = bench_context.time_interleaved({"a": make("a"), "b": make("b")}, torch.device("cpu"), warmup=2, steps=3, repeats=4)
     assert calls == {"a": 2 + 3 * 4, "b": 2 + 3 * 4}
     assert order[4:] == (["a"] * 3 + ["b"] * 3) * 4  # rounds alternate between the variants
     for timing in timings.values():
@@ -147,4 +147,4 @@ def test_missing_peft_gives_an_install_hint(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(RuntimeError, match=r"pip install -e '\.\[test\]'"):
-        bench.peft_unet(None)
+        bench_sections.peft_unet(None)

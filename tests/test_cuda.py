@@ -9,7 +9,9 @@ import pytest
 import torch
 from test_training import lora_tensors, make_cfg
 
+import cxr.step
 from cxr import training
+from cxr.config import TrainConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -20,7 +22,9 @@ ATOL = 1e-4
 
 
 def _cuda_step(tiny_model_dir, generator, capturable: bool):
-    """make_train_step on the tiny UNet with LoRA (same init every call) and random 'cached' latents, on CUDA."""
+    """The training step (cxr.step.build_train_step) on the tiny UNet with LoRA (same init every call) and random
+    'cached' latents, on CUDA. `capturable`: built as --cuda_graph builds it (capturable AdamW, the default CUDA
+    generator seeded with --seed); otherwise with its own generator, whose state is set to `generator`'s."""
     from cxr import ddpm
     from cxr.lora import inject_lora, lora_parameters
     from cxr.models import load_components
@@ -30,18 +34,18 @@ def _cuda_step(tiny_model_dir, generator, capturable: bool):
     torch.manual_seed(0)  # the LoRA A init, on the CPU
     inject_lora(parts["unet"], rank=4, alpha=4)
     unet = parts["unet"].to(device)
-    params = lora_parameters(unet)
-    optimizer = training.make_optimizer(params, lr=1e-3, weight_decay=0.01, device=device, capturable=capturable)
-    metrics = training.StepMetrics(device)
     latents = torch.Generator().manual_seed(1)
     mean, std = torch.randn(8, 4, 8, 8, generator=latents).to(device), torch.full((8, 4, 8, 8), 0.1, device=device)
-    step = training.make_train_step(
-        model=unet, params=params, optimizer=optimizer, schedule=ddpm.make_schedule(dict(parts["scheduler"].config), device),
+    cfg = TrainConfig(learning_rate=1e-3, adam_weight_decay=0.01, train_batch_size=2, grad_accum_steps=2,
+                      snr_gamma=5.0, noise_offset=0.05, max_grad_norm=1.0, mixed_precision="no", seed=0,
+                      cuda_graph=capturable)
+    step = cxr.step.build_train_step(
+        cfg, model=unet, params=lora_parameters(unet), schedule=ddpm.make_schedule(dict(parts["scheduler"].config), device),
         latents_mean=mean, latents_std=std, scaling_factor=0.18215,
-        prompt_embeds=torch.randn(1, 77, 32, generator=latents).to(device), generator=generator, metrics=metrics,
-        batch_size=2, grad_accum_steps=2, snr_gamma=5.0, noise_offset=0.05, max_grad_norm=1.0,
-    )
-    return unet, step, params, optimizer, metrics
+        prompt_embeds=torch.randn(1, 77, 32, generator=latents).to(device))
+    if not capturable:
+        step.generator.set_state(generator.get_state())
+    return unet, step, step.params, step.optimizer, step.metrics
 
 
 def _indices(count: int) -> list[torch.Tensor]:
@@ -72,8 +76,7 @@ def test_cuda_graph_replay_equals_the_eager_step(tiny_model_dir):
         generator.manual_seed(0)
         unet, step, params, optimizer, metrics = _cuda_step(tiny_model_dir, generator, capturable=True)
         if graphed:
-            step = training.capture_cuda_graph(step, indices[0], params=params, optimizer=optimizer,
-                                               metrics=metrics, generator=generator)
+            step.capture_cuda_graph(indices[0])
         for rows in indices:
             step(rows)
         torch.cuda.synchronize()

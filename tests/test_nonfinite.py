@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+import cxr.step
 from cxr import training
 from cxr.config import ConfigError, SampleConfig, TrainConfig, parse_config
 
@@ -89,7 +90,7 @@ def test_step_unless_equals_never_taking_the_skipped_step(kind):
                 param.grad = g.clone()
             bad = torch.tensor(float(any(not torch.isfinite(g).all() for g in grad)))
             before_params, before_state = [p.detach().clone() for p in params], _optimizer_state(optimizer, params)
-            training.step_unless(optimizer, params, bad)
+            cxr.step.step_unless(optimizer, params, bad)
             if bad:
                 assert _same([p.detach() for p in params], before_params)
                 after = _optimizer_state(optimizer, params)
@@ -146,7 +147,7 @@ def test_a_nonfinite_marked_checkpoint_is_kept_but_never_resumed_from(tmp_path):
 
 def _poison_gradients(monkeypatch, which_calls):
     """The loss stays finite but its gradient is NaN on the given training forward calls (1-based)."""
-    real_loss = training.diffusion_loss
+    real_loss = cxr.step.diffusion_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -157,7 +158,7 @@ def _poison_gradients(monkeypatch, which_calls):
                 loss.register_hook(lambda grad: grad * math.nan)
         return loss
 
-    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    monkeypatch.setattr(cxr.step, "diffusion_loss", poisoned)
 
 
 def test_a_nan_gradient_with_a_finite_loss_is_flagged_and_not_applied(tiny_model_dir, monkeypatch):
@@ -180,7 +181,7 @@ def test_a_nan_gradient_with_a_finite_loss_is_flagged_and_not_applied(tiny_model
 
 
 def test_metrics_tell_the_first_bad_step_of_a_window():
-    metrics = training.StepMetrics("cpu")
+    metrics = cxr.step.StepMetrics("cpu")
     for flag in (0.0, 0.0, 1.0, 0.0):
         metrics.add_nonfinite(torch.tensor(flag))
         metrics.steps += 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import cxr.rundir
 from cxr import runlock, training
 from cxr.config import TrainConfig
 
@@ -253,7 +254,7 @@ def test_stale_lock_and_temp_files_of_a_killed_run_are_cleaned_at_the_next_start
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
     assert not (out / runlock.LOCK_NAME).exists()
-    assert training.STALE_TEMP_AGE_S < 3 * 3600  # the --cache_dir file above was old enough
+    assert cxr.rundir.STALE_TEMP_AGE_S < 3 * 3600  # the --cache_dir file above was old enough
 
 
 # ------------------------------------------------------------------------------------- the fixed split

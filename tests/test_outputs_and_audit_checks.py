@@ -61,7 +61,8 @@ def test_train_seed_limit_fits_every_generator_the_run_seeds():
     """The largest accepted seed works where training uses it: the data order's seed * 1_000_003 + epoch, the
     noise generator, the validation noise (seed + 1) and torch.manual_seed (the LoRA init)."""
     from cxr.config import TRAIN_SEED_MAX
-    from cxr.training import DataOrder, DistInfo
+    from cxr.runtime import DistInfo
+    from cxr.step import DataOrder
 
     TrainConfig(dataset_dir=Path("x"), seed=TRAIN_SEED_MAX).validate()
     order = DataOrder(8, batch_size=2, grad_accum_steps=1, dist=DistInfo(), seed=TRAIN_SEED_MAX, device="cpu")
@@ -172,12 +173,13 @@ def test_evaluate_out_is_checked_before_any_metric(case, tmp_path, monkeypatch, 
 
 def test_train_keeps_its_output_dir_check(tmp_path):
     """train.py's check is the shared one (cxr.fileio), raising the training error its CLI reports."""
+    import cxr.rundir
     from cxr import fileio, training
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(training.TrainingError, match="--output_dir: cannot write to"):
-        training.check_writable(blocker, "--output_dir")
+        cxr.rundir.check_writable(blocker, "--output_dir")
     with pytest.raises(fileio.OutputPathError, match="--out: cannot write to .*existing file, not a folder"):
         fileio.check_writable(blocker, "--out")
 

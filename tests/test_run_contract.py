@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import cxr.runtime
+import cxr.step
+import cxr.validation
 from cxr import training
 from cxr.config import (ConfigError, TrainConfig, cache_flags, changed_result_flags, parse_config, recorded_values,
                         result_flags, to_dict)
@@ -143,7 +146,7 @@ def test_adapter_metadata_holds_every_result_flag_under_the_names_readers_use(ti
 def test_manifest_extra_holds_every_result_flag(tiny_model_dir, phantom_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache", snr_gamma=1.5,
                    intensity_clip_percent=0.5, pad_to_square=True)
-    training._prepare_data(cfg, training.DistInfo())
+    training._prepare_data(cfg, cxr.runtime.DistInfo())
     extra = json.loads((tmp_path / "run" / "manifest.json").read_text())["extra"]
     assert extra == {name: to_dict(cfg)[name] for name in result_flags(TrainConfig)}
     assert extra["snr_gamma"] == 1.5 and extra["model_id"] == str(tiny_model_dir) and extra["seed"] == 0
@@ -182,11 +185,11 @@ def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(tiny_mode
     monkeypatch.setattr(latents, "cache_key", capture)
     vae = load_components(str(tiny_model_dir), names=("vae",))["vae"]
     base = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache")
-    records, _, _ = training._prepare_data(base, training.DistInfo())
+    records, _, _ = training._prepare_data(base, cxr.runtime.DistInfo())
 
     def key_of(cfg):
         with pytest.raises(_KeyFound) as found:
-            training._build_caches(cfg, training.DistInfo(), vae, records, [], torch.device("cpu"))
+            training._build_caches(cfg, cxr.runtime.DistInfo(), vae, records, [], torch.device("cpu"))
         return found.value.args[0]
 
     base_key = key_of(base)
@@ -240,7 +243,7 @@ def test_resumed_optimizer_keeps_this_runs_mode_and_settings(saved_mode, new_mod
     lr_object = optimizer.param_groups[0]["lr"]
     mode = {key: optimizer.param_groups[0][key] for key in ("fused", "capturable", "foreach")}
     assert mode != {key: state["param_groups"][0][key] for key in mode}  # the checkpoint's mode differs
-    training.load_optimizer_state(optimizer, copy.deepcopy(state))  # loading shares the state's tensors
+    cxr.step.load_optimizer_state(optimizer, copy.deepcopy(state))  # loading shares the state's tensors
     group = optimizer.param_groups[0]
     assert {key: group[key] for key in mode} == mode
     assert group["lr"] is lr_object and group["weight_decay"] == 0.05  # this run's flags
@@ -262,7 +265,7 @@ def test_resumed_optimizer_keeps_a_device_lr_tensor():
     saved = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.5, fused=True)
     optimizer = torch.optim.AdamW([param], lr=torch.tensor(1e-3), fused=True)
     lr_tensor = optimizer.param_groups[0]["lr"]
-    training.load_optimizer_state(optimizer, saved.state_dict())
+    cxr.step.load_optimizer_state(optimizer, saved.state_dict())
     assert optimizer.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(1e-3)
 
 
@@ -278,7 +281,7 @@ def test_ddp_timeout_reaches_init_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    info, device = training.setup_device_and_distributed("cpu", 45)
+    info, device = cxr.runtime.setup_device_and_distributed("cpu", 45)
     assert info.world_size == 2 and device.type == "cpu"
     assert calls == [dict(backend="gloo", init_method="env://", timeout=datetime.timedelta(minutes=45))]
 
@@ -307,7 +310,7 @@ def test_train_passes_the_ddp_timeout_flag(tmp_path, monkeypatch):
 def test_cuda_graph_with_gradient_checkpointing_is_refused(device, tmp_path, capsys):
     cfg = TrainConfig(dataset_dir=tmp_path, cuda_graph=True, gradient_checkpointing=True, mixed_precision="bf16")
     with pytest.raises(training.TrainingError, match="--cuda_graph: cannot be combined with --gradient_checkpointing"):
-        training._check_flags_for_device(cfg, torch.device(device), training.DistInfo())
+        training._check_flags_for_device(cfg, torch.device(device), cxr.runtime.DistInfo())
     sys.path.insert(0, str(REPO))
     import train as train_script
 
@@ -316,9 +319,9 @@ def test_cuda_graph_with_gradient_checkpointing_is_refused(device, tmp_path, cap
     assert "--cuda_graph: cannot be combined with --gradient_checkpointing" in capsys.readouterr().err
     # Each alone still passes the combination check (cuda_graph on a CUDA device).
     training._check_flags_for_device(dataclasses.replace(cfg, gradient_checkpointing=False), torch.device("cuda"),
-                                     training.DistInfo())
+                                     cxr.runtime.DistInfo())
     training._check_flags_for_device(dataclasses.replace(cfg, cuda_graph=False), torch.device("cpu"),
-                                     training.DistInfo())
+                                     cxr.runtime.DistInfo())
 
 
 # ------------------------------------------------------------------------- item 7: TensorBoard
@@ -381,7 +384,7 @@ def test_tensorboard_run_folder_hparams_step0_grid_and_resume_append(tiny_model_
     samples = events.Images("val/samples")
     assert [s.step for s in samples] == [0]  # the baseline grid before training
     grid = np.asarray(Image.open(io.BytesIO(samples[0].encoded_image_string)).convert("L"))
-    gap = training.VALIDATION_GRID_GAP
+    gap = cxr.validation.VALIDATION_GRID_GAP
     assert grid.shape == (64, 2 * 64 + gap)
     assert (grid[:, 64:64 + gap] == 255).all()  # the gap column between the two tiles
     assert not (grid[:, :64] == 255).all() and not (grid[:, 64 + gap:] == 255).all()

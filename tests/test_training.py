@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from cxr.config import TrainConfig
+import cxr.runtime
+import cxr.step
+import cxr.validation
 from cxr import training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,30 +56,30 @@ def lora_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_lr_schedule_closed_form():
     kw = dict(base_lr=1.0, warmup_steps=4, total_steps=14)
-    assert [training.lr_at(s, kind="constant", **kw) for s in (0, 3, 4, 13)] == [0.25, 1.0, 1.0, 1.0]
-    assert training.lr_at(9, kind="linear", **kw) == pytest.approx(0.5)
-    assert training.lr_at(9, kind="cosine", **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert training.lr_at(14, kind="cosine", **kw) == pytest.approx(0.0)
+    assert [cxr.step.lr_at(s, kind="constant", **kw) for s in (0, 3, 4, 13)] == [0.25, 1.0, 1.0, 1.0]
+    assert cxr.step.lr_at(9, kind="linear", **kw) == pytest.approx(0.5)
+    assert cxr.step.lr_at(9, kind="cosine", **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cxr.step.lr_at(14, kind="cosine", **kw) == pytest.approx(0.0)
 
 
 def test_data_order_shards_the_global_batch():
-    one = training.DataOrder(10, batch_size=4, grad_accum_steps=1, dist=training.DistInfo(0, 1), seed=3, device="cpu")
-    ranks = [training.DataOrder(10, batch_size=2, grad_accum_steps=1, dist=training.DistInfo(r, 2, r), seed=3,
+    one = cxr.step.DataOrder(10, batch_size=4, grad_accum_steps=1, dist=cxr.runtime.DistInfo(0, 1), seed=3, device="cpu")
+    ranks = [cxr.step.DataOrder(10, batch_size=2, grad_accum_steps=1, dist=cxr.runtime.DistInfo(r, 2, r), seed=3,
                                 device="cpu") for r in (0, 1)]
     assert one.steps_per_epoch == 2  # 10 rows, 4 per step: the last 2 are dropped
     for _ in range(5):  # crosses epochs
         full = one.next_indices()
         assert torch.equal(torch.cat([r.next_indices() for r in ranks], dim=1), full)
     assert one.state() == {"epoch": 2, "position": 4}
-    whole_epoch = training.DataOrder(10, batch_size=10, grad_accum_steps=1, dist=training.DistInfo(), seed=1,
+    whole_epoch = cxr.step.DataOrder(10, batch_size=10, grad_accum_steps=1, dist=cxr.runtime.DistInfo(), seed=1,
                                      device="cpu").next_indices()[0]
     assert sorted(whole_epoch.tolist()) == list(range(10))  # a permutation: every row once per epoch
     with pytest.raises(training.TrainingError, match="--train_batch_size"):
-        training.DataOrder(3, batch_size=4, grad_accum_steps=1, dist=training.DistInfo(), seed=0, device="cpu")
+        cxr.step.DataOrder(3, batch_size=4, grad_accum_steps=1, dist=cxr.runtime.DistInfo(), seed=0, device="cpu")
 
 
 def _tiny_step(tiny_model_dir, steps_fn=None):
-    """make_train_step on the tiny UNet with LoRA and random 'cached' latents (no dataset needed)."""
+    """The training step (cxr.step.build_train_step) on the tiny UNet with LoRA and random 'cached' latents."""
     from cxr import ddpm
     from cxr.lora import inject_lora, lora_parameters
     from cxr.models import load_components
@@ -85,18 +88,14 @@ def _tiny_step(tiny_model_dir, steps_fn=None):
     unet = parts["unet"]
     torch.manual_seed(0)
     inject_lora(unet, rank=4, alpha=4)
-    params = lora_parameters(unet)
-    optimizer = training.make_optimizer(params, lr=1e-3, weight_decay=0.01, device=torch.device("cpu"))
     schedule = ddpm.make_schedule(dict(parts["scheduler"].config))
-    metrics = training.StepMetrics("cpu")
-    gen = torch.Generator().manual_seed(0)
     mean, std = torch.randn(8, 4, 8, 8), torch.full((8, 4, 8, 8), 0.1)
-    step = training.make_train_step(
-        model=unet, params=params, optimizer=optimizer, schedule=schedule, latents_mean=mean, latents_std=std,
-        scaling_factor=0.18215, prompt_embeds=torch.randn(1, 77, 32), generator=gen, metrics=metrics,
-        batch_size=2, grad_accum_steps=2, snr_gamma=5.0, noise_offset=0.05, max_grad_norm=1.0,
-    )
-    return unet, schedule, step, metrics, (params, optimizer, gen)
+    cfg = TrainConfig(learning_rate=1e-3, adam_weight_decay=0.01, train_batch_size=2, grad_accum_steps=2,
+                      snr_gamma=5.0, noise_offset=0.05, max_grad_norm=1.0, mixed_precision="no", seed=0)
+    step = cxr.step.build_train_step(cfg, model=unet, params=lora_parameters(unet), schedule=schedule,
+                                     latents_mean=mean, latents_std=std, scaling_factor=0.18215,
+                                     prompt_embeds=torch.randn(1, 77, 32))
+    return unet, schedule, step, step.metrics, (step.params, step.optimizer, step.generator)
 
 
 def test_train_step_makes_no_host_sync(tiny_model_dir):
@@ -140,10 +139,10 @@ def test_graph_warmup_state_restore_leaves_no_trace(tiny_model_dir, steps_before
         for _ in range(steps_before_snapshot):
             step(indices)
         if warmup:
-            snapshot = training.snapshot_train_state(params, optimizer, gen)
+            snapshot = cxr.step.snapshot_train_state(params, optimizer, gen)
             for _ in range(2):
                 step(indices)
-            training.restore_train_state(snapshot, params, optimizer, metrics, gen)
+            cxr.step.restore_train_state(snapshot, params, optimizer, metrics, gen)
             assert metrics.loss_sum == 0
         for _ in range(2):
             step(indices)
@@ -154,7 +153,7 @@ def test_graph_warmup_state_restore_leaves_no_trace(tiny_model_dir, steps_before
 
 def test_step_source_has_no_host_reads():
     """The step's source has no .item()/.cpu()/.tolist()/print and no `if` on a tensor value."""
-    source = textwrap.dedent(inspect.getsource(training.make_train_step))
+    source = textwrap.dedent(inspect.getsource(cxr.step.make_train_step))
     tree = ast.parse(source)
     step_def = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "step")
     calls = {n.func.attr for n in ast.walk(step_def) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
@@ -174,10 +173,10 @@ def test_forward_and_loss_compile_without_graph_breaks(tiny_model_dir):
 
     unet, schedule, _, _, _ = _tiny_step(tiny_model_dir)
     torch._dynamo.reset()
-    compiled = torch.compile(training.diffusion_loss, fullgraph=True, backend="eager")
+    compiled = torch.compile(cxr.step.diffusion_loss, fullgraph=True, backend="eager")
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     timesteps = torch.tensor([10, 900])
-    expected = training.diffusion_loss(unet, x0, noise, timesteps, torch.randn(1, 77, 32).zero_(), schedule, 5.0, None)
+    expected = cxr.step.diffusion_loss(unet, x0, noise, timesteps, torch.randn(1, 77, 32).zero_(), schedule, 5.0, None)
     loss = compiled(unet, x0, noise, timesteps, torch.zeros(1, 77, 32), schedule, 5.0, None)
     torch.testing.assert_close(loss, expected)
 
@@ -219,7 +218,7 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     assert [e.step for e in events.Scalars("val/loss")] == [0, 2, 4]
     assert "val/samples" in tags["images"]
     image = events.Images("val/samples")[-1]
-    assert image.width == 2 * 64 + training.VALIDATION_GRID_GAP and image.height == 64
+    assert image.width == 2 * 64 + cxr.validation.VALIDATION_GRID_GAP and image.height == 64
     assert "config/text_summary" in tags["tensors"]
 
     # The exported adapter holds exactly the trained tensors (a stock-format reader agrees with the checkpoint).
@@ -273,7 +272,7 @@ def test_resume_with_a_changed_pixel_setting_warns_naming_the_flag(tiny_model_di
 @pytest.mark.slow
 def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tiny_model_dir, phantom_dir, shared_cache,
                                                                   tmp_path, monkeypatch):
-    real_loss = training.diffusion_loss
+    real_loss = cxr.step.diffusion_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):  # the 3rd training step's loss is NaN (validation runs without grad)
@@ -283,7 +282,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tiny_model_di
         calls["n"] += 1
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    monkeypatch.setattr(cxr.step, "diffusion_loss", poisoned)
     cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "nan", shared_cache, max_train_steps=8, log_every=4,
                    checkpointing_steps=2)
     with pytest.raises(training.NonFiniteLossError, match=r"before step 4.*--learning_rate.*bf16"):
@@ -348,13 +347,13 @@ def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(tiny_
     import json
 
     cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache", intensity_clip_percent=0.5)
-    train_records, val_records, _ = training._prepare_data(cfg, training.DistInfo())
+    train_records, val_records, _ = training._prepare_data(cfg, cxr.runtime.DistInfo())
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["extra"]["intensity_clip_percent"] == 0.5
 
     builds = []
     monkeypatch.setattr("cxr.latents.build_or_load_latent_cache", lambda records, vae, **kwargs: builds.append(kwargs))
-    training._build_caches(cfg, training.DistInfo(), None, train_records, val_records, torch.device("cpu"))
+    training._build_caches(cfg, cxr.runtime.DistInfo(), None, train_records, val_records, torch.device("cpu"))
     assert [kwargs["intensity_clip_percent"] for kwargs in builds] == [0.5, 0.5]  # train and val caches
 
 
