@@ -20,6 +20,7 @@ import cxr.runtime
 import cxr.step
 import cxr.validation
 from cxr import training
+import test_training  # tests/ is on sys.path (rootdir conftest): one tiny TrainConfig for both files
 from cxr.config import (ConfigError, TrainConfig, cache_flags, changed_result_flags, parse_config, recorded_values,
                         result_flags, to_dict)
 
@@ -47,16 +48,8 @@ def shared_cache(tmp_path_factory):
 
 
 def make_cfg(tiny_model_dir, phantom_dir, out, cache, **overrides) -> TrainConfig:
-    values = dict(
-        dataset_dir=Path(phantom_dir), model_id=str(tiny_model_dir), output_dir=Path(out), cache_dir=Path(cache),
-        device="cpu", mixed_precision="no", resolution=64, train_batch_size=4, val_count=4,
-        dataloader_num_workers=0, learning_rate=1e-3, max_train_steps=4, log_every=1, checkpointing_steps=2,
-        validation_steps=0, num_validation_images=0, lora_rank=4, lora_alpha=4.0, seed=0,
-    )
-    values.update(overrides)
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    return cfg
+    """test_training's tiny config, logging every step."""
+    return test_training.make_cfg(tiny_model_dir, phantom_dir, out, cache, **{"log_every": 1, **overrides})
 
 
 def other_value(field: dataclasses.Field, value):
