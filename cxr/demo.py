@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,24 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESOLUTION = 64
+MARKER = ".cxr-demo"  # written into --work_dir: the folder's outputs are the demo's own, safe to replace
+OUTPUTS = ("run", "samples", "samples_base", "learning.png", "distances.json")
+
+
+def prepare_work_dir(work: Path) -> None:
+    """Make `work` ready for a fresh demo run. The outputs of an earlier demo run there are removed (train.py
+    refuses to start a fresh run over an earlier one, and sample.py to mix settings in one folder); a folder the
+    demo did not write is never touched: it is an error to point --work_dir at it."""
+    if work.exists() and any(work.iterdir()) and not (work / MARKER).is_file():
+        raise SystemExit(f"error: --work_dir {work} is not empty and was not written by the demo (no {MARKER} file); "
+                         "choose a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("written by python -m cxr.demo; its outputs here are replaced on the next demo run\n")
+    earlier = [work / name for name in OUTPUTS if (work / name).exists()]
+    if earlier:
+        print(f"      replacing the earlier demo run's {', '.join(p.name for p in earlier)} in {work}")
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _run(script: str, args: list[str]) -> None:
@@ -74,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     data_dir, output_dir = work / "phantoms", work / "run"
     base_samples, samples_dir = work / "samples_base", work / "samples"
 
+    prepare_work_dir(work)
     print(f"[1/5] writing {args.num_images} phantom chest X-rays to {data_dir}")
     write_phantoms(data_dir, args.num_images, seed=0, sizes=((256, 256), (320, 288)), formats=("png8", "png16", "jpg"))
     print("[2/5] the tiny pretrained base (UNet trained on grey shapes, never on a radiograph)")

@@ -1,0 +1,27 @@
+"""The demo runs end to end, and again in the same folder (a rerun replaces only the demo's own outputs)."""
+
+import json
+
+import pytest
+
+from cxr import demo
+
+
+@pytest.mark.slow
+def test_demo_runs_twice_in_one_folder_and_never_touches_a_foreign_one(tmp_path, capsys):
+    work = tmp_path / "demo"
+    args = ["--work_dir", str(work), "--steps", "2", "--num_images", "16", "--num_samples", "2"]
+    demo.main(args)
+    first = json.loads((work / "distances.json").read_text())
+    (work / "run" / "note.txt").write_text("left by the first run")
+    demo.main(args)  # before the fix: train.py refused the earlier run's folder (exit 1)
+    assert json.loads((work / "distances.json").read_text()) == first  # same seeds, same result
+    assert not (work / "run" / "note.txt").exists()
+    assert "replacing the earlier demo run's" in capsys.readouterr().out
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("do not delete")
+    with pytest.raises(SystemExit, match="was not written by the demo"):
+        demo.main(["--work_dir", str(foreign), "--steps", "2"])
+    assert (foreign / "thesis.tex").read_text() == "do not delete"
