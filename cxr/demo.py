@@ -25,14 +25,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESOLUTION = 64
 MARKER = ".cxr-demo"  # written into --work_dir: the folder's outputs are the demo's own, safe to replace
 OUTPUTS = ("run", "samples", "samples_base", "learning.png", "distances.json")
+DEMO_NAMES = {MARKER, "phantoms", "tiny-sd", *OUTPUTS}  # tiny-sd: the base of demos before cxr.pretrained
 
 
 def prepare_work_dir(work: Path) -> None:
     """Make `work` ready for a fresh demo run. The outputs of an earlier demo run there are removed (train.py
     refuses to start a fresh run over an earlier one, and sample.py to mix settings in one folder); a folder the
     demo did not write is never touched: it is an error to point --work_dir at it."""
-    if work.exists() and any(work.iterdir()) and not (work / MARKER).is_file():
-        raise SystemExit(f"error: --work_dir {work} is not empty and was not written by the demo (no {MARKER} file); "
+    foreign = [p.name for p in work.iterdir() if p.name not in DEMO_NAMES] if work.exists() else []
+    if foreign and not (work / MARKER).is_file():
+        raise SystemExit(f"error: --work_dir {work} holds files the demo did not write ({', '.join(sorted(foreign)[:5])}); "
                          "choose a new or empty folder")
     work.mkdir(parents=True, exist_ok=True)
     (work / MARKER).write_text("written by python -m cxr.demo; its outputs here are replaced on the next demo run\n")

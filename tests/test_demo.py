@@ -22,6 +22,6 @@ def test_demo_runs_twice_in_one_folder_and_never_touches_a_foreign_one(tmp_path,
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("do not delete")
-    with pytest.raises(SystemExit, match="was not written by the demo"):
+    with pytest.raises(SystemExit, match="holds files the demo did not write .thesis.tex"):
         demo.main(["--work_dir", str(foreign), "--steps", "2"])
     assert (foreign / "thesis.tex").read_text() == "do not delete"
