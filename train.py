@@ -31,9 +31,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from cxr.config import TrainConfig, parse_config
-    from cxr.training import run
 
     cfg = parse_config(TrainConfig, argv)
+    from cxr.training import run  # after parsing: torch and diffusers load in seconds, --help and flag errors need neither
+
     return run(cfg)
 
 
