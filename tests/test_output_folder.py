@@ -122,23 +122,32 @@ def test_taking_over_a_stale_lock_never_removes_a_fresh_one(tmp_path):
 # ---------------------------------------------------------------------------------- two runs in one folder
 
 
-@pytest.mark.slow
-def test_second_run_into_a_folder_in_use_is_refused(tiny_model_dir, phantom_dir, tmp_path, monkeypatch):
-    """Issue 13 #2: two train.py into one --output_dir at once both exited 0 and mixed their files."""
-    out, cache = tmp_path / "run", tmp_path / "cache"
+def start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout) -> subprocess.Popen:
+    """A real `train.py` run into `out` in a subprocess (100,000 steps: it runs until it is signalled)."""
     argv = [sys.executable, str(REPO / "train.py"), "--dataset_dir", str(phantom_dir), "--model_id",
             str(tiny_model_dir), "--output_dir", str(out), "--cache_dir", str(cache), "--device", "cpu",
             "--mixed_precision", "no", "--resolution", "64", "--train_batch_size", "4", "--val_count", "4",
             "--dataloader_num_workers", "0", "--max_train_steps", "100000", "--checkpointing_steps", "2",
             "--validation_steps", "0", "--lora_rank", "4", "--lora_alpha", "4"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint_2(process: subprocess.Popen, out: Path, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while not (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.time() < deadline, "the run did not start"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_second_run_into_a_folder_in_use_is_refused(tiny_model_dir, phantom_dir, tmp_path, monkeypatch):
+    """Issue 13 #2: two train.py into one --output_dir at once both exited 0 and mixed their files."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    first = start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout=subprocess.PIPE)
     try:
-        deadline = time.time() + 300
-        while not (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists():
-            assert first.poll() is None, first.communicate()[1][-2000:]
-            assert time.time() < deadline, "the first run did not start"
-            time.sleep(0.2)
+        wait_for_checkpoint_2(first, out)
         manifest = (out / "manifest.json").read_bytes()
         no_scan(monkeypatch)
         second = make_cfg(tiny_model_dir, phantom_dir, out, cache, seed=1, resume_from_checkpoint="latest")
@@ -157,19 +166,9 @@ def test_second_run_into_a_folder_in_use_is_refused(tiny_model_dir, phantom_dir,
 @pytest.mark.slow
 def test_lock_of_a_killed_run_is_taken_over_by_the_resume(tiny_model_dir, phantom_dir, tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    argv = [sys.executable, str(REPO / "train.py"), "--dataset_dir", str(phantom_dir), "--model_id",
-            str(tiny_model_dir), "--output_dir", str(out), "--cache_dir", str(cache), "--device", "cpu",
-            "--mixed_precision", "no", "--resolution", "64", "--train_batch_size", "4", "--val_count", "4",
-            "--dataloader_num_workers", "0", "--max_train_steps", "100000", "--checkpointing_steps", "2",
-            "--validation_steps", "0", "--lora_rank", "4", "--lora_alpha", "4"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    killed = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while not (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists():
-            assert killed.poll() is None, killed.communicate()[1][-2000:]
-            assert time.time() < deadline, "the run did not start"
-            time.sleep(0.2)
+        wait_for_checkpoint_2(killed, out)
     finally:
         killed.kill()  # SIGKILL: no clean-up runs
         killed.communicate()
