@@ -140,6 +140,11 @@ def _batches(count: int, batch: int, steps: int, generator):
         yield torch.randint(0, count, (batch,), generator=generator)
 
 
+def warmup_cosine_lr(step: int, base_lr: float, *, warmup: int, total: int) -> float:
+    """The builders' learning rate: a linear ramp over `warmup` steps times a cosine decay over `total` steps."""
+    return base_lr * min(1.0, (step + 1) / warmup) * (0.5 * (1 + np.cos(np.pi * step / total)))
+
+
 def train_vae(settings: BaseSettings, log=_log):
     """An AutoencoderKL trained on shapes + phantoms (L1 + MSE reconstruction, a small KL term)."""
     import torch
@@ -159,7 +164,7 @@ def train_vae(settings: BaseSettings, log=_log):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     vae.train()
     for step in range(settings.vae_steps):
-        lr = settings.vae_lr * min(1.0, (step + 1) / 50) * (0.5 * (1 + np.cos(np.pi * step / settings.vae_steps)))
+        lr = warmup_cosine_lr(step, settings.vae_lr, warmup=50, total=settings.vae_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = torch.multinomial(weights, settings.vae_batch, replacement=True, generator=generator)
@@ -202,7 +207,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler_config: dict, setti
     unet.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.unet_lr, weight_decay=1e-2)
     for step, rows in enumerate(_batches(len(mean), settings.unet_batch, settings.unet_steps, generator)):
-        lr = settings.unet_lr * min(1.0, (step + 1) / 100) * (0.5 * (1 + np.cos(np.pi * step / settings.unet_steps)))
+        lr = warmup_cosine_lr(step, settings.unet_lr, warmup=100, total=settings.unet_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x0 = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator)) * scaling
