@@ -14,9 +14,9 @@ Regenerate image 17 alone, into another folder (same pixels as cxr_synth_000017.
 
     python sample.py ... --out_dir check --start_index 17 --num_images 1
 
-Tiny CPU run (no download; random-weight model from cxr.tiny):
+Tiny CPU run (no download; random-weight model from cxr.model.tiny):
 
-    python -m cxr.tiny /tmp/tiny-sd
+    python -m cxr.model.tiny /tmp/tiny-sd
     python sample.py --base_model /tmp/tiny-sd --out_dir /tmp/tiny-samples --num_images 4 \
         --num_inference_steps 4 --device cpu --grayscale_out --bit_depth 16
 
@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     from cxr.config import SampleConfig, parse_config
 
     cfg = parse_config(SampleConfig, argv)
-    from cxr.sampling import SamplingError, sample  # after parsing: torch and diffusers take seconds, --help need not wait
+    from cxr.sample.sampling import (
+        SamplingError,
+        sample,
+    )  # after parsing: torch and diffusers take seconds, --help need not wait
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         sample(cfg)

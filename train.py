@@ -11,7 +11,7 @@ Several GPUs on one machine (the batch is per GPU; rank 0 writes logs, checkpoin
         --train_batch_size 16 --max_train_steps 5000
 
 Tiny CPU run (a random-weight SD-shaped model and phantom images; about a minute):
-    python -m cxr.tiny /tmp/tiny-sd && python -m cxr.phantoms /tmp/phantoms --count 24
+    python -m cxr.model.tiny /tmp/tiny-sd && python -m cxr.data.phantoms /tmp/phantoms --count 24
     python train.py --dataset_dir /tmp/phantoms --model_id /tmp/tiny-sd --output_dir /tmp/cxr-tiny \\
         --device cpu --mixed_precision no --train_batch_size 4 --max_train_steps 20 --log_every 5 \\
         --checkpointing_steps 10 --validation_steps 10 --num_validation_images 2 --validation_inference_steps 2
@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     from cxr.config import TrainConfig, parse_config
 
     cfg = parse_config(TrainConfig, argv)
-    from cxr.training import run  # after parsing: torch and diffusers load in seconds, --help and flag errors need neither
+    from cxr.train.training import (
+        run,
+    )  # after parsing: torch and diffusers load in seconds, --help and flag errors need neither
 
     return run(cfg)
 

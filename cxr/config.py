@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 import types
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -31,7 +32,7 @@ class ConfigError(ValueError):
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and wraps negative values onto that range): sample.py seeds
 # image i with seed + i, so every one of those must lie in it.
 SEED_MAX = 2**64 - 1
-# Training seeds its data order with seed * 1_000_003 + epoch (cxr.training.DataOrder), which must stay within
+# Training seeds its data order with seed * 1_000_003 + epoch (cxr.train.training.DataOrder), which must stay within
 # SEED_MAX too: 2**32 - 1 (numpy's seed range) leaves room for ~4e12 epochs.
 TRAIN_SEED_MAX = 2**32 - 1
 
@@ -113,7 +114,9 @@ def build_parser(cls, description: str = "", prog: str | None = None) -> argpars
     """An argparse parser with one `--name` option per dataclass field, plus `--config FILE.toml`."""
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip().splitlines()[0])
     parser.add_argument(
-        "--config", type=Path, default=None,
+        "--config",
+        type=Path,
+        default=None,
         help="TOML file setting any of these flags (flat `name = value`); flags given on the command line win",
     )
     hints = typing.get_type_hints(cls)
@@ -260,48 +263,110 @@ class TrainConfig:
     # streams, so a resume on the other kind continues in distribution but not bit for bit); ddp_timeout_minutes.
     # skip_bad_images and min_image_size are result flags: they decide which images are trained on.
     # --- data ---
-    dataset_dir: Path | None = flag(None, "folder of chest X-ray images (searched recursively: PNG, JPEG, TIFF, BMP, DICOM)")
-    file_list: Path | None = flag(None, "CSV/TXT list of images to use (column `path`, optional `patient_id`); paths relative to --dataset_dir or absolute")
-    exclude_duplicates: Path | None = flag(None, "report.json of `python -m cxr.dedup`: leave out the images it lists to drop (one image of each duplicate group is kept), matched by content hash, before the split; recorded in the manifest")
+    dataset_dir: Path | None = flag(
+        None, "folder of chest X-ray images (searched recursively: PNG, JPEG, TIFF, BMP, DICOM)"
+    )
+    file_list: Path | None = flag(
+        None,
+        "CSV/TXT list of images to use (column `path`, optional `patient_id`); paths relative to --dataset_dir or "
+        "absolute",
+    )
+    exclude_duplicates: Path | None = flag(
+        None,
+        "report.json of `python -m cxr.dedup`: leave out the images it lists to drop (one image of each duplicate "
+        "group is kept), matched by content hash, before the split; recorded in the manifest",
+    )
     output_dir: Path = flag(Path("cxr-lora"), "where the adapter, checkpoints, logs, manifest and config go")
     resolution: int = flag(256, "training resolution in pixels (square; a multiple of 8)", cache=True)
-    pad_to_square: bool = flag(False, "pad non-square images to square (black borders) instead of center-cropping", cache=True)
-    intensity_clip_percent: float = flag(0.0, "for 16-bit/float images and DICOM files without a VOI window: scale between the P-th and (100-P)-th percentile of the image's pixels (P = this value) instead of its min and max, clipping the tails (e.g. 0.5 for burned-in labels or hot/dead pixels; 0 = min-max). 8-bit images and DICOM files with a window are unaffected", cache=True)
-    random_flip: bool = flag(False, "random horizontal flips (unwise for chest X-rays: teaches dextrocardia)", cache=True)
-    skip_bad_images: bool = flag(False, "skip unreadable/truncated/too-small images (listed in a summary) instead of stopping", result=True)
-    min_image_size: int = flag(64, "images whose shorter side is below this many pixels are rejected as bad", result=True)
+    pad_to_square: bool = flag(
+        False, "pad non-square images to square (black borders) instead of center-cropping", cache=True
+    )
+    intensity_clip_percent: float = flag(
+        0.0,
+        "for 16-bit/float images and DICOM files without a VOI window: scale between the P-th and (100-P)-th "
+        "percentile of the image's pixels (P = this value) instead of its min and max, clipping the tails (e.g. 0.5 "
+        "for burned-in labels or hot/dead pixels; 0 = min-max). 8-bit images and DICOM files with a window are "
+        "unaffected",
+        cache=True,
+    )
+    random_flip: bool = flag(
+        False, "random horizontal flips (unwise for chest X-rays: teaches dextrocardia)", cache=True
+    )
+    skip_bad_images: bool = flag(
+        False, "skip unreadable/truncated/too-small images (listed in a summary) instead of stopping", result=True
+    )
+    min_image_size: int = flag(
+        64, "images whose shorter side is below this many pixels are rejected as bad", result=True
+    )
     max_images: int | None = flag(None, "use a seeded random subset of at most this many images", result=True)
-    val_fraction: float = flag(0.02, "fraction of images (or of patients, when the file list has patient_id) held out for validation loss and the memorization audit", result=True)
+    val_fraction: float = flag(
+        0.02,
+        "fraction of images (or of patients, when the file list has patient_id) held out for validation loss and the "
+        "memorization audit",
+        result=True,
+    )
     val_count: int | None = flag(None, "hold out exactly this many images instead of --val_fraction", result=True)
-    dataloader_num_workers: int | None = flag(None, "worker processes that decode images (bad-file check, latent-cache build); default: min(8, CPUs available)")
-    cache_dir: Path | None = flag(None, "where latent caches live (default: OUTPUT_DIR/cache); reused when images, resolution, crop mode and VAE are unchanged")
+    dataloader_num_workers: int | None = flag(
+        None,
+        "worker processes that decode images (bad-file check, latent-cache build); default: min(8, CPUs available)",
+    )
+    cache_dir: Path | None = flag(
+        None,
+        "where latent caches live (default: OUTPUT_DIR/cache); reused when images, resolution, crop mode and VAE are "
+        "unchanged",
+    )
     encode_batch_size: int = flag(16, "images per VAE forward pass when building the latent cache")
     # --- model ---
-    model_id: str = flag(DEFAULT_MODEL_ID, "base model: hub id or local folder (the old runwayml id is mapped to the new one)", cache=True)
+    model_id: str = flag(
+        DEFAULT_MODEL_ID,
+        "base model: hub id or local folder (the old runwayml id is mapped to the new one)",
+        cache=True,
+    )
     revision: str | None = flag(None, "hub revision (branch, tag or commit) of --model_id", cache=True)
     prompt: str = flag(DEFAULT_PROMPT, "the constant training prompt", result=True)
-    prediction_type: str = flag("", "training target; empty = the base scheduler's (epsilon for SD v1.5)", ("", "epsilon", "v_prediction"), result=True)
+    prediction_type: str = flag(
+        "",
+        "training target; empty = the base scheduler's (epsilon for SD v1.5)",
+        ("", "epsilon", "v_prediction"),
+        result=True,
+    )
     lora_rank: int = flag(16, "LoRA rank r", result=True)
     lora_alpha: float = flag(16.0, "LoRA alpha; the update is scaled by alpha / rank", result=True)
     lora_dropout: float = flag(0.0, "dropout on the LoRA input (0 disables)", result=True)
-    lora_targets: str = flag("to_q,to_k,to_v,to_out.0", "comma-separated attention projections to wrap in every attn1/attn2", result=True)
-    export_format: str = flag("both", "adapter file(s) written to OUTPUT_DIR/lora_unet: kohya (cxr_lora_kohya.safetensors: ComfyUI, A1111/Forge, kohya sd-scripts, diffusers), diffusers (pytorch_lora_weights.safetensors, peft keys: diffusers and peft only) or both", ("diffusers", "kohya", "both"))
+    lora_targets: str = flag(
+        "to_q,to_k,to_v,to_out.0", "comma-separated attention projections to wrap in every attn1/attn2", result=True
+    )
+    export_format: str = flag(
+        "both",
+        "adapter file(s) written to OUTPUT_DIR/lora_unet: kohya (cxr_lora_kohya.safetensors: ComfyUI, A1111/Forge, "
+        "kohya sd-scripts, diffusers), diffusers (pytorch_lora_weights.safetensors, peft keys: diffusers and peft "
+        "only) or both",
+        ("diffusers", "kohya", "both"),
+    )
     # --- optimisation ---
     train_batch_size: int = flag(16, "images per step per GPU", result=True)
     grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step", result=True)
     max_train_steps: int = flag(2000, "optimizer steps to train", result=True)
     learning_rate: float = flag(1e-4, "AdamW learning rate of the LoRA parameters", result=True)
-    lr_scheduler: str = flag("constant", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"), result=True)
+    lr_scheduler: str = flag(
+        "constant", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"), result=True
+    )
     lr_warmup_steps: int = flag(0, "linear warm-up steps", result=True)
     adam_weight_decay: float = flag(1e-2, "AdamW weight decay", result=True)
     max_grad_norm: float = flag(1.0, "gradient clipping norm (0 disables)", result=True)
     snr_gamma: float = flag(5.0, "Min-SNR-gamma loss weighting (0 disables)", result=True)
     noise_offset: float = flag(0.0, "noise offset (0 disables)", result=True)
-    mixed_precision: str = flag("bf16", "compute dtype of the frozen base and autocast", ("no", "fp16", "bf16"), result=True)
+    mixed_precision: str = flag(
+        "bf16", "compute dtype of the frozen base and autocast", ("no", "fp16", "bf16"), result=True
+    )
     seed: int = flag(0, "seed for the split, LoRA init, noise and timesteps (0 to 2**32 - 1)", result=True)
     # --- speed ---
     device: str = flag("auto", "cuda, cpu or auto")
-    ddp_timeout_minutes: int = flag(180, "under torchrun: how long a process waits for the others at a collective before aborting (NCCL's own default is 10 min, too short while rank 0 alone scans and encodes a large dataset on the first run)")
+    ddp_timeout_minutes: int = flag(
+        180,
+        "under torchrun: how long a process waits for the others at a collective before aborting (NCCL's own default "
+        "is 10 min, too short while rank 0 alone scans and encodes a large dataset on the first run)",
+    )
     cuda_graph: bool = flag(False, "capture the whole train step in a CUDA graph (CUDA only)")
     torch_compile: bool = flag(False, "torch.compile the UNet forward")
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory, slower)")
@@ -314,19 +379,38 @@ class TrainConfig:
     checkpointing_steps: int = flag(500, "save a resumable checkpoint every N steps (0: only at the end)")
     checkpoints_total_limit: int | None = flag(3, "keep at most this many checkpoints (oldest removed first)")
     resume_from_checkpoint: str | None = flag(None, "`latest` or a checkpoint folder to continue from exactly")
-    overwrite_output_dir: bool = flag(False, "start a fresh run in an --output_dir that holds an earlier run's checkpoints or adapter: that run's files are moved into OUTPUT_DIR/previous-run-<UTC time>/ (nothing is deleted; the latent cache stays)")
+    overwrite_output_dir: bool = flag(
+        False,
+        "start a fresh run in an --output_dir that holds an earlier run's checkpoints or adapter: that run's files "
+        "are moved into OUTPUT_DIR/previous-run-<UTC time>/ (nothing is deleted; the latent cache stays)",
+    )
 
     def validate(self) -> None:
         check_choices(self)
-        require(self.dataset_dir is not None or self.file_list is not None, "dataset_dir", "is required (or give --file_list with absolute paths)")
-        require(self.resolution > 0 and self.resolution % 8 == 0, "resolution", f"must be a positive multiple of 8, got {self.resolution}")
-        require(0.0 <= self.intensity_clip_percent < 50.0, "intensity_clip_percent", f"must be in [0, 50), got {self.intensity_clip_percent}")
+        require(
+            self.dataset_dir is not None or self.file_list is not None,
+            "dataset_dir",
+            "is required (or give --file_list with absolute paths)",
+        )
+        require(
+            self.resolution > 0 and self.resolution % 8 == 0,
+            "resolution",
+            f"must be a positive multiple of 8, got {self.resolution}",
+        )
+        require(
+            0.0 <= self.intensity_clip_percent < 50.0,
+            "intensity_clip_percent",
+            f"must be in [0, 50), got {self.intensity_clip_percent}",
+        )
         require(self.min_image_size >= 1, "min_image_size", f"must be >= 1, got {self.min_image_size}")
         require(self.max_images is None or self.max_images > 0, "max_images", f"must be > 0, got {self.max_images}")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         require(self.val_count is None or self.val_count >= 0, "val_count", f"must be >= 0, got {self.val_count}")
-        require(self.dataloader_num_workers is None or self.dataloader_num_workers >= 0, "dataloader_num_workers",
-                f"must be >= 0, got {self.dataloader_num_workers}")
+        require(
+            self.dataloader_num_workers is None or self.dataloader_num_workers >= 0,
+            "dataloader_num_workers",
+            f"must be >= 0, got {self.dataloader_num_workers}",
+        )
         require(self.encode_batch_size > 0, "encode_batch_size", f"must be > 0, got {self.encode_batch_size}")
         require(self.lora_rank > 0, "lora_rank", f"must be > 0, got {self.lora_rank}")
         require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
@@ -342,16 +426,34 @@ class TrainConfig:
         require(self.snr_gamma >= 0, "snr_gamma", f"must be >= 0, got {self.snr_gamma}")
         require(self.noise_offset >= 0, "noise_offset", f"must be >= 0, got {self.noise_offset}")
         require(0 <= self.seed <= TRAIN_SEED_MAX, "seed", f"must be in [0, {TRAIN_SEED_MAX}], got {self.seed}")
-        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        require(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            "device",
+            f"must be auto, cpu or cuda[:N], got {self.device!r}",
+        )
         require(self.ddp_timeout_minutes > 0, "ddp_timeout_minutes", f"must be > 0, got {self.ddp_timeout_minutes}")
         require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
         require(self.validation_steps >= 0, "validation_steps", f"must be >= 0, got {self.validation_steps}")
-        require(self.num_validation_images >= 0, "num_validation_images", f"must be >= 0, got {self.num_validation_images}")
-        require(self.validation_inference_steps > 0, "validation_inference_steps", f"must be > 0, got {self.validation_inference_steps}")
+        require(
+            self.num_validation_images >= 0, "num_validation_images", f"must be >= 0, got {self.num_validation_images}"
+        )
+        require(
+            self.validation_inference_steps > 0,
+            "validation_inference_steps",
+            f"must be > 0, got {self.validation_inference_steps}",
+        )
         require(self.checkpointing_steps >= 0, "checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
-        require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "checkpoints_total_limit", f"must be > 0, got {self.checkpoints_total_limit}")
-        require(not (self.overwrite_output_dir and self.resume_from_checkpoint), "overwrite_output_dir",
-                "cannot be combined with --resume_from_checkpoint (one moves the earlier run aside, the other continues it)")
+        require(
+            self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0,
+            "checkpoints_total_limit",
+            f"must be > 0, got {self.checkpoints_total_limit}",
+        )
+        require(
+            not (self.overwrite_output_dir and self.resume_from_checkpoint),
+            "overwrite_output_dir",
+            "cannot be combined with --resume_from_checkpoint (one moves the earlier run aside, the other continues "
+            "it)",
+        )
 
     @property
     def lora_target_list(self) -> list[str]:
@@ -368,7 +470,8 @@ class TrainConfig:
     @property
     def resolved_num_workers(self) -> int:
         """--dataloader_num_workers, or min(8, CPUs this process may use). One process decodes and resizes ~50
-        NIH-sized PNGs/s (bench input section, CPU), far slower than a GPU's VAE encoder: the cache build needs several."""
+        NIH-sized PNGs/s (bench input section, CPU), far slower than a GPU's VAE encoder: the cache build needs
+        several."""
         if self.dataloader_num_workers is not None:
             return self.dataloader_num_workers
         return min(8, available_cpus())
@@ -381,17 +484,33 @@ SCHEDULERS = ("dpm++", "ddim", "ddpm", "euler", "euler_a", "pndm", "unipc")
 class SampleConfig:
     """Generate synthetic chest X-rays from the base model plus a cxr LoRA adapter."""
 
-    base_model: str = flag(DEFAULT_MODEL_ID, "base model: hub id or local folder (the old runwayml id is mapped to the new one)")
+    base_model: str = flag(
+        DEFAULT_MODEL_ID, "base model: hub id or local folder (the old runwayml id is mapped to the new one)"
+    )
     revision: str | None = flag(None, "hub revision of --base_model")
-    lora_path: Path | None = flag(None, "adapter folder (OUTPUT_DIR/lora_unet) or .safetensors file, diffusers or kohya format; omit for the base model alone")
+    lora_path: Path | None = flag(
+        None,
+        "adapter folder (OUTPUT_DIR/lora_unet) or .safetensors file, diffusers or kohya format; omit for the base "
+        "model alone",
+    )
     lora_scale: float = flag(1.0, "strength of the adapter (0 = base model)")
-    merge_lora: bool = flag(True, "merge the adapter into the UNet weights before sampling (faster; same images up to rounding)")
+    merge_lora: bool = flag(
+        True, "merge the adapter into the UNet weights before sampling (faster; same images up to rounding)"
+    )
     out_dir: Path = flag(Path("samples"), "folder for the images, contact sheet and index")
     num_images: int = flag(16, "images to generate (image i uses seed + i)")
     start_index: int = flag(0, "index of the first image (to extend a run: images already on disk are skipped)")
-    height: int | None = flag(None, "image height in pixels (multiple of 8); default: the adapter's training resolution (cxr.resolution in its header), else 256")
-    width: int | None = flag(None, "image width in pixels (multiple of 8); default: the adapter's training resolution, else 256")
-    prompt: str | None = flag(None, f"prompt; default: the adapter's training prompt (cxr.prompt in its header), else {DEFAULT_PROMPT!r}")
+    height: int | None = flag(
+        None,
+        "image height in pixels (multiple of 8); default: the adapter's training resolution (cxr.resolution in its "
+        "header), else 256",
+    )
+    width: int | None = flag(
+        None, "image width in pixels (multiple of 8); default: the adapter's training resolution, else 256"
+    )
+    prompt: str | None = flag(
+        None, f"prompt; default: the adapter's training prompt (cxr.prompt in its header), else {DEFAULT_PROMPT!r}"
+    )
     negative_prompt: str = flag("", "negative prompt")
     num_inference_steps: int = flag(25, "denoising steps")
     guidance_scale: float = flag(3.0, "classifier-free guidance scale (1 disables guidance)")
@@ -408,30 +527,50 @@ class SampleConfig:
         check_choices(self)
         require(self.num_images > 0, "num_images", f"must be > 0, got {self.num_images}")
         require(self.start_index >= 0, "start_index", f"must be >= 0, got {self.start_index}")
-        require(self.height is None or (self.height > 0 and self.height % 8 == 0), "height", f"must be a positive multiple of 8, got {self.height}")
-        require(self.width is None or (self.width > 0 and self.width % 8 == 0), "width", f"must be a positive multiple of 8, got {self.width}")
+        require(
+            self.height is None or (self.height > 0 and self.height % 8 == 0),
+            "height",
+            f"must be a positive multiple of 8, got {self.height}",
+        )
+        require(
+            self.width is None or (self.width > 0 and self.width % 8 == 0),
+            "width",
+            f"must be a positive multiple of 8, got {self.width}",
+        )
         require(self.num_inference_steps > 0, "num_inference_steps", f"must be > 0, got {self.num_inference_steps}")
         require(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         last_seed = self.seed + self.start_index + self.num_images - 1
-        require(0 <= self.seed and last_seed <= SEED_MAX, "seed",
-                f"image i uses seed + i, so --seed ({self.seed}) + --start_index ({self.start_index}) + --num_images "
-                f"({self.num_images}) - 1 must be in [0, {SEED_MAX}] (torch.Generator's seed range); choose a smaller --seed")
+        require(
+            0 <= self.seed and last_seed <= SEED_MAX,
+            "seed",
+            f"image i uses seed + i, so --seed ({self.seed}) + --start_index ({self.start_index}) + --num_images "
+            f"({self.num_images}) - 1 must be in [0, {SEED_MAX}] (torch.Generator's seed range); choose a smaller "
+            f"--seed",
+        )
         require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         require(self.contact_sheet >= 0, "contact_sheet", f"must be >= 0, got {self.contact_sheet}")
-        require(self.bit_depth == 8 or self.grayscale_out, "bit_depth", "16 needs --grayscale_out (16-bit PNGs are single-channel luminance)")
-        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        require(
+            self.bit_depth == 8 or self.grayscale_out,
+            "bit_depth",
+            "16 needs --grayscale_out (16-bit PNGs are single-channel luminance)",
+        )
+        require(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            "device",
+            f"must be auto, cpu or cuda[:N], got {self.device!r}",
+        )
 
 
 # docs/flags.md block name -> "module:ConfigClass" (imported lazily: those modules import this one).
 FLAG_TABLES = {
     "train": "cxr.config:TrainConfig",
     "sample": "cxr.config:SampleConfig",
-    "select": "cxr.select:SelectConfig",
-    "audit": "cxr.audit:AuditConfig",
-    "evaluate": "cxr.evaluate:EvaluateConfig",
-    "report": "cxr.report:ReportConfig",
-    "dedup": "cxr.dedup:DedupConfig",
-    "bench": "cxr.bench:BenchConfig",
+    "select": "cxr.data.select:SelectConfig",
+    "audit": "cxr.privacy.audit:AuditConfig",
+    "evaluate": "cxr.privacy.evaluate:EvaluateConfig",
+    "report": "cxr.privacy.report:ReportConfig",
+    "dedup": "cxr.privacy.dedup:DedupConfig",
+    "bench": "cxr.perf.bench:BenchConfig",
 }
 
 

@@ -2,12 +2,12 @@
 
     python3 -m venv .venv && .venv/bin/pip install 'torch==2.13.0' -e . && .venv/bin/python -m cxr.demo
 
-Steps: synthetic phantom chest X-rays -> the tiny *pretrained* SD-shaped base (`cxr.pretrained`: its UNet was
+Steps: synthetic phantom chest X-rays -> the tiny *pretrained* SD-shaped base (`cxr.model.pretrained`: its UNet was
 trained on grey shapes only, never on a radiograph) -> samples of the base through the real `sample.py` ->
 LoRA training through the real `train.py` at 64 px -> samples of the adapter through `sample.py` with the
 same seeds. `learning.png` shows training images, base samples and adapter samples in three rows, and the
 demo prints how far each set of samples is from the training images (KID and nearest-neighbour NCC in a
-16x16 thumbnail space, `cxr.pretrained.distance_to_training`).
+16x16 thumbnail space, `cxr.model.pretrained.distance_to_training`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESOLUTION = 64
 MARKER = ".cxr-demo"  # written into --work_dir: the folder's outputs are the demo's own, safe to replace
 OUTPUTS = ("run", "samples", "samples_base", "learning.png", "distances.json")
-DEMO_NAMES = {MARKER, "phantoms", "tiny-sd", *OUTPUTS}  # tiny-sd: the base of demos before cxr.pretrained
+DEMO_NAMES = {MARKER, "phantoms", "tiny-sd", *OUTPUTS}  # tiny-sd: the base of demos before cxr.model.pretrained
 
 
 def prepare_work_dir(work: Path) -> None:
@@ -34,8 +34,10 @@ def prepare_work_dir(work: Path) -> None:
     demo did not write is never touched: it is an error to point --work_dir at it."""
     foreign = [p.name for p in work.iterdir() if p.name not in DEMO_NAMES] if work.exists() else []
     if foreign and not (work / MARKER).is_file():
-        raise SystemExit(f"error: --work_dir {work} holds files the demo did not write ({', '.join(sorted(foreign)[:5])}); "
-                         "choose a new or empty folder")
+        raise SystemExit(
+            f"error: --work_dir {work} holds files the demo did not write ({', '.join(sorted(foreign)[:5])}); "
+            "choose a new or empty folder"
+        )
     work.mkdir(parents=True, exist_ok=True)
     (work / MARKER).write_text("written by python -m cxr.demo; its outputs here are replaced on the next demo run\n")
     earlier = [work / name for name in OUTPUTS if (work / name).exists()]
@@ -59,8 +61,8 @@ def learning_sheet(rows: list[list[Path]], labels: list[str], out: Path, tile: i
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from cxr.imageio import read_grayscale
-    from cxr.pretrained import center_square
+    from cxr.data.imageio import read_grayscale
+    from cxr.model.pretrained import center_square
 
     label_width = 118
     columns = max(len(row) for row in rows)
@@ -84,11 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_images", type=int, default=64, help="phantom chest X-rays to train on")
     parser.add_argument("--steps", type=int, default=1000, help="LoRA training steps")
     parser.add_argument("--num_samples", type=int, default=16, help="synthetic images to generate (base and adapter)")
-    parser.add_argument("--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"), help="training target")
+    parser.add_argument(
+        "--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"), help="training target"
+    )
     args = parser.parse_args(argv)
 
-    from cxr.phantoms import write_phantoms
-    from cxr.pretrained import distance_to_training, image_paths, pretrained_base
+    from cxr.data.phantoms import write_phantoms
+    from cxr.model.pretrained import distance_to_training, image_paths, pretrained_base
 
     started = time.time()
     work = args.work_dir.resolve()
@@ -102,35 +106,91 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = pretrained_base()
     print(f"      {model_dir}")
 
-    sample_flags = ["--base_model", str(model_dir), "--num_images", str(args.num_samples), "--height", str(RESOLUTION),
-                    "--width", str(RESOLUTION), "--num_inference_steps", "20", "--batch_size", "8", "--device", "cpu",
-                    "--grayscale_out", "--contact_sheet", str(args.num_samples)]
+    sample_flags = [
+        "--base_model",
+        str(model_dir),
+        "--num_images",
+        str(args.num_samples),
+        "--height",
+        str(RESOLUTION),
+        "--width",
+        str(RESOLUTION),
+        "--num_inference_steps",
+        "20",
+        "--batch_size",
+        "8",
+        "--device",
+        "cpu",
+        "--grayscale_out",
+        "--contact_sheet",
+        str(args.num_samples),
+    ]
     print("[3/5] sampling the base model with sample.py (before training)")
     _run("sample.py", [*sample_flags, "--out_dir", str(base_samples)])
 
     print(f"[4/5] training a LoRA adapter with train.py ({args.prediction_type})")
     every = max(args.steps // 4, 1)
-    _run("train.py", [
-        "--dataset_dir", str(data_dir), "--model_id", str(model_dir), "--output_dir", str(output_dir),
-        "--resolution", str(RESOLUTION), "--train_batch_size", "8", "--max_train_steps", str(args.steps),
-        "--learning_rate", "2e-3", "--lora_rank", "16", "--lora_alpha", "16", "--mixed_precision", "no",
-        "--prediction_type", args.prediction_type, "--device", "cpu", "--val_count", "8",
-        "--dataloader_num_workers", "0", "--checkpointing_steps", str(args.steps // 2 or 1),
-        "--validation_steps", str(every), "--num_validation_images", "8", "--validation_inference_steps", "20",
-        "--log_every", "50",
-    ])
+    _run(
+        "train.py",
+        [
+            "--dataset_dir",
+            str(data_dir),
+            "--model_id",
+            str(model_dir),
+            "--output_dir",
+            str(output_dir),
+            "--resolution",
+            str(RESOLUTION),
+            "--train_batch_size",
+            "8",
+            "--max_train_steps",
+            str(args.steps),
+            "--learning_rate",
+            "2e-3",
+            "--lora_rank",
+            "16",
+            "--lora_alpha",
+            "16",
+            "--mixed_precision",
+            "no",
+            "--prediction_type",
+            args.prediction_type,
+            "--device",
+            "cpu",
+            "--val_count",
+            "8",
+            "--dataloader_num_workers",
+            "0",
+            "--checkpointing_steps",
+            str(args.steps // 2 or 1),
+            "--validation_steps",
+            str(every),
+            "--num_validation_images",
+            "8",
+            "--validation_inference_steps",
+            "20",
+            "--log_every",
+            "50",
+        ],
+    )
 
     print("[5/5] sampling the adapter with sample.py (same seeds)")
     _run("sample.py", [*sample_flags, "--lora_path", str(output_dir / "lora_unet"), "--out_dir", str(samples_dir)])
 
     training, base_paths, adapter_paths = image_paths(data_dir), image_paths(base_samples), image_paths(samples_dir)
-    distances = {"base": distance_to_training(base_paths, training), "adapter": distance_to_training(adapter_paths, training)}
+    distances = {
+        "base": distance_to_training(base_paths, training),
+        "adapter": distance_to_training(adapter_paths, training),
+    }
     (work / "distances.json").write_text(json.dumps(distances, indent=2) + "\n")
     shown = min(8, args.num_samples)
     sheet = learning_sheet(
         [training[:shown], base_paths[:shown], adapter_paths[:shown]],
-        ["training images\n(phantoms)", f"base, before\nKID {distances['base']['kid_x1000']:.1f}",
-         f"LoRA, after\nKID {distances['adapter']['kid_x1000']:.1f}"],
+        [
+            "training images\n(phantoms)",
+            f"base, before\nKID {distances['base']['kid_x1000']:.1f}",
+            f"LoRA, after\nKID {distances['adapter']['kid_x1000']:.1f}",
+        ],
         work / "learning.png",
     )
 

@@ -49,8 +49,9 @@ class OutputPathError(RuntimeError):
     """An output file or folder cannot be written; the message names the flag and what to do."""
 
 
-def check_writable(folder: str | Path, flag: str, error: type[Exception] = OutputPathError, *,
-                   create: bool = True) -> None:
+def check_writable(
+    folder: str | Path, flag: str, error: type[Exception] = OutputPathError, *, create: bool = True
+) -> None:
     """Create `folder` and write + delete a probe file there; raise `error` naming `flag` otherwise.
 
     With `create=False` nothing is left behind: the probe goes into the folder, or where it does not exist yet
@@ -131,11 +132,11 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
 
     data = save(tensors, metadata=metadata)
     length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
+    header = json.loads(data[8 : 8 + length])
     ordered = {}
     if "__metadata__" in header:
         ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
     ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
     text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    return b"".join((len(text).to_bytes(8, "little"), text, memoryview(data)[8 + length:]))
+    return b"".join((len(text).to_bytes(8, "little"), text, memoryview(data)[8 + length :]))

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed
 
-from cxr.models import pick_device
+from cxr.model.loading import pick_device
+
 
 class TrainingError(RuntimeError):
     """A run cannot start or continue; the message says which flag/file and what to do."""
@@ -78,8 +79,11 @@ def setup_device_and_distributed(device_name: str, timeout_minutes: int = 180) -
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                             timeout=datetime.timedelta(minutes=timeout_minutes))
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            init_method="env://",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     return info, device
 
 

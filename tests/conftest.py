@@ -14,7 +14,7 @@ import torch  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Folder of a random-weight tiny SD pipeline, loadable with from_pretrained (built once per session)."""
-    from cxr.tiny import save_pipeline
+    from cxr.model.tiny import save_pipeline
 
     return save_pipeline(tmp_path_factory.mktemp("tiny_sd") / "model", arch="tiny", seed=0)
 
@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
     """24 phantom chest X-rays (256 px, 8-bit PNG), shared read-only by tests."""
-    from cxr.phantoms import write_phantoms
+    from cxr.data.phantoms import write_phantoms
 
     out = tmp_path_factory.mktemp("phantoms")
     write_phantoms(out, 24, seed=0)

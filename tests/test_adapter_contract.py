@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from cxr.config import SampleConfig, TrainConfig
-from cxr.sampling import SamplingError, generate_batch, load_pipeline, sample_run
+from cxr.sample.sampling import SamplingError, generate_batch, load_pipeline, sample_run
 
 TRAIN_PROMPT = "chest x-ray, pa view"  # not the default, so a sampler that ignores the header is caught
 
@@ -36,14 +36,28 @@ def pixels(path) -> np.ndarray:
 def v_run(tiny_model_dir, phantom_dir, tmp_path_factory):
     """An adapter trained by train() with --prediction_type v_prediction, a non-default prompt, 64 px, the
     default --export_format."""
-    from cxr.training import train
+    from cxr.train.training import train
 
     run_dir = tmp_path_factory.mktemp("v_run")
     cfg = TrainConfig(
-        dataset_dir=phantom_dir, model_id=str(tiny_model_dir), output_dir=run_dir, resolution=64, device="cpu",
-        mixed_precision="no", train_batch_size=4, max_train_steps=3, learning_rate=1e-2, lora_rank=4,
-        lora_alpha=8.0, val_count=4, dataloader_num_workers=0, validation_steps=0, checkpointing_steps=0,
-        log_every=1, prediction_type="v_prediction", prompt=TRAIN_PROMPT,
+        dataset_dir=phantom_dir,
+        model_id=str(tiny_model_dir),
+        output_dir=run_dir,
+        resolution=64,
+        device="cpu",
+        mixed_precision="no",
+        train_batch_size=4,
+        max_train_steps=3,
+        learning_rate=1e-2,
+        lora_rank=4,
+        lora_alpha=8.0,
+        val_count=4,
+        dataloader_num_workers=0,
+        validation_steps=0,
+        checkpointing_steps=0,
+        log_every=1,
+        prediction_type="v_prediction",
+        prompt=TRAIN_PROMPT,
     )
     cfg.validate()
     train(cfg)
@@ -58,14 +72,27 @@ def stock_images(model_dir, adapter_dir, seeds, *, prediction_type, steps, promp
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False,
-        prediction_type=prediction_type)
+        pipe.scheduler.config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        use_karras_sigmas=False,
+        prediction_type=prediction_type,
+    )
     pipe.load_lora_weights(str(adapter_dir), weight_name="pytorch_lora_weights.safetensors")
-    return np.concatenate([
-        pipe(prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, guidance_scale=3.0,
-             height=size, width=size, output_type="np").images
-        for seed in seeds
-    ])
+    return np.concatenate(
+        [
+            pipe(
+                prompt,
+                generator=torch.Generator().manual_seed(seed),
+                num_inference_steps=steps,
+                guidance_scale=3.0,
+                height=size,
+                width=size,
+                output_type="np",
+            ).images
+            for seed in seeds
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- 1: the header's settings
@@ -75,8 +102,16 @@ def stock_images(model_dir, adapter_dir, seeds, *, prediction_type, steps, promp
 def test_v_prediction_adapter_samples_like_stock_diffusers_with_v_prediction(tiny_model_dir, v_run, tmp_path):
     pytest.importorskip("peft")
     # No --prompt / --height / --width: they come from the adapter's header (training prompt, 64 px).
-    cfg = SampleConfig(base_model=str(tiny_model_dir), lora_path=v_run, out_dir=tmp_path / "samples", num_images=2,
-                       batch_size=2, num_inference_steps=3, device="cpu", contact_sheet=0)
+    cfg = SampleConfig(
+        base_model=str(tiny_model_dir),
+        lora_path=v_run,
+        out_dir=tmp_path / "samples",
+        num_images=2,
+        batch_size=2,
+        num_inference_steps=3,
+        device="cpu",
+        contact_sheet=0,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = sample_run(cfg)
@@ -84,10 +119,12 @@ def test_v_prediction_adapter_samples_like_stock_diffusers_with_v_prediction(tin
     ours = np.stack([pixels(p) for p in result.paths])
     assert ours.shape == (2, 64, 64, 3)
 
-    reference = stock_images(tiny_model_dir, v_run, [0, 1], prediction_type="v_prediction", steps=3,
-                             prompt=TRAIN_PROMPT, size=64)
-    as_epsilon = stock_images(tiny_model_dir, v_run, [0, 1], prediction_type="epsilon", steps=3,
-                              prompt=TRAIN_PROMPT, size=64)
+    reference = stock_images(
+        tiny_model_dir, v_run, [0, 1], prediction_type="v_prediction", steps=3, prompt=TRAIN_PROMPT, size=64
+    )
+    as_epsilon = stock_images(
+        tiny_model_dir, v_run, [0, 1], prediction_type="epsilon", steps=3, prompt=TRAIN_PROMPT, size=64
+    )
     reference_8bit = np.round(np.clip(reference, 0, 1) * 255).astype(np.int64)
     # Merged (ours) vs unmerged peft (diffusers): float rounding, at most one grey level in a rare pixel.
     diff = np.abs(ours - reference_8bit)
@@ -96,15 +133,26 @@ def test_v_prediction_adapter_samples_like_stock_diffusers_with_v_prediction(tin
     assert np.abs(np.round(as_epsilon * 255) - reference_8bit).mean() > 5
 
     import json
+
     settings = json.loads(result.index_json.read_text())["settings"]
     assert (settings["prompt"], settings["height"], settings["width"]) == (TRAIN_PROMPT, 64, 64)
 
 
 @pytest.mark.slow
 def test_prompt_and_size_differing_from_the_header_warn(tiny_model_dir, v_run, tmp_path):
-    cfg = SampleConfig(base_model=str(tiny_model_dir), lora_path=v_run, out_dir=tmp_path / "s", num_images=1,
-                       batch_size=1, num_inference_steps=1, device="cpu", contact_sheet=0, prompt="chest x-ray",
-                       height=32, width=32)
+    cfg = SampleConfig(
+        base_model=str(tiny_model_dir),
+        lora_path=v_run,
+        out_dir=tmp_path / "s",
+        num_images=1,
+        batch_size=1,
+        num_inference_steps=1,
+        device="cpu",
+        contact_sheet=0,
+        prompt="chest x-ray",
+        height=32,
+        width=32,
+    )
     with pytest.warns(UserWarning) as caught:
         result = sample_run(cfg)
     messages = " ".join(str(w.message) for w in caught)
@@ -114,7 +162,7 @@ def test_prompt_and_size_differing_from_the_header_warn(tiny_model_dir, v_run, t
 
 
 def test_sample_defaults_without_an_adapter_header():
-    from cxr.sampling import adapter_prediction_type, resolve_sample_settings
+    from cxr.sample.sampling import adapter_prediction_type, resolve_sample_settings
 
     cfg = SampleConfig()
     assert (cfg.prompt, cfg.height, cfg.width) == (None, None, None)  # unset: filled from the adapter or defaults
@@ -136,22 +184,31 @@ def test_sample_defaults_without_an_adapter_header():
 def f2_model_dir(tmp_path_factory):
     """An SD-shaped pipeline whose VAE downsamples by 2: the UNet and VAE of diffusers' own
     StableDiffusionPipelineFastTests.get_dummy_components (VAE block_out_channels [32, 64]); text encoder,
-    tokenizer and scheduler from cxr.tiny."""
+    tokenizer and scheduler from cxr.model.tiny."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-    from cxr.tiny import build_components
+    from cxr.model.tiny import build_components
 
     parts = build_components("tiny", seed=0)
     torch.manual_seed(0)
     parts["unet"] = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
     )
     torch.manual_seed(0)
     parts["vae"] = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
     )
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     out = tmp_path_factory.mktemp("f2") / "model"
@@ -160,8 +217,17 @@ def f2_model_dir(tmp_path_factory):
 
 
 def test_vae_downsampling_by_2_gives_pngs_of_the_requested_size(f2_model_dir, tmp_path):
-    cfg = SampleConfig(base_model=str(f2_model_dir), out_dir=tmp_path / "s", num_images=2, batch_size=2, height=64,
-                       width=64, num_inference_steps=2, device="cpu", contact_sheet=0)
+    cfg = SampleConfig(
+        base_model=str(f2_model_dir),
+        out_dir=tmp_path / "s",
+        num_images=2,
+        batch_size=2,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        device="cpu",
+        contact_sheet=0,
+    )
     result = sample_run(cfg)
     for path in result.paths:
         with Image.open(path) as image:
@@ -170,8 +236,15 @@ def test_vae_downsampling_by_2_gives_pngs_of_the_requested_size(f2_model_dir, tm
     # called with a generator seeded seed + i (its latents are (4, 64 / 2, 64 / 2)).
     pipe, _ = load_pipeline(cfg)
     assert pipe.vae_scale_factor == 2
-    reference = pipe("chest x-ray, normal", generator=torch.Generator().manual_seed(1), num_inference_steps=2,
-                     guidance_scale=3.0, height=64, width=64, output_type="np").images[0]
+    reference = pipe(
+        "chest x-ray, normal",
+        generator=torch.Generator().manual_seed(1),
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        height=64,
+        width=64,
+        output_type="np",
+    ).images[0]
     assert np.abs(pixels(result.paths[1]) - np.round(reference * 255)).max() <= 1
 
 
@@ -185,9 +258,9 @@ def test_an_output_of_another_size_than_asked_is_an_error(f2_model_dir):
 def test_disk_estimate_and_bench_use_the_vae_factor(f2_model_dir, tiny_model_dir):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from cxr.bench import BenchConfig, Context
-    from cxr.models import read_vae_scale_factor
-    from cxr.rundir import estimate_disk_bytes
+    from cxr.model.loading import read_vae_scale_factor
+    from cxr.perf.bench import BenchConfig, Context
+    from cxr.train.rundir import estimate_disk_bytes
 
     assert read_vae_scale_factor(str(f2_model_dir)) == 2 and read_vae_scale_factor(str(tiny_model_dir)) == 8
     vae = AutoencoderKL.from_pretrained(f2_model_dir, subfolder="vae")
@@ -244,7 +317,7 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from safetensors import safe_open
 
-    from cxr import adapter_files, lora
+    from cxr.model import adapter_files, lora
 
     assert TrainConfig().export_format == "both"
     files = sorted(p.name for p in v_run.glob("*.safetensors"))
@@ -275,7 +348,9 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
 
     # diffusers loads the default folder (it picks pytorch_lora_weights.safetensors) and gives our UNet's output.
     pytest.importorskip("peft")
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(tiny_model_dir), safety_checker=None, requires_safety_checker=False
+    )
     pipe.load_lora_weights(str(v_run))
     ours = _loaded(tiny_model_dir, v_run)
     torch.manual_seed(0)
@@ -288,7 +363,7 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
 def _loaded(model_dir, adapter):
     from diffusers import UNet2DConditionModel
 
-    from cxr.adapter_files import load_adapter
+    from cxr.model.adapter_files import load_adapter
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     load_adapter(unet, adapter)
@@ -298,13 +373,13 @@ def _loaded(model_dir, adapter):
 def test_sampler_and_converter_pick_the_diffusers_file_when_both_are_there(v_run, tmp_path):
     from safetensors.torch import load_file
 
-    from cxr import adapter_files, lora
+    from cxr.model import adapter_files
 
     assert adapter_files.resolve_adapter_file(v_run) == v_run / adapter_files.DIFFUSERS_WEIGHT_NAME
     _, fmt, header, file = adapter_files.read_adapter(v_run)
     assert fmt == "diffusers" and header["cxr.prediction_type"] == "v_prediction"
     out = tmp_path / "k.safetensors"
-    assert lora.main(["to-kohya", str(v_run), str(out)]) == 0
+    assert adapter_files.main(["to-kohya", str(v_run), str(out)]) == 0
     written, shipped = load_file(out), load_file(v_run / adapter_files.KOHYA_WEIGHT_NAME)
     assert written.keys() == shipped.keys()
     assert all(torch.equal(written[k], shipped[k]) for k in written)

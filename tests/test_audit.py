@@ -11,16 +11,24 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.audit import AuditConfig, audit, main
-from cxr.imagemetrics import ssim
-from cxr.ncc import (best_matches, chunk_sizes, merge_topk, ncc_topk, shift_images, shift_offsets, standardize,
-                     standardize_in_place)
-from cxr.phantoms import make_phantom, to_uint
+from cxr.data.phantoms import make_phantom, to_uint
+from cxr.privacy.audit import AuditConfig, audit, main
+from cxr.privacy.imagemetrics import ssim
+from cxr.privacy.ncc import (
+    best_matches,
+    chunk_sizes,
+    merge_topk,
+    ncc_topk,
+    shift_images,
+    shift_offsets,
+    standardize,
+    standardize_in_place,
+)
 
 
 def pearson_matrix(a, b):
     """NCC reference: Pearson correlation of every row of a with every row of b (np.corrcoef)."""
-    return np.corrcoef(a, b)[: len(a), len(a):]
+    return np.corrcoef(a, b)[: len(a), len(a) :]
 
 
 def test_ncc_topk_equals_brute_force_with_tiny_chunks():
@@ -148,7 +156,7 @@ def copies_of(image, rng):
 @pytest.fixture(scope="module")
 def audit_data(tmp_path_factory):
     """48 training phantoms, 48 held-out phantoms, and samples: 24 fresh phantoms + 4 copies of 8 training images."""
-    from cxr.phantoms import write_phantoms
+    from cxr.data.phantoms import write_phantoms
 
     root = tmp_path_factory.mktemp("audit")
     train = write_phantoms(root / "train", 48, seed=0)
@@ -178,16 +186,34 @@ def read_scores(report_dir):
 def test_audit_flags_copies_and_not_fresh_phantoms(audit_data, capsys):
     root, sources = audit_data
     out = root / "report"
-    argv = ["--train_dir", str(root / "train"), "--samples_dir", str(root / "samples"), "--holdout_dir",
-            str(root / "holdout"), "--out", str(out), "--num_workers", "0", "--ssim", "--ssim_resolution", "64",
-            "--fail_above", "0.7", "--min_holdout_images", "48"]
+    argv = [
+        "--train_dir",
+        str(root / "train"),
+        "--samples_dir",
+        str(root / "samples"),
+        "--holdout_dir",
+        str(root / "holdout"),
+        "--out",
+        str(out),
+        "--num_workers",
+        "0",
+        "--ssim",
+        "--ssim_resolution",
+        "64",
+        "--fail_above",
+        "0.7",
+        "--min_holdout_images",
+        "48",
+    ]
     assert main(argv) == 0  # 32 copies of 56 samples (+ at most ~1% false flags) = 57% < 70%
     assert "flagged 3" in capsys.readouterr().out
     rows = read_scores(out)
     assert len(rows) == 24 + 32  # the contact sheet is not audited
     copies = [r for r in rows if "copies" in r["sample"]]
     fresh = [r for r in rows if "fresh" in r["sample"]]
-    assert all(r["flagged"] == "True" for r in copies), [(r["sample"], r["ncc"]) for r in copies if r["flagged"] != "True"]
+    assert all(r["flagged"] == "True" for r in copies), [
+        (r["sample"], r["ncc"]) for r in copies if r["flagged"] != "True"
+    ]
     assert all(sources[r["sample"].split("/")[-1]] == r["best_match"].split("/")[-1] for r in copies)
     report = json.loads((out / "report.json").read_text())
     assert report["threshold"]["calibrated"] and report["counts"] == {"train": 48, "samples": 56, "holdout": 48}
@@ -210,17 +236,26 @@ def test_fresh_phantoms_need_calibration(audit_data):
     """Phantoms resemble each other (NCC ~0.98), so the uncalibrated 0.95 fallback flags fresh ones:
     the held-out baseline is what makes the audit work, and the fallback warns about it."""
     root, _ = audit_data
-    config = AuditConfig(train_dir=root / "train", samples_dir=root / "samples" / "fresh", out=root / "uncalibrated",
-                         num_workers=0, gallery_pairs=0)
+    config = AuditConfig(
+        train_dir=root / "train",
+        samples_dir=root / "samples" / "fresh",
+        out=root / "uncalibrated",
+        num_workers=0,
+        gallery_pairs=0,
+    )
     with pytest.warns(UserWarning, match="uncalibrated"):
         report = audit(config)
-    assert report["threshold"] == {"value": 0.95, "rule": "uncalibrated --default_threshold (no held-out images)", "calibrated": False}
+    assert report["threshold"] == {
+        "value": 0.95,
+        "rule": "uncalibrated --default_threshold (no held-out images)",
+        "calibrated": False,
+    }
     assert report["flagged"]["rate"] == 1.0
 
 
 def test_manifest_splits_are_train_and_baseline(tmp_path):
-    from cxr.dataset import scan_dataset, split_holdout, write_manifest
-    from cxr.phantoms import write_phantoms
+    from cxr.data.dataset import scan_dataset, split_holdout, write_manifest
+    from cxr.data.phantoms import write_phantoms
 
     data = tmp_path / "data"
     write_phantoms(data / "a", 6, seed=0)
@@ -231,14 +266,27 @@ def test_manifest_splits_are_train_and_baseline(tmp_path):
     samples.mkdir()
     for record in train[:2]:
         (samples / f"copy_{record.path.name}").write_bytes(record.path.read_bytes())
-    argv = ["--train_manifest", str(manifest), "--samples_dir", str(tmp_path / "samples"), "--out",
-            str(tmp_path / "out"), "--num_workers", "0", "--max_shift", "0", "--fail_above", "0.5",
-            "--min_holdout_images", "2"]
+    argv = [
+        "--train_manifest",
+        str(manifest),
+        "--samples_dir",
+        str(tmp_path / "samples"),
+        "--out",
+        str(tmp_path / "out"),
+        "--num_workers",
+        "0",
+        "--max_shift",
+        "0",
+        "--fail_above",
+        "0.5",
+        "--min_holdout_images",
+        "2",
+    ]
     assert main(argv) == 1  # both samples copy training images: 100% > 50%
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["counts"] == {"train": 4, "samples": 2, "holdout": 2}
     assert report["threshold"]["calibrated"] and report["exit_code"] == 1
-    flagged = {Path(r["sample"]).name[len("copy_"):] for r in read_scores(tmp_path / "out") if r["flagged"] == "True"}
+    flagged = {Path(r["sample"]).name[len("copy_") :] for r in read_scores(tmp_path / "out") if r["flagged"] == "True"}
     assert flagged == {record.path.name for record in train[:2]}
 
 
@@ -252,11 +300,12 @@ def test_bad_flags_exit_2(tmp_path, capsys):
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, time, torch
-    import cxr.ncc
-    from cxr.ncc import best_matches, ncc_topk
-    num_queries, num_refs, side, budget, max_shift = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+    import cxr.privacy.ncc
+    from cxr.privacy.ncc import best_matches, ncc_topk
+    num_queries, num_refs, side = (int(a) for a in sys.argv[1:4])
+    budget, max_shift = float(sys.argv[4]), float(sys.argv[5])
     if sys.argv[6:] == ["no_trim"]:
-        cxr.ncc._return_free_memory_to_os = lambda: None
+        cxr.privacy.ncc._return_free_memory_to_os = lambda: None
     torch.manual_seed(0)
     queries, refs = torch.empty(num_queries, side, side), torch.empty(num_refs, side * side)
     for features in (queries, refs):  # filled in place: no temporaries that would raise the peak
@@ -276,7 +325,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def peak_rss_growth(*args):
-    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *map(str, args)], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, *map(str, args)], capture_output=True, text=True, check=True
+    )
     return tuple(map(float, result.stdout.split()))
 
 
@@ -293,17 +344,27 @@ def test_memory_is_bounded_with_shifts():
     """The shift-tolerant search stays near its budget too (all 9 shifted copies of the queries at once
     would take 88 MB, the score matrix 14 MB)."""
     growth_mb, baseline_mb, seconds = peak_rss_growth(600, 1500, 64, 16, 0.5)
-    print(f"600 x 1500 x 4096, 9 shifts, budget 16 MB: peak RSS +{growth_mb:.1f} MB over {baseline_mb:.0f} MB, {seconds:.1f} s")
+    print(
+        f"600 x 1500 x 4096, 9 shifts, budget 16 MB: peak RSS +{growth_mb:.1f} MB over {baseline_mb:.0f} MB, "
+        f"{seconds:.1f} s"
+    )
     assert growth_mb < 40, growth_mb
 
 
 def test_holdout_overlapping_training_set_warns(tmp_path):
-    from cxr.phantoms import write_phantoms
+    from cxr.data.phantoms import write_phantoms
 
     write_phantoms(tmp_path / "train", 4, seed=0)
     write_phantoms(tmp_path / "samples", 2, seed=1)
-    config = AuditConfig(train_dir=tmp_path / "train", holdout_dir=tmp_path / "train", samples_dir=tmp_path / "samples",
-                         out=tmp_path / "out", num_workers=0, max_shift=0, gallery_pairs=0)
+    config = AuditConfig(
+        train_dir=tmp_path / "train",
+        holdout_dir=tmp_path / "train",
+        samples_dir=tmp_path / "samples",
+        out=tmp_path / "out",
+        num_workers=0,
+        max_shift=0,
+        gallery_pairs=0,
+    )
     with pytest.warns(UserWarning, match="4 held-out images have a near-identical training image"):
         audit(config)
 
@@ -315,7 +376,7 @@ def labelled_run(tmp_path_factory):
     of 2 of them (no label)."""
     from PIL import Image
 
-    from cxr.dataset import scan_dataset, write_manifest
+    from cxr.data.dataset import scan_dataset, write_manifest
 
     root = tmp_path_factory.mktemp("labelled")
     (root / "train").mkdir()
@@ -337,8 +398,15 @@ def _best_ncc(report_dir) -> list[float]:
 
 def test_audit_reads_training_images_with_the_manifests_intensity_window(labelled_run):
     root = labelled_run
-    common = {"samples_dir": root / "samples", "num_workers": 0, "max_shift": 0, "threshold": 0.9, "gallery_pairs": 2,
-              "ssim": True, "ssim_resolution": 64}
+    common = {
+        "samples_dir": root / "samples",
+        "num_workers": 0,
+        "max_shift": 0,
+        "threshold": 0.9,
+        "gallery_pairs": 2,
+        "ssim": True,
+        "ssim_resolution": 64,
+    }
     report = audit(AuditConfig(train_manifest=root / "run" / "manifest.json", out=root / "manifest", **common))
     assert report["intensity_clip_percent"] == 0.5
     rows = read_scores(root / "manifest")
@@ -347,8 +415,11 @@ def test_audit_reads_training_images_with_the_manifests_intensity_window(labelle
     assert min(float(r["ssim"]) for r in rows) > 0.95  # SSIM reads the training images with the window too
 
     # Read min-max instead, the label squeezes the anatomy and dominates the thumbnails: the copies are missed.
-    report = audit(AuditConfig(train_manifest=root / "run" / "manifest.json", intensity_clip_percent=0.0,
-                               out=root / "min_max", **common))
+    report = audit(
+        AuditConfig(
+            train_manifest=root / "run" / "manifest.json", intensity_clip_percent=0.0, out=root / "min_max", **common
+        )
+    )
     assert report["intensity_clip_percent"] == 0.0
     assert report["flagged"]["count"] == 0 and max(_best_ncc(root / "min_max")) < 0.6
     assert max(float(r["ssim"]) for r in read_scores(root / "min_max")) < 0.3
@@ -359,11 +430,20 @@ def test_audit_reads_training_images_with_the_manifests_intensity_window(labelle
 
 
 def test_manifest_from_before_the_window_reads_min_max(labelled_run, tmp_path):
-    from cxr.dataset import scan_dataset, write_manifest
+    from cxr.data.dataset import scan_dataset, write_manifest
 
     write_manifest(tmp_path / "old_run" / "manifest.json", scan_dataset(labelled_run / "train"), [], {"seed": 0})
-    report = audit(AuditConfig(train_manifest=tmp_path / "old_run" / "manifest.json", samples_dir=labelled_run / "samples",
-                               out=tmp_path / "out", num_workers=0, max_shift=0, threshold=0.9, gallery_pairs=0))
+    report = audit(
+        AuditConfig(
+            train_manifest=tmp_path / "old_run" / "manifest.json",
+            samples_dir=labelled_run / "samples",
+            out=tmp_path / "out",
+            num_workers=0,
+            max_shift=0,
+            threshold=0.9,
+            gallery_pairs=0,
+        )
+    )
     assert report["intensity_clip_percent"] == 0.0 and report["flagged"]["count"] == 0
 
 
@@ -377,12 +457,18 @@ def test_bad_intensity_clip_percent_exits_2(tmp_path, capsys, value):
 def test_audit_warns_when_its_crop_differs_from_the_training_runs(labelled_run, tmp_path):
     import warnings as warnings_module
 
-    from cxr.dataset import scan_dataset, write_manifest
+    from cxr.data.dataset import scan_dataset, write_manifest
 
     manifest = tmp_path / "padded_run" / "manifest.json"
     write_manifest(manifest, scan_dataset(labelled_run / "train"), [], {"pad_to_square": True})
-    common = dict(train_manifest=manifest, samples_dir=labelled_run / "samples", num_workers=0, max_shift=0,
-                  threshold=0.9, gallery_pairs=0)
+    common = dict(
+        train_manifest=manifest,
+        samples_dir=labelled_run / "samples",
+        num_workers=0,
+        max_shift=0,
+        threshold=0.9,
+        gallery_pairs=0,
+    )
     with pytest.warns(UserWarning, match=r"--pad_to_square: the training run padded its images"):
         audit(AuditConfig(out=tmp_path / "cropped", **common))
     with warnings_module.catch_warnings(record=True) as caught:

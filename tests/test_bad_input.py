@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.dataset import DatasetError, scan_dataset, scan_dataset_report
-from cxr.imageio import ImageReadError, decode_grayscale, read_grayscale
+from cxr.data.dataset import DatasetError, scan_dataset, scan_dataset_report
+from cxr.data.imageio import ImageReadError, decode_grayscale, read_grayscale
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -37,6 +37,7 @@ def _write_png(path: Path, seed: int = 0, side: int = 80) -> Path:
 
 
 # ---------------------------------------------------------------- decompression bombs: one pixel limit
+
 
 def _dicom_dataset(rows, columns, transfer_syntax, **attributes):
     pydicom = pytest.importorskip("pydicom")
@@ -136,7 +137,10 @@ def test_deflated_dicom_bomb_is_rejected_from_its_header_without_inflating_it(tm
     assert time.perf_counter() - start < 2.0
     assert info.value.path == path and str(info.value).startswith(str(path))
     assert "16000 x 16000 = 256,000,000 pixels" in info.value.reason
-    assert f"limit of {Image.MAX_IMAGE_PIXELS:,}" in info.value.reason and "PIL.Image.MAX_IMAGE_PIXELS" in info.value.reason
+    assert (
+        f"limit of {Image.MAX_IMAGE_PIXELS:,}" in info.value.reason
+        and "PIL.Image.MAX_IMAGE_PIXELS" in info.value.reason
+    )
 
 
 def test_dicom_limit_counts_every_frame_and_sample(tmp_path, monkeypatch):
@@ -149,8 +153,9 @@ def test_dicom_limit_counts_every_frame_and_sample(tmp_path, monkeypatch):
         read_grayscale(frames)
     # An uncompressed file whose header claims more than its pixel data holds: rejected by the header.
     colour = tmp_path / "colour.dcm"
-    colour.write_bytes(_plain_dicom_bytes(bytes(16), 60, 60, SamplesPerPixel=3, PhotometricInterpretation="RGB",
-                                          PlanarConfiguration=0))
+    colour.write_bytes(
+        _plain_dicom_bytes(bytes(16), 60, 60, SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0)
+    )
     with pytest.raises(ImageReadError, match=r"60 x 60 x 3 samples = 10,800 pixels, over the limit of 10,000"):
         read_grayscale(colour)
 
@@ -215,12 +220,13 @@ def test_a_bomb_in_the_dataset_is_a_bad_file_of_the_scan(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- PNG chunk CRCs
 
+
 def _chunks(png: bytes):
     """(offset, type, data length) of every chunk."""
     position, found = len(PNG_SIGNATURE), []
     while position < len(png):
-        (length,) = struct.unpack(">I", png[position:position + 4])
-        found.append((position, png[position + 4:position + 8], length))
+        (length,) = struct.unpack(">I", png[position : position + 4])
+        found.append((position, png[position + 4 : position + 8], length))
         position += 12 + length
     return found
 
@@ -269,6 +275,7 @@ def test_png_missing_its_last_bytes_is_truncated(tmp_path):
 
 # ---------------------------------------------------------------- folders that cannot be listed
 
+
 def _deny_listing(monkeypatch, *denied: Path):
     """os.scandir raises PermissionError for these folders, as it does for a user without read access (tests
     run as root, for whom chmod 000 does not block reading)."""
@@ -315,7 +322,7 @@ def test_an_unreadable_dataset_dir_is_not_called_empty(tmp_path, monkeypatch, sk
 
 SCAN_SCRIPT = """
 import sys
-from cxr.dataset import DatasetError, scan_dataset
+from cxr.data.dataset import DatasetError, scan_dataset
 try:
     print([r.relpath for r in scan_dataset(sys.argv[1])])
 except DatasetError as error:
@@ -336,8 +343,14 @@ def test_a_folder_without_read_permission_really_stops_the_scan():
         os.chmod(root / "locked", 0o000)
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         try:
-            result = subprocess.run([sys.executable, "-c", SCAN_SCRIPT, str(root)], capture_output=True, text=True,
-                                    env=env, timeout=120, **as_user)
+            result = subprocess.run(
+                [sys.executable, "-c", SCAN_SCRIPT, str(root)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+                **as_user,
+            )
         except PermissionError as error:  # a container that forbids switching users
             pytest.skip(f"cannot run as another user here: {error}")
         finally:
@@ -347,31 +360,44 @@ def test_a_folder_without_read_permission_really_stops_the_scan():
 
 
 def test_audit_and_evaluate_listing_report_an_unreadable_folder(tmp_path, monkeypatch):
-    import cxr.evaluate
-    from cxr.imagesets import list_images
+    import cxr.privacy.evaluate
+    from cxr.privacy.imagesets import list_images
 
     _write_png(tmp_path / "a.png", seed=0)
     _write_png(tmp_path / "locked" / "b.png", seed=1)
     _deny_listing(monkeypatch, tmp_path / "locked")
-    for listing in (list_images, cxr.evaluate.list_images):
+    for listing in (list_images, cxr.privacy.evaluate.list_images):
         with pytest.raises(DatasetError, match=r"locked.*Permission denied"):
             listing(tmp_path)
 
 
 def test_audit_command_exits_2_naming_an_unreadable_folder(tmp_path, monkeypatch, capsys):
-    from cxr.audit import main
+    from cxr.privacy.audit import main
 
     for index in range(3):
         _write_png(tmp_path / "train" / f"t{index}.png", seed=index)
     _write_png(tmp_path / "samples" / "s.png", seed=9)
     _deny_listing(monkeypatch, tmp_path / "samples")
-    code = main(["--train_dir", str(tmp_path / "train"), "--samples_dir", str(tmp_path / "samples"),
-                 "--out", str(tmp_path / "report"), "--num_workers", "0", "--threshold", "0.9"])
+    code = main(
+        [
+            "--train_dir",
+            str(tmp_path / "train"),
+            "--samples_dir",
+            str(tmp_path / "samples"),
+            "--out",
+            str(tmp_path / "report"),
+            "--num_workers",
+            "0",
+            "--threshold",
+            "0.9",
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2 and "samples" in error and "Permission denied" in error
 
 
 # ---------------------------------------------------------------- hidden files: one image search for every command
+
 
 @pytest.fixture
 def folder_with_hidden_junk(tmp_path):
@@ -394,20 +420,34 @@ def test_hidden_files_are_skipped_by_the_training_scan(folder_with_hidden_junk):
 
 
 def test_hidden_files_are_skipped_by_audit_and_evaluate_listing(folder_with_hidden_junk):
-    import cxr.evaluate
-    from cxr.imagesets import list_images
+    import cxr.privacy.evaluate
+    from cxr.privacy.imagesets import list_images
 
-    for listing in (list_images, cxr.evaluate.list_images):
+    for listing in (list_images, cxr.privacy.evaluate.list_images):
         found = [p.relative_to(folder_with_hidden_junk).as_posix() for p in listing(folder_with_hidden_junk)]
         assert found == EXPECTED_NAMES
 
 
 def test_audit_command_ignores_hidden_files(folder_with_hidden_junk, tmp_path, capsys):
-    from cxr.audit import main
+    from cxr.privacy.audit import main
 
     samples = tmp_path / "samples"
     _write_png(samples / "s0.png", seed=10)
     (samples / "._s0.png").write_bytes(b"AppleDouble")
-    code = main(["--train_dir", str(folder_with_hidden_junk), "--samples_dir", str(samples), "--out",
-                 str(tmp_path / "report"), "--num_workers", "0", "--threshold", "0.9", "--gallery_pairs", "0"])
+    code = main(
+        [
+            "--train_dir",
+            str(folder_with_hidden_junk),
+            "--samples_dir",
+            str(samples),
+            "--out",
+            str(tmp_path / "report"),
+            "--num_workers",
+            "0",
+            "--threshold",
+            "0.9",
+            "--gallery_pairs",
+            "0",
+        ]
+    )
     assert code == 0, capsys.readouterr().err

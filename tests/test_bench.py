@@ -1,4 +1,4 @@
-"""cxr.bench: the tiny benchmark produces the expected table; FLOP counting and the memory window are right.
+"""cxr.perf.bench: the tiny benchmark produces the expected table; FLOP counting and the memory window are right.
 
 No timing assertions: the machine is shared. Figures are checked for being present, positive and finite.
 """
@@ -8,19 +8,33 @@ import math
 import pytest
 import torch
 
-from cxr import bench, bench_context, bench_sections, runtime
+from cxr import runtime
+from cxr.perf import bench, bench_context, bench_sections
 
 TIMED_ROWS = {
-    ("train", "our step, cached latents"), ("train", "encode every step"),
-    ("lora", "our LoRA"), ("lora", "peft LoRA"),
+    ("train", "our step, cached latents"),
+    ("train", "encode every step"),
+    ("lora", "our LoRA"),
+    ("lora", "peft LoRA"),
     ("memory", "training process"),
-    ("input", "decode+resize, 0 workers"), ("input", "decode+resize, 1 workers"),
-    ("cache", "build, 1 workers"), ("cache", "reload (cache hit)"),
+    ("input", "decode+resize, 0 workers"),
+    ("input", "decode+resize, 1 workers"),
+    ("cache", "build, 1 workers"),
+    ("cache", "reload (cache hit)"),
     ("sampling", "txt2img, merged LoRA"),
 }
 COUNTED_MEMORY_ROWS = {("activations", "saved for backward (counted)"), ("activations", "training lower bound (sum)")}
-FLOP_ROWS = {("flops", name) for name in
-             ("unet_forward", "unet_forward_backward", "vae_encoder", "text_encoder", "cached_step", "encode_every_step")}
+FLOP_ROWS = {
+    ("flops", name)
+    for name in (
+        "unet_forward",
+        "unet_forward_backward",
+        "vae_encoder",
+        "text_encoder",
+        "cached_step",
+        "encode_every_step",
+    )
+}
 
 
 def _positive(value) -> bool:
@@ -30,23 +44,42 @@ def _positive(value) -> bool:
 @pytest.mark.slow
 def test_tiny_bench_has_every_row_with_positive_finite_figures(tmp_path, one_thread):
     cfg = bench.BenchConfig(
-        arch="tiny", batch_size=2, steps=1, warmup=1, repeats=1, workers="0,1", input_images=4, input_size=256,
-        cache_images=2, cache_rows=16, sample_steps=2, out=tmp_path / "bench.json",
+        arch="tiny",
+        batch_size=2,
+        steps=1,
+        warmup=1,
+        repeats=1,
+        workers="0,1",
+        input_images=4,
+        input_size=256,
+        cache_images=2,
+        cache_rows=16,
+        sample_steps=2,
+        out=tmp_path / "bench.json",
     )
     cfg.validate()
     result = bench.run_bench(cfg, log=lambda *a, **k: None)
     rows = [bench.Row(**r) for r in result["rows"]]
     keys = {(r.section, r.variant) for r in rows}
     assert keys == TIMED_ROWS | FLOP_ROWS | COUNTED_MEMORY_ROWS | {("peak", "matmul float32"), ("cuda", "skipped")}
-    saved, total = (next(r.peak_mem_mb for r in rows if (r.section, r.variant) == key) for key in sorted(COUNTED_MEMORY_ROWS))
+    saved, total = (
+        next(r.peak_mem_mb for r in rows if (r.section, r.variant) == key) for key in sorted(COUNTED_MEMORY_ROWS)
+    )
     assert _positive(saved) and total > saved
 
     for row in rows:
         if (row.section, row.variant) in TIMED_ROWS:
             assert _positive(row.images_per_s) and _positive(row.ms_per_step) and _positive(row.peak_mem_mb), row
             assert row.images_per_s == pytest.approx(
-                (cfg.batch_size if row.section in ("train", "lora", "memory", "sampling") else
-                 cfg.input_images if row.section == "input" else cfg.cache_images) / (row.ms_per_step / 1000))
+                (
+                    cfg.batch_size
+                    if row.section in ("train", "lora", "memory", "sampling")
+                    else cfg.input_images
+                    if row.section == "input"
+                    else cfg.cache_images
+                )
+                / (row.ms_per_step / 1000)
+            )
         if row.gflop_per_image is not None:
             assert _positive(row.gflop_per_image), row
         if row.tflop_per_s is not None and row.images_per_s is not None:
@@ -120,9 +153,12 @@ def test_time_interleaved_calls_each_variant_warmup_plus_rounds_times():
         def call():
             calls[name] += 1
             order.append(name)
+
         return call
 
-    timings = bench_context.time_interleaved({"a": make("a"), "b": make("b")}, torch.device("cpu"), warmup=2, steps=3, repeats=4)
+    timings = bench_context.time_interleaved(
+        {"a": make("a"), "b": make("b")}, torch.device("cpu"), warmup=2, steps=3, repeats=4
+    )
     assert calls == {"a": 2 + 3 * 4, "b": 2 + 3 * 4}
     assert order[4:] == (["a"] * 3 + ["b"] * 3) * 4  # rounds alternate between the variants
     for timing in timings.values():
@@ -130,12 +166,15 @@ def test_time_interleaved_calls_each_variant_warmup_plus_rounds_times():
         assert timing.seconds_per_call == pytest.approx(sorted(timing.rounds)[1] / 2 + sorted(timing.rounds)[2] / 2)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--sections", "train,bogus"], "--sections"),
-    (["--workers", "0,x"], "--workers"),
-    (["--batch_size", "0"], "--batch_size"),
-    (["--resolution", "100"], "--resolution"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--sections", "train,bogus"], "--sections"),
+        (["--workers", "0,x"], "--workers"),
+        (["--batch_size", "0"], "--batch_size"),
+        (["--resolution", "100"], "--resolution"),
+    ],
+)
 def test_invalid_flags_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)

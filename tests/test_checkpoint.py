@@ -1,4 +1,4 @@
-"""cxr.checkpoint: atomic save, rotation, skipping incomplete/corrupt folders, RNG round trip."""
+"""cxr.train.checkpoint: atomic save, rotation, skipping incomplete/corrupt folders, RNG round trip."""
 
 import random
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr import checkpoint as ckpt
+from cxr.train import checkpoint as ckpt
 
 
 def _save(root, step, limit=None, value=1.0):

@@ -55,7 +55,14 @@ def test_unknown_toml_key_is_an_error(tmp_path, capsys):
     assert "lora_rnak" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, flag", [(["--bit_depth", "12"], "--bit_depth"), (["--height", "100"], "--height"), (["--num_images", "0"], "--num_images")])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--bit_depth", "12"], "--bit_depth"),
+        (["--height", "100"], "--height"),
+        (["--num_images", "0"], "--num_images"),
+    ],
+)
 def test_invalid_sample_flags_exit_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
         parse_config(SampleConfig, argv)

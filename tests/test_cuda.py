@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_training import lora_tensors, make_cfg
 
-import cxr.step
-from cxr import training
+import cxr.train.step
 from cxr.config import TrainConfig
+from cxr.train import training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,12 +22,12 @@ ATOL = 1e-4
 
 
 def _cuda_step(tiny_model_dir, generator, capturable: bool):
-    """The training step (cxr.step.build_train_step) on the tiny UNet with LoRA (same init every call) and random
+    """The training step (cxr.train.step.build_train_step) on the tiny UNet with LoRA (same init every call) and random
     'cached' latents, on CUDA. `capturable`: built as --cuda_graph builds it (capturable AdamW, the default CUDA
     generator seeded with --seed); otherwise with its own generator, whose state is set to `generator`'s."""
-    from cxr import ddpm
-    from cxr.lora import inject_lora, lora_parameters
-    from cxr.models import load_components
+    from cxr.model import ddpm
+    from cxr.model.loading import load_components
+    from cxr.model.lora import inject_lora, lora_parameters
 
     device = torch.device("cuda")
     parts = load_components(str(tiny_model_dir), names=("unet", "scheduler"))
@@ -36,13 +36,28 @@ def _cuda_step(tiny_model_dir, generator, capturable: bool):
     unet = parts["unet"].to(device)
     latents = torch.Generator().manual_seed(1)
     mean, std = torch.randn(8, 4, 8, 8, generator=latents).to(device), torch.full((8, 4, 8, 8), 0.1, device=device)
-    cfg = TrainConfig(learning_rate=1e-3, adam_weight_decay=0.01, train_batch_size=2, grad_accum_steps=2,
-                      snr_gamma=5.0, noise_offset=0.05, max_grad_norm=1.0, mixed_precision="no", seed=0,
-                      cuda_graph=capturable)
-    step = cxr.step.build_train_step(
-        cfg, model=unet, params=lora_parameters(unet), schedule=ddpm.make_schedule(dict(parts["scheduler"].config), device),
-        latents_mean=mean, latents_std=std, scaling_factor=0.18215,
-        prompt_embeds=torch.randn(1, 77, 32, generator=latents).to(device))
+    cfg = TrainConfig(
+        learning_rate=1e-3,
+        adam_weight_decay=0.01,
+        train_batch_size=2,
+        grad_accum_steps=2,
+        snr_gamma=5.0,
+        noise_offset=0.05,
+        max_grad_norm=1.0,
+        mixed_precision="no",
+        seed=0,
+        cuda_graph=capturable,
+    )
+    step = cxr.train.step.build_train_step(
+        cfg,
+        model=unet,
+        params=lora_parameters(unet),
+        schedule=ddpm.make_schedule(dict(parts["scheduler"].config), device),
+        latents_mean=mean,
+        latents_std=std,
+        scaling_factor=0.18215,
+        prompt_embeds=torch.randn(1, 77, 32, generator=latents).to(device),
+    )
     if not capturable:
         step.generator.set_state(generator.get_state())
     return unet, step, step.params, step.optimizer, step.metrics
@@ -67,7 +82,7 @@ def test_step_makes_no_host_sync_on_cuda(tiny_model_dir):
 
 
 def test_cuda_graph_replay_equals_the_eager_step(tiny_model_dir):
-    from cxr.lora import lora_state_dict
+    from cxr.model.lora import lora_state_dict
 
     indices = _indices(3)
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
@@ -92,8 +107,9 @@ def test_cuda_graph_replay_equals_the_eager_step(tiny_model_dir):
 def test_train_with_cuda_graph_matches_eager_train(tiny_model_dir, phantom_dir, tmp_path, precision):
     common = dict(device="cuda", mixed_precision=precision, max_train_steps=4, checkpointing_steps=4)
     eager = training.train(make_cfg(tiny_model_dir, phantom_dir, tmp_path / "eager", tmp_path / "cache", **common))
-    graph = training.train(make_cfg(tiny_model_dir, phantom_dir, tmp_path / "graph", tmp_path / "cache",
-                                    cuda_graph=True, **common))
+    graph = training.train(
+        make_cfg(tiny_model_dir, phantom_dir, tmp_path / "graph", tmp_path / "cache", cuda_graph=True, **common)
+    )
     assert eager["steps"] == graph["steps"] == 4
     a, b = lora_tensors(tmp_path / "eager" / "lora_unet"), lora_tensors(tmp_path / "graph" / "lora_unet")
     tolerance = ATOL if precision == "no" else 1e-3
@@ -106,7 +122,8 @@ def test_train_with_torch_compile_gives_the_eager_first_step_loss(tiny_model_dir
     several AdamW steps are not compared: AdamW turns rounding-level gradient differences into lr-sized ones.)"""
     common = dict(device="cuda", mixed_precision="no", max_train_steps=1, checkpointing_steps=1, log_every=1)
     eager = training.train(make_cfg(tiny_model_dir, phantom_dir, tmp_path / "eager", tmp_path / "cache", **common))
-    compiled = training.train(make_cfg(tiny_model_dir, phantom_dir, tmp_path / "compiled", tmp_path / "cache",
-                                       torch_compile=True, **common))
+    compiled = training.train(
+        make_cfg(tiny_model_dir, phantom_dir, tmp_path / "compiled", tmp_path / "cache", torch_compile=True, **common)
+    )
     assert compiled["steps"] == 1
     assert compiled["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-3)

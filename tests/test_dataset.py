@@ -1,4 +1,4 @@
-"""cxr.dataset: discovery, file lists, validation of bad files, seeded subsets, held-out split, manifest."""
+"""cxr.data.dataset: discovery, file lists, validation of bad files, seeded subsets, held-out split, manifest."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.dataset import (
+from cxr.data.dataset import (
     DatasetError,
     ImageRecord,
     read_manifest,
@@ -43,6 +43,7 @@ def _tree_hashes(folder: Path) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ discovery
 
+
 def test_scan_phantoms_hashes_and_sizes_match_the_files(phantom_dir):
     records = scan_dataset(phantom_dir)
     files = sorted(phantom_dir.glob("*.png"))
@@ -61,7 +62,9 @@ def test_discovery_is_recursive_case_insensitive_sorted_and_skips_hidden(tmp_pat
         path.parent.mkdir(parents=True, exist_ok=True)
         fmt = {".tif": "TIFF", ".png": "PNG", ".jpeg": "JPEG", ".bmp": "BMP"}[path.suffix.lower()]
         buffer = io.BytesIO()
-        Image.fromarray(np.random.default_rng(index).integers(0, 256, (80, 80), dtype=np.uint8)).save(buffer, format=fmt)
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (80, 80), dtype=np.uint8)).save(
+            buffer, format=fmt
+        )
         path.write_bytes(buffer.getvalue())
     (tmp_path / "notes.txt").write_text("not an image")
     relpaths = [r.relpath for r in scan_dataset(tmp_path, min_image_size=64)]
@@ -84,6 +87,7 @@ def test_missing_empty_and_unsupported_folders_are_clear_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------ bad files
+
 
 def _dataset_with_bad_files(folder: Path) -> dict[str, str]:
     for index in range(4):
@@ -150,10 +154,15 @@ def test_worker_processes_give_the_same_records(tmp_path):
 
 # ------------------------------------------------------------------------------ file lists
 
+
 def test_csv_file_list_with_patients_relative_and_absolute_paths(phantom_dir, tmp_path):
     outside = _png(tmp_path / "elsewhere" / "extra.png", seed=3)
-    rows = ["path,patient_id,view,source", "phantom_00003.png,p1,PA,nih", "phantom_00001.png, p2 ,AP,nih",
-            f"{outside},p1,PA,other"]
+    rows = [
+        "path,patient_id,view,source",
+        "phantom_00003.png,p1,PA,nih",
+        "phantom_00001.png, p2 ,AP,nih",
+        f"{outside},p1,PA,other",
+    ]
     file_list = tmp_path / "list.csv"
     file_list.write_text("\n".join(rows) + "\n")
     records = scan_dataset(phantom_dir, file_list)
@@ -210,6 +219,7 @@ def test_file_list_naming_missing_files(phantom_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ max_images
 
+
 def test_max_images_subset_is_seeded_and_reproducible(phantom_dir):
     everything = {r.relpath for r in scan_dataset(phantom_dir)}
     first = [r.relpath for r in scan_dataset(phantom_dir, max_images=10, seed=3)]
@@ -234,12 +244,18 @@ def test_max_images_replaces_skipped_files(tmp_path):
 
 # ------------------------------------------------------------------------------ split
 
+
 def _records(count: int, patients: int | None = None) -> list[ImageRecord]:
     rng = np.random.default_rng(0)
     owners = rng.integers(0, patients, count) if patients else [None] * count
     return [
-        ImageRecord(Path(f"/data/img_{i:04d}.png"), f"img_{i:04d}.png", 100, f"{i:064x}",
-                    None if owner is None else f"patient_{owner}")
+        ImageRecord(
+            Path(f"/data/img_{i:04d}.png"),
+            f"img_{i:04d}.png",
+            100,
+            f"{i:064x}",
+            None if owner is None else f"patient_{owner}",
+        )
         for i, owner in enumerate(owners)
     ]
 
@@ -292,6 +308,7 @@ def test_split_must_leave_a_training_image():
 
 # ------------------------------------------------------------------------------ manifest
 
+
 def test_manifest_round_trip_counts_and_hash(phantom_dir, tmp_path):
     file_list = tmp_path / "list.csv"
     names = sorted(p.name for p in phantom_dir.glob("*.png"))
@@ -304,8 +321,12 @@ def test_manifest_round_trip_counts_and_hash(phantom_dir, tmp_path):
     manifest = read_manifest(manifest_path)
     assert manifest["split_by"] == "patient"
     assert manifest["counts"] == {
-        "train_images": len(train), "val_images": len(val), "total_images": 24,
-        "train_patients": 4, "val_patients": 1, "total_patients": 5,
+        "train_images": len(train),
+        "val_images": len(val),
+        "total_images": 24,
+        "train_patients": 4,
+        "val_patients": 1,
+        "total_patients": 5,
     }
     assert manifest["dataset_dir"] == phantom_dir.resolve().as_posix()
     assert [e["relpath"] for e in manifest["val"]] == [r.relpath for r in val]

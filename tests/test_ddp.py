@@ -13,12 +13,47 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _argv(tiny_model_dir, phantom_dir, out, cache, batch):
     return [
-        str(REPO / "train.py"), "--dataset_dir", str(phantom_dir), "--model_id", str(tiny_model_dir),
-        "--output_dir", str(out), "--cache_dir", str(cache), "--device", "cpu", "--mixed_precision", "no",
-        "--resolution", "64", "--train_batch_size", str(batch), "--val_count", "4", "--dataloader_num_workers", "0",
-        "--max_train_steps", "3", "--checkpointing_steps", "0", "--validation_steps", "0", "--log_every", "1",
-        "--lora_rank", "4", "--lora_alpha", "4", "--learning_rate", "1e-3", "--lora_dropout", "0",
-        "--grad_accum_steps", "2", "--seed", "7",
+        str(REPO / "train.py"),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--model_id",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(cache),
+        "--device",
+        "cpu",
+        "--mixed_precision",
+        "no",
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        str(batch),
+        "--val_count",
+        "4",
+        "--dataloader_num_workers",
+        "0",
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "0",
+        "--validation_steps",
+        "0",
+        "--log_every",
+        "1",
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--lora_dropout",
+        "0",
+        "--grad_accum_steps",
+        "2",
+        "--seed",
+        "7",
     ]
 
 
@@ -36,8 +71,11 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tiny_model_di
     env.pop("WORLD_SIZE", None)
     cache = tmp_path / "cache"
     _run([sys.executable] + _argv(tiny_model_dir, phantom_dir, tmp_path / "single", cache, batch=4), env)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-         + _argv(tiny_model_dir, phantom_dir, tmp_path / "ddp", cache, batch=2), env)
+    _run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + _argv(tiny_model_dir, phantom_dir, tmp_path / "ddp", cache, batch=2),
+        env,
+    )
 
     single = load_file(tmp_path / "single" / "lora_unet" / "pytorch_lora_weights.safetensors")
     ddp = load_file(tmp_path / "ddp" / "lora_unet" / "pytorch_lora_weights.safetensors")

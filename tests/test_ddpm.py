@@ -1,10 +1,10 @@
-"""cxr.ddpm against diffusers' DDPMScheduler and the Min-SNR formula."""
+"""cxr.model.ddpm against diffusers' DDPMScheduler and the Min-SNR formula."""
 
 import pytest
 import torch
 
-from cxr import ddpm
-from cxr.tiny import SD15_SCHEDULER_CONFIG
+from cxr.model import ddpm
+from cxr.model.tiny import SD15_SCHEDULER_CONFIG
 
 CONFIGS = {
     "sd15": dict(SD15_SCHEDULER_CONFIG),
@@ -44,7 +44,10 @@ def test_add_noise_and_velocity_match_diffusers(name):
         ddpm.add_noise(x0, noise, timesteps, schedule), reference.add_noise(x0, noise, timesteps), rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(
-        ddpm.velocity(x0, noise, timesteps, schedule), reference.get_velocity(x0, noise, timesteps), rtol=1e-5, atol=1e-5
+        ddpm.velocity(x0, noise, timesteps, schedule),
+        reference.get_velocity(x0, noise, timesteps),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -56,7 +59,10 @@ def test_training_target_by_prediction_type():
     assert torch.equal(ddpm.training_target(x0, noise, timesteps, eps), noise)
     reference = _diffusers_scheduler(CONFIGS["sd15"])
     torch.testing.assert_close(
-        ddpm.training_target(x0, noise, timesteps, v), reference.get_velocity(x0, noise, timesteps), rtol=1e-5, atol=1e-5
+        ddpm.training_target(x0, noise, timesteps, v),
+        reference.get_velocity(x0, noise, timesteps),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 

@@ -4,23 +4,26 @@ import csv
 import itertools
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cxr.dataset import read_file_list, split_holdout, scan_dataset, write_manifest
+from cxr.data.dataset import read_file_list, scan_dataset, write_manifest
+from cxr.data.phantoms import write_phantoms
 from cxr.fileio import file_sha256
-from cxr.dedup import DedupConfig, connected_groups, find_duplicates, main, near_duplicate_pairs
-from cxr.phantoms import write_phantoms
+from cxr.privacy.dedup import DedupConfig, connected_groups, find_duplicates, main, near_duplicate_pairs
 
 # Measured on these 40 phantoms (seed 0, 64 px thumbnails, shifts up to 0.5 px): the planted copies score
 # 0.990 (3 px shift at 256 px, off the shift grid) to 1.0; the best pair of distinct phantoms 0.985.
 THRESHOLD = 0.988
-PLANTED = {"copy_jpeg.jpg": "phantom_00005.png", "copy_bright_noise.png": "phantom_00009.png",
-           "copy_shift2.png": "phantom_00007.png", "copy_shift3.png": "phantom_00011.png"}
+PLANTED = {
+    "copy_jpeg.jpg": "phantom_00005.png",
+    "copy_bright_noise.png": "phantom_00009.png",
+    "copy_shift2.png": "phantom_00007.png",
+    "copy_shift3.png": "phantom_00011.png",
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +85,9 @@ def test_duplicates_across_the_held_out_split_are_reported(planted, tmp_path):
     write_manifest(tmp_path / "manifest.json", train, val)
     report = find_duplicates(_cfg(train_manifest=tmp_path / "manifest.json", out=tmp_path / "out"))
     crossing = report["cross_split_pairs"]
-    assert [{(row["a"], row["split_a"]), (row["b"], row["split_b"])} for row in crossing] == \
-        [{("copy_jpeg.jpg", "val"), ("phantom_00005.png", "train")}]
+    assert [{(row["a"], row["split_a"]), (row["b"], row["split_b"])} for row in crossing] == [
+        {("copy_jpeg.jpg", "val"), ("phantom_00005.png", "train")}
+    ]
     assert report["counts"]["near_pairs"] == 4 and report["counts"]["cross_split_pairs"] == 1
 
 
@@ -96,8 +100,12 @@ def test_pairs_and_groups_match_brute_force():
     order = np.argsort(-scores_full, axis=1)[:, :6]
     scores = torch.tensor(np.take_along_axis(scores_full, order, 1))
     pairs = near_duplicate_pairs(scores, torch.tensor(order), torch.zeros(count, 6, 2), 0.9)
-    expected = {(i, j) for i in range(count) for j in range(i + 1, count)
-                if scores_full[i, j] >= 0.9 and (j in order[i] or i in order[j])}
+    expected = {
+        (i, j)
+        for i in range(count)
+        for j in range(i + 1, count)
+        if scores_full[i, j] >= 0.9 and (j in order[i] or i in order[j])
+    }
     assert set(pairs) == expected
     groups = connected_groups(count, pairs)
     # Brute-force closure: i and j share a group iff a path of pairs joins them.
@@ -113,8 +121,18 @@ def test_pairs_and_groups_match_brute_force():
 
 
 def test_exit_codes(planted, tmp_path, capsys):
-    args = ["--dataset_dir", str(planted), "--out", str(tmp_path / "o"), "--num_workers", "0", "--device", "cpu",
-            "--threshold", str(THRESHOLD)]
+    args = [
+        "--dataset_dir",
+        str(planted),
+        "--out",
+        str(tmp_path / "o"),
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+        "--threshold",
+        str(THRESHOLD),
+    ]
     assert main(args) == 0
     assert "4 near-duplicate pairs" in capsys.readouterr().out
     assert main(args + ["--fail_on_duplicates"]) == 1
@@ -124,15 +142,30 @@ def test_exit_codes(planted, tmp_path, capsys):
 
 def test_train_exclude_duplicates_drops_them_before_the_split_and_records_it(planted, tmp_path, tiny_model_dir):
     from cxr.config import TrainConfig
-    from cxr.dataset import read_manifest
-    from cxr.training import train
+    from cxr.data.dataset import read_manifest
+    from cxr.train.training import train
 
     torch.set_num_threads(1)
     report = find_duplicates(_cfg(dataset_dir=planted, out=tmp_path / "dedup"))
-    values = dict(dataset_dir=planted, model_id=str(tiny_model_dir), output_dir=tmp_path / "run", device="cpu",
-                  mixed_precision="no", resolution=64, train_batch_size=4, val_count=4, dataloader_num_workers=0,
-                  max_train_steps=2, log_every=1, checkpointing_steps=1, validation_steps=0, num_validation_images=0,
-                  lora_rank=4, lora_alpha=4.0, exclude_duplicates=tmp_path / "dedup" / "report.json")
+    values = dict(
+        dataset_dir=planted,
+        model_id=str(tiny_model_dir),
+        output_dir=tmp_path / "run",
+        device="cpu",
+        mixed_precision="no",
+        resolution=64,
+        train_batch_size=4,
+        val_count=4,
+        dataloader_num_workers=0,
+        max_train_steps=2,
+        log_every=1,
+        checkpointing_steps=1,
+        validation_steps=0,
+        num_validation_images=0,
+        lora_rank=4,
+        lora_alpha=4.0,
+        exclude_duplicates=tmp_path / "dedup" / "report.json",
+    )
     train(TrainConfig(**values))
     manifest = read_manifest(tmp_path / "run" / "manifest.json")
     used = {entry["relpath"] for entry in manifest["train"] + manifest["val"]}
@@ -147,9 +180,17 @@ def test_train_exclude_duplicates_drops_them_before_the_split_and_records_it(pla
 
 def test_a_missing_dedup_report_is_a_clear_error(tmp_path, tiny_model_dir, planted, capsys):
     from cxr.config import TrainConfig
-    from cxr.training import run
+    from cxr.train.training import run
 
-    code = run(TrainConfig(dataset_dir=planted, model_id=str(tiny_model_dir), output_dir=tmp_path / "run",
-                           device="cpu", exclude_duplicates=tmp_path / "nope.json", dataloader_num_workers=0))
+    code = run(
+        TrainConfig(
+            dataset_dir=planted,
+            model_id=str(tiny_model_dir),
+            output_dir=tmp_path / "run",
+            device="cpu",
+            exclude_duplicates=tmp_path / "nope.json",
+            dataloader_num_workers=0,
+        )
+    )
     assert code == 1
     assert "--exclude_duplicates" in capsys.readouterr().err

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.embedding import embedding_search
-from cxr.imageio import Preprocess
-from cxr.imagesets import load_thumbnails
-from cxr.ncc import best_matches, calibrate_threshold, standardize
-from cxr.phantoms import write_phantoms
+from cxr.data.imageio import Preprocess
+from cxr.data.phantoms import write_phantoms
+from cxr.privacy.embedding import embedding_search
+from cxr.privacy.imagesets import load_thumbnails
+from cxr.privacy.ncc import best_matches, calibrate_threshold, standardize
 
 ROLLS = {3: (37, 53), 8: (-60, 25)}  # training image index -> circular shift (rows, columns) at 256 px
 
@@ -40,14 +40,24 @@ def sets(tmp_path_factory):
         Image.fromarray(np.roll(pixels, shift, axis=(0, 1))).save(samples / f"rolled_copy_{index:02d}.png")
     network = root / "spectrum.pt"
     torch.jit.script(LowFrequencySpectrum()).save(str(network))
-    return {"train": files, "holdout": sorted(holdout.glob("*.png")), "samples": sorted(samples.glob("*.png")),
-            "network": network}
+    return {
+        "train": files,
+        "holdout": sorted(holdout.glob("*.png")),
+        "samples": sorted(samples.glob("*.png")),
+        "network": network,
+    }
 
 
 def test_embedding_search_flags_rolled_copies_that_pixel_ncc_misses(sets):
     torch.set_num_threads(1)
-    matches = embedding_search(sets["network"], train_paths=sets["train"], holdout_paths=sets["holdout"],
-                               sample_paths=sets["samples"], k=3, preprocess=Preprocess(128))
+    matches = embedding_search(
+        sets["network"],
+        train_paths=sets["train"],
+        holdout_paths=sets["holdout"],
+        sample_paths=sets["samples"],
+        k=3,
+        preprocess=Preprocess(128),
+    )
     names = [p.name for p in sets["samples"]]
     flagged_by_embedding = {names[i] for i in np.flatnonzero(matches.scores[:, 0] > matches.threshold)}
     assert flagged_by_embedding == {f"rolled_copy_{i:02d}.png" for i in ROLLS}
@@ -67,11 +77,18 @@ def test_embedding_search_flags_rolled_copies_that_pixel_ncc_misses(sets):
 
 
 def test_cosine_scores_equal_a_direct_computation(sets):
-    from cxr.embedding import embed
-    from cxr.evaluate import load_feature_extractor
+    from cxr.privacy.embedding import embed
+    from cxr.privacy.evaluate import load_feature_extractor
 
-    matches = embedding_search(sets["network"], train_paths=sets["train"], holdout_paths=[],
-                               sample_paths=sets["samples"], k=2, preprocess=Preprocess(64), threshold=0.5)
+    matches = embedding_search(
+        sets["network"],
+        train_paths=sets["train"],
+        holdout_paths=[],
+        sample_paths=sets["samples"],
+        k=2,
+        preprocess=Preprocess(64),
+        threshold=0.5,
+    )
     extractor, _ = load_feature_extractor(sets["network"])
     samples, train = (embed(paths, extractor, Preprocess(64)) for paths in (sets["samples"], sets["train"]))
     cosine = (samples @ train.T).numpy()
@@ -83,12 +100,21 @@ def test_cosine_scores_equal_a_direct_computation(sets):
 def test_audit_with_features_reports_both_statistics_and_gates_on_either(sets, tmp_path):
     import csv
 
-    from cxr.audit import AuditConfig, audit, format_summary
+    from cxr.privacy.audit import AuditConfig, audit, format_summary
 
     folders = {name: sets[name][0].parent for name in ("train", "holdout", "samples")}
-    cfg = AuditConfig(train_dir=folders["train"], holdout_dir=folders["holdout"], samples_dir=folders["samples"],
-                      out=tmp_path / "audit", features=sets["network"], features_image_size=128, num_workers=0,
-                      device="cpu", min_holdout_images=30, fail_above=0.05)
+    cfg = AuditConfig(
+        train_dir=folders["train"],
+        holdout_dir=folders["holdout"],
+        samples_dir=folders["samples"],
+        out=tmp_path / "audit",
+        features=sets["network"],
+        features_image_size=128,
+        num_workers=0,
+        device="cpu",
+        min_holdout_images=30,
+        fail_above=0.05,
+    )
     cfg.validate()
     report = audit(cfg)
     copies = {f"rolled_copy_{i:02d}.png" for i in ROLLS}
@@ -108,9 +134,21 @@ def test_audit_with_features_reports_both_statistics_and_gates_on_either(sets, t
 
 
 def test_audit_refuses_a_missing_features_file_before_reading(sets, tmp_path, capsys):
-    from cxr.audit import main
+    from cxr.privacy.audit import main
 
     folder = sets["train"][0].parent
-    code = main(["--train_dir", str(folder), "--samples_dir", str(folder), "--holdout_dir", str(folder),
-                 "--out", str(tmp_path / "a"), "--features", str(tmp_path / "missing.pt")])
+    code = main(
+        [
+            "--train_dir",
+            str(folder),
+            "--samples_dir",
+            str(folder),
+            "--holdout_dir",
+            str(folder),
+            "--out",
+            str(tmp_path / "a"),
+            "--features",
+            str(tmp_path / "missing.pt"),
+        ]
+    )
     assert code == 2 and "--features" in capsys.readouterr().err and not (tmp_path / "a").exists()

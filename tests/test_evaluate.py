@@ -8,11 +8,27 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.evaluate import (MISSING_FEATURES_MESSAGE, EvaluateConfig, FeatureExtractorError, evaluate,
-                          load_feature_extractor, main, random_pairs)
-from cxr.imagemetrics import (feature_statistics, frechet_distance, histogram_intersection, histogram_statistics,
-                              histogram_wasserstein1, kid, kid_subset_indices, mmd2_unbiased, ms_ssim)
-from cxr.phantoms import make_phantom
+from cxr.data.phantoms import make_phantom
+from cxr.privacy.evaluate import (
+    MISSING_FEATURES_MESSAGE,
+    EvaluateConfig,
+    FeatureExtractorError,
+    evaluate,
+    load_feature_extractor,
+    main,
+    random_pairs,
+)
+from cxr.privacy.imagemetrics import (
+    feature_statistics,
+    frechet_distance,
+    histogram_intersection,
+    histogram_statistics,
+    histogram_wasserstein1,
+    kid,
+    kid_subset_indices,
+    mmd2_unbiased,
+    ms_ssim,
+)
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 
@@ -42,8 +58,9 @@ def test_frechet_distance_closed_form_for_diagonal_gaussians():
     assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-12)
     # Rotating both Gaussians by the same orthogonal matrix changes nothing.
     rotation = np.linalg.qr(rng.normal(size=(8, 8)))[0]
-    rotated = frechet_distance(rotation @ mu1, rotation @ np.diag(var1) @ rotation.T,
-                               rotation @ mu2, rotation @ np.diag(var2) @ rotation.T)
+    rotated = frechet_distance(
+        rotation @ mu1, rotation @ np.diag(var1) @ rotation.T, rotation @ mu2, rotation @ np.diag(var2) @ rotation.T
+    )
     assert rotated == pytest.approx(expected, rel=1e-9)
 
 
@@ -124,7 +141,9 @@ def test_intensity_statistics_match_numpy_and_scipy():
         assert stats[f"p{p}"] == pytest.approx(np.percentile(a, p), abs=1.0 / bins)
     assert histogram_wasserstein1(counts_a, counts_b) == pytest.approx(wasserstein_distance(a, b), abs=1.0 / bins)
     assert histogram_intersection(counts_a, counts_a) == pytest.approx(1.0)
-    assert histogram_intersection([1, 0], [0, 1]) == 0.0 and histogram_wasserstein1([1, 0], [0, 1]) == pytest.approx(0.5)
+    assert histogram_intersection([1, 0], [0, 1]) == 0.0 and histogram_wasserstein1([1, 0], [0, 1]) == pytest.approx(
+        0.5
+    )
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -148,7 +167,7 @@ class Uint8Detector(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def image_sets(tmp_path_factory):
-    from cxr.phantoms import write_phantoms
+    from cxr.data.phantoms import write_phantoms
 
     root = tmp_path_factory.mktemp("evaluate")
     write_phantoms(root / "real", 12, seed=0)
@@ -160,24 +179,45 @@ def test_evaluate_end_to_end_with_a_torchscript_extractor(image_sets, tmp_path, 
     extractor = tmp_path / "extractor.pt"
     torch.jit.script(MeanPoolFeatures()).save(str(extractor))
     out = tmp_path / "results.json"
-    argv = ["--real", str(image_sets / "real"), "--fake", str(image_sets / "fake"), "--features", str(extractor),
-            "--out", str(out), "--image_size", "64", "--num_workers", "0", "--diversity_pairs", "6",
-            "--msssim_resolution", "161", "--kid_subsets", "5", "--kid_subset_size", "8"]
+    argv = [
+        "--real",
+        str(image_sets / "real"),
+        "--fake",
+        str(image_sets / "fake"),
+        "--features",
+        str(extractor),
+        "--out",
+        str(out),
+        "--image_size",
+        "64",
+        "--num_workers",
+        "0",
+        "--diversity_pairs",
+        "6",
+        "--msssim_resolution",
+        "161",
+        "--kid_subsets",
+        "5",
+        "--kid_subset_size",
+        "8",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "FID" in printed and "KID" in printed and "MS-SSIM fake pairs" in printed
     results = json.loads(out.read_text())
     assert results["counts"] == {"real": 12, "fake": 10} and results["features"]["dim"] == 48
     # The FID equals the formula on features computed here independently of the command.
-    from cxr.imageio import Preprocess, read_grayscale, thumbnail
-    from cxr.imagesets import list_images
+    from cxr.data.imageio import Preprocess, read_grayscale, thumbnail
+    from cxr.privacy.imagesets import list_images
 
     def direct_features(folder):
         images = torch.stack([thumbnail(read_grayscale(p), Preprocess(64)) for p in list_images(folder)])
         return MeanPoolFeatures()(images[:, None].expand(-1, 3, -1, -1)).double().numpy()
 
     real, fake = direct_features(image_sets / "real"), direct_features(image_sets / "fake")
-    assert results["fid"] == pytest.approx(frechet_distance(*feature_statistics(real), *feature_statistics(fake)), rel=1e-6)
+    assert results["fid"] == pytest.approx(
+        frechet_distance(*feature_statistics(real), *feature_statistics(fake)), rel=1e-6
+    )
     assert results["kid"]["mean"] == pytest.approx(kid(real, fake, 5, 8, seed=0)[0], rel=1e-6, abs=1e-9)
     assert 0 < results["diversity_ms_ssim"]["fake"]["mean"] < 1 and results["diversity_ms_ssim"]["fake"]["pairs"] == 6
     assert 0 < results["intensity"]["histogram_intersection"] <= 1
@@ -193,7 +233,9 @@ def test_uint8_torchscript_convention(image_sets, tmp_path):
 def test_missing_features_gives_the_documented_message(image_sets, capsys):
     assert main(["--real", str(image_sets / "real"), "--fake", str(image_sets / "fake")]) == 2
     error = capsys.readouterr().err
-    assert MISSING_FEATURES_MESSAGE in error and "inception_v3_google-0cc3c7bd.pth" in error and "--skip_features" in error
+    assert (
+        MISSING_FEATURES_MESSAGE in error and "inception_v3_google-0cc3c7bd.pth" in error and "--skip_features" in error
+    )
     assert main(["--real", str(image_sets / "real"), "--fake", str(image_sets / "fake"), "--features", "nope.pt"]) == 2
     assert "nope.pt: file does not exist" in capsys.readouterr().err
 
@@ -217,8 +259,11 @@ def test_pickled_module_is_refused_with_a_hint(tmp_path):
 
 
 def test_skip_features_needs_no_extractor(image_sets):
-    results = evaluate(EvaluateConfig(real=image_sets / "real", fake=image_sets / "fake", skip_features=True,
-                                      num_workers=0, diversity_pairs=0))
+    results = evaluate(
+        EvaluateConfig(
+            real=image_sets / "real", fake=image_sets / "fake", skip_features=True, num_workers=0, diversity_pairs=0
+        )
+    )
     assert "fid" not in results and results["intensity"]["real"]["pixels"] == 12 * 256 * 256
 
 
@@ -227,7 +272,7 @@ def test_intensity_clip_percent_reads_the_real_images_like_training(image_sets, 
     set's statistics are those of the percentile-windowed pixels; the generated set is read as written."""
     from PIL import Image
 
-    from cxr.imageio import read_grayscale
+    from cxr.data.imageio import read_grayscale
 
     rng = np.random.default_rng(3)
     real = tmp_path / "real16"
@@ -247,7 +292,7 @@ def test_intensity_clip_percent_reads_the_real_images_like_training(image_sets, 
 
 @pytest.mark.parametrize("value", ["-1", "50", "nan"])
 def test_intensity_clip_percent_out_of_range_names_the_flag(value, capsys):
-    from cxr.evaluate import main
+    from cxr.privacy.evaluate import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--real", "a", "--fake", "b", "--skip_features", "--intensity_clip_percent", value])

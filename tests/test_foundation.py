@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr import phantoms
-from cxr.models import resolve_model_id
-from cxr.tiny import SD15_SCHEDULER_CONFIG, count_parameters
+from cxr.data import phantoms
+from cxr.model.loading import resolve_model_id
+from cxr.model.tiny import SD15_SCHEDULER_CONFIG, count_parameters
 
 
 def test_tiny_pipeline_loads_and_generates(tiny_model_dir):
@@ -18,8 +18,12 @@ def test_tiny_pipeline_loads_and_generates(tiny_model_dir):
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     out = pipe(
-        "chest x-ray, normal", num_inference_steps=2, height=256, width=256,
-        output_type="np", generator=torch.Generator().manual_seed(0),
+        "chest x-ray, normal",
+        num_inference_steps=2,
+        height=256,
+        width=256,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
     )
     assert out.images.shape == (1, 256, 256, 3)
     assert np.isfinite(out.images).all()
@@ -38,7 +42,9 @@ def test_tiny_unet_module_names_follow_sd15(tiny_model_dir):
         r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+"
         r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
     )
-    linear_names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and re.search(r"attn[12]\.", n)]
+    linear_names = [
+        n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and re.search(r"attn[12]\.", n)
+    ]
     assert linear_names and all(pattern.match(n) for n in linear_names)
     prefixes = {n.split(".attentions")[0].split(".")[0] for n in linear_names}
     assert prefixes == {"down_blocks", "mid_block", "up_blocks"}
@@ -48,7 +54,7 @@ def test_tiny_unet_module_names_follow_sd15(tiny_model_dir):
 def test_sd15_architecture_has_860m_unet_parameters():
     from diffusers import UNet2DConditionModel
 
-    from cxr.tiny import _unet_config
+    from cxr.model.tiny import _unet_config
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_unet_config("sd15"))
@@ -56,8 +62,12 @@ def test_sd15_architecture_has_860m_unet_parameters():
 
 
 def test_phantoms_are_deterministic_and_in_requested_format(tmp_path):
-    a = phantoms.write_phantoms(tmp_path / "a", 3, seed=7, sizes=((256, 256), (320, 288)), formats=("png8", "png16", "jpg"))
-    b = phantoms.write_phantoms(tmp_path / "b", 3, seed=7, sizes=((256, 256), (320, 288)), formats=("png8", "png16", "jpg"))
+    a = phantoms.write_phantoms(
+        tmp_path / "a", 3, seed=7, sizes=((256, 256), (320, 288)), formats=("png8", "png16", "jpg")
+    )
+    b = phantoms.write_phantoms(
+        tmp_path / "b", 3, seed=7, sizes=((256, 256), (320, 288)), formats=("png8", "png16", "jpg")
+    )
     for path_a, path_b in zip(a, b):
         assert path_a.read_bytes() == path_b.read_bytes()
     images = [Image.open(p) for p in a]

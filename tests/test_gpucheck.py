@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr import gpucheck, gpucheck_env, gpucheck_report
 from cxr.config import build_parser
+from cxr.perf import gpucheck, gpucheck_env, gpucheck_report
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,13 @@ def dry_run(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("gpucheck-out"), tmp_path_factory.mktemp("gpucheck-work")
     started = time.perf_counter()
     code = gpucheck.main(["--dry_run", "--out", str(out), "--work_dir", str(work)])
-    return {"code": code, "out": out, "seconds": time.perf_counter() - started,
-            "report": json.loads((out / "report.json").read_text()), "md": (out / "report.md").read_text()}
+    return {
+        "code": code,
+        "out": out,
+        "seconds": time.perf_counter() - started,
+        "report": json.loads((out / "report.json").read_text()),
+        "md": (out / "report.md").read_text(),
+    }
 
 
 @pytest.mark.slow
@@ -65,12 +70,15 @@ def test_dry_run_runs_every_section_on_the_cpu(dry_run):
 def test_a_hung_child_is_killed_with_what_it_started(tmp_path):
     """The time limit ends the section's whole process group, so a hang cannot eat the other sections' time."""
     pid_file = tmp_path / "grandchild.pid"
-    code = ("import subprocess, sys, time; "
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(60)")
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(60)"
+    )
     started = time.perf_counter()
-    child = gpucheck.run_child([sys.executable, "-c", code], timeout=6, log=tmp_path / "log.txt", title="hang",
-                               env=dict(os.environ))
+    child = gpucheck.run_child(
+        [sys.executable, "-c", code], timeout=6, log=tmp_path / "log.txt", title="hang", env=dict(os.environ)
+    )
     assert child.timed_out and child.returncode is None and time.perf_counter() - started < 25
     grandchild = int(pid_file.read_text())
     time.sleep(0.2)
@@ -81,8 +89,13 @@ def test_a_hung_child_is_killed_with_what_it_started(tmp_path):
 
 
 def test_a_failing_child_reports_its_last_line(tmp_path):
-    child = gpucheck.run_child([sys.executable, "-c", "raise SystemExit('boom: the reason')"], timeout=30,
-                               log=tmp_path / "log.txt", title="fail", env=dict(os.environ))
+    child = gpucheck.run_child(
+        [sys.executable, "-c", "raise SystemExit('boom: the reason')"],
+        timeout=30,
+        log=tmp_path / "log.txt",
+        title="fail",
+        env=dict(os.environ),
+    )
     assert child.returncode == 1 and child.result is None
     assert gpucheck._failure(child, "the probe") == ("failed", "the probe exited 1: boom: the reason; see log.txt")
 
@@ -109,9 +122,14 @@ def test_sections_left_without_budget_are_skipped(tmp_path):
 
 
 def test_a_report_written_mid_run_says_where_it_stopped():
-    report = {"started": "t0", "updated": "t1", "finished": None, "status": "running",
-              "config": {"device": "cuda", "arch": "sd15", "resolution": 256, "budget_s": 480.0},
-              "sections": {"imports": {"status": "ok"}, "machine": {"status": "running", "started": "t1"}}}
+    report = {
+        "started": "t0",
+        "updated": "t1",
+        "finished": None,
+        "status": "running",
+        "config": {"device": "cuda", "arch": "sd15", "resolution": 256, "budget_s": 480.0},
+        "sections": {"imports": {"status": "ok"}, "machine": {"status": "running", "started": "t1"}},
+    }
     md = gpucheck_report.render_markdown(report)
     assert "still running when written" in md and "| machine | running |" in md
 
@@ -120,12 +138,16 @@ def test_junit_outcomes_are_read_per_test(tmp_path):
     xml = tmp_path / "junit.xml"
     xml.write_text("""<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.test_cuda" name="test_ok" time="1.5"/>
-<testcase classname="tests.test_cuda" name="test_bad" time="2.0"><failure message="AssertionError: Tensor-likes are not close!">trace</failure></testcase>
+<testcase classname="tests.test_cuda" name="test_bad" time="2.0">
+<failure message="AssertionError: Tensor-likes are not close!">trace</failure></testcase>
 <testcase classname="tests.test_cuda" name="test_skip" time="0"><skipped message="needs a CUDA GPU"/></testcase>
 </testsuite></testsuites>""")
     tests = gpucheck.parse_junit(xml)
-    assert [(t["name"], t["outcome"]) for t in tests] == [("test_ok", "passed"), ("test_bad", "failed"),
-                                                           ("test_skip", "skipped")]
+    assert [(t["name"], t["outcome"]) for t in tests] == [
+        ("test_ok", "passed"),
+        ("test_bad", "failed"),
+        ("test_skip", "skipped"),
+    ]
     assert tests[1]["message"].startswith("AssertionError") and tests[0]["seconds"] == 1.5
 
 
@@ -141,10 +163,13 @@ def test_help_says_how_to_bring_the_wheels_and_the_dry_run_settings():
 def test_later_batch_sizes_run_after_the_real_path(tmp_path, monkeypatch):
     """The first batch size is measured before the real path (which picks its fastest mode), the others last."""
     calls = []
-    monkeypatch.setattr(gpucheck, "section_throughput", lambda check, batch, first: calls.append(("throughput", batch, first)))
+    monkeypatch.setattr(
+        gpucheck, "section_throughput", lambda check, batch, first: calls.append(("throughput", batch, first))
+    )
     monkeypatch.setattr(gpucheck, "section_real_path", lambda check: calls.append(("real_path",)))
-    cfg = gpucheck.GpuCheckConfig(out=tmp_path / "out", work_dir=tmp_path / "work", sections="throughput,real_path",
-                                  batch_sizes="16,64,128")
+    cfg = gpucheck.GpuCheckConfig(
+        out=tmp_path / "out", work_dir=tmp_path / "work", sections="throughput,real_path", batch_sizes="16,64,128"
+    )
     cfg.validate()
     gpucheck.run_check(cfg)
     assert calls == [("throughput", 16, True), ("real_path",), ("throughput", 64, False), ("throughput", 128, False)]
@@ -154,8 +179,12 @@ def test_the_real_path_trains_with_the_fastest_measured_mode(tmp_path):
     cfg = gpucheck.GpuCheckConfig(out=tmp_path / "out", work_dir=tmp_path / "work", sections="tests")
     cfg.validate()
     check = gpucheck.Check(cfg, tmp_path / "work")
-    rows = [{"variant": "eager", "images_per_s": 700.0}, {"variant": "cuda graph", "images_per_s": 900.0},
-            {"variant": "torch.compile", "images_per_s": 850.0}, {"variant": "eager, channels_last", "images_per_s": 990.0}]
+    rows = [
+        {"variant": "eager", "images_per_s": 700.0},
+        {"variant": "cuda graph", "images_per_s": 900.0},
+        {"variant": "torch.compile", "images_per_s": 850.0},
+        {"variant": "eager, channels_last", "images_per_s": 990.0},
+    ]
     check.report["sections"]["throughput_b16"] = {"rows": rows}
     mode, why = gpucheck.fastest_mode(check)
     assert mode == "cuda graph" and "torch.compile 850 img/s" in why  # channels_last is not a train.py mode

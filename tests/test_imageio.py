@@ -1,4 +1,4 @@
-"""cxr.imageio: every format and mode reads to the expected values; every bad file fails clearly."""
+"""cxr.data.imageio: every format and mode reads to the expected values; every bad file fails clearly."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from cxr.imageio import (
+from cxr.data.imageio import (
     BT601_LUMA,
     FLIP_WARNING,
     SUPPORTED_SUFFIXES,
@@ -32,6 +32,7 @@ def _save(image: Image.Image, path, **kwargs):
 
 
 # ---------------------------------------------------------------- 8-bit and colour modes
+
 
 @pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif", ".tiff"])
 def test_8bit_gray_is_divided_by_255(tmp_path, suffix):
@@ -97,6 +98,7 @@ def test_palette_png_maps_through_the_palette(tmp_path):
 
 # ---------------------------------------------------------------- high bit depth
 
+
 def test_16bit_png_ramp_keeps_its_gradient(tmp_path):
     ramp = np.tile(np.linspace(0, 65535, 1024).round().astype(np.uint16), (8, 1))
     path = _save(Image.fromarray(ramp), tmp_path / "ramp16.png")
@@ -133,6 +135,7 @@ def test_constant_16bit_image_uses_full_scale(tmp_path):
 
 # ---------------------------------------------------------------- JPEG
 
+
 def test_exif_rotated_jpeg_comes_out_upright(tmp_path):
     upright = np.zeros((48, 80), np.uint8)  # landscape, bright top-left block
     upright[:16, :24] = 255
@@ -163,6 +166,7 @@ def test_gray_jpeg_close_to_source(tmp_path):
 
 
 # ---------------------------------------------------------------- DICOM
+
 
 def _write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", bits_stored=12, signed=False, **attributes):
     pydicom = pytest.importorskip("pydicom")
@@ -209,8 +213,12 @@ def test_dicom_rescale_and_window_follow_the_dicom_formula(tmp_path):
     pixels = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
     slope, intercept, center, width = 2.0, -1000.0, 3000.0, 4001.0
     path = _write_dicom(
-        tmp_path / "windowed.dcm", pixels, RescaleSlope=slope, RescaleIntercept=intercept,
-        WindowCenter=center, WindowWidth=width,
+        tmp_path / "windowed.dcm",
+        pixels,
+        RescaleSlope=slope,
+        RescaleIntercept=intercept,
+        WindowCenter=center,
+        WindowWidth=width,
     )
     modality = pixels * slope + intercept
     # DICOM PS3.3 C.11.2.1.2.1 (LINEAR), output range normalised to [0, 1].
@@ -260,6 +268,7 @@ def test_dicom_without_pixel_data(tmp_path):
 
 
 # ---------------------------------------------------------------- bad files
+
 
 def _good_png_bytes() -> bytes:
     buffer = io.BytesIO()
@@ -327,6 +336,7 @@ def test_supported_suffixes_are_lowercase():
 
 # ---------------------------------------------------------------- preprocessing
 
+
 @pytest.mark.parametrize("shape", [(300, 200), (200, 300), (256, 256), (100, 100)])
 @pytest.mark.parametrize("pad", [False, True])
 def test_constant_image_stays_constant_with_right_shape(shape, pad):
@@ -365,6 +375,7 @@ def test_no_flip_in_preprocessing_and_flip_warning_explains_why():
 
 
 # ---------------------------------------------------------------- --intensity_clip_percent (percentile window)
+
 
 def _ramp_with_label() -> tuple[np.ndarray, np.ndarray]:
     """A 12-bit ramp (values 0..3998, each 5 times) plus 6 pixels of a burned-in label at 65535, shuffled.
@@ -423,7 +434,9 @@ def test_percentile_window_that_collapses_falls_back_like_a_constant_image(tmp_p
     pixels = np.full((40, 50), 1000, np.uint16)
     pixels[0, :5] = 4000  # 0.25% outliers: the 0.5..99.5 window is [1000, 1000]
     path = _save(Image.fromarray(pixels), tmp_path / "flat.png")
-    np.testing.assert_array_equal(read_grayscale(path, intensity_clip_percent=0.5), np.full(pixels.shape, np.float32(1000 / 65535)))
+    np.testing.assert_array_equal(
+        read_grayscale(path, intensity_clip_percent=0.5), np.full(pixels.shape, np.float32(1000 / 65535))
+    )
 
 
 def test_8bit_and_colour_images_ignore_the_percentile_window(tmp_path):
@@ -451,7 +464,9 @@ def test_dicom_without_window_honours_the_percentile_window(tmp_path, photometri
         expected = 1.0 - expected
     np.testing.assert_allclose(read_grayscale(path, intensity_clip_percent=0.5), expected, atol=1e-6)
     min_max = pixels / 65535.0
-    np.testing.assert_allclose(read_grayscale(path), 1.0 - min_max if photometric == "MONOCHROME1" else min_max, atol=1e-6)
+    np.testing.assert_allclose(
+        read_grayscale(path), 1.0 - min_max if photometric == "MONOCHROME1" else min_max, atol=1e-6
+    )
 
 
 def test_dicom_with_window_ignores_the_percentile_window(tmp_path):

@@ -1,4 +1,4 @@
-"""cxr.latents: cache reuse/invalidation (counted VAE encoder calls), crash safety, agreement with diffusers."""
+"""cxr.data.latents: cache reuse/invalidation (counted VAE encoder calls), crash safety, agreement with diffusers."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.dataset import DatasetError, scan_dataset
-from cxr.imageio import Preprocess, read_grayscale, to_model_input
-from cxr.latents import (
+from cxr.data.dataset import DatasetError, scan_dataset
+from cxr.data.imageio import Preprocess, read_grayscale, to_model_input
+from cxr.data.latents import (
     build_or_load_latent_cache,
     cache_key,
     encode_prompt,
     sample_latents,
     vae_fingerprint,
 )
-from cxr.phantoms import write_phantoms
+from cxr.data.phantoms import write_phantoms
 
 RESOLUTION = 32  # 4x4 latents keep the tiny VAE fast on a shared CPU
 
@@ -52,14 +52,24 @@ def _count_encodes(vae, monkeypatch) -> list[int]:
 
 
 def _build(records, vae, cache_dir, **overrides):
-    settings = dict(resolution=RESOLUTION, pad_to_square=False, random_flip=False, cache_dir=cache_dir, device="cpu",
-                    batch_size=3, num_workers=0, vae_id="tiny")
+    settings = dict(
+        resolution=RESOLUTION,
+        pad_to_square=False,
+        random_flip=False,
+        cache_dir=cache_dir,
+        device="cpu",
+        batch_size=3,
+        num_workers=0,
+        vae_id="tiny",
+    )
     settings.update(overrides)
     return build_or_load_latent_cache(records, vae, **settings)
 
 
 def _direct_posterior(vae, record, pad_to_square=False, flip=False, intensity_clip_percent=0.0):
-    images = to_model_input(read_grayscale(record.path, intensity_clip_percent), Preprocess(RESOLUTION, pad_to_square))[None]
+    images = to_model_input(read_grayscale(record.path, intensity_clip_percent), Preprocess(RESOLUTION, pad_to_square))[
+        None
+    ]
     if flip:
         images = torch.flip(images, dims=[-1])
     with torch.no_grad():
@@ -67,6 +77,7 @@ def _direct_posterior(vae, record, pad_to_square=False, flip=False, intensity_cl
 
 
 # ------------------------------------------------------------------------------ reuse and invalidation
+
 
 def test_unchanged_dataset_reuses_the_cache(images, vae, tmp_path, monkeypatch):
     calls = _count_encodes(vae, monkeypatch)
@@ -109,9 +120,14 @@ def test_file_changed_after_the_scan_is_an_error(images, vae, tmp_path):
         _build(records, vae, tmp_path / "cache")
 
 
-@pytest.mark.parametrize("change", [
-    {"resolution": 16}, {"pad_to_square": True}, {"vae_id": "another/vae"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"resolution": 16},
+        {"pad_to_square": True},
+        {"vae_id": "another/vae"},
+    ],
+)
 def test_settings_invalidate_the_cache(images, vae, tmp_path, monkeypatch, change):
     calls = _count_encodes(vae, monkeypatch)
     records = scan_dataset(images, min_image_size=32)
@@ -145,11 +161,19 @@ def test_changed_vae_weights_or_dtype_invalidate_the_cache(images, vae, tmp_path
 
 
 def test_cache_key_depends_on_every_input():
-    base = dict(resolution=256, pad_to_square=False, random_flip=False, vae_id="v", vae_hash="h", vae_dtype=torch.float32)
+    base = dict(
+        resolution=256, pad_to_square=False, random_flip=False, vae_id="v", vae_hash="h", vae_dtype=torch.float32
+    )
     key = cache_key(["b", "a"], **base)
     assert cache_key(["a", "b"], **base) == key  # a set of contents
-    variants = [dict(resolution=512), dict(pad_to_square=True), dict(random_flip=True), dict(vae_id="w"),
-                dict(vae_hash="g"), dict(vae_dtype=torch.float16)]
+    variants = [
+        dict(resolution=512),
+        dict(pad_to_square=True),
+        dict(random_flip=True),
+        dict(vae_id="w"),
+        dict(vae_hash="g"),
+        dict(vae_dtype=torch.float16),
+    ]
     keys = {cache_key(["a", "b"], **{**base, **v}) for v in variants} | {cache_key(["a", "c"], **base)}
     assert len(keys) == 7 and key not in keys
 
@@ -158,14 +182,29 @@ def test_intensity_clip_percent_enters_the_key_only_when_set():
     import hashlib
     import json
 
-    from cxr.imageio import PREPROCESS_VERSION
-    from cxr.latents import CACHE_FORMAT
+    from cxr.data.imageio import PREPROCESS_VERSION
+    from cxr.data.latents import CACHE_FORMAT
 
-    base = {"resolution": 256, "pad_to_square": False, "random_flip": False, "vae_id": "v", "vae_hash": "h",
-            "vae_dtype": torch.float32}
+    base = {
+        "resolution": 256,
+        "pad_to_square": False,
+        "random_flip": False,
+        "vae_id": "v",
+        "vae_hash": "h",
+        "vae_dtype": torch.float32,
+    }
     # The fields a cache built before the flag existed was keyed by: at 0 its key (and file) still match.
-    before = {"format": CACHE_FORMAT, "preprocess": PREPROCESS_VERSION, "content_sha256": ["a", "b"], "resolution": 256,
-              "pad_to_square": False, "random_flip": False, "vae_id": "v", "vae_sha256": "h", "vae_dtype": "torch.float32"}
+    before = {
+        "format": CACHE_FORMAT,
+        "preprocess": PREPROCESS_VERSION,
+        "content_sha256": ["a", "b"],
+        "resolution": 256,
+        "pad_to_square": False,
+        "random_flip": False,
+        "vae_id": "v",
+        "vae_sha256": "h",
+        "vae_dtype": "torch.float32",
+    }
     old_key = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     assert cache_key(["a", "b"], **base) == cache_key(["a", "b"], **base, intensity_clip_percent=0.0) == old_key
     keys = {cache_key(["a", "b"], **base, intensity_clip_percent=p) for p in (0.0, 0.5, 1.0)}
@@ -177,7 +216,7 @@ def labelled_16bit_images(tmp_path):
     """4 phantoms stored as 12-bit values in 16-bit PNGs, each with a burned-in label (6 px = 0.3%) at 65535."""
     from PIL import Image
 
-    from cxr.phantoms import make_phantom
+    from cxr.data.phantoms import make_phantom
 
     folder = tmp_path / "images16"
     folder.mkdir()
@@ -207,6 +246,7 @@ def test_intensity_clip_percent_reencodes_and_reaches_the_decoder(labelled_16bit
 
 
 # ------------------------------------------------------------------------------ agreement with diffusers
+
 
 @pytest.mark.slow
 def test_cached_posterior_equals_diffusers_encoding(images, vae, tmp_path):
@@ -258,6 +298,7 @@ def test_sample_latents_is_the_closed_form_and_pure():
 
 # ------------------------------------------------------------------------------ crash safety and size
 
+
 @pytest.mark.slow
 def test_interrupted_build_leaves_nothing_trusted_and_resumes(images, vae, tmp_path, monkeypatch):
     records = scan_dataset(images, min_image_size=32)
@@ -278,7 +319,9 @@ def test_interrupted_build_leaves_nothing_trusted_and_resumes(images, vae, tmp_p
     assert len(list(cache_dir.glob("*.partial/chunk-*.safetensors"))) == 1  # images 0-1; image 2 was in the lost chunk
 
     calls.clear()
-    monkeypatch.setattr(vae, "encode", lambda batch, *a, **k: (calls.append(batch.shape[0]), original(batch, *a, **k))[1])
+    monkeypatch.setattr(
+        vae, "encode", lambda batch, *a, **k: (calls.append(batch.shape[0]), original(batch, *a, **k))[1]
+    )
     cache = _build(records, vae, cache_dir, batch_size=1, chunk_images=2)
     assert calls == [1, 1]  # only the missing chunk (images 2-3) was encoded
     assert [p.name for p in cache_dir.iterdir()] == [f"{cache.key}.safetensors"]  # chunks cleaned up
@@ -318,6 +361,7 @@ def test_decode_workers_give_the_same_cache(images, vae, tmp_path):
 
 
 # ------------------------------------------------------------------------------ prompt
+
 
 def test_encode_prompt_matches_the_diffusers_pipeline(tiny_model_dir):
     from diffusers import StableDiffusionPipeline

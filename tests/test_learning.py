@@ -1,7 +1,8 @@
 """Proof of learning: train.py -> sample.py on phantom radiographs, from a base that has never seen one.
 
-The base (`cxr.pretrained`) samples grey shapes. After LoRA training through `cxr.training.train` the samples
-of `cxr.sampling.sample_run` must be close to the training images in a fixed feature space (16x16 thumbnails:
+The base (`cxr.model.pretrained`) samples grey shapes. After LoRA training through `cxr.train.training.train` the
+samples
+of `cxr.sample.sampling.sample_run` must be close to the training images in a fixed feature space (16x16 thumbnails:
 KID and nearest-neighbour NCC, `distance_to_training`), and the base's samples must not be. The thresholds
 sit between figures measured on this setup (see LEARNED_* below); the same check fails for the base, for
 the adapter at --lora_scale 0, and for a v-prediction adapter sampled as epsilon (the old sample.py bug).
@@ -9,7 +10,6 @@ the adapter at --lora_scale 0, and for a v-prediction adapter sampled as epsilon
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
+from cxr import DEFAULT_PROMPT
 from cxr.config import SampleConfig, TrainConfig
-from cxr.phantoms import write_phantoms
-from cxr import DEFAULT_PROMPT, pretrained
-from cxr.pretrained import BaseSettings, distance_to_training, image_paths, pretrained_base, settings_key
+from cxr.data.phantoms import write_phantoms
+from cxr.model import pretrained
+from cxr.model.pretrained import BaseSettings, distance_to_training, image_paths, pretrained_base, settings_key
 
 pytestmark = pytest.mark.slow
 
@@ -71,27 +72,53 @@ def training_images(training_dir):
 
 
 def sample_cfg(base_dir, out_dir, lora_path=None, **overrides) -> SampleConfig:
-    values = dict(base_model=str(base_dir), lora_path=lora_path, out_dir=Path(out_dir), num_images=NUM_SAMPLES,
-                  height=RESOLUTION, width=RESOLUTION, num_inference_steps=20, batch_size=8, device="cpu",
-                  grayscale_out=True, contact_sheet=0, guidance_scale=GUIDANCE)
+    values = dict(
+        base_model=str(base_dir),
+        lora_path=lora_path,
+        out_dir=Path(out_dir),
+        num_images=NUM_SAMPLES,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        num_inference_steps=20,
+        batch_size=8,
+        device="cpu",
+        grayscale_out=True,
+        contact_sheet=0,
+        guidance_scale=GUIDANCE,
+    )
     values.update(overrides)
     return SampleConfig(**values)
 
 
 def run_sampling(cfg: SampleConfig) -> list[Path]:
-    from cxr.sampling import sample_run
+    from cxr.sample.sampling import sample_run
 
     return sample_run(cfg).paths
 
 
 def train_adapter(base_dir, training_dir, out_dir, prediction_type: str) -> Path:
-    from cxr.training import train
+    from cxr.train.training import train
 
     cfg = TrainConfig(
-        dataset_dir=Path(training_dir), model_id=str(base_dir), output_dir=Path(out_dir), device="cpu",
-        mixed_precision="no", resolution=RESOLUTION, train_batch_size=8, val_count=4, dataloader_num_workers=0,
-        learning_rate=LEARNING_RATE, max_train_steps=TRAIN_STEPS, log_every=50, checkpointing_steps=0, validation_steps=0,
-        num_validation_images=0, lora_rank=LORA_RANK, lora_alpha=float(LORA_RANK), seed=0, prediction_type=prediction_type,
+        dataset_dir=Path(training_dir),
+        model_id=str(base_dir),
+        output_dir=Path(out_dir),
+        device="cpu",
+        mixed_precision="no",
+        resolution=RESOLUTION,
+        train_batch_size=8,
+        val_count=4,
+        dataloader_num_workers=0,
+        learning_rate=LEARNING_RATE,
+        max_train_steps=TRAIN_STEPS,
+        log_every=50,
+        checkpointing_steps=0,
+        validation_steps=0,
+        num_validation_images=0,
+        lora_rank=LORA_RANK,
+        lora_alpha=float(LORA_RANK),
+        seed=0,
+        prediction_type=prediction_type,
     )
     cfg.validate()
     train(cfg)
@@ -124,7 +151,7 @@ def pixels(paths) -> np.ndarray:
 
 def test_committed_base_matches_the_builder():
     """The committed folder records the key of the default settings and this BUILDER_VERSION: a change to
-    either without rebuilding (`python -m cxr.pretrained --out cxr/assets/tiny-pretrained`) fails here."""
+    either without rebuilding (`python -m cxr.model.pretrained --out cxr/model/assets/tiny-pretrained`) fails here."""
     record = json.loads((pretrained.ASSET_DIR / "cxr_base.json").read_text())
     assert record["key"] == settings_key(BaseSettings())
     assert record["builder_version"] == pretrained.BUILDER_VERSION
@@ -152,7 +179,7 @@ def test_vae_reconstructs_phantoms(base_dir, training_images):
     at 64 px through 8x8x4 latents; the phantoms' own pixel noise alone caps it near 36 dB)."""
     from diffusers import AutoencoderKL
 
-    from cxr.imageio import read_grayscale
+    from cxr.data.imageio import read_grayscale
 
     vae = AutoencoderKL.from_pretrained(base_dir, subfolder="vae").eval()
     images = np.stack([read_grayscale(p) for p in training_images[:16]])
@@ -198,12 +225,19 @@ def test_v_prediction_adapter_learns(base_dir, v_adapter, training_images, tmp_p
 def test_v_prediction_adapter_sampled_as_epsilon_fails(base_dir, v_adapter, training_images):
     """The old sample.py bug, reproduced on purpose: the same v adapter through the same pipeline with an
     epsilon scheduler fails the learning criterion. This is what makes the test above able to fail."""
-    from cxr.sampling import generate_batch, load_pipeline, make_scheduler
+    from cxr.sample.sampling import generate_batch, load_pipeline, make_scheduler
 
     cfg = sample_cfg(base_dir, "unused", v_adapter)
     pipe, _ = load_pipeline(cfg, torch.device("cpu"), torch.float32)
     pipe.scheduler = make_scheduler(cfg.scheduler, {**pipe.scheduler.config, "prediction_type": "epsilon"})
-    images = generate_batch(pipe, list(range(NUM_SAMPLES)), prompt=DEFAULT_PROMPT, num_inference_steps=cfg.num_inference_steps,
-                            guidance_scale=cfg.guidance_scale, height=RESOLUTION, width=RESOLUTION)
+    images = generate_batch(
+        pipe,
+        list(range(NUM_SAMPLES)),
+        prompt=DEFAULT_PROMPT,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        height=RESOLUTION,
+        width=RESOLUTION,
+    )
     wrong = distance_to_training([image.mean(axis=-1) for image in images], training_images)
     assert not learned(wrong), wrong

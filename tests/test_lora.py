@@ -1,14 +1,13 @@
-"""cxr.lora against references: closed-form math, peft's LoRA layers, and stock diffusers `load_lora_weights`."""
+"""cxr.model.lora against references: closed-form math, peft's LoRA layers, and stock diffusers `load_lora_weights`."""
 
 import json
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from cxr import adapter_files, lora
-from cxr.lora import AdapterError
+from cxr.model import adapter_files, lora
+from cxr.model.lora import AdapterError
 
 RANK, ALPHA = 4, 8.0  # rank != alpha on purpose: a lost alpha shows up as a 2x wrong update
 
@@ -168,9 +167,12 @@ def test_injection_paths_freezing_and_reproducible_init(tiny_model_dir):
     attentions = [n for n, m in _load_unet(tiny_model_dir).named_modules() if n.endswith((".attn1", ".attn2"))]
     assert paths == sorted(f"{a}.{t}" for a in attentions for t in lora.DEFAULT_TARGETS)
     assert {n for n, p in unet.named_parameters() if p.requires_grad} == {
-        f"{p}.lora_{ab}" for p in paths for ab in "AB"}
+        f"{p}.lora_{ab}" for p in paths for ab in "AB"
+    }
     params = lora.lora_parameters(unet)
-    assert [id(p) for p in params] == [id(getattr(lora.lora_modules(unet)[p], f"lora_{ab}")) for p in paths for ab in "AB"]
+    assert [id(p) for p in params] == [
+        id(getattr(lora.lora_modules(unet)[p], f"lora_{ab}")) for p in paths for ab in "AB"
+    ]
 
     again = _load_unet(tiny_model_dir)
     torch.manual_seed(3)
@@ -190,8 +192,9 @@ def test_inject_twice_and_unknown_targets_are_errors(tiny_model_dir):
     with pytest.raises(AdapterError, match=r"\['to_x', 'ff'\] match no linear layer"):
         lora.inject_lora(_load_unet(tiny_model_dir), rank=RANK, alpha=ALPHA, targets=["to_q", "to_x", "ff"])
     # the --lora_targets string form is split at commas, not iterated by character
-    assert lora.inject_lora(_load_unet(tiny_model_dir), rank=RANK, alpha=ALPHA, targets="to_q, to_v") == \
-        lora.target_paths(unet, ["to_q", "to_v"])
+    assert lora.inject_lora(
+        _load_unet(tiny_model_dir), rank=RANK, alpha=ALPHA, targets="to_q, to_v"
+    ) == lora.target_paths(unet, ["to_q", "to_v"])
 
 
 def test_zero_b_gives_exactly_the_base_output(tiny_model_dir, unet_inputs):
@@ -207,7 +210,8 @@ def test_matches_peft_lora_with_same_weights(tiny_model_dir, unet_inputs):
     ours = _trained_unet(tiny_model_dir, rank=RANK, alpha=ALPHA)
     paths = list(lora.lora_modules(ours))
     reference = inject_adapter_in_model(
-        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=paths, init_lora_weights=False), _load_unet(tiny_model_dir))
+        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=paths, init_lora_weights=False), _load_unet(tiny_model_dir)
+    )
     with torch.no_grad():
         for path, module in lora.lora_modules(ours).items():
             peft_layer = reference.get_submodule(path)
@@ -273,8 +277,14 @@ def test_diffusers_load_lora_weights_reproduces_our_output(tiny_model_dir, unet_
     unet = _trained_unet(tiny_model_dir)
     ours = _run(unet, unet_inputs)
     out_dir = tmp_path / "lora_unet"
-    files = adapter_files.save_adapter(unet, out_dir, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS,
-                              metadata={"model_id": "tiny", "resolution": "256"})
+    files = adapter_files.save_adapter(
+        unet,
+        out_dir,
+        rank=RANK,
+        alpha=ALPHA,
+        targets=lora.DEFAULT_TARGETS,
+        metadata={"model_id": "tiny", "resolution": "256"},
+    )
     assert files == [out_dir / adapter_files.DIFFUSERS_WEIGHT_NAME]
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
@@ -301,7 +311,9 @@ def test_header_is_what_carries_alpha(tiny_model_dir, unet_inputs, tmp_path):
 
     unet = _trained_unet(tiny_model_dir)
     ours = _run(unet, unet_inputs)
-    tensors, _ = _read(adapter_files.save_adapter(unet, tmp_path / "full", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
+    tensors, _ = _read(
+        adapter_files.save_adapter(unet, tmp_path / "full", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0]
+    )
     bare = tmp_path / "bare"
     bare.mkdir()
     save_file(tensors, str(bare / adapter_files.DIFFUSERS_WEIGHT_NAME))
@@ -321,11 +333,14 @@ def test_kohya_export_loads_in_diffusers_the_same(tiny_model_dir, unet_inputs, t
 
     unet = _trained_unet(tiny_model_dir)
     ours = _run(unet, unet_inputs)
-    files = adapter_files.save_adapter(unet, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, export_format="both")
+    files = adapter_files.save_adapter(
+        unet, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, export_format="both"
+    )
     assert [f.name for f in files] == [adapter_files.DIFFUSERS_WEIGHT_NAME, adapter_files.KOHYA_WEIGHT_NAME]
     tensors, header = _read(files[1])
-    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
-               for k in tensors)
+    assert all(
+        k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in tensors
+    )
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in tensors
     assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {ALPHA}
     assert header["ss_network_dim"] == str(RANK)
@@ -344,8 +359,14 @@ def test_save_load_save_is_byte_stable_and_info_is_complete(tiny_model_dir, unet
     import hashlib
 
     unet = _trained_unet(tiny_model_dir, targets=["to_q", "to_v"])
-    first = adapter_files.save_adapter(unet, tmp_path / "a", rank=RANK, alpha=ALPHA, targets=["to_v", "to_q"],
-                              metadata={"cxr.prompt": "chest x-ray, normal"})[0]
+    first = adapter_files.save_adapter(
+        unet,
+        tmp_path / "a",
+        rank=RANK,
+        alpha=ALPHA,
+        targets=["to_v", "to_q"],
+        metadata={"cxr.prompt": "chest x-ray, normal"},
+    )[0]
     reloaded = _load_unet(tiny_model_dir)
     info = adapter_files.load_adapter(reloaded, tmp_path / "a", scale=0.5)
     assert (info.rank, info.alpha, info.targets, info.format) == (RANK, ALPHA, ["to_q", "to_v"], "diffusers")
@@ -364,13 +385,26 @@ def test_save_load_save_is_byte_stable_and_info_is_complete(tiny_model_dir, unet
 
 def test_conversion_command_round_trip_is_byte_stable(tiny_model_dir, tmp_path, capsys):
     unet = _trained_unet(tiny_model_dir)
-    saved = adapter_files.save_adapter(unet, tmp_path / "orig", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS,
-                              metadata={"steps": "10"}, export_format="both")
+    saved = adapter_files.save_adapter(
+        unet,
+        tmp_path / "orig",
+        rank=RANK,
+        alpha=ALPHA,
+        targets=lora.DEFAULT_TARGETS,
+        metadata={"steps": "10"},
+        export_format="both",
+    )
     kohya_file = tmp_path / "k.safetensors"
-    assert lora.main(["to-kohya", str(tmp_path / "orig" / adapter_files.DIFFUSERS_WEIGHT_NAME), str(kohya_file)]) == 0
-    assert lora.main(["to-diffusers", str(kohya_file), str(tmp_path / "back")]) == 0
+    assert (
+        adapter_files.main(["to-kohya", str(tmp_path / "orig" / adapter_files.DIFFUSERS_WEIGHT_NAME), str(kohya_file)])
+        == 0
+    )
+    assert adapter_files.main(["to-diffusers", str(kohya_file), str(tmp_path / "back")]) == 0
     assert str(kohya_file) in capsys.readouterr().out
-    for original, converted in ((saved[1], kohya_file), (saved[0], tmp_path / "back" / adapter_files.DIFFUSERS_WEIGHT_NAME)):
+    for original, converted in (
+        (saved[1], kohya_file),
+        (saved[0], tmp_path / "back" / adapter_files.DIFFUSERS_WEIGHT_NAME),
+    ):
         (a, header_a), (b, header_b) = _read(original), _read(converted)
         assert list(a) == list(b) and all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
         assert header_a == header_b  # cxr.* provenance and rank/alpha survive the conversions
@@ -378,7 +412,9 @@ def test_conversion_command_round_trip_is_byte_stable(tiny_model_dir, tmp_path, 
 
 def test_float16_export_loads_as_float32_master_weights(tiny_model_dir, tmp_path):
     unet = _trained_unet(tiny_model_dir)
-    file = adapter_files.save_adapter(unet, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, dtype="float16")[0]
+    file = adapter_files.save_adapter(
+        unet, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, dtype="float16"
+    )[0]
     assert {t.dtype for t in _read(file)[0].values()} == {torch.float16}
     reloaded = _load_unet(tiny_model_dir)
     adapter_files.load_adapter(reloaded, file)
@@ -427,17 +463,24 @@ def _write_variant(change):
         path = directory / adapter_files.DIFFUSERS_WEIGHT_NAME
         save_file(change(dict(tensors)), str(path))
         return path
+
     return write
 
 
 def _wrong_shapes(tensors):
-    return {k: torch.zeros(v.shape[0], v.shape[1] * 2) if k.endswith("lora_A.weight") else v for k, v in tensors.items()}
+    return {
+        k: torch.zeros(v.shape[0], v.shape[1] * 2) if k.endswith("lora_A.weight") else v for k, v in tensors.items()
+    }
 
 
 def _unknown_module(tensors):
     key = next(iter(tensors))
-    return {**tensors, "unet.conv_in.lora_A.weight": torch.zeros(RANK, 4),
-            "unet.conv_in.lora_B.weight": torch.zeros(4, RANK), key: tensors[key]}
+    return {
+        **tensors,
+        "unet.conv_in.lora_A.weight": torch.zeros(RANK, 4),
+        "unet.conv_in.lora_B.weight": torch.zeros(4, RANK),
+        key: tensors[key],
+    }
 
 
 def _stray_key(tensors):
@@ -449,7 +492,11 @@ def _missing_pair(tensors):
 
 
 def _missing_half(tensors):
-    return {k: v for k, v in tensors.items() if k != "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_k.lora_B.weight"}
+    return {
+        k: v
+        for k, v in tensors.items()
+        if k != "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_k.lora_B.weight"
+    }
 
 
 def _mixed_ranks(tensors):
@@ -463,22 +510,41 @@ def _text_encoder(tensors):
     return {**tensors, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(RANK, 32)}
 
 
-@pytest.mark.parametrize("write, message", [
-    (_write_pickle, r"only \.safetensors adapters are loaded .*never unpickled"),
-    (_write_pickle_named_safetensors, "not a readable safetensors file"),
-    (_write_non_lora, r"not a LoRA adapter .*conv_in\.bias"),
-    (_write_variant(_wrong_shapes), r"shapes do not fit this UNet .*attn1\.to_k: A \(4, 64\)"),
-    (_write_variant(_unknown_module), r"no LoRA target at: \[conv_in\]"),
-    (_write_variant(_stray_key), r"unknown keys \[unet\.down_blocks\.0\.extra_scale\]"),
-    (_write_variant(_missing_pair), r"missing LoRA weights for \[up_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\.to_v\]"),
-    (_write_variant(_missing_half), r"missing half: \[unet\.mid_block.*attn1\.to_k \(has only lora_A\)\]"),
-    (_write_variant(_mixed_ranks), r"different ranks \[2, 4\]"),
-    (_write_variant(_text_encoder), "text-encoder LoRA keys"),
-], ids=["pickle", "pickle-renamed", "non-lora", "wrong-shapes", "unknown-module", "stray-key", "missing-pair",
-        "missing-half", "mixed-ranks", "text-encoder"])
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (_write_pickle, r"only \.safetensors adapters are loaded .*never unpickled"),
+        (_write_pickle_named_safetensors, "not a readable safetensors file"),
+        (_write_non_lora, r"not a LoRA adapter .*conv_in\.bias"),
+        (_write_variant(_wrong_shapes), r"shapes do not fit this UNet .*attn1\.to_k: A \(4, 64\)"),
+        (_write_variant(_unknown_module), r"no LoRA target at: \[conv_in\]"),
+        (_write_variant(_stray_key), r"unknown keys \[unet\.down_blocks\.0\.extra_scale\]"),
+        (
+            _write_variant(_missing_pair),
+            r"missing LoRA weights for \[up_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\.to_v\]",
+        ),
+        (_write_variant(_missing_half), r"missing half: \[unet\.mid_block.*attn1\.to_k \(has only lora_A\)\]"),
+        (_write_variant(_mixed_ranks), r"different ranks \[2, 4\]"),
+        (_write_variant(_text_encoder), "text-encoder LoRA keys"),
+    ],
+    ids=[
+        "pickle",
+        "pickle-renamed",
+        "non-lora",
+        "wrong-shapes",
+        "unknown-module",
+        "stray-key",
+        "missing-pair",
+        "missing-half",
+        "mixed-ranks",
+        "text-encoder",
+    ],
+)
 def test_bad_files_are_refused_and_leave_the_unet_unchanged(tiny_model_dir, tmp_path, write, message):
     source = _trained_unet(tiny_model_dir)
-    tensors, _ = _read(adapter_files.save_adapter(source, tmp_path / "good", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
+    tensors, _ = _read(
+        adapter_files.save_adapter(source, tmp_path / "good", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0]
+    )
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
     bad_file = write(bad_dir, tensors)
@@ -495,7 +561,7 @@ def test_adapter_for_another_base_model_is_refused(tiny_model_dir, tmp_path):
     """An adapter trained on a UNet with other widths (a different base) names the misfit and changes nothing."""
     from diffusers import UNet2DConditionModel
 
-    from cxr.tiny import _unet_config
+    from cxr.model.tiny import _unet_config
 
     other = UNet2DConditionModel(**{**_unet_config("tiny"), "block_out_channels": (16, 32), "norm_num_groups": 4})
     lora.inject_lora(other, rank=RANK, alpha=ALPHA)
@@ -526,7 +592,7 @@ def test_folder_resolution(tmp_path):
 def test_sd15_parameter_count_at_rank_16_and_kohya_names():
     from diffusers import UNet2DConditionModel
 
-    from cxr.tiny import _unet_config
+    from cxr.model.tiny import _unet_config
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_unet_config("sd15"))
@@ -536,8 +602,10 @@ def test_sd15_parameter_count_at_rank_16_and_kohya_names():
     # closed form: rank * (in + out) per wrapped projection
     assert count == sum(16 * (m.in_features + m.out_features) for m in lora.lora_modules(unet).values())
     assert len(paths) == 128 and count == 3_188_736
-    print(f"SD v1.5 UNet, rank 16, {len(paths)} projections: {count:,} trainable LoRA parameters "
-          f"({100 * count / total:.2f}% of {total:,})")
+    print(
+        f"SD v1.5 UNet, rank 16, {len(paths)} projections: {count:,} trainable LoRA parameters "
+        f"({100 * count / total:.2f}% of {total:,})"
+    )
     assert all(adapter_files.path_from_kohya_name(adapter_files.kohya_name(p)) == p for p in paths)
 
 
@@ -550,10 +618,14 @@ def test_same_file_layout_as_diffusers_save_lora_weights_and_reads_its_files(tin
 
     unet = _trained_unet(tiny_model_dir)
     paths = list(lora.lora_modules(unet))
-    ours, our_header = _read(adapter_files.save_adapter(unet, tmp_path / "ours", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0])
+    ours, our_header = _read(
+        adapter_files.save_adapter(unet, tmp_path / "ours", rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS)[0]
+    )
     StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "reference", unet_lora_layers={k.removeprefix("unet."): v for k, v in ours.items()},
-        unet_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA, "target_modules": paths})
+        tmp_path / "reference",
+        unet_lora_layers={k.removeprefix("unet."): v for k, v in ours.items()},
+        unet_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA, "target_modules": paths},
+    )
     reference, reference_header = _read(tmp_path / "reference" / adapter_files.DIFFUSERS_WEIGHT_NAME)
     assert list(ours) == list(reference) and all(torch.equal(ours[k], reference[k]) for k in ours)
     assert our_header["lora_adapter_metadata"] == reference_header["lora_adapter_metadata"]
@@ -562,8 +634,10 @@ def test_same_file_layout_as_diffusers_save_lora_weights_and_reads_its_files(tin
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["to_q", "to_v"], init_lora_weights=False)
     peft_unet.add_adapter(config)
     StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "from_peft", unet_lora_layers=get_peft_model_state_dict(peft_unet),
-        unet_lora_adapter_metadata=config.to_dict())
+        tmp_path / "from_peft",
+        unet_lora_layers=get_peft_model_state_dict(peft_unet),
+        unet_lora_adapter_metadata=config.to_dict(),
+    )
     loaded = _load_unet(tiny_model_dir)
     info = adapter_files.load_adapter(loaded, tmp_path / "from_peft")
     assert (info.rank, info.alpha, info.targets) == (RANK, ALPHA, ["to_q", "to_v"])
@@ -573,7 +647,9 @@ def test_same_file_layout_as_diffusers_save_lora_weights_and_reads_its_files(tin
 
 
 def _ldm_names(tensors):
-    return {k.replace("lora_unet_down_blocks_0_attentions_0_", "lora_unet_input_blocks_1_1_"): v for k, v in tensors.items()}
+    return {
+        k.replace("lora_unet_down_blocks_0_attentions_0_", "lora_unet_input_blocks_1_1_"): v for k, v in tensors.items()
+    }
 
 
 def _mixed_alphas(tensors):
@@ -586,16 +662,25 @@ def _missing_alpha(tensors):
     return {k: v for k, v in tensors.items() if k != key}
 
 
-@pytest.mark.parametrize("change, message", [
-    (_ldm_names, r"kohya key 'lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_k' is not an attention projection"),
-    (_mixed_alphas, r"different or non-scalar alphas \[1\.0, 8\.0\]"),
-    (_missing_alpha, r"alpha missing for \[lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k\]"),
-], ids=["ldm-names", "mixed-alphas", "missing-alpha"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            _ldm_names,
+            r"kohya key 'lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_k' is not an attention projection",
+        ),
+        (_mixed_alphas, r"different or non-scalar alphas \[1\.0, 8\.0\]"),
+        (_missing_alpha, r"alpha missing for \[lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k\]"),
+    ],
+    ids=["ldm-names", "mixed-alphas", "missing-alpha"],
+)
 def test_bad_kohya_files_are_refused_and_leave_the_unet_unchanged(tiny_model_dir, tmp_path, change, message):
     from safetensors.torch import save_file
 
     source = _trained_unet(tiny_model_dir)
-    good = adapter_files.save_adapter(source, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, export_format="kohya")[0]
+    good = adapter_files.save_adapter(
+        source, tmp_path, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, export_format="kohya"
+    )[0]
     bad = tmp_path / "bad.safetensors"
     save_file(change(_read(good)[0]), str(bad))
     unet = _load_unet(tiny_model_dir)

@@ -8,22 +8,28 @@ import warnings
 import pytest
 import torch
 
-import cxr.step
-from cxr import training
+import cxr.train.step
 from cxr.config import ConfigError, SampleConfig, TrainConfig, parse_config
+from cxr.train import training
 
 # ------------------------------------------------------------------------------------------------- flags
 
 
 def _config_classes():
-    from cxr.audit import AuditConfig
-    from cxr.bench import BenchConfig
-    from cxr.evaluate import EvaluateConfig
-    from cxr.select import SelectConfig
+    from cxr.data.select import SelectConfig
+    from cxr.perf.bench import BenchConfig
+    from cxr.privacy.audit import AuditConfig
+    from cxr.privacy.evaluate import EvaluateConfig
 
     # the fewest values each validate() needs before it reaches the flag checks
-    return [(TrainConfig, {"dataset_dir": "d"}), (SampleConfig, {}), (SelectConfig, {"source": "nih"}),
-            (AuditConfig, {}), (EvaluateConfig, {}), (BenchConfig, {})]
+    return [
+        (TrainConfig, {"dataset_dir": "d"}),
+        (SampleConfig, {}),
+        (SelectConfig, {"source": "nih"}),
+        (AuditConfig, {}),
+        (EvaluateConfig, {}),
+        (BenchConfig, {}),
+    ]
 
 
 def _float_flags():
@@ -71,7 +77,9 @@ def _same(a, b):
 
 
 def _same_state(a, b):
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
 
 
 @pytest.mark.parametrize("kind", ["fused", "foreach"])
@@ -90,7 +98,7 @@ def test_step_unless_equals_never_taking_the_skipped_step(kind):
                 param.grad = g.clone()
             bad = torch.tensor(float(any(not torch.isfinite(g).all() for g in grad)))
             before_params, before_state = [p.detach().clone() for p in params], _optimizer_state(optimizer, params)
-            cxr.step.step_unless(optimizer, params, bad)
+            cxr.train.step.step_unless(optimizer, params, bad)
             if bad:
                 assert _same([p.detach() for p in params], before_params)
                 after = _optimizer_state(optimizer, params)
@@ -108,7 +116,7 @@ def test_step_unless_equals_never_taking_the_skipped_step(kind):
 def test_save_checkpoint_refuses_nan_tensors_and_writes_nothing(tmp_path, where):
     from test_checkpoint import _save
 
-    from cxr import checkpoint as ckpt
+    from cxr.train import checkpoint as ckpt
 
     _save(tmp_path, 1)
     real = ckpt.save_checkpoint
@@ -122,7 +130,9 @@ def test_save_checkpoint_refuses_nan_tensors_and_writes_nothing(tmp_path, where)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ckpt, "save_checkpoint", poisoned)
-        with pytest.raises(ckpt.NonFiniteError, match=rf"checkpoint-2: not saved: NaN/inf in 1 tensor\(s\) \({where}\."):
+        with pytest.raises(
+            ckpt.NonFiniteError, match=rf"checkpoint-2: not saved: NaN/inf in 1 tensor\(s\) \({where}\."
+        ):
             _save(tmp_path, 2, limit=1)
     assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [1] and not list(tmp_path.glob("*.tmp"))
 
@@ -130,7 +140,7 @@ def test_save_checkpoint_refuses_nan_tensors_and_writes_nothing(tmp_path, where)
 def test_a_nonfinite_marked_checkpoint_is_kept_but_never_resumed_from(tmp_path):
     from test_checkpoint import _save
 
-    from cxr import checkpoint as ckpt
+    from cxr.train import checkpoint as ckpt
 
     _save(tmp_path, 1)
     marked = _save(tmp_path, 2)
@@ -139,7 +149,9 @@ def test_a_nonfinite_marked_checkpoint_is_kept_but_never_resumed_from(tmp_path):
     assert sorted(p.name for p in marked.iterdir()) == sorted(files + ["NONFINITE"])  # nothing removed
     with pytest.warns(UserWarning, match=r"checkpoint-2: marked NONFINITE \(its weights gave a NaN/inf loss"):
         assert ckpt.resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-1"
-    with pytest.raises(ckpt.CheckpointError, match=r"marked NONFINITE .*\(delete .*NONFINITE to resume from it anyway\)"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"marked NONFINITE .*\(delete .*NONFINITE to resume from it anyway\)"
+    ):
         ckpt.resolve_resume(str(marked), tmp_path)
     (marked / "NONFINITE").unlink()  # the user overrides
     assert ckpt.resolve_resume("latest", tmp_path) == marked
@@ -147,7 +159,7 @@ def test_a_nonfinite_marked_checkpoint_is_kept_but_never_resumed_from(tmp_path):
 
 def _poison_gradients(monkeypatch, which_calls):
     """The loss stays finite but its gradient is NaN on the given training forward calls (1-based)."""
-    real_loss = cxr.step.diffusion_loss
+    real_loss = cxr.train.step.diffusion_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -158,7 +170,7 @@ def _poison_gradients(monkeypatch, which_calls):
                 loss.register_hook(lambda grad: grad * math.nan)
         return loss
 
-    monkeypatch.setattr(cxr.step, "diffusion_loss", poisoned)
+    monkeypatch.setattr(cxr.train.step, "diffusion_loss", poisoned)
 
 
 def test_a_nan_gradient_with_a_finite_loss_is_flagged_and_not_applied(tiny_model_dir, monkeypatch):
@@ -181,12 +193,17 @@ def test_a_nan_gradient_with_a_finite_loss_is_flagged_and_not_applied(tiny_model
 
 
 def test_metrics_tell_the_first_bad_step_of_a_window():
-    metrics = cxr.step.StepMetrics("cpu")
+    metrics = cxr.train.step.StepMetrics("cpu")
     for flag in (0.0, 0.0, 1.0, 0.0):
         metrics.add_nonfinite(torch.tensor(flag))
         metrics.steps += 1
-    assert metrics.read() | {"loss": 0, "grad_norm": 0} == {"loss": 0, "grad_norm": 0, "nonfinite": True,
-                                                            "finite_steps": 2, "flag": False}
+    assert metrics.read() | {"loss": 0, "grad_norm": 0} == {
+        "loss": 0,
+        "grad_norm": 0,
+        "nonfinite": True,
+        "finite_steps": 2,
+        "flag": False,
+    }
     metrics.add_nonfinite(torch.tensor(0.0))
     metrics.steps += 1
     assert metrics.read()["finite_steps"] == 1 and not metrics.nonfinite
@@ -208,25 +225,38 @@ def _saved_tensors(out):
     for file in sorted(out.rglob("*.safetensors")):
         found.update({f"{file}:{k}": v for k, v in load_file(file).items()})
     for file in sorted(out.rglob("optimizer.pt")):
-        from cxr.checkpoint import nonfinite_tensors
+        from cxr.train.checkpoint import nonfinite_tensors
 
-        found.update({f"{file}:{name}": torch.tensor(math.nan)
-                      for name in nonfinite_tensors(torch.load(file, weights_only=True))})
+        found.update(
+            {
+                f"{file}:{name}": torch.tensor(math.nan)
+                for name in nonfinite_tensors(torch.load(file, weights_only=True))
+            }
+        )
     return found
 
 
 @pytest.mark.slow
-def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(tiny_model_dir, phantom_dir, shared_cache,
-                                                                    tmp_path):
+def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(
+    tiny_model_dir, phantom_dir, shared_cache, tmp_path
+):
     """4 good steps with a checkpoint each; resumed at --learning_rate 1e6 it stops on a NaN/inf; `latest` then
     picks a checkpoint whose weights gave a finite loss afterwards (named in the message) and at 1e-4 finishes."""
     from test_training import make_cfg
 
-    from cxr.checkpoint import CheckpointError, checkpoint_dirs, find_latest_checkpoint
+    from cxr.train.checkpoint import CheckpointError, checkpoint_dirs, find_latest_checkpoint
 
     out = tmp_path / "run"
-    cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=10, checkpointing_steps=1,
-                   checkpoints_total_limit=None, log_every=1)
+    cfg = make_cfg(
+        tiny_model_dir,
+        phantom_dir,
+        out,
+        shared_cache,
+        max_train_steps=10,
+        checkpointing_steps=1,
+        checkpoints_total_limit=None,
+        log_every=1,
+    )
     assert training.train(cfg, stop_after_steps=4)["steps"] == 4
     cfg.resume_from_checkpoint, cfg.learning_rate = "latest", 1e6
     with pytest.warns(UserWarning, match="--learning_rate"), pytest.raises(training.NonFiniteLossError) as stop:
@@ -257,9 +287,9 @@ def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(tiny_model_d
 @pytest.fixture(scope="module")
 def good_adapter(tiny_model_dir, tmp_path_factory):
     """A valid adapter of the tiny UNet in both formats, and the UNet it was made from."""
-    from cxr.adapter_files import save_adapter
-    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules
-    from cxr.models import load_components
+    from cxr.model.adapter_files import save_adapter
+    from cxr.model.loading import load_components
+    from cxr.model.lora import DEFAULT_TARGETS, inject_lora, lora_modules
 
     unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
     torch.manual_seed(1)
@@ -311,9 +341,9 @@ BAD_ADAPTERS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
 def test_an_adapter_with_nan_or_inf_is_refused_at_load_naming_the_file(case, good_adapter, tiny_model_dir, tmp_path):
-    from cxr.adapter_files import load_adapter
-    from cxr.lora import AdapterError, lora_modules
-    from cxr.models import load_components
+    from cxr.model.adapter_files import load_adapter
+    from cxr.model.loading import load_components
+    from cxr.model.lora import AdapterError, lora_modules
 
     name, tensor_change, header_change, message = BAD_ADAPTERS[case]
     bad = _rewrite(good_adapter / name, tmp_path / "bad" / name, tensor_change, header_change)
@@ -331,10 +361,11 @@ def test_an_adapter_with_nan_or_inf_is_refused_at_load_naming_the_file(case, goo
 def test_sample_refuses_a_nan_adapter_naming_the_file_before_any_image(good_adapter, tiny_model_dir, tmp_path):
     from test_sampling import make_cfg as sample_cfg
 
-    from cxr.sampling import SamplingError, sample_run
+    from cxr.sample.sampling import SamplingError, sample_run
 
-    bad = _rewrite(good_adapter / "pytorch_lora_weights.safetensors", tmp_path / "bad" / "a.safetensors",
-                   ("lora_B", math.nan))
+    bad = _rewrite(
+        good_adapter / "pytorch_lora_weights.safetensors", tmp_path / "bad" / "a.safetensors", ("lora_B", math.nan)
+    )
     with pytest.raises(SamplingError, match=rf"--lora_path {bad}: {bad}: NaN/inf values"):
         sample_run(sample_cfg(tiny_model_dir, tmp_path / "out", lora_path=bad))
     assert not list((tmp_path / "out").glob("*.png"))
@@ -343,9 +374,9 @@ def test_sample_refuses_a_nan_adapter_naming_the_file_before_any_image(good_adap
 
 
 def test_save_adapter_refuses_nan_weights_and_fp16_overflow(good_adapter, tiny_model_dir, tmp_path):
-    from cxr.adapter_files import load_adapter, save_adapter
-    from cxr.lora import AdapterError, DEFAULT_TARGETS, lora_modules
-    from cxr.models import load_components
+    from cxr.model.adapter_files import load_adapter, save_adapter
+    from cxr.model.loading import load_components
+    from cxr.model.lora import DEFAULT_TARGETS, AdapterError, lora_modules
 
     unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
     load_adapter(unet, good_adapter)
@@ -369,7 +400,7 @@ def test_the_fp16_overflow_hint_only_for_fp16(dtype, hinted, tiny_model_dir, tmp
     import numpy as np
     from test_sampling import make_cfg as sample_cfg
 
-    from cxr import sampling
+    from cxr.sample import sampling
 
     monkeypatch.setattr(sampling, "generate_batch", lambda pipe, seeds, **kw: np.full((len(seeds), 64, 64, 3), np.nan))
     with pytest.raises(sampling.SamplingError, match="came out NaN/inf") as error:
@@ -403,36 +434,45 @@ def _fails_like_a_full_disk(real, when):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("writer", ["checkpoint safetensors", "checkpoint torch.save", "adapter safetensors"])
-def test_a_disk_that_fills_while_saving_gives_the_documented_message(writer, tiny_model_dir, phantom_dir,
-                                                                     shared_cache, tmp_path, monkeypatch):
+def test_a_disk_that_fills_while_saving_gives_the_documented_message(
+    writer, tiny_model_dir, phantom_dir, shared_cache, tmp_path, monkeypatch
+):
     import safetensors.torch
     from test_training import make_cfg
 
-    from cxr import adapter_files
-
-    from cxr.checkpoint import checkpoint_dirs, verify_checkpoint
+    from cxr.model import adapter_files
+    from cxr.train.checkpoint import checkpoint_dirs, verify_checkpoint
 
     in_checkpoint_2 = lambda obj, path, *rest: "checkpoint-2.tmp" in str(path)  # noqa: E731
     calls = {"adapter": 0}
 
-    def second_adapter_export(path, data):  # the adapter is written by cxr.adapter_files through atomic_write_bytes
+    def second_adapter_export(
+        path, data
+    ):  # the adapter is written by cxr.model.adapter_files through atomic_write_bytes
         calls["adapter"] += path.name == "pytorch_lora_weights.safetensors"
         return "lora_unet" in str(path) and calls["adapter"] == 2
 
     if writer == "checkpoint torch.save":
         monkeypatch.setattr(torch, "save", _fails_like_a_full_disk(torch.save, in_checkpoint_2))
     elif writer == "checkpoint safetensors":
-        monkeypatch.setattr(safetensors.torch, "save_file", _fails_like_a_full_disk(safetensors.torch.save_file,
-                                                                                     in_checkpoint_2))
+        monkeypatch.setattr(
+            safetensors.torch, "save_file", _fails_like_a_full_disk(safetensors.torch.save_file, in_checkpoint_2)
+        )
     else:
-        monkeypatch.setattr(adapter_files, "atomic_write_bytes", _fails_like_a_full_disk(adapter_files.atomic_write_bytes,
-                                                                                second_adapter_export))
+        monkeypatch.setattr(
+            adapter_files,
+            "atomic_write_bytes",
+            _fails_like_a_full_disk(adapter_files.atomic_write_bytes, second_adapter_export),
+        )
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=3, checkpointing_steps=1)
     what = "the adapter of step 2" if writer.startswith("adapter") else "checkpoint 2"
     # (torch.save's own message does not name the cause: "unexpected pos 64 vs 0")
-    with pytest.raises(training.TrainingError, match=rf"^--output_dir: writing {what} to .* failed \(.*\); the "
-                                                     r"previous checkpoints are intact\. Free disk space"):
+    with pytest.raises(
+        training.TrainingError,
+        match=rf"^--output_dir: writing {what} to .* failed \(.*\); the "
+        r"previous checkpoints are intact\. Free disk space",
+    ):
         training.train(cfg)
     kept = [s for s, _ in checkpoint_dirs(out / "checkpoints")]
     assert kept == ([1, 2] if writer.startswith("adapter") else [1])
@@ -443,19 +483,25 @@ def test_a_disk_that_fills_while_saving_gives_the_documented_message(writer, tin
 
 @pytest.mark.slow
 def test_a_nan_gradient_mid_window_stops_before_any_save_and_keeps_the_checkpoint_before_it(
-        tiny_model_dir, phantom_dir, shared_cache, tmp_path, monkeypatch):
+    tiny_model_dir, phantom_dir, shared_cache, tmp_path, monkeypatch
+):
     """Step 4 of 6 gets a NaN gradient (its loss is finite), read at step 4 together with step 3: the stop names
     step 4, checkpoint-2 (whose weights gave finite steps 3) stays resumable, and resuming finishes with finite
     tensors everywhere."""
     from test_training import make_cfg
 
-    from cxr.checkpoint import checkpoint_dirs
+    from cxr.train.checkpoint import checkpoint_dirs
 
     _poison_gradients(monkeypatch, {4})
     out = tmp_path / "run"
-    cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=6, log_every=4, checkpointing_steps=2)
-    with pytest.raises(training.NonFiniteLossError, match=r"NaN/inf at step 4 \(found by the check of steps 3-4,"
-                                                          rf".* latest resumes from {out / 'checkpoints' / 'checkpoint-2'}\."):
+    cfg = make_cfg(
+        tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=6, log_every=4, checkpointing_steps=2
+    )
+    with pytest.raises(
+        training.NonFiniteLossError,
+        match=r"NaN/inf at step 4 \(found by the check of steps 3-4,"
+        rf".* latest resumes from {out / 'checkpoints' / 'checkpoint-2'}\.",
+    ):
         training.train(cfg)
     assert [s for s, _ in checkpoint_dirs(out / "checkpoints")] == [2]
     assert not (out / "checkpoints" / "checkpoint-2" / "NONFINITE").exists()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import cxr.rundir
-from cxr import runlock, training
+import cxr.train.rundir
 from cxr.config import TrainConfig
+from cxr.train import runlock, training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,10 +25,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def make_cfg(tiny_model_dir, dataset, out, cache, **overrides) -> TrainConfig:
     values = dict(
-        dataset_dir=Path(dataset), model_id=str(tiny_model_dir), output_dir=Path(out), cache_dir=Path(cache),
-        device="cpu", mixed_precision="no", resolution=64, train_batch_size=4, val_count=4,
-        dataloader_num_workers=0, learning_rate=1e-3, max_train_steps=2, log_every=1, checkpointing_steps=1,
-        validation_steps=0, num_validation_images=0, lora_rank=4, lora_alpha=4.0, seed=0,
+        dataset_dir=Path(dataset),
+        model_id=str(tiny_model_dir),
+        output_dir=Path(out),
+        cache_dir=Path(cache),
+        device="cpu",
+        mixed_precision="no",
+        resolution=64,
+        train_batch_size=4,
+        val_count=4,
+        dataloader_num_workers=0,
+        learning_rate=1e-3,
+        max_train_steps=2,
+        log_every=1,
+        checkpointing_steps=1,
+        validation_steps=0,
+        num_validation_images=0,
+        lora_rank=4,
+        lora_alpha=4.0,
+        seed=0,
     )
     values.update(overrides)
     cfg = TrainConfig(**values)
@@ -54,8 +69,14 @@ def sleeper():
 
 def write_lock(folder: Path, pid: int, host: str | None = None, process_start: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    info = {"pid": pid, "host": host or socket.gethostname(), "started": "2026-11-29 08:00:00 UTC",
-            "token": "x" * 32, "boot_id": None, "process_start": process_start}
+    info = {
+        "pid": pid,
+        "host": host or socket.gethostname(),
+        "started": "2026-11-29 08:00:00 UTC",
+        "token": "x" * 32,
+        "boot_id": None,
+        "process_start": process_start,
+    }
     path = folder / runlock.LOCK_NAME
     path.write_text(json.dumps(info))
     return path
@@ -63,11 +84,12 @@ def write_lock(folder: Path, pid: int, host: str | None = None, process_start: s
 
 def no_scan(monkeypatch):
     """Make the dataset scan and the model load fail loudly: a check must come before them."""
+
     def reached(*args, **kwargs):
         raise AssertionError("reached the dataset scan / model load")
 
-    monkeypatch.setattr("cxr.dataset.scan_dataset", reached)
-    monkeypatch.setattr("cxr.models.load_components", reached)
+    monkeypatch.setattr("cxr.data.dataset.scan_dataset", reached)
+    monkeypatch.setattr("cxr.model.loading.load_components", reached)
 
 
 # ------------------------------------------------------------------------------------------------- the lock
@@ -124,11 +146,40 @@ def test_taking_over_a_stale_lock_never_removes_a_fresh_one(tmp_path):
 
 def start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout) -> subprocess.Popen:
     """A real `train.py` run into `out` in a subprocess (100,000 steps: it runs until it is signalled)."""
-    argv = [sys.executable, str(REPO / "train.py"), "--dataset_dir", str(phantom_dir), "--model_id",
-            str(tiny_model_dir), "--output_dir", str(out), "--cache_dir", str(cache), "--device", "cpu",
-            "--mixed_precision", "no", "--resolution", "64", "--train_batch_size", "4", "--val_count", "4",
-            "--dataloader_num_workers", "0", "--max_train_steps", "100000", "--checkpointing_steps", "2",
-            "--validation_steps", "0", "--lora_rank", "4", "--lora_alpha", "4"]
+    argv = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--model_id",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(cache),
+        "--device",
+        "cpu",
+        "--mixed_precision",
+        "no",
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "4",
+        "--val_count",
+        "4",
+        "--dataloader_num_workers",
+        "0",
+        "--max_train_steps",
+        "100000",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "0",
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "4",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
 
@@ -173,12 +224,21 @@ def test_lock_of_a_killed_run_is_taken_over_by_the_resume(tiny_model_dir, phanto
         killed.kill()  # SIGKILL: no clean-up runs
         killed.communicate()
     assert json.loads((out / runlock.LOCK_NAME).read_text())["pid"] == killed.pid
-    from cxr.checkpoint import find_latest_checkpoint
+    from cxr.train.checkpoint import find_latest_checkpoint
 
     step = int(find_latest_checkpoint(out / "checkpoints").name.split("-")[1])
-    cfg = make_cfg(tiny_model_dir, phantom_dir, out, cache, max_train_steps=step + 1,
-                   resume_from_checkpoint="latest", checkpointing_steps=2)
-    with pytest.warns(UserWarning, match=rf"taking over the lock of a run that is no longer running \(PID {killed.pid} "):
+    cfg = make_cfg(
+        tiny_model_dir,
+        phantom_dir,
+        out,
+        cache,
+        max_train_steps=step + 1,
+        resume_from_checkpoint="latest",
+        checkpointing_steps=2,
+    )
+    with pytest.warns(
+        UserWarning, match=rf"taking over the lock of a run that is no longer running \(PID {killed.pid} "
+    ):
         summary = training.train(cfg)
     assert summary["start_step"] == step and summary["steps"] == step + 1
     assert not (out / runlock.LOCK_NAME).exists()
@@ -187,12 +247,11 @@ def test_lock_of_a_killed_run_is_taken_over_by_the_resume(tiny_model_dir, phanto
 def test_fresh_run_over_an_earlier_run_is_refused_or_moves_it_aside(tiny_model_dir, phantom_dir, tmp_path):
     """Issue 13 #2: a fresh run into a folder with another run's checkpoints exited 0, rotation deleted its new
     checkpoints and `latest` later resumed the old run."""
-    from cxr.checkpoint import checkpoint_dirs
+    from cxr.train.checkpoint import checkpoint_dirs
 
     out = tmp_path / "run"
     old = training.train(make_cfg(tiny_model_dir, phantom_dir, out, out / "cache", max_train_steps=4))
-    old_files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
-                 if p.is_file() and "cache" not in p.parts}
+    old_files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "cache" not in p.parts}
     assert [s for s, _ in checkpoint_dirs(out / "checkpoints")] == [2, 3, 4]
 
     fresh = make_cfg(tiny_model_dir, phantom_dir, out, out / "cache", seed=5, max_train_steps=2)
@@ -230,17 +289,25 @@ def test_overwrite_output_dir_with_resume_is_a_flag_error(capsys):
 # ------------------------------------------------------------------------------ stale lock and temp files
 
 
-def test_stale_lock_and_temp_files_of_a_killed_run_are_cleaned_at_the_next_start(tiny_model_dir, phantom_dir,
-                                                                                  tmp_path, sleeper):
+def test_stale_lock_and_temp_files_of_a_killed_run_are_cleaned_at_the_next_start(
+    tiny_model_dir, phantom_dir, tmp_path, sleeper
+):
     """Issue 13 #5: `kill -9` left `.NAME.PID.tmp` and safetensors' `.tmpXXXXXX` files that nothing removed."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     gone = dead_pid()
     write_lock(out, gone)
-    stale = [out / f".manifest.json.{gone}.tmp", out / "lora_unet" / f".pytorch_lora_weights.safetensors.{gone}.tmp",
-             out / "lora_unet" / ".tmpAb12Cd", out / f"{runlock.LOCK_NAME}.{gone}.tmp",
-             cache / f".0123abcd.safetensors.{gone}.tmp"]
-    kept = [out / f".summary.json.{sleeper.pid}.tmp",  # its writer still runs
-            cache / f".4567cdef.safetensors.{gone}.tmp", cache / ".tmpZz99Yy"]  # --cache_dir: too recent
+    stale = [
+        out / f".manifest.json.{gone}.tmp",
+        out / "lora_unet" / f".pytorch_lora_weights.safetensors.{gone}.tmp",
+        out / "lora_unet" / ".tmpAb12Cd",
+        out / f"{runlock.LOCK_NAME}.{gone}.tmp",
+        cache / f".0123abcd.safetensors.{gone}.tmp",
+    ]
+    kept = [
+        out / f".summary.json.{sleeper.pid}.tmp",  # its writer still runs
+        cache / f".4567cdef.safetensors.{gone}.tmp",
+        cache / ".tmpZz99Yy",
+    ]  # --cache_dir: too recent
     for path in stale + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
@@ -253,7 +320,7 @@ def test_stale_lock_and_temp_files_of_a_killed_run_are_cleaned_at_the_next_start
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
     assert not (out / runlock.LOCK_NAME).exists()
-    assert cxr.rundir.STALE_TEMP_AGE_S < 3 * 3600  # the --cache_dir file above was old enough
+    assert cxr.train.rundir.STALE_TEMP_AGE_S < 3 * 3600  # the --cache_dir file above was old enough
 
 
 # ------------------------------------------------------------------------------------- the fixed split
@@ -262,7 +329,7 @@ def test_stale_lock_and_temp_files_of_a_killed_run_are_cleaned_at_the_next_start
 def test_resume_keeps_the_split_of_the_first_start(tiny_model_dir, phantom_dir, tmp_path, monkeypatch):
     """Issue 13 #3: after deleting a held-out image, a resume re-split the data and listed an image the model had
     trained on as held-out."""
-    from cxr.dataset import DatasetError
+    from cxr.data.dataset import DatasetError
 
     data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
     shutil.copytree(phantom_dir, data)
@@ -297,7 +364,7 @@ def test_resume_keeps_the_split_of_the_first_start(tiny_model_dir, phantom_dir, 
 
 
 def test_dropped_images_stay_out_on_later_resumes(tiny_model_dir, phantom_dir, tmp_path):
-    from cxr.dataset import check_unchanged, read_manifest, records_from_manifest
+    from cxr.data.dataset import check_unchanged, read_manifest, records_from_manifest
 
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)
@@ -321,20 +388,25 @@ def test_dropped_images_stay_out_on_later_resumes(tiny_model_dir, phantom_dir, t
 
 
 @pytest.mark.parametrize("kind", ["system folder", "missing", "incomplete"])
-def test_bad_resume_path_fails_before_the_scan_and_the_model_load(tiny_model_dir, phantom_dir, tmp_path,
-                                                                  monkeypatch, kind):
+def test_bad_resume_path_fails_before_the_scan_and_the_model_load(
+    tiny_model_dir, phantom_dir, tmp_path, monkeypatch, kind
+):
     """Issue 13 #4: `--resume_from_checkpoint /etc` was checked only after the scan, model load and cache build."""
-    from cxr.checkpoint import CheckpointError
+    from cxr.train.checkpoint import CheckpointError
 
     target = {"system folder": Path("/etc"), "missing": tmp_path / "nope"}.get(kind, tmp_path / "checkpoint-3")
     if kind == "incomplete":
         target.mkdir()
         (target / "lora.safetensors").write_bytes(b"half")
     no_scan(monkeypatch)
-    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache",
-                   resume_from_checkpoint=str(target))
-    expected = {"system folder": "is not a checkpoint folder", "missing": "is not a checkpoint folder",
-                "incomplete": "incomplete checkpoint"}[kind]
+    cfg = make_cfg(
+        tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache", resume_from_checkpoint=str(target)
+    )
+    expected = {
+        "system folder": "is not a checkpoint folder",
+        "missing": "is not a checkpoint folder",
+        "incomplete": "incomplete checkpoint",
+    }[kind]
     with pytest.raises((training.TrainingError, CheckpointError), match=expected):
         training.train(cfg)
     assert not (tmp_path / "run" / runlock.LOCK_NAME).exists()

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr import audit as audit_module
-from cxr import evaluate as evaluate_module
-from cxr import sampling
 from cxr.config import ConfigError, SampleConfig, TrainConfig, parse_config
+from cxr.privacy import audit as audit_module
+from cxr.privacy import evaluate as evaluate_module
+from cxr.sample import sampling
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_SAMPLE = dict(height=64, width=64, num_inference_steps=2, device="cpu", contact_sheet=2, batch_size=2)
@@ -30,10 +30,24 @@ def sample_cfg(model_dir, out_dir, **overrides) -> SampleConfig:
 
 def train_cfg(model_dir, dataset_dir, out, **overrides) -> TrainConfig:
     values = dict(
-        dataset_dir=Path(dataset_dir), model_id=str(model_dir), output_dir=Path(out), device="cpu",
-        mixed_precision="no", resolution=64, train_batch_size=4, val_count=4, dataloader_num_workers=0,
-        learning_rate=1e-3, max_train_steps=2, log_every=1, checkpointing_steps=1, validation_steps=0,
-        num_validation_images=0, lora_rank=4, lora_alpha=4.0, seed=0,
+        dataset_dir=Path(dataset_dir),
+        model_id=str(model_dir),
+        output_dir=Path(out),
+        device="cpu",
+        mixed_precision="no",
+        resolution=64,
+        train_batch_size=4,
+        val_count=4,
+        dataloader_num_workers=0,
+        learning_rate=1e-3,
+        max_train_steps=2,
+        log_every=1,
+        checkpointing_steps=1,
+        validation_steps=0,
+        num_validation_images=0,
+        lora_rank=4,
+        lora_alpha=4.0,
+        seed=0,
     )
     values.update(overrides)
     cfg = TrainConfig(**values)
@@ -62,7 +76,7 @@ def test_train_seed_limit_fits_every_generator_the_run_seeds():
     noise generator, the validation noise (seed + 1) and torch.manual_seed (the LoRA init)."""
     from cxr.config import TRAIN_SEED_MAX
     from cxr.runtime import DistInfo
-    from cxr.step import DataOrder
+    from cxr.train.step import DataOrder
 
     TrainConfig(dataset_dir=Path("x"), seed=TRAIN_SEED_MAX).validate()
     order = DataOrder(8, batch_size=2, grad_accum_steps=1, dist=DistInfo(), seed=TRAIN_SEED_MAX, device="cpu")
@@ -73,12 +87,15 @@ def test_train_seed_limit_fits_every_generator_the_run_seeds():
     torch.random.set_rng_state(state)
 
 
-@pytest.mark.parametrize("argv", [
-    ["--seed", "99999999999999999999999"],
-    ["--seed", str(2**64 - 1), "--num_images", "2"],  # image 1 would use seed 2**64
-    ["--seed", str(2**64 - 3), "--start_index", "2", "--num_images", "2"],
-    ["--seed", "-1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--seed", "99999999999999999999999"],
+        ["--seed", str(2**64 - 1), "--num_images", "2"],  # image 1 would use seed 2**64
+        ["--seed", str(2**64 - 3), "--start_index", "2", "--num_images", "2"],
+        ["--seed", "-1"],
+    ],
+)
 def test_sample_seed_range_covers_every_image(argv, capsys):
     message = _exit_message(SampleConfig, argv, capsys)
     assert "--seed:" in message and "18446744073709551615" in message
@@ -137,14 +154,24 @@ def test_sample_out_dir_is_checked_before_the_model_loads(case, tmp_path, monkey
 
 @pytest.mark.parametrize("case", ["existing file", "under a file", "read-only"])
 def test_audit_out_is_checked_before_any_image_is_read(case, tmp_path, monkeypatch, capsys):
-    from cxr.phantoms import write_phantoms
+    from cxr.data.phantoms import write_phantoms
 
     write_phantoms(tmp_path / "train", 2, seed=0)
     out = _bad_out_dirs(tmp_path, monkeypatch)[case]
     reads = []
     monkeypatch.setattr(audit_module, "load_thumbnails", lambda *a, **k: reads.append(1) or pytest.fail("read"))
-    argv = ["--train_dir", str(tmp_path / "train"), "--samples_dir", str(tmp_path / "train"), "--out", str(out),
-            "--threshold", "0.9", "--num_workers", "0"]
+    argv = [
+        "--train_dir",
+        str(tmp_path / "train"),
+        "--samples_dir",
+        str(tmp_path / "train"),
+        "--out",
+        str(out),
+        "--threshold",
+        "0.9",
+        "--num_workers",
+        "0",
+    ]
     assert audit_module.main(argv) == 2
     assert f"error: --out: cannot write to {out}" in capsys.readouterr().err
     assert not reads
@@ -152,7 +179,7 @@ def test_audit_out_is_checked_before_any_image_is_read(case, tmp_path, monkeypat
 
 @pytest.mark.parametrize("case", ["under a file", "a folder", "read-only folder"])
 def test_evaluate_out_is_checked_before_any_metric(case, tmp_path, monkeypatch, capsys):
-    from cxr.phantoms import write_phantoms
+    from cxr.data.phantoms import write_phantoms
 
     write_phantoms(tmp_path / "real", 2, seed=0)
     blocker = tmp_path / "a-file"
@@ -160,12 +187,26 @@ def test_evaluate_out_is_checked_before_any_metric(case, tmp_path, monkeypatch, 
     read_only = tmp_path / "read-only"
     read_only.mkdir()
     _unwritable(monkeypatch, read_only)
-    out = {"under a file": blocker / "x.json", "a folder": tmp_path / "real", "read-only folder": read_only / "x.json"}[case]
+    out = {"under a file": blocker / "x.json", "a folder": tmp_path / "real", "read-only folder": read_only / "x.json"}[
+        case
+    ]
     work = []
     monkeypatch.setattr(evaluate_module, "read_set", lambda *a, **k: work.append(1) or pytest.fail("read"))
-    monkeypatch.setattr(evaluate_module, "load_feature_extractor", lambda *a, **k: work.append(1) or pytest.fail("loaded"))
-    argv = ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "real"), "--out", str(out),
-            "--features", str(tmp_path / "extractor.pt"), "--num_workers", "0"]
+    monkeypatch.setattr(
+        evaluate_module, "load_feature_extractor", lambda *a, **k: work.append(1) or pytest.fail("loaded")
+    )
+    argv = [
+        "--real",
+        str(tmp_path / "real"),
+        "--fake",
+        str(tmp_path / "real"),
+        "--out",
+        str(out),
+        "--features",
+        str(tmp_path / "extractor.pt"),
+        "--num_workers",
+        "0",
+    ]
     assert evaluate_module.main(argv) == 2
     assert "error: --out:" in capsys.readouterr().err
     assert not work
@@ -173,13 +214,14 @@ def test_evaluate_out_is_checked_before_any_metric(case, tmp_path, monkeypatch, 
 
 def test_train_keeps_its_output_dir_check(tmp_path):
     """train.py's check is the shared one (cxr.fileio), raising the training error its CLI reports."""
-    import cxr.rundir
-    from cxr import fileio, training
+    import cxr.train.rundir
+    from cxr import fileio
+    from cxr.train import training
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(training.TrainingError, match="--output_dir: cannot write to"):
-        cxr.rundir.check_writable(blocker, "--output_dir")
+        cxr.train.rundir.check_writable(blocker, "--output_dir")
     with pytest.raises(fileio.OutputPathError, match="--out: cannot write to .*existing file, not a folder"):
         fileio.check_writable(blocker, "--out")
 
@@ -190,7 +232,7 @@ def test_train_keeps_its_output_dir_check(tmp_path):
 def _lora_unet(model_dir, seed=1):
     from diffusers import UNet2DConditionModel
 
-    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules
+    from cxr.model.lora import DEFAULT_TARGETS, inject_lora, lora_modules
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     torch.manual_seed(seed)
@@ -201,20 +243,32 @@ def _lora_unet(model_dir, seed=1):
     return unet
 
 
-METADATA = {"base_model": "x", "resolution": "64", "prompt": "chest x-ray", "steps": "10", "seed": "0",
-            "manifest_sha256": "ab" * 32, "pad_to_square": "False", "prediction_type": "epsilon"}
+METADATA = {
+    "base_model": "x",
+    "resolution": "64",
+    "prompt": "chest x-ray",
+    "steps": "10",
+    "seed": "0",
+    "manifest_sha256": "ab" * 32,
+    "pad_to_square": "False",
+    "prediction_type": "epsilon",
+}
 
 
 def test_export_is_byte_identical_and_readers_agree(tiny_model_dir, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
-    from cxr.adapter_files import save_adapter
-    from cxr.lora import DEFAULT_TARGETS
+    from cxr.model.adapter_files import save_adapter
+    from cxr.model.lora import DEFAULT_TARGETS
 
     unet = _lora_unet(tiny_model_dir)
-    runs = [save_adapter(unet, tmp_path / name, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, metadata=METADATA,
-                         export_format="both") for name in ("a", "b", "c")]
+    runs = [
+        save_adapter(
+            unet, tmp_path / name, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, metadata=METADATA, export_format="both"
+        )
+        for name in ("a", "b", "c")
+    ]
     for files in zip(*runs):
         contents = {f.read_bytes() for f in files}
         assert len(contents) == 1, [f.name for f in files]
@@ -225,18 +279,20 @@ def test_export_is_byte_identical_and_readers_agree(tiny_model_dir, tmp_path):
             header = handle.metadata()
         reference = save(tensors, metadata=header)
         length, ref_length = int.from_bytes(data[:8], "little"), int.from_bytes(reference[:8], "little")
-        assert data[8 + length:] == reference[8 + ref_length:]  # the tensor bytes are safetensors' own
-        assert json.loads(data[8:8 + length]) == json.loads(reference[8:8 + ref_length])
-        assert length % 8 == 0 and list(json.loads(data[8:8 + length])["__metadata__"]) == sorted(header)
+        assert data[8 + length :] == reference[8 + ref_length :]  # the tensor bytes are safetensors' own
+        assert json.loads(data[8 : 8 + length]) == json.loads(reference[8 : 8 + ref_length])
+        assert length % 8 == 0 and list(json.loads(data[8 : 8 + length])["__metadata__"]) == sorted(header)
 
 
 def test_a_sample_folder_is_extended_after_a_re_export(tiny_model_dir, tmp_path):
-    from cxr.adapter_files import save_adapter
-    from cxr.lora import DEFAULT_TARGETS
+    from cxr.model.adapter_files import save_adapter
+    from cxr.model.lora import DEFAULT_TARGETS
 
     unet = _lora_unet(tiny_model_dir)
-    export = lambda: save_adapter(unet, tmp_path / "lora_unet", rank=4, alpha=8.0, targets=DEFAULT_TARGETS,  # noqa: E731
-                                  metadata=METADATA)
+
+    def export():
+        return save_adapter(unet, tmp_path / "lora_unet", rank=4, alpha=8.0, targets=DEFAULT_TARGETS, metadata=METADATA)
+
     export()
     cfg = sample_cfg(tiny_model_dir, tmp_path / "samples", lora_path=tmp_path / "lora_unet", num_images=1)
     assert len(sampling.sample_run(cfg).made) == 1
@@ -250,16 +306,17 @@ def test_a_sample_folder_is_extended_after_a_re_export(tiny_model_dir, tmp_path)
 
 
 def _modes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")
-            if p.is_file() or p.is_dir()}
+    return {
+        str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*") if p.is_file() or p.is_dir()
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
 def test_every_output_follows_the_umask(umask, tiny_model_dir, phantom_dir, tmp_path):
-    from cxr import training
-    from cxr.audit import AuditConfig, audit
-    from cxr.evaluate import EvaluateConfig, evaluate
+    from cxr.privacy.audit import AuditConfig, audit
+    from cxr.privacy.evaluate import EvaluateConfig, evaluate
+    from cxr.train import training
 
     root = tmp_path / "outputs"
     root.mkdir()
@@ -268,20 +325,51 @@ def test_every_output_follows_the_umask(umask, tiny_model_dir, phantom_dir, tmp_
         run = root / "run"
         training.train(train_cfg(tiny_model_dir, phantom_dir, run, export_format="both"))
         samples = root / "samples"
-        sampling.sample_run(sample_cfg(tiny_model_dir, samples, lora_path=run / "lora_unet", num_images=2,
-                                       grayscale_out=True))
-        audit(AuditConfig(train_dir=phantom_dir, samples_dir=samples, out=root / "audit", threshold=0.9,
-                          num_workers=0, max_shift=0, gallery_pairs=2, exclude="contact_sheet*"))
-        evaluate(EvaluateConfig(real=phantom_dir, fake=samples, skip_features=True, out=root / "eval" / "x.json",
-                                num_workers=0, diversity_pairs=0))
+        sampling.sample_run(
+            sample_cfg(tiny_model_dir, samples, lora_path=run / "lora_unet", num_images=2, grayscale_out=True)
+        )
+        audit(
+            AuditConfig(
+                train_dir=phantom_dir,
+                samples_dir=samples,
+                out=root / "audit",
+                threshold=0.9,
+                num_workers=0,
+                max_shift=0,
+                gallery_pairs=2,
+                exclude="contact_sheet*",
+            )
+        )
+        evaluate(
+            EvaluateConfig(
+                real=phantom_dir,
+                fake=samples,
+                skip_features=True,
+                out=root / "eval" / "x.json",
+                num_workers=0,
+                diversity_pairs=0,
+            )
+        )
     finally:
         os.umask(previous)
     modes = _modes(root)
-    for name in ("run/lora_unet/pytorch_lora_weights.safetensors", "run/lora_unet/cxr_lora_kohya.safetensors",
-                 "run/checkpoints/checkpoint-2/lora.safetensors", "run/checkpoints/checkpoint-2/optimizer.pt",
-                 "run/manifest.json", "run/config.json", "run/summary.json", "samples/cxr_synth_000000.png",
-                 "samples/index.json", "samples/index.csv", "samples/contact_sheet.png", "audit/report.json",
-                 "audit/scores.csv", "audit/gallery.png", "eval/x.json"):
+    for name in (
+        "run/lora_unet/pytorch_lora_weights.safetensors",
+        "run/lora_unet/cxr_lora_kohya.safetensors",
+        "run/checkpoints/checkpoint-2/lora.safetensors",
+        "run/checkpoints/checkpoint-2/optimizer.pt",
+        "run/manifest.json",
+        "run/config.json",
+        "run/summary.json",
+        "samples/cxr_synth_000000.png",
+        "samples/index.json",
+        "samples/index.csv",
+        "samples/contact_sheet.png",
+        "audit/report.json",
+        "audit/scores.csv",
+        "audit/gallery.png",
+        "eval/x.json",
+    ):
         assert name in modes, name
     assert any(name.startswith("run/cache/") and name.endswith(".safetensors") for name in modes)
     files = {name: mode for name, mode in modes.items() if (root / name).is_file()}
@@ -311,7 +399,7 @@ def test_apply_umask_reads_the_umask_without_changing_it(tmp_path):
 @pytest.fixture(scope="module")
 def small_audit(tmp_path_factory):
     """8 training phantoms, 3 held-out phantoms, 2 samples, an empty folder."""
-    from cxr.phantoms import write_phantoms
+    from cxr.data.phantoms import write_phantoms
 
     root = tmp_path_factory.mktemp("calibration")
     write_phantoms(root / "train", 8, seed=0)
@@ -323,12 +411,25 @@ def small_audit(tmp_path_factory):
 
 
 def _argv(root, out, *extra):
-    return ["--train_dir", str(root / "train"), "--samples_dir", str(root / "samples"), "--out", str(out),
-            "--num_workers", "0", "--max_shift", "0", "--gallery_pairs", "0", *extra]
+    return [
+        "--train_dir",
+        str(root / "train"),
+        "--samples_dir",
+        str(root / "samples"),
+        "--out",
+        str(out),
+        "--num_workers",
+        "0",
+        "--max_shift",
+        "0",
+        "--gallery_pairs",
+        "0",
+        *extra,
+    ]
 
 
 def test_minimum_held_out_images_follows_the_quantile():
-    from cxr.audit import required_holdout_images
+    from cxr.privacy.audit import required_holdout_images
 
     assert required_holdout_images(0.99) == 100
     assert required_holdout_images(0.999) == 1000
@@ -352,8 +453,12 @@ def test_few_held_out_images_warn_loudly_and_the_report_counts_them(small_audit,
     output = capsys.readouterr().out
     assert "WARNING: the threshold rests on only 3 held-out images" in output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["calibration"] == {"holdout_images": 3, "min_holdout_images": 100, "sufficient": False,
-                                     "quantile": 0.99}
+    assert report["calibration"] == {
+        "holdout_images": 3,
+        "min_holdout_images": 100,
+        "sufficient": False,
+        "quantile": 0.99,
+    }
     assert "3 held-out images" in report["threshold"]["rule"]
 
 
@@ -369,10 +474,13 @@ def test_fail_above_needs_enough_held_out_images_or_a_threshold(holdout, small_a
     assert f"--fail_above: the threshold would rest on {count} held-out images" in error and "--threshold" in error
     assert not reads  # refused before any image is read
     # With --threshold the gate runs; with --min_holdout_images lowered knowingly, the calibrated one does.
-    assert audit_module.main(_argv(small_audit, tmp_path / "set", "--fail_above", "0.5", "--threshold", "0.9999",
-                                   *extra)) == 0
+    assert (
+        audit_module.main(_argv(small_audit, tmp_path / "set", "--fail_above", "0.5", "--threshold", "0.9999", *extra))
+        == 0
+    )
     if holdout:
-        assert audit_module.main(_argv(small_audit, tmp_path / "low", "--fail_above", "0.5", "--min_holdout_images",
-                                       "3", *extra)) in (0, 1)
+        assert audit_module.main(
+            _argv(small_audit, tmp_path / "low", "--fail_above", "0.5", "--min_holdout_images", "3", *extra)
+        ) in (0, 1)
         report = json.loads((tmp_path / "low" / "report.json").read_text())
         assert report["calibration"]["sufficient"] and report["threshold"]["calibrated"]

@@ -1,4 +1,4 @@
-"""cxr.imageio.Preprocess and the one crop-to-square: training's and the comparison tools' squaring agree, and the
+"""cxr.data.imageio.Preprocess and the one crop-to-square: training's and the comparison tools' squaring agree, and the
 latent cache's key and header are the bytes they were before the settings became one object."""
 
 import dataclasses
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr.imageio import BT601_LUMA, PREPROCESS_VERSION, Preprocess, crop_or_pad_square, thumbnail, to_model_input
-from cxr.latents import CACHE_FORMAT, cache_key
+from cxr.data.imageio import BT601_LUMA, PREPROCESS_VERSION, Preprocess, crop_or_pad_square, thumbnail, to_model_input
+from cxr.data.latents import CACHE_FORMAT, cache_key
 
 
 @pytest.mark.parametrize("shape", [(47, 64), (64, 47), (50, 50)])
@@ -24,10 +24,10 @@ def test_crop_or_pad_square_centres_the_image(shape, pad):
     assert square.shape == (side, side)
     top, left = abs(side - height) // 2, abs(side - width) // 2
     if pad:
-        np.testing.assert_array_equal(square[top:top + height, left:left + width], gray)
+        np.testing.assert_array_equal(square[top : top + height, left : left + width], gray)
         assert (square > 0).sum() == gray.size
     else:
-        np.testing.assert_array_equal(square, gray[top:top + side, left:left + side])
+        np.testing.assert_array_equal(square, gray[top : top + side, left : left + side])
 
 
 @pytest.mark.parametrize("pad", [False, True])
@@ -54,21 +54,33 @@ def test_preprocess_is_a_hashable_value():
 
 @pytest.mark.parametrize("pad, clip", [(False, 0.0), (True, 0.0), (False, 0.5), (True, 1.25)])
 def test_cache_key_and_header_are_the_bytes_written_before(pad, clip):
-    base = dict(resolution=256, pad_to_square=pad, random_flip=True, vae_id="v@main", vae_hash="h",
-                vae_dtype=torch.float32)
-    # The key as cxr.latents wrote it when the settings were loose arguments.
-    fields = {"format": CACHE_FORMAT, "preprocess": PREPROCESS_VERSION, "content_sha256": ["a", "b"],
-              "resolution": 256, "pad_to_square": pad, "random_flip": True, "vae_id": "v@main", "vae_sha256": "h",
-              "vae_dtype": "torch.float32"}
+    base = dict(
+        resolution=256, pad_to_square=pad, random_flip=True, vae_id="v@main", vae_hash="h", vae_dtype=torch.float32
+    )
+    # The key as cxr.data.latents wrote it when the settings were loose arguments.
+    fields = {
+        "format": CACHE_FORMAT,
+        "preprocess": PREPROCESS_VERSION,
+        "content_sha256": ["a", "b"],
+        "resolution": 256,
+        "pad_to_square": pad,
+        "random_flip": True,
+        "vae_id": "v@main",
+        "vae_sha256": "h",
+        "vae_dtype": "torch.float32",
+    }
     if clip > 0:
         fields["intensity_clip_percent"] = clip
     before = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     assert cache_key(["b", "a", "b"], **base, intensity_clip_percent=clip) == before
-    assert Preprocess(256, pad, clip).metadata() == {"resolution": "256", "pad_to_square": str(pad),
-                                                      "intensity_clip_percent": repr(float(clip))}
+    assert Preprocess(256, pad, clip).metadata() == {
+        "resolution": "256",
+        "pad_to_square": str(pad),
+        "intensity_clip_percent": repr(float(clip)),
+    }
 
 
 def test_one_home_for_the_luma_weights():
-    from cxr import sampling
+    from cxr.sample import sampling
 
     assert sampling.LUMA_WEIGHTS is BT601_LUMA == (0.299, 0.587, 0.114)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.audit import AuditConfig, audit
 from cxr.config import SampleConfig, TrainConfig
-from cxr.evaluate import EvaluateConfig, evaluate
-from cxr.report import ReportConfig, main, training_curves, write_report
-from cxr.sampling import sample_run
-from cxr.training import train
+from cxr.privacy.audit import AuditConfig, audit
+from cxr.privacy.evaluate import EvaluateConfig, evaluate
+from cxr.privacy.report import ReportConfig, main, training_curves, write_report
+from cxr.sample.sampling import sample_run
+from cxr.train.training import train
 
 SECTIONS = ("summary", "provenance", "samples", "training", "audit", "evaluation", "use")
 
@@ -27,23 +27,70 @@ def released(tmp_path_factory, tiny_model_dir, phantom_dir):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("release")
     run = root / "run"
-    cfg = TrainConfig(dataset_dir=Path(phantom_dir), model_id=str(tiny_model_dir), output_dir=run,
-                      device="cpu", mixed_precision="no", resolution=64, train_batch_size=4, val_count=4,
-                      dataloader_num_workers=0, learning_rate=1e-3, max_train_steps=4, log_every=2,
-                      checkpointing_steps=2, validation_steps=2, num_validation_images=0, lora_rank=4,
-                      lora_alpha=4.0, seed=0)
+    cfg = TrainConfig(
+        dataset_dir=Path(phantom_dir),
+        model_id=str(tiny_model_dir),
+        output_dir=run,
+        device="cpu",
+        mixed_precision="no",
+        resolution=64,
+        train_batch_size=4,
+        val_count=4,
+        dataloader_num_workers=0,
+        learning_rate=1e-3,
+        max_train_steps=4,
+        log_every=2,
+        checkpointing_steps=2,
+        validation_steps=2,
+        num_validation_images=0,
+        lora_rank=4,
+        lora_alpha=4.0,
+        seed=0,
+    )
     cfg.validate()
     summary = train(cfg)
     samples = root / "samples"
-    sample_run(SampleConfig(base_model=str(tiny_model_dir), lora_path=run / "lora_unet", out_dir=samples,
-                            num_images=4, batch_size=4, height=64, width=64, num_inference_steps=2, device="cpu",
-                            contact_sheet=0))
+    sample_run(
+        SampleConfig(
+            base_model=str(tiny_model_dir),
+            lora_path=run / "lora_unet",
+            out_dir=samples,
+            num_images=4,
+            batch_size=4,
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            device="cpu",
+            contact_sheet=0,
+        )
+    )
     audit_dir = root / "audit"
-    audit(AuditConfig(train_manifest=run / "manifest.json", train_dir=Path(phantom_dir), samples_dir=samples,
-                      out=audit_dir, num_workers=0, resolution=16, max_shift=0.0, gallery_pairs=2, device="cpu"))
+    audit(
+        AuditConfig(
+            train_manifest=run / "manifest.json",
+            train_dir=Path(phantom_dir),
+            samples_dir=samples,
+            out=audit_dir,
+            num_workers=0,
+            resolution=16,
+            max_shift=0.0,
+            gallery_pairs=2,
+            device="cpu",
+        )
+    )
     eval_file = root / "eval.json"
-    evaluate(EvaluateConfig(real=Path(phantom_dir), fake=samples, skip_features=True, out=eval_file, num_workers=0,
-                            diversity_pairs=2, msssim_resolution=176, device="cpu"))
+    evaluate(
+        EvaluateConfig(
+            real=Path(phantom_dir),
+            fake=samples,
+            skip_features=True,
+            out=eval_file,
+            num_workers=0,
+            diversity_pairs=2,
+            msssim_resolution=176,
+            device="cpu",
+        )
+    )
     return {"root": root, "run": run, "samples": samples, "audit": audit_dir, "eval": eval_file, "summary": summary}
 
 
@@ -67,8 +114,9 @@ class _Page(HTMLParser):
 
 
 def _report(released, out: Path, **overrides) -> tuple[dict, _Page]:
-    values = dict(run=released["run"], samples=released["samples"], audit=released["audit"], eval=released["eval"],
-                  out=out)
+    values = dict(
+        run=released["run"], samples=released["samples"], audit=released["audit"], eval=released["eval"], out=out
+    )
     values.update(overrides)
     facts = write_report(ReportConfig(**values))
     page = _Page()
@@ -94,7 +142,9 @@ def test_report_holds_every_section_with_embedded_images_and_matching_facts(rele
     adapter_file = released["run"] / "lora_unet" / facts["provenance"]["adapter"]["loaded_by_sample_py"]
     assert facts["provenance"]["adapter"]["sha256"] == file_sha256(adapter_file)
     assert facts["provenance"]["manifest_sha256"] == file_sha256(released["run"] / "manifest.json")
-    assert facts["samples"]["count"] == 4 and facts["samples"]["settings"]["adapter_sha256"] == file_sha256(adapter_file)
+    assert facts["samples"]["count"] == 4 and facts["samples"]["settings"]["adapter_sha256"] == file_sha256(
+        adapter_file
+    )
     # The only warning: 4 held-out images are far too few for the audit's 0.99 quantile.
     assert len(facts["warnings"]) == 1 and "calibrated on only 4 held-out images" in facts["warnings"][0]
     flags = facts["provenance"]["result_flags"]
@@ -136,14 +186,34 @@ def test_samples_from_another_adapter_are_flagged_on_the_page(released, tmp_path
 
 
 def test_missing_inputs_are_clear_errors(released, tmp_path, capsys):
-    code = main(["--run", str(released["run"]), "--samples", str(released["samples"]),
-                 "--audit", str(tmp_path / "no-audit"), "--out", str(tmp_path / "r.html")])
+    code = main(
+        [
+            "--run",
+            str(released["run"]),
+            "--samples",
+            str(released["samples"]),
+            "--audit",
+            str(tmp_path / "no-audit"),
+            "--out",
+            str(tmp_path / "r.html"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "--audit" in err and "report.json" in err and "python -m cxr.audit" in err
     assert not (tmp_path / "r.html").exists()
     with pytest.raises(SystemExit) as exit_info:
-        main(["--run", str(released["run"]), "--samples", str(released["samples"]), "--audit", str(released["audit"]),
-              "--out", str(tmp_path / "r.txt")])
+        main(
+            [
+                "--run",
+                str(released["run"]),
+                "--samples",
+                str(released["samples"]),
+                "--audit",
+                str(released["audit"]),
+                "--out",
+                str(tmp_path / "r.txt"),
+            ]
+        )
     assert exit_info.value.code == 2
     assert "--out" in capsys.readouterr().err

@@ -14,29 +14,74 @@ import warnings
 from pathlib import Path
 
 import pytest
+import test_training  # tests/ is on sys.path (rootdir conftest): one tiny TrainConfig for both files
 import torch
 
 import cxr.runtime
-import cxr.step
-import cxr.validation
-from cxr import training
-import test_training  # tests/ is on sys.path (rootdir conftest): one tiny TrainConfig for both files
-from cxr.config import (ConfigError, TrainConfig, cache_flags, changed_result_flags, parse_config, recorded_values,
-                        result_flags, to_dict)
+import cxr.train.step
+import cxr.train.validation
+from cxr.config import (
+    ConfigError,
+    TrainConfig,
+    cache_flags,
+    changed_result_flags,
+    parse_config,
+    recorded_values,
+    result_flags,
+    to_dict,
+)
+from cxr.train import training
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The issue's list of flags the resume check skipped, and the ones it already covered.
-MUST_WARN = ("prompt", "prediction_type", "snr_gamma", "noise_offset", "lr_warmup_steps", "lora_dropout",
-             "mixed_precision", "model_id", "max_grad_norm", "adam_weight_decay", "train_batch_size",
-             "grad_accum_steps", "seed", "max_train_steps", "lr_scheduler", "learning_rate", "resolution",
-             "random_flip", "pad_to_square", "intensity_clip_percent")
+MUST_WARN = (
+    "prompt",
+    "prediction_type",
+    "snr_gamma",
+    "noise_offset",
+    "lr_warmup_steps",
+    "lora_dropout",
+    "mixed_precision",
+    "model_id",
+    "max_grad_norm",
+    "adam_weight_decay",
+    "train_batch_size",
+    "grad_accum_steps",
+    "seed",
+    "max_train_steps",
+    "lr_scheduler",
+    "learning_rate",
+    "resolution",
+    "random_flip",
+    "pad_to_square",
+    "intensity_clip_percent",
+)
 # Decided not to change the result (see the comment in TrainConfig).
-NEVER_WARN = ("output_dir", "logging_dir", "cache_dir", "device", "log_every", "checkpointing_steps",
-              "checkpoints_total_limit", "dataloader_num_workers", "encode_batch_size", "cuda_graph",
-              "torch_compile", "gradient_checkpointing", "validation_steps", "num_validation_images",
-              "validation_inference_steps", "export_format", "resume_from_checkpoint", "ddp_timeout_minutes",
-              "dataset_dir", "file_list", "overwrite_output_dir", "exclude_duplicates")
+NEVER_WARN = (
+    "output_dir",
+    "logging_dir",
+    "cache_dir",
+    "device",
+    "log_every",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "dataloader_num_workers",
+    "encode_batch_size",
+    "cuda_graph",
+    "torch_compile",
+    "gradient_checkpointing",
+    "validation_steps",
+    "num_validation_images",
+    "validation_inference_steps",
+    "export_format",
+    "resume_from_checkpoint",
+    "ddp_timeout_minutes",
+    "dataset_dir",
+    "file_list",
+    "overwrite_output_dir",
+    "exclude_duplicates",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -66,9 +111,19 @@ def other_value(field: dataclasses.Field, value):
     if isinstance(value, (str, Path)):
         return type(value)(f"{value}-other")
     if value is None:
-        return {"max_images": 10, "val_count": 3, "revision": "v2", "dataset_dir": Path("d"), "file_list": Path("f"), "exclude_duplicates": Path("x"),
-                "cache_dir": Path("c"), "logging_dir": Path("l"), "dataloader_num_workers": 3,
-                "checkpoints_total_limit": 7, "resume_from_checkpoint": "latest"}[field.name]
+        return {
+            "max_images": 10,
+            "val_count": 3,
+            "revision": "v2",
+            "dataset_dir": Path("d"),
+            "file_list": Path("f"),
+            "exclude_duplicates": Path("x"),
+            "cache_dir": Path("c"),
+            "logging_dir": Path("l"),
+            "dataloader_num_workers": 3,
+            "checkpoints_total_limit": 7,
+            "resume_from_checkpoint": "latest",
+        }[field.name]
     raise AssertionError(f"no other value for {field.name}={value!r}")
 
 
@@ -79,8 +134,14 @@ def test_the_declaration_covers_the_issues_flags_and_leaves_out_the_harmless_one
     declared = set(result_flags(TrainConfig))
     assert set(MUST_WARN) <= declared, set(MUST_WARN) - declared
     assert not declared & set(NEVER_WARN), declared & set(NEVER_WARN)
-    assert set(cache_flags(TrainConfig)) == {"resolution", "pad_to_square", "intensity_clip_percent", "random_flip",
-                                             "model_id", "revision"}
+    assert set(cache_flags(TrainConfig)) == {
+        "resolution",
+        "pad_to_square",
+        "intensity_clip_percent",
+        "random_flip",
+        "model_id",
+        "revision",
+    }
     assert set(cache_flags(TrainConfig)) <= declared
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     assert declared | set(NEVER_WARN) == names, names - declared - set(NEVER_WARN)  # every flag was decided
@@ -98,16 +159,28 @@ def test_changing_any_result_flag_alone_is_named_and_no_other_flag_is():
     assert changed_result_flags(older, base) == []
     assert changed_result_flags(older, dataclasses.replace(base, noise_offset=0.1)) == ["--noise_offset"]
     assert recorded_values(TrainConfig, {}, ("pad_to_square", "intensity_clip_percent")) == {
-        "pad_to_square": False, "intensity_clip_percent": 0.0}
+        "pad_to_square": False,
+        "intensity_clip_percent": 0.0,
+    }
 
 
 def test_resume_warns_naming_every_changed_result_flag(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
-    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", shared_cache, max_train_steps=3,
-                   checkpointing_steps=1)
+    cfg = make_cfg(
+        tiny_model_dir, phantom_dir, tmp_path / "run", shared_cache, max_train_steps=3, checkpointing_steps=1
+    )
     training.train(cfg, stop_after_steps=1)
-    changes = dict(prompt="a chest x-ray", prediction_type="v_prediction", snr_gamma=1.0, noise_offset=0.05,
-                   lr_warmup_steps=2, lora_dropout=0.1, max_grad_norm=0.5, adam_weight_decay=0.0,
-                   checkpointing_steps=2, log_every=3)  # the last two change nothing
+    changes = dict(
+        prompt="a chest x-ray",
+        prediction_type="v_prediction",
+        snr_gamma=1.0,
+        noise_offset=0.05,
+        lr_warmup_steps=2,
+        lora_dropout=0.1,
+        max_grad_norm=0.5,
+        adam_weight_decay=0.0,
+        checkpointing_steps=2,
+        log_every=3,
+    )  # the last two change nothing
     resumed = dataclasses.replace(cfg, resume_from_checkpoint="latest", **changes)
     with pytest.warns(UserWarning, match="differ from the checkpoint") as caught:
         assert training.train(resumed)["steps"] == 3
@@ -119,15 +192,42 @@ def test_resume_warns_naming_every_changed_result_flag(tiny_model_dir, phantom_d
 def test_adapter_metadata_holds_every_result_flag_under_the_names_readers_use(tiny_model_dir):
     from cxr import __version__
 
-    cfg = TrainConfig(dataset_dir=Path("data"), model_id="runwayml/stable-diffusion-v1-5", resolution=64,
-                      snr_gamma=2.0, lora_dropout=0.1, max_images=None)
+    cfg = TrainConfig(
+        dataset_dir=Path("data"),
+        model_id="runwayml/stable-diffusion-v1-5",
+        resolution=64,
+        snr_gamma=2.0,
+        lora_dropout=0.1,
+        max_images=None,
+    )
     metadata = training._adapter_metadata(cfg, 7, "abc", "epsilon")
     # The keys and formats written before (sample.py and users read them) are unchanged.
-    assert {k: metadata[k] for k in ("base_model", "revision", "resolution", "pad_to_square", "intensity_clip_percent",
-                                      "prompt", "steps", "manifest_sha256", "cxr_version", "prediction_type")} == {
-        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "revision": "", "resolution": "64",
-        "pad_to_square": "False", "intensity_clip_percent": "0.0", "prompt": cfg.prompt, "steps": "7",
-        "manifest_sha256": "abc", "cxr_version": __version__, "prediction_type": "epsilon"}
+    assert {
+        k: metadata[k]
+        for k in (
+            "base_model",
+            "revision",
+            "resolution",
+            "pad_to_square",
+            "intensity_clip_percent",
+            "prompt",
+            "steps",
+            "manifest_sha256",
+            "cxr_version",
+            "prediction_type",
+        )
+    } == {
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "revision": "",
+        "resolution": "64",
+        "pad_to_square": "False",
+        "intensity_clip_percent": "0.0",
+        "prompt": cfg.prompt,
+        "steps": "7",
+        "manifest_sha256": "abc",
+        "cxr_version": __version__,
+        "prediction_type": "epsilon",
+    }
     # Every other result flag is there too; rank/alpha/targets come from the weights (cxr.rank, ...), and the
     # model id is recorded (resolved) as base_model.
     expected = set(result_flags(TrainConfig)) - {"lora_rank", "lora_alpha", "lora_targets", "model_id"}
@@ -137,14 +237,21 @@ def test_adapter_metadata_holds_every_result_flag_under_the_names_readers_use(ti
 
 
 def test_manifest_extra_holds_every_result_flag(tiny_model_dir, phantom_dir, tmp_path):
-    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache", snr_gamma=1.5,
-                   intensity_clip_percent=0.5, pad_to_square=True)
+    cfg = make_cfg(
+        tiny_model_dir,
+        phantom_dir,
+        tmp_path / "run",
+        tmp_path / "cache",
+        snr_gamma=1.5,
+        intensity_clip_percent=0.5,
+        pad_to_square=True,
+    )
     training._prepare_data(cfg, cxr.runtime.DistInfo())
     extra = json.loads((tmp_path / "run" / "manifest.json").read_text())["extra"]
     assert extra == {name: to_dict(cfg)[name] for name in result_flags(TrainConfig)}
     assert extra["snr_gamma"] == 1.5 and extra["model_id"] == str(tiny_model_dir) and extra["seed"] == 0
     # ... and the audit reads the pixel settings from it.
-    from cxr.audit import AuditConfig, _resolve_sets
+    from cxr.privacy.audit import AuditConfig, _resolve_sets
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -160,15 +267,16 @@ class _KeyFound(Exception):
     pass
 
 
-def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(tiny_model_dir, phantom_dir, tmp_path,
-                                                                       monkeypatch):
+def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(
+    tiny_model_dir, phantom_dir, tmp_path, monkeypatch
+):
     """The key `_build_caches` reaches, for the base config and with each flag changed alone; the latent cache
     itself is not built (cache_key raises the key it computed)."""
     import hashlib
 
-    from cxr import latents
-    from cxr.imageio import PREPROCESS_VERSION
-    from cxr.models import load_components
+    from cxr.data import latents
+    from cxr.data.imageio import PREPROCESS_VERSION
+    from cxr.model.loading import load_components
 
     real_key = latents.cache_key
 
@@ -187,10 +295,17 @@ def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(tiny_mode
 
     base_key = key_of(base)
     # At the defaults the key is the one caches were built with before the declaration (old caches stay valid).
-    legacy = {"format": latents.CACHE_FORMAT, "preprocess": PREPROCESS_VERSION,
-              "content_sha256": sorted({r.sha256 for r in records}), "resolution": 64, "pad_to_square": False,
-              "random_flip": False, "vae_id": f"{tiny_model_dir}@main", "vae_sha256": latents.vae_fingerprint(vae),
-              "vae_dtype": str(vae.dtype)}
+    legacy = {
+        "format": latents.CACHE_FORMAT,
+        "preprocess": PREPROCESS_VERSION,
+        "content_sha256": sorted({r.sha256 for r in records}),
+        "resolution": 64,
+        "pad_to_square": False,
+        "random_flip": False,
+        "vae_id": f"{tiny_model_dir}@main",
+        "vae_sha256": latents.vae_fingerprint(vae),
+        "vae_dtype": str(vae.dtype),
+    }
     assert base_key == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("dataset_dir", "file_list", "output_dir", "cache_dir", "model_id"):
@@ -207,8 +322,9 @@ def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(tiny_mode
 
 
 def _adamw(param, **kwargs):
-    return torch.optim.AdamW([param], lr=kwargs.pop("lr", 1e-2), weight_decay=kwargs.pop("weight_decay", 0.01),
-                             **kwargs)
+    return torch.optim.AdamW(
+        [param], lr=kwargs.pop("lr", 1e-2), weight_decay=kwargs.pop("weight_decay", 0.01), **kwargs
+    )
 
 
 def _two_steps(optimizer, param):
@@ -217,12 +333,15 @@ def _two_steps(optimizer, param):
         optimizer.step()
 
 
-@pytest.mark.parametrize("saved_mode, new_mode", [
-    (dict(foreach=True), dict(fused=True)),
-    (dict(fused=True), dict(foreach=True)),
-    (dict(foreach=False), dict(foreach=False, capturable=True)),
-    (dict(foreach=False, capturable=True), dict(foreach=False)),
-])
+@pytest.mark.parametrize(
+    "saved_mode, new_mode",
+    [
+        (dict(foreach=True), dict(fused=True)),
+        (dict(fused=True), dict(foreach=True)),
+        (dict(foreach=False), dict(foreach=False, capturable=True)),
+        (dict(foreach=False, capturable=True), dict(foreach=False)),
+    ],
+)
 def test_resumed_optimizer_keeps_this_runs_mode_and_settings(saved_mode, new_mode):
     saved_param = torch.nn.Parameter(torch.linspace(-1, 1, 6))
     saved = _adamw(saved_param, **saved_mode)
@@ -236,7 +355,7 @@ def test_resumed_optimizer_keeps_this_runs_mode_and_settings(saved_mode, new_mod
     lr_object = optimizer.param_groups[0]["lr"]
     mode = {key: optimizer.param_groups[0][key] for key in ("fused", "capturable", "foreach")}
     assert mode != {key: state["param_groups"][0][key] for key in mode}  # the checkpoint's mode differs
-    cxr.step.load_optimizer_state(optimizer, copy.deepcopy(state))  # loading shares the state's tensors
+    cxr.train.step.load_optimizer_state(optimizer, copy.deepcopy(state))  # loading shares the state's tensors
     group = optimizer.param_groups[0]
     assert {key: group[key] for key in mode} == mode
     assert group["lr"] is lr_object and group["weight_decay"] == 0.05  # this run's flags
@@ -258,7 +377,7 @@ def test_resumed_optimizer_keeps_a_device_lr_tensor():
     saved = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.5, fused=True)
     optimizer = torch.optim.AdamW([param], lr=torch.tensor(1e-3), fused=True)
     lr_tensor = optimizer.param_groups[0]["lr"]
-    cxr.step.load_optimizer_state(optimizer, saved.state_dict())
+    cxr.train.step.load_optimizer_state(optimizer, saved.state_dict())
     assert optimizer.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(1e-3)
 
 
@@ -293,7 +412,10 @@ def test_train_passes_the_ddp_timeout_flag(tmp_path, monkeypatch):
     assert TrainConfig().ddp_timeout_minutes == 180
     with pytest.raises(ConfigError, match="--ddp_timeout_minutes: must be > 0"):
         TrainConfig(dataset_dir=tmp_path, ddp_timeout_minutes=0).validate()
-    assert parse_config(TrainConfig, ["--dataset_dir", str(tmp_path), "--ddp_timeout_minutes", "30"]).ddp_timeout_minutes == 30
+    assert (
+        parse_config(TrainConfig, ["--dataset_dir", str(tmp_path), "--ddp_timeout_minutes", "30"]).ddp_timeout_minutes
+        == 30
+    )
 
 
 # ------------------------------------------------------------------------- item 5: cuda_graph + checkpointing
@@ -307,21 +429,36 @@ def test_cuda_graph_with_gradient_checkpointing_is_refused(device, tmp_path, cap
     sys.path.insert(0, str(REPO))
     import train as train_script
 
-    assert train_script.main(["--dataset_dir", str(tmp_path), "--device", "cpu", "--output_dir", str(tmp_path / "o"),
-                              "--cuda_graph", "--gradient_checkpointing"]) == 1
+    assert (
+        train_script.main(
+            [
+                "--dataset_dir",
+                str(tmp_path),
+                "--device",
+                "cpu",
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--cuda_graph",
+                "--gradient_checkpointing",
+            ]
+        )
+        == 1
+    )
     assert "--cuda_graph: cannot be combined with --gradient_checkpointing" in capsys.readouterr().err
     # Each alone still passes the combination check (cuda_graph on a CUDA device).
-    training._check_flags_for_device(dataclasses.replace(cfg, gradient_checkpointing=False), torch.device("cuda"),
-                                     cxr.runtime.DistInfo())
-    training._check_flags_for_device(dataclasses.replace(cfg, cuda_graph=False), torch.device("cpu"),
-                                     cxr.runtime.DistInfo())
+    training._check_flags_for_device(
+        dataclasses.replace(cfg, gradient_checkpointing=False), torch.device("cuda"), cxr.runtime.DistInfo()
+    )
+    training._check_flags_for_device(
+        dataclasses.replace(cfg, cuda_graph=False), torch.device("cpu"), cxr.runtime.DistInfo()
+    )
 
 
 # ------------------------------------------------------------------------- item 7: TensorBoard
 
 
 def test_image_grid_leaves_a_white_gap_between_tiles():
-    from cxr.tblog import image_grid
+    from cxr.train.tblog import image_grid
 
     images = torch.stack([torch.full((3, 4, 5), i / 10) for i in range(5)])
     grid = image_grid(images, gap=2)  # 3 columns, 2 rows
@@ -345,20 +482,33 @@ def _hparams(events):
 
     content = events.PluginTagToContent(metadata.PLUGIN_NAME)
     parse = plugin_data_pb2.HParamsPluginData.FromString
-    # No experiment summary: TensorBoard builds it from all runs' session starts (see cxr.tblog).
+    # No experiment summary: TensorBoard builds it from all runs' session starts (see cxr.train.tblog).
     assert metadata.EXPERIMENT_TAG not in content
-    return (parse(content[metadata.SESSION_START_INFO_TAG]).session_start_info,
-            parse(content[metadata.SESSION_END_INFO_TAG]).session_end_info
-            if metadata.SESSION_END_INFO_TAG in content else None)
+    return (
+        parse(content[metadata.SESSION_START_INFO_TAG]).session_start_info,
+        parse(content[metadata.SESSION_END_INFO_TAG]).session_end_info
+        if metadata.SESSION_END_INFO_TAG in content
+        else None,
+    )
 
 
-def test_tensorboard_run_folder_hparams_step0_grid_and_resume_append(tiny_model_dir, phantom_dir, shared_cache,
-                                                                      tmp_path):
+def test_tensorboard_run_folder_hparams_step0_grid_and_resume_append(
+    tiny_model_dir, phantom_dir, shared_cache, tmp_path
+):
     import numpy as np
     from PIL import Image
 
-    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "tbrun", shared_cache, validation_steps=3,
-                   num_validation_images=2, validation_inference_steps=2, checkpointing_steps=2, log_every=1)
+    cfg = make_cfg(
+        tiny_model_dir,
+        phantom_dir,
+        tmp_path / "tbrun",
+        shared_cache,
+        validation_steps=3,
+        num_validation_images=2,
+        validation_inference_steps=2,
+        checkpointing_steps=2,
+        log_every=1,
+    )
     first = training.train(cfg, stop_after_steps=2)
     runs = [p for p in (tmp_path / "tbrun" / "logs").iterdir()]
     assert len(runs) == 1 and re.fullmatch(r"tbrun-\d{8}-\d{6}", runs[0].name), runs
@@ -377,10 +527,10 @@ def test_tensorboard_run_folder_hparams_step0_grid_and_resume_append(tiny_model_
     samples = events.Images("val/samples")
     assert [s.step for s in samples] == [0]  # the baseline grid before training
     grid = np.asarray(Image.open(io.BytesIO(samples[0].encoded_image_string)).convert("L"))
-    gap = cxr.validation.VALIDATION_GRID_GAP
+    gap = cxr.train.validation.VALIDATION_GRID_GAP
     assert grid.shape == (64, 2 * 64 + gap)
-    assert (grid[:, 64:64 + gap] == 255).all()  # the gap column between the two tiles
-    assert not (grid[:, :64] == 255).all() and not (grid[:, 64 + gap:] == 255).all()
+    assert (grid[:, 64 : 64 + gap] == 255).all()  # the gap column between the two tiles
+    assert not (grid[:, :64] == 255).all() and not (grid[:, 64 + gap :] == 255).all()
 
     cfg.resume_from_checkpoint = "latest"
     second = training.train(cfg)

@@ -1,4 +1,5 @@
-"""sample.py / cxr.sampling on the tiny random-weight pipeline: reproducibility, file formats, resume, errors, LoRA.
+"""sample.py / cxr.sample.sampling on the tiny random-weight pipeline: reproducibility, file formats, resume, errors,
+LoRA.
 
 References: the stock diffusers StableDiffusionPipeline (seeded generator), diffusers' own LoRA loader (peft),
 Pillow's BT.601 convert("L"), hashlib for file hashes.
@@ -16,8 +17,8 @@ import torch
 from PIL import Image
 
 from cxr.config import SCHEDULERS, SampleConfig
-from cxr.samplefolder import SYNTHETIC_NOTE
-from cxr.sampling import SamplingError, generate_batch, load_pipeline, make_scheduler, sample_run
+from cxr.sample.samplefolder import SYNTHETIC_NOTE
+from cxr.sample.sampling import SamplingError, generate_batch, load_pipeline, make_scheduler, sample_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "chest x-ray, normal"
@@ -44,11 +45,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """A diffusers-format adapter for the tiny UNet with random (non-zero) B, written by cxr.lora."""
+    """A diffusers-format adapter for the tiny UNet with random (non-zero) B, written by cxr.model.lora."""
     from diffusers import UNet2DConditionModel
 
-    from cxr.adapter_files import save_adapter
-    from cxr.lora import DEFAULT_TARGETS, inject_lora, lora_modules
+    from cxr.model.adapter_files import save_adapter
+    from cxr.model.lora import DEFAULT_TARGETS, inject_lora, lora_modules
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     torch.manual_seed(1)
@@ -68,8 +69,9 @@ def base_pipe(tiny_model_dir):
 
 
 def generate(pipe, seeds, steps=3, **kwargs):
-    return generate_batch(pipe, seeds, prompt=PROMPT, num_inference_steps=steps, guidance_scale=3.0,
-                          height=64, width=64, **kwargs)
+    return generate_batch(
+        pipe, seeds, prompt=PROMPT, num_inference_steps=steps, guidance_scale=3.0, height=64, width=64, **kwargs
+    )
 
 
 # ------------------------------------------------------------------------------------ reproducibility
@@ -82,8 +84,15 @@ def test_image_i_alone_equals_stock_diffusers_and_image_i_of_a_batch(base_pipe, 
     alone = generate(base_pipe, [6])
     # Reference: diffusers' own pipeline with a generator seeded seed + i draws the same initial latents and
     # (for ddpm / euler_a) the same sampling noise.
-    reference = base_pipe(PROMPT, generator=torch.Generator().manual_seed(6), num_inference_steps=3, guidance_scale=3.0,
-                          height=64, width=64, output_type="np").images
+    reference = base_pipe(
+        PROMPT,
+        generator=torch.Generator().manual_seed(6),
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        height=64,
+        width=64,
+        output_type="np",
+    ).images
     np.testing.assert_array_equal(alone, reference)
     # Batched kernels round differently from single-image ones: equal up to float rounding, not bitwise.
     np.testing.assert_allclose(batch[1], alone[0], atol=1e-4, rtol=0)
@@ -135,15 +144,31 @@ def pixels_of(image) -> np.ndarray:
 
 
 def test_metadata_index_and_contact_sheet(tiny_model_dir, adapter_dir, tmp_path):
-    result = sample_run(make_cfg(tiny_model_dir, tmp_path / "out", lora_path=adapter_dir, lora_scale=0.5, num_images=3,
-                                 negative_prompt="blurry", guidance_scale=2.5, seed=10, contact_sheet=2))
+    result = sample_run(
+        make_cfg(
+            tiny_model_dir,
+            tmp_path / "out",
+            lora_path=adapter_dir,
+            lora_scale=0.5,
+            num_images=3,
+            negative_prompt="blurry",
+            guidance_scale=2.5,
+            seed=10,
+            contact_sheet=2,
+        )
+    )
     adapter_file = adapter_dir / "pytorch_lora_weights.safetensors"
     text = Image.open(result.paths[1]).text
     assert text["seed"] == "11" and text["index"] == "1" and text["base_seed"] == "10"
     assert text["base_model"] == str(tiny_model_dir)
     assert text["adapter"] == str(adapter_dir)
     assert text["adapter_sha256"] == hashlib.sha256(adapter_file.read_bytes()).hexdigest()
-    assert (text["lora_scale"], text["scheduler"], text["steps"], text["guidance_scale"]) == ("0.5", "dpm++", "2", "2.5")
+    assert (text["lora_scale"], text["scheduler"], text["steps"], text["guidance_scale"]) == (
+        "0.5",
+        "dpm++",
+        "2",
+        "2.5",
+    )
     assert (text["prompt"], text["negative_prompt"], text["height"], text["width"]) == (PROMPT, "blurry", "64", "64")
     assert text["synthetic"] == SYNTHETIC_NOTE and "cxr_version" in text
 
@@ -195,9 +220,9 @@ def test_existing_files_are_never_overwritten_and_extension_adds_only_new_indice
 
 
 def test_interrupted_run_keeps_and_indexes_its_images_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
-    import cxr.sampling
+    import cxr.sample.sampling
 
-    real_generate, calls = cxr.sampling.generate_batch, []
+    real_generate, calls = cxr.sample.sampling.generate_batch, []
 
     def interrupted_after_one_batch(*args, **kwargs):
         calls.append(1)
@@ -205,14 +230,14 @@ def test_interrupted_run_keeps_and_indexes_its_images_and_resumes(tiny_model_dir
             raise KeyboardInterrupt
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(cxr.sampling, "generate_batch", interrupted_after_one_batch)
+    monkeypatch.setattr(cxr.sample.sampling, "generate_batch", interrupted_after_one_batch)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         sample_run(make_cfg(tiny_model_dir, out, num_images=4, batch_size=2))
     assert pngs(out) == ["cxr_synth_000000.png", "cxr_synth_000001.png"]
     assert [row["index"] for row in json.loads((out / "index.json").read_text())["images"]] == [0, 1]
 
-    monkeypatch.setattr(cxr.sampling, "generate_batch", real_generate)
+    monkeypatch.setattr(cxr.sample.sampling, "generate_batch", real_generate)
     resumed = sample_run(make_cfg(tiny_model_dir, out, num_images=4, batch_size=2))
     assert [p.name for p in resumed.made] == ["cxr_synth_000002.png", "cxr_synth_000003.png"]
     reference = sample_run(make_cfg(tiny_model_dir, tmp_path / "reference", num_images=4, batch_size=2))
@@ -220,7 +245,7 @@ def test_interrupted_run_keeps_and_indexes_its_images_and_resumes(tiny_model_dir
 
 
 def test_write_new_file_never_replaces_and_foreign_images_are_refused(tmp_path):
-    from cxr.samplefolder import reconcile_folder, write_new_file
+    from cxr.sample.samplefolder import reconcile_folder, write_new_file
 
     target = tmp_path / "cxr_synth_000000.png"
     assert write_new_file(target, b"first") is True
@@ -259,14 +284,19 @@ def _random_safetensors(folder) -> Path:
     return target
 
 
-@pytest.mark.parametrize("case, flag, message", [
-    ("missing_base", "--base_model", "no such folder"),
-    ("not_a_pipeline", "--base_model", "model_index.json"),
-    ("missing_adapter", "--lora_path", "no such file"),
-    ("random_safetensors", "--lora_path", "not a LoRA adapter"),
-    ("wrong_shapes", "--lora_path", "shapes do not fit"),
-])
-def test_bad_base_model_or_adapter_fails_clearly_before_any_image(tiny_model_dir, adapter_dir, tmp_path, case, flag, message):
+@pytest.mark.parametrize(
+    "case, flag, message",
+    [
+        ("missing_base", "--base_model", "no such folder"),
+        ("not_a_pipeline", "--base_model", "model_index.json"),
+        ("missing_adapter", "--lora_path", "no such file"),
+        ("random_safetensors", "--lora_path", "not a LoRA adapter"),
+        ("wrong_shapes", "--lora_path", "shapes do not fit"),
+    ],
+)
+def test_bad_base_model_or_adapter_fails_clearly_before_any_image(
+    tiny_model_dir, adapter_dir, tmp_path, case, flag, message
+):
     overrides = {
         "missing_base": dict(base_model=str(tmp_path / "no_such_model")),
         "not_a_pipeline": dict(base_model=str(tmp_path)),
@@ -290,8 +320,20 @@ def _load_script():
 
 def test_script_runs_and_reports_errors(tiny_model_dir, tmp_path, capsys):
     script = _load_script()
-    common = ["--base_model", str(tiny_model_dir), "--num_images", "1", "--height", "64", "--width", "64",
-              "--num_inference_steps", "2", "--device", "cpu"]
+    common = [
+        "--base_model",
+        str(tiny_model_dir),
+        "--num_images",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--num_inference_steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert script.main([*common, "--out_dir", str(tmp_path / "ok")]) == 0
     out = capsys.readouterr().out
     assert "made 1 image(s)" in out and str(tmp_path / "ok" / "index.json") in out
@@ -307,12 +349,16 @@ def test_script_runs_and_reports_errors(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lora_scale_zero_is_the_base_model_and_an_adapter_changes_the_output(tiny_model_dir, adapter_dir, base_pipe, tmp_path):
+def test_lora_scale_zero_is_the_base_model_and_an_adapter_changes_the_output(
+    tiny_model_dir, adapter_dir, base_pipe, tmp_path
+):
     base_pipe.scheduler = make_scheduler("dpm++", base_pipe.scheduler.config)
     base = generate(base_pipe, [3, 4])
     outputs = {}
     for scale, merge in ((0.0, True), (0.0, False), (1.0, True), (1.0, False)):
-        pipe, info = load_pipeline(make_cfg(tiny_model_dir, tmp_path, lora_path=adapter_dir, lora_scale=scale, merge_lora=merge))
+        pipe, info = load_pipeline(
+            make_cfg(tiny_model_dir, tmp_path, lora_path=adapter_dir, lora_scale=scale, merge_lora=merge)
+        )
         assert info.rank == 4 and info.alpha == 8.0
         outputs[scale, merge] = generate(pipe, [3, 4])
     np.testing.assert_array_equal(outputs[0.0, True], base)
@@ -339,14 +385,29 @@ def test_kohya_file_gives_the_same_images_as_the_diffusers_file(tiny_model_dir, 
 @pytest.mark.slow
 def test_adapter_trained_by_train_loads_and_changes_the_output(tiny_model_dir, phantom_dir, base_pipe, tmp_path):
     from cxr.config import TrainConfig
-    from cxr.training import train
+    from cxr.train.training import train
 
     run_dir = tmp_path / "run"
-    train(TrainConfig(
-        dataset_dir=phantom_dir, model_id=str(tiny_model_dir), output_dir=run_dir, resolution=64, device="cpu",
-        mixed_precision="no", train_batch_size=4, max_train_steps=3, learning_rate=1e-2, lora_rank=4, lora_alpha=4.0,
-        val_count=4, dataloader_num_workers=0, validation_steps=0, checkpointing_steps=0, log_every=1,
-    ))
+    train(
+        TrainConfig(
+            dataset_dir=phantom_dir,
+            model_id=str(tiny_model_dir),
+            output_dir=run_dir,
+            resolution=64,
+            device="cpu",
+            mixed_precision="no",
+            train_batch_size=4,
+            max_train_steps=3,
+            learning_rate=1e-2,
+            lora_rank=4,
+            lora_alpha=4.0,
+            val_count=4,
+            dataloader_num_workers=0,
+            validation_steps=0,
+            checkpointing_steps=0,
+            log_every=1,
+        )
+    )
     adapter_file = run_dir / "lora_unet" / "pytorch_lora_weights.safetensors"
     assert adapter_file.is_file()
     base_pipe.scheduler = make_scheduler("dpm++", base_pipe.scheduler.config)

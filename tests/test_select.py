@@ -1,4 +1,5 @@
-"""cxr.select: label files in each public dataset's real format, written here, with a few images missing on disk."""
+"""cxr.data.select: label files in each public dataset's real format, written here, with a few images missing on
+disk."""
 
 import csv
 import gzip
@@ -8,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from cxr.select import (
+from cxr.data.select import (
     SelectedImage,
     SelectionError,
     main,
     select_images,
     write_file_list,
 )
-from cxr.select_labels import CHEXPERT_LABEL_COLUMNS
+from cxr.data.select_labels import CHEXPERT_LABEL_COLUMNS
 
 # ------------------------------------------------------------------ helpers
 
@@ -53,10 +54,14 @@ def as_tuples(rows) -> list[tuple[str, str, str]]:
 # ------------------------------------------------------------------ NIH ChestX-ray14
 
 # Data_Entry_2017.csv as released: the header's bracketed names contain unquoted commas and end with a comma.
-NIH_HEADER_2017 = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-                   "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
-NIH_HEADER_2020 = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-                   "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+NIH_HEADER_2017 = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
+)
+NIH_HEADER_2020 = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
 
 
 def nih_row(name, findings, patient, view, trailing=True):
@@ -67,18 +72,28 @@ def nih_row(name, findings, patient, view, trailing=True):
 @pytest.fixture
 def nih(tmp_path):
     root = tmp_path / "nih"
-    labels = write_csv(tmp_path / "Data_Entry_2017.csv", [], [
-        nih_row("00000001_000.png", "Cardiomegaly", "1", "PA"),
-        nih_row("00000001_001.png", "No Finding", "1", "PA"),
-        nih_row("00000002_000.png", "No Finding", "2", "AP"),
-        nih_row("00000003_000.png", "No Finding", "3", "PA"),           # not on disk
-        nih_row("00000004_000.png", "No Finding", "4", "PA"),
-        nih_row("00000004_001.png", "Effusion|Infiltration", "4", "PA"),
-        nih_row("00000005_000.png", "No Finding", "5", "PA"),
-    ], raw_header=NIH_HEADER_2017)
-    for relpath in ("images_001/images/00000001_000.png", "images_001/images/00000001_001.png",
-                    "images_001/images/00000002_000.png", "images_002/images/00000004_000.png",
-                    "images_002/images/00000004_001.png", "images_002/images/00000005_000.png"):
+    labels = write_csv(
+        tmp_path / "Data_Entry_2017.csv",
+        [],
+        [
+            nih_row("00000001_000.png", "Cardiomegaly", "1", "PA"),
+            nih_row("00000001_001.png", "No Finding", "1", "PA"),
+            nih_row("00000002_000.png", "No Finding", "2", "AP"),
+            nih_row("00000003_000.png", "No Finding", "3", "PA"),  # not on disk
+            nih_row("00000004_000.png", "No Finding", "4", "PA"),
+            nih_row("00000004_001.png", "Effusion|Infiltration", "4", "PA"),
+            nih_row("00000005_000.png", "No Finding", "5", "PA"),
+        ],
+        raw_header=NIH_HEADER_2017,
+    )
+    for relpath in (
+        "images_001/images/00000001_000.png",
+        "images_001/images/00000001_001.png",
+        "images_001/images/00000002_000.png",
+        "images_002/images/00000004_000.png",
+        "images_002/images/00000004_001.png",
+        "images_002/images/00000005_000.png",
+    ):
         touch(root, relpath)
     return labels, root
 
@@ -109,10 +124,18 @@ def test_nih_views_widen_to_ap(nih):
 
 def test_nih_2020_header_and_several_files(tmp_path):
     root = tmp_path / "nih"
-    first = write_csv(tmp_path / "a.csv", [], [nih_row("00000010_000.png", "No Finding", "10", "PA", trailing=False)],
-                      raw_header=NIH_HEADER_2020)
-    second = write_csv(tmp_path / "b.csv", [], [nih_row("00000011_000.png", "No Finding", "11", "PA", trailing=False)],
-                       raw_header=NIH_HEADER_2020)
+    first = write_csv(
+        tmp_path / "a.csv",
+        [],
+        [nih_row("00000010_000.png", "No Finding", "10", "PA", trailing=False)],
+        raw_header=NIH_HEADER_2020,
+    )
+    second = write_csv(
+        tmp_path / "b.csv",
+        [],
+        [nih_row("00000011_000.png", "No Finding", "11", "PA", trailing=False)],
+        raw_header=NIH_HEADER_2020,
+    )
     touch(root, "00000010_000.png")
     touch(root, "deep/er/00000011_000.png")
     result = select_images("nih", [first, second], root, verbose=False)
@@ -123,21 +146,32 @@ def test_nih_2020_header_and_several_files(tmp_path):
 
 def test_nih_errors_name_file_line_and_column(tmp_path, nih):
     _, root = nih
-    bad_view = write_csv(tmp_path / "v.csv", [], [nih_row("00000001_001.png", "No Finding", "1", "PA"),
-                                                  nih_row("00000002_000.png", "No Finding", "2", "LL")],
-                         raw_header=NIH_HEADER_2017)
+    bad_view = write_csv(
+        tmp_path / "v.csv",
+        [],
+        [nih_row("00000001_001.png", "No Finding", "1", "PA"), nih_row("00000002_000.png", "No Finding", "2", "LL")],
+        raw_header=NIH_HEADER_2017,
+    )
     with pytest.raises(SelectionError, match=r"v\.csv, line 3, column 'View Position': unexpected value 'LL'"):
         select_images("nih", bad_view, root, verbose=False)
-    bad_label = write_csv(tmp_path / "l.csv", [], [nih_row("00000001_001.png", "No finding", "1", "PA")],
-                          raw_header=NIH_HEADER_2017)
+    bad_label = write_csv(
+        tmp_path / "l.csv", [], [nih_row("00000001_001.png", "No finding", "1", "PA")], raw_header=NIH_HEADER_2017
+    )
     with pytest.raises(SelectionError, match=r"l\.csv, line 2, column 'Finding Labels': unexpected value 'No finding'"):
         select_images("nih", bad_label, root, verbose=False)
-    mixed = write_csv(tmp_path / "m.csv", [], [nih_row("00000001_001.png", "No Finding|Mass", "1", "PA")],
-                      raw_header=NIH_HEADER_2017)
+    mixed = write_csv(
+        tmp_path / "m.csv", [], [nih_row("00000001_001.png", "No Finding|Mass", "1", "PA")], raw_header=NIH_HEADER_2017
+    )
     with pytest.raises(SelectionError, match=r"'No Finding\|Mass'"):
         select_images("nih", mixed, root, verbose=False)
-    no_view = write_csv(tmp_path / "c.csv", ["Image Index", "Finding Labels", "Patient ID"], [["x.png", "No Finding", "1"]])
-    with pytest.raises(SelectionError, match=r"c\.csv: missing column\(s\) \['View Position'\].*columns found: \['Image Index', 'Finding Labels', 'Patient ID'\]"):
+    no_view = write_csv(
+        tmp_path / "c.csv", ["Image Index", "Finding Labels", "Patient ID"], [["x.png", "No Finding", "1"]]
+    )
+    with pytest.raises(
+        SelectionError,
+        match=r"c\.csv: missing column\(s\) \['View Position'\].*"
+        r"columns found: \['Image Index', 'Finding Labels', 'Patient ID'\]",
+    ):
         select_images("nih", no_view, root, verbose=False)
 
 
@@ -154,8 +188,11 @@ def test_hidden_copies_and_symlinked_folders_are_not_duplicates(nih):
     touch(root, "images_002/images/.00000004_000.png")
     (root / "all_images").symlink_to(root / "images_002", target_is_directory=True)
     result = select_images("nih", labels, root, verbose=False)
-    assert [row.path for row in result.rows] == ["all_images/images/00000004_000.png", "all_images/images/00000005_000.png",
-                                                 "images_001/images/00000001_001.png"]
+    assert [row.path for row in result.rows] == [
+        "all_images/images/00000004_000.png",
+        "all_images/images/00000005_000.png",
+        "images_001/images/00000001_001.png",
+    ]
 
 
 def test_wrong_images_root_says_so(nih, tmp_path):
@@ -165,11 +202,14 @@ def test_wrong_images_root_says_so(nih, tmp_path):
         select_images("nih", labels, tmp_path / "empty", verbose=False)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", r"is empty: expected a CSV file with a header row"),
-    ("\n\n", r"is empty"),
-    (NIH_HEADER_2017 + "\n", r"has a header but no rows"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", r"is empty: expected a CSV file with a header row"),
+        ("\n\n", r"is empty"),
+        (NIH_HEADER_2017 + "\n", r"has a header but no rows"),
+    ],
+)
 def test_empty_label_files(tmp_path, content, message):
     path = tmp_path / "Data_Entry_2017.csv"
     path.write_text(content)
@@ -186,7 +226,9 @@ def test_binary_and_misnamed_files(tmp_path):
     with pytest.raises(SelectionError, match=r"labels\.csv\.gz cannot be read .*BadGzipFile"):
         select_images("mimic", [not_gzip, zipped], tmp_path, verbose=False)
     latin1 = tmp_path / "latin1.csv"
-    latin1.write_bytes((NIH_HEADER_2017 + "\n").encode() + "00000001_000.png,No Finding,0,1,58,M,PA,\xe9\n".encode("latin-1"))
+    latin1.write_bytes(
+        (NIH_HEADER_2017 + "\n").encode() + "00000001_000.png,No Finding,0,1,58,M,PA,\xe9\n".encode("latin-1")
+    )
     with pytest.raises(SelectionError, match=r"latin1\.csv cannot be read as a UTF-8 CSV file .*UnicodeDecodeError"):
         select_images("nih", latin1, tmp_path, verbose=False)
     good_rows = "".join(",".join(nih_row(f"{i:08d}_000.png", "Mass", str(i), "PA")) + "\n" for i in range(1000))
@@ -198,15 +240,35 @@ def test_binary_and_misnamed_files(tmp_path):
 def test_short_row_is_an_error(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text(NIH_HEADER_2017 + "\n00000001_000.png,No Finding,0,1\n")
-    with pytest.raises(SelectionError, match=r"d\.csv, line 2: row has 4 fields, so column\(s\) \['View Position'\] are missing"):
+    with pytest.raises(
+        SelectionError, match=r"d\.csv, line 2: row has 4 fields, so column\(s\) \['View Position'\] are missing"
+    ):
         select_images("nih", path, tmp_path, verbose=False)
 
 
 # ------------------------------------------------------------------ CheXpert
 
-CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
-                   "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
-                   "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
+CHEXPERT_HEADER = [
+    "Path",
+    "Sex",
+    "Age",
+    "Frontal/Lateral",
+    "AP/PA",
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+]
 
 
 def chexpert_row(path, orientation, view, no_finding, **others):
@@ -225,21 +287,36 @@ def test_chexpert_header_matches_module():
 def chexpert(tmp_path):
     root = tmp_path / "chexpert"
     prefix = "CheXpert-v1.0-small/train/"
-    train = write_csv(tmp_path / "train.csv", CHEXPERT_HEADER, [
-        chexpert_row(prefix + "patient00001/study1/view1_frontal.jpg", "Frontal", "PA", "1.0"),
-        chexpert_row(prefix + "patient00001/study1/view2_lateral.jpg", "Lateral", "", "1.0"),
-        chexpert_row(prefix + "patient00002/study1/view1_frontal.jpg", "Frontal", "AP", "1.0"),
-        chexpert_row(prefix + "patient00003/study1/view1_frontal.jpg", "Frontal", "PA", "", Cardiomegaly="1.0"),
-        chexpert_row(prefix + "patient00004/study1/view1_frontal.jpg", "Frontal", "PA", "-1.0"),
-        chexpert_row(prefix + "patient00005/study2/view1_frontal.jpg", "Frontal", "PA", "1.0", Support_Devices="1.0"),
-        chexpert_row(prefix + "patient00006/study1/view1_frontal.jpg", "Frontal", "PA", "1.0", Edema="1.0"),
-        chexpert_row(prefix + "patient00007/study1/view1_frontal.jpg", "Frontal", "PA", "1.0"),  # not on disk
-        chexpert_row(prefix + "patient00008/study1/view1_frontal.jpg", "Frontal", "PA", "0.0", Fracture="-1.0"),
-    ])
-    valid = write_csv(tmp_path / "valid.csv", CHEXPERT_HEADER, [
-        chexpert_row("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg", "Frontal", "PA", "1.0",
-                     Cardiomegaly="0.0"),
-    ])
+    train = write_csv(
+        tmp_path / "train.csv",
+        CHEXPERT_HEADER,
+        [
+            chexpert_row(prefix + "patient00001/study1/view1_frontal.jpg", "Frontal", "PA", "1.0"),
+            chexpert_row(prefix + "patient00001/study1/view2_lateral.jpg", "Lateral", "", "1.0"),
+            chexpert_row(prefix + "patient00002/study1/view1_frontal.jpg", "Frontal", "AP", "1.0"),
+            chexpert_row(prefix + "patient00003/study1/view1_frontal.jpg", "Frontal", "PA", "", Cardiomegaly="1.0"),
+            chexpert_row(prefix + "patient00004/study1/view1_frontal.jpg", "Frontal", "PA", "-1.0"),
+            chexpert_row(
+                prefix + "patient00005/study2/view1_frontal.jpg", "Frontal", "PA", "1.0", Support_Devices="1.0"
+            ),
+            chexpert_row(prefix + "patient00006/study1/view1_frontal.jpg", "Frontal", "PA", "1.0", Edema="1.0"),
+            chexpert_row(prefix + "patient00007/study1/view1_frontal.jpg", "Frontal", "PA", "1.0"),  # not on disk
+            chexpert_row(prefix + "patient00008/study1/view1_frontal.jpg", "Frontal", "PA", "0.0", Fracture="-1.0"),
+        ],
+    )
+    valid = write_csv(
+        tmp_path / "valid.csv",
+        CHEXPERT_HEADER,
+        [
+            chexpert_row(
+                "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg",
+                "Frontal",
+                "PA",
+                "1.0",
+                Cardiomegaly="0.0",
+            ),
+        ],
+    )
     for patient in ("00001", "00002", "00003", "00004", "00005", "00006", "00008"):
         touch(root, f"{prefix}patient{patient}/study1/view1_frontal.jpg")
     touch(root, prefix + "patient00001/study1/view2_lateral.jpg")
@@ -256,8 +333,15 @@ def test_chexpert_selects_normal_frontal_pa(chexpert, capsys):
         ("CheXpert-v1.0-small/train/patient00005/study2/view1_frontal.jpg", "patient00005", "PA"),
         ("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg", "patient64541", "PA"),
     ]
-    assert result.counts == {"rows": 10, "normal": 7, "consistent": 6, "frontal": 5, "view": 4, "on_disk": 3,
-                             "patients": 3}
+    assert result.counts == {
+        "rows": 10,
+        "normal": 7,
+        "consistent": 6,
+        "frontal": 5,
+        "view": 4,
+        "on_disk": 3,
+        "patients": 3,
+    }
     printed = capsys.readouterr().out
     assert "No Finding == 1.0 (blank and -1.0 excluded)" in printed
     assert "patient00007/study1/view1_frontal.jpg" in printed
@@ -284,8 +368,16 @@ def test_chexpert_exclude_support_devices(chexpert):
         select_images("nih", labels, root, exclude_support_devices=True, verbose=False)
 
 
-@pytest.mark.parametrize("column, value", [("No Finding", "2.0"), ("No Finding", "yes"), ("Edema", "nan"),
-                                           ("Frontal/Lateral", "frontal"), ("AP/PA", "OBLIQUE")])
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("No Finding", "2.0"),
+        ("No Finding", "yes"),
+        ("Edema", "nan"),
+        ("Frontal/Lateral", "frontal"),
+        ("AP/PA", "OBLIQUE"),
+    ],
+)
 def test_chexpert_unexpected_values(tmp_path, column, value):
     row = chexpert_row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "Frontal", "PA", "1.0")
     row[CHEXPERT_HEADER.index(column)] = value
@@ -295,7 +387,7 @@ def test_chexpert_unexpected_values(tmp_path, column, value):
 
 
 def test_chexpert_integer_style_labels(tmp_path):
-    """"1"/"0" mean the same as "1.0"/"0.0"; a positive pathology next to No Finding makes the row contradictory."""
+    """ "1"/"0" mean the same as "1.0"/"0.0"; a positive pathology next to No Finding makes the row contradictory."""
     path = "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg"
     touch(tmp_path, path)
     labels = write_csv(tmp_path / "valid.csv", CHEXPERT_HEADER, [chexpert_row(path, "Frontal", "PA", "1", Edema="0")])
@@ -307,19 +399,47 @@ def test_chexpert_integer_style_labels(tmp_path):
 
 def test_chexpert_missing_label_column(tmp_path):
     header = [name for name in CHEXPERT_HEADER if name != "Pleural Other"]
-    labels = write_csv(tmp_path / "train.csv", header, [["x/patient00001/s/v.jpg", "F", "1", "Frontal", "PA"] + [""] * 13])
+    labels = write_csv(
+        tmp_path / "train.csv", header, [["x/patient00001/s/v.jpg", "F", "1", "Frontal", "PA"] + [""] * 13]
+    )
     with pytest.raises(SelectionError, match=r"missing column\(s\) \['Pleural Other'\]"):
         select_images("chexpert", labels, tmp_path, verbose=False)
 
 
 # ------------------------------------------------------------------ MIMIC-CXR-JPG
 
-MIMIC_LABEL_HEADER = ["subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                      "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity", "No Finding",
-                      "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices"]
-MIMIC_METADATA_HEADER = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
-                         "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-                         "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+MIMIC_LABEL_HEADER = [
+    "subject_id",
+    "study_id",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+]
+MIMIC_METADATA_HEADER = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
 
 
 def mimic_label_row(subject, study, no_finding, **others):
@@ -330,39 +450,70 @@ def mimic_label_row(subject, study, no_finding, **others):
 
 
 def mimic_image_row(dicom, subject, study, view):
-    return [dicom, subject, study, "CHEST (PA AND LAT)", view, "3056", "2544", "21800506", "213014.531",
-            "CHEST (PA AND LAT)", "postero-anterior", "Erect"]
+    return [
+        dicom,
+        subject,
+        study,
+        "CHEST (PA AND LAT)",
+        view,
+        "3056",
+        "2544",
+        "21800506",
+        "213014.531",
+        "CHEST (PA AND LAT)",
+        "postero-anterior",
+        "Erect",
+    ]
 
 
-D = ["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014", "174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962",
-     "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab", "68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714",
-     "fffabebf-74fd3a1f-673b6b41-96ec0ac9-2ab69818", "9d8eb4e9-1f7c0f2d-6a0c9b3e-5e0b2b1a-0c3d4e5f",
-     "a917c883-720a5bbf-02c84fc6-98ad00ac-c562ff80", "b0a2c1d3-e4f5a6b7-c8d9e0f1-a2b3c4d5-e6f7a8b9"]
+D = [
+    "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014",
+    "174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962",
+    "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab",
+    "68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714",
+    "fffabebf-74fd3a1f-673b6b41-96ec0ac9-2ab69818",
+    "9d8eb4e9-1f7c0f2d-6a0c9b3e-5e0b2b1a-0c3d4e5f",
+    "a917c883-720a5bbf-02c84fc6-98ad00ac-c562ff80",
+    "b0a2c1d3-e4f5a6b7-c8d9e0f1-a2b3c4d5-e6f7a8b9",
+]
 
 
 @pytest.fixture
 def mimic(tmp_path):
     root = tmp_path / "mimic-cxr-jpg"
-    labels = write_csv(tmp_path / "mimic-cxr-2.0.0-chexpert.csv.gz", MIMIC_LABEL_HEADER, [
-        mimic_label_row("10000032", "50414267", "1.0"),
-        mimic_label_row("10000032", "53189527", "", Cardiomegaly="1.0"),
-        mimic_label_row("10000764", "57375967", "1.0"),
-        mimic_label_row("10000898", "50771383", "1.0", **{"Support Devices": "1.0"}),
-        mimic_label_row("10001176", "53186264", "1.0", Edema="-1.0"),
-    ])
-    metadata = write_csv(tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_METADATA_HEADER, [
-        mimic_image_row(D[0], "10000032", "50414267", "PA"),
-        mimic_image_row(D[1], "10000032", "50414267", "LATERAL"),
-        mimic_image_row(D[2], "10000032", "53189527", "PA"),
-        mimic_image_row(D[3], "10000764", "57375967", "AP"),
-        mimic_image_row(D[4], "10000764", "57375967", "PA"),       # not on disk
-        mimic_image_row(D[5], "10000898", "50771383", "PA"),
-        mimic_image_row(D[6], "10000898", "50771383", ""),
-        mimic_image_row(D[7], "10001176", "53186264", "PA"),
-    ])
-    for dicom, subject, study in [(D[0], "10000032", "50414267"), (D[1], "10000032", "50414267"),
-                                  (D[2], "10000032", "53189527"), (D[3], "10000764", "57375967"),
-                                  (D[5], "10000898", "50771383"), (D[7], "10001176", "53186264")]:
+    labels = write_csv(
+        tmp_path / "mimic-cxr-2.0.0-chexpert.csv.gz",
+        MIMIC_LABEL_HEADER,
+        [
+            mimic_label_row("10000032", "50414267", "1.0"),
+            mimic_label_row("10000032", "53189527", "", Cardiomegaly="1.0"),
+            mimic_label_row("10000764", "57375967", "1.0"),
+            mimic_label_row("10000898", "50771383", "1.0", **{"Support Devices": "1.0"}),
+            mimic_label_row("10001176", "53186264", "1.0", Edema="-1.0"),
+        ],
+    )
+    metadata = write_csv(
+        tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz",
+        MIMIC_METADATA_HEADER,
+        [
+            mimic_image_row(D[0], "10000032", "50414267", "PA"),
+            mimic_image_row(D[1], "10000032", "50414267", "LATERAL"),
+            mimic_image_row(D[2], "10000032", "53189527", "PA"),
+            mimic_image_row(D[3], "10000764", "57375967", "AP"),
+            mimic_image_row(D[4], "10000764", "57375967", "PA"),  # not on disk
+            mimic_image_row(D[5], "10000898", "50771383", "PA"),
+            mimic_image_row(D[6], "10000898", "50771383", ""),
+            mimic_image_row(D[7], "10001176", "53186264", "PA"),
+        ],
+    )
+    for dicom, subject, study in [
+        (D[0], "10000032", "50414267"),
+        (D[1], "10000032", "50414267"),
+        (D[2], "10000032", "53189527"),
+        (D[3], "10000764", "57375967"),
+        (D[5], "10000898", "50771383"),
+        (D[7], "10001176", "53186264"),
+    ]:
         touch(root, f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg")
     return [metadata, labels], root  # metadata first: files are told apart by their columns
 
@@ -374,8 +525,15 @@ def test_mimic_join_selects_normal_pa(mimic, capsys):
         (f"files/p10/p10000032/s50414267/{D[0]}.jpg", "10000032", "PA"),
         (f"files/p10/p10000898/s50771383/{D[5]}.jpg", "10000898", "PA"),
     ]
-    assert result.counts == {"rows": 5, "normal": 4, "consistent": 3, "images": 6, "view": 3, "on_disk": 2,
-                             "patients": 2}
+    assert result.counts == {
+        "rows": 5,
+        "normal": 4,
+        "consistent": 3,
+        "images": 6,
+        "view": 3,
+        "on_disk": 2,
+        "patients": 2,
+    }
     assert result.missing == [f"files/p10/p10000764/s57375967/{D[4]}.jpg"]
     assert "ViewPosition in ['PA']" in capsys.readouterr().out
 
@@ -393,11 +551,27 @@ def test_mimic_no_check_files_lists_what_to_download(mimic, tmp_path, capsys):
     labels, _ = mimic
     (tmp_path / "nothing_yet").mkdir()
     out = tmp_path / "wanted.csv"
-    assert main(["--source", "mimic", "--labels", *map(str, labels), "--images_root", str(tmp_path / "nothing_yet"),
-                 "--out", str(out), "--no-check_files"]) == 0
-    assert [row["path"] for row in read_list(out)[1]] == [f"files/p10/p10000032/s50414267/{D[0]}.jpg",
-                                                           f"files/p10/p10000764/s57375967/{D[4]}.jpg",
-                                                           f"files/p10/p10000898/s50771383/{D[5]}.jpg"]
+    assert (
+        main(
+            [
+                "--source",
+                "mimic",
+                "--labels",
+                *map(str, labels),
+                "--images_root",
+                str(tmp_path / "nothing_yet"),
+                "--out",
+                str(out),
+                "--no-check_files",
+            ]
+        )
+        == 0
+    )
+    assert [row["path"] for row in read_list(out)[1]] == [
+        f"files/p10/p10000032/s50414267/{D[0]}.jpg",
+        f"files/p10/p10000764/s57375967/{D[4]}.jpg",
+        f"files/p10/p10000898/s50771383/{D[5]}.jpg",
+    ]
     printed = capsys.readouterr().out
     assert "found on disk" not in printed and "the disk was not checked" in printed
     with pytest.raises(SelectionError, match="check_files=False needs a source whose labels give the path"):
@@ -408,11 +582,15 @@ def test_mimic_file_errors(mimic, tmp_path):
     (metadata, labels), root = mimic
     with pytest.raises(SelectionError, match=r"needs exactly two --labels files"):
         select_images("mimic", [labels], root, verbose=False)
-    bad = write_csv(tmp_path / "meta.csv", MIMIC_METADATA_HEADER, [mimic_image_row(D[0], "10000032", "50414267", "OBLIQUE")])
+    bad = write_csv(
+        tmp_path / "meta.csv", MIMIC_METADATA_HEADER, [mimic_image_row(D[0], "10000032", "50414267", "OBLIQUE")]
+    )
     with pytest.raises(SelectionError, match=r"meta\.csv, line 2, column 'ViewPosition': unexpected value 'OBLIQUE'"):
         select_images("mimic", [labels, bad], root, verbose=False)
     other = write_csv(tmp_path / "split.csv", ["subject_id", "study_id", "split"], [["1", "2", "train"]])
-    with pytest.raises(SelectionError, match=r"split\.csv: neither .*columns found: \['subject_id', 'study_id', 'split'\]"):
+    with pytest.raises(
+        SelectionError, match=r"split\.csv: neither .*columns found: \['subject_id', 'study_id', 'split'\]"
+    ):
         select_images("mimic", [labels, other], root, verbose=False)
     bad_id = write_csv(tmp_path / "l.csv", MIMIC_LABEL_HEADER, [mimic_label_row("s10000032", "50414267", "1.0")])
     with pytest.raises(SelectionError, match=r"l\.csv, line 2, column 'subject_id': unexpected value 's10000032'"):
@@ -422,8 +600,13 @@ def test_mimic_file_errors(mimic, tmp_path):
 # ------------------------------------------------------------------ VinDr-CXR
 
 VINDR_KAGGLE_HEADER = ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]
-IDS = ["000434271f63a053c4128a0ba6352c7f", "00053190460d56c53cc3e57321387478", "0005e8e3701dfb1dd93d53e2ff537b6e",
-       "0006e0a85696f6bb578e84fafa9a5607", "0007d316f756b3fa0baea2ff514ce945"]
+IDS = [
+    "000434271f63a053c4128a0ba6352c7f",
+    "00053190460d56c53cc3e57321387478",
+    "0005e8e3701dfb1dd93d53e2ff537b6e",
+    "0006e0a85696f6bb578e84fafa9a5607",
+    "0007d316f756b3fa0baea2ff514ce945",
+]
 
 
 def vindr_rows(image_id, classes):
@@ -440,10 +623,15 @@ def vindr_rows(image_id, classes):
 def vindr(tmp_path):
     root = tmp_path / "vinbigdata"
     normal3 = ["No finding"] * 3
-    labels = write_csv(tmp_path / "train.csv", VINDR_KAGGLE_HEADER,
-                       vindr_rows(IDS[0], normal3) + vindr_rows(IDS[1], ["No finding", "No finding", "Cardiomegaly"])
-                       + vindr_rows(IDS[2], normal3) + vindr_rows(IDS[4], ["Cardiomegaly", "Aortic enlargement"])
-                       + vindr_rows(IDS[3], normal3))
+    labels = write_csv(
+        tmp_path / "train.csv",
+        VINDR_KAGGLE_HEADER,
+        vindr_rows(IDS[0], normal3)
+        + vindr_rows(IDS[1], ["No finding", "No finding", "Cardiomegaly"])
+        + vindr_rows(IDS[2], normal3)
+        + vindr_rows(IDS[4], ["Cardiomegaly", "Aortic enlargement"])
+        + vindr_rows(IDS[3], normal3),
+    )
     for image_id in (IDS[0], IDS[1], IDS[3], IDS[4]):  # IDS[2] not on disk
         touch(root, f"train/{image_id}.dicom")
     return labels, root
@@ -462,39 +650,81 @@ def test_vindr_every_radiologist_must_say_no_finding(vindr, capsys):
 def test_vindr_physionet_annotations_format(tmp_path):
     root = tmp_path / "vindr"
     header = ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"]
-    labels = write_csv(tmp_path / "annotations_train.csv", header, [
-        [IDS[0], "R1", "No finding", "", "", "", ""], [IDS[0], "R2", "No finding", "", "", "", ""],
-        [IDS[1], "R1", "No finding", "", "", "", ""], [IDS[1], "R2", "Lung Opacity", "1", "2", "3", "4"],
-    ])
+    labels = write_csv(
+        tmp_path / "annotations_train.csv",
+        header,
+        [
+            [IDS[0], "R1", "No finding", "", "", "", ""],
+            [IDS[0], "R2", "No finding", "", "", "", ""],
+            [IDS[1], "R1", "No finding", "", "", "", ""],
+            [IDS[1], "R2", "Lung Opacity", "1", "2", "3", "4"],
+        ],
+    )
     touch(root, f"train/{IDS[0]}.dicom")
     touch(root, f"train/{IDS[1]}.dicom")
-    assert as_tuples(select_images("vindr", labels, root, verbose=False).rows) == [(f"train/{IDS[0]}.dicom", IDS[0], "PA")]
+    assert as_tuples(select_images("vindr", labels, root, verbose=False).rows) == [
+        (f"train/{IDS[0]}.dicom", IDS[0], "PA")
+    ]
 
 
 def test_vindr_errors(tmp_path, vindr):
     _, root = vindr
-    wrong_case = write_csv(tmp_path / "a.csv", VINDR_KAGGLE_HEADER, [[IDS[0], "No Finding", "14", "R1", "", "", "", ""]])
+    wrong_case = write_csv(
+        tmp_path / "a.csv", VINDR_KAGGLE_HEADER, [[IDS[0], "No Finding", "14", "R1", "", "", "", ""]]
+    )
     with pytest.raises(SelectionError, match=r"a\.csv, line 2, column 'class_name': unexpected value 'No Finding'"):
         select_images("vindr", wrong_case, root, verbose=False)
     mismatch = write_csv(tmp_path / "b.csv", VINDR_KAGGLE_HEADER, [[IDS[0], "No finding", "3", "R1", "", "", "", ""]])
     with pytest.raises(SelectionError, match=r"b\.csv, line 2: class_name 'No finding' does not match class_id '3'"):
         select_images("vindr", mismatch, root, verbose=False)
     no_class = write_csv(tmp_path / "c.csv", ["image_id", "rad_id"], [[IDS[0], "R1"]])
-    with pytest.raises(SelectionError, match=r"c\.csv: neither a VinDr-CXR box annotation file .*columns found: \['image_id', 'rad_id'\]"):
+    with pytest.raises(
+        SelectionError,
+        match=r"c\.csv: neither a VinDr-CXR box annotation file .*columns found: \['image_id', 'rad_id'\]",
+    ):
         select_images("vindr", no_class, root, verbose=False)
-    bad_label = write_csv(tmp_path / "d.csv", VINDR_IMAGE_LABEL_HEADER,
-                          [image_label_row(IDS[0], "R1"), image_label_row(IDS[0], "R2", Tuberculosis="yes")])
+    bad_label = write_csv(
+        tmp_path / "d.csv",
+        VINDR_IMAGE_LABEL_HEADER,
+        [image_label_row(IDS[0], "R1"), image_label_row(IDS[0], "R2", Tuberculosis="yes")],
+    )
     with pytest.raises(SelectionError, match=r"d\.csv, line 3, column 'Tuberculosis': unexpected value 'yes'"):
         select_images("vindr", bad_label, root, verbose=False)
 
 
 # PhysioNet annotations/image_labels_train.csv: one row per radiologist, 0/1 per local and global label.
 VINDR_IMAGE_LABEL_HEADER = [
-    "image_id", "rad_id", "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture",
-    "Consolidation", "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity", "Lung cavity",
-    "Lung cyst", "Mediastinal shift", "Nodule/Mass", "Pleural effusion", "Pleural thickening", "Pneumothorax",
-    "Pulmonary fibrosis", "Rib fracture", "Other lesion", "COPD", "Lung tumor", "Pneumonia", "Tuberculosis",
-    "Other diseases", "No finding"]
+    "image_id",
+    "rad_id",
+    "Aortic enlargement",
+    "Atelectasis",
+    "Calcification",
+    "Cardiomegaly",
+    "Clavicle fracture",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Enlarged PA",
+    "ILD",
+    "Infiltration",
+    "Lung Opacity",
+    "Lung cavity",
+    "Lung cyst",
+    "Mediastinal shift",
+    "Nodule/Mass",
+    "Pleural effusion",
+    "Pleural thickening",
+    "Pneumothorax",
+    "Pulmonary fibrosis",
+    "Rib fracture",
+    "Other lesion",
+    "COPD",
+    "Lung tumor",
+    "Pneumonia",
+    "Tuberculosis",
+    "Other diseases",
+    "No finding",
+]
 
 
 def image_label_row(image_id, rad_id, **marked):
@@ -509,14 +739,27 @@ def image_label_row(image_id, rad_id, **marked):
 def test_vindr_image_labels_catch_global_diagnoses(tmp_path):
     """An image whose boxes all say "No finding" is still abnormal when a radiologist marked a global label."""
     root = tmp_path / "vindr"
-    boxes = write_csv(tmp_path / "annotations_train.csv", ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"],
-                      [[image_id, f"R{r}", "No finding", "", "", "", ""] for image_id in IDS[:4] for r in (1, 2, 3)])
-    image_labels = write_csv(tmp_path / "image_labels_train.csv", VINDR_IMAGE_LABEL_HEADER, [
-        image_label_row(IDS[0], "R1"), image_label_row(IDS[0], "R2"), image_label_row(IDS[0], "R3"),
-        image_label_row(IDS[1], "R1"), image_label_row(IDS[1], "R2", Tuberculosis="1"), image_label_row(IDS[1], "R3"),
-        image_label_row(IDS[2], "R1"), image_label_row(IDS[2], "R2", **{"No finding": "1", "Other diseases": "1"}),
-        image_label_row(IDS[3], "R1"), image_label_row(IDS[3], "R2", **{"No finding": ""}),
-    ])
+    boxes = write_csv(
+        tmp_path / "annotations_train.csv",
+        ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"],
+        [[image_id, f"R{r}", "No finding", "", "", "", ""] for image_id in IDS[:4] for r in (1, 2, 3)],
+    )
+    image_labels = write_csv(
+        tmp_path / "image_labels_train.csv",
+        VINDR_IMAGE_LABEL_HEADER,
+        [
+            image_label_row(IDS[0], "R1"),
+            image_label_row(IDS[0], "R2"),
+            image_label_row(IDS[0], "R3"),
+            image_label_row(IDS[1], "R1"),
+            image_label_row(IDS[1], "R2", Tuberculosis="1"),
+            image_label_row(IDS[1], "R3"),
+            image_label_row(IDS[2], "R1"),
+            image_label_row(IDS[2], "R2", **{"No finding": "1", "Other diseases": "1"}),
+            image_label_row(IDS[3], "R1"),
+            image_label_row(IDS[3], "R2", **{"No finding": ""}),
+        ],
+    )
     for image_id in IDS[:4]:
         touch(root, f"train/{image_id}.dicom")
     assert [r.patient_id for r in select_images("vindr", boxes, root, verbose=False).rows] == IDS[:4]
@@ -533,8 +776,10 @@ def test_write_file_list_round_trip(tmp_path):
     rows = [SelectedImage("a/b c.png", "1", "PA", "nih"), SelectedImage('d,"e".png', "2", "AP", "nih")]
     out = write_file_list(rows, tmp_path / "lists" / "out.csv")
     assert out.read_text().splitlines()[0] == "path,patient_id,view,source"
-    assert read_list(out)[1] == [{"path": "a/b c.png", "patient_id": "1", "view": "PA", "source": "nih"},
-                                 {"path": 'd,"e".png', "patient_id": "2", "view": "AP", "source": "nih"}]
+    assert read_list(out)[1] == [
+        {"path": "a/b c.png", "patient_id": "1", "view": "PA", "source": "nih"},
+        {"path": 'd,"e".png', "patient_id": "2", "view": "AP", "source": "nih"},
+    ]
     absolute = write_file_list(rows, tmp_path / "abs.csv", absolute_root=tmp_path)
     assert read_list(absolute)[1][0]["path"] == (tmp_path.resolve() / "a/b c.png").as_posix()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["abs.csv", "lists"]  # no temp files left
@@ -543,13 +788,31 @@ def test_write_file_list_round_trip(tmp_path):
 def test_cli_main_writes_list(chexpert, tmp_path, capsys):
     labels, root = chexpert
     out = tmp_path / "list.csv"
-    assert main(["--source", "chexpert", "--labels", *map(str, labels), "--images_root", str(root),
-                 "--out", str(out), "--views", "PA,AP"]) == 0
+    assert (
+        main(
+            [
+                "--source",
+                "chexpert",
+                "--labels",
+                *map(str, labels),
+                "--images_root",
+                str(root),
+                "--out",
+                str(out),
+                "--views",
+                "PA,AP",
+            ]
+        )
+        == 0
+    )
     columns, rows = read_list(out)
     assert columns == ["path", "patient_id", "view", "source"]
     assert [(r["patient_id"], r["view"], r["source"]) for r in rows] == [
-        ("patient00001", "PA", "chexpert"), ("patient00002", "AP", "chexpert"),
-        ("patient00005", "PA", "chexpert"), ("patient64541", "PA", "chexpert")]
+        ("patient00001", "PA", "chexpert"),
+        ("patient00002", "AP", "chexpert"),
+        ("patient00005", "PA", "chexpert"),
+        ("patient64541", "PA", "chexpert"),
+    ]
     assert all((root / r["path"]).is_file() for r in rows)
     printed = capsys.readouterr().out
     assert f"wrote 4 images of 4 patients to {out}" in printed and "--file_list" in printed
@@ -561,34 +824,58 @@ def test_cli_errors(nih, tmp_path, capsys):
         main(["--source", "nih", "--labels", str(labels), "--images_root", str(root)])
     assert exit_info.value.code == 2 and "--out: is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--source", "nih", "--labels", str(labels), "--images_root", str(root), "--out", "x.csv", "--views", "LL"])
+        main(
+            ["--source", "nih", "--labels", str(labels), "--images_root", str(root), "--out", "x.csv", "--views", "LL"]
+        )
     assert "--views: ['LL'] not allowed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--source", "nih", "--labels", str(tmp_path / "nope.csv"), "--images_root", str(root), "--out", "x.csv"])
     assert "--labels: file" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["--source", "nih", "--labels", str(labels), "--images_root", str(empty),
-                 "--out", str(tmp_path / "y.csv")]) == 1
-    assert "cxr.select: error: none of the 4 selected images" in capsys.readouterr().err
+    assert (
+        main(
+            ["--source", "nih", "--labels", str(labels), "--images_root", str(empty), "--out", str(tmp_path / "y.csv")]
+        )
+        == 1
+    )
+    assert "cxr.data.select: error: none of the 4 selected images" in capsys.readouterr().err
     assert not (tmp_path / "y.csv").exists()
 
 
 def test_python_m_cxr_select(vindr, tmp_path):
     labels, root = vindr
     out = tmp_path / "vindr.csv"
-    done = subprocess.run([sys.executable, "-m", "cxr.select", "--source", "vindr", "--labels", str(labels),
-                           "--images_root", str(root), "--out", str(out), "--absolute_paths"],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr.data.select",
+            "--source",
+            "vindr",
+            "--labels",
+            str(labels),
+            "--images_root",
+            str(root),
+            "--out",
+            str(out),
+            "--absolute_paths",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
-    assert [r["path"] for r in read_list(out)[1]] == [(root.resolve() / f"train/{i}.dicom").as_posix() for i in (IDS[0], IDS[3])]
+    assert [r["path"] for r in read_list(out)[1]] == [
+        (root.resolve() / f"train/{i}.dicom").as_posix() for i in (IDS[0], IDS[3])
+    ]
     assert "found on disk under --images_root" in done.stdout
 
 
 def test_file_list_is_read_by_scan_dataset(tmp_path):
-    """The written list trains on exactly the selected files, with their patient ids (cxr.dataset reads it)."""
-    from cxr.dataset import scan_dataset
-    from cxr.phantoms import write_phantoms
+    """The written list trains on exactly the selected files, with their patient ids (cxr.data.dataset reads it)."""
+    from cxr.data.dataset import scan_dataset
+    from cxr.data.phantoms import write_phantoms
 
     root = tmp_path / "nih"
     names = ["00000001_001.png", "00000004_000.png", "00000005_000.png", "00000004_001.png"]
@@ -596,13 +883,18 @@ def test_file_list_is_read_by_scan_dataset(tmp_path):
     for phantom, name, folder in zip(write_phantoms(tmp_path / "phantoms", len(names), seed=3), names, folders):
         (root / folder).mkdir(parents=True, exist_ok=True)
         phantom.rename(root / folder / name)
-    labels = write_csv(tmp_path / "Data_Entry_2017.csv", [], [
-        nih_row("00000001_001.png", "No Finding", "1", "PA"),
-        nih_row("00000003_000.png", "No Finding", "3", "PA"),  # not on disk
-        nih_row("00000004_000.png", "No Finding", "4", "PA"),
-        nih_row("00000004_001.png", "Effusion", "4", "PA"),    # on disk, not normal: must not be trained on
-        nih_row("00000005_000.png", "No Finding", "5", "PA"),
-    ], raw_header=NIH_HEADER_2017)
+    labels = write_csv(
+        tmp_path / "Data_Entry_2017.csv",
+        [],
+        [
+            nih_row("00000001_001.png", "No Finding", "1", "PA"),
+            nih_row("00000003_000.png", "No Finding", "3", "PA"),  # not on disk
+            nih_row("00000004_000.png", "No Finding", "4", "PA"),
+            nih_row("00000004_001.png", "Effusion", "4", "PA"),  # on disk, not normal: must not be trained on
+            nih_row("00000005_000.png", "No Finding", "5", "PA"),
+        ],
+        raw_header=NIH_HEADER_2017,
+    )
     result = select_images("nih", labels, root, verbose=False)
     out = write_file_list(result.rows, tmp_path / "list.csv")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr.config import TrainConfig
 import cxr.runtime
-import cxr.step
-import cxr.validation
-from cxr import training
+import cxr.train.step
+import cxr.train.validation
+from cxr.config import TrainConfig
+from cxr.train import training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,10 +34,25 @@ def shared_cache(tmp_path_factory):
 
 def make_cfg(tiny_model_dir, phantom_dir, out, cache, **overrides) -> TrainConfig:
     values = dict(
-        dataset_dir=Path(phantom_dir), model_id=str(tiny_model_dir), output_dir=Path(out), cache_dir=Path(cache),
-        device="cpu", mixed_precision="no", resolution=64, train_batch_size=4, val_count=4,
-        dataloader_num_workers=0, learning_rate=1e-3, max_train_steps=4, log_every=2, checkpointing_steps=2,
-        validation_steps=0, num_validation_images=0, lora_rank=4, lora_alpha=4.0, seed=0,
+        dataset_dir=Path(phantom_dir),
+        model_id=str(tiny_model_dir),
+        output_dir=Path(out),
+        cache_dir=Path(cache),
+        device="cpu",
+        mixed_precision="no",
+        resolution=64,
+        train_batch_size=4,
+        val_count=4,
+        dataloader_num_workers=0,
+        learning_rate=1e-3,
+        max_train_steps=4,
+        log_every=2,
+        checkpointing_steps=2,
+        validation_steps=0,
+        num_validation_images=0,
+        lora_rank=4,
+        lora_alpha=4.0,
+        seed=0,
     )
     values.update(overrides)
     cfg = TrainConfig(**values)
@@ -56,33 +71,40 @@ def lora_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_lr_schedule_closed_form():
     kw = dict(base_lr=1.0, warmup_steps=4, total_steps=14)
-    assert [cxr.step.lr_at(s, kind="constant", **kw) for s in (0, 3, 4, 13)] == [0.25, 1.0, 1.0, 1.0]
-    assert cxr.step.lr_at(9, kind="linear", **kw) == pytest.approx(0.5)
-    assert cxr.step.lr_at(9, kind="cosine", **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert cxr.step.lr_at(14, kind="cosine", **kw) == pytest.approx(0.0)
+    assert [cxr.train.step.lr_at(s, kind="constant", **kw) for s in (0, 3, 4, 13)] == [0.25, 1.0, 1.0, 1.0]
+    assert cxr.train.step.lr_at(9, kind="linear", **kw) == pytest.approx(0.5)
+    assert cxr.train.step.lr_at(9, kind="cosine", **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cxr.train.step.lr_at(14, kind="cosine", **kw) == pytest.approx(0.0)
 
 
 def test_data_order_shards_the_global_batch():
-    one = cxr.step.DataOrder(10, batch_size=4, grad_accum_steps=1, dist=cxr.runtime.DistInfo(0, 1), seed=3, device="cpu")
-    ranks = [cxr.step.DataOrder(10, batch_size=2, grad_accum_steps=1, dist=cxr.runtime.DistInfo(r, 2, r), seed=3,
-                                device="cpu") for r in (0, 1)]
+    one = cxr.train.step.DataOrder(
+        10, batch_size=4, grad_accum_steps=1, dist=cxr.runtime.DistInfo(0, 1), seed=3, device="cpu"
+    )
+    ranks = [
+        cxr.train.step.DataOrder(
+            10, batch_size=2, grad_accum_steps=1, dist=cxr.runtime.DistInfo(r, 2, r), seed=3, device="cpu"
+        )
+        for r in (0, 1)
+    ]
     assert one.steps_per_epoch == 2  # 10 rows, 4 per step: the last 2 are dropped
     for _ in range(5):  # crosses epochs
         full = one.next_indices()
         assert torch.equal(torch.cat([r.next_indices() for r in ranks], dim=1), full)
     assert one.state() == {"epoch": 2, "position": 4}
-    whole_epoch = cxr.step.DataOrder(10, batch_size=10, grad_accum_steps=1, dist=cxr.runtime.DistInfo(), seed=1,
-                                     device="cpu").next_indices()[0]
+    whole_epoch = cxr.train.step.DataOrder(
+        10, batch_size=10, grad_accum_steps=1, dist=cxr.runtime.DistInfo(), seed=1, device="cpu"
+    ).next_indices()[0]
     assert sorted(whole_epoch.tolist()) == list(range(10))  # a permutation: every row once per epoch
     with pytest.raises(training.TrainingError, match="--train_batch_size"):
-        cxr.step.DataOrder(3, batch_size=4, grad_accum_steps=1, dist=cxr.runtime.DistInfo(), seed=0, device="cpu")
+        cxr.train.step.DataOrder(3, batch_size=4, grad_accum_steps=1, dist=cxr.runtime.DistInfo(), seed=0, device="cpu")
 
 
 def _tiny_step(tiny_model_dir, steps_fn=None):
-    """The training step (cxr.step.build_train_step) on the tiny UNet with LoRA and random 'cached' latents."""
-    from cxr import ddpm
-    from cxr.lora import inject_lora, lora_parameters
-    from cxr.models import load_components
+    """The training step (cxr.train.step.build_train_step) on the tiny UNet with LoRA and random 'cached' latents."""
+    from cxr.model import ddpm
+    from cxr.model.loading import load_components
+    from cxr.model.lora import inject_lora, lora_parameters
 
     parts = load_components(str(tiny_model_dir), names=("unet", "scheduler"))
     unet = parts["unet"]
@@ -90,11 +112,27 @@ def _tiny_step(tiny_model_dir, steps_fn=None):
     inject_lora(unet, rank=4, alpha=4)
     schedule = ddpm.make_schedule(dict(parts["scheduler"].config))
     mean, std = torch.randn(8, 4, 8, 8), torch.full((8, 4, 8, 8), 0.1)
-    cfg = TrainConfig(learning_rate=1e-3, adam_weight_decay=0.01, train_batch_size=2, grad_accum_steps=2,
-                      snr_gamma=5.0, noise_offset=0.05, max_grad_norm=1.0, mixed_precision="no", seed=0)
-    step = cxr.step.build_train_step(cfg, model=unet, params=lora_parameters(unet), schedule=schedule,
-                                     latents_mean=mean, latents_std=std, scaling_factor=0.18215,
-                                     prompt_embeds=torch.randn(1, 77, 32))
+    cfg = TrainConfig(
+        learning_rate=1e-3,
+        adam_weight_decay=0.01,
+        train_batch_size=2,
+        grad_accum_steps=2,
+        snr_gamma=5.0,
+        noise_offset=0.05,
+        max_grad_norm=1.0,
+        mixed_precision="no",
+        seed=0,
+    )
+    step = cxr.train.step.build_train_step(
+        cfg,
+        model=unet,
+        params=lora_parameters(unet),
+        schedule=schedule,
+        latents_mean=mean,
+        latents_std=std,
+        scaling_factor=0.18215,
+        prompt_embeds=torch.randn(1, 77, 32),
+    )
     return unet, schedule, step, step.metrics, (step.params, step.optimizer, step.generator)
 
 
@@ -109,8 +147,11 @@ def test_train_step_makes_no_host_sync(tiny_model_dir):
             self.syncs = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero,
-                                       torch.ops.aten.item):
+            if func.overloadpacket in (
+                torch.ops.aten._local_scalar_dense,
+                torch.ops.aten.is_nonzero,
+                torch.ops.aten.item,
+            ):
                 self.syncs.append(str(func))
             return func(*args, **(kwargs or {}))
 
@@ -130,7 +171,7 @@ def test_train_step_makes_no_host_sync(tiny_model_dir):
 def test_graph_warmup_state_restore_leaves_no_trace(tiny_model_dir, steps_before_snapshot):
     """capture_cuda_graph's warm-up steps are undone by snapshot/restore: afterwards the run continues exactly as
     if they had never happened (checked eagerly on the CPU, against a run without warm-up)."""
-    from cxr.lora import lora_state_dict
+    from cxr.model.lora import lora_state_dict
 
     indices = torch.tensor([[0, 1], [2, 3]])
     runs = []
@@ -139,10 +180,10 @@ def test_graph_warmup_state_restore_leaves_no_trace(tiny_model_dir, steps_before
         for _ in range(steps_before_snapshot):
             step(indices)
         if warmup:
-            snapshot = cxr.step.snapshot_train_state(params, optimizer, gen)
+            snapshot = cxr.train.step.snapshot_train_state(params, optimizer, gen)
             for _ in range(2):
                 step(indices)
-            cxr.step.restore_train_state(snapshot, params, optimizer, metrics, gen)
+            cxr.train.step.restore_train_state(snapshot, params, optimizer, metrics, gen)
             assert metrics.loss_sum == 0
         for _ in range(2):
             step(indices)
@@ -153,7 +194,7 @@ def test_graph_warmup_state_restore_leaves_no_trace(tiny_model_dir, steps_before
 
 def test_step_source_has_no_host_reads():
     """The step's source has no .item()/.cpu()/.tolist()/print and no `if` on a tensor value."""
-    source = textwrap.dedent(inspect.getsource(cxr.step.make_train_step))
+    source = textwrap.dedent(inspect.getsource(cxr.train.step.make_train_step))
     tree = ast.parse(source)
     step_def = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "step")
     calls = {n.func.attr for n in ast.walk(step_def) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
@@ -173,10 +214,12 @@ def test_forward_and_loss_compile_without_graph_breaks(tiny_model_dir):
 
     unet, schedule, _, _, _ = _tiny_step(tiny_model_dir)
     torch._dynamo.reset()
-    compiled = torch.compile(cxr.step.diffusion_loss, fullgraph=True, backend="eager")
+    compiled = torch.compile(cxr.train.step.diffusion_loss, fullgraph=True, backend="eager")
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     timesteps = torch.tensor([10, 900])
-    expected = cxr.step.diffusion_loss(unet, x0, noise, timesteps, torch.randn(1, 77, 32).zero_(), schedule, 5.0, None)
+    expected = cxr.train.step.diffusion_loss(
+        unet, x0, noise, timesteps, torch.randn(1, 77, 32).zero_(), schedule, 5.0, None
+    )
     loss = compiled(unet, x0, noise, timesteps, torch.zeros(1, 77, 32), schedule, 5.0, None)
     torch.testing.assert_close(loss, expected)
 
@@ -188,13 +231,21 @@ def test_forward_and_loss_compile_without_graph_breaks(tiny_model_dir):
 def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cxr.checkpoint import checkpoint_dirs, load_checkpoint
-    from cxr.adapter_files import load_adapter
-    from cxr.models import load_components
+    from cxr.model.adapter_files import load_adapter
+    from cxr.model.loading import load_components
+    from cxr.train.checkpoint import checkpoint_dirs, load_checkpoint
 
-    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", shared_cache, validation_steps=2,
-                   num_validation_images=2, validation_inference_steps=2, checkpoints_total_limit=1,
-                   lr_warmup_steps=2)
+    cfg = make_cfg(
+        tiny_model_dir,
+        phantom_dir,
+        tmp_path / "run",
+        shared_cache,
+        validation_steps=2,
+        num_validation_images=2,
+        validation_inference_steps=2,
+        checkpoints_total_limit=1,
+        lr_warmup_steps=2,
+    )
     summary = training.train(cfg)
     out = tmp_path / "run"
     assert summary["steps"] == 4 and not summary["interrupted"]
@@ -218,7 +269,7 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     assert [e.step for e in events.Scalars("val/loss")] == [0, 2, 4]
     assert "val/samples" in tags["images"]
     image = events.Images("val/samples")[-1]
-    assert image.width == 2 * 64 + cxr.validation.VALIDATION_GRID_GAP and image.height == 64
+    assert image.width == 2 * 64 + cxr.train.validation.VALIDATION_GRID_GAP and image.height == 64
     assert "config/text_summary" in tags["tensors"]
 
     # The exported adapter holds exactly the trained tensors (a stock-format reader agrees with the checkpoint).
@@ -234,7 +285,7 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     assert info.metadata["cxr.pad_to_square"] == "False" and info.metadata["cxr.intensity_clip_percent"] == "0.0"
     assert info.metadata["cxr.base_model"] == str(tiny_model_dir) and info.metadata["cxr.prompt"] == cfg.prompt
     assert written["resolved"]["prediction_type"] == "epsilon"
-    from cxr.lora import lora_state_dict
+    from cxr.model.lora import lora_state_dict
 
     loaded = lora_state_dict(unet)
     assert loaded.keys() == checkpoint.lora.keys()
@@ -244,8 +295,16 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
 
 @pytest.mark.slow
 def test_resume_is_bit_identical(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
-    common = dict(max_train_steps=6, checkpointing_steps=3, train_batch_size=2, grad_accum_steps=2,
-                  lr_scheduler="cosine", lr_warmup_steps=2, noise_offset=0.1, log_every=1)
+    common = dict(
+        max_train_steps=6,
+        checkpointing_steps=3,
+        train_batch_size=2,
+        grad_accum_steps=2,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        noise_offset=0.1,
+        log_every=1,
+    )
     straight = training.train(make_cfg(tiny_model_dir, phantom_dir, tmp_path / "a", shared_cache, **common))
     # 20 training rows, 4 per step: 5 steps per epoch, so the run crosses an epoch boundary after the resume.
     cfg_b = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "b", shared_cache, **common)
@@ -262,7 +321,9 @@ def test_resume_is_bit_identical(tiny_model_dir, phantom_dir, shared_cache, tmp_
 
 
 def test_resume_with_a_changed_pixel_setting_warns_naming_the_flag(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
-    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", shared_cache, max_train_steps=2, checkpointing_steps=1)
+    cfg = make_cfg(
+        tiny_model_dir, phantom_dir, tmp_path / "run", shared_cache, max_train_steps=2, checkpointing_steps=1
+    )
     training.train(cfg, stop_after_steps=1)
     cfg.resume_from_checkpoint, cfg.intensity_clip_percent = "latest", 0.5
     with pytest.warns(UserWarning, match=r"--intensity_clip_percent differ from the checkpoint"):
@@ -270,9 +331,10 @@ def test_resume_with_a_changed_pixel_setting_warns_naming_the_flag(tiny_model_di
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tiny_model_dir, phantom_dir, shared_cache,
-                                                                  tmp_path, monkeypatch):
-    real_loss = cxr.step.diffusion_loss
+def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(
+    tiny_model_dir, phantom_dir, shared_cache, tmp_path, monkeypatch
+):
+    real_loss = cxr.train.step.diffusion_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):  # the 3rd training step's loss is NaN (validation runs without grad)
@@ -282,12 +344,19 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tiny_model_di
         calls["n"] += 1
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(cxr.step, "diffusion_loss", poisoned)
-    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "nan", shared_cache, max_train_steps=8, log_every=4,
-                   checkpointing_steps=2)
+    monkeypatch.setattr(cxr.train.step, "diffusion_loss", poisoned)
+    cfg = make_cfg(
+        tiny_model_dir,
+        phantom_dir,
+        tmp_path / "nan",
+        shared_cache,
+        max_train_steps=8,
+        log_every=4,
+        checkpointing_steps=2,
+    )
     with pytest.raises(training.NonFiniteLossError, match=r"before step 4.*--learning_rate.*bf16"):
         training.train(cfg)
-    from cxr.checkpoint import checkpoint_dirs
+    from cxr.train.checkpoint import checkpoint_dirs
 
     # Step 3 went NaN: the checkpoint of step 4 must not be written; the step-2 one is intact and finite.
     assert [s for s, _ in checkpoint_dirs(tmp_path / "nan" / "checkpoints")] == [2]
@@ -297,9 +366,20 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tiny_model_di
 
 @pytest.mark.slow
 def test_training_lowers_fixed_noise_validation_loss(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
-    cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "fit", shared_cache, max_train_steps=60,
-                   learning_rate=3e-3, lora_rank=8, lora_alpha=8.0, log_every=20, checkpointing_steps=0,
-                   val_count=8, snr_gamma=0.0)
+    cfg = make_cfg(
+        tiny_model_dir,
+        phantom_dir,
+        tmp_path / "fit",
+        shared_cache,
+        max_train_steps=60,
+        learning_rate=3e-3,
+        lora_rank=8,
+        lora_alpha=8.0,
+        log_every=20,
+        checkpointing_steps=0,
+        val_count=8,
+        snr_gamma=0.0,
+    )
     summary = training.train(cfg)
     before, after = summary["val_loss_initial"], summary["val_loss_final"]
     print(f"val loss {before:.4f} -> {after:.4f}")
@@ -330,8 +410,9 @@ def test_invalid_flags_exit_2_naming_the_flag(argv, flag, capsys, tmp_path):
     assert flag in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value, message", [("-0.5", "must be in [0, 50)"), ("50", "must be in [0, 50)"),
-                                            ("nan", "must be a finite number")])  # every float flag: config.check_finite
+@pytest.mark.parametrize(
+    "value, message", [("-0.5", "must be in [0, 50)"), ("50", "must be in [0, 50)"), ("nan", "must be a finite number")]
+)  # every float flag: config.check_finite
 def test_invalid_intensity_clip_percent_exits_2_naming_the_flag(value, message, capsys, tmp_path):
     sys.path.insert(0, str(REPO))
     import train as train_script
@@ -342,8 +423,9 @@ def test_invalid_intensity_clip_percent_exits_2_naming_the_flag(value, message, 
     assert f"--intensity_clip_percent: {message}" in capsys.readouterr().err
 
 
-def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(tiny_model_dir, phantom_dir, tmp_path,
-                                                                            monkeypatch):
+def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(
+    tiny_model_dir, phantom_dir, tmp_path, monkeypatch
+):
     import json
 
     cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache", intensity_clip_percent=0.5)
@@ -352,7 +434,9 @@ def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(tiny_
     assert manifest["extra"]["intensity_clip_percent"] == 0.5
 
     builds = []
-    monkeypatch.setattr("cxr.latents.build_or_load_latent_cache", lambda records, vae, **kwargs: builds.append(kwargs))
+    monkeypatch.setattr(
+        "cxr.data.latents.build_or_load_latent_cache", lambda records, vae, **kwargs: builds.append(kwargs)
+    )
     training._build_caches(cfg, cxr.runtime.DistInfo(), None, train_records, val_records, torch.device("cpu"))
     assert [kwargs["intensity_clip_percent"] for kwargs in builds] == [0.5, 0.5]  # train and val caches
 
@@ -365,8 +449,10 @@ def test_cuda_graph_on_cpu_and_unwritable_output_are_clear_errors(tmp_path, caps
     assert "--cuda_graph: needs a CUDA device" in capsys.readouterr().err
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert train_script.main(["--dataset_dir", str(tmp_path), "--device", "cpu",
-                              "--output_dir", str(blocker / "out")]) == 1
+    assert (
+        train_script.main(["--dataset_dir", str(tmp_path), "--device", "cpu", "--output_dir", str(blocker / "out")])
+        == 1
+    )
     assert "--output_dir: cannot write to" in capsys.readouterr().err
 
 
@@ -375,7 +461,7 @@ def test_full_disk_is_caught_before_loading_models(tiny_model_dir, phantom_dir, 
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     loaded = []
-    monkeypatch.setattr("cxr.models.load_components", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("cxr.model.loading.load_components", lambda *a, **k: loaded.append(1))
     cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "full", tmp_path / "cache")
     with pytest.raises(training.TrainingError, match=r"--output_dir: .* 1 MiB free"):
         training.train(cfg)
@@ -384,14 +470,45 @@ def test_full_disk_is_caught_before_loading_models(tiny_model_dir, phantom_dir, 
 
 @pytest.mark.slow
 def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_dir, shared_cache, tmp_path):
-    from cxr.checkpoint import find_latest_checkpoint
+    from cxr.train.checkpoint import find_latest_checkpoint
 
     out = tmp_path / "preempted"
-    argv = [sys.executable, str(REPO / "train.py"), "--dataset_dir", str(phantom_dir), "--model_id",
-            str(tiny_model_dir), "--output_dir", str(out), "--cache_dir", str(shared_cache), "--device", "cpu",
-            "--mixed_precision", "no", "--resolution", "64", "--train_batch_size", "4", "--val_count", "4",
-            "--dataloader_num_workers", "0", "--max_train_steps", "100000", "--checkpointing_steps", "5",
-            "--validation_steps", "0", "--lora_rank", "4", "--lora_alpha", "4", "--learning_rate", "1e-3"]
+    argv = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--model_id",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(shared_cache),
+        "--device",
+        "cpu",
+        "--mixed_precision",
+        "no",
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "4",
+        "--val_count",
+        "4",
+        "--dataloader_num_workers",
+        "0",
+        "--max_train_steps",
+        "100000",
+        "--checkpointing_steps",
+        "5",
+        "--validation_steps",
+        "0",
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "4",
+        "--learning_rate",
+        "1e-3",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -410,13 +527,22 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_d
     assert latest is not None
     stopped_at = int(latest.name.split("-")[1])
     assert 5 < stopped_at < 100000  # saved on the signal, after the regular checkpoint 5
-    resumed = training.train(make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=stopped_at + 2,
-                                      resume_from_checkpoint="latest", checkpointing_steps=5))
+    resumed = training.train(
+        make_cfg(
+            tiny_model_dir,
+            phantom_dir,
+            out,
+            shared_cache,
+            max_train_steps=stopped_at + 2,
+            resume_from_checkpoint="latest",
+            checkpointing_steps=5,
+        )
+    )
     assert resumed["start_step"] == stopped_at and resumed["steps"] == stopped_at + 2
 
 
 def test_tensorboard_writer_only_on_rank_zero_and_grid_layout(tmp_path):
-    from cxr.tblog import NullWriter, image_grid, make_writer
+    from cxr.train.tblog import NullWriter, image_grid, make_writer
 
     assert isinstance(make_writer(tmp_path / "r1", rank=1), NullWriter)
     assert not (tmp_path / "r1").exists()

@@ -5,16 +5,16 @@ from pathlib import Path
 
 import torch
 
-from cxr import training
 from cxr.config import TrainConfig
-from cxr.lora import inject_lora, lora_state_dict
-from cxr.models import load_components
+from cxr.model.loading import load_components
+from cxr.model.lora import inject_lora, lora_state_dict
+from cxr.train import training
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_step_is_wired_only_by_build_train_step():
-    """Training, the benchmark and the tests build the step through cxr.step.build_train_step: nothing else calls
+    """Training, the benchmark and the tests build the step through cxr.train.step.build_train_step: nothing else calls
     make_train_step or make_optimizer, so the benchmark cannot time a different step from the one that trains."""
     wired_by_hand = []
     for path in sorted([*(REPO / "cxr").glob("*.py"), *(REPO / "tests").glob("*.py")]):

@@ -1,0 +1,380 @@
+"""The latent cache (VAE posterior of every training image, computed once) and the prompt embedding.
+
+The VAE is frozen, so each image is encoded once and its posterior N(mean, std^2) is stored; every training
+step draws a fresh latent `(mean + std * noise) * scaling_factor` on the device (`sample_latents`), which is
+exactly the distribution of `vae.encode(x).latent_dist.sample() * scaling_factor` without running the VAE.
+
+Cache file: `cache_dir/<key>.safetensors` with float32 tensors `mean` and `std` of shape (rows, 4, R/8, R/8),
+one row per distinct image content (sorted by content SHA-256), followed by the mirrored rows when
+`random_flip` is on. The key is a SHA-256 over everything that changes the numbers: the image contents,
+resolution, crop mode, flip, intensity clip percentile (only when > 0, so caches built before it existed stay
+valid), preprocessing version, VAE id, a hash of the VAE's config and weights, and the VAE dtype. A changed
+input gives a new key (the cache is rebuilt); an unchanged one finds the file.
+
+Crash safety: rows are encoded in chunks, each chunk written to `cache_dir/<key>.partial/` by temp file +
+`os.replace`; the final file appears (again by `os.replace`) only when every row is in it. A run that is
+interrupted leaves only complete chunk files, and the next run with the same key resumes from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cxr.data.dataset import DatasetError, ImageRecord
+from cxr.data.imageio import (
+    PREPROCESS_VERSION,
+    Preprocess,
+    flip_warning,
+    read_file_bytes,
+    to_model_input,
+)
+from cxr.fileio import atomic_path
+
+CACHE_FORMAT = "cxr-latents/1"
+CHUNK_IMAGES = 1024  # rows per resumable chunk file (32 MiB of mean+std at 256 px)
+
+
+@dataclass
+class LatentCache:
+    """Cached VAE posteriors, row i = records[i]; with random_flip rows N..2N-1 are the mirrored images.
+
+    `mean`/`std` are float32 on the CPU in VAE units (unscaled); `relpaths` has one entry per image (N).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+    key: str
+    relpaths: list[str]
+
+    @property
+    def num_rows(self) -> int:
+        return self.mean.shape[0]
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """A draw from the cached posterior, scaled for the UNet: (mean + std * noise) * scaling_factor."""
+    return (mean + std * noise) * scaling_factor
+
+
+def encode_prompt(tokenizer, text_encoder, prompt: str, device) -> torch.Tensor:
+    """The prompt's text-encoder hidden states, float32 of shape (1, model_max_length, D), on `device`.
+
+    Same tokenisation as the diffusers SD pipelines (pad to max length, truncate). The caller frees the text
+    encoder afterwards: the prompt is constant, so this runs once per run.
+    """
+    max_length = tokenizer.model_max_length
+    untruncated = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+    if untruncated.shape[-1] > max_length:
+        warnings.warn(f"the prompt is longer than {max_length} tokens and was truncated: {prompt!r}", stacklevel=2)
+    ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = text_encoder(ids.to(device))[0]
+    return hidden.float()
+
+
+# ------------------------------------------------------------------------------------------ cache key
+
+
+def vae_fingerprint(vae) -> str:
+    """SHA-256 over the VAE's config (public keys) and every weight tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(
+    content_hashes,
+    *,
+    resolution: int,
+    pad_to_square: bool,
+    random_flip: bool,
+    vae_id: str,
+    vae_hash: str,
+    vae_dtype,
+    intensity_clip_percent: float = 0.0,
+) -> str:
+    """The cache file's name: SHA-256 over every input that changes the cached numbers."""
+    preprocess = Preprocess(resolution, pad_to_square, intensity_clip_percent)
+    fields = {
+        "format": CACHE_FORMAT,
+        "preprocess": PREPROCESS_VERSION,
+        "content_sha256": sorted(set(content_hashes)),
+        **preprocess.key_fields(),
+        "random_flip": bool(random_flip),
+        "vae_id": str(vae_id),
+        "vae_sha256": vae_hash,
+        "vae_dtype": str(vae_dtype),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+class _EncoderInputs(torch.utils.data.Dataset):
+    """Decodes and preprocesses one image per item in a DataLoader worker; checks its content hash."""
+
+    def __init__(self, paths: list[str], hashes: list[str], preprocess: Preprocess):
+        self.paths, self.hashes, self.preprocess = paths, hashes, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        data = read_file_bytes(self.paths[index])
+        if hashlib.sha256(data).hexdigest() != self.hashes[index]:
+            raise DatasetError(
+                f"{self.paths[index]} changed since the dataset scan (its content hash differs); rerun to rescan"
+            )
+        return index, to_model_input(self.preprocess.decode(data, self.paths[index]), self.preprocess)
+
+
+def _chunk_path(partial_dir: Path, chunk: int) -> Path:
+    return partial_dir / f"chunk-{chunk:06d}.safetensors"
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+
+
+def _load_chunk(path: Path, key: str, rows: int, flip: bool):
+    """(mean, std, mean_flipped, std_flipped) of a complete chunk file, or None if it is unusable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception:  # noqa: BLE001 - a damaged chunk is simply encoded again
+        return None
+    names = ("mean", "std", "mean_flipped", "std_flipped") if flip else ("mean", "std")
+    if any(name not in tensors or tensors[name].shape[0] != rows for name in names):
+        return None
+    return tuple(tensors[name] for name in names)
+
+
+def _posterior(vae, images: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    distribution = vae.encode(images.to(device=device, dtype=vae.dtype, non_blocking=True)).latent_dist
+    return distribution.mean.float().cpu(), distribution.std.float().cpu()
+
+
+def _encode_rows(
+    unique: list[ImageRecord],
+    vae,
+    key: str,
+    partial_dir: Path,
+    *,
+    preprocess: Preprocess,
+    random_flip,
+    device,
+    batch_size,
+    num_workers,
+    chunk_images,
+) -> list[tuple]:
+    """Encode every row not yet in a chunk file; return every chunk's tensors in row order."""
+    from tqdm.auto import tqdm
+
+    chunk_count = math.ceil(len(unique) / chunk_images)
+    chunk_rows = [min(chunk_images, len(unique) - c * chunk_images) for c in range(chunk_count)]
+    chunks = {}
+    for chunk in range(chunk_count):
+        path = _chunk_path(partial_dir, chunk)
+        if path.exists():
+            loaded = _load_chunk(path, key, chunk_rows[chunk], random_flip)
+            if loaded is not None:
+                chunks[chunk] = loaded
+    missing = [c for c in range(chunk_count) if c not in chunks]
+    if chunks:
+        print(
+            f"[cxr] resuming the latent cache: {len(chunks)} of {chunk_count} chunks already encoded", file=sys.stderr
+        )
+    if not missing:
+        return [chunks[c] for c in range(chunk_count)]
+
+    rows = [r for c in missing for r in range(c * chunk_images, c * chunk_images + chunk_rows[c])]
+    dataset = torch.utils.data.Subset(
+        _EncoderInputs([str(r.path) for r in unique], [r.sha256 for r in unique], preprocess),
+        rows,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=False,
+    )
+    pending: dict[int, dict[int, tuple]] = {c: {} for c in missing}
+    started = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(rows), desc="encoding latents", unit="img", disable=None) as progress:
+        for indices, images in loader:
+            outputs = [_posterior(vae, images, device)]
+            if random_flip:
+                outputs.append(_posterior(vae, torch.flip(images, dims=[-1]), device))
+            for position, row in enumerate(indices.tolist()):
+                chunk = row // chunk_images
+                pending[chunk][row] = tuple(t[position] for pair in outputs for t in pair)
+                if len(pending[chunk]) == chunk_rows[chunk]:
+                    done = pending.pop(chunk)
+                    ordered = [done[r] for r in sorted(done)]
+                    stacked = tuple(
+                        torch.stack([row_tensors[i] for row_tensors in ordered]) for i in range(len(ordered[0]))
+                    )
+                    names = ("mean", "std", "mean_flipped", "std_flipped")[: len(stacked)]
+                    _atomic_save(dict(zip(names, stacked)), _chunk_path(partial_dir, chunk), {"key": key})
+                    chunks[chunk] = stacked
+            progress.update(len(indices))
+    elapsed = time.perf_counter() - started
+    print(
+        f"[cxr] encoded {len(rows)} images in {elapsed:.1f} s ({len(rows) / max(elapsed, 1e-9):.1f} images/s, "
+        f"{num_workers} decode workers)",
+        file=sys.stderr,
+    )
+    return [chunks[c] for c in range(chunk_count)]
+
+
+def build_or_load_latent_cache(
+    records,
+    vae,
+    *,
+    resolution,
+    pad_to_square,
+    random_flip,
+    cache_dir,
+    device,
+    batch_size,
+    num_workers,
+    vae_id: str,
+    intensity_clip_percent: float = 0.0,
+    chunk_images: int = CHUNK_IMAGES,
+) -> LatentCache:
+    """Load the latent cache of these images and settings, or build it (batched VAE encoding on `device`,
+    decoding in `num_workers` DataLoader processes); see the module docstring for the key and crash safety.
+    `resolution`, `pad_to_square` and `intensity_clip_percent` (0: min-max scaling) are the flags of the same names,
+    given one by one like every `cache=True` training flag; they travel on as one `cxr.data.imageio.Preprocess`.
+
+    Returns rows in the order of `records` (then their mirrored rows with `random_flip`).
+    """
+    from safetensors.torch import load_file
+
+    records = list(records)
+    if not records:
+        raise DatasetError("no images to encode into the latent cache")
+    if random_flip:
+        warnings.warn(flip_warning(), stacklevel=2)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    scaling_factor = float(vae.config.scaling_factor)
+    fingerprint = vae_fingerprint(vae)
+    preprocess = Preprocess(resolution, pad_to_square, intensity_clip_percent)
+    key = cache_key(
+        [r.sha256 for r in records],
+        resolution=resolution,
+        pad_to_square=pad_to_square,
+        random_flip=random_flip,
+        vae_id=vae_id,
+        vae_hash=fingerprint,
+        vae_dtype=vae.dtype,
+        intensity_clip_percent=intensity_clip_percent,
+    )
+    path = cache_dir / f"{key}.safetensors"
+
+    unique = {}
+    for record in records:
+        unique.setdefault(record.sha256, record)
+    unique = [unique[h] for h in sorted(unique)]
+    expected_rows = len(unique) * (2 if random_flip else 1)
+
+    if _is_complete(path, key, expected_rows):
+        action = "reused"
+        tensors = load_file(str(path))
+    else:
+        partial_dir = cache_dir / f"{key}.partial"
+        partial_dir.mkdir(exist_ok=True)
+        chunks = _encode_rows(
+            unique,
+            vae,
+            key,
+            partial_dir,
+            preprocess=preprocess,
+            random_flip=random_flip,
+            device=device,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            chunk_images=chunk_images,
+        )
+        mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
+        std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
+        metadata = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            **preprocess.metadata(),
+            "random_flip": str(random_flip),
+            "vae_id": str(vae_id),
+            "vae_sha256": fingerprint,
+            "vae_dtype": str(vae.dtype),
+            "scaling_factor": repr(scaling_factor),
+            "preprocess": PREPROCESS_VERSION,
+            "num_images": str(len(unique)),
+            "content_sha256": json.dumps([r.sha256 for r in unique]),
+        }
+        _atomic_save({"mean": mean.contiguous(), "std": std.contiguous()}, path, metadata)
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        tensors = {"mean": mean, "std": std}
+        action = "built"
+
+    size = path.stat().st_size
+    print(
+        f"[cxr] latent cache {action}: {path} ({len(unique)} images, {expected_rows} rows, "
+        f"{size / 2**20:.1f} MiB, {size / len(unique) / 1024:.1f} KiB per image)",
+        file=sys.stderr,
+    )
+    row_of = {r.sha256: i for i, r in enumerate(unique)}
+    index = torch.tensor([row_of[r.sha256] for r in records])
+    if random_flip:
+        index = torch.cat([index, index + len(unique)])
+    return LatentCache(
+        mean=tensors["mean"][index],
+        std=tensors["std"][index],
+        scaling_factor=scaling_factor,
+        key=key,
+        relpaths=[r.relpath for r in records],
+    )
+
+
+def _is_complete(path: Path, key: str, expected_rows: int) -> bool:
+    """Whether `path` is a finished cache file for `key` with the expected rows (read from its header)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+    except Exception:  # noqa: BLE001 - an unreadable file is rebuilt (and replaced atomically)
+        warnings.warn(f"latent cache {path} is unreadable; rebuilding it", stacklevel=3)
+        return False
+    if metadata.get("key") != key or metadata.get("format") != CACHE_FORMAT:
+        return False
+    return all(shapes.get(name, [0])[0] == expected_rows for name in ("mean", "std"))

@@ -1,0 +1,1 @@
+"""Performance tools: the benchmark and the GPU check."""

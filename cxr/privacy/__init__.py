@@ -1,0 +1,1 @@
+"""Privacy and quality: the memorization audit, duplicates, embeddings, metrics, evaluation, release report."""

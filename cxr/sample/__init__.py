@@ -1,0 +1,1 @@
+"""Sampling: the pipeline with the adapter, and the sample folder's bookkeeping."""

@@ -1,0 +1,178 @@
+"""The output folder of a training run: writable and free-space checks before anything heavy, then the claim:
+rank 0 locks --output_dir for the run's life, removes temporary files killed runs left, checks
+--resume_from_checkpoint and refuses to start over an earlier run (or moves it aside with --overwrite_output_dir).
+
+    check_writable(folder, flag)                  TrainingError naming the flag when `folder` is not writable
+    check_free_space(cfg, num_images)             TrainingError when a disk is too small for the run
+    claim_output_dir(cfg, dist, checkpoints_dir, held) -> checkpoint to resume from, or None (after checking
+                                                  that the output, cache and logging folders are writable)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+from cxr import fileio
+from cxr.config import TrainConfig
+from cxr.model.loading import read_vae_scale_factor
+from cxr.runtime import DistInfo, TrainingError, broadcast_object
+from cxr.train import runlock
+from cxr.train.checkpoint import FILES, MARKER, CheckpointError, resolve_resume
+
+LORA_PARAMS_PER_RANK_SD15 = 199_296  # LoRA parameters per unit of rank on SD v1.5's 4 default targets
+STALE_TEMP_AGE_S = 3600  # temporary files in --cache_dir (may be shared by runs) are removed only this old
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """`cxr.fileio.check_writable` (shared by every command), raising TrainingError naming `flag`."""
+    fileio.check_writable(folder, flag, TrainingError)
+
+
+def estimate_disk_bytes(cfg: TrainConfig, num_images: int, vae_scale_factor: int) -> dict[str, int]:
+    """Rough upper bounds of what the run writes: checkpoints, adapter export, latent cache, logs.
+    `vae_scale_factor`: the base VAE's downsampling (8 for SD v1.5; `cxr.model.loading.read_vae_scale_factor`)."""
+    lora_bytes = cfg.lora_rank * LORA_PARAMS_PER_RANK_SD15 * 4
+    checkpoint = 3 * lora_bytes + (1 << 20)  # weights + two AdamW moments
+    kept = (
+        cfg.checkpoints_total_limit
+        or max(1, cfg.max_train_steps // max(1, cfg.checkpointing_steps or cfg.max_train_steps))
+    ) + 1
+    latent = 4 * (cfg.resolution // vae_scale_factor) ** 2 * 4 * 2  # mean and std, float32
+    rows = num_images * (2 if cfg.random_flip else 1)
+    return {"output": kept * checkpoint + 2 * lora_bytes + (64 << 20), "cache": rows * latent + (16 << 20)}
+
+
+def check_free_space(cfg: TrainConfig, num_images: int) -> None:
+    need = estimate_disk_bytes(cfg, num_images, read_vae_scale_factor(cfg.model_id, cfg.revision))
+    places = [
+        (Path(cfg.output_dir), need["output"], "--output_dir"),
+        (cfg.resolved_cache_dir, need["cache"], "--cache_dir"),
+    ]
+    for folder, needed, flag in places:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise TrainingError(
+                f"{flag}: {folder} has {free / 2**20:.0f} MiB free but this run needs about {needed / 2**20:.0f} MiB "
+                "(checkpoints, adapter, latent cache, logs); free some space, lower --checkpoints_total_limit, "
+                "or point the flag at a larger disk"
+            )
+
+
+def claim_output_dir(cfg: TrainConfig, dist: DistInfo, checkpoints_dir: Path, held: contextlib.ExitStack):
+    """Before the scan and the model load: rank 0 checks that --output_dir, --cache_dir and --logging_dir are
+    writable, locks --output_dir for the run's life (released by `held`),
+    removes temporary files killed runs left there, checks --resume_from_checkpoint, and refuses to start over an
+    earlier run's checkpoints/adapter (or moves them aside with --overwrite_output_dir). Returns the checkpoint to
+    resume from (None: step 0); every rank gets the same result or the same error."""
+    resume_path, error = None, None
+    if dist.is_main:
+        try:
+            resume_path = _claim_output_dir_main(cfg, checkpoints_dir, held)
+        except (TrainingError, CheckpointError) as caught:
+            error = caught
+    shared = broadcast_object(
+        (None if resume_path is None else str(resume_path), None if error is None else str(error)), dist
+    )
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise TrainingError(shared[1])
+    return None if shared[0] is None else Path(shared[0])
+
+
+def _claim_output_dir_main(cfg: TrainConfig, checkpoints_dir: Path, held: contextlib.ExitStack) -> Path | None:
+    output_dir = Path(cfg.output_dir)
+    check_writable(output_dir, "--output_dir")
+    check_writable(cfg.resolved_cache_dir, "--cache_dir")
+    check_writable(cfg.resolved_logging_dir, "--logging_dir")
+    try:
+        lock = runlock.acquire(output_dir, flag="--output_dir")
+    except runlock.RunLockError as error:
+        raise TrainingError(str(error)) from None
+    except OSError as error:
+        raise TrainingError(
+            f"--output_dir: cannot create the lock file in {output_dir} ({error.strerror or error}); "
+            "choose a folder you can write to"
+        ) from None
+    held.callback(lock.release)
+    _remove_stale_temp_files(cfg)
+
+    resume_path = None
+    if cfg.resume_from_checkpoint:
+        given = Path(cfg.resume_from_checkpoint)
+        if (
+            cfg.resume_from_checkpoint != "latest"
+            and given.is_dir()
+            and not any((given / n).exists() for n in (*FILES, MARKER))
+        ):
+            raise TrainingError(
+                f"--resume_from_checkpoint: {given} is not a checkpoint folder (it has none of "
+                f"{MARKER}, {', '.join(FILES)}); give `latest` or a folder "
+                f"{checkpoints_dir}/checkpoint-<step>"
+            )
+        resume_path = resolve_resume(cfg.resume_from_checkpoint, checkpoints_dir)
+    continues_here = resume_path is not None and os.path.realpath(resume_path.parent) == os.path.realpath(
+        checkpoints_dir
+    )
+    earlier = [] if continues_here else runlock.previous_run_files(output_dir)
+    if not earlier:
+        return resume_path
+    listed = ", ".join(earlier[:6]) + (f" and {len(earlier) - 6} more" if len(earlier) > 6 else "")
+    if cfg.overwrite_output_dir:
+        keep = (
+            ()
+            if not _is_inside(cfg.resolved_cache_dir, output_dir)
+            else (
+                Path(os.path.relpath(os.path.realpath(cfg.resolved_cache_dir), os.path.realpath(output_dir))).parts[0],
+            )
+        )
+        moved = runlock.move_previous_run(output_dir, keep=keep)
+        warnings.warn(
+            f"--overwrite_output_dir: the earlier run in {output_dir} ({listed}) was moved to {moved}; "
+            "delete that folder when you no longer need it",
+            stacklevel=2,
+        )
+        return resume_path
+    if resume_path is not None:
+        why = f"this run resumes from {resume_path}, a checkpoint of another folder, but {output_dir} holds"
+    elif cfg.resume_from_checkpoint:
+        why = (
+            f"--resume_from_checkpoint latest found no complete checkpoint in {checkpoints_dir} (see the warnings "
+            f"above), but {output_dir} holds"
+        )
+    else:
+        why = f"this is a fresh run (no --resume_from_checkpoint) but {output_dir} holds"
+    raise TrainingError(
+        f"--output_dir: {why} an earlier run's files ({listed}). Starting over them would mix two runs (checkpoint "
+        "rotation would delete the new checkpoints, `latest` would pick the old run). Continue that run with "
+        "--resume_from_checkpoint latest, write this run to another --output_dir, or pass --overwrite_output_dir to "
+        f"move the earlier run into {output_dir}/{runlock.PREVIOUS_RUN_PREFIX}<time>/ (nothing is deleted)"
+    )
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _remove_stale_temp_files(cfg: TrainConfig) -> None:
+    """Delete the temporary files killed runs left (see cxr.train.runlock.stale_temp_files): in --output_dir, which this
+    run holds the lock of, every stale one; in --cache_dir, which other runs may share, only those untouched for
+    STALE_TEMP_AGE_S."""
+    output_dir, cache_dir = Path(cfg.output_dir), cfg.resolved_cache_dir
+    found = runlock.stale_temp_files(output_dir, unnamed=True, skip=(cache_dir,))
+    found += runlock.stale_temp_files(cache_dir, unnamed=True, min_age_s=STALE_TEMP_AGE_S)
+    if found:
+        freed = runlock.remove_files(found)
+        print(
+            f"[cxr] removed {len(found)} temporary file(s) ({freed / 2**20:.1f} MiB) that a killed run left: "
+            + ", ".join(str(p) for p in found[:10])
+            + (" ..." if len(found) > 10 else ""),
+            file=sys.stderr,
+        )

@@ -1,0 +1,500 @@
+"""One training step and the pieces it is made of; `build_train_step(cfg, ...)` wires them as train() runs them.
+
+Every caller builds the step through `build_train_step` (training, the benchmark, the tests), so the step
+that is timed and tested is the step that trains.
+
+    build_train_step(cfg, model=, params=, schedule=, latents_mean=, ...) -> TrainStep   the step + its state
+    make_train_step(...) -> step(indices)       one optimizer step (all micro-batches) on device tensors
+    diffusion_loss(model, x0, noise, t, prompt_embeds, schedule, snr_gamma, autocast_dtype)  forward + loss
+    make_optimizer / load_optimizer_state       AdamW over the LoRA tensors, fused where possible
+    lr_at / scheduled_lr / set_lr               the LR schedule, set without a host sync
+    StepMetrics(device)                         device accumulators for loss / grad norm / non-finite flag
+    step_unless                                 an optimizer step that is skipped (no host read) on NaN/inf
+    DataOrder                                   per-epoch permutations on the device, rank shards, position
+    snapshot_train_state / restore_train_state  undo warm-up steps (LoRA weights, optimizer state, generator)
+    capture_cuda_graph(step, indices, ...) -> step(indices)   the same step replayed from a CUDA graph
+
+The step has static shapes and no host synchronisation (no `.item()`, no tensor-valued `if`), so on CUDA it
+can be captured whole in a CUDA graph (`--cuda_graph`); the loss and grad norm are summed on the device and
+read every `--log_every` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed
+
+from cxr.config import TrainConfig
+from cxr.data.latents import sample_latents
+from cxr.model import ddpm
+from cxr.runtime import DistInfo, TrainingError, autocast_dtype
+
+# ------------------------------------------------------------------------------------- optimizer and LR
+
+
+def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up over `warmup_steps`, then constant,
+    linear decay to 0 or cosine decay to 0 at `total_steps`. The first warm-up step already has lr > 0."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if kind == "constant":
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "linear":
+        return base_lr * (1.0 - progress)
+    if kind == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"--lr_scheduler: unknown schedule {kind!r}")
+
+
+def scheduled_lr(cfg: TrainConfig, step: int) -> float:
+    """`lr_at` with the run's --learning_rate, --lr_warmup_steps, --max_train_steps and --lr_scheduler."""
+    return lr_at(
+        step,
+        base_lr=cfg.learning_rate,
+        warmup_steps=cfg.lr_warmup_steps,
+        total_steps=cfg.max_train_steps,
+        kind=cfg.lr_scheduler,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Set the LR without a host sync: fill the device tensor in place (what a CUDA graph reads) or set the float."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
+
+
+def make_optimizer(params, *, lr: float, weight_decay: float, device: torch.device, capturable: bool = False):
+    """AdamW over `params`. Fused (one kernel, step counter and LR kept as device tensors: no host reads) on
+    CUDA and CPU; foreach where fused is unavailable. With `capturable` the LR is a device tensor a graph reads."""
+    params = list(params)
+    try:
+        lr_value = torch.tensor(lr, dtype=torch.float32, device=device) if device.type == "cuda" else lr
+        return torch.optim.AdamW(params, lr=lr_value, weight_decay=weight_decay, fused=True, capturable=capturable)
+    except (RuntimeError, ValueError):
+        if capturable:
+            raise
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this optimizer's settings.
+
+    The checkpoint gives the state (moments, step counts); the freshly built param groups give everything
+    else: the flags of this run (LR, weight decay) and its mode (`fused`, `capturable`, `foreach`). Taking
+    the mode from the checkpoint would make an eager run's checkpoint fail inside a --cuda_graph capture
+    ("capturable is False"), and the reverse run slower. The settings go in before loading, so the step
+    counters are placed where this mode needs them (on the device when fused or capturable). The LR object
+    itself (a device tensor a CUDA graph reads) is put back after loading, which copies it.
+    """
+    fresh = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    groups = [{**old, **new} for old, new in zip(saved["param_groups"], fresh)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group["lr"] = settings["lr"]
+
+
+# ------------------------------------------------------------------------------------------- data order
+
+
+class DataOrder:
+    """Which cache rows each step uses: a fresh permutation per epoch, computed on the device from
+    (seed, epoch) so that it can be recomputed on resume; the last partial global batch is dropped.
+
+    A step takes `grad_accum_steps` micro-batches of the global batch (`batch_size * world_size` rows);
+    rank r uses columns [r * batch_size, (r + 1) * batch_size) of each, so 2 ranks at batch B see exactly
+    the rows one process at batch 2B sees. The position is (epoch, rows consumed in that epoch).
+    """
+
+    def __init__(self, num_rows: int, *, batch_size: int, grad_accum_steps: int, dist: DistInfo, seed: int, device):
+        self.num_rows, self.batch_size, self.accum, self.dist = num_rows, batch_size, grad_accum_steps, dist
+        self.global_batch = batch_size * dist.world_size
+        self.rows_per_step = self.global_batch * grad_accum_steps
+        if num_rows < self.rows_per_step:
+            raise TrainingError(
+                f"--train_batch_size: one step needs {self.rows_per_step} images "
+                f"(batch {batch_size} x {grad_accum_steps} accumulation x {dist.world_size} processes) but the "
+                f"training split has {num_rows}; lower --train_batch_size/--grad_accum_steps or add images"
+            )
+        self.steps_per_epoch = num_rows // self.rows_per_step
+        self.seed, self.device = seed, device
+        self.epoch, self.position = 0, 0
+        self._perm: torch.Tensor | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_rows, generator=generator, device=self.device)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None
+
+    def peek_indices(self) -> torch.Tensor:
+        """The next step's indices, leaving the position where it is (the example a CUDA graph is captured with)."""
+        position = self.state()
+        indices = self.next_indices()
+        self.load_state(position)
+        return indices
+
+    def next_indices(self) -> torch.Tensor:
+        """(grad_accum_steps, batch_size) cache rows of this rank for the next step, on the device."""
+        if self.position + self.rows_per_step > self.num_rows:
+            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        if self._perm is None:
+            self._perm = self._permutation(self.epoch)
+        rows = self._perm[self.position : self.position + self.rows_per_step].view(self.accum, self.global_batch)
+        self.position += self.rows_per_step
+        start = self.dist.rank * self.batch_size
+        return rows[:, start : start + self.batch_size]
+
+
+# ------------------------------------------------------------------------------------------------ step
+
+
+class StepMetrics:
+    """Device-side sums over the steps since the last read; `read()` is the only host sync of the loop.
+
+    `nonfinite` counts steps whose loss or gradient norm was NaN/inf; `finite_steps` counts the steps before
+    the first such step, so a read tells which step of its window went bad first (and hence which weights
+    still gave a finite loss)."""
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), device=device)
+        self.finite_steps = torch.zeros((), device=device)
+        self.steps = 0  # host counter: the host knows how many steps it launched
+
+    def reset(self) -> None:
+        for tensor in (self.loss_sum, self.grad_norm_sum, self.nonfinite, self.finite_steps):
+            tensor.zero_()
+        self.steps = 0
+
+    def add_nonfinite(self, flag: torch.Tensor) -> None:
+        """Record one step's non-finite flag (0-dim, > 0 when bad) on the device."""
+        self.nonfinite.add_((flag > 0).float())
+        self.finite_steps.add_((self.nonfinite == 0).float())
+
+    def read(self, dist: DistInfo | None = None, extra_flag: bool = False) -> dict:
+        """Mean loss / grad norm since the last read, whether any was non-finite, and `extra_flag` OR-ed over
+        ranks (used to agree on a stop request); averaged over ranks under DDP. Syncs with the device."""
+        packed = torch.stack(
+            [
+                self.loss_sum,
+                self.grad_norm_sum,
+                self.nonfinite,
+                torch.tensor(float(extra_flag), device=self.loss_sum.device),
+            ]
+        )
+        finite_steps = self.finite_steps.clone()
+        world = 1
+        if dist is not None and dist.enabled:
+            torch.distributed.all_reduce(packed)
+            world = dist.world_size
+        loss_sum, grad_sum, nonfinite, flag = packed.tolist()  # the sync: once per --log_every steps
+        if nonfinite > 0 and world > 1:  # every rank takes this branch: the first bad step on any rank
+            torch.distributed.all_reduce(finite_steps, op=torch.distributed.ReduceOp.MIN)
+        window = self.steps
+        steps = max(1, self.steps)
+        self.reset()
+        return {
+            "loss": loss_sum / world / steps,
+            "grad_norm": grad_sum / world / steps,
+            "nonfinite": nonfinite > 0,
+            "finite_steps": int(finite_steps.item()) if nonfinite > 0 else window,  # steps before the first bad one
+            "flag": flag > 0,
+        }
+
+
+def diffusion_loss(model, x0, noise, timesteps, prompt_embeds, schedule, snr_gamma: float, autocast_dtype):
+    """Per-step training loss: noise x0 at `timesteps`, predict with `model` under autocast, MSE against the
+    target per sample in float32, Min-SNR-gamma weighted (gamma 0: plain MSE), mean over the batch."""
+    noisy = ddpm.add_noise(x0, noise, timesteps, schedule)
+    embeds = prompt_embeds.expand(x0.shape[0], -1, -1)
+    # No autocast weight cache: each weight is used once per forward, and a cache breaks CUDA-graph capture.
+    with torch.autocast(
+        x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None, cache_enabled=False
+    ):
+        prediction = model(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+    target = ddpm.training_target(x0, noise, timesteps, schedule)
+    per_sample = (prediction.float() - target).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    if snr_gamma > 0:
+        per_sample = per_sample * ddpm.min_snr_weights(schedule.snr[timesteps], snr_gamma, schedule.prediction_type)
+    return per_sample.mean()
+
+
+def make_train_step(
+    *,
+    model,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    latents_mean: torch.Tensor,
+    latents_std: torch.Tensor,
+    scaling_factor: float,
+    prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+    metrics: StepMetrics,
+    batch_size: int,
+    grad_accum_steps: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    snr_gamma: float = 0.0,
+    noise_offset: float = 0.0,
+    max_grad_norm: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
+    scaler=None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> Callable[[torch.Tensor], None]:
+    """Build `step(indices)`: one optimizer step over `indices` (grad_accum_steps, batch_size) of cache rows.
+
+    Everything runs on the device: latent sampling (mean + std * noise), diffusion noise (+ offset) and uniform
+    timesteps drawn from `generator` for the whole global batch (every rank draws all `batch_size * world_size`
+    rows and keeps its own slice, so N ranks at batch B equal one process at batch N*B), forward + weighted
+    loss, backward, gradient clipping, AdamW. Loss and grad norm are added to `metrics` on the device. An update
+    whose gradient norm is NaN/inf is never applied (`step_unless`: LoRA weights and AdamW state stay as they
+    were); such a step, or a NaN/inf loss, is flagged in `metrics`. With a GradScaler (fp16) the scaler skips
+    inf steps itself (its loss-scale search) and only the loss is flagged. No host sync except inside a
+    GradScaler, which reads its inf check on the host.
+    `model` may be the UNet, its DDP wrapper or a compiled module; `no_sync` is DDP's `no_sync` (skips the
+    all-reduce on all but the last micro-batch).
+    """
+    device = latents_mean.device
+    global_batch = batch_size * world_size
+    own = slice(rank * batch_size, (rank + 1) * batch_size)
+    latent_shape = tuple(latents_mean.shape[1:])
+    prompt_embeds = prompt_embeds.to(device)
+
+    def draw(*shape):
+        return torch.randn((global_batch, *shape), generator=generator, device=device)[own]
+
+    def step(indices: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        bad_loss = torch.zeros((), device=device)
+        for micro in range(grad_accum_steps):
+            rows = indices[micro]
+            x0 = sample_latents(latents_mean[rows], latents_std[rows], draw(*latent_shape), scaling_factor)
+            noise = draw(*latent_shape)
+            if noise_offset > 0:
+                noise = ddpm.offset_noise(noise, draw(latent_shape[0], 1, 1), noise_offset)
+            timesteps = ddpm.sample_timesteps(global_batch, schedule, generator, device)[own]
+            sync = no_sync is not None and micro < grad_accum_steps - 1
+            with no_sync() if sync else contextlib.nullcontext():
+                loss = diffusion_loss(model, x0, noise, timesteps, prompt_embeds, schedule, snr_gamma, autocast_dtype)
+                scaled = loss / grad_accum_steps
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            metrics.loss_sum.add_(scaled.detach())
+            bad_loss = bad_loss + (~torch.isfinite(loss.detach())).float()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        metrics.grad_norm_sum.add_(grad_norm.detach())
+        if scaler is not None:
+            metrics.add_nonfinite(bad_loss)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            # Decided on the (all-reduced) gradient norm alone, so that every DDP rank skips the same steps.
+            skip = (~torch.isfinite(grad_norm.detach())).float()
+            metrics.add_nonfinite(bad_loss + skip)
+            step_unless(optimizer, params, skip)
+
+    return step
+
+
+def step_unless(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], skip: torch.Tensor) -> None:
+    """`optimizer.step()`, without any effect when `skip` (0-dim float32 on the device, 1.0 or 0.0) is 1.
+
+    No host read on the fused path. A fused optimizer (what make_optimizer builds on CUDA and CPU) takes `skip`
+    as its `found_inf`, the GradScaler protocol: the kernel leaves weights and moments alone and the step count
+    is put back. Any other optimizer is stepped, then its weights and tensor state are put back with
+    torch.where (state created by this step goes back to zeros: a fresh AdamW state).
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = skip
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
+    with torch.no_grad():
+        before = {
+            p: (p.detach().clone(), {k: v.clone() for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)})
+            for p in params
+        }
+        optimizer.step()
+        for param, (weights, state) in before.items():
+            param.copy_(torch.where(skip.to(param.device) > 0, weights, param))
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value):
+                    old = state.get(key, torch.zeros_like(value))
+                    value.copy_(torch.where(skip.to(value.device) > 0, old, value))
+
+
+def snapshot_train_state(params: list[torch.nn.Parameter], optimizer, generator) -> dict:
+    """Copies of what a training step changes (LoRA weights, optimizer state, noise generator)."""
+    return {
+        "params": [p.detach().clone() for p in params],
+        "optimizer": {
+            p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+            for p in params
+            if p in optimizer.state
+        },
+        "generator": generator.get_state(),
+    }
+
+
+@torch.no_grad()
+def restore_train_state(snapshot: dict, params, optimizer, metrics: StepMetrics, generator) -> None:
+    """Put back a snapshot in place (tensor storage is kept: a captured graph keeps pointing at it); optimizer
+    state created since the snapshot is zeroed, which is what a fresh AdamW state is; metrics are reset."""
+    for param, saved in zip(params, snapshot["params"]):
+        param.copy_(saved)
+    for param in params:
+        for key, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value):
+                saved = snapshot["optimizer"].get(param, {}).get(key)
+                if saved is None:
+                    value.zero_()
+                else:
+                    value.copy_(saved)
+    metrics.reset()
+    generator.set_state(snapshot["generator"])
+
+
+def capture_cuda_graph(
+    step: Callable[[torch.Tensor], None],
+    example_indices: torch.Tensor,
+    *,
+    params: list[torch.nn.Parameter],
+    optimizer,
+    metrics: StepMetrics,
+    generator,
+    warmup_steps: int = 3,
+) -> Callable[[torch.Tensor], None]:
+    """Capture `step` in a CUDA graph and return `replay(indices)` with the same effect.
+
+    Warm-up runs on a side stream (as torch.cuda.graph requires); the LoRA weights, optimizer state, metrics
+    and the noise generator are restored afterwards, so the warm-up leaves no trace in the training run.
+    The optimizer must be capturable and `generator` the device's default CUDA generator (graph-safe).
+    """
+    static_indices = example_indices.clone()
+    snapshot = snapshot_train_state(params, optimizer, generator)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_steps):
+            step(static_indices)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(static_indices)
+    restore_train_state(snapshot, params, optimizer, metrics, generator)
+
+    def replay(indices: torch.Tensor) -> None:
+        static_indices.copy_(indices)
+        graph.replay()
+
+    return replay
+
+
+# ------------------------------------------------------------------------------------------ the builder
+
+
+@dataclass
+class TrainStep:
+    """The training step and the state it changes. `step(indices)` runs one optimizer step; after
+    `capture_cuda_graph(example)` the same call replays it from a CUDA graph."""
+
+    run: Callable[[torch.Tensor], None]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    metrics: StepMetrics
+    scaler: torch.amp.GradScaler | None = None
+
+    def __call__(self, indices: torch.Tensor) -> None:
+        self.run(indices)
+
+    def capture_cuda_graph(self, example_indices: torch.Tensor) -> None:
+        self.run = capture_cuda_graph(
+            self.run,
+            example_indices,
+            params=self.params,
+            optimizer=self.optimizer,
+            metrics=self.metrics,
+            generator=self.generator,
+        )
+
+
+def build_train_step(
+    cfg: TrainConfig,
+    *,
+    model,
+    params: list[torch.nn.Parameter],
+    schedule,
+    latents_mean: torch.Tensor,
+    latents_std: torch.Tensor,
+    scaling_factor: float,
+    prompt_embeds: torch.Tensor,
+    dist: DistInfo = DistInfo(),
+    no_sync=None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainStep:
+    """The step train() runs, from the run's flags: AdamW at the schedule's first LR (capturable with
+    --cuda_graph), a GradScaler for fp16, the noise generator seeded with --seed (the default CUDA generator
+    with --cuda_graph: graph capture tracks its offsets by itself), and the loss settings. `optimizer` shares
+    an existing one (the benchmark's variants of one step); `model` may be the UNet, its DDP wrapper
+    (`no_sync`: its no_sync) or a compiled module."""
+    device = latents_mean.device
+    if optimizer is None:
+        optimizer = make_optimizer(
+            params,
+            lr=scheduled_lr(cfg, 0),
+            weight_decay=cfg.adam_weight_decay,
+            device=device,
+            capturable=cfg.cuda_graph,
+        )
+    scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
+    if cfg.cuda_graph:
+        generator = torch.cuda.default_generators[device.index or 0]
+        generator.manual_seed(cfg.seed)
+    else:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    metrics = StepMetrics(device)
+    run = make_train_step(
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        schedule=schedule,
+        latents_mean=latents_mean,
+        latents_std=latents_std,
+        scaling_factor=scaling_factor,
+        prompt_embeds=prompt_embeds,
+        generator=generator,
+        metrics=metrics,
+        batch_size=cfg.train_batch_size,
+        grad_accum_steps=cfg.grad_accum_steps,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        snr_gamma=cfg.snr_gamma,
+        noise_offset=cfg.noise_offset,
+        max_grad_norm=cfg.max_grad_norm,
+        autocast_dtype=autocast_dtype(cfg.mixed_precision),
+        scaler=scaler,
+        no_sync=no_sync,
+    )
+    return TrainStep(run, params, optimizer, generator, metrics, scaler)

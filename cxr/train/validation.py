@@ -1,0 +1,101 @@
+"""Validation during training: the held-out loss at fixed latents, noise and timesteps, and the sample grid.
+
+fixed_validation_inputs(val_mean, scaling_factor, seed, device) -> (x0, noise, timesteps)
+validation_loss(unet, x0, noise, timesteps, prompt_embeds, schedule, batch_size, autocast_dtype) -> float
+validation_images(unet, vae, tokenizer, scheduler_config, ...) -> (N, 3, R, R) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cxr.train.step import diffusion_loss
+
+VALIDATION_GUIDANCE_SCALE = 3.0
+VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed timesteps of the held-out loss
+VALIDATION_MAX_IMAGES = 256  # held-out images used for the loss (the first ones of the split)
+VALIDATION_GRID_GAP = 4  # white pixels between the validation grid's tiles
+
+
+@torch.no_grad()
+def validation_loss(
+    unet,
+    val_x0: torch.Tensor,
+    val_noise: torch.Tensor,
+    val_timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    schedule,
+    batch_size: int,
+    autocast_dtype,
+) -> float:
+    """Plain (unweighted) MSE of the target over fixed held-out latents, noise and timesteps (comparable across
+    steps and runs). Syncs: it returns a float."""
+    total = torch.zeros((), device=val_x0.device)
+    for start in range(0, val_x0.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        loss = diffusion_loss(
+            unet, val_x0[part], val_noise[part], val_timesteps[part], prompt_embeds, schedule, 0.0, autocast_dtype
+        )
+        total += loss * val_x0[part].shape[0]
+    return (total / val_x0.shape[0]).item()
+
+
+def fixed_validation_inputs(val_mean: torch.Tensor, scaling_factor: float, seed: int, device):
+    """Every held-out latent (posterior mean) paired with each of VALIDATION_TIMESTEPS, and fixed noise drawn
+    on the CPU from `seed` (identical on every device)."""
+    x0 = (val_mean[:VALIDATION_MAX_IMAGES] * scaling_factor).float()
+    count = len(VALIDATION_TIMESTEPS)
+    x0 = x0.repeat_interleave(count, dim=0)
+    timesteps = torch.tensor(VALIDATION_TIMESTEPS, dtype=torch.long).repeat(x0.shape[0] // count)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return x0.to(device), noise.to(device), timesteps.to(device)
+
+
+@torch.no_grad()
+def validation_images(
+    unet,
+    vae,
+    tokenizer,
+    scheduler_config: dict,
+    prompt_embeds,
+    negative_embeds,
+    *,
+    num_images: int,
+    steps: int,
+    resolution: int,
+    seed: int,
+    prediction_type: str,
+    autocast_dtype,
+) -> torch.Tensor:
+    """(N, 3, R, R) samples in [0, 1] from fixed seeds (seed + i): a stock StableDiffusionPipeline built from the
+    in-memory components (LoRA applied, DPM-Solver++), then a float32 VAE decode outside autocast."""
+    # Imported on first use: the pipeline module pulls in transformers' image processors (seconds, and their
+    # warnings), which a run without a validation grid never needs.
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    device = prompt_embeds.device
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config, prediction_type=prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        latents = pipe(
+            prompt_embeds=prompt_embeds.float().expand(num_images, -1, -1),
+            negative_prompt_embeds=negative_embeds.float().expand(num_images, -1, -1),
+            num_inference_steps=steps,
+            guidance_scale=VALIDATION_GUIDANCE_SCALE,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+            output_type="latent",
+        ).images
+    decoded = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+    return (decoded / 2 + 0.5).clamp(0, 1).float().cpu()
