@@ -191,3 +191,24 @@ def test_the_real_path_trains_with_the_fastest_measured_mode(tmp_path):
     assert gpucheck.MODE_FLAGS[mode] == ["--cuda_graph"]
     check.report["sections"]["throughput_b16"] = {"status": "timeout"}
     assert gpucheck.fastest_mode(check)[0] == "eager"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_failed_machine_probe_is_reported_not_raised(tmp_path):
+    """--device cuda (the default) on a machine without CUDA: the probe fails and the report says so."""
+    cfg = gpucheck.GpuCheckConfig(out=tmp_path / "out", work_dir=tmp_path / "work", sections="machine")
+    cfg.validate()
+    report = gpucheck.run_check(cfg)
+    machine = report["sections"]["machine"]
+    assert machine["status"] == "failed" and "the machine probe exited 1" in machine["reason"]
+    assert machine["versions"]["python"] and report["status"] == "problems" and report["finished"]
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["sections"]["machine"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5", "0"])
+def test_a_budget_that_is_not_a_positive_number_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpucheck.main(["--budget_s", value, "--out", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2
+    assert f"--budget_s: must be a finite number of seconds > 0, got {float(value)}" in capsys.readouterr().err

@@ -37,6 +37,7 @@ versions.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -120,8 +121,9 @@ class GpuCheckConfig:
             batches = []
         if not batches or min(batches) <= 0:
             raise ConfigError(f"--batch_sizes: expected comma-separated sizes > 0 like 16,64, got {self.batch_sizes!r}")
+        if not math.isfinite(self.budget_s) or self.budget_s <= 0:
+            raise ConfigError(f"--budget_s: must be a finite number of seconds > 0, got {self.budget_s}")
         for name in (
-            "budget_s",
             "resolution",
             "bench_steps",
             "bench_repeats",
@@ -294,7 +296,7 @@ class Check:
         self.write()
         return entry
 
-    def end(self, entry: dict, status: str, seconds: float | None = None, reason: str = "") -> None:
+    def end(self, entry: dict, status: str, reason: str = "", *, seconds: float | None = None) -> None:
         entry.update(status=status)
         if seconds is not None:
             entry["seconds"] = round(seconds, 1)
@@ -341,7 +343,7 @@ def section_machine(check: Check) -> None:
         check.write()
         return
     entry.update(child.result)
-    check.end(entry, "ok", child.seconds)
+    check.end(entry, "ok", seconds=child.seconds)
 
 
 def section_tests(check: Check) -> None:
@@ -366,11 +368,11 @@ def section_tests(check: Check) -> None:
     if child.result is None:
         check.end(entry, *_failure(child, "pytest"), seconds=child.seconds)
     elif counts.get("failed") or counts.get("error"):
-        check.end(entry, "failed", child.seconds, reason=f"{counts} (pytest exit {child.result['exit_code']})")
+        check.end(entry, "failed", f"{counts} (pytest exit {child.result['exit_code']})", seconds=child.seconds)
     elif tests and counts.get("skipped") == len(tests):
-        check.end(entry, "skipped", child.seconds, reason=tests[0]["message"] or "every test skipped")
+        check.end(entry, "skipped", tests[0]["message"] or "every test skipped", seconds=child.seconds)
     else:
-        check.end(entry, "ok", child.seconds)
+        check.end(entry, "ok", seconds=child.seconds)
 
 
 def section_throughput(check: Check, batch_size: int, first: bool) -> None:
@@ -416,14 +418,14 @@ def section_throughput(check: Check, batch_size: int, first: bool) -> None:
             reason += (
                 f" (bench sections finished before: {', '.join(result['done'])} of {', '.join(result['planned'])})"
             )
-        check.end(entry, status, child.seconds, reason)
+        check.end(entry, status, reason, seconds=child.seconds)
         return
     failed = [row["variant"] for row in rows if row.get("note", "").startswith("failed")]
     check.end(
         entry,
         "failed" if failed else "ok",
-        child.seconds,
-        reason=f"variants failed: {', '.join(failed)}" if failed else "",
+        f"variants failed: {', '.join(failed)}" if failed else "",
+        seconds=child.seconds,
     )
 
 
@@ -482,7 +484,7 @@ def section_real_path(check: Check) -> None:
     steps_done = entry.setdefault("steps", {})
 
     def finish(status: str, reason: str = "") -> None:
-        check.end(entry, status, time.monotonic() - started, reason)
+        check.end(entry, status, reason, seconds=time.monotonic() - started)
 
     data_dir, model_dir = work / "phantoms", work / f"{cfg.arch}-pipeline"
     child = check.run(
