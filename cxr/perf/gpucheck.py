@@ -240,7 +240,10 @@ def run_child(command: list[str], *, timeout: float, log: Path, title: str, env:
                     continue
                 rows.append(row)
                 if on_row is not None:
-                    on_row(row)
+                    try:
+                        on_row(row)
+                    except Exception as error:  # noqa: BLE001 - keep reading, or the child blocks on a full pipe
+                        lines.append(f"gpucheck: saving a row failed: {type(error).__name__}: {error}\n")
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()

@@ -92,7 +92,8 @@ def _tests_table(tests: list[dict]) -> list[str]:
                 f"{worst.get('rtol')})"
             )
         lines.append(
-            f"| {test['name']} | {test['outcome']} | {test['seconds']:.1f} | {tol} | {_cell(test['message'])} |"
+            f"| {test.get('name')} | {test.get('outcome')} | {_fmt(test.get('seconds'), '{:.1f}')} | {tol} | "
+            f"{_cell(test.get('message'))} |"
         )
     return lines
 
@@ -118,7 +119,8 @@ def _throughput_table(entries: list[tuple[str, dict]], cfg: dict, peak: float | 
                     note = f"{label} {row[key]:.1f} s; {note}"
             allocated = row.get("max_memory_allocated_mib", row.get("peak_rss_mib"))
             lines.append(
-                f"| {name} | {entry.get('batch_size')} | {row['mode']} | {_fmt(row.get('images_per_s'), '{:.1f}')} | "
+                f"| {name} | {entry.get('batch_size')} | {row.get('mode')} | "
+                f"{_fmt(row.get('images_per_s'), '{:.1f}')} | "
                 f"{_fmt(row.get('ms_per_step'), '{:.1f}')} | {_fmt(row.get('tflop_per_s'), '{:.3g}')} | "
                 f"{_fmt(row.get('percent_of_measured_peak'), '{:.1f}')} | {_fmt(allocated, '{:.0f}')} | "
                 f"{_fmt(row.get('max_memory_reserved_mib'), '{:.0f}')} | {_cell(note)} |"
