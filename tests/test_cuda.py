@@ -31,6 +31,7 @@ from cxr.model import ddpm  # noqa: E402
 from cxr.model.lora import inject_lora, lora_parameters  # noqa: E402
 from cxr.model.tiny import SD15_SCHEDULER_CONFIG, build_components  # noqa: E402
 from cxr.perf.gpucheck import cuda_graph_value  # noqa: E402
+from cxr.perf.gpucheck_children import built_on  # noqa: E402
 from cxr.train import training  # noqa: E402
 from cxr.train.checkpoint import load_checkpoint  # noqa: E402
 from cxr.train.step import build_train_step, set_lr  # noqa: E402
@@ -39,9 +40,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _unet(arch: str) -> torch.nn.Module:
-    """The `arch` UNet with random weights, float32, built on the GPU (seconds; SD v1.5 on the CPU takes longer)."""
-    with torch.device("cuda"):
-        return build_components(arch, seed=0)["unet"]
+    """The `arch` UNet with random weights, float32, on the GPU (built there: SD v1.5 on the CPU takes longer)."""
+    return built_on("cuda", lambda: build_components(arch, seed=0))["unet"].cuda()
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,19 @@ def emit(row: dict) -> None:
     print(ROW_MARKER + json.dumps(row, default=str), flush=True)
 
 
+def built_on(device, build):
+    """`build()` with tensors created on `device` (random init on a GPU: seconds, where SD v1.5 on the CPU takes
+    far longer); built again on the CPU if that fails, with a line in the log saying why."""
+    import torch
+
+    try:
+        with torch.device(device):
+            return build()
+    except Exception as error:  # noqa: BLE001 - the CPU build is slower but the section goes on
+        print(f"[gpucheck] building on {device} failed ({type(error).__name__}: {error}); on the CPU", flush=True)
+        return build()
+
+
 def _step_state(args: dict):
     """(ctx, state, builder): our step's state on the chosen architecture with random weights (models built on
     the device), its FLOPs per image emitted, the VAE and text encoder freed as train() frees them; `builder(on,
@@ -98,8 +111,12 @@ def _step_state(args: dict):
     if cuda:
         torch.cuda.set_device(device)
     ctx = Context(cfg, device, dtype)
-    with torch.device(device):  # random init on the device: seconds, where SD v1.5 on the CPU takes far longer
-        ctx.models()
+
+    def models():
+        ctx.components = None
+        return ctx.models()
+
+    built_on(device, models)
     state = ctx.train_state()
     flops = args.get("flops_per_image")
     if not flops:
@@ -242,7 +259,10 @@ def child_prepare(args: dict) -> dict:
         list(pool.map(_write_part, [(str(data_dir / f"part{k:02d}"), n, k, size) for k, n in enumerate(shares) if n]))
     phantom_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    model_dir = save_pipeline(args["model_dir"], arch=args["arch"], seed=0)
+    import torch  # after the phantom writers have forked
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_dir = built_on(device, lambda: save_pipeline(args["model_dir"], arch=args["arch"], seed=0))
     model_bytes = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
     return {
         "phantoms": count,
