@@ -31,10 +31,10 @@ from cxr.model import ddpm  # noqa: E402
 from cxr.model.lora import inject_lora, lora_parameters  # noqa: E402
 from cxr.model.tiny import SD15_SCHEDULER_CONFIG, build_components  # noqa: E402
 from cxr.perf.gpucheck import cuda_graph_value  # noqa: E402
-from cxr.perf.gpucheck_children import built_on  # noqa: E402
+from cxr.perf.gpucheck_children import built_on, train_step  # noqa: E402
 from cxr.train import training  # noqa: E402
 from cxr.train.checkpoint import load_checkpoint  # noqa: E402
-from cxr.train.step import build_train_step, set_lr  # noqa: E402
+from cxr.train.step import set_lr  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -63,7 +63,7 @@ def _with_lora(base: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _step(unet, *, graph: bool, precision: str = "bf16", rows: int = 8, batch: int = 2):
-    """(step, latents_mean): our step (build_train_step, as train() builds it) over `rows` random cached latents
+    """(step, latents_mean): our step (as train() builds it) over `rows` random cached latents
     of 256 px images (4x32x32), with the CUDA graph forced on or off."""
     generator = torch.Generator().manual_seed(1)
     mean = torch.randn(rows, 4, 32, 32, generator=generator).cuda()
@@ -75,7 +75,7 @@ def _step(unet, *, graph: bool, precision: str = "bf16", rows: int = 8, batch: i
         seed=0,
         cuda_graph=cuda_graph_value(graph),
     )
-    step = build_train_step(
+    step = train_step(
         cfg,
         model=unet,
         params=lora_parameters(unet),

@@ -69,6 +69,15 @@ def emit(row: dict) -> None:
     print(ROW_MARKER + json.dumps(row, default=str), flush=True)
 
 
+def train_step(cfg, **kwargs):
+    """Our training step, built as train() builds it (`cxr.train.step`'s `build_train_step(cfg, ...)`, or its
+    `TrainStep(cfg, ...)` class where that is the builder: the same arguments)."""
+    from cxr.train import step
+
+    builder = getattr(step, "build_train_step", None) or step.TrainStep
+    return builder(cfg, **kwargs)
+
+
 def built_on(device, build):
     """`build()` with tensors created on `device` (random init on a GPU: seconds, where SD v1.5 on the CPU takes
     far longer); built again on the CPU if that fails, with a line in the log saying why."""
@@ -90,7 +99,6 @@ def _step_state(args: dict):
 
     from cxr.perf.bench_context import BenchConfig, Context, resolve_device_dtype, train_config
     from cxr.perf.bench_sections import section_flops
-    from cxr.train.step import build_train_step
 
     cuda = args["device"].startswith("cuda")
     cfg = BenchConfig(
@@ -129,7 +137,7 @@ def _step_state(args: dict):
     _free(device)
 
     def builder(on: bool, model=None):
-        return build_train_step(
+        return train_step(
             train_config(ctx, cuda_graph=cuda_graph_value(on)),
             model=model if model is not None else state.unet,
             params=state.params,
