@@ -448,7 +448,7 @@ def compare_adapters(args: dict) -> dict:
     import torch  # here, not at the top: this module must load without torch to report it missing
     from safetensors.torch import load_file
 
-    from cxr.model.adapter_files import DIFFUSERS_WEIGHT_NAME
+    from cxr.model.adapter_files import resolve_adapter_file
     from cxr.train.checkpoint import load_checkpoint
 
     def compare(a: dict, b: dict) -> dict:
@@ -460,7 +460,7 @@ def compare_adapters(args: dict) -> dict:
         return {"tensors": len(a), "bit_identical": equal, "max_abs_diff": max(diffs), "max_abs_value": scale}
 
     result = {}
-    a, b = (Path(p) / "lora_unet" / DIFFUSERS_WEIGHT_NAME for p in (args["straight"], args["resumed"]))
+    a, b = (resolve_adapter_file(Path(p) / "lora_unet") for p in (args["straight"], args["resumed"]))
     result["final_adapter"] = compare(load_file(a), load_file(b))
     half = args["half"]
     checkpoints = [Path(p) / "checkpoints" / f"checkpoint-{half}" for p in (args["straight"], args["resumed"])]
