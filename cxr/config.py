@@ -231,6 +231,21 @@ def require(condition: bool, name: str, message: str) -> None:
         raise ConfigError(f"--{name}: {message}")
 
 
+def check_output_name(given: str, resolved: str) -> None:
+    """--output_name names the adapter file in every tool's LoRA list and in A1111 prompts (<lora:NAME:1>)."""
+    require(
+        not given or re.fullmatch(OUTPUT_NAME_PATTERN, given) is not None,
+        "output_name",
+        f"{given!r} is not a file name of letters, digits, '.', '_' and '-' (starting with a letter or digit, without "
+        ".safetensors): it names the adapter file in every tool's LoRA list",
+    )
+    require(
+        resolved != "pytorch_lora_weights",
+        "output_name",
+        "pytorch_lora_weights is the name of the diffusers-format file; choose another",
+    )
+
+
 def check_finite(config) -> None:
     """Every float flag is a finite number: `inf` and `nan` parse as floats but no flag means them."""
     import math
@@ -456,17 +471,7 @@ class TrainConfig:
             "checkpoints_total_limit",
             f"must be > 0, got {self.checkpoints_total_limit}",
         )
-        require(
-            not self.output_name or re.fullmatch(OUTPUT_NAME_PATTERN, self.output_name) is not None,
-            "output_name",
-            f"{self.output_name!r} is not a file name of letters, digits, '.', '_' and '-' (starting with a letter or "
-            "digit, without .safetensors): it names the adapter file in every tool's LoRA list",
-        )
-        require(
-            self.resolved_output_name != "pytorch_lora_weights",
-            "output_name",
-            "pytorch_lora_weights is the name of the diffusers-format file; choose another",
-        )
+        check_output_name(self.output_name, self.resolved_output_name)
         require(
             not (self.overwrite_output_dir and self.resume_from_checkpoint),
             "overwrite_output_dir",

@@ -336,3 +336,67 @@ def test_card_of_a_physionet_derived_adapter_states_the_terms():
     assert "[report.html](report.html)" in body
     assert "`pytorch_lora_weights.safetensors` | diffusers/peft" in body
     assert "<h1>mimic-run</h1>" in rendered(body)
+
+
+# ----------------------------------------------------------------------------- naming, re-exports, stale files
+
+
+def test_output_name_defaults_to_the_output_folder_and_bad_names_exit_2(capsys):
+    from cxr.config import parse_config
+
+    assert TrainConfig(dataset_dir=Path("d"), output_dir=Path("runs/My Run (2)")).resolved_output_name == "My_Run__2_"
+    assert TrainConfig(dataset_dir=Path("d"), output_name="nih-256").resolved_output_name == "nih-256"
+    for bad in ("../x", "x.safetensors", ".hidden", "pytorch_lora_weights"):
+        with pytest.raises(SystemExit) as stopped:
+            parse_config(TrainConfig, ["--dataset_dir", "d", "--output_name", bad])
+        assert stopped.value.code == 2 and "--output_name" in capsys.readouterr().err, bad
+
+
+@pytest.fixture()
+def lora_unet(tiny_model_dir):
+    from diffusers import UNet2DConditionModel
+
+    from cxr.model.lora import inject_lora, lora_modules
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    torch.manual_seed(0)
+    inject_lora(unet, rank=4, alpha=4.0)
+    with torch.no_grad():
+        for module in lora_modules(unet).values():
+            module.lora_B.normal_(0.0, 0.1)
+    return unet
+
+
+def test_a_re_export_keeps_the_date_and_an_export_removes_earlier_exports_of_the_run(
+    lora_unet, tiny_model_dir, tmp_path, monkeypatch
+):
+    import dataclasses
+    import time
+
+    from safetensors.torch import save_file
+
+    from cxr.model import export
+    from cxr.model.adapter_files import DIFFUSERS_WEIGHT_NAME
+
+    cfg = TrainConfig(
+        dataset_dir=Path("d"), model_id=str(tiny_model_dir), output_dir=tmp_path / "run", lora_rank=4, lora_alpha=4.0
+    )
+    facts = export.RunFacts(
+        step=5, manifest_sha256="00" * 32, prediction_type="epsilon", train_records=[], val_records=[]
+    )
+    first = export.export_adapter(lora_unet, cfg, facts)
+    data = first.files[0].read_bytes()
+    time.sleep(1.1)  # modelspec.date has whole seconds
+    assert export.export_adapter(lora_unet, cfg, facts).files[0].read_bytes() == data
+    with monkeypatch.context() as patch:  # the check can fail: a new date makes other bytes
+        patch.setattr(export, "_date_of_same_export", lambda *args: None)
+        assert export.export_adapter(lora_unet, cfg, facts).files[0].read_bytes() != data
+
+    folder = tmp_path / "run" / "lora_unet"
+    save_file({"x": torch.zeros(1)}, str(folder / "mine.safetensors"))  # not written by cxr: never removed
+    # A resume with another name and format: the earlier file of the run goes, the user's own file stays.
+    renamed = export.export_adapter(lora_unet, dataclasses.replace(cfg, export_format="both", output_name="v2"), facts)
+    assert [p.name for p in renamed.files] == ["v2.safetensors", DIFFUSERS_WEIGHT_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["README.md", "mine.safetensors", "v2.safetensors", DIFFUSERS_WEIGHT_NAME]
+    )

@@ -171,24 +171,11 @@ def _same_folder(a, b) -> bool:
         return False
 
 
-def gather_facts(cfg: ReportConfig) -> dict:
-    """Everything the page shows, as a JSON-ready dict (written beside the page). Raises ReportError."""
-    run_dir, samples_dir, audit_dir = Path(cfg.run), Path(cfg.samples), Path(cfg.audit)
-    run_config = _read_json(run_dir / "config.json", "run", "give a training run's --output_dir")
-    train_flags = run_config.get("config", {})
-    manifest_path = run_dir / "manifest.json"
-    manifest_sha = file_sha256(manifest_path) if manifest_path.is_file() else None
-    adapter = adapter_facts(run_dir)
-    index = _read_json(samples_dir / "index.json", "samples", "give the folder sample.py wrote (it holds index.json)")
-    audit = _read_json(
-        audit_dir / "report.json", "audit", "run `python -m cxr.audit --samples_dir SAMPLES --out DIR` first"
-    )
-    evaluation = (
-        _read_json(Path(cfg.eval), "eval", "give the file written by `python -m cxr.evaluate --out FILE`")
-        if cfg.eval is not None
-        else None
-    )
-
+def _consistency_warnings(
+    run_config: dict, manifest_sha: str | None, adapter: dict, index: dict, audit: dict, samples_dir: Path
+) -> list[str]:
+    """What does not fit together: samples of another adapter, a changed manifest, an audit of other samples or
+    with an uncalibrated threshold."""
     warnings_list = []
     settings = index.get("settings", {})
     if settings.get("adapter_sha256") != adapter["sha256"]:
@@ -222,6 +209,30 @@ def gather_facts(cfg: ReportConfig) -> dict:
     image_count = len(index.get("images", []))
     if counts.get("samples") is not None and counts["samples"] != image_count:
         warnings_list.append(f"The audit covered {counts['samples']} images; the sample folder indexes {image_count}.")
+    return warnings_list
+
+
+def gather_facts(cfg: ReportConfig) -> dict:
+    """Everything the page shows, as a JSON-ready dict (written beside the page). Raises ReportError."""
+    run_dir, samples_dir, audit_dir = Path(cfg.run), Path(cfg.samples), Path(cfg.audit)
+    run_config = _read_json(run_dir / "config.json", "run", "give a training run's --output_dir")
+    train_flags = run_config.get("config", {})
+    manifest_path = run_dir / "manifest.json"
+    manifest_sha = file_sha256(manifest_path) if manifest_path.is_file() else None
+    adapter = adapter_facts(run_dir)
+    index = _read_json(samples_dir / "index.json", "samples", "give the folder sample.py wrote (it holds index.json)")
+    audit = _read_json(
+        audit_dir / "report.json", "audit", "run `python -m cxr.audit --samples_dir SAMPLES --out DIR` first"
+    )
+    evaluation = (
+        _read_json(Path(cfg.eval), "eval", "give the file written by `python -m cxr.evaluate --out FILE`")
+        if cfg.eval is not None
+        else None
+    )
+
+    settings = index.get("settings", {})
+    image_count = len(index.get("images", []))
+    warnings_list = _consistency_warnings(run_config, manifest_sha, adapter, index, audit, samples_dir)
 
     log_dir = Path(train_flags.get("logging_dir") or run_dir / "logs")
     if not log_dir.is_absolute() and not log_dir.exists():
