@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cxr import DEFAULT_PROMPT
-from cxr.config import SampleConfig, TrainConfig, to_dict
+from cxr.config import SampleConfig, TrainConfig
 from cxr.fileio import check_writable
 from cxr.model.adapter_files import load_adapter
 from cxr.model.ddpm import PREDICTION_TYPES
@@ -56,6 +56,7 @@ from cxr.sample.samplefolder import (
     remove_stale_partials,
     run_identity,
     sha256_bytes,
+    shared_config,
     write_contact_sheet,
     write_index,
     write_new_file,
@@ -449,10 +450,10 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
     merged = bool(adapter is not None and cfg.merge_lora)
     run_record = {
         "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": to_dict(cfg),
+        "config": shared_config(cfg, identity["base_model"]),
         "device": str(device),
         "dtype": dtype_name,
-        "adapter_file": str(adapter.file) if adapter else None,
+        "adapter_file": adapter.file.name if adapter else None,
         "requested": [cfg.start_index, cfg.start_index + cfg.num_images],
         "made": 0,
         "skipped": len(skipped),
@@ -489,7 +490,7 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
                 text = png_text(
                     identity,
                     index=index,
-                    adapter=str(cfg.lora_path) if adapter else None,
+                    adapter=adapter.file.name if adapter else None,
                     device=device.type,
                     dtype=dtype_name,
                     merged=merged,
