@@ -7,6 +7,7 @@ Reference: the same run in one process (`sample_run`), compared byte for byte.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from test_sampling import SMALL, make_cfg, pngs  # tests/ is on sys.path (rootdir conftest)
 
 from cxr.runtime import DistInfo
-from cxr.sample.ranks import rank_batches
+from cxr.sample.ranks import lock_out_dir, rank_batches
 from cxr.sample.sampling import SamplingError, sample_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +127,9 @@ def test_a_rerun_after_a_crash_of_one_rank_completes_the_folder(one_process, tin
     assert index["images"] == _index(one_process)["images"]  # the crashed rank's images are indexed too
 
 
-def test_a_second_process_on_a_folder_in_use_is_refused(tiny_model_dir, tmp_path):
+def test_a_second_process_on_a_folder_in_use_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    from cxr.sample import sampling
+
     out = tmp_path / "samples"
     holder = subprocess.Popen(
         [
@@ -142,12 +145,15 @@ def test_a_second_process_on_a_folder_in_use_is_refused(tiny_model_dir, tmp_path
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(
-            SamplingError, match=rf"--out_dir {out} is in use by another run \(PID {holder.pid} "
-        ) as error:
-            sample_run(make_cfg(tiny_model_dir, out, num_images=2))
-        assert "torchrun --nproc_per_node N sample.py" in str(error.value)
+        with monkeypatch.context() as patch:
+            patch.setattr(sampling, "load_pipeline", lambda *a, **k: pytest.fail("refused only after the model load"))
+            with pytest.raises(
+                SamplingError, match=rf"{re.escape(str(out))} is in use by another run \(PID {holder.pid} "
+            ):
+                sample_run(make_cfg(tiny_model_dir, out, num_images=2))
         assert pngs(out) == [] and not (out / "index.json").exists()
+        with pytest.raises(SamplingError, match="torchrun --nproc_per_node N sample.py"):  # taking it, after the load
+            lock_out_dir(out)
     finally:
         holder.kill()
         holder.wait()

@@ -73,27 +73,39 @@ def rank_batches(todo: list[int], batch_size: int, dist: DistInfo) -> list[list[
     return batches[dist.rank :: dist.world_size]
 
 
+def _in_use(out_dir: Path, holder: runlock.LockInfo) -> SamplingError:
+    path = Path(out_dir) / runlock.LOCK_NAME
+    if runlock.holder_alive(holder) is None:
+        return SamplingError(
+            f"--out_dir {out_dir} is locked by a run on another machine ({holder.describe()}; lock file {path}); "
+            f"this host ({socket.gethostname()}) cannot check whether it still runs. If it does, choose another "
+            f"--out_dir; if it has ended, delete {path} and start again"
+        )
+    return SamplingError(
+        f"--out_dir {out_dir} is in use by another run ({holder.describe()}; lock file {path}). Two processes "
+        "filling one folder would each write their own index. Wait for that run to finish or choose another "
+        "--out_dir; to share one run's images over several processes or GPUs, start it with "
+        "`torchrun --nproc_per_node N sample.py ...`"
+    )
+
+
+def refuse_if_in_use(out_dir: Path, dist: DistInfo) -> None:
+    """Rank 0, before the model loads: SamplingError when a live run holds the lock of `out_dir` (the lock itself
+    is taken later, by `claim_folder`, so that a run that fails to load leaves no folder behind)."""
+    if not dist.is_main:
+        return
+    holder = runlock.read_lock(Path(out_dir) / runlock.LOCK_NAME)
+    if holder is not None and runlock.holder_alive(holder) is not False:
+        raise _in_use(out_dir, holder)
+
+
 def lock_out_dir(out_dir: Path) -> runlock.RunLock:
     """Lock `out_dir` (created if needed) for this run; SamplingError naming the run that holds it."""
-    path = Path(out_dir) / runlock.LOCK_NAME
     try:
         return runlock.acquire(out_dir, flag="--out_dir")
     except runlock.RunLockError as error:
-        holder = runlock.read_lock(path)
-        if holder is None:
-            raise SamplingError(str(error)) from None
-        if runlock.holder_alive(holder) is None:
-            raise SamplingError(
-                f"--out_dir {out_dir} is locked by a run on another machine ({holder.describe()}; lock file {path}); "
-                f"this host ({socket.gethostname()}) cannot check whether it still runs. If it does, choose another "
-                f"--out_dir; if it has ended, delete {path} and start again"
-            ) from None
-        raise SamplingError(
-            f"--out_dir {out_dir} is in use by another run ({holder.describe()}; lock file {path}). Two processes "
-            "filling one folder would each write their own index. Wait for that run to finish or choose another "
-            "--out_dir; to share one run's images over several processes or GPUs, start it with "
-            "`torchrun --nproc_per_node N sample.py ...`"
-        ) from None
+        holder = runlock.read_lock(Path(out_dir) / runlock.LOCK_NAME)
+        raise (SamplingError(str(error)) if holder is None else _in_use(out_dir, holder)) from None
     except OSError as error:
         raise SamplingError(
             f"--out_dir: cannot create the lock file in {out_dir} ({error.strerror or error}); choose a folder you "

@@ -44,7 +44,7 @@ from cxr.model.ddpm import PREDICTION_TYPES
 from cxr.model.loading import pick_device, resolve_model_id
 from cxr.model.lora import AdapterError, merge_lora
 from cxr.runtime import DTYPES, DistInfo
-from cxr.sample.ranks import RankRun, claim_folder, rank_batches, start_processes, stop_processes
+from cxr.sample.ranks import RankRun, claim_folder, rank_batches, refuse_if_in_use, start_processes, stop_processes
 from cxr.sample.samplefolder import (
     IMAGE_PREFIX,
     INDEX_CSV,
@@ -350,6 +350,7 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
     started = time.perf_counter()
     dist, device, started_group = start_processes(cfg.device)
     try:
+        refuse_if_in_use(cfg.out_dir, dist)  # before the model loads, like the other folder checks
         with contextlib.ExitStack() as held:
             return _sample_run(cfg, dist, device, held, started)
     finally:
@@ -370,13 +371,14 @@ def _sample_run(cfg: SampleConfig, dist: DistInfo, device, held: contextlib.Exit
     run = RankRun(cfg, claim, identity, dist, device, dtype_name, adapter)
     try:
         run.generate(pipe, rank_batches(claim.todo, cfg.batch_size, dist), generate_batch)
+        run.writes.close()
+        made, skipped, seconds, sheet = run.finish()
     except BaseException:
-        # Keep what landed: rank 0 indexes its images now; the next run indexes the other ranks' from their PNGs.
+        # Keep what landed (also when another rank failed): rank 0 indexes its own images now; the next run indexes
+        # the other ranks' from their PNG metadata.
         run.writes.close()
         run.write_index(len(run.writes.made), run.generation_seconds)
         raise
-    run.writes.close()
-    made, skipped, seconds, sheet = run.finish()
     out_dir = Path(cfg.out_dir)
     return SampleResult(
         out_dir=out_dir,
