@@ -596,8 +596,29 @@ def update_flag_tables(text: str) -> str:
     return text
 
 
-if __name__ == "__main__":
-    # python -m cxr.config [docs/flags.md] : regenerate the flag reference's tables from the dataclasses.
-    reference = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/flags.md")
-    reference.write_text(update_flag_tables(reference.read_text()))
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cxr.config FILE`: regenerate the flag tables of FILE (docs/flags.md) from the dataclasses. The file
+    is named explicitly and must hold the table markers: nothing else is ever rewritten."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr.config",
+        description="Regenerate the flag tables (<!-- flags:NAME --> blocks) of the flag reference from the config "
+        "dataclasses.",
+    )
+    parser.add_argument("reference", type=Path, help="the flag reference to update, e.g. docs/flags.md")
+    reference = parser.parse_args(argv).reference
+    try:
+        text = reference.read_text(encoding="utf-8")
+        updated = update_flag_tables(text)
+    except (OSError, UnicodeDecodeError) as error:
+        parser.error(f"{reference}: cannot be read ({getattr(error, 'strerror', None) or error})")
+    except ValueError as error:
+        parser.error(f"{reference}: {error}; give the flag reference (docs/flags.md)")
+    if updated != text:
+        from cxr.fileio import atomic_write_bytes
+
+        atomic_write_bytes(reference, updated.encode("utf-8"))
     print(f"updated flag tables in {reference}")
+
+
+if __name__ == "__main__":
+    main()

@@ -71,8 +71,11 @@ def check_writable(
             if not target.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, f"{target} is a file, not a folder")
         probe = target / f".cxr-write-probe-{os.getpid()}"
-        probe.write_bytes(b"probe")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"probe")
+        finally:  # also after a failed write (a full disk can leave an empty file behind)
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
     except OSError as problem:
         raise error(
             f"{flag}: cannot write to {folder} ({problem.strerror or problem}); choose a folder you can write to"

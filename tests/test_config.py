@@ -129,3 +129,40 @@ def test_decode_workers_default_to_the_cpus_available_up_to_8(monkeypatch):
     assert TrainConfig(dataloader_num_workers=0).resolved_num_workers == 0
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--dataset_dir", "d", "--dataloader_num_workers", "-1"])
+
+
+def test_config_command_help_and_no_argument_write_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    (tmp_path / "docs").mkdir()
+    reference = tmp_path / "docs" / "flags.md"
+    reference.write_text("my own notes\n")
+    for argv, code in ((["--help"], 0), ([], 2)):
+        done = subprocess.run(
+            [sys.executable, "-m", "cxr.config", *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == code, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "usage:" in done.stdout + done.stderr
+    assert reference.read_text() == "my own notes\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["docs", "flags.md"]
+
+
+def test_config_command_on_a_file_without_flag_tables_exits_2_unchanged(tmp_path, capsys):
+    from cxr.config import main
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("my own notes\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(notes)])
+    assert exit_info.value.code == 2
+    assert "has no <!-- flags:train --> marker" in capsys.readouterr().err
+    assert notes.read_text() == "my own notes\n"

@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cxr import __version__
-from cxr.fileio import atomic_write_bytes, file_sha256, safetensors_bytes
+from cxr.fileio import atomic_write_bytes, check_writable_file, file_sha256, safetensors_bytes
 from cxr.model.lora import (
     AdapterError,
     inject_lora,
@@ -509,8 +509,8 @@ def load_adapter(unet: nn.Module, path, *, scale: float = 1.0) -> AdapterInfo:
 
 def convert_adapter(src, dst, to: str, dtype: str = "float32") -> Path:
     """Rewrite an adapter file/folder in the other format, no model needed. `dst` is a folder for "diffusers"
-    (gets `pytorch_lora_weights.safetensors`) and a file or folder for "kohya"."""
-    adapter, _, _, _ = read_adapter(src)
+    (gets `pytorch_lora_weights.safetensors`) and a file or folder for "kohya". The output is checked before the
+    source is read: an existing file that is not .safetensors is never written over or into."""
     dst = Path(dst)
     if to == "diffusers":
         out = dst / DIFFUSERS_WEIGHT_NAME if dst.suffix != ".safetensors" else dst
@@ -518,6 +518,12 @@ def convert_adapter(src, dst, to: str, dtype: str = "float32") -> Path:
         out = dst if dst.suffix == ".safetensors" else dst / KOHYA_WEIGHT_NAME
     else:
         raise AdapterError(f"unknown adapter format {to!r}; choose diffusers or kohya")
+    if out != dst and dst.exists() and not dst.is_dir():
+        raise AdapterError(
+            f"{dst}: an existing file that is not .safetensors; give a .safetensors file name or a folder"
+        )
+    check_writable_file(out, "dst", AdapterError)
+    adapter, _, _, _ = read_adapter(src)
     return _write_adapter(adapter, out, to, {}, SAVE_DTYPES[dtype])
 
 
@@ -537,6 +543,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m cxr.lora") -> int
         out = convert_adapter(args.src, args.dst, args.command.removeprefix("to-"), args.dtype)
     except AdapterError as error:
         parser.exit(2, f"error: {error}\n")
+    except OSError as error:  # a full disk while writing: the temporary file is removed, the old output kept
+        parser.exit(2, f"error: dst: cannot write {error.filename or args.dst} ({error.strerror or error})\n")
     print(out)
     return 0
 

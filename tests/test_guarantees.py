@@ -1,0 +1,102 @@
+"""Outputs are checked before the work, written whole or not at all, and a full disk or an unwritable path ends in
+one line that names the file (docs/guarantees.md)."""
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr.model import adapter_files
+
+PATH = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def _adapter_file(folder):
+    adapter = adapter_files.Adapter(tensors={PATH: (torch.ones(2, 8), torch.ones(8, 2))}, rank=2, alpha=2.0)
+    return adapter_files._write_adapter(
+        adapter, folder / adapter_files.DIFFUSERS_WEIGHT_NAME, "diffusers", {}, torch.float32
+    )
+
+
+def _unwritable(monkeypatch, folder):
+    """Writes into `folder` fail with EACCES, as in a read-only folder for a user other than root (tests run as
+    root, whom directory permissions do not stop)."""
+    original = Path.write_bytes
+
+    def write_bytes(self, data):
+        if Path(self).parent == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return original(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+def _never_read(*args, **kwargs):
+    raise AssertionError("the source adapter was read before the output was checked")
+
+
+@pytest.mark.parametrize("to", ["to-kohya", "to-diffusers"])
+def test_convert_onto_an_existing_non_safetensors_file_is_refused_before_reading(tmp_path, monkeypatch, capsys, to):
+    source = _adapter_file(tmp_path)
+    mine = tmp_path / "notes"
+    mine.write_text("mine")
+    monkeypatch.setattr(adapter_files, "read_adapter", _never_read)
+    with pytest.raises(SystemExit) as exit_info:
+        adapter_files.main([to, str(source), str(mine)])
+    assert exit_info.value.code == 2
+    assert f"{mine}: an existing file" in capsys.readouterr().err
+    assert mine.read_text() == "mine"
+
+
+def test_convert_into_a_folder_named_like_a_file_or_an_unwritable_folder_is_refused_before_reading(
+    tmp_path, monkeypatch, capsys
+):
+    source = _adapter_file(tmp_path)
+    (tmp_path / "x.safetensors").mkdir()
+    monkeypatch.setattr(adapter_files, "read_adapter", _never_read)
+    with pytest.raises(SystemExit):
+        adapter_files.main(["to-kohya", str(source), str(tmp_path / "x.safetensors")])
+    assert "is a folder" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _unwritable(monkeypatch, locked)
+    with pytest.raises(SystemExit):
+        adapter_files.main(["to-kohya", str(source), str(locked / "k.safetensors")])
+    assert f"dst: cannot write to {locked} (Permission denied)" in capsys.readouterr().err
+
+
+def test_convert_still_replaces_an_existing_adapter_file(tmp_path, capsys):
+    source = _adapter_file(tmp_path / "a")
+    out = tmp_path / "k.safetensors"
+    out.write_bytes(b"an older conversion")
+    assert adapter_files.main(["to-kohya", str(source), str(out)]) == 0
+    assert adapter_files.read_adapter(out)[1] == "kohya"
+
+
+def _disk_full_in(monkeypatch, folder, *, probe_too=True):
+    """Writes of files in `folder` fail with ENOSPC after their first bytes, as on a full disk (with `probe_too`
+    False: all but the small write probe of the output check, as when the disk fills during the work)."""
+    original = Path.write_bytes
+
+    def write_bytes(self, data):
+        if Path(self).parent == Path(folder) and (probe_too or not self.name.startswith(".cxr-write-probe")):
+            original(self, data[:1])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return original(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+@pytest.mark.parametrize("probe_too", [True, False])
+def test_convert_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, probe_too):
+    source = _adapter_file(tmp_path / "a")
+    out = tmp_path / "out"
+    out.mkdir()
+    _disk_full_in(monkeypatch, out, probe_too=probe_too)
+    with pytest.raises(SystemExit) as exit_info:
+        adapter_files.main(["to-kohya", str(source), str(out / "k.safetensors")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []
