@@ -99,7 +99,7 @@ class AuditConfig:
     exclude: str = flag(
         "contact_sheet*", "comma-separated file-name patterns to skip in every folder (sample.py's contact sheet)"
     )
-    resolution: int = flag(64, "side of the square thumbnails compared by NCC")
+    resolution: int = flag(64, "side of the square thumbnails compared by NCC", bounds=(8, 1024))
     pad_to_square: bool = flag(
         False, "pad non-square images to square instead of center-cropping (use the training setting)"
     )
@@ -109,17 +109,22 @@ class AuditConfig:
         "(percentile window for 16-bit/float images and DICOM without a VOI window); default: the value in "
         "--train_manifest, else 0 (min-max)",
     )
-    top_k: int = flag(5, "nearest training images kept per image (the best is reported; --ssim scores all of them)")
+    top_k: int = flag(
+        5, "nearest training images kept per image (the best is reported; --ssim scores all of them)", bounds=(1, 1000)
+    )
     max_shift: float = flag(
         0.5,
         "tolerate translations up to this many thumbnail pixels (0.5 px at 64 = 2 px at 256; 0 disables; cost grows "
         "with the number of shifts)",
+        bounds=(0.0, 256.0),
     )
-    shift_step: float = flag(0.5, "step of the shift grid in thumbnail pixels (fractional shifts are bilinear)")
+    shift_step: float = flag(
+        0.5, "step of the shift grid in thumbnail pixels (fractional shifts are bilinear)", bounds=(0.01, 256.0)
+    )
     ssim: bool = flag(
         False, "also compute SSIM with the top-k candidates at --ssim_resolution (informative; flagging uses NCC)"
     )
-    ssim_resolution: int = flag(256, "image side for SSIM")
+    ssim_resolution: int = flag(256, "image side for SSIM", bounds=(16, 4096))
     threshold: float | None = flag(
         None, "flag images whose best NCC is above this value (default: calibrated on held-out images)"
     )
@@ -133,18 +138,20 @@ class AuditConfig:
         None,
         "held-out images a calibrated threshold needs; fewer: a loud warning, and with --fail_above an error unless "
         "--threshold is given (default: 1 / (1 - --threshold_quantile), at least 100; lower it only knowingly)",
+        bounds=(1, 10**9),
     )
     fail_above: float | None = flag(
-        None, "exit with code 1 when the flagged fraction of samples is above this rate (e.g. 0.01)"
+        None, "exit with code 1 when the flagged fraction of samples is above this rate (e.g. 0.01)", bounds=(0.0, 1.0)
     )
-    gallery_pairs: int = flag(16, "closest sample/training pairs shown in gallery.png (0 disables)")
+    gallery_pairs: int = flag(16, "closest sample/training pairs shown in gallery.png (0 disables)", bounds=(0, 1000))
     device: str = flag("auto", "cuda, cpu or auto (matrix products)")
-    num_workers: int = flag(2, "worker processes that read and resize images")
-    batch_size: int = flag(64, "images per reading batch")
+    num_workers: int = flag(2, "worker processes that read and resize images", bounds=(0, 256))
+    batch_size: int = flag(64, "images per reading batch", bounds=(1, 4096))
     memory_budget_mb: int = flag(
         512,
         "working memory of the search (similarity blocks and shifted copies of the queries); sets the chunk sizes. "
         "The thumbnails come on top: N x resolution^2 x 4 bytes per set",
+        bounds=(1, 10**7),
     )
     features: Path | None = flag(
         None,
@@ -152,7 +159,9 @@ class AuditConfig:
         "D), as cxr.privacy.evaluate --features): the same top-k search and held-out calibration by cosine "
         "similarity, reported beside NCC; a sample is flagged when either statistic is above its threshold",
     )
-    features_image_size: int = flag(224, "with --features: images are resized to this square size for the network")
+    features_image_size: int = flag(
+        224, "with --features: images are resized to this square size for the network", bounds=(8, 4096)
+    )
     features_threshold: float | None = flag(
         None,
         "with --features: flag samples whose best cosine is above this value (default: calibrated on the held-out "
@@ -172,18 +181,10 @@ class AuditConfig:
             "intensity_clip_percent",
             f"must be in [0, 50), got {self.intensity_clip_percent}",
         )
-        require(self.resolution >= 8, "resolution", f"must be >= 8, got {self.resolution}")
-        require(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
         require(
             0 <= self.max_shift < self.resolution / 4,
             "max_shift",
             f"must be in [0, resolution/4), got {self.max_shift}",
-        )
-        require(self.shift_step > 0, "shift_step", f"must be > 0, got {self.shift_step}")
-        require(
-            self.ssim_resolution >= 16,
-            "ssim_resolution",
-            f"must be >= 16 (SSIM uses an 11-pixel window), got {self.ssim_resolution}",
         )
         require(
             self.threshold is None or -1.0 <= self.threshold <= 1.0,
@@ -201,25 +202,10 @@ class AuditConfig:
             f"must be in [-1, 1], got {self.default_threshold}",
         )
         require(
-            self.min_holdout_images is None or self.min_holdout_images >= 1,
-            "min_holdout_images",
-            f"must be >= 1, got {self.min_holdout_images}",
-        )
-        require(
-            self.fail_above is None or 0.0 <= self.fail_above <= 1.0,
-            "fail_above",
-            f"must be a rate in [0, 1], got {self.fail_above}",
-        )
-        require(self.gallery_pairs >= 0, "gallery_pairs", f"must be >= 0, got {self.gallery_pairs}")
-        require(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             "device",
             f"must be auto, cpu or cuda[:N], got {self.device!r}",
         )
-        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.memory_budget_mb >= 1, "memory_budget_mb", f"must be >= 1, got {self.memory_budget_mb}")
-        require(self.features_image_size >= 8, "features_image_size", f"must be >= 8, got {self.features_image_size}")
         require(
             self.features_threshold is None or -1.0 <= self.features_threshold <= 1.0,
             "features_threshold",

@@ -57,29 +57,35 @@ class DedupConfig:
     threshold: float = flag(
         0.98, "a pair whose shift-tolerant NCC is at least this is a near duplicate (1 = identical thumbnails)"
     )
-    resolution: int = flag(64, "side of the square thumbnails compared by NCC")
+    resolution: int = flag(64, "side of the square thumbnails compared by NCC", bounds=(8, 1024))
     pad_to_square: bool = flag(
         False, "pad non-square images to square instead of center-cropping (use the training setting)"
     )
     intensity_clip_percent: float = flag(
         0.0, "read 16-bit/float images and DICOM without a VOI window with this train.py --intensity_clip_percent"
     )
-    max_shift: float = flag(0.5, "tolerate translations up to this many thumbnail pixels (0 disables)")
-    shift_step: float = flag(0.5, "step of the shift grid in thumbnail pixels")
-    neighbours: int = flag(
-        8, "nearest images examined per image (a group larger than this is still joined through its members)"
+    max_shift: float = flag(
+        0.5, "tolerate translations up to this many thumbnail pixels (0 disables)", bounds=(0.0, 256.0)
     )
-    gallery_pairs: int = flag(16, "closest pairs shown in gallery.png (0 disables)")
+    shift_step: float = flag(0.5, "step of the shift grid in thumbnail pixels", bounds=(0.01, 256.0))
+    neighbours: int = flag(
+        8,
+        "nearest images examined per image (a group larger than this is still joined through its members)",
+        bounds=(1, 1000),
+    )
+    gallery_pairs: int = flag(16, "closest pairs shown in gallery.png (0 disables)", bounds=(0, 1000))
     write_file_list: Path | None = flag(
         None, "write the kept images (one per group, none dropped otherwise) as a CSV for train.py --file_list"
     )
     fail_on_duplicates: bool = flag(False, "exit with code 1 when any duplicate (exact or near) is found")
-    min_image_size: int = flag(64, "as train.py: images whose shorter side is below this are bad")
+    min_image_size: int = flag(64, "as train.py: images whose shorter side is below this are bad", bounds=(1, 65536))
     skip_bad_images: bool = flag(False, "as train.py: skip unreadable images instead of stopping")
     device: str = flag("auto", "cuda, cpu or auto (matrix products)")
-    num_workers: int = flag(2, "worker processes that read and resize images")
-    batch_size: int = flag(64, "images per reading batch")
-    memory_budget_mb: int = flag(512, "working memory of the search (sets the chunk sizes); the thumbnails come on top")
+    num_workers: int = flag(2, "worker processes that read and resize images", bounds=(0, 256))
+    batch_size: int = flag(64, "images per reading batch", bounds=(1, 4096))
+    memory_budget_mb: int = flag(
+        512, "working memory of the search (sets the chunk sizes); the thumbnails come on top", bounds=(1, 10**7)
+    )
 
     def validate(self) -> None:
         check_choices(self)
@@ -89,7 +95,6 @@ class DedupConfig:
             "is required (or give --file_list or --train_manifest)",
         )
         require(-1.0 < self.threshold <= 1.0, "threshold", f"must be in (-1, 1] (an NCC), got {self.threshold}")
-        require(self.resolution >= 8, "resolution", f"must be >= 8, got {self.resolution}")
         require(
             0.0 <= self.intensity_clip_percent < 50.0,
             "intensity_clip_percent",
@@ -100,18 +105,11 @@ class DedupConfig:
             "max_shift",
             f"must be in [0, resolution/4), got {self.max_shift}",
         )
-        require(self.shift_step > 0, "shift_step", f"must be > 0, got {self.shift_step}")
-        require(self.neighbours >= 1, "neighbours", f"must be >= 1, got {self.neighbours}")
-        require(self.gallery_pairs >= 0, "gallery_pairs", f"must be >= 0, got {self.gallery_pairs}")
-        require(self.min_image_size >= 1, "min_image_size", f"must be >= 1, got {self.min_image_size}")
         require(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             "device",
             f"must be auto, cpu or cuda[:N], got {self.device!r}",
         )
-        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.memory_budget_mb >= 1, "memory_budget_mb", f"must be >= 1, got {self.memory_budget_mb}")
 
 
 # --------------------------------------------------------------------------------------------- pure parts

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cxr.config import check_choices, flag, parse_config, require, to_dict
+from cxr.config import TRAIN_SEED_MAX, check_choices, flag, parse_config, require, to_dict
 from cxr.data.imageio import Preprocess, thumbnail
 from cxr.fileio import atomic_write_bytes, check_writable_file
 from cxr.model.loading import pick_device
@@ -83,22 +83,28 @@ class EvaluateConfig:
     )
     out: Path | None = flag(None, "write the results as JSON to this file")
     exclude: str = flag("contact_sheet*", "comma-separated file-name patterns to skip (sample.py's contact sheet)")
-    image_size: int = flag(299, "images are resized to this square size for the feature extractor (Inception: 299)")
+    image_size: int = flag(
+        299, "images are resized to this square size for the feature extractor (Inception: 299)", bounds=(16, 4096)
+    )
     pad_to_square: bool = flag(False, "pad non-square images to square instead of center-cropping")
     intensity_clip_percent: float = flag(
         0.0,
         "read the --real images (not --fake) with this train.py --intensity_clip_percent (percentile window for "
         "16-bit/float images and DICOM without a VOI window), so they look as they did in training; 0 = min-max",
     )
-    batch_size: int = flag(32, "images per forward pass of the extractor")
-    num_workers: int = flag(2, "worker processes that read and resize images")
+    batch_size: int = flag(32, "images per forward pass of the extractor", bounds=(1, 4096))
+    num_workers: int = flag(2, "worker processes that read and resize images", bounds=(0, 256))
     device: str = flag("auto", "cuda, cpu or auto")
-    kid_subsets: int = flag(100, "random subsets averaged for KID")
-    kid_subset_size: int = flag(1000, "images per KID subset (capped at the smaller set's size)")
-    diversity_pairs: int = flag(200, "random image pairs for the MS-SSIM diversity of each set (0 disables)")
-    msssim_resolution: int = flag(256, "image side for MS-SSIM (at least 161 for 5 scales of an 11-px window)")
-    histogram_bins: int = flag(256, "bins of the intensity histograms on [0, 1]")
-    seed: int = flag(0, "seed of the KID subsets and the MS-SSIM pairs")
+    kid_subsets: int = flag(100, "random subsets averaged for KID", bounds=(1, 100_000))
+    kid_subset_size: int = flag(1000, "images per KID subset (capped at the smaller set's size)", bounds=(2, 10**7))
+    diversity_pairs: int = flag(
+        200, "random image pairs for the MS-SSIM diversity of each set (0 disables)", bounds=(0, 10**7)
+    )
+    msssim_resolution: int = flag(
+        256, "image side for MS-SSIM (at least 161 for 5 scales of an 11-px window)", bounds=(161, 4096)
+    )
+    histogram_bins: int = flag(256, "bins of the intensity histograms on [0, 1]", bounds=(2, 65536))
+    seed: int = flag(0, "seed of the KID subsets and the MS-SSIM pairs", bounds=(0, TRAIN_SEED_MAX))
 
     def validate(self) -> None:
         check_choices(self)
@@ -109,23 +115,11 @@ class EvaluateConfig:
             "intensity_clip_percent",
             f"must be in [0, 50), got {self.intensity_clip_percent}",
         )
-        require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             "device",
             f"must be auto, cpu or cuda[:N], got {self.device!r}",
         )
-        require(self.kid_subsets >= 1, "kid_subsets", f"must be >= 1, got {self.kid_subsets}")
-        require(self.kid_subset_size >= 2, "kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
-        require(self.diversity_pairs >= 0, "diversity_pairs", f"must be >= 0, got {self.diversity_pairs}")
-        require(
-            self.msssim_resolution >= 161,
-            "msssim_resolution",
-            f"must be >= 161 (5 scales of an 11-px window), got {self.msssim_resolution}",
-        )
-        require(self.histogram_bins >= 2, "histogram_bins", f"must be >= 2, got {self.histogram_bins}")
 
 
 # ----------------------------------------------------------------------------------------------

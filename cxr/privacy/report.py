@@ -70,7 +70,7 @@ class ReportConfig:
     out: Path = flag(
         Path("report.html"), "the HTML page to write; the same facts go beside it as JSON (same name, .json)"
     )
-    grid_images: int = flag(16, "samples shown in the page's grid")
+    grid_images: int = flag(16, "samples shown in the page's grid", bounds=(1, 1024))
 
     def validate(self) -> None:
         check_choices(self)
@@ -78,7 +78,6 @@ class ReportConfig:
         require(self.samples is not None, "samples", "is required: the sample.py --out_dir of the released set")
         require(self.audit is not None, "audit", "is required: the cxr.privacy.audit --out folder of these samples")
         require(Path(self.out).suffix.lower() in (".html", ".htm"), "out", f"must end in .html, got {self.out}")
-        require(self.grid_images >= 1, "grid_images", f"must be >= 1, got {self.grid_images}")
 
 
 # --------------------------------------------------------------------------------------------- reading
