@@ -57,7 +57,7 @@ from cxr.fileio import check_writable
 from cxr.model.loading import pick_device
 from cxr.privacy.embedding import embedding_search
 from cxr.privacy.imagemetrics import ssim
-from cxr.privacy.imagesets import draw_gallery, list_images, load_thumbnails
+from cxr.privacy.imagesets import byte_identical, draw_gallery, list_images, load_thumbnails
 from cxr.privacy.ncc import best_matches, calibrate_threshold, standardize_in_place
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
@@ -69,6 +69,8 @@ EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
 # 50 %. And never fewer than 100, whatever q: the rate the threshold lets through has a sampling error of about
 # sqrt(q (1 - q) / n), which 100 images keep to a third of the rate or less for q <= 0.9 (0.03 of 0.1).
 MIN_HOLDOUT_IMAGES = 100
+# A threshold at or above this flags nothing: an NCC or a cosine is at most 1 (float32 rounding gives ~1e-7 either way).
+SCORE_CEILING = 1.0 - 1e-6
 
 
 class CalibrationError(ValueError):
@@ -186,30 +188,23 @@ class AuditConfig:
             "max_shift",
             f"must be in [0, resolution/4), got {self.max_shift}",
         )
-        require(
-            self.threshold is None or -1.0 <= self.threshold <= 1.0,
-            "threshold",
-            f"must be in [-1, 1] (an NCC), got {self.threshold}",
-        )
+        for name in ("threshold", "default_threshold", "features_threshold"):
+            value = getattr(self, name)
+            require(value is None or value >= -1.0, name, f"must be in [-1, 1), got {value}")
+            require(
+                value is None or value < 1.0,
+                name,
+                f"must be below 1: an NCC or cosine is at most 1, so a threshold of {value} would flag nothing",
+            )
         require(
             0.0 < self.threshold_quantile <= 1.0,
             "threshold_quantile",
             f"must be in (0, 1], got {self.threshold_quantile}",
         )
         require(
-            -1.0 <= self.default_threshold <= 1.0,
-            "default_threshold",
-            f"must be in [-1, 1], got {self.default_threshold}",
-        )
-        require(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             "device",
             f"must be auto, cpu or cuda[:N], got {self.device!r}",
-        )
-        require(
-            self.features_threshold is None or -1.0 <= self.features_threshold <= 1.0,
-            "features_threshold",
-            f"must be in [-1, 1] (a cosine), got {self.features_threshold}",
         )
 
 
@@ -372,6 +367,7 @@ def audit(config: AuditConfig) -> dict:
         )
     device = pick_device(config.device)
     train_paths, sample_paths, holdout_paths, clip_percent = _resolve_sets(config)
+    holdout_paths, training_copies = _drop_training_copies(config, train_paths, holdout_paths)
     calibration = check_calibration(config, len(holdout_paths))  # before the work: may refuse a --fail_above gate
     real = Preprocess(
         config.resolution, config.pad_to_square, clip_percent
@@ -416,7 +412,12 @@ def audit(config: AuditConfig) -> dict:
     exit_code = EXIT_FLAGGED if config.fail_above is not None and gate_rate > config.fail_above else EXIT_OK
     report = {
         "config": to_dict(config),
-        "counts": {"train": len(train_paths), "samples": len(sample_paths), "holdout": int(holdout_best.size)},
+        "counts": {
+            "train": len(train_paths),
+            "samples": len(sample_paths),
+            "holdout": int(holdout_best.size),
+            "holdout_training_copies": training_copies,
+        },
         "intensity_clip_percent": clip_percent,
         "statistic": f"best NCC with a training image of {config.resolution}x{config.resolution} "
         "standardized thumbnails, "
@@ -445,6 +446,40 @@ def audit(config: AuditConfig) -> dict:
     return report
 
 
+def _drop_training_copies(config: AuditConfig, train_paths, holdout_paths) -> tuple[list[Path], int]:
+    """The held-out images without the byte-identical copies of training images, and how many those were. A copy
+    scores NCC 1 and pushes the threshold to 1, where no sample can be flagged; all of them copies is an error."""
+    copies = byte_identical(holdout_paths, train_paths)
+    if not copies:
+        return holdout_paths, 0
+    example = f"{copies[0][0]} = {copies[0][1]}"
+    if len(copies) == len(holdout_paths):
+        source = f"--holdout_dir {config.holdout_dir}" if config.holdout_dir else "--train_manifest's val split"
+        raise CalibrationError(
+            f"{source}: all {len(copies)} held-out images are byte-identical copies of training images (e.g. "
+            f"{example}), so they cannot calibrate a threshold; give real images the model never trained on (the "
+            "training run's val split: --train_manifest OUTPUT_DIR/manifest.json)"
+        )
+    warnings.warn(
+        f"{len(copies)} of the {len(holdout_paths)} held-out images are byte-identical copies of training images "
+        f"(e.g. {example}); they are left out, and the other {len(holdout_paths) - len(copies)} calibrate the "
+        "threshold",
+        stacklevel=3,
+    )
+    dropped = {path for path, _ in copies}
+    return [path for path in holdout_paths if Path(path) not in dropped], len(copies)
+
+
+def check_ceiling(threshold: float, statistic: str, holdout_count: int) -> None:
+    """CalibrationError when a calibrated threshold is at the score's ceiling of 1: nothing could be flagged."""
+    if threshold >= SCORE_CEILING:
+        raise CalibrationError(
+            f"the calibrated threshold is {threshold:.4f}: the held-out images ({holdout_count}) match training "
+            f"images perfectly ({statistic} 1), so no sample could be flagged. They hold copies of training images "
+            "(re-encoded or renamed); give real images the model never trained on, or set the threshold by hand"
+        )
+
+
 def _holdout_baseline(holdout_paths, train_features, real: Preprocess, read: dict, search: dict) -> np.ndarray:
     """float64 (N_holdout,): each held-out image's best NCC with the training set (the calibration baseline)."""
     if not holdout_paths:
@@ -471,7 +506,9 @@ def _threshold(config: AuditConfig, holdout_best: np.ndarray) -> tuple[float, st
             f"quantile {config.threshold_quantile} of {holdout_best.size} held-out images' "
             "best NCC with the training set"
         )
-        return calibrate_threshold(holdout_best, config.threshold_quantile), rule
+        threshold = calibrate_threshold(holdout_best, config.threshold_quantile)
+        check_ceiling(threshold, "NCC", holdout_best.size)
+        return threshold, rule
     threshold = config.default_threshold
     warnings.warn(
         f"no held-out images: using the uncalibrated threshold {threshold}. Pass --holdout_dir or "
@@ -545,6 +582,8 @@ def _embedding_audit(
         device=device,
         memory_budget_mb=config.memory_budget_mb,
     )
+    if matches.calibrated:
+        check_ceiling(matches.threshold, "cosine", matches.holdout_best.size)
     best = matches.scores[:, 0]
     flagged = best > matches.threshold if matches.threshold is not None else np.zeros(len(best), dtype=bool)
     for i, row in enumerate(rows):
@@ -604,7 +643,13 @@ def format_summary(report: dict) -> str:
     samples = report["samples"]["summary"]
     lines = [
         f"audited {counts['samples']} samples against {counts['train']} training images "
-        f"({counts['holdout']} held-out images for calibration)",
+        f"({counts['holdout']} held-out images for calibration"
+        + (
+            f"; {counts['holdout_training_copies']} copies of training images left out"
+            if counts.get("holdout_training_copies")
+            else ""
+        )
+        + ")",
         f"threshold NCC > {threshold['value']:.4f} ({threshold['rule']})",
         *_calibration_warning(report),
         f"flagged {flagged['count']} / {counts['samples']} samples = {flagged['rate']:.2%}"
