@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.config import check_choices, flag, parse_config, require, to_dict
+from cxr.fileio import check_writable, check_writable_file, staged_files
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
@@ -190,13 +191,16 @@ def find_duplicates(cfg: DedupConfig) -> dict:
     from cxr.data.imageio import Preprocess
     from cxr.model.loading import pick_device
     from cxr.privacy.audit import score_histogram
-    from cxr.privacy.imagesets import draw_gallery, load_thumbnails
+    from cxr.privacy.imagesets import load_thumbnails
     from cxr.privacy.ncc import best_matches, standardize
 
     started = time.time()
-    device = pick_device(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Before any image is read: a bad path fails at once, not after the search.
+    check_writable(out, "--out", create=False)
+    if cfg.write_file_list is not None:
+        check_writable_file(cfg.write_file_list, "--write_file_list")
+    device = pick_device(cfg.device)
     records, splits, exact = _records(cfg)
     if len(records) < 2:
         raise FileNotFoundError(f"found {len(records)} usable image(s): nothing to compare")
@@ -284,54 +288,45 @@ def find_duplicates(cfg: DedupConfig) -> dict:
             "search": round(search_seconds, 2),
         },
     }
-    with open(out / "pairs.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(
-            handle,
-            fieldnames=[
-                "a",
-                "b",
-                "ncc",
-                "shift_y",
-                "shift_x",
-                "split_a",
-                "split_b",
-                "patient_a",
-                "patient_b",
-                "cross_split",
-            ],
-        )
+    with staged_files("--out") as files:
+        _write_outputs(cfg, files, report, records, preprocess)
+    return report
+
+
+PAIR_COLUMNS = ("a", "b", "ncc", "shift_y", "shift_x", "split_a", "split_b", "patient_a", "patient_b", "cross_split")
+
+
+def _write_outputs(cfg: DedupConfig, files, report: dict, records, preprocess) -> None:
+    """pairs.csv, gallery.png, the kept file list and report.json, staged (`cxr.fileio.staged_files`): they appear
+    together or not at all. File names that are not valid UTF-8 are written as their own bytes (surrogateescape),
+    which is how train.py reads --file_list back."""
+    from cxr.privacy.imagesets import draw_gallery
+
+    out, pair_rows = Path(cfg.out), report["pairs"]
+    with open(files.path(out / "pairs.csv"), "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(PAIR_COLUMNS))
         writer.writeheader()
         writer.writerows(pair_rows)
     closest = pair_rows[: cfg.gallery_pairs]
     if closest:
         by_rel = {r.relpath: r.path for r in records}
-        draw_gallery(
-            [
-                {
-                    "sample": str(by_rel[row["a"]]),
-                    "best_match": str(by_rel[row["b"]]),
-                    "ncc": row["ncc"],
-                    "flagged": True,
-                }
-                for row in closest
-            ],
-            out / "gallery.png",
-            preprocess,
-        )
+        rows = [
+            {"sample": str(by_rel[row["a"]]), "best_match": str(by_rel[row["b"]]), "ncc": row["ncc"], "flagged": True}
+            for row in closest
+        ]
+        draw_gallery(rows, files.path(out / "gallery.png"), preprocess)
     if cfg.write_file_list is not None:
-        dropped = {d["relpath"] for d in drop}
-        write_kept_list(cfg.write_file_list, [r for r in records if r.relpath not in dropped])
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return report
+        dropped = {d["relpath"] for d in report["drop"]}
+        write_kept_list(files.path(cfg.write_file_list), [r for r in records if r.relpath not in dropped])
+    files.write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
 
 
 def write_kept_list(path, records) -> None:
     """A train.py --file_list CSV: absolute paths, plus the patient id (when every image has one: train.py
     then splits by patient), view and source."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["path"] + (["patient_id"] if all(r.patient_id for r in records) else []) + ["view", "source"]
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for record in records:

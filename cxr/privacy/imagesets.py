@@ -106,4 +106,4 @@ def draw_gallery(rows: list[dict], path, preprocess: Preprocess, tile: int = 192
             image = thumbnail(reader.read(row[key]), reader).numpy()
             pixels = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8), mode="L")
             sheet.paste(pixels, (left + margin + column * (tile + margin), top + banner))
-    sheet.save(path)
+    sheet.save(path, format="PNG")  # by name: `path` may be a temporary file without the .png suffix
