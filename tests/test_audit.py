@@ -549,3 +549,53 @@ def test_audit_warns_when_its_crop_differs_from_the_training_runs(labelled_run, 
         warnings_module.simplefilter("always")
         audit(AuditConfig(out=tmp_path / "padded", pad_to_square=True, **common))
     assert not [w for w in caught if "--pad_to_square" in str(w.message)]
+
+
+def _full_disk_audit(tmp_path, monkeypatch, failing):
+    """The audit of 2 samples against 4 training images with writes of `failing` files failing for lack of space."""
+    import errno
+
+    from PIL import Image as PILImage
+
+    from cxr.data.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "train", 4, seed=0)
+    write_phantoms(tmp_path / "samples", 2, seed=1)
+    original_open, original_save, original_write = open, PILImage.Image.save, Path.write_bytes
+
+    def full(name):
+        return OSError(errno.ENOSPC, "No space left on device", str(name))
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and failing in str(file):
+            raise full(file)
+        return original_open(file, mode, *args, **kwargs)
+
+    def save(self, fp, *args, **kwargs):
+        if failing in str(fp):
+            raise full(fp)
+        return original_save(self, fp, *args, **kwargs)
+
+    def write_bytes(self, data):
+        if failing in str(self):
+            original_write(self, data[:1])
+            raise full(self)
+        return original_write(self, data)
+
+    monkeypatch.setattr("builtins.open", guarded_open)
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    argv = ["--train_dir", str(tmp_path / "train"), "--samples_dir", str(tmp_path / "samples")]
+    return argv + ["--out", str(tmp_path / "out"), "--num_workers", "0", "--threshold", "0.9", "--gallery_pairs", "2"]
+
+
+@pytest.mark.parametrize("failing", ["scores.csv", "gallery", "report.json", "cxr-write-probe"])
+def test_a_full_disk_is_one_line_and_leaves_no_half_report(tmp_path, monkeypatch, capsys, failing):
+    argv = _full_disk_audit(tmp_path, monkeypatch, failing)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "--out: cannot write" in err and "Traceback" not in err
+    if failing != "cxr-write-probe":
+        assert failing in err.split("(No space")[0]  # the file is named
+    out = tmp_path / "out"
+    assert not out.exists() or list(out.iterdir()) == []

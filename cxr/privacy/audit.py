@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from cxr.config import TrainConfig, check_choices, flag, parse_config, recorded_values, require, to_dict
 from cxr.data.dataset import read_manifest, records_from_manifest
 from cxr.data.imageio import Preprocess, thumbnail
-from cxr.fileio import check_writable
+from cxr.fileio import check_writable, staged_files
 from cxr.model.loading import pick_device
 from cxr.privacy.embedding import embedding_search
 from cxr.privacy.imagemetrics import ssim
@@ -405,44 +405,44 @@ def audit(config: AuditConfig) -> dict:
     if config.features is not None:
         embedding = _embedding_audit(config, train_paths, holdout_paths, sample_paths, real, device, rows)
     flagged_any = np.array([row["flagged"] or row.get("embedding_flagged", False) for row in rows], dtype=bool)
-    closest = _write_tables(config, rows, real)
-
-    # --fail_above gates on the samples flagged by either statistic (NCC, and the embedding with --features).
-    gate_rate = float(flagged_any.mean())
-    exit_code = EXIT_FLAGGED if config.fail_above is not None and gate_rate > config.fail_above else EXIT_OK
-    report = {
-        "config": to_dict(config),
-        "counts": {
-            "train": len(train_paths),
-            "samples": len(sample_paths),
-            "holdout": int(holdout_best.size),
-            "holdout_training_copies": training_copies,
-        },
-        "intensity_clip_percent": clip_percent,
-        "statistic": f"best NCC with a training image of {config.resolution}x{config.resolution} "
-        "standardized thumbnails, "
-        f"max over shifts up to {config.max_shift} px in steps of {config.shift_step} px",
-        "threshold": {
-            "value": float(threshold),
-            "rule": rule,
-            "calibrated": config.threshold is None and holdout_best.size > 0,
-        },
-        "calibration": calibration,
-        "flagged_any": {"count": int(flagged_any.sum()), "rate": gate_rate},
-        "embedding": embedding,
-        "flagged": {
-            "count": int(flagged.sum()),
-            "rate": float(flagged.mean()),
-            "holdout_rate": float((holdout_best > threshold).mean()) if holdout_best.size else None,
-        },
-        "samples": {"summary": score_summary(best), "histogram": score_histogram(best)},
-        "holdout": {"summary": score_summary(holdout_best), "histogram": score_histogram(holdout_best)},
-        "closest_pairs": closest,
-        "fail_above": config.fail_above,
-        "exit_code": exit_code,
-        "seconds": round(time.time() - started, 2),
-    }
-    (Path(config.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with staged_files("--out") as files:  # scores.csv, gallery.png and report.json appear together or not at all
+        closest = _write_tables(config, files, rows, real)
+        # --fail_above gates on the samples flagged by either statistic (NCC, and the embedding with --features).
+        gate_rate = float(flagged_any.mean())
+        exit_code = EXIT_FLAGGED if config.fail_above is not None and gate_rate > config.fail_above else EXIT_OK
+        report = {
+            "config": to_dict(config),
+            "counts": {
+                "train": len(train_paths),
+                "samples": len(sample_paths),
+                "holdout": int(holdout_best.size),
+                "holdout_training_copies": training_copies,
+            },
+            "intensity_clip_percent": clip_percent,
+            "statistic": f"best NCC with a training image of {config.resolution}x{config.resolution} "
+            "standardized thumbnails, "
+            f"max over shifts up to {config.max_shift} px in steps of {config.shift_step} px",
+            "threshold": {
+                "value": float(threshold),
+                "rule": rule,
+                "calibrated": config.threshold is None and holdout_best.size > 0,
+            },
+            "calibration": calibration,
+            "flagged_any": {"count": int(flagged_any.sum()), "rate": gate_rate},
+            "embedding": embedding,
+            "flagged": {
+                "count": int(flagged.sum()),
+                "rate": float(flagged.mean()),
+                "holdout_rate": float((holdout_best > threshold).mean()) if holdout_best.size else None,
+            },
+            "samples": {"summary": score_summary(best), "histogram": score_histogram(best)},
+            "holdout": {"summary": score_summary(holdout_best), "histogram": score_histogram(holdout_best)},
+            "closest_pairs": closest,
+            "fail_above": config.fail_above,
+            "exit_code": exit_code,
+            "seconds": round(time.time() - started, 2),
+        }
+        files.write_bytes(Path(config.out) / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 
@@ -539,11 +539,11 @@ def _score_rows(sample_paths, train_paths, best, flagged, indices, shifts, ssim_
     return rows
 
 
-def _write_tables(config: AuditConfig, rows: list[dict], real: Preprocess) -> list[dict]:
-    """Write scores.csv and gallery.png (the --gallery_pairs closest pairs); return those closest rows."""
+def _write_tables(config: AuditConfig, files, rows: list[dict], real: Preprocess) -> list[dict]:
+    """Write scores.csv and gallery.png (the --gallery_pairs closest pairs) through `files` (staged); return those
+    closest rows. File names that are not valid UTF-8 are written as their own bytes."""
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scores.csv", "w", newline="") as handle:
+    with open(files.path(out / "scores.csv"), "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(
@@ -559,7 +559,7 @@ def _write_tables(config: AuditConfig, rows: list[dict], real: Preprocess) -> li
         )
     closest = sorted(rows, key=lambda r: -r["ncc"])[: config.gallery_pairs]
     if closest:
-        draw_gallery(closest, out / "gallery.png", real)
+        draw_gallery(closest, files.path(out / "gallery.png"), real)
     return closest
 
 
