@@ -40,7 +40,7 @@ from pathlib import Path
 from cxr.config import ConfigError, check_choices, flag, parse_config, require
 from cxr.data.dataset import FILE_LIST_COLUMNS
 from cxr.data.select_labels import FIND_BY_NAME, LABEL_RULES, ImageToLocate, SelectionError, Step
-from cxr.fileio import atomic_path
+from cxr.fileio import atomic_path, check_writable_file
 
 SOURCES = ("nih", "chexpert", "mimic", "vindr")
 FRONTAL_VIEWS = ("PA", "AP")
@@ -284,6 +284,7 @@ class SelectConfig:
         require(self.images_root is not None, "images_root", "is required: the folder the images were unpacked into")
         require(Path(self.images_root).is_dir(), "images_root", f"{self.images_root} is not a folder")
         require(self.out is not None, "out", "is required: where to write the file list CSV")
+        check_writable_file(self.out, "--out", ConfigError)  # before the label files are read, not after
         parse_views(self.views)
         require(
             not self.exclude_support_devices or self.source in ("chexpert", "mimic"),
@@ -317,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     except SelectionError as error:
         print(f"cxr.data.select: error: {error}", file=sys.stderr)
         return 1
-    out = write_file_list(result.rows, config.out, absolute_root=config.images_root if config.absolute_paths else None)
+    try:
+        out = write_file_list(
+            result.rows, config.out, absolute_root=config.images_root if config.absolute_paths else None
+        )
+    except OSError as error:  # a full disk: the temporary file is removed, an earlier list is kept
+        print(f"cxr.data.select: error: --out: cannot write {config.out} ({error.strerror or error})", file=sys.stderr)
+        return 1
     print(f"wrote {len(result.rows):,} images of {result.counts['patients']:,} patients to {out}")
     if not config.check_files:
         print("the disk was not checked (--no-check_files): fetch these files, then run again without it")
