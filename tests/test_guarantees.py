@@ -100,3 +100,32 @@ def test_convert_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["a folder", "under a file"])
+def test_bench_out_is_checked_before_the_benchmark_runs(tmp_path, monkeypatch, capsys, case):
+    from cxr.perf import bench
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    out = tmp_path if case == "a folder" else blocker / "bench.json"
+    monkeypatch.setattr(bench, "run_bench", lambda cfg: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--out", str(out)])
+    assert exit_info.value.code == 2 and "--out: " in capsys.readouterr().err
+    assert blocker.read_text() == "mine"
+
+
+def test_bench_out_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    from cxr.perf import bench
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = {"machine": {}, "config": {}, "dtype": "float32", "rows": [], "speedups": {}, "flops": {}}
+    monkeypatch.setattr(bench, "run_bench", lambda cfg: result)
+    _disk_full_in(monkeypatch, out, probe_too=False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--out", str(out / "bench.json")])
+    assert exit_info.value.code == 2
+    assert f"--out: cannot write {out / 'bench.json'} (No space left on device)" in capsys.readouterr().err
+    assert list(out.iterdir()) == []

@@ -16,6 +16,7 @@ import torch
 from cxr import DEFAULT_PROMPT
 from cxr.config import TRAIN_SEED_MAX, ConfigError, TrainConfig, check_choices, flag
 from cxr.data.latents import encode_prompt
+from cxr.fileio import check_writable_file
 from cxr.model import ddpm
 from cxr.model.loading import pick_device, vae_scale_factor
 from cxr.model.lora import inject_lora, lora_parameters
@@ -81,6 +82,8 @@ class BenchConfig:
             counts = [-1]
         if not counts or min(counts) < 0:
             raise ConfigError(f"--workers: expected comma-separated counts >= 0 like 0,1,2, got {self.workers!r}")
+        if self.out is not None:  # before the benchmark runs, not after minutes of it
+            check_writable_file(self.out, "--out", ConfigError)
 
     @property
     def section_list(self) -> list[str]:
