@@ -129,3 +129,84 @@ def test_bench_out_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys)
     assert exit_info.value.code == 2
     assert f"--out: cannot write {out / 'bench.json'} (No space left on device)" in capsys.readouterr().err
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing", ["image", "index"])
+def test_sample_on_a_full_disk_is_one_line_leaves_no_temporary_file_and_a_rerun_completes(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, failing, one_thread
+):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import sample as sample_script
+
+    out = tmp_path / "samples"
+    argv = ["--base_model", str(tiny_model_dir), "--out_dir", str(out), "--num_images", "3", "--batch_size", "1"]
+    argv += ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--device", "cpu", "--contact_sheet", "2"]
+    original = Path.write_bytes
+    written = []
+
+    def write_bytes(self, data):
+        full = Path(self).parent == out and (
+            (failing == "image" and ".cxr_synth_000001" in self.name) or (failing == "index" and "index" in self.name)
+        )
+        if full:
+            original(self, data[:1])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        written.append(self.name)
+        return original(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    assert sample_script.main(argv) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "rror" in line]  # progress bars share stderr
+    assert len(errors) == 1 and errors[0].startswith("sample.py: error: --out_dir"), err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary or probe file
+    monkeypatch.setattr(Path, "write_bytes", original)
+    assert sample_script.main(argv) == 0
+    assert sorted(p.name for p in out.glob("cxr_synth_*.png")) == [f"cxr_synth_00000{i}.png" for i in range(3)]
+
+
+TENSORBOARD_FULL_DISK = """
+import errno, sys
+from cxr.train.tblog import make_writer
+
+writer = make_writer(sys.argv[1])
+writer.add_scalar("train/loss", 1.0, 1)
+writer.flush()
+async_writer = writer._get_file_writer().event_writer._async_writer
+
+
+def full(data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async_writer._worker._record_writer.write = full
+try:
+    for step in range(2, 200):  # the error reaches the loop at a later call, as train.py sees it
+        writer.add_scalar("train/loss", 1.0, step)
+        writer.flush()
+except OSError as error:
+    print("raised in the loop:", error.strerror)
+async_writer._worker.join(timeout=10)
+"""
+
+
+def test_a_full_disk_under_tensorboard_raises_in_the_loop_without_a_thread_traceback(tmp_path):
+    """In a process of its own: pytest replaces threading.excepthook, through which the writer thread printed."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run(
+        [sys.executable, "-c", TENSORBOARD_FULL_DISK, str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "raised in the loop: No space left on device" in done.stdout
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -468,6 +469,7 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
         grayscale=cfg.grayscale_out,
         bit_depth=cfg.bit_depth,
     )
+    failure = None  # an OSError while writing (a full disk), reported as one line after what was written is indexed
     try:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
@@ -501,6 +503,8 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
                 write_index(out_dir, identity, rows, runs)
                 last_index_write = time.perf_counter()
         writes.collect()
+    except OSError as error:
+        failure = error
     finally:
         writes.close()
         progress.close()
@@ -508,9 +512,17 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
         run_record["images_per_second"] = (
             round(len(writes.made) / generation_seconds, 4) if generation_seconds else None
         )
-        index_json, index_csv = write_index(out_dir, identity, rows, runs)
+        try:
+            index_json, index_csv = write_index(out_dir, identity, rows, runs)
+        except OSError as error:  # another error already on its way is the one reported
+            failure = failure or error
+    if failure is not None:
+        raise SamplingError(_write_failure(out_dir, failure, len(writes.made))) from None
     sheet_paths = [out_dir / rows[i]["file"] for i in sorted(rows)[: cfg.contact_sheet]]
-    contact_sheet = write_contact_sheet(out_dir, sheet_paths) if cfg.contact_sheet else None
+    try:
+        contact_sheet = write_contact_sheet(out_dir, sheet_paths) if cfg.contact_sheet else None
+    except OSError as error:
+        raise SamplingError(_write_failure(out_dir, error, len(writes.made))) from None
     return SampleResult(
         out_dir=out_dir,
         paths=[out_dir / image_name(i) for i in requested],
@@ -523,6 +535,16 @@ def sample_run(cfg: SampleConfig) -> SampleResult:
         dtype=dtype_name,
         generation_seconds=generation_seconds,
         total_seconds=time.perf_counter() - started,
+    )
+
+
+def _write_failure(out_dir: Path, error: OSError, made: int) -> str:
+    """One line for a failed write (a full disk): which file, why, and that a rerun completes the folder."""
+    name = Path(error.filename).name if error.filename else "a file"
+    name = re.sub(r"^\.(.+)\.\d+\.(partial|tmp)$", r"\1", name)  # the temporary file's final name
+    return (
+        f"--out_dir {out_dir}: cannot write {name} ({error.strerror or error}); the {made} image(s) made in this run "
+        "are kept, and a rerun with the same flags skips them and completes the folder. Free some space first"
     )
 
 
