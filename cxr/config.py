@@ -309,7 +309,7 @@ class TrainConfig:
         "for 16-bit/float images and DICOM files without a VOI window: scale between the P-th and (100-P)-th "
         "percentile of the image's pixels (P = this value) instead of its min and max, clipping the tails (e.g. 0.5 "
         "for burned-in labels or hot/dead pixels; 0 = min-max). 8-bit images and DICOM files with a window are "
-        "unaffected",
+        "unaffected (range: [0, 50))",
         cache=True,
     )
     random_flip: bool = flag(
@@ -327,7 +327,7 @@ class TrainConfig:
     val_fraction: float = flag(
         0.02,
         "fraction of images (or of patients, when the file list has patient_id) held out for validation loss and the "
-        "memorization audit",
+        "memorization audit (range: [0, 1))",
         result=True,
     )
     val_count: int | None = flag(
@@ -360,7 +360,7 @@ class TrainConfig:
     )
     lora_rank: int = flag(16, "LoRA rank r", result=True, bounds=(1, 1024))
     lora_alpha: float = flag(16.0, "LoRA alpha; the update is scaled by alpha / rank", result=True, bounds=(1e-6, 1e4))
-    lora_dropout: float = flag(0.0, "dropout on the LoRA input (0 disables)", result=True)
+    lora_dropout: float = flag(0.0, "dropout on the LoRA input (0 disables) (range: [0, 1))", result=True)
     lora_targets: str = flag(
         "to_q,to_k,to_v,to_out.0", "comma-separated attention projections to wrap in every attn1/attn2", result=True
     )

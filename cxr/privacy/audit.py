@@ -56,6 +56,7 @@ from cxr.data.imageio import Preprocess, thumbnail
 from cxr.fileio import check_writable, staged_files
 from cxr.model.loading import pick_device
 from cxr.privacy.embedding import embedding_search
+from cxr.privacy.evaluate import FEATURES_TRUST
 from cxr.privacy.imagemetrics import ssim
 from cxr.privacy.imagesets import byte_identical, draw_gallery, list_images, load_thumbnails
 from cxr.privacy.ncc import best_matches, calibrate_threshold, standardize_in_place
@@ -109,7 +110,7 @@ class AuditConfig:
         None,
         "read the training and held-out images (not the samples) with this train.py --intensity_clip_percent "
         "(percentile window for 16-bit/float images and DICOM without a VOI window); default: the value in "
-        "--train_manifest, else 0 (min-max)",
+        "--train_manifest, else 0 (min-max) (range: [0, 50))",
     )
     top_k: int = flag(
         5, "nearest training images kept per image (the best is reported; --ssim scores all of them)", bounds=(1, 1000)
@@ -128,13 +129,14 @@ class AuditConfig:
     )
     ssim_resolution: int = flag(256, "image side for SSIM", bounds=(16, 4096))
     threshold: float | None = flag(
-        None, "flag images whose best NCC is above this value (default: calibrated on held-out images)"
+        None, "flag images whose best NCC is above this value (default: calibrated on held-out images) (range: [-1, 1))"
     )
     threshold_quantile: float = flag(
-        0.99, "calibrated threshold = this quantile of the held-out images' best NCC with the training set"
+        0.99,
+        "calibrated threshold = this quantile of the held-out images' best NCC with the training set (range: (0, 1])",
     )
     default_threshold: float = flag(
-        0.95, "threshold used when there are no held-out images and no --threshold (uncalibrated)"
+        0.95, "threshold used when there are no held-out images and no --threshold (uncalibrated) (range: [-1, 1))"
     )
     min_holdout_images: int | None = flag(
         None,
@@ -157,9 +159,10 @@ class AuditConfig:
     )
     features: Path | None = flag(
         None,
-        "also audit in the embedding space of this local TorchScript network ((N, 3, H, W) images in [0, 1] -> (N, "
-        "D), as cxr.privacy.evaluate --features): the same top-k search and held-out calibration by cosine "
-        "similarity, reported beside NCC; a sample is flagged when either statistic is above its threshold",
+        "also audit in the embedding space of this local feature network, as cxr.privacy.evaluate --features takes "
+        "it (a TorchScript file mapping (N, 3, H, W) images in [0, 1] to (N, D), or torchvision Inception-v3 "
+        "weights): the same top-k search and held-out calibration by cosine similarity, reported beside NCC; a "
+        f"sample is flagged when either statistic is above its threshold. {FEATURES_TRUST}",
     )
     features_image_size: int = flag(
         224, "with --features: images are resized to this square size for the network", bounds=(8, 4096)
@@ -167,7 +170,7 @@ class AuditConfig:
     features_threshold: float | None = flag(
         None,
         "with --features: flag samples whose best cosine is above this value (default: calibrated on the held-out "
-        "images like the NCC threshold)",
+        "images like the NCC threshold) (range: [-1, 1))",
     )
 
     def validate(self) -> None:
@@ -363,7 +366,7 @@ def audit(config: AuditConfig) -> dict:
     check_writable(config.out, "--out", create=False)  # before any image is read, not after the search
     if config.features is not None and not Path(config.features).is_file():
         raise FileNotFoundError(
-            f"--features {config.features}: file does not exist (a local TorchScript network; nothing is downloaded)"
+            f"--features {config.features}: file does not exist (a local feature network; nothing is downloaded)"
         )
     device = pick_device(config.device)
     train_paths, sample_paths, holdout_paths, clip_percent = _resolve_sets(config)

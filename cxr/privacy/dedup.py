@@ -56,14 +56,18 @@ class DedupConfig:
     )
     out: Path = flag(Path("dedup"), "report folder: report.json, pairs.csv, gallery.png")
     threshold: float = flag(
-        0.98, "a pair whose shift-tolerant NCC is at least this is a near duplicate (1 = identical thumbnails)"
+        0.98,
+        "a pair whose shift-tolerant NCC is at least this is a near duplicate (1 = identical thumbnails) "
+        "(range: (-1, 1])",
     )
     resolution: int = flag(64, "side of the square thumbnails compared by NCC", bounds=(8, 1024))
     pad_to_square: bool = flag(
         False, "pad non-square images to square instead of center-cropping (use the training setting)"
     )
     intensity_clip_percent: float = flag(
-        0.0, "read 16-bit/float images and DICOM without a VOI window with this train.py --intensity_clip_percent"
+        0.0,
+        "read 16-bit/float images and DICOM without a VOI window with this train.py --intensity_clip_percent "
+        "(range: [0, 50))",
     )
     max_shift: float = flag(
         0.5, "tolerate translations up to this many thumbnail pixels (0 disables)", bounds=(0.0, 256.0)

@@ -10,6 +10,8 @@
   (recognised by its `return_features` argument; it gets uint8 images, as in its own code); or a
   torchvision Inception-v3 state dict (.pth / .safetensors, needs torchvision), whose 2048-d pool3
   output is used. Grayscale images are repeated to 3 channels and resized to `--image_size`.
+  Trust: loading a TorchScript file runs code from it (any file but .safetensors is tried as TorchScript first),
+  so only load feature models you trust; Inception-v3 weights as .safetensors load without running any code.
 * KID: polynomial kernel k(x, y) = (x.y / D + 1)^3, unbiased MMD^2 averaged over random subsets
   (Binkowski et al. 2018; the torch-fidelity / clean-fid defaults: 100 subsets of 1000).
 * Diversity: mean MS-SSIM (Wang et al. 2003, 5 scales) over random pairs of generated images; lower
@@ -63,6 +65,13 @@ Download the file on a machine with internet, copy it here and pass --features P
 Or pass --skip_features to compute only the MS-SSIM diversity and the intensity statistics."""
 
 
+# Said in --help (here and in cxr.privacy.audit) and docs/guarantees.md: the trust boundary of --features.
+FEATURES_TRUST = (
+    "Loading a TorchScript file runs code from it: only load feature models you trust. Any file but .safetensors is "
+    "tried as TorchScript first; torchvision Inception-v3 weights as .safetensors load without running any code"
+)
+
+
 class FeatureExtractorError(ValueError):
     """The --features file is missing, unreadable, or not a usable feature extractor."""
 
@@ -76,7 +85,7 @@ class EvaluateConfig:
     features: Path | None = flag(
         None,
         "local feature extractor for FID/KID: TorchScript file, or torchvision Inception-v3 state dict "
-        "(.pth/.safetensors)",
+        f"(.pth/.safetensors). {FEATURES_TRUST}",
     )
     skip_features: bool = flag(
         False, "skip FID and KID (no extractor needed): only MS-SSIM diversity and intensity statistics"
@@ -90,7 +99,8 @@ class EvaluateConfig:
     intensity_clip_percent: float = flag(
         0.0,
         "read the --real images (not --fake) with this train.py --intensity_clip_percent (percentile window for "
-        "16-bit/float images and DICOM without a VOI window), so they look as they did in training; 0 = min-max",
+        "16-bit/float images and DICOM without a VOI window), so they look as they did in training; 0 = min-max "
+        "(range: [0, 50))",
     )
     batch_size: int = flag(32, "images per forward pass of the extractor", bounds=(1, 4096))
     num_workers: int = flag(2, "worker processes that read and resize images", bounds=(0, 256))
@@ -223,7 +233,9 @@ def load_feature_extractor(path, device="cpu"):
         except Exception as error:
             raise FeatureExtractorError(
                 f"--features {path}: neither TorchScript nor a weights-only state dict ({error}). A pickled nn.Module "
-                "is not loaded (unpickling can run code): export it with torch.jit.trace(model, example).save(PATH)"
+                "is not loaded (unpickling can run code). TorchScript also runs code from its file when loaded: a "
+                "model you trust can be exported with torch.jit.trace(model, example).save(PATH); weights that need "
+                "no trust are torchvision Inception-v3 weights saved as .safetensors"
             ) from None
         if not isinstance(state, dict):
             raise FeatureExtractorError(
