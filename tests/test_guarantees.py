@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr.model import adapter_files
+from cxr.model import adapter_convert, adapter_files
 
 PATH = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
 def _adapter_file(folder):
     adapter = adapter_files.Adapter(tensors={PATH: (torch.ones(2, 8), torch.ones(8, 2))}, rank=2, alpha=2.0)
-    return adapter_files._write_adapter(
+    return adapter_files.write_adapter(
         adapter, folder / adapter_files.DIFFUSERS_WEIGHT_NAME, "diffusers", {}, torch.float32
     )
 
@@ -41,9 +41,9 @@ def test_convert_onto_an_existing_non_safetensors_file_is_refused_before_reading
     source = _adapter_file(tmp_path)
     mine = tmp_path / "notes"
     mine.write_text("mine")
-    monkeypatch.setattr(adapter_files, "read_adapter", _never_read)
+    monkeypatch.setattr(adapter_convert, "read_adapter", _never_read)
     with pytest.raises(SystemExit) as exit_info:
-        adapter_files.main([to, str(source), str(mine)])
+        adapter_convert.main([to, str(source), str(mine)])
     assert exit_info.value.code == 2
     assert f"{mine}: an existing file" in capsys.readouterr().err
     assert mine.read_text() == "mine"
@@ -54,15 +54,15 @@ def test_convert_into_a_folder_named_like_a_file_or_an_unwritable_folder_is_refu
 ):
     source = _adapter_file(tmp_path)
     (tmp_path / "x.safetensors").mkdir()
-    monkeypatch.setattr(adapter_files, "read_adapter", _never_read)
+    monkeypatch.setattr(adapter_convert, "read_adapter", _never_read)
     with pytest.raises(SystemExit):
-        adapter_files.main(["to-kohya", str(source), str(tmp_path / "x.safetensors")])
+        adapter_convert.main(["to-kohya", str(source), str(tmp_path / "x.safetensors")])
     assert "is a folder" in capsys.readouterr().err
     locked = tmp_path / "locked"
     locked.mkdir()
     _unwritable(monkeypatch, locked)
     with pytest.raises(SystemExit):
-        adapter_files.main(["to-kohya", str(source), str(locked / "k.safetensors")])
+        adapter_convert.main(["to-kohya", str(source), str(locked / "k.safetensors")])
     assert f"dst: cannot write to {locked} (Permission denied)" in capsys.readouterr().err
 
 
@@ -70,7 +70,7 @@ def test_convert_still_replaces_an_existing_adapter_file(tmp_path, capsys):
     source = _adapter_file(tmp_path / "a")
     out = tmp_path / "k.safetensors"
     out.write_bytes(b"an older conversion")
-    assert adapter_files.main(["to-kohya", str(source), str(out)]) == 0
+    assert adapter_convert.main(["to-kohya", str(source), str(out)]) == 0
     assert adapter_files.read_adapter(out)[1] == "kohya"
 
 
@@ -95,7 +95,7 @@ def test_convert_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeyp
     out.mkdir()
     _disk_full_in(monkeypatch, out, probe_too=probe_too)
     with pytest.raises(SystemExit) as exit_info:
-        adapter_files.main(["to-kohya", str(source), str(out / "k.safetensors")])
+        adapter_convert.main(["to-kohya", str(source), str(out / "k.safetensors")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
