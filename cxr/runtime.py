@@ -4,6 +4,7 @@ Used by training, the benchmark and sampling, so that each of these has one home
     DTYPES / compute_dtype / autocast_dtype   the one dtype table (flag value -> torch dtype)
     DistInfo, setup_device_and_distributed    rank, world size and device (torchrun's env vars)
     barrier, broadcast_object, warn_on_main   rank-aware helpers (no-ops / plain in a single process)
+    gather_object                             every rank's value on every rank (the latent cache's folder check)
     synchronize                               wait for the device before reading a clock
     reset_peak_memory, peak_memory_mib        peak memory, measured one way (see peak_memory_mib)
     StopFlag, exit_code                       SIGINT/SIGTERM -> stop at the next step; 130 / 143 on exit
@@ -111,6 +112,15 @@ def broadcast_object(value, info: DistInfo):
     holder = [value]
     torch.distributed.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_object(value, info: DistInfo) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not info.enabled:
+        return [value]
+    gathered = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 # ------------------------------------------------------------------------------------ clocks and memory

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
+import re
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +27,7 @@ from cxr.data.latents import (
 from cxr.data.phantoms import write_phantoms
 
 RESOLUTION = 32  # 4x4 latents keep the tiny VAE fast on a shared CPU
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -352,12 +358,78 @@ def test_cache_file_holds_two_float32_tensors_per_image(images, vae, tmp_path, c
     assert "latent cache built" in capsys.readouterr().err
 
 
+def test_two_builds_write_the_same_bytes(images, vae, tmp_path):
+    """The file's header (safetensors keeps metadata in a hash map, in a new order on every write) is written in
+    one order, so a rebuild, or a build shared by torchrun ranks, gives the same file."""
+    records = scan_dataset(images, min_image_size=32)
+    first, second = (_build(records, vae, tmp_path / folder) for folder in ("a", "b"))
+    name = f"{first.key}.safetensors"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
 @pytest.mark.slow
 def test_decode_workers_give_the_same_cache(images, vae, tmp_path):
     records = scan_dataset(images, min_image_size=32)
     in_process = _build(records, vae, tmp_path / "a", num_workers=0)
     in_workers = _build(records, vae, tmp_path / "b", num_workers=2)
     torch.testing.assert_close(in_workers.mean, in_process.mean, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ torchrun
+
+
+def _rank_build(model_dir: str, image_dir: str, cache_dir: str, out_dir: str) -> None:
+    """One torchrun worker (run by the test below through `__main__`): a folder that only rank 0 sees is refused,
+    then the cache is built in the shared folder and this rank's rows are saved for comparison."""
+    from diffusers import AutoencoderKL
+
+    from cxr.runtime import TrainingError, setup_device_and_distributed, shutdown_distributed
+
+    dist, _ = setup_device_and_distributed("cpu")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval().requires_grad_(False)
+    records = scan_dataset(image_dir, min_image_size=32)
+    try:
+        _build(records, vae, Path(cache_dir) / f"local-{dist.rank}", dist=dist)
+    except TrainingError as error:
+        Path(out_dir, f"refused-{dist.rank}.txt").write_text(str(error))
+    cache = _build(records, vae, Path(cache_dir) / "shared", dist=dist, **TORCHRUN_BUILD)
+    torch.save({"mean": cache.mean, "std": cache.std}, Path(out_dir, f"rows-{dist.rank}.pt"))
+    shutdown_distributed()
+
+
+# 7 images in chunks of 3 (3 chunks: rank 0 encodes chunks 0 and 2, rank 1 chunk 1), batches of 2 (the last batch
+# of each chunk is shorter), mirrored rows.
+TORCHRUN_BUILD = dict(chunk_images=3, batch_size=2, random_flip=True)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*dextrocardia")
+def test_two_torchrun_ranks_build_the_cache_file_of_one_process(tiny_model_dir, vae, tmp_path, one_thread):
+    write_phantoms(tmp_path / "images", 7, seed=3, sizes=((48, 40), (40, 48)))
+    records = scan_dataset(tmp_path / "images", min_image_size=32)
+    one = _build(records, vae, tmp_path / "one", **TORCHRUN_BUILD)
+
+    (tmp_path / "out").mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    folders = [tiny_model_dir, tmp_path / "images", tmp_path / "ranks", tmp_path / "out"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [__file__, *map(str, folders)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # Both ranks encoded their share: 4 images (chunks 0 and 2) on rank 0, 3 (chunk 1) on rank 1.
+    assert re.search(r"encoded 4 images .*\(rank 0 of 2\)", done.stderr), done.stderr[-3000:]
+    assert re.search(r"encoded 3 images .*\(rank 1 of 2\)", done.stderr), done.stderr[-3000:]
+    name = f"{one.key}.safetensors"
+    assert [p.name for p in (tmp_path / "ranks" / "shared").iterdir()] == [name]  # chunks and check file removed
+    assert (tmp_path / "ranks" / "shared" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    for rank in range(2):
+        rows = torch.load(tmp_path / "out" / f"rows-{rank}.pt")
+        assert torch.equal(rows["mean"], one.mean) and torch.equal(rows["std"], one.std)
+        refused = (tmp_path / "out" / f"refused-{rank}.txt").read_text()
+        assert f"--cache_dir {tmp_path / 'ranks' / f'local-{rank}'}: rank(s) [1] do not see" in refused
 
 
 # ------------------------------------------------------------------------------ prompt
@@ -405,3 +477,7 @@ def test_cache_size_at_256px_is_32_kib_per_image(tmp_path, capsys):
     assert len(data) - header_bytes == 8 * 32768  # 2 tensors x 4x32x32 x 4 B = 32 KiB per image
     assert header_bytes < 8 * 200  # the header (metadata incl. one content hash per image) stays small
     assert "32.1 KiB per image" in capsys.readouterr().err
+
+
+if __name__ == "__main__":
+    _rank_build(*sys.argv[1:])

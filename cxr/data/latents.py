@@ -14,6 +14,10 @@ input gives a new key (the cache is rebuilt); an unchanged one finds the file.
 Crash safety: rows are encoded in chunks, each chunk written to `cache_dir/<key>.partial/` by temp file +
 `os.replace`; the final file appears (again by `os.replace`) only when every row is in it. A run that is
 interrupted leaves only complete chunk files, and the next run with the same key resumes from them.
+
+Under torchrun every rank encodes its share of the chunks (chunk c goes to rank c mod world_size) into that one
+`.partial/` folder, which is why `cache_dir` must be a folder all ranks see; rank 0 joins the chunks into the file
+and the other ranks load it. A batch never spans two chunks, so the file is the one a single process writes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import shutil
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +44,7 @@ from cxr.data.imageio import (
     to_model_input,
 )
 from cxr.fileio import atomic_path
+from cxr.runtime import DistInfo, TrainingError, barrier, broadcast_object, gather_object
 
 CACHE_FORMAT = "cxr-latents/1"
 CHUNK_IMAGES = 1024  # rows per resumable chunk file (32 MiB of mean+std at 256 px)
@@ -154,6 +160,27 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
 
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
+        _reorder_header(temporary)
+
+
+def _reorder_header(path: Path) -> None:
+    """Rewrite a safetensors file's header in one order (metadata keys sorted, tensors in file order), in place.
+
+    safetensors writes its header from a hash map, in a new order on every write, so the same cache had other
+    bytes on every build. `cxr.fileio.safetensors_bytes` orders the header the same way but builds the whole file
+    in memory; a cache can be tens of GiB, so only the header is rewritten here: the same JSON in another order
+    has the same length."""
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        ordered = {}
+        if "__metadata__" in header:
+            ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+        ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:  # always, unless a JSON writer escapes differently: then the file stays as written
+            handle.seek(8)
+            handle.write(text + b" " * (length - len(text)))
 
 
 def _load_chunk(path: Path, key: str, rows: int, flip: bool):
@@ -190,43 +217,81 @@ def _encode_rows(
     batch_size,
     num_workers,
     chunk_images,
-) -> list[tuple]:
-    """Encode every row not yet in a chunk file; return every chunk's tensors in row order."""
-    from tqdm.auto import tqdm
-
+    dist: DistInfo,
+) -> list[tuple] | None:
+    """Encode this rank's chunks not yet in a chunk file (chunk c is rank c mod world_size's) and return every
+    chunk's tensors in row order; under torchrun rank 0 returns them once every rank has written its chunks, the
+    other ranks return None."""
     chunk_count = math.ceil(len(unique) / chunk_images)
     chunk_rows = [min(chunk_images, len(unique) - c * chunk_images) for c in range(chunk_count)]
-    chunks = {}
-    for chunk in range(chunk_count):
-        path = _chunk_path(partial_dir, chunk)
-        if path.exists():
-            loaded = _load_chunk(path, key, chunk_rows[chunk], random_flip)
-            if loaded is not None:
-                chunks[chunk] = loaded
-    missing = [c for c in range(chunk_count) if c not in chunks]
+    mine = list(range(dist.rank, chunk_count, dist.world_size))
+    chunks = _load_chunks(mine, partial_dir, key, chunk_rows, random_flip)
+    where = f" (rank {dist.rank} of {dist.world_size})" if dist.enabled else ""
     if chunks:
         print(
-            f"[cxr] resuming the latent cache: {len(chunks)} of {chunk_count} chunks already encoded", file=sys.stderr
+            f"[cxr] resuming the latent cache: {len(chunks)} of {len(mine)} chunks already encoded{where}",
+            file=sys.stderr,
         )
-    if not missing:
-        return [chunks[c] for c in range(chunk_count)]
+    encode = dict(preprocess=preprocess, random_flip=random_flip, device=device, batch_size=batch_size)
+    missing = [c for c in mine if c not in chunks]
+    if missing:
+        started = time.perf_counter()
+        chunks.update(_encode_chunks(missing, unique, vae, key, partial_dir, chunk_images, num_workers, **encode))
+        elapsed = time.perf_counter() - started
+        rows = sum(chunk_rows[c] for c in missing)
+        print(
+            f"[cxr] encoded {rows} images in {elapsed:.1f} s ({rows / max(elapsed, 1e-9):.1f} images/s, "
+            f"{num_workers} decode workers){where}",
+            file=sys.stderr,
+        )
+    if dist.enabled:
+        barrier(dist)  # every rank's chunk files are written
+        if not dist.is_main:
+            return None
+        others = [c for c in range(chunk_count) if c not in chunks]
+        chunks.update(_load_chunks(others, partial_dir, key, chunk_rows, random_flip))
+        # A chunk another rank could not leave readable here is encoded by rank 0 rather than lost.
+        lost = [c for c in others if c not in chunks]
+        if lost:
+            chunks.update(_encode_chunks(lost, unique, vae, key, partial_dir, chunk_images, num_workers, **encode))
+    return [chunks[c] for c in range(chunk_count)]
 
-    rows = [r for c in missing for r in range(c * chunk_images, c * chunk_images + chunk_rows[c])]
-    dataset = torch.utils.data.Subset(
-        _EncoderInputs([str(r.path) for r in unique], [r.sha256 for r in unique], preprocess),
-        rows,
-    )
+
+def _load_chunks(chunk_ids, partial_dir: Path, key: str, chunk_rows: list[int], flip: bool) -> dict[int, tuple]:
+    """The complete chunk files among `chunk_ids`, by chunk index."""
+    chunks = {}
+    for chunk in chunk_ids:
+        path = _chunk_path(partial_dir, chunk)
+        if path.exists():
+            loaded = _load_chunk(path, key, chunk_rows[chunk], flip)
+            if loaded is not None:
+                chunks[chunk] = loaded
+    return chunks
+
+
+def _encode_chunks(
+    chunk_ids, unique, vae, key, partial_dir, chunk_images, num_workers, *, preprocess, random_flip, device, batch_size
+) -> dict[int, tuple]:
+    """Encode the chunks `chunk_ids` and write each one's file as soon as all its rows are in; by chunk index.
+    A batch never spans two chunks, so a chunk's numbers do not depend on which other chunks this process encodes
+    (one process and several ranks give the same bytes)."""
+    from tqdm.auto import tqdm
+
+    batches, chunk_rows = [], {}
+    for chunk in chunk_ids:
+        first, end = chunk * chunk_images, min((chunk + 1) * chunk_images, len(unique))
+        chunk_rows[chunk] = end - first
+        batches += [list(range(start, min(start + batch_size, end))) for start in range(first, end, batch_size)]
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        _EncoderInputs([str(r.path) for r in unique], [r.sha256 for r in unique], preprocess),
+        batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=False,
     )
-    pending: dict[int, dict[int, tuple]] = {c: {} for c in missing}
-    started = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(rows), desc="encoding latents", unit="img", disable=None) as progress:
+    chunks, pending = {}, {c: {} for c in chunk_ids}
+    total = sum(chunk_rows.values())
+    with torch.inference_mode(), tqdm(total=total, desc="encoding latents", unit="img", disable=None) as progress:
         for indices, images in loader:
             outputs = [_posterior(vae, images, device)]
             if random_flip:
@@ -244,13 +309,7 @@ def _encode_rows(
                     _atomic_save(dict(zip(names, stacked)), _chunk_path(partial_dir, chunk), {"key": key})
                     chunks[chunk] = stacked
             progress.update(len(indices))
-    elapsed = time.perf_counter() - started
-    print(
-        f"[cxr] encoded {len(rows)} images in {elapsed:.1f} s ({len(rows) / max(elapsed, 1e-9):.1f} images/s, "
-        f"{num_workers} decode workers)",
-        file=sys.stderr,
-    )
-    return [chunks[c] for c in range(chunk_count)]
+    return chunks
 
 
 def build_or_load_latent_cache(
@@ -267,11 +326,15 @@ def build_or_load_latent_cache(
     vae_id: str,
     intensity_clip_percent: float = 0.0,
     chunk_images: int = CHUNK_IMAGES,
+    dist: DistInfo = DistInfo(),
 ) -> LatentCache:
     """Load the latent cache of these images and settings, or build it (batched VAE encoding on `device`,
     decoding in `num_workers` DataLoader processes); see the module docstring for the key and crash safety.
     `resolution`, `pad_to_square` and `intensity_clip_percent` (0: min-max scaling) are the flags of the same names,
     given one by one like every `cache=True` training flag; they travel on as one `cxr.data.imageio.Preprocess`.
+
+    Under torchrun (`dist` of several processes) every rank calls this: each encodes its share of the chunks and
+    rank 0 writes the file, which is byte for byte the file one process writes; the other ranks then load it.
 
     Returns rows in the order of `records` (then their mirrored rows with `random_flip`).
     """
@@ -305,7 +368,10 @@ def build_or_load_latent_cache(
     unique = [unique[h] for h in sorted(unique)]
     expected_rows = len(unique) * (2 if random_flip else 1)
 
-    if _is_complete(path, key, expected_rows):
+    complete = _is_complete(path, key, expected_rows) if dist.is_main else None
+    if dist.enabled:
+        complete = _rank0_decision_in_a_shared_folder(cache_dir, complete, dist)
+    if complete:
         action = "reused"
         tensors = load_file(str(path))
     else:
@@ -322,25 +388,30 @@ def build_or_load_latent_cache(
             batch_size=batch_size,
             num_workers=num_workers,
             chunk_images=chunk_images,
+            dist=dist,
         )
-        mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
-        std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
-        metadata = {
-            "format": CACHE_FORMAT,
-            "key": key,
-            **preprocess.metadata(),
-            "random_flip": str(random_flip),
-            "vae_id": str(vae_id),
-            "vae_sha256": fingerprint,
-            "vae_dtype": str(vae.dtype),
-            "scaling_factor": repr(scaling_factor),
-            "preprocess": PREPROCESS_VERSION,
-            "num_images": str(len(unique)),
-            "content_sha256": json.dumps([r.sha256 for r in unique]),
-        }
-        _atomic_save({"mean": mean.contiguous(), "std": std.contiguous()}, path, metadata)
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        tensors = {"mean": mean, "std": std}
+        if chunks is not None:  # one process, or rank 0 of several: it writes the file
+            mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
+            std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
+            metadata = {
+                "format": CACHE_FORMAT,
+                "key": key,
+                **preprocess.metadata(),
+                "random_flip": str(random_flip),
+                "vae_id": str(vae_id),
+                "vae_sha256": fingerprint,
+                "vae_dtype": str(vae.dtype),
+                "scaling_factor": repr(scaling_factor),
+                "preprocess": PREPROCESS_VERSION,
+                "num_images": str(len(unique)),
+                "content_sha256": json.dumps([r.sha256 for r in unique]),
+            }
+            _atomic_save({"mean": mean.contiguous(), "std": std.contiguous()}, path, metadata)
+            shutil.rmtree(partial_dir, ignore_errors=True)
+            tensors = {"mean": mean, "std": std}
+        barrier(dist)  # rank 0 wrote the file
+        if chunks is None:
+            tensors = load_file(str(path))
         action = "built"
 
     size = path.stat().st_size
@@ -360,6 +431,26 @@ def build_or_load_latent_cache(
         key=key,
         relpaths=[r.relpath for r in records],
     )
+
+
+def _rank0_decision_in_a_shared_folder(cache_dir: Path, complete: bool | None, dist: DistInfo) -> bool:
+    """Rank 0's `complete` on every rank, once every rank has seen a file rank 0 wrote in `cache_dir`: the ranks
+    share the encoding through files there, so on several machines it must be one shared folder."""
+    name = f".cxr-ranks-see-this-{uuid.uuid4().hex}" if dist.is_main else None
+    if dist.is_main:
+        (cache_dir / name).touch()
+    name, complete = broadcast_object((name, complete), dist)
+    seen = gather_object((cache_dir / name).exists(), dist)  # each rank's own --cache_dir path
+    if dist.is_main:
+        (cache_dir / name).unlink(missing_ok=True)
+    blind = [rank for rank, sees in enumerate(seen) if not sees]
+    if blind:
+        raise TrainingError(
+            f"--cache_dir {cache_dir}: rank(s) {blind} do not see the files rank 0 writes there, and every rank "
+            "writes its share of the latent cache there; on several machines give a folder all of them share at the "
+            "same path (docs/training.md, several machines)"
+        )
+    return complete
 
 
 def _is_complete(path: Path, key: str, expected_rows: int) -> bool:

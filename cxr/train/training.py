@@ -661,7 +661,7 @@ def _split_of_first_start(cfg: TrainConfig, resume_path: Path):
 
 
 def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_records, device):
-    """Latent caches of both splits; rank 0 builds them, the other ranks wait and then load them."""
+    """Latent caches of both splits; under torchrun every rank encodes its share and loads the result."""
     # Every flag declared cache=True goes to the cache (which keys on what it is given); the model id and
     # revision travel as one `vae_id`, the name the key has always used for them.
     settings = {name: getattr(cfg, name) for name in cache_flags(TrainConfig)}
@@ -672,17 +672,13 @@ def _build_caches(cfg: TrainConfig, dist: DistInfo, vae, train_records, val_reco
         device=device,
         batch_size=cfg.encode_batch_size,
         num_workers=cfg.resolved_num_workers,
+        dist=dist,
     )
-    caches = None
-    for turn in ("main", "others"):
-        if (turn == "main") == dist.is_main:
-            train_cache = latents.build_or_load_latent_cache(train_records, vae, **common)
-            val_cache = None
-            if val_records:  # the held-out images are never mirrored
-                val_cache = latents.build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False})
-            caches = (train_cache, val_cache)
-        barrier(dist)
-    return caches
+    train_cache = latents.build_or_load_latent_cache(train_records, vae, **common)
+    val_cache = None
+    if val_records:  # the held-out images are never mirrored
+        val_cache = latents.build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False})
+    return train_cache, val_cache
 
 
 def _load_model(cfg: TrainConfig, device, dtype):
