@@ -110,10 +110,13 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(
     single, cache = single_process
     _run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + _argv(tiny_model_dir, phantom_dir, tmp_path / "ddp", cache, batch=2),
+        + _argv(tiny_model_dir, phantom_dir, tmp_path / "ddp", tmp_path / "cache", batch=2),
         _env(),
     )
     _assert_trains_like_one_process(single, tmp_path / "ddp")
+    # The two ranks built their own caches (training and held-out images): the files one process wrote.
+    built = {path.name: path.read_bytes() for path in (tmp_path / "cache").iterdir()}
+    assert len(built) == 2 and built == {path.name: path.read_bytes() for path in cache.iterdir()}
 
 
 def _free_port() -> int:
