@@ -67,10 +67,10 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_device_and_distributed(device_name: str, timeout_minutes: int = 180) -> tuple[DistInfo, torch.device]:
+def setup_device_and_distributed(device_name: str, timeout_minutes: int = 90) -> tuple[DistInfo, torch.device]:
     """The training device; under torchrun (WORLD_SIZE > 1) also init the process group from the env vars
     (NCCL on CUDA, gloo on the CPU) and pick cuda:LOCAL_RANK. `timeout_minutes` (--ddp_timeout_minutes) is how
-    long a collective waits: the other ranks wait in a barrier while rank 0 alone scans and encodes the dataset."""
+    long a collective waits: the other ranks wait in one while rank 0 alone scans the dataset."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     device = pick_device(device_name)

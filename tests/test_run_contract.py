@@ -411,7 +411,7 @@ def test_train_passes_the_ddp_timeout_flag(tmp_path, monkeypatch):
     with pytest.raises(_KeyFound):
         training.train(TrainConfig(dataset_dir=tmp_path, output_dir=tmp_path / "out", ddp_timeout_minutes=240))
     assert seen == [240]
-    assert TrainConfig().ddp_timeout_minutes == 180
+    assert TrainConfig().ddp_timeout_minutes == 90
     with pytest.raises(ConfigError, match=r"--ddp_timeout_minutes: must be in \[1, 10080\]"):
         TrainConfig(dataset_dir=tmp_path, ddp_timeout_minutes=0).validate()
     assert (
