@@ -149,6 +149,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "rows": [asdict(r) for r in rows],
         "speedups": speedups(rows),
         "flops": ctx.flops,
+        "ops": ctx.ops,
     }
 
 

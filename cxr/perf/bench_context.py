@@ -23,7 +23,7 @@ from cxr.model.tiny import build_components
 from cxr.runtime import DTYPES, DistInfo, peak_memory_mib, reset_peak_memory, synchronize
 from cxr.train.step import DataOrder, TrainStep, build_train_step
 
-SECTIONS = ("peak", "flops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")
+SECTIONS = ("peak", "flops", "ops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -149,6 +149,7 @@ class Context:
     dtype: object
     peak_tflop_per_s: float | None = None
     flops: dict = field(default_factory=dict)  # name -> FLOPs per image (counted)
+    ops: dict = field(default_factory=dict)  # aten ops of one step (counted; the ops section)
     components: dict | None = None
     state: TrainState | None = None
     noise_schedule: object = None
