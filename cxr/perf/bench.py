@@ -28,9 +28,8 @@ downloaded. Sections (`--sections`, comma-separated):
 - `cache`: latent-cache build images/s (VAE encoding included) and reload images/s.
 - `sampling`: images/s of sampling with classifier-free guidance.
 
-Code: `cxr.perf.bench_context` (settings, the shared models, our training step built by
-`cxr.train.step.build_train_step`
-exactly as train() builds it, the interleaved timer), `cxr.perf.bench_sections` (one function per section), this
+Code: `cxr.perf.bench_context` (settings, the shared models, our training step `cxr.train.step.TrainStep`
+built exactly as train() builds it, the interleaved timer), `cxr.perf.bench_sections` (one function per section), this
 module (the table, JSON and command line).
 
 Timing: `--warmup` untimed steps per variant, then `--repeats` rounds of `--steps` timed steps; the

@@ -1,5 +1,5 @@
 """What the benchmark's sections share: the settings (BenchConfig), the table row, the context with the
-random-weight models, our training step built as training builds it (`cxr.train.step.build_train_step`), and the
+random-weight models, our training step built as training builds it (`cxr.train.step.TrainStep`), and the
 interleaved timer. The sections are in `cxr.perf.bench_sections`; the command is `python -m cxr.bench`.
 """
 
@@ -21,7 +21,7 @@ from cxr.model.loading import pick_device, vae_scale_factor
 from cxr.model.lora import inject_lora, lora_parameters
 from cxr.model.tiny import build_components
 from cxr.runtime import DTYPES, DistInfo, peak_memory_mib, reset_peak_memory, synchronize
-from cxr.train.step import DataOrder, TrainStep, build_train_step
+from cxr.train.step import DataOrder, TrainStep
 
 SECTIONS = ("peak", "flops", "ops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -224,9 +224,9 @@ def make_step(
     optimizer=None,
     cuda_graph: bool = False,
 ) -> TrainStep:
-    """The training step (`cxr.train.step.build_train_step`, as train() builds it) on the given model and cache;
+    """The training step (`cxr.train.step.TrainStep`, as train() builds it) on the given model and cache;
     `optimizer` shares an existing one, `cuda_graph` builds it as --cuda_graph does (capturable)."""
-    return build_train_step(
+    return TrainStep(
         train_config(ctx, cuda_graph=cuda_graph),
         model=model,
         params=params,

@@ -1,10 +1,11 @@
-"""One training step and the pieces it is made of; `build_train_step(cfg, ...)` wires them as train() runs them.
+"""One training step: `TrainStep(cfg, model=, params=, ...)` holds it and the state it changes.
 
-Every caller builds the step through `build_train_step` (training, the benchmark, the tests), so the step
-that is timed and tested is the step that trains.
+Training, the benchmark and the tests all build the step as `TrainStep(cfg, ...)`, so the step that is timed
+and tested is the step that trains.
 
-    build_train_step(cfg, model=, params=, schedule=, latents_mean=, ...) -> TrainStep   the step + its state
-    make_train_step(...) -> step(indices)       one optimizer step (all micro-batches) on device tensors
+    TrainStep(cfg, model=, params=, schedule=, latents_mean=, ...)   the step, its optimizer, scaler,
+        step(indices)                                                 generator and device metrics
+        step.capture_cuda_graph(example_indices)   from then on step(indices) replays a CUDA graph
     diffusion_loss(model, x0, noise, t, prompt_embeds, schedule, snr_gamma, autocast_dtype)  forward + loss
     make_optimizer / load_optimizer_state       AdamW over the LoRA tensors, fused where possible
     lr_at / scheduled_lr / set_lr               the LR schedule, set without a host sync
@@ -12,7 +13,6 @@ that is timed and tested is the step that trains.
     step_unless                                 an optimizer step that is skipped (no host read) on NaN/inf
     DataOrder                                   per-epoch permutations on the device, rank shards, position
     snapshot_train_state / restore_train_state  undo warm-up steps (LoRA weights, optimizer state, generator)
-    capture_cuda_graph(step, indices, ...) -> step(indices)   the same step replayed from a CUDA graph
 
 The step has static shapes and no host synchronisation (no `.item()`, no tensor-valued `if`), so on CUDA it
 can be captured whole in a CUDA graph (`--cuda_graph`); the loss and grad norm are summed on the device and
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed
@@ -233,88 +232,6 @@ def diffusion_loss(model, x0, noise, timesteps, prompt_embeds, schedule, snr_gam
     return per_sample.mean()
 
 
-def make_train_step(
-    *,
-    model,
-    params: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    schedule,
-    latents_mean: torch.Tensor,
-    latents_std: torch.Tensor,
-    scaling_factor: float,
-    prompt_embeds: torch.Tensor,
-    generator: torch.Generator,
-    metrics: StepMetrics,
-    batch_size: int,
-    grad_accum_steps: int = 1,
-    rank: int = 0,
-    world_size: int = 1,
-    snr_gamma: float = 0.0,
-    noise_offset: float = 0.0,
-    max_grad_norm: float = 0.0,
-    autocast_dtype: torch.dtype | None = None,
-    scaler=None,
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> Callable[[torch.Tensor], None]:
-    """Build `step(indices)`: one optimizer step over `indices` (grad_accum_steps, batch_size) of cache rows.
-
-    Everything runs on the device: latent sampling (mean + std * noise), diffusion noise (+ offset) and uniform
-    timesteps drawn from `generator` for the whole global batch (every rank draws all `batch_size * world_size`
-    rows and keeps its own slice, so N ranks at batch B equal one process at batch N*B), forward + weighted
-    loss, backward, gradient clipping, AdamW. Loss and grad norm are added to `metrics` on the device. An update
-    whose gradient norm is NaN/inf is never applied (`step_unless`: LoRA weights and AdamW state stay as they
-    were); such a step, or a NaN/inf loss, is flagged in `metrics`. With a GradScaler (fp16) the scaler skips
-    inf steps itself (its loss-scale search) and only the loss is flagged. No host sync except inside a
-    GradScaler, which reads its inf check on the host.
-    `model` may be the UNet, its DDP wrapper or a compiled module; `no_sync` is DDP's `no_sync` (skips the
-    all-reduce on all but the last micro-batch).
-    """
-    device = latents_mean.device
-    global_batch = batch_size * world_size
-    own = slice(rank * batch_size, (rank + 1) * batch_size)
-    latent_shape = tuple(latents_mean.shape[1:])
-    prompt_embeds = prompt_embeds.to(device)
-
-    def draw(*shape):
-        return torch.randn((global_batch, *shape), generator=generator, device=device)[own]
-
-    def step(indices: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        bad_loss = torch.zeros((), device=device)
-        for micro in range(grad_accum_steps):
-            rows = indices[micro]
-            x0 = sample_latents(latents_mean[rows], latents_std[rows], draw(*latent_shape), scaling_factor)
-            noise = draw(*latent_shape)
-            if noise_offset > 0:
-                noise = ddpm.offset_noise(noise, draw(latent_shape[0], 1, 1), noise_offset)
-            timesteps = ddpm.sample_timesteps(global_batch, schedule, generator, device)[own]
-            sync = no_sync is not None and micro < grad_accum_steps - 1
-            with no_sync() if sync else contextlib.nullcontext():
-                loss = diffusion_loss(model, x0, noise, timesteps, prompt_embeds, schedule, snr_gamma, autocast_dtype)
-                scaled = loss / grad_accum_steps
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            metrics.loss_sum.add_(scaled.detach())
-            bad_loss = bad_loss + (~torch.isfinite(loss.detach())).float()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        metrics.grad_norm_sum.add_(grad_norm.detach())
-        if scaler is not None:
-            metrics.add_nonfinite(bad_loss)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            # Decided on the (all-reduced) gradient norm alone, so that every DDP rank skips the same steps.
-            skip = (~torch.isfinite(grad_norm.detach())).float()
-            metrics.add_nonfinite(bad_loss + skip)
-            step_unless(optimizer, params, skip)
-
-    return step
-
-
 def step_unless(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], skip: torch.Tensor) -> None:
     """`optimizer.step()`, without any effect when `skip` (0-dim float32 on the device, 1.0 or 0.0) is 1.
 
@@ -411,27 +328,75 @@ def capture_cuda_graph(
     return replay
 
 
-# ------------------------------------------------------------------------------------------ the builder
+# ------------------------------------------------------------------------------------------ the step
 
 
-@dataclass
 class TrainStep:
-    """The training step and the state it changes. `step(indices)` runs one optimizer step; after
-    `capture_cuda_graph(example)` the same call replays it from a CUDA graph."""
+    """One optimizer step over `indices` (grad_accum_steps, batch_size) of cache rows, from the run's flags,
+    and the state it changes: AdamW at the schedule's first LR (capturable with --cuda_graph), a GradScaler
+    for fp16, the noise generator seeded with --seed (the default CUDA generator with --cuda_graph: graph
+    capture tracks its offsets by itself), the device metrics.
 
-    run: Callable[[torch.Tensor], None]
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    metrics: StepMetrics
-    scaler: torch.amp.GradScaler | None = None
+    Everything runs on the device: latent sampling (mean + std * noise), diffusion noise (+ offset) and
+    uniform timesteps drawn from the generator for the whole global batch (every rank draws all
+    `batch_size * world_size` rows and keeps its own slice, so N ranks at batch B equal one process at batch
+    N*B), forward + weighted loss, backward, gradient clipping, AdamW. Loss and grad norm are added to
+    `metrics` on the device. An update whose gradient norm is NaN/inf is never applied (`step_unless`: LoRA
+    weights and AdamW state stay as they were); such a step, or a NaN/inf loss, is flagged in `metrics`.
+    With a GradScaler (fp16) the scaler skips inf steps itself (its loss-scale search) and only the loss is
+    flagged. No host sync: a fused AdamW (what make_optimizer builds on CUDA and CPU) takes the skip flag, and
+    the GradScaler's `found_inf`, as device tensors; only the foreach fallback makes a GradScaler read it.
+
+    `model` may be the UNet, its DDP wrapper (`no_sync`: its no_sync, which skips the all-reduce on all but
+    the last micro-batch) or a compiled module; `optimizer` shares an existing one (the benchmark's variants
+    of one step). After `capture_cuda_graph(example_indices)` the same call replays the step from a graph.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        model,
+        params: list[torch.nn.Parameter],
+        schedule,
+        latents_mean: torch.Tensor,
+        latents_std: torch.Tensor,
+        scaling_factor: float,
+        prompt_embeds: torch.Tensor,
+        dist: DistInfo = DistInfo(),
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
+        self.cfg, self.model, self.params, self.schedule = cfg, model, list(params), schedule
+        self.latents_mean, self.latents_std, self.scaling_factor = latents_mean, latents_std, scaling_factor
+        self.device = device = latents_mean.device
+        self.prompt_embeds = prompt_embeds.to(device)
+        self.no_sync = no_sync
+        self.global_batch = cfg.train_batch_size * dist.world_size
+        self.own = slice(dist.rank * cfg.train_batch_size, (dist.rank + 1) * cfg.train_batch_size)
+        self.autocast_dtype = autocast_dtype(cfg.mixed_precision)
+        self.optimizer = optimizer or make_optimizer(
+            self.params,
+            lr=scheduled_lr(cfg, 0),
+            weight_decay=cfg.adam_weight_decay,
+            device=device,
+            capturable=cfg.cuda_graph,
+        )
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
+        if cfg.cuda_graph:
+            self.generator = torch.cuda.default_generators[device.index or 0]
+            self.generator.manual_seed(cfg.seed)
+        else:
+            self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.metrics = StepMetrics(device)
+        self._replay: Callable[[torch.Tensor], None] | None = None
 
     def __call__(self, indices: torch.Tensor) -> None:
-        self.run(indices)
+        (self._replay or self.run_eager)(indices)
 
     def capture_cuda_graph(self, example_indices: torch.Tensor) -> None:
-        self.run = capture_cuda_graph(
-            self.run,
+        self._replay = capture_cuda_graph(
+            self.run_eager,
             example_indices,
             params=self.params,
             optimizer=self.optimizer,
@@ -439,62 +404,57 @@ class TrainStep:
             generator=self.generator,
         )
 
+    def _draw(self, *shape) -> torch.Tensor:
+        return torch.randn((self.global_batch, *shape), generator=self.generator, device=self.device)[self.own]
 
-def build_train_step(
-    cfg: TrainConfig,
-    *,
-    model,
-    params: list[torch.nn.Parameter],
-    schedule,
-    latents_mean: torch.Tensor,
-    latents_std: torch.Tensor,
-    scaling_factor: float,
-    prompt_embeds: torch.Tensor,
-    dist: DistInfo = DistInfo(),
-    no_sync=None,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> TrainStep:
-    """The step train() runs, from the run's flags: AdamW at the schedule's first LR (capturable with
-    --cuda_graph), a GradScaler for fp16, the noise generator seeded with --seed (the default CUDA generator
-    with --cuda_graph: graph capture tracks its offsets by itself), and the loss settings. `optimizer` shares
-    an existing one (the benchmark's variants of one step); `model` may be the UNet, its DDP wrapper
-    (`no_sync`: its no_sync) or a compiled module."""
-    device = latents_mean.device
-    if optimizer is None:
-        optimizer = make_optimizer(
-            params,
-            lr=scheduled_lr(cfg, 0),
-            weight_decay=cfg.adam_weight_decay,
-            device=device,
-            capturable=cfg.cuda_graph,
-        )
-    scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
-    if cfg.cuda_graph:
-        generator = torch.cuda.default_generators[device.index or 0]
-        generator.manual_seed(cfg.seed)
-    else:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    metrics = StepMetrics(device)
-    run = make_train_step(
-        model=model,
-        params=params,
-        optimizer=optimizer,
-        schedule=schedule,
-        latents_mean=latents_mean,
-        latents_std=latents_std,
-        scaling_factor=scaling_factor,
-        prompt_embeds=prompt_embeds,
-        generator=generator,
-        metrics=metrics,
-        batch_size=cfg.train_batch_size,
-        grad_accum_steps=cfg.grad_accum_steps,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        snr_gamma=cfg.snr_gamma,
-        noise_offset=cfg.noise_offset,
-        max_grad_norm=cfg.max_grad_norm,
-        autocast_dtype=autocast_dtype(cfg.mixed_precision),
-        scaler=scaler,
-        no_sync=no_sync,
-    )
-    return TrainStep(run, params, optimizer, generator, metrics, scaler)
+    def run_eager(self, indices: torch.Tensor) -> None:
+        """The step itself (what a CUDA graph captures): no host reads, no branch on a tensor's value."""
+        cfg, metrics = self.cfg, self.metrics
+        accum, shape = cfg.grad_accum_steps, tuple(self.latents_mean.shape[1:])
+        self.optimizer.zero_grad(set_to_none=True)
+        bad_loss = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            rows = indices[micro]
+            x0 = sample_latents(
+                self.latents_mean[rows], self.latents_std[rows], self._draw(*shape), self.scaling_factor
+            )
+            noise = self._draw(*shape)
+            if cfg.noise_offset > 0:
+                noise = ddpm.offset_noise(noise, self._draw(shape[0], 1, 1), cfg.noise_offset)
+            timesteps = ddpm.sample_timesteps(self.global_batch, self.schedule, self.generator, self.device)[self.own]
+            sync = self.no_sync is not None and micro < accum - 1
+            with self.no_sync() if sync else contextlib.nullcontext():
+                loss = diffusion_loss(
+                    self.model,
+                    x0,
+                    noise,
+                    timesteps,
+                    self.prompt_embeds,
+                    self.schedule,
+                    cfg.snr_gamma,
+                    self.autocast_dtype,
+                )
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            metrics.loss_sum.add_(scaled.detach())
+            bad_loss = bad_loss + (~torch.isfinite(loss.detach())).float()
+        self._update(bad_loss)
+
+    def _update(self, bad_loss: torch.Tensor) -> None:
+        """Clip, add the gradient norm to the metrics, and step AdamW unless the step went non-finite."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
+        self.metrics.grad_norm_sum.add_(grad_norm.detach())
+        if self.scaler is not None:
+            self.metrics.add_nonfinite(bad_loss)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            # Decided on the (all-reduced) gradient norm alone, so that every DDP rank skips the same steps.
+            skip = (~torch.isfinite(grad_norm.detach())).float()
+            self.metrics.add_nonfinite(bad_loss + skip)
+            step_unless(self.optimizer, self.params, skip)

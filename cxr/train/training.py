@@ -2,7 +2,7 @@
 
     train(cfg)
       setup(cfg, held) -> TrainRun    device/DDP, output folder claim, data split, model + LoRA, latent caches,
-                                      the step (cxr.train.step.build_train_step) and its data order
+                                      the step (cxr.train.step.TrainStep) and its data order
       resume(run, checkpoint)         LoRA, optimizer, scaler, RNG and data position of a checkpoint
       start_logging(run)              TensorBoard run folder (a resume appends to its run's), config.json
       train_loop(run, stop, ...)      the loop: step, read metrics every --log_every steps, validate, save
@@ -65,7 +65,7 @@ from cxr.train.checkpoint import (
     save_checkpoint,
 )
 from cxr.train.rundir import check_free_space, claim_output_dir
-from cxr.train.step import DataOrder, TrainStep, build_train_step, load_optimizer_state, scheduled_lr, set_lr
+from cxr.train.step import DataOrder, TrainStep, load_optimizer_state, scheduled_lr, set_lr
 from cxr.train.tblog import NullWriter, config_markdown, image_grid, make_writer, new_run_name
 from cxr.train.validation import VALIDATION_GRID_GAP, fixed_validation_inputs, validation_images, validation_loss
 
@@ -189,7 +189,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
         model = ddp
     if cfg.torch_compile:
         model = torch.compile(model)
-    step = build_train_step(
+    step = TrainStep(
         cfg,
         model=model,
         params=lora_parameters(unet),
