@@ -54,6 +54,7 @@ class BenchConfig:
     sample_steps: int = flag(25, "denoising steps per image in the sampling section")
     guidance_scale: float = flag(3.0, "classifier-free guidance scale of the sampling section")
     seed: int = flag(0, "seed for the random weights and inputs")
+    tf32: bool = flag(True, "TensorFloat-32 for float32 matmuls and convolutions on CUDA, as train.py --tf32")
     out: Path | None = flag(None, "also write the table, machine and settings to this JSON file")
 
     def validate(self) -> None:

@@ -7,13 +7,11 @@ machine, so it is measured the same way everywhere (and in CI):
     python -m cxr.bench --arch sd15 --batch_size 1 --dtype fp32 --device cpu --resolution 64 --sections ops
 
 Every aten op dispatched during one step (forward, backward, clipping, optimizer) is counted with a
-TorchDispatchMode. An op is LoRA's when one of its tensor inputs is a LoRA tensor:
-- a LoRA weight: `lora_A` / `lora_B`, their gradients and optimizer state, and what is computed from those
-  alone (a transpose, a cast, a concatenation of weights);
-- a LoRA value: the result of an op with a LoRA weight among its inputs (`x @ A.T`), or with only LoRA
-  tensors as inputs (reshapes of it, `h @ B.T`).
-So the matmuls with A and B and what reshapes their results count, and the add of the update into the
-base layer's output counts once without making the rest of the UNet LoRA's.
+TorchDispatchMode. An op is LoRA's when one of its tensor inputs is a LoRA tensor: a LoRA weight (`lora_A`,
+`lora_B`, their gradients and optimizer state) or a value computed from one. An op's results are LoRA values
+when it has a LoRA input, except for a sum with a tensor that is not LoRA's (`add`, `addmm` of the base output
+and the update, ...): so the matmuls with A and B, what reshapes their results and their gradients count, and
+the add of the update into the base layer's output counts once without making the rest of the UNet LoRA's.
 """
 
 from __future__ import annotations
@@ -53,6 +51,9 @@ VIEW_OPS = frozenset(
         "lift_fresh",
     }
 )
+# Ops whose result is a sum of their inputs (`addmm`: self + mat1 @ mat2): a sum with a tensor that is not LoRA's
+# is not a LoRA value.
+SUM_OPS = frozenset({"add", "add_", "sub", "sub_", "addmm", "addmm_", "baddbmm", "addbmm", "addmv", "cat", "stack"})
 MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"})
 
 
@@ -86,17 +87,15 @@ class OpCounter(TorchDispatchMode):
     def __init__(self, lora_weights: list[torch.Tensor]):
         super().__init__()
         self.count = OpCount()
-        self._weights: dict[int, weakref.ref] = {}
-        self._values: dict[int, weakref.ref] = {}
+        self._lora: dict[int, weakref.ref] = {}
         for tensor in lora_weights:
-            self.mark(tensor, weight=True)
+            self.mark(tensor)
 
-    def mark(self, tensor: torch.Tensor, weight: bool = False) -> None:
-        (self._weights if weight else self._values)[id(tensor)] = weakref.ref(tensor)
+    def mark(self, tensor: torch.Tensor) -> None:
+        self._lora[id(tensor)] = weakref.ref(tensor)
 
-    @staticmethod
-    def _holds(table: dict, tensor) -> bool:
-        ref = table.get(id(tensor))  # ids are reused after a tensor dies: the weak reference tells
+    def _holds(self, tensor) -> bool:
+        ref = self._lora.get(id(tensor))  # ids are reused after a tensor dies: the weak reference tells
         return ref is not None and ref() is tensor
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -105,16 +104,13 @@ class OpCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.count.total[name] += 1
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        weights = sum(self._holds(self._weights, t) for t in inputs)
-        values = sum(self._holds(self._values, t) for t in inputs)
-        if weights or values:
+        lora = [self._holds(t) for t in inputs]
+        if any(lora):
             self.count.lora[name] += 1
-            results = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-            if weights or weights + values == len(inputs):
-                as_weight = weights == len(inputs)
-                for result in results:
-                    if not self._holds(self._weights, result):
-                        self.mark(result, weight=as_weight)
+            if all(lora) or name not in SUM_OPS:
+                for result in pytree.tree_leaves(out):
+                    if isinstance(result, torch.Tensor):
+                        self.mark(result)
         return out
 
 
@@ -128,7 +124,7 @@ def count_step_ops(step, params: list[torch.nn.Parameter], optimizer: torch.opti
     """Aten ops of one call of `step()` (the optimizer state should exist already: run one step before).
     Gradients are marked as LoRA's when autograd stores them, whatever op computed them."""
     counter = OpCounter(lora_state_tensors(params, optimizer))
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: counter.mark(p.grad, weight=True)) for p in params]
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: counter.mark(p.grad)) for p in params]
     try:
         with counter:
             step()

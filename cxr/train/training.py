@@ -65,7 +65,7 @@ from cxr.train.checkpoint import (
     save_checkpoint,
 )
 from cxr.train.rundir import check_free_space, claim_output_dir
-from cxr.train.step import DataOrder, TrainStep, load_optimizer_state, scheduled_lr, set_lr
+from cxr.train.step import DataOrder, TrainStep, load_optimizer_state, scheduled_lr, set_lr, use_tf32
 from cxr.train.tblog import NullWriter, config_markdown, image_grid, make_writer, new_run_name
 from cxr.train.validation import VALIDATION_GRID_GAP, fixed_validation_inputs, validation_images, validation_loss
 
@@ -147,6 +147,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     """Everything before the first step. `held` keeps the output folder's lock until the run ends."""
     dist, device = setup_device_and_distributed(cfg.device, cfg.ddp_timeout_minutes)
     _check_flags_for_device(cfg, device, dist)
+    use_tf32(cfg.tf32, device)
     output_dir = Path(cfg.output_dir)
     resume_path = claim_output_dir(cfg, dist, output_dir / "checkpoints", held)
     dtype = compute_dtype(cfg.mixed_precision)
