@@ -367,7 +367,14 @@ class TrainConfig:
         "under torchrun: how long a process waits for the others at a collective before aborting (NCCL's own default "
         "is 10 min, too short while rank 0 alone scans and encodes a large dataset on the first run)",
     )
-    cuda_graph: bool = flag(False, "capture the whole train step in a CUDA graph (CUDA only)")
+    cuda_graph: str = flag(
+        "auto",
+        "replay the whole training step from a CUDA graph (one launch instead of thousands). auto: on CUDA when "
+        "the run allows it (one process, not fp16, no --gradient_checkpointing) and a check at the start (two "
+        "replayed steps against two eager ones) passes, else eager with a warning that says why; on: the same, "
+        "but an error instead of eager; off: always eager",
+        ("auto", "on", "off"),
+    )
     tf32: bool = flag(
         True,
         "TensorFloat-32 for float32 matmuls and convolutions on CUDA (the latent cache's VAE encode; the whole step "

@@ -57,7 +57,7 @@ import torch
 from cxr.config import parse_config
 from cxr.perf.bench_context import SECTIONS, BenchConfig, Context, Row, resolve_device_dtype
 from cxr.perf.bench_sections import SECTION_FUNCTIONS
-from cxr.train.step import use_tf32
+from cxr.train.step import configure_cuda
 
 # ----------------------------------------------------------------------------------------------
 # Table, JSON, entry point
@@ -129,7 +129,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run the chosen sections in the order of SECTIONS; returns {"machine", "config", "rows", "speedups"}."""
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device_dtype(cfg)
-    use_tf32(cfg.tf32, device)
+    configure_cuda(device, cfg.tf32)
     ctx = Context(cfg, device, dtype)
     rows: list[Row] = []
     for name in SECTIONS:

@@ -226,9 +226,10 @@ def make_step(
     cuda_graph: bool = False,
 ) -> TrainStep:
     """The training step (`cxr.train.step.TrainStep`, as train() builds it) on the given model and cache;
-    `optimizer` shares an existing one, `cuda_graph` builds it as --cuda_graph does (capturable)."""
+    `optimizer` shares an existing one, `cuda_graph` builds it as --cuda_graph on does (capturable), else as
+    --cuda_graph off."""
     return TrainStep(
-        train_config(ctx, cuda_graph=cuda_graph),
+        train_config(ctx, cuda_graph="on" if cuda_graph else "off", tf32=ctx.cfg.tf32),
         model=model,
         params=params,
         schedule=ctx.schedule(),

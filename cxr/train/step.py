@@ -4,24 +4,25 @@ Training, the benchmark and the tests all build the step as `TrainStep(cfg, ...)
 and tested is the step that trains.
 
     TrainStep(cfg, model=, params=, schedule=, latents_mean=, ...)   the step, its optimizer, scaler,
-        step(indices)                                                 generator and device metrics
-        step.capture_cuda_graph(example_indices)   from then on step(indices) replays a CUDA graph
+        step(indices)                                                 generators and device metrics
+        step.start_cuda_graph(example_indices)   --cuda_graph: from then on step(indices) may replay a graph
     diffusion_loss(model, x0, noise, t, prompt_embeds, schedule, snr_gamma, autocast_dtype)  forward + loss
     make_optimizer / load_optimizer_state       AdamW over the LoRA tensors, fused where possible
     lr_at / scheduled_lr / set_lr               the LR schedule, set without a host sync
     StepMetrics(device)                         device accumulators for loss / grad norm / non-finite flag
     step_unless                                 an optimizer step that is skipped (no host read) on NaN/inf
     DataOrder                                   per-epoch permutations on the device, rank shards, position
-    snapshot_train_state / restore_train_state  undo warm-up steps (LoRA weights, optimizer state, generator)
+    configure_cuda(device, tf32)                the CUDA device made current, TensorFloat-32 on or off
 
 The step has static shapes and no host synchronisation (no `.item()`, no tensor-valued `if`), so on CUDA it
-can be captured whole in a CUDA graph (`--cuda_graph`); the loss and grad norm are summed on the device and
-read every `--log_every` steps.
+can be captured whole in a CUDA graph (`--cuda_graph`, cxr.train.step_graph); the loss and grad norm are
+summed on the device and read every `--log_every` steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Callable
 
@@ -31,7 +32,9 @@ import torch.distributed
 from cxr.config import TrainConfig
 from cxr.data.latents import sample_latents
 from cxr.model import ddpm
+from cxr.model.lora import lora_modules
 from cxr.runtime import DistInfo, TrainingError, autocast_dtype
+from cxr.train import step_graph
 
 # ------------------------------------------------------------------------------------- optimizer and LR
 
@@ -71,13 +74,25 @@ def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
             group["lr"] = value
 
 
-def use_tf32(enabled: bool, device) -> None:
-    """TensorFloat-32 for float32 matmuls and cuDNN convolutions on CUDA (`--tf32`): float32 in and out, inputs
-    rounded to a 10-bit mantissa, several times the float32 throughput. The run's float32 work is the VAE encode
-    of the latent cache and, with `--mixed_precision no`, the whole step. Nothing changes on the CPU."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+def configure_cuda(device, tf32: bool) -> None:
+    """On CUDA: make `device` the current device (streams, graphs and anything else created without an explicit
+    device land on it: `--device cuda:1` captures on GPU 1), and TensorFloat-32 for float32 matmuls and cuDNN
+    convolutions (`--tf32`: float32 in and out, inputs rounded to a 10-bit mantissa, several times the float32
+    throughput; the run's float32 work is the latent cache's VAE encode, and the whole step with
+    `--mixed_precision no`). Nothing on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """The seed of one of the run's random streams, derived from --seed, so that two streams never draw the
+    same sequence (a CPU generator keeps 32 bits of its seed, so offsets like seed + 2**32 would collide)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:4], "little")
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float, device: torch.device, capturable: bool = False):
@@ -270,95 +285,30 @@ def step_unless(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramete
                     value.copy_(torch.where(skip.to(value.device) > 0, old, value))
 
 
-def snapshot_train_state(params: list[torch.nn.Parameter], optimizer, generator) -> dict:
-    """Copies of what a training step changes (LoRA weights, optimizer state, noise generator)."""
-    return {
-        "params": [p.detach().clone() for p in params],
-        "optimizer": {
-            p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
-            for p in params
-            if p in optimizer.state
-        },
-        "generator": generator.get_state(),
-    }
-
-
-@torch.no_grad()
-def restore_train_state(snapshot: dict, params, optimizer, metrics: StepMetrics, generator) -> None:
-    """Put back a snapshot in place (tensor storage is kept: a captured graph keeps pointing at it); optimizer
-    state created since the snapshot is zeroed, which is what a fresh AdamW state is; metrics are reset."""
-    for param, saved in zip(params, snapshot["params"]):
-        param.copy_(saved)
-    for param in params:
-        for key, value in optimizer.state.get(param, {}).items():
-            if torch.is_tensor(value):
-                saved = snapshot["optimizer"].get(param, {}).get(key)
-                if saved is None:
-                    value.zero_()
-                else:
-                    value.copy_(saved)
-    metrics.reset()
-    generator.set_state(snapshot["generator"])
-
-
-def capture_cuda_graph(
-    step: Callable[[torch.Tensor], None],
-    example_indices: torch.Tensor,
-    *,
-    params: list[torch.nn.Parameter],
-    optimizer,
-    metrics: StepMetrics,
-    generator,
-    warmup_steps: int = 3,
-) -> Callable[[torch.Tensor], None]:
-    """Capture `step` in a CUDA graph and return `replay(indices)` with the same effect.
-
-    Warm-up runs on a side stream (as torch.cuda.graph requires); the LoRA weights, optimizer state, metrics
-    and the noise generator are restored afterwards, so the warm-up leaves no trace in the training run.
-    The optimizer must be capturable and `generator` the device's default CUDA generator (graph-safe).
-    """
-    static_indices = example_indices.clone()
-    snapshot = snapshot_train_state(params, optimizer, generator)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup_steps):
-            step(static_indices)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(static_indices)
-    restore_train_state(snapshot, params, optimizer, metrics, generator)
-
-    def replay(indices: torch.Tensor) -> None:
-        static_indices.copy_(indices)
-        graph.replay()
-
-    return replay
-
-
 # ------------------------------------------------------------------------------------------ the step
 
 
 class TrainStep:
     """One optimizer step over `indices` (grad_accum_steps, batch_size) of cache rows, from the run's flags,
-    and the state it changes: AdamW at the schedule's first LR (capturable with --cuda_graph), a GradScaler
-    for fp16, the noise generator seeded with --seed (the default CUDA generator with --cuda_graph: graph
-    capture tracks its offsets by itself), the device metrics.
+    and the state it changes: AdamW at the schedule's first LR (capturable where a CUDA graph may replay the
+    step), a GradScaler for fp16, the random streams, the device metrics.
 
     Everything runs on the device: latent sampling (mean + std * noise), diffusion noise (+ offset) and
-    uniform timesteps drawn from the generator for the whole global batch (every rank draws all
-    `batch_size * world_size` rows and keeps its own slice, so N ranks at batch B equal one process at batch
-    N*B), forward + weighted loss, backward, gradient clipping, AdamW. Loss and grad norm are added to
-    `metrics` on the device. An update whose gradient norm is NaN/inf is never applied (`step_unless`: LoRA
-    weights and AdamW state stay as they were); such a step, or a NaN/inf loss, is flagged in `metrics`.
-    With a GradScaler (fp16) the scaler skips inf steps itself (its loss-scale search) and only the loss is
-    flagged. No host sync: a fused AdamW (what make_optimizer builds on CUDA and CPU) takes the skip flag, and
-    the GradScaler's `found_inf`, as device tensors; only the foreach fallback makes a GradScaler read it.
+    uniform timesteps drawn from the noise generator (seeded with --seed) for the whole global batch (every
+    rank draws all `batch_size * world_size` rows and keeps its own slice, so N ranks at batch B equal one
+    process at batch N*B), forward + weighted loss, backward, gradient clipping, AdamW. LoRA dropout draws its
+    masks from a generator of its own (seeded from --seed too, but another stream), so that the noise does not
+    depend on whether dropout is on. Loss and grad norm are added to `metrics` on the device. An update whose
+    gradient norm is NaN/inf is never applied (`step_unless`: LoRA weights and AdamW state stay as they were);
+    such a step, or a NaN/inf loss, is flagged in `metrics`. With a GradScaler (fp16) the scaler skips inf
+    steps itself (its loss-scale search) and only the loss is flagged. No host sync: a fused AdamW (what
+    make_optimizer builds on CUDA and CPU) takes the skip flag, and the GradScaler's `found_inf`, as device
+    tensors; only the foreach fallback makes a GradScaler read it.
 
     `model` may be the UNet, its DDP wrapper (`no_sync`: its no_sync, which skips the all-reduce on all but
     the last micro-batch) or a compiled module; `optimizer` shares an existing one (the benchmark's variants
-    of one step). After `capture_cuda_graph(example_indices)` the same call replays the step from a graph.
+    of one step). After `start_cuda_graph(example_indices)` (--cuda_graph auto/on) the same call may replay
+    the step from a CUDA graph; `capture_cuda_graph` captures without the check (the benchmark).
     """
 
     def __init__(
@@ -379,8 +329,11 @@ class TrainStep:
         self.cfg, self.model, self.params, self.schedule = cfg, model, list(params), schedule
         self.latents_mean, self.latents_std, self.scaling_factor = latents_mean, latents_std, scaling_factor
         self.device = device = latents_mean.device
+        self.dist, self.no_sync = dist, no_sync
+        configure_cuda(device, cfg.tf32)
+        step_graph.check_cuda_graph_flag(cfg, device, dist)
+        self.graph_wanted = cfg.cuda_graph != "off" and not step_graph.graph_blockers(cfg, device, dist)
         self.prompt_embeds = prompt_embeds.to(device)
-        self.no_sync = no_sync
         self.global_batch = cfg.train_batch_size * dist.world_size
         self.own = slice(dist.rank * cfg.train_batch_size, (dist.rank + 1) * cfg.train_batch_size)
         self.autocast_dtype = autocast_dtype(cfg.mixed_precision)
@@ -389,29 +342,37 @@ class TrainStep:
             lr=scheduled_lr(cfg, 0),
             weight_decay=cfg.adam_weight_decay,
             device=device,
-            capturable=cfg.cuda_graph,
+            capturable=self.graph_wanted,
         )
         self.scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
-        if cfg.cuda_graph:
-            self.generator = torch.cuda.default_generators[device.index or 0]
-            self.generator.manual_seed(cfg.seed)
-        else:
-            self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.generators = {"noise": self.generator}  # what a checkpoint saves and a CUDA graph advances
+        if cfg.lora_dropout > 0:
+            dropout = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, "lora_dropout"))
+            self.generators["lora_dropout"] = dropout
+            for module in lora_modules(model).values():
+                module.dropout_generator = dropout
         self.metrics = StepMetrics(device)
         self._replay: Callable[[torch.Tensor], None] | None = None
 
     def __call__(self, indices: torch.Tensor) -> None:
         (self._replay or self.run_eager)(indices)
 
+    @property
+    def replays_graph(self) -> bool:
+        return self._replay is not None
+
+    def start_cuda_graph(self, example_indices: torch.Tensor) -> None:
+        """--cuda_graph auto/on: capture the step, check it against the eager step, and replay it from then on
+        if they agree (cxr.train.step_graph); otherwise stay eager with a warning (auto) or raise (on)."""
+        step_graph.start_cuda_graph(self, example_indices)
+
     def capture_cuda_graph(self, example_indices: torch.Tensor) -> None:
-        self._replay = capture_cuda_graph(
-            self.run_eager,
-            example_indices,
-            params=self.params,
-            optimizer=self.optimizer,
-            metrics=self.metrics,
-            generator=self.generator,
-        )
+        """Capture the step and replay it from now on, without the check against the eager step."""
+        self.use_replay(step_graph.capture_cuda_graph(self, example_indices))
+
+    def use_replay(self, replay: Callable[[torch.Tensor], None]) -> None:
+        self._replay = replay
 
     def _draw(self, *shape) -> torch.Tensor:
         return torch.randn((self.global_batch, *shape), generator=self.generator, device=self.device)[self.own]
