@@ -38,7 +38,7 @@ from cxr.config import TrainConfig, cache_flags, changed_result_flags, result_fl
 from cxr.data import dataset, latents
 from cxr.data.dataset import DatasetError
 from cxr.model import ddpm, loading
-from cxr.model.adapter_files import save_adapter
+from cxr.model.export import RunFacts, export_adapter, usage_lines
 from cxr.model.lora import AdapterError, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from cxr.runtime import (
     DistInfo,
@@ -527,16 +527,11 @@ def save_state(run: TrainRun, step: int) -> None:
 
 
 def _export_adapter(run: TrainRun, step: int) -> list[Path]:
-    cfg = run.cfg
-    return save_adapter(
-        run.unet,
-        run.output_dir / "lora_unet",
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        targets=cfg.lora_target_list,
-        export_format=cfg.export_format,
-        metadata=_adapter_metadata(cfg, step, run.manifest_sha, run.schedule.prediction_type),
-    )
+    """The adapter file(s) and model card of `step` in OUTPUT_DIR/lora_unet (cxr.model.export)."""
+    facts = RunFacts(step, run.manifest_sha, run.schedule.prediction_type, run.train_records, run.val_records)
+    exported = export_adapter(run.unet, run.cfg, facts)
+    run.summary["card"] = str(exported.card)
+    return exported.files
 
 
 def _check_finite(run: TrainRun, step: int, read: dict, window: int) -> None:
@@ -736,25 +731,6 @@ def _load_model(cfg: TrainConfig, device, dtype):
     return components, paths
 
 
-# Result flags the adapter header records from the weights themselves (cxr.rank, cxr.alpha, cxr.targets).
-_HEADER_FROM_WEIGHTS = ("lora_rank", "lora_alpha", "lora_targets")
-
-
-def _adapter_metadata(cfg: TrainConfig, step: int, manifest_sha: str, prediction_type: str) -> dict[str, str]:
-    """Every result flag (as `str(value)`, None as ""), under the names sample.py and users read: the model id
-    as `base_model` (resolved), the prediction type as resolved from the base scheduler when the flag is empty."""
-    metadata = {
-        name: "" if value is None else str(value)
-        for name, value in to_dict(cfg).items()
-        if name in result_flags(TrainConfig) and name not in _HEADER_FROM_WEIGHTS
-    }
-    metadata["base_model"] = loading.resolve_model_id(metadata.pop("model_id"))
-    metadata.update(
-        prediction_type=prediction_type, steps=str(step), manifest_sha256=manifest_sha, cxr_version=__version__
-    )
-    return metadata
-
-
 def versions() -> dict[str, str]:
     return {
         "cxr": __version__,
@@ -777,4 +753,7 @@ def run(cfg: TrainConfig) -> int:
         return 1
     finally:
         shutdown_distributed()
+    lines = usage_lines([Path(p) for p in summary.get("adapter", [])], summary.get("card") and Path(summary["card"]))
+    if lines:  # rank 0 exported the adapter; the other ranks have nothing to say
+        print("\n".join(lines), flush=True)
     return exit_code(summary)
