@@ -251,8 +251,12 @@ def test_graph_step_check_passes_a_faithful_replay_and_leaves_no_trace(tiny_mode
         # a replay whose loss is off by 10%
         (lambda step, example: _scaled_loss(step), "step 1 of the check: loss"),
         (lambda step, example: _raise(RuntimeError("operation not permitted when stream is capturing")), "capturing"),
+        (
+            lambda step, example: lambda indices: _raise(RuntimeError("CUDA error: an illegal memory access")),
+            "replaying",
+        ),
     ],
-    ids=["stale-input", "scaled-update", "wrong-loss", "capture-error"],
+    ids=["stale-input", "scaled-update", "wrong-loss", "capture-error", "replay-error"],
 )
 def test_graph_step_falls_back_to_eager_with_one_warning_that_says_why(
     tiny_model_dir, monkeypatch, fake_capture, reason

@@ -2,7 +2,7 @@
 
     graph_blockers(cfg, device, dist) -> [reasons]     what keeps this run's step out of a CUDA graph
     check_cuda_graph_flag(cfg, device, dist)          `--cuda_graph on` where it cannot: an error before any model loads
-    start_cuda_graph(step, example_indices)           capture, then check two replayed steps against two eager ones
+    start_cuda_graph(step, example_indices)           two eager steps, the capture, two replayed steps, compared
     capture_cuda_graph(step, example_indices) -> replay(indices)
     snapshot_train_state / restore_train_state        what a step changes, copied and put back in place
 
@@ -13,10 +13,12 @@ error; `off` never captures.
 
 The check runs at the start, on the run's own state: two eager steps from a snapshot, the snapshot put back,
 the capture (whose warm-up steps are put back too), two replayed steps over the same rows, the snapshot put
-back. Replay and eager run the same kernels, so they agree up to the order of floating-point sums in kernels
-that use atomics (attention's backward): losses and gradient norms within 1%, weights within 1% of the eager
-update. A stale input, a random stream that does not advance, an update that is not replayed: each moves them
-much further.
+back. The second step reads other rows than the capture did, so a replay that ignores its input shows. Replay
+and eager run the same kernels, so they agree up to the order of floating-point sums in kernels that use
+atomics (attention's backward): losses and gradient norms within 1%, weights within 1% of the eager update. A
+stale input, a random stream that does not advance, an update that is not replayed: each moves them further.
+The check sees the first replays only: a graph that goes wrong later in a run (after a checkpoint, say) is not
+caught by it.
 """
 
 from __future__ import annotations
@@ -68,17 +70,32 @@ def check_cuda_graph_flag(cfg: TrainConfig, device: torch.device, dist: DistInfo
 
 
 def start_cuda_graph(step: TrainStep, example_indices: torch.Tensor) -> None:
-    """Decide, once at the start, whether `step(indices)` replays a CUDA graph (see the module docstring)."""
+    """Decide, once at the start, whether `step(indices)` replays a CUDA graph (see the module docstring).
+
+    The eager steps run first and their memory is returned before the capture, so the check needs no more
+    memory than the larger of the two. An error in them (out of memory, say) is the eager step's own and is
+    raised; an error while capturing or replaying is the graph's, and falls back to eager."""
     cfg = step.cfg
     if not step.graph_wanted:
         if cfg.cuda_graph == "auto" and step.device.type == "cuda":
             _fall_back("; ".join(graph_blockers(cfg, step.device, step.dist)))
         return
+    rows = step.latents_mean.shape[0]
+    batches = [example_indices, (example_indices + 1) % rows][:CHECK_STEPS]  # the replay must read new indices
+    snapshot = snapshot_train_state(step)
+    eager = _probe(step, step.run_eager, batches)
+    restore_train_state(step, snapshot)
+    replay, problem = None, None
     try:
         replay = capture_cuda_graph(step, example_indices)
-        problem = compare_with_eager(step, replay, example_indices)
     except Exception as error:  # any capture error: the eager step is still there
-        replay, problem = None, f"capturing it failed: {type(error).__name__}: {error}"
+        problem = f"capturing it failed: {type(error).__name__}: {error}"
+    if replay is not None:
+        try:
+            problem = compare(_probe(step, replay, batches), eager, snapshot["params"])
+        except Exception as error:
+            problem = f"replaying it failed: {type(error).__name__}: {error}"
+        restore_train_state(step, snapshot)
     if problem is None:
         step.use_replay(replay)
         return
@@ -94,17 +111,9 @@ def _fall_back(reason: str) -> None:
     warnings.warn(f"--cuda_graph auto: the training step runs eagerly, not from a CUDA graph: {reason}", stacklevel=3)
 
 
-def compare_with_eager(step: TrainStep, replay: Callable[[torch.Tensor], None], example: torch.Tensor) -> str | None:
-    """Two eager steps and two replayed steps from the same state over the same rows; None when they agree,
-    else what differs. The state is put back afterwards."""
-    rows = step.latents_mean.shape[0]
-    batches = [example, (example + 1) % rows][:CHECK_STEPS]  # a second batch: the replay must read new indices
-    snapshot = snapshot_train_state(step)
-    start = [p.detach().clone() for p in step.params]
-    eager = _probe(step, step.run_eager, batches)
-    restore_train_state(step, snapshot)
-    graphed = _probe(step, replay, batches)
-    restore_train_state(step, snapshot)
+def compare(graphed: dict, eager: dict, start: list[torch.Tensor]) -> str | None:
+    """None when the replayed steps (`graphed`) agree with the eager ones from the same weights `start`, else
+    what differs (a host read: once, at the start)."""
     for name in ("loss", "grad_norm", "nonfinite"):
         for index, (ours, reference) in enumerate(zip(graphed[name], eager[name])):
             if not torch.isclose(ours, reference, rtol=RTOL, atol=1e-6, equal_nan=True):
@@ -113,8 +122,8 @@ def compare_with_eager(step: TrainStep, replay: Callable[[torch.Tensor], None], 
     differs = max(float((ours - theirs).abs().max()) for ours, theirs in zip(graphed["params"], eager["params"]))
     if not differs <= RTOL * update + 1e-7:  # `not <=`: NaN fails too
         return (
-            f"after {len(batches)} steps the replayed LoRA weights differ from the eager ones by up to {differs:.3g} "
-            f"(the eager update is up to {update:.3g})"
+            f"after {len(graphed['loss'])} steps the replayed LoRA weights differ from the eager ones by up to "
+            f"{differs:.3g} (the eager update is up to {update:.3g})"
         )
     return None
 
