@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from cxr.config import parse_config
+from cxr.fileio import atomic_write_bytes
 from cxr.perf.bench_context import SECTIONS, BenchConfig, Context, Row, resolve_device_dtype
 from cxr.perf.bench_sections import SECTION_FUNCTIONS
 from cxr.train.step import configure_cuda
@@ -164,7 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, value in result["speedups"].items():
         print(f"{name}: {value:.2f}x")
     if cfg.out:
-        Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            atomic_write_bytes(cfg.out, (json.dumps(result, indent=2) + "\n").encode())
+        except OSError as error:  # a full disk: no partial file is left, an earlier one is kept
+            print(f"error: --out: cannot write {cfg.out} ({error.strerror or error})", file=sys.stderr)
+            raise SystemExit(2) from None
         print(f"wrote {cfg.out}")
     return result
 
