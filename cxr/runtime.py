@@ -4,7 +4,7 @@ Used by training, the benchmark and sampling, so that each of these has one home
     DTYPES / compute_dtype / autocast_dtype   the one dtype table (flag value -> torch dtype)
     DistInfo, setup_device_and_distributed    rank, world size and device (torchrun's env vars)
     barrier, broadcast_object, warn_on_main   rank-aware helpers (no-ops / plain in a single process)
-    gather_object                             every rank's value on every rank (the latent cache's folder check)
+    gather_object, require_shared_folder      every rank's value on every rank; a folder all ranks must see
     synchronize                               wait for the device before reading a clock
     reset_peak_memory, peak_memory_mib        peak memory, measured one way (see peak_memory_mib)
     StopFlag, exit_code                       SIGINT/SIGTERM -> stop at the next step; 130 / 143 on exit
@@ -20,6 +20,7 @@ import resource
 import signal
 import sys
 import threading
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,24 @@ def gather_object(value, info: DistInfo) -> list:
     gathered = [None] * info.world_size
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+def require_shared_folder(folder: Path, flag: str, why: str, info: DistInfo) -> None:
+    """TrainingError on every rank unless every rank sees a file rank 0 writes in `folder` (each rank looks in its
+    own `folder`): on several machines, a folder the ranks exchange files through must be one shared folder."""
+    name = f".cxr-ranks-see-this-{uuid.uuid4().hex}" if info.is_main else None
+    if info.is_main:
+        (folder / name).touch()
+    name = broadcast_object(name, info)
+    seen = gather_object((folder / name).exists(), info)
+    if info.is_main:
+        (folder / name).unlink(missing_ok=True)
+    blind = [rank for rank, sees in enumerate(seen) if not sees]
+    if blind:
+        raise TrainingError(
+            f"{flag} {folder}: rank(s) {blind} do not see the files rank 0 writes there, and {why}; on several "
+            "machines give a folder all of them share at the same path (docs/training.md, several machines)"
+        )
 
 
 # ------------------------------------------------------------------------------------ clocks and memory

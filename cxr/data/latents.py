@@ -28,7 +28,6 @@ import math
 import shutil
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from cxr.data.imageio import (
     to_model_input,
 )
 from cxr.fileio import atomic_path
-from cxr.runtime import DistInfo, TrainingError, barrier, broadcast_object, gather_object
+from cxr.runtime import DistInfo, barrier, broadcast_object, require_shared_folder
 
 CACHE_FORMAT = "cxr-latents/1"
 CHUNK_IMAGES = 1024  # rows per resumable chunk file (32 MiB of mean+std at 256 px)
@@ -166,10 +165,9 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
 def _reorder_header(path: Path) -> None:
     """Rewrite a safetensors file's header in one order (metadata keys sorted, tensors in file order), in place.
 
-    safetensors writes its header from a hash map, in a new order on every write, so the same cache had other
-    bytes on every build. `cxr.fileio.safetensors_bytes` orders the header the same way but builds the whole file
-    in memory; a cache can be tens of GiB, so only the header is rewritten here: the same JSON in another order
-    has the same length."""
+    safetensors writes its header from a hash map, in a new order on every write. `cxr.fileio.safetensors_bytes`
+    orders it the same way but builds the file in memory, and a cache can be tens of GiB: here only the header is
+    rewritten (the same JSON in another order has the same length)."""
     with open(path, "r+b") as handle:
         length = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(length))
@@ -228,10 +226,7 @@ def _encode_rows(
     chunks = _load_chunks(mine, partial_dir, key, chunk_rows, random_flip)
     where = f" (rank {dist.rank} of {dist.world_size})" if dist.enabled else ""
     if chunks:
-        print(
-            f"[cxr] resuming the latent cache: {len(chunks)} of {len(mine)} chunks already encoded{where}",
-            file=sys.stderr,
-        )
+        print(f"[cxr] resuming the latent cache: {len(chunks)} of {len(mine)} chunks encoded{where}", file=sys.stderr)
     encode = dict(preprocess=preprocess, random_flip=random_flip, device=device, batch_size=batch_size)
     missing = [c for c in mine if c not in chunks]
     if missing:
@@ -259,14 +254,8 @@ def _encode_rows(
 
 def _load_chunks(chunk_ids, partial_dir: Path, key: str, chunk_rows: list[int], flip: bool) -> dict[int, tuple]:
     """The complete chunk files among `chunk_ids`, by chunk index."""
-    chunks = {}
-    for chunk in chunk_ids:
-        path = _chunk_path(partial_dir, chunk)
-        if path.exists():
-            loaded = _load_chunk(path, key, chunk_rows[chunk], flip)
-            if loaded is not None:
-                chunks[chunk] = loaded
-    return chunks
+    loaded = {c: _load_chunk(_chunk_path(partial_dir, c), key, chunk_rows[c], flip) for c in chunk_ids}
+    return {chunk: tensors for chunk, tensors in loaded.items() if tensors is not None}
 
 
 def _encode_chunks(
@@ -370,7 +359,8 @@ def build_or_load_latent_cache(
 
     complete = _is_complete(path, key, expected_rows) if dist.is_main else None
     if dist.enabled:
-        complete = _rank0_decision_in_a_shared_folder(cache_dir, complete, dist)
+        require_shared_folder(cache_dir, "--cache_dir", "every rank writes its share of the latent cache there", dist)
+        complete = broadcast_object(complete, dist)  # rank 0's view: the ranks take the same path below
     if complete:
         action = "reused"
         tensors = load_file(str(path))
@@ -431,26 +421,6 @@ def build_or_load_latent_cache(
         key=key,
         relpaths=[r.relpath for r in records],
     )
-
-
-def _rank0_decision_in_a_shared_folder(cache_dir: Path, complete: bool | None, dist: DistInfo) -> bool:
-    """Rank 0's `complete` on every rank, once every rank has seen a file rank 0 wrote in `cache_dir`: the ranks
-    share the encoding through files there, so on several machines it must be one shared folder."""
-    name = f".cxr-ranks-see-this-{uuid.uuid4().hex}" if dist.is_main else None
-    if dist.is_main:
-        (cache_dir / name).touch()
-    name, complete = broadcast_object((name, complete), dist)
-    seen = gather_object((cache_dir / name).exists(), dist)  # each rank's own --cache_dir path
-    if dist.is_main:
-        (cache_dir / name).unlink(missing_ok=True)
-    blind = [rank for rank, sees in enumerate(seen) if not sees]
-    if blind:
-        raise TrainingError(
-            f"--cache_dir {cache_dir}: rank(s) {blind} do not see the files rank 0 writes there, and every rank "
-            "writes its share of the latent cache there; on several machines give a folder all of them share at the "
-            "same path (docs/training.md, several machines)"
-        )
-    return complete
 
 
 def _is_complete(path: Path, key: str, expected_rows: int) -> bool:
