@@ -1,4 +1,5 @@
-"""cxr.data.latents: cache reuse/invalidation (counted VAE encoder calls), crash safety, agreement with diffusers."""
+"""cxr.data.latents: cache reuse/invalidation (counted VAE encoder calls), crash safety, agreement with diffusers,
+the same file bytes from one process and from two torchrun ranks."""
 
 from __future__ import annotations
 
@@ -362,7 +363,7 @@ def test_two_builds_write_the_same_bytes(images, vae, tmp_path):
     """The file's header (safetensors keeps metadata in a hash map, in a new order on every write) is written in
     one order, so a rebuild, or a build shared by torchrun ranks, gives the same file."""
     records = scan_dataset(images, min_image_size=32)
-    first, second = (_build(records, vae, tmp_path / folder) for folder in ("a", "b"))
+    first, _ = (_build(records, vae, tmp_path / folder) for folder in ("a", "b"))
     name = f"{first.key}.safetensors"
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
