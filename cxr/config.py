@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr import DEFAULT_MODEL_ID, DEFAULT_PROMPT
+from cxr.runpaths import RunPaths
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,7 @@ class ConfigError(ValueError):
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and wraps negative values onto that range): sample.py seeds
 # image i with seed + i, so every one of those must lie in it.
 SEED_MAX = 2**64 - 1
-# Training seeds its data order with seed * 1_000_003 + epoch (cxr.train.training.DataOrder), which must stay within
+# Training seeds its data order with seed * 1_000_003 + epoch (cxr.train.step.DataOrder), which must stay within
 # SEED_MAX too: 2**32 - 1 (numpy's seed range) leaves room for ~4e12 epochs.
 TRAIN_SEED_MAX = 2**32 - 1
 
@@ -460,12 +461,17 @@ class TrainConfig:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     @property
+    def run_paths(self) -> RunPaths:
+        """Every path of the run folder, --logging_dir and --cache_dir applied."""
+        return RunPaths.of(self.output_dir, logging_dir=self.logging_dir, cache_dir=self.cache_dir)
+
+    @property
     def resolved_logging_dir(self) -> Path:
-        return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
+        return self.run_paths.logs
 
     @property
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+        return self.run_paths.cache
 
     @property
     def resolved_num_workers(self) -> int:

@@ -4,21 +4,26 @@ Used by training, the benchmark and sampling, so that each of these has one home
     DTYPES / compute_dtype / autocast_dtype   the one dtype table (flag value -> torch dtype)
     DistInfo, setup_device_and_distributed    rank, world size and device (torchrun's env vars)
     barrier, broadcast_object, warn_on_main   rank-aware helpers (no-ops / plain in a single process)
-    synchronize                               wait for the device before reading a clock
+    wrap_ddp                                  the DDP wrapper of a module (None in a single process)
+    synchronize, Throughput                   wait for the device before reading a clock; images/s
     reset_peak_memory, peak_memory_mib        peak memory, measured one way (see peak_memory_mib)
     StopFlag, exit_code                       SIGINT/SIGTERM -> stop at the next step; 130 / 143 on exit
     TrainingError                             a run cannot start or continue (names the flag or file)
+    package_versions                          the versions a run records (cxr, torch, diffusers, ...)
+    check_flags_for_device                    training flags this device or process count cannot honour
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import platform
 import re
 import resource
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed
 
+from cxr.config import TrainConfig
 from cxr.model.loading import pick_device
 
 
@@ -113,6 +119,47 @@ def broadcast_object(value, info: DistInfo):
     return holder[0]
 
 
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device):
+    """`module` in DistributedDataParallel (on cuda: its device) when several processes run, else None."""
+    if not info.enabled:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False,
+        gradient_as_bucket_view=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------- device flags
+
+
+def check_flags_for_device(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> None:
+    """TrainingError naming the flag when --cuda_graph cannot run here or with the other flags given."""
+    if cfg.cuda_graph and cfg.gradient_checkpointing:
+        # Checkpointing stashes and restores the CUDA RNG state inside the captured region, which graph capture
+        # does not support in the torch versions we run (pytorch/pytorch#162504); untested on a GPU, so refused.
+        raise TrainingError(
+            "--cuda_graph: cannot be combined with --gradient_checkpointing (activation "
+            "checkpointing is not graph-safe in this PyTorch); drop one of them: "
+            "--gradient_checkpointing to save memory, --cuda_graph for speed"
+        )
+    if cfg.cuda_graph:
+        if device.type != "cuda":
+            raise TrainingError(f"--cuda_graph: needs a CUDA device but this run is on {device}; drop --cuda_graph")
+        if cfg.mixed_precision == "fp16":
+            raise TrainingError(
+                "--cuda_graph: cannot capture fp16 training (the GradScaler checks for inf on the "
+                "host every step); use --mixed_precision bf16"
+            )
+        if dist.enabled:
+            raise TrainingError("--cuda_graph: not supported with several processes (DDP); drop --cuda_graph")
+        if cfg.torch_compile:
+            raise TrainingError("--cuda_graph: use either --cuda_graph or --torch_compile, not both")
+
+
 # ------------------------------------------------------------------------------------ clocks and memory
 
 
@@ -120,6 +167,21 @@ def synchronize(device) -> None:
     """Wait for the queued CUDA work of `device` (a torch.device or a name); nothing on the CPU."""
     if getattr(device, "type", str(device)) == "cuda":
         torch.cuda.synchronize(device)
+
+
+class Throughput:
+    """Images/s over the steps since the last restart (training: validation and checkpoints restart it)."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step, self.last = images_per_step, float("nan")
+        self.restart()
+
+    def restart(self) -> None:
+        self.started, self.steps = time.perf_counter(), 0
+
+    def measure(self) -> float:
+        self.last = self.steps * self.images_per_step / (time.perf_counter() - self.started)
+        return self.last
 
 
 def _proc_status_kib(key: str) -> int | None:
@@ -181,6 +243,23 @@ class StopFlag:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         return False
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of cxr, torch, diffusers, transformers and Python this process runs (config.json records
+    them)."""
+    import diffusers
+    import transformers
+
+    from cxr import __version__
+
+    return {
+        "cxr": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def exit_code(summary: dict) -> int:

@@ -1,4 +1,4 @@
-"""The adapter's contract (issue 14, items 1, 1b, 6): sampled with what it was trained with, images of the size
+"""The adapter's contract: sampled with what it was trained with, images of the size
 asked for whatever the VAE's downsampling, and a default export that ComfyUI, A1111/Forge, kohya sd-scripts and
 diffusers all load.
 

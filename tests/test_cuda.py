@@ -7,7 +7,8 @@ Written in sessions without a GPU, so these have not run yet. On a GPU machine:
 
 import pytest
 import torch
-from test_training import lora_tensors, make_cfg
+from helpers import lora_tensors  # tests/helpers.py
+from helpers import train_cfg as make_cfg
 
 import cxr.train.step
 from cxr.config import TrainConfig

@@ -14,6 +14,9 @@ input gives a new key (the cache is rebuilt); an unchanged one finds the file.
 Crash safety: rows are encoded in chunks, each chunk written to `cache_dir/<key>.partial/` by temp file +
 `os.replace`; the final file appears (again by `os.replace`) only when every row is in it. A run that is
 interrupted leaves only complete chunk files, and the next run with the same key resumes from them.
+
+A training run's two caches (training and held-out images) come from `run_caches`: rank 0 builds them, the
+other ranks wait and then load them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from cxr.config import TrainConfig, cache_flags
 from cxr.data.dataset import DatasetError, ImageRecord
 from cxr.data.imageio import (
     PREPROCESS_VERSION,
@@ -39,6 +43,7 @@ from cxr.data.imageio import (
     to_model_input,
 )
 from cxr.fileio import atomic_path
+from cxr.runtime import DistInfo, barrier
 
 CACHE_FORMAT = "cxr-latents/1"
 CHUNK_IMAGES = 1024  # rows per resumable chunk file (32 MiB of mean+std at 256 px)
@@ -360,6 +365,38 @@ def build_or_load_latent_cache(
         key=key,
         relpaths=[r.relpath for r in records],
     )
+
+
+def run_caches(
+    cfg: TrainConfig, dist: DistInfo, vae, train_records, val_records, device
+) -> tuple[LatentCache, LatentCache | None]:
+    """The latent caches of a run's training and held-out images (None: no held-out images). Rank 0 builds
+    them (or finds them built) first; the other ranks wait at a barrier, then load what it wrote."""
+    # Every flag declared cache=True goes to the cache (which keys on what it is given); the model id and
+    # revision travel as one `vae_id`, the name the key has always used for them.
+    settings = {name: getattr(cfg, name) for name in cache_flags(TrainConfig)}
+    settings["vae_id"] = f"{settings.pop('model_id')}@{settings.pop('revision') or 'main'}"
+    common = dict(
+        settings,
+        cache_dir=cfg.resolved_cache_dir,
+        device=device,
+        batch_size=cfg.encode_batch_size,
+        num_workers=cfg.resolved_num_workers,
+    )
+
+    def build_or_load():
+        train_cache = build_or_load_latent_cache(train_records, vae, **common)
+        val_cache = None
+        if val_records:  # the held-out images are never mirrored
+            val_cache = build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False})
+        return train_cache, val_cache
+
+    caches = build_or_load() if dist.is_main else None
+    barrier(dist)
+    if not dist.is_main:
+        caches = build_or_load()
+    barrier(dist)
+    return caches
 
 
 def _is_complete(path: Path, key: str, expected_rows: int) -> bool:

@@ -54,6 +54,7 @@ from cxr.config import ConfigError, flag, parse_config
 from cxr.fileio import atomic_write_bytes
 from cxr.perf.gpucheck_env import fetch_wheels, install_line, missing_modules, versions
 from cxr.perf.gpucheck_report import render_markdown
+from cxr.runpaths import RunPaths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -460,10 +461,10 @@ def compare_adapters(args: dict) -> dict:
         return {"tensors": len(a), "bit_identical": equal, "max_abs_diff": max(diffs), "max_abs_value": scale}
 
     result = {}
-    a, b = (Path(p) / "lora_unet" / DIFFUSERS_WEIGHT_NAME for p in (args["straight"], args["resumed"]))
+    a, b = (RunPaths.of(p).adapter / DIFFUSERS_WEIGHT_NAME for p in (args["straight"], args["resumed"]))
     result["final_adapter"] = compare(load_file(a), load_file(b))
     half = args["half"]
-    checkpoints = [Path(p) / "checkpoints" / f"checkpoint-{half}" for p in (args["straight"], args["resumed"])]
+    checkpoints = [RunPaths.of(p).checkpoint(half) for p in (args["straight"], args["resumed"])]
     if all(c.is_dir() for c in checkpoints):
         result["half_way_checkpoint"] = compare(*(load_checkpoint(c).lora for c in checkpoints))
     return result
@@ -517,7 +518,7 @@ def section_real_path(check: Check) -> None:
     )
     if child.returncode != 0:
         return finish(*_failure(child, "train.py (straight run)"))
-    summary = json.loads((straight / "summary.json").read_text())
+    summary = json.loads(RunPaths.of(straight).summary.read_text())
     steps_done["train"] = {
         "seconds": child.seconds,
         "steps": summary.get("steps"),
@@ -554,7 +555,7 @@ def section_real_path(check: Check) -> None:
         return finish(*_failure(child, "train.py --resume_from_checkpoint latest"))
     steps_done["resume"] = {
         "seconds": child.seconds,
-        "start_step": json.loads((resumed / "summary.json").read_text()).get("start_step"),
+        "start_step": json.loads(RunPaths.of(resumed).summary.read_text()).get("start_step"),
     }
     try:  # in this process (torch is imported by the import check): reading two small files cannot hang
         steps_done["resume"].update(
@@ -564,7 +565,7 @@ def section_real_path(check: Check) -> None:
         return finish("failed", f"comparing the adapters: {type(error).__name__}: {error}")
     check.write()
 
-    child, sample_note = _run_sample(check, model_dir, resumed / "lora_unet", left)
+    child, sample_note = _run_sample(check, model_dir, RunPaths.of(resumed).adapter, left)
     if child.returncode != 0:
         return finish(*_failure(child, "sample.py"))
     match = SPEED_LINE.search(child.output)

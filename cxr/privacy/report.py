@@ -34,6 +34,7 @@ from pathlib import Path
 from cxr import __version__
 from cxr.config import TrainConfig, check_choices, flag, parse_config, require, result_flags
 from cxr.fileio import atomic_write_bytes, file_sha256
+from cxr.runpaths import RunPaths
 
 EXIT_OK, EXIT_USAGE = 0, 2
 CURVE_TAGS = ("train/loss", "val/loss", "train/lr", "train/grad_norm")
@@ -100,7 +101,7 @@ def adapter_facts(run_dir: Path) -> dict:
     from cxr.model.adapter_files import resolve_adapter_file
     from cxr.model.lora import AdapterError
 
-    folder = Path(run_dir) / "lora_unet"
+    folder = RunPaths.of(run_dir).adapter
     try:
         loaded = resolve_adapter_file(folder)
     except AdapterError as error:
@@ -173,9 +174,9 @@ def _same_folder(a, b) -> bool:
 def gather_facts(cfg: ReportConfig) -> dict:
     """Everything the page shows, as a JSON-ready dict (written beside the page). Raises ReportError."""
     run_dir, samples_dir, audit_dir = Path(cfg.run), Path(cfg.samples), Path(cfg.audit)
-    run_config = _read_json(run_dir / "config.json", "run", "give a training run's --output_dir")
+    run_config = _read_json(RunPaths.of(run_dir).config, "run", "give a training run's --output_dir")
     train_flags = run_config.get("config", {})
-    manifest_path = run_dir / "manifest.json"
+    manifest_path = RunPaths.of(run_dir).manifest
     manifest_sha = file_sha256(manifest_path) if manifest_path.is_file() else None
     adapter = adapter_facts(run_dir)
     index = _read_json(samples_dir / "index.json", "samples", "give the folder sample.py wrote (it holds index.json)")
@@ -219,9 +220,9 @@ def gather_facts(cfg: ReportConfig) -> dict:
     if counts.get("samples") is not None and counts["samples"] != image_count:
         warnings_list.append(f"The audit covered {counts['samples']} images; the sample folder indexes {image_count}.")
 
-    log_dir = Path(train_flags.get("logging_dir") or run_dir / "logs")
+    log_dir = RunPaths.of(run_dir, logging_dir=train_flags.get("logging_dir")).logs
     if not log_dir.is_absolute() and not log_dir.exists():
-        log_dir = run_dir / "logs"
+        log_dir = RunPaths.of(run_dir).logs
     return {
         "report": {
             "cxr_version": __version__,
