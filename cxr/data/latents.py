@@ -314,13 +314,9 @@ def build_or_load_latent_cache(
         action = "reused"
         tensors = load_file(str(path))
     else:
-        partial_dir = cache_dir / f"{key}.partial"
-        partial_dir.mkdir(exist_ok=True)
-        chunks = _encode_rows(
-            unique,
-            vae,
-            key,
-            partial_dir,
+        action = "built"
+        header = _cache_header(key, unique, vae, preprocess, random_flip, vae_id, fingerprint, scaling_factor)
+        encode = dict(
             preprocess=preprocess,
             random_flip=random_flip,
             device=device,
@@ -328,25 +324,7 @@ def build_or_load_latent_cache(
             num_workers=num_workers,
             chunk_images=chunk_images,
         )
-        mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
-        std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
-        metadata = {
-            "format": CACHE_FORMAT,
-            "key": key,
-            **preprocess.metadata(),
-            "random_flip": str(random_flip),
-            "vae_id": str(vae_id),
-            "vae_sha256": fingerprint,
-            "vae_dtype": str(vae.dtype),
-            "scaling_factor": repr(scaling_factor),
-            "preprocess": PREPROCESS_VERSION,
-            "num_images": str(len(unique)),
-            "content_sha256": json.dumps([r.sha256 for r in unique]),
-        }
-        _atomic_save({"mean": mean.contiguous(), "std": std.contiguous()}, path, metadata)
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        tensors = {"mean": mean, "std": std}
-        action = "built"
+        tensors = _build_cache_file(path, unique, vae, header, **encode)
 
     size = path.stat().st_size
     print(
@@ -354,6 +332,28 @@ def build_or_load_latent_cache(
         f"{size / 2**20:.1f} MiB, {size / len(unique) / 1024:.1f} KiB per image)",
         file=sys.stderr,
     )
+    return _in_record_order(tensors, records, unique, random_flip, scaling_factor, key)
+
+
+def _cache_header(key, unique, vae, preprocess: Preprocess, random_flip, vae_id, fingerprint, scaling_factor) -> dict:
+    """The cache file's header: its key and every input of it, readable without the key's hash."""
+    return {
+        "format": CACHE_FORMAT,
+        "key": key,
+        **preprocess.metadata(),
+        "random_flip": str(random_flip),
+        "vae_id": str(vae_id),
+        "vae_sha256": fingerprint,
+        "vae_dtype": str(vae.dtype),
+        "scaling_factor": repr(scaling_factor),
+        "preprocess": PREPROCESS_VERSION,
+        "num_images": str(len(unique)),
+        "content_sha256": json.dumps([r.sha256 for r in unique]),
+    }
+
+
+def _in_record_order(tensors: dict, records: list, unique: list, random_flip, scaling_factor, key) -> LatentCache:
+    """The cache's rows (one per distinct content, then the mirrored ones) as rows of `records`, in their order."""
     row_of = {r.sha256: i for i, r in enumerate(unique)}
     index = torch.tensor([row_of[r.sha256] for r in records])
     if random_flip:
@@ -397,6 +397,20 @@ def run_caches(
         caches = build_or_load()
     barrier(dist)
     return caches
+
+
+def _build_cache_file(path: Path, unique: list, vae, header: dict[str, str], *, random_flip: bool, **encode) -> dict:
+    """Encode `unique` chunk by chunk (finished chunks of an interrupted build are reused) and write the cache
+    file `path` with `header`; returns its tensors. `encode`: `_encode_rows`' settings."""
+    key = header["key"]
+    partial_dir = path.parent / f"{key}.partial"
+    partial_dir.mkdir(exist_ok=True)
+    chunks = _encode_rows(unique, vae, key, partial_dir, random_flip=random_flip, **encode)
+    mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
+    std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
+    _atomic_save({"mean": mean.contiguous(), "std": std.contiguous()}, path, header)
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    return {"mean": mean, "std": std}
 
 
 def _is_complete(path: Path, key: str, expected_rows: int) -> bool:
