@@ -17,6 +17,8 @@ No NaN/inf is ever saved: `save_checkpoint` checks the LoRA and optimizer tensor
 (NonFiniteError). A failed write (full disk: OSError, safetensors' SafetensorError, torch.save's RuntimeError)
 removes the `.tmp` folder and is raised as OSError. A finite checkpoint whose weights then gave a NaN/inf loss
 is marked with `mark_nonfinite` (a NONFINITE file; nothing is deleted) and skipped by `latest` like a corrupt one.
+After a NaN/inf loss or gradient, `stop_nonfinite` marks the run's checkpoints whose weights led there
+(`recover_from_nonfinite`, with `RunCheckpoints`: what the run saved) and stops it with NonFiniteLossError.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Everything before a training run's first step: `setup(cfg, held) -> TrainRun`, what the run holds.
 
 setup(cfg, held)
-  device, DDP process group; flags the device cannot honour     cxr.runtime
-  the output folder claimed (writable, locked), the checkpoint
-  to resume found, an earlier run kept apart                     cxr.train.rundir
-  the train/held-out split and the manifest (rank 0)             prepare_data -> cxr.data.runsplit
-  the base model with LoRA, the prompt embeddings, the caches    cxr.model.loading, cxr.data.latents
-  the step and its data order                                    cxr.train.step
+  the device and the DDP process group; flags this device cannot honour         cxr.runtime
+  the output folder claimed (writable, locked), the checkpoint to resume,
+  an earlier run in the folder kept apart                                       cxr.train.rundir
+  the train/held-out split and the manifest (rank 0)                            cxr.data.runsplit
+  the base model with LoRA, the prompt embeddings, the latent caches            cxr.model.loading, cxr.data.latents
+  the step and its data order                                                   cxr.train.step
 """
 
 from __future__ import annotations
