@@ -2,7 +2,6 @@
 
 Used by training, the benchmark and sampling, so that each of these has one home:
     DTYPES / compute_dtype / autocast_dtype   the one dtype table (flag value -> torch dtype)
-    pick_device                               the --device flag's device
     DistInfo, setup_device_and_distributed    rank, world size and device (torchrun's env vars)
     barrier, broadcast_object, warn_on_main   rank-aware helpers (no-ops / plain in a single process)
     wrap_ddp                                  the DDP wrapper of a module (None in a single process)
@@ -33,6 +32,7 @@ import torch
 import torch.distributed
 
 from cxr.config import TrainConfig
+from cxr.model.loading import pick_device
 
 
 class TrainingError(RuntimeError):
@@ -70,17 +70,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """The --device flag's device: `auto` is CUDA when available, else the CPU; a CUDA device on a machine
-    without CUDA is an error naming the flag."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 def setup_device_and_distributed(device_name: str, timeout_minutes: int = 180) -> tuple[DistInfo, torch.device]:

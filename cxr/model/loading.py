@@ -107,3 +107,14 @@ def read_vae_scale_factor(model_id: str, revision: str | None = None) -> int:
             "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5; log in with `hf auth login` if it is gated)."
         ) from error
     return vae_scale_factor(config)
+
+
+def pick_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device

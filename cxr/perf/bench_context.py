@@ -17,10 +17,10 @@ from cxr import DEFAULT_PROMPT
 from cxr.config import ConfigError, TrainConfig, check_choices, flag
 from cxr.data.latents import encode_prompt
 from cxr.model import ddpm
-from cxr.model.loading import vae_scale_factor
+from cxr.model.loading import pick_device, vae_scale_factor
 from cxr.model.lora import inject_lora, lora_parameters
 from cxr.model.tiny import build_components
-from cxr.runtime import DTYPES, DistInfo, peak_memory_mib, pick_device, reset_peak_memory, synchronize
+from cxr.runtime import DTYPES, DistInfo, peak_memory_mib, reset_peak_memory, synchronize
 from cxr.train.step import DataOrder, TrainStep, build_train_step
 
 SECTIONS = ("peak", "flops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")

@@ -54,11 +54,11 @@ from cxr.config import TrainConfig, check_choices, flag, parse_config, recorded_
 from cxr.data.dataset import read_manifest, records_from_manifest
 from cxr.data.imageio import Preprocess, thumbnail
 from cxr.fileio import check_writable
+from cxr.model.loading import pick_device
 from cxr.privacy.embedding import embedding_search
 from cxr.privacy.imagemetrics import ssim
 from cxr.privacy.imagesets import draw_gallery, list_images, load_thumbnails
 from cxr.privacy.ncc import best_matches, calibrate_threshold, standardize_in_place
-from cxr.runtime import pick_device
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
 # Held-out images needed before a calibrated threshold is trusted. A new real image exceeds the k-th largest of n

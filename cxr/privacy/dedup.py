@@ -190,10 +190,10 @@ def find_duplicates(cfg: DedupConfig) -> dict:
     import torch
 
     from cxr.data.imageio import Preprocess
+    from cxr.model.loading import pick_device
     from cxr.privacy.audit import score_histogram
     from cxr.privacy.imagesets import draw_gallery, load_thumbnails
     from cxr.privacy.ncc import best_matches, standardize
-    from cxr.runtime import pick_device
 
     started = time.time()
     device = pick_device(cfg.device)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from cxr.config import check_choices, flag, parse_config, require, to_dict
 from cxr.data.imageio import Preprocess, thumbnail
 from cxr.fileio import atomic_write_bytes, check_writable_file
+from cxr.model.loading import pick_device
 from cxr.privacy.imagemetrics import (
     feature_statistics,
     frechet_distance,
@@ -45,7 +46,6 @@ from cxr.privacy.imagemetrics import (
     ms_ssim,
 )
 from cxr.privacy.imagesets import list_images
-from cxr.runtime import pick_device
 
 EXIT_OK, EXIT_USAGE = 0, 2
 TORCHVISION_INCEPTION_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"

@@ -43,9 +43,9 @@ from cxr.config import SampleConfig, TrainConfig, to_dict
 from cxr.fileio import check_writable
 from cxr.model.adapter_files import load_adapter
 from cxr.model.ddpm import PREDICTION_TYPES
-from cxr.model.loading import resolve_model_id
+from cxr.model.loading import pick_device, resolve_model_id
 from cxr.model.lora import AdapterError, merge_lora
-from cxr.runtime import DTYPES, pick_device
+from cxr.runtime import DTYPES
 from cxr.sample.samplefolder import (
     IMAGE_PREFIX,
     SamplingError,
