@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import types
 
@@ -33,6 +34,8 @@ class ConfigError(ValueError):
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and wraps negative values onto that range): sample.py seeds
 # image i with seed + i, so every one of those must lie in it.
 SEED_MAX = 2**64 - 1
+# An adapter file name: shown in every tool's LoRA list and typed into A1111 prompts (<lora:NAME:1>).
+OUTPUT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*(?<!\.safetensors)"
 # Training seeds its data order with seed * 1_000_003 + epoch (cxr.train.step.DataOrder), which must stay within
 # SEED_MAX too: 2**32 - 1 (numpy's seed range) leaves room for ~4e12 epochs.
 TRAIN_SEED_MAX = 2**32 - 1
@@ -229,6 +232,21 @@ def require(condition: bool, name: str, message: str) -> None:
         raise ConfigError(f"--{name}: {message}")
 
 
+def check_output_name(given: str, resolved: str) -> None:
+    """--output_name names the adapter file in every tool's LoRA list and in A1111 prompts (<lora:NAME:1>)."""
+    require(
+        not given or re.fullmatch(OUTPUT_NAME_PATTERN, given) is not None,
+        "output_name",
+        f"{given!r} is not a file name of letters, digits, '.', '_' and '-' (starting with a letter or digit, without "
+        ".safetensors): it names the adapter file in every tool's LoRA list",
+    )
+    require(
+        resolved != "pytorch_lora_weights",
+        "output_name",
+        "pytorch_lora_weights is the name of the diffusers-format file; choose another",
+    )
+
+
 def check_finite(config) -> None:
     """Every float flag is a finite number: `inf` and `nan` parse as floats but no flag means them."""
     import math
@@ -338,11 +356,16 @@ class TrainConfig:
         "to_q,to_k,to_v,to_out.0", "comma-separated attention projections to wrap in every attn1/attn2", result=True
     )
     export_format: str = flag(
-        "both",
-        "adapter file(s) written to OUTPUT_DIR/lora_unet: kohya (cxr_lora_kohya.safetensors: ComfyUI, A1111/Forge, "
-        "kohya sd-scripts, diffusers), diffusers (pytorch_lora_weights.safetensors, peft keys: diffusers and peft "
-        "only) or both",
-        ("diffusers", "kohya", "both"),
+        "kohya",
+        "adapter format(s) written to OUTPUT_DIR/lora_unet: kohya (OUTPUT_NAME.safetensors: ComfyUI, A1111/Forge, "
+        "kohya sd-scripts and diffusers all load it), diffusers (pytorch_lora_weights.safetensors, peft keys: "
+        "diffusers and peft only) or both",
+        ("kohya", "diffusers", "both"),
+    )
+    output_name: str = flag(
+        "",
+        "name of the adapter file (OUTPUT_NAME.safetensors) and its title in other tools (A1111's <lora:NAME:1>, "
+        "ss_output_name, modelspec.title); letters, digits, '.', '_', '-'; default: the --output_dir folder's name",
     )
     # --- optimisation ---
     train_batch_size: int = flag(16, "images per step per GPU", result=True)
@@ -449,6 +472,7 @@ class TrainConfig:
             "checkpoints_total_limit",
             f"must be > 0, got {self.checkpoints_total_limit}",
         )
+        check_output_name(self.output_name, self.resolved_output_name)
         require(
             not (self.overwrite_output_dir and self.resume_from_checkpoint),
             "overwrite_output_dir",
@@ -464,6 +488,14 @@ class TrainConfig:
     def run_paths(self) -> RunPaths:
         """Every path of the run folder, --logging_dir and --cache_dir applied."""
         return RunPaths.of(self.output_dir, logging_dir=self.logging_dir, cache_dir=self.cache_dir)
+
+    @property
+    def resolved_output_name(self) -> str:
+        """--output_name, or the output folder's name with anything but letters, digits, '.', '_', '-' as '_'."""
+        if self.output_name:
+            return self.output_name
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(self.output_dir).resolve().name).lstrip("._-")
+        return name.removesuffix(".safetensors") or "cxr-lora"
 
     @property
     def resolved_logging_dir(self) -> Path:

@@ -1,5 +1,5 @@
 """Helpers the test files share (their fixtures are in conftest.py): tiny training and sampling configs, the
-training step on the tiny UNet, a checkpoint of a toy model, an adapter's tensors, DICOM files.
+training step on the tiny UNet, a checkpoint of a toy model, PNGs and an adapter's tensors, DICOM files.
 
 tests/ is on sys.path (pytest's rootdir conftest), so a test file imports them with `from helpers import ...`.
 """
@@ -119,11 +119,26 @@ def save_toy_checkpoint(root, step, limit=None, value=1.0) -> Path:
     )
 
 
+def pngs(folder) -> list[str]:
+    """The PNG file names in `folder`, sorted (none when it does not exist)."""
+    return sorted(p.name for p in Path(folder).glob("*.png")) if Path(folder).exists() else []
+
+
+def pixels(path) -> np.ndarray:
+    """An image file's pixels as int64 (differences cannot wrap around)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image).astype(np.int64)
+
+
 def lora_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """The tensors of the diffusers-format adapter file in `adapter_dir`."""
+    """The tensors of the adapter file in `adapter_dir` that sample.py loads."""
     from safetensors.torch import load_file
 
-    return load_file(Path(adapter_dir) / "pytorch_lora_weights.safetensors")
+    from cxr.model.adapter_files import resolve_adapter_file
+
+    return load_file(resolve_adapter_file(adapter_dir))
 
 
 # -------------------------------------------------------------------------------------------------- DICOM

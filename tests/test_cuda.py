@@ -149,7 +149,9 @@ def test_an_lr_set_between_replays_is_the_lr_the_replay_applies(tiny_unet):
         torch.cuda.synchronize()
         for param, old in zip(step.params, before):
             expected = _adamw_update(step.optimizer, param, old, lr)
-            torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-8)
+            # atol: a few float32 ulps of weights near 1 (the fused kernel and the formula round differently:
+            # 1.9e-8 seen on an H200); an update at a wrong LR differs by about that LR (>= 5e-4 here).
+            torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-6)
         if lr == 0.0:
             assert all(torch.equal(p.detach(), old) for p, old in zip(step.params, before))
 

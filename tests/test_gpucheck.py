@@ -307,3 +307,20 @@ def test_a_budget_that_is_not_a_positive_number_is_refused(value, capsys):
         gpucheck.main(["--budget_s", value, "--out", "/nonexistent/never-written"])
     assert exit_info.value.code == 2
     assert f"--budget_s: must be a finite number of seconds > 0, got {float(value)}" in capsys.readouterr().err
+
+
+def test_make_current_accepts_a_cuda_device_without_an_index(monkeypatch):
+    """`--device cuda` (no index) reached torch.cuda.set_device, which refuses it; an index is passed through."""
+    import torch
+
+    from cxr.perf.gpucheck_children import make_current
+
+    chosen = []
+
+    def set_device(device):  # torch's own argument check, without a GPU
+        chosen.append(torch.cuda._utils._get_device_index(device))
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    make_current(torch.device("cuda"))
+    make_current(torch.device("cuda", 1))
+    assert chosen == [1]

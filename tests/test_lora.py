@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.model import adapter_files, lora
+from cxr.model import adapter_convert, adapter_files, lora
 from cxr.model.lora import AdapterError
 
 RANK, ALPHA = 4, 8.0  # rank != alpha on purpose: a lost alpha shows up as a 2x wrong update
@@ -396,10 +396,12 @@ def test_conversion_command_round_trip_is_byte_stable(tiny_model_dir, tmp_path, 
     )
     kohya_file = tmp_path / "k.safetensors"
     assert (
-        adapter_files.main(["to-kohya", str(tmp_path / "orig" / adapter_files.DIFFUSERS_WEIGHT_NAME), str(kohya_file)])
+        adapter_convert.main(
+            ["to-kohya", str(tmp_path / "orig" / adapter_files.DIFFUSERS_WEIGHT_NAME), str(kohya_file)]
+        )
         == 0
     )
-    assert adapter_files.main(["to-diffusers", str(kohya_file), str(tmp_path / "back")]) == 0
+    assert adapter_convert.main(["to-diffusers", str(kohya_file), str(tmp_path / "back")]) == 0
     assert str(kohya_file) in capsys.readouterr().out
     for original, converted in (
         (saved[1], kohya_file),

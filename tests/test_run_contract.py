@@ -31,6 +31,7 @@ from cxr.config import (
     result_flags,
     to_dict,
 )
+from cxr.model.export import adapter_metadata
 from cxr.runtime import check_flags_for_device
 from cxr.train import training
 from cxr.train.setup import prepare_data
@@ -78,6 +79,7 @@ NEVER_WARN = (
     "num_validation_images",
     "validation_inference_steps",
     "export_format",
+    "output_name",
     "resume_from_checkpoint",
     "ddp_timeout_minutes",
     "dataset_dir",
@@ -203,7 +205,7 @@ def test_adapter_metadata_holds_every_result_flag_under_the_names_readers_use(ti
         lora_dropout=0.1,
         max_images=None,
     )
-    metadata = training._adapter_metadata(cfg, 7, "abc", "epsilon")
+    metadata = adapter_metadata(cfg, 7, "abc", "epsilon")
     # The keys and formats written before (sample.py and users read them) are unchanged.
     assert {
         k: metadata[k]

@@ -14,24 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import sample_cfg as make_cfg  # tests/helpers.py
+from helpers import pixels, pngs  # tests/helpers.py
+from helpers import sample_cfg as make_cfg
 from PIL import Image
 
 from cxr.config import SCHEDULERS
+from cxr.model.provenance import folder_fingerprint
 from cxr.sample.samplefolder import SYNTHETIC_NOTE
 from cxr.sample.sampling import SamplingError, generate_batch, load_pipeline, make_scheduler, sample_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "chest x-ray, normal"
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image).astype(np.int64)
-
-
-def pngs(folder) -> list[str]:
-    return sorted(p.name for p in Path(folder).glob("*.png")) if Path(folder).exists() else []
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -135,8 +128,10 @@ def test_metadata_index_and_contact_sheet(tiny_model_dir, adapter_dir, tmp_path)
     adapter_file = adapter_dir / "pytorch_lora_weights.safetensors"
     text = Image.open(result.paths[1]).text
     assert text["seed"] == "11" and text["index"] == "1" and text["base_seed"] == "10"
-    assert text["base_model"] == str(tiny_model_dir)
-    assert text["adapter"] == str(adapter_dir)
+    # Shared with the images: the base model folder's name and fingerprint, the adapter file's name; no local path.
+    assert text["base_model"] == tiny_model_dir.name
+    assert text["base_model_sha256"] == folder_fingerprint(tiny_model_dir)
+    assert text["adapter"] == adapter_file.name
     assert text["adapter_sha256"] == hashlib.sha256(adapter_file.read_bytes()).hexdigest()
     assert (text["lora_scale"], text["scheduler"], text["steps"], text["guidance_scale"]) == (
         "0.5",
@@ -383,7 +378,7 @@ def test_adapter_trained_by_train_loads_and_changes_the_output(tiny_model_dir, p
             log_every=1,
         )
     )
-    adapter_file = run_dir / "lora_unet" / "pytorch_lora_weights.safetensors"
+    adapter_file = run_dir / "lora_unet" / f"{run_dir.name}.safetensors"  # train.py's default: one kohya file
     assert adapter_file.is_file()
     base_pipe.scheduler = make_scheduler("dpm++", base_pipe.scheduler.config)
     base = generate(base_pipe, [0, 1], steps=2)

@@ -204,7 +204,7 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     out = tmp_path / "run"
     assert summary["steps"] == 4 and not summary["interrupted"]
     assert [s for s, _ in checkpoint_dirs(out / "checkpoints")] == [4]  # rotation kept the newest only
-    for name in ("manifest.json", "config.json", "lora_unet/pytorch_lora_weights.safetensors"):
+    for name in ("manifest.json", "config.json", "lora_unet/run.safetensors", "lora_unet/README.md"):
         assert (out / name).is_file(), name
     import json
 
@@ -237,7 +237,8 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     assert info.metadata["cxr.manifest_sha256"] == manifest_sha == summary["manifest_sha256"]
     assert info.metadata["cxr.steps"] == "4" and info.metadata["cxr.resolution"] == "64"
     assert info.metadata["cxr.pad_to_square"] == "False" and info.metadata["cxr.intensity_clip_percent"] == "0.0"
-    assert info.metadata["cxr.base_model"] == str(tiny_model_dir) and info.metadata["cxr.prompt"] == cfg.prompt
+    assert info.metadata["cxr.base_model"] == tiny_model_dir.name and info.metadata["cxr.prompt"] == cfg.prompt
+    assert len(info.metadata["cxr.base_model_sha256"]) == 64  # a local folder: its name and content fingerprint
     assert written["resolved"]["prediction_type"] == "epsilon"
     from cxr.model.lora import lora_state_dict
 

@@ -251,9 +251,9 @@ def run_child(command: list[str], *, timeout: float, log: Path, title: str, env:
                         lines.append(f"gpucheck: saving a row failed: {type(error).__name__}: {error}\n")
 
     reader = threading.Thread(target=read, daemon=True)
-    reader.start()
     timed_out = False
     try:
+        reader.start()
         try:
             process.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
@@ -266,7 +266,8 @@ def run_child(command: list[str], *, timeout: float, log: Path, title: str, env:
     finally:
         _kill_group(process, signal.SIGKILL)  # what it left behind (DataLoader workers, compile workers)
         process.wait()
-        reader.join(timeout=5)
+        if reader.ident is not None:  # started
+            reader.join(timeout=5)
     text = "".join(lines)
     seconds = time.perf_counter() - started
     with open(log, "a", encoding="utf-8") as handle:

@@ -91,6 +91,15 @@ def built_on(device, build):
         return build()
 
 
+def make_current(device) -> None:
+    """Make `device` the current CUDA device. torch.cuda.set_device refuses a device without an index (`cuda`):
+    that one means the current device already."""
+    import torch
+
+    if device.index is not None:
+        torch.cuda.set_device(device.index)
+
+
 def _step_state(args: dict):
     """(ctx, state, builder): our step's state on the chosen architecture with random weights (models built on
     the device), its FLOPs per image emitted, the VAE and text encoder freed as train() frees them; `builder(on,
@@ -117,7 +126,7 @@ def _step_state(args: dict):
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device_dtype(cfg)
     if cuda:
-        torch.cuda.set_device(device)
+        make_current(device)
     ctx = Context(cfg, device, dtype)
 
     def models():

@@ -66,7 +66,7 @@ def section_real_path(check: Check) -> None:
     entry["mode_reason"] = "forced on (train.py's CUDA graph)" if cfg.on_cuda else "CPU: CUDA graphs need CUDA"
     total, half = cfg.train_steps, cfg.train_steps // 2
     common = _train_argv(cfg, work, data_dir, model_dir)
-    straight, second, resumed = (work / f"run-{name}" for name in ("straight", "second", "resumed"))
+    straight, resumed = work / "run-straight", work / "run-resumed"
 
     title = f"real path: train.py, {total} steps, {entry['mode']}"
     child = check.run([sys.executable, "train.py", *common, "--output_dir", str(straight)], timeout=left(), title=title)
@@ -92,9 +92,30 @@ def section_real_path(check: Check) -> None:
     summary = json.loads(RunPaths.of(resumed).summary.read_text())
     save("resume", {"seconds": child.seconds, "start_step": summary.get("start_step")})
 
-    comparison = {"resumed_vs_straight": compare_checkpoints(straight, resumed, total)}
+    verdict, reason = _compare_runs(check, entry, common, work, left)
+    entry["resume_verdict"] = {"status": verdict, "reason": reason}
+    check.write()
+
+    child, note = _run_sample(check, model_dir, RunPaths.of(resumed).adapter, left)
+    if child.returncode != 0:
+        status, why = failure(child, "sample.py")
+        return finish(status if verdict == "ok" else verdict, "; ".join(filter(None, [reason, why])))
+    match = SPEED_LINE.search(child.output)
+    speed = float(match.group(1)) if match else None
+    figures = {"seconds": child.seconds, "images": cfg.sample_images, "steps": cfg.sample_steps or "default"}
+    save("sample", {**figures, "images_per_s": speed, "note": note})
+    finish(verdict, reason)
+
+
+def _compare_runs(check: Check, entry: dict, common: list[str], work: Path, left) -> tuple[str, str]:
+    """Compare the resumed run with the straight one (final and half-way checkpoints); when they differ, make a
+    second straight run for the run-to-run difference. Saves the comparison; returns the resume verdict."""
+    total, half = check.cfg.train_steps, check.cfg.train_steps // 2
+    straight, resumed, second = (work / f"run-{name}" for name in ("straight", "resumed", "second"))
+    steps = entry["steps"]
+    comparison = steps["comparison"] = {"resumed_vs_straight": compare_checkpoints(straight, resumed, total)}
     comparison["resumed_vs_straight_half_way"] = compare_checkpoints(straight, resumed, half)
-    save("comparison", comparison)
+    check.write()
     if comparison["resumed_vs_straight"].get("max_abs_diff") != 0.0:
         title = f"real path: a second straight run, {total} steps (the run-to-run difference)"
         argv = [*common, "--output_dir", str(second)]
@@ -104,27 +125,8 @@ def section_real_path(check: Check) -> None:
         else:
             comparison["second_vs_straight"] = compare_checkpoints(straight, second, total)
             steps["train"].update(second_run_peak_memory=child.result.get("peak_memory"))
-        save("comparison", comparison)
-    verdict, reason = resume_verdict(comparison)
-    entry["resume_verdict"] = {"status": verdict, "reason": reason}
-    check.write()
-
-    child, note = _run_sample(check, model_dir, RunPaths.of(resumed).adapter, left)
-    if child.returncode != 0:
-        status, why = failure(child, "sample.py")
-        return finish(status if verdict == "ok" else verdict, "; ".join(filter(None, [reason, why])))
-    match = SPEED_LINE.search(child.output)
-    save(
-        "sample",
-        {
-            "seconds": child.seconds,
-            "images": cfg.sample_images,
-            "steps": cfg.sample_steps or "default",
-            "images_per_s": float(match.group(1)) if match else None,
-            "note": note,
-        },
-    )
-    finish(verdict, reason)
+        check.write()
+    return resume_verdict(comparison)
 
 
 def _train_figures(child, out: Path) -> dict:

@@ -34,6 +34,7 @@ from pathlib import Path
 from cxr import __version__
 from cxr.config import TrainConfig, check_choices, flag, parse_config, require, result_flags
 from cxr.fileio import atomic_write_bytes, file_sha256
+from cxr.model.provenance import shared_name, without_local_paths
 from cxr.runpaths import RunPaths
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -171,6 +172,47 @@ def _same_folder(a, b) -> bool:
         return False
 
 
+def _consistency_warnings(
+    run_config: dict, manifest_sha: str | None, adapter: dict, index: dict, audit: dict, samples_dir: Path
+) -> list[str]:
+    """What does not fit together: samples of another adapter, a changed manifest, an audit of other samples or
+    with an uncalibrated threshold."""
+    warnings_list = []
+    settings = index.get("settings", {})
+    if settings.get("adapter_sha256") != adapter["sha256"]:
+        warnings_list.append(
+            f"The samples were not made by this run's adapter: index.json records adapter sha256 "
+            f"{settings.get('adapter_sha256')!r}, the run's {adapter['loaded_by_sample_py']} is {adapter['sha256']!r}."
+        )
+    if manifest_sha and run_config.get("manifest_sha256") not in (None, manifest_sha):
+        warnings_list.append(
+            "The run's manifest.json changed after training started (its sha256 differs from the "
+            "one recorded in config.json)."
+        )
+    if manifest_sha and adapter["metadata"].get("cxr.manifest_sha256") not in (None, manifest_sha):
+        warnings_list.append("The adapter was trained on another manifest than the run's manifest.json.")
+    audited = audit.get("config", {}).get("samples_dir")
+    if audited and not _same_folder(audited, samples_dir):
+        warnings_list.append(
+            f"The audit was run on the folder {shared_name(audited)!r}, not on the released samples "
+            f"{shared_name(samples_dir)!r}."
+        )
+    counts = audit.get("counts", {})
+    calibration = audit.get("calibration") or {}
+    if not audit.get("threshold", {}).get("calibrated", False):
+        warnings_list.append("The audit threshold was not calibrated on held-out images.")
+    elif calibration and not calibration.get("sufficient", True):
+        warnings_list.append(
+            f"The audit threshold was calibrated on only {calibration.get('holdout_images')} held-out "
+            f"images; quantile {calibration.get('quantile')} needs at least "
+            f"{calibration.get('min_holdout_images')} to mean what it says."
+        )
+    image_count = len(index.get("images", []))
+    if counts.get("samples") is not None and counts["samples"] != image_count:
+        warnings_list.append(f"The audit covered {counts['samples']} images; the sample folder indexes {image_count}.")
+    return warnings_list
+
+
 def gather_facts(cfg: ReportConfig) -> dict:
     """Everything the page shows, as a JSON-ready dict (written beside the page). Raises ReportError."""
     run_dir, samples_dir, audit_dir = Path(cfg.run), Path(cfg.samples), Path(cfg.audit)
@@ -189,90 +231,69 @@ def gather_facts(cfg: ReportConfig) -> dict:
         else None
     )
 
-    warnings_list = []
     settings = index.get("settings", {})
-    if settings.get("adapter_sha256") != adapter["sha256"]:
-        warnings_list.append(
-            f"The samples were not made by this run's adapter: index.json records adapter sha256 "
-            f"{settings.get('adapter_sha256')!r}, the run's {adapter['loaded_by_sample_py']} is {adapter['sha256']!r}."
-        )
-    if manifest_sha and run_config.get("manifest_sha256") not in (None, manifest_sha):
-        warnings_list.append(
-            "The run's manifest.json changed after training started (its sha256 differs from the "
-            "one recorded in config.json)."
-        )
-    if manifest_sha and adapter["metadata"].get("cxr.manifest_sha256") not in (None, manifest_sha):
-        warnings_list.append("The adapter was trained on another manifest than the run's manifest.json.")
-    audited = audit.get("config", {}).get("samples_dir")
-    if audited and not _same_folder(audited, samples_dir):
-        warnings_list.append(f"The audit was run on {audited}, not on the released samples {samples_dir}.")
-    counts = audit.get("counts", {})
-    calibration = audit.get("calibration") or {}
-    if not audit.get("threshold", {}).get("calibrated", False):
-        warnings_list.append("The audit threshold was not calibrated on held-out images.")
-    elif calibration and not calibration.get("sufficient", True):
-        warnings_list.append(
-            f"The audit threshold was calibrated on only {calibration.get('holdout_images')} held-out "
-            f"images; quantile {calibration.get('quantile')} needs at least "
-            f"{calibration.get('min_holdout_images')} to mean what it says."
-        )
     image_count = len(index.get("images", []))
-    if counts.get("samples") is not None and counts["samples"] != image_count:
-        warnings_list.append(f"The audit covered {counts['samples']} images; the sample folder indexes {image_count}.")
+    warnings_list = _consistency_warnings(run_config, manifest_sha, adapter, index, audit, samples_dir)
 
     log_dir = RunPaths.of(run_dir, logging_dir=train_flags.get("logging_dir")).logs
     if not log_dir.is_absolute() and not log_dir.exists():
         log_dir = RunPaths.of(run_dir).logs
-    return {
-        "report": {
-            "cxr_version": __version__,
-            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "inputs": {
-                "run": str(run_dir),
-                "samples": str(samples_dir),
-                "audit": str(audit_dir),
-                "eval": str(cfg.eval) if cfg.eval else None,
+    # The page and its JSON are meant to be shared: every local path in them becomes its name.
+    return without_local_paths(
+        {
+            "report": {
+                "cxr_version": __version__,
+                "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "inputs": {
+                    "run": str(run_dir),
+                    "samples": str(samples_dir),
+                    "audit": str(audit_dir),
+                    "eval": str(cfg.eval) if cfg.eval else None,
+                },
             },
-        },
-        "warnings": warnings_list,
-        "provenance": {
-            "base_model": train_flags.get("model_id"),
-            "revision": train_flags.get("revision"),
-            "adapter": adapter,
-            "manifest_sha256": manifest_sha,
-            "result_flags": {name: train_flags.get(name) for name in result_flags(TrainConfig) if name in train_flags},
-            "training_flags": train_flags,
-            "training_versions": run_config.get("versions", {}),
-            "report_versions": versions_here(),
-            "resolved": run_config.get("resolved", {}),
-        },
-        "samples": {
-            "folder": str(samples_dir),
-            "count": image_count,
-            "settings": settings,
-            "files": [row["file"] for row in index.get("images", [])],
-        },
-        "training_curves": training_curves(log_dir),
-        "audit": {
-            key: audit.get(key)
-            for key in (
-                "counts",
-                "statistic",
-                "threshold",
-                "calibration",
-                "flagged",
-                "flagged_any",
-                "embedding",
-                "samples",
-                "holdout",
-                "closest_pairs",
-                "intensity_clip_percent",
-            )
-        },
-        "evaluation": evaluation,
-        "intended_use": INTENDED_USE,
-        "known_limits": list(KNOWN_LIMITS),
-    }
+            "warnings": warnings_list,
+            "provenance": {
+                "base_model": adapter["metadata"].get("cxr.base_model") or train_flags.get("model_id"),
+                "base_model_sha256": adapter["metadata"].get("cxr.base_model_sha256"),
+                "revision": train_flags.get("revision"),
+                "adapter": adapter,
+                "manifest_sha256": manifest_sha,
+                "result_flags": {
+                    name: train_flags.get(name) for name in result_flags(TrainConfig) if name in train_flags
+                },
+                "training_flags": train_flags,
+                "training_versions": run_config.get("versions", {}),
+                "report_versions": versions_here(),
+                "resolved": run_config.get("resolved", {}),
+            },
+            "samples": {
+                "folder": str(samples_dir),
+                "count": image_count,
+                "settings": settings,
+                "files": [row["file"] for row in index.get("images", [])],
+            },
+            "training_curves": training_curves(log_dir),
+            "audit": {
+                key: audit.get(key)
+                for key in (
+                    "counts",
+                    "statistic",
+                    "threshold",
+                    "calibration",
+                    "flagged",
+                    "flagged_any",
+                    "embedding",
+                    "samples",
+                    "holdout",
+                    "closest_pairs",
+                    "intensity_clip_percent",
+                )
+            },
+            "evaluation": evaluation,
+            "intended_use": INTENDED_USE,
+            "known_limits": list(KNOWN_LIMITS),
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------- drawing
@@ -630,6 +651,7 @@ def _provenance_section(prov: dict, samples: dict) -> list[str]:
         _table(
             [
                 ("base model", _code(prov["base_model"])),
+                ("base model content sha256 (a local folder)", _code(prov.get("base_model_sha256") or "-")),
                 ("base model revision", _code(prov["revision"] or "main (unpinned)")),
                 ("adapter file (loaded by sample.py)", _code(adapter["loaded_by_sample_py"])),
                 ("adapter sha256", _code(adapter["sha256"])),

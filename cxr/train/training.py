@@ -24,11 +24,9 @@ from pathlib import Path
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from cxr import __version__
 from cxr.config import TrainConfig, changed_result_flags, result_flags, save_json, to_dict
 from cxr.data.dataset import DatasetError
-from cxr.model import loading
-from cxr.model.adapter_files import save_adapter
+from cxr.model.export import RunFacts, export_adapter, usage_lines
 from cxr.model.lora import AdapterError, load_lora_state_dict, lora_state_dict
 from cxr.runtime import (
     StopFlag,
@@ -296,16 +294,12 @@ def save_state(run: TrainRun, step: int) -> None:
 
 
 def _export_adapter(run: TrainRun, step: int) -> list[Path]:
-    cfg = run.cfg
-    return save_adapter(
-        run.model.unet,
-        run.paths.adapter,
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        targets=cfg.lora_target_list,
-        export_format=cfg.export_format,
-        metadata=_adapter_metadata(cfg, step, run.images.manifest_sha, run.model.schedule.prediction_type),
-    )
+    """The adapter file(s) and model card of `step` in OUTPUT_DIR/lora_unet (cxr.model.export)."""
+    images, schedule = run.images, run.model.schedule
+    facts = RunFacts(step, images.manifest_sha, schedule.prediction_type, images.train, images.val)
+    exported = export_adapter(run.model.unet, run.cfg, facts)
+    run.summary["card"] = str(exported.card)
+    return exported.files
 
 
 def _check_finite(run: TrainRun, step: int, read: dict, window: int) -> None:
@@ -334,25 +328,6 @@ def _reexport_from(run: TrainRun, path: Path) -> None:
     _export_adapter(run, checkpoint.step)
 
 
-# Result flags the adapter header records from the weights themselves (cxr.rank, cxr.alpha, cxr.targets).
-_HEADER_FROM_WEIGHTS = ("lora_rank", "lora_alpha", "lora_targets")
-
-
-def _adapter_metadata(cfg: TrainConfig, step: int, manifest_sha: str, prediction_type: str) -> dict[str, str]:
-    """Every result flag (as `str(value)`, None as ""), under the names sample.py and users read: the model id
-    as `base_model` (resolved), the prediction type as resolved from the base scheduler when the flag is empty."""
-    metadata = {
-        name: "" if value is None else str(value)
-        for name, value in to_dict(cfg).items()
-        if name in result_flags(TrainConfig) and name not in _HEADER_FROM_WEIGHTS
-    }
-    metadata["base_model"] = loading.resolve_model_id(metadata.pop("model_id"))
-    metadata.update(
-        prediction_type=prediction_type, steps=str(step), manifest_sha256=manifest_sha, cxr_version=__version__
-    )
-    return metadata
-
-
 # ------------------------------------------------------------------------------------------- command
 
 
@@ -365,4 +340,7 @@ def run(cfg: TrainConfig) -> int:
         return 1
     finally:
         shutdown_distributed()
+    lines = usage_lines([Path(p) for p in summary.get("adapter", [])], summary.get("card") and Path(summary["card"]))
+    if lines:  # rank 0 exported the adapter; the other ranks have nothing to say
+        print("\n".join(lines), flush=True)
     return exit_code(summary)
