@@ -10,7 +10,6 @@ Used by training, the benchmark and sampling, so that each of these has one home
     StopFlag, exit_code                       SIGINT/SIGTERM -> stop at the next step; 130 / 143 on exit
     TrainingError                             a run cannot start or continue (names the flag or file)
     package_versions                          the versions a run records (cxr, torch, diffusers, ...)
-    check_flags_for_device                    training flags this device or process count cannot honour
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.distributed
 
-from cxr.config import TrainConfig
 from cxr.model.loading import pick_device
 
 
@@ -133,33 +131,6 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device):
     )
 
 
-# ---------------------------------------------------------------------------------------- device flags
-
-
-def check_flags_for_device(cfg: TrainConfig, device: torch.device, dist: DistInfo) -> None:
-    """TrainingError naming the flag when --cuda_graph cannot run here or with the other flags given."""
-    if cfg.cuda_graph and cfg.gradient_checkpointing:
-        # Checkpointing stashes and restores the CUDA RNG state inside the captured region, which graph capture
-        # does not support in the torch versions we run (pytorch/pytorch#162504); untested on a GPU, so refused.
-        raise TrainingError(
-            "--cuda_graph: cannot be combined with --gradient_checkpointing (activation "
-            "checkpointing is not graph-safe in this PyTorch); drop one of them: "
-            "--gradient_checkpointing to save memory, --cuda_graph for speed"
-        )
-    if cfg.cuda_graph:
-        if device.type != "cuda":
-            raise TrainingError(f"--cuda_graph: needs a CUDA device but this run is on {device}; drop --cuda_graph")
-        if cfg.mixed_precision == "fp16":
-            raise TrainingError(
-                "--cuda_graph: cannot capture fp16 training (the GradScaler checks for inf on the "
-                "host every step); use --mixed_precision bf16"
-            )
-        if dist.enabled:
-            raise TrainingError("--cuda_graph: not supported with several processes (DDP); drop --cuda_graph")
-        if cfg.torch_compile:
-            raise TrainingError("--cuda_graph: use either --cuda_graph or --torch_compile, not both")
-
-
 # ------------------------------------------------------------------------------------ clocks and memory
 
 
@@ -170,18 +141,36 @@ def synchronize(device) -> None:
 
 
 class Throughput:
-    """Images/s over the steps since the last restart (training: validation and checkpoints restart it)."""
+    """Images/s since the last log, two ways: of the training steps alone (`measure()[0]`: validation and
+    checkpoints `restart` its clock, so their time is left out) and of the wall clock (`measure()[1]`: everything
+    since the last log); `overall()` is the wall-clock figure of the whole loop."""
 
     def __init__(self, images_per_step: int):
         self.images_per_step, self.last = images_per_step, float("nan")
+        self.loop_started = self.window_started = time.perf_counter()
+        self.loop_steps = self.window_steps = 0
         self.restart()
+
+    def tick(self) -> None:
+        self.steps += 1
+        self.window_steps += 1
+        self.loop_steps += 1
 
     def restart(self) -> None:
         self.started, self.steps = time.perf_counter(), 0
 
-    def measure(self) -> float:
-        self.last = self.steps * self.images_per_step / (time.perf_counter() - self.started)
-        return self.last
+    def measure(self) -> tuple[float, float]:
+        """(steps only, wall clock) since the last call; both clocks restart."""
+        now = time.perf_counter()
+        self.last = self.steps * self.images_per_step / (now - self.started)
+        wall = self.window_steps * self.images_per_step / (now - self.window_started)
+        self.window_started, self.window_steps = now, 0
+        self.restart()
+        return self.last, wall
+
+    def overall(self) -> float:
+        elapsed = time.perf_counter() - self.loop_started
+        return self.loop_steps * self.images_per_step / elapsed if self.loop_steps else float("nan")
 
 
 def _proc_status_kib(key: str) -> int | None:
@@ -243,6 +232,23 @@ class StopFlag:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         return False
+
+
+def quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard's writer thread keeps a write error (a full disk) and the next call in the loop raises it, where
+    train.py names the folder in one line; the thread also printed its own raw traceback beside that line."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "cxr_quiet", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.cxr_quiet = True
+    threading.excepthook = hook
 
 
 def package_versions() -> dict[str, str]:

@@ -62,8 +62,8 @@ def sample_cfg(model_dir, out_dir, **overrides) -> SampleConfig:
 # ---------------------------------------------------------------------------------- step, checkpoint, adapter
 
 
-def tiny_step(tiny_model_dir):
-    """The training step (cxr.train.step.build_train_step) on the tiny UNet with LoRA and random 'cached' latents:
+def tiny_step(tiny_model_dir, lora_dropout=0.0):
+    """The training step (cxr.train.step.TrainStep) on the tiny UNet with LoRA and random 'cached' latents:
     (unet, schedule, step, step.metrics, (step.params, step.optimizer, step.generator))."""
     import cxr.train.step
     from cxr.model import ddpm
@@ -73,7 +73,7 @@ def tiny_step(tiny_model_dir):
     parts = load_components(str(tiny_model_dir), names=("unet", "scheduler"))
     unet = parts["unet"]
     torch.manual_seed(0)
-    inject_lora(unet, rank=4, alpha=4)
+    inject_lora(unet, rank=4, alpha=4, dropout=lora_dropout)
     schedule = ddpm.make_schedule(dict(parts["scheduler"].config))
     mean, std = torch.randn(8, 4, 8, 8), torch.full((8, 4, 8, 8), 0.1)
     cfg = TrainConfig(
@@ -86,8 +86,9 @@ def tiny_step(tiny_model_dir):
         max_grad_norm=1.0,
         mixed_precision="no",
         seed=0,
+        lora_dropout=lora_dropout,
     )
-    step = cxr.train.step.build_train_step(
+    step = cxr.train.step.TrainStep(
         cfg,
         model=unet,
         params=lora_parameters(unet),

@@ -89,7 +89,7 @@ def single_process(tiny_model_dir, phantom_dir, tmp_path_factory):
     cache = root / "cache"
     _run([sys.executable] + _argv(tiny_model_dir, phantom_dir, root / "out", cache, batch=4), _env())
     adapter = _adapter(root / "out")
-    moved = max(adapter[k].abs().max().item() for k in adapter if "lora_B" in k)
+    moved = max(adapter[k].abs().max().item() for k in adapter if "lora_up" in k)
     assert moved > 1e-4  # B starts at zero: training moved it, so the equalities below are not trivial
     return adapter, cache
 
@@ -97,8 +97,6 @@ def single_process(tiny_model_dir, phantom_dir, tmp_path_factory):
 def _assert_trains_like_one_process(single: dict, out: Path) -> None:
     ddp = _adapter(out)
     assert single.keys() == ddp.keys()
-    moved = max(single[k].abs().max().item() for k in single if "lora_up" in k)
-    assert moved > 1e-4  # B starts at zero: training moved it, so the equality below is not trivial
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-6)
     assert (out / "checkpoints" / "checkpoint-3" / "COMPLETE").is_file()  # written by rank 0

@@ -1103,3 +1103,56 @@ def test_file_list_is_read_by_scan_dataset(tmp_path):
         ("images_002/images/00000005_000.png", "5"),
     ]
     assert all(r.path == root / r.relpath for r in records)
+
+
+def test_a_truncated_csv_gz_is_an_error_naming_the_file(mimic, tmp_path, capsys):
+    (metadata, labels), root = mimic
+    cut = tmp_path / "cut" / labels.name
+    cut.parent.mkdir()
+    cut.write_bytes(labels.read_bytes()[:-20])  # the end of the gzip stream is missing
+    argv = ["--source", "mimic", "--labels", str(metadata), str(cut), "--images_root", str(root)]
+    assert main([*argv, "--out", str(tmp_path / "list.csv")]) == 1
+    err = capsys.readouterr().err
+    assert f"{cut} cannot be read" in err and "Traceback" not in err
+    assert not (tmp_path / "list.csv").exists()
+
+
+@pytest.mark.parametrize("case", ["a folder", "under a file"])
+def test_out_is_checked_before_the_label_files_are_read(nih, tmp_path, monkeypatch, capsys, case):
+    import cxr.data.select as select_module
+
+    labels, root = nih
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    out = tmp_path if case == "a folder" else blocker / "list.csv"
+    monkeypatch.setattr(select_module, "select_images", lambda *a, **k: pytest.fail("the labels were read"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--source", "nih", "--labels", str(labels), "--images_root", str(root), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out: " in err and "Traceback" not in err
+    assert blocker.read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_list(nih, tmp_path, monkeypatch, capsys):
+    import builtins
+    import errno
+
+    labels, root = nih
+    out = tmp_path / "list.csv"
+    out.write_text("path\nearlier.png\n")
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and str(file).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    assert main(["--source", "nih", "--labels", str(labels), "--images_root", str(root), "--out", str(out)]) == 1
+    assert f"--out: cannot write {out} (No space left on device)" in capsys.readouterr().err
+    assert out.read_text() == "path\nearlier.png\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "Data_Entry_2017.csv",
+        "list.csv",
+        "nih",
+    ]

@@ -47,7 +47,7 @@ from cxr.data.dataset import FILE_LIST_COLUMNS
 from cxr.data.select_csv import ImageToLocate, LabelOptions, SelectionError, Step
 from cxr.data.select_labels import chexpert_candidates, mimic_candidates, nih_candidates, vindr_candidates
 from cxr.data.select_padchest import padchest_candidates
-from cxr.fileio import atomic_path
+from cxr.fileio import atomic_path, check_writable_file
 
 LABEL_RULES = {
     "nih": nih_candidates,
@@ -319,6 +319,7 @@ class SelectConfig:
         require(self.images_root is not None, "images_root", "is required: the folder the images were unpacked into")
         require(Path(self.images_root).is_dir(), "images_root", f"{self.images_root} is not a folder")
         require(self.out is not None, "out", "is required: where to write the file list CSV")
+        check_writable_file(self.out, "--out", ConfigError)  # before the label files are read, not after
         parse_views(self.views, self.source)
         require(
             not self.physician_labels_only or self.source == "padchest",
@@ -359,7 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     except SelectionError as error:
         print(f"cxr.data.select: error: {error}", file=sys.stderr)
         return 1
-    out = write_file_list(result.rows, config.out, absolute_root=config.images_root if config.absolute_paths else None)
+    try:
+        out = write_file_list(
+            result.rows, config.out, absolute_root=config.images_root if config.absolute_paths else None
+        )
+    except OSError as error:  # a full disk: the temporary file is removed, an earlier list is kept
+        print(f"cxr.data.select: error: --out: cannot write {config.out} ({error.strerror or error})", file=sys.stderr)
+        return 1
     print(f"wrote {len(result.rows):,} images of {result.counts['patients']:,} patients to {out}")
     if not config.check_files:
         print("the disk was not checked (--no-check_files): fetch these files, then run again without it")

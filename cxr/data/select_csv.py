@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,9 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8-sig", newline="")
 
 
-# A zip, an image or a text file in another encoding passed by mistake as a label file.
-_UNREADABLE = (UnicodeDecodeError, OSError, csv.Error)
+# A zip, an image or a text file in another encoding passed by mistake as a label file; a truncated or damaged
+# .csv.gz (EOFError: the stream ends early; zlib.error: damaged data).
+_UNREADABLE = (UnicodeDecodeError, OSError, csv.Error, EOFError, zlib.error)
 
 
 def _unreadable(path: Path, error: Exception) -> SelectionError:

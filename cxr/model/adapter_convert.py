@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxr.fileio import check_writable, check_writable_file
 from cxr.model.adapter_files import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, SAVE_DTYPES, read_adapter, write_adapter
 from cxr.model.lora import AdapterError
 
@@ -25,8 +26,18 @@ def convert_adapter(src, dst, to: str, dtype: str = "float32") -> Path:
     adapter's `ss_output_name`, else `cxr_lora_kohya.safetensors`)."""
     if to not in FORMATS:
         raise AdapterError(f"unknown adapter format {to!r}; choose diffusers or kohya")
-    adapter, _, _, _ = read_adapter(src)
     dst = Path(dst)
+    # The output place is checked before the source is read; an existing file that is not .safetensors is never
+    # written over or into.
+    if dst.suffix != ".safetensors":
+        if dst.exists() and not dst.is_dir():
+            raise AdapterError(
+                f"{dst}: an existing file that is not .safetensors; give a .safetensors file name or a folder"
+            )
+        check_writable(dst, "dst", AdapterError, create=False)
+    else:
+        check_writable_file(dst, "dst", AdapterError)
+    adapter, _, _, _ = read_adapter(src)
     if to == "diffusers":
         out = dst / DIFFUSERS_WEIGHT_NAME if dst.suffix != ".safetensors" else dst
     else:
@@ -34,6 +45,7 @@ def convert_adapter(src, dst, to: str, dtype: str = "float32") -> Path:
         out = dst if dst.suffix == ".safetensors" else dst / (f"{name}.safetensors" if name else KOHYA_WEIGHT_NAME)
         if out.name == DIFFUSERS_WEIGHT_NAME:
             raise AdapterError(f"{out}: a kohya file cannot be named {DIFFUSERS_WEIGHT_NAME}; choose another name")
+    check_writable_file(out, "dst", AdapterError)
     return write_adapter(adapter, out, to, {}, SAVE_DTYPES[dtype])
 
 
@@ -57,6 +69,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m cxr.lora") -> int
         out = convert_adapter(args.src, args.dst, to, args.dtype)
     except AdapterError as error:
         parser.exit(2, f"error: {error}\n")
+    except OSError as error:  # a full disk while writing: the temporary file is removed, the old output kept
+        parser.exit(2, f"error: dst: cannot write {error.filename or args.dst} ({error.strerror or error})\n")
     print(out)
     return 0
 

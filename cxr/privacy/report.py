@@ -33,7 +33,7 @@ from pathlib import Path
 
 from cxr import __version__
 from cxr.config import TrainConfig, check_choices, flag, parse_config, require, result_flags
-from cxr.fileio import atomic_write_bytes, file_sha256
+from cxr.fileio import check_writable_file, file_sha256, staged_files
 from cxr.model.provenance import shared_name, without_local_paths
 from cxr.runpaths import RunPaths
 
@@ -72,7 +72,7 @@ class ReportConfig:
     out: Path = flag(
         Path("report.html"), "the HTML page to write; the same facts go beside it as JSON (same name, .json)"
     )
-    grid_images: int = flag(16, "samples shown in the page's grid")
+    grid_images: int = flag(16, "samples shown in the page's grid", bounds=(1, 1024))
 
     def validate(self) -> None:
         check_choices(self)
@@ -80,24 +80,49 @@ class ReportConfig:
         require(self.samples is not None, "samples", "is required: the sample.py --out_dir of the released set")
         require(self.audit is not None, "audit", "is required: the cxr.privacy.audit --out folder of these samples")
         require(Path(self.out).suffix.lower() in (".html", ".htm"), "out", f"must end in .html, got {self.out}")
-        require(self.grid_images >= 1, "grid_images", f"must be >= 1, got {self.grid_images}")
 
 
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path, flag_name: str, what: str) -> dict:
+# The sections of each input the page reads, and their JSON types (checked when read, so that a damaged or foreign
+# file is named instead of failing deep in the drawing).
+RUN_SHAPE = {"config": dict, "versions": dict, "resolved": dict}
+INDEX_SHAPE = {"settings": dict, "images": list}
+AUDIT_SHAPE = {
+    **dict.fromkeys(("config", "counts", "threshold", "calibration", "flagged", "flagged_any"), dict),
+    **dict.fromkeys(("samples", "holdout", "embedding"), dict),
+    "closest_pairs": list,
+}
+EVAL_SHAPE = {"kid": dict, "features": dict, "diversity_ms_ssim": dict, "intensity": dict}
+_JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _read_json(path: Path, flag_name: str, what: str, shape: dict[str, type] | None = None) -> dict:
+    """The JSON object in `path`; ReportError naming the flag when it is missing, unreadable, not an object, or a
+    section of `shape` has another type."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ReportError(f"--{flag_name}: {path} does not exist; {what}") from None
     except (OSError, ValueError) as error:
         raise ReportError(f"--{flag_name}: {path} is unreadable ({error}); {what}") from None
+    wrong = [] if isinstance(data, dict) else [("the file", data, dict)]
+    wrong += [
+        (f"`{key}`", data[key], kind)
+        for key, kind in (shape or {}).items()
+        if not wrong and data.get(key) is not None and not isinstance(data[key], kind)
+    ]
+    if wrong:
+        where, value, kind = wrong[0]
+        found = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise ReportError(f"--{flag_name}: {path}: {where} is a JSON {found}, not an {_JSON_TYPES[kind]}; {what}")
+    return data
 
 
 def adapter_facts(run_dir: Path) -> dict:
     """sha256 and `cxr.*` header metadata of every adapter file in RUN/lora_unet, and the one sample.py loads."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from cxr.model.adapter_files import resolve_adapter_file
     from cxr.model.lora import AdapterError
@@ -109,8 +134,11 @@ def adapter_facts(run_dir: Path) -> dict:
         raise ReportError(f"--run: {error}; point --run at a finished training run's --output_dir") from None
     files = []
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except (SafetensorError, OSError) as error:
+            raise ReportError(f"--run: adapter {path} is unreadable ({error}); it is damaged or incomplete") from None
         files.append(
             {
                 "file": path.name,
@@ -216,17 +244,22 @@ def _consistency_warnings(
 def gather_facts(cfg: ReportConfig) -> dict:
     """Everything the page shows, as a JSON-ready dict (written beside the page). Raises ReportError."""
     run_dir, samples_dir, audit_dir = Path(cfg.run), Path(cfg.samples), Path(cfg.audit)
-    run_config = _read_json(RunPaths.of(run_dir).config, "run", "give a training run's --output_dir")
+    run_config = _read_json(RunPaths.of(run_dir).config, "run", "give a training run's --output_dir", RUN_SHAPE)
     train_flags = run_config.get("config", {})
     manifest_path = RunPaths.of(run_dir).manifest
     manifest_sha = file_sha256(manifest_path) if manifest_path.is_file() else None
     adapter = adapter_facts(run_dir)
-    index = _read_json(samples_dir / "index.json", "samples", "give the folder sample.py wrote (it holds index.json)")
+    index = _read_json(
+        samples_dir / "index.json", "samples", "give the folder sample.py wrote (it holds index.json)", INDEX_SHAPE
+    )
     audit = _read_json(
-        audit_dir / "report.json", "audit", "run `python -m cxr.audit --samples_dir SAMPLES --out DIR` first"
+        audit_dir / "report.json",
+        "audit",
+        "run `python -m cxr.audit --samples_dir SAMPLES --out DIR` first",
+        AUDIT_SHAPE,
     )
     evaluation = (
-        _read_json(Path(cfg.eval), "eval", "give the file written by `python -m cxr.evaluate --out FILE`")
+        _read_json(Path(cfg.eval), "eval", "give the file written by `python -m cxr.evaluate --out FILE`", EVAL_SHAPE)
         if cfg.eval is not None
         else None
     )
@@ -693,16 +726,27 @@ def _provenance_section(prov: dict, samples: dict) -> list[str]:
 
 def write_report(cfg: ReportConfig) -> dict:
     """Gather the facts, draw the images, write OUT (HTML) and OUT.json. Returns the facts."""
+    out = Path(cfg.out)
+    for path in (out, out.with_suffix(".json")):  # before any input is read, not after the work
+        check_writable_file(path, "--out", ReportError)
+    try:
+        facts = gather_facts(cfg)
+        page = _render(cfg, facts)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:  # a field deeper than the checked sections
+        raise ReportError(
+            f"--run, --samples, --audit or --eval: a file has an unexpected structure ({type(error).__name__}: "
+            f"{error}); give the files as the cxr commands wrote them"
+        ) from None
+    with staged_files("--out", ReportError) as files:  # the page and its JSON appear together or not at all
+        files.write_bytes(out, page.encode("utf-8"))
+        files.write_bytes(out.with_suffix(".json"), (json.dumps(facts, indent=2, default=str) + "\n").encode("utf-8"))
+    return facts
+
+
+def _render(cfg: ReportConfig, facts: dict) -> str:
+    """The HTML page of `facts`, with the sample grid and the audit's gallery embedded."""
     from PIL import Image
 
-    out = Path(cfg.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ReportError(
-            f"--out: cannot create {out.parent} ({error.strerror or error}); choose a folder you can write to"
-        ) from None
-    facts = gather_facts(cfg)
     images: dict[str, str] = {}
     grid_paths = [Path(cfg.samples) / name for name in facts["samples"]["files"][: cfg.grid_images]]
     grid_paths = [p for p in grid_paths if p.is_file()]
@@ -713,9 +757,7 @@ def write_report(cfg: ReportConfig) -> dict:
     if gallery.is_file():
         with Image.open(gallery) as image:
             images["gallery"] = png_data_uri(image.copy())
-    atomic_write_bytes(out, render_html(facts, images).encode("utf-8"))
-    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(facts, indent=2, default=str) + "\n").encode("utf-8"))
-    return facts
+    return render_html(facts, images)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,7 +173,11 @@ def write_new_file(path: Path, data: bytes) -> bool:
     if path.exists():
         return False
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
+    try:
+        partial.write_bytes(data)
+    except OSError:  # a full disk: no half-written temporary file stays behind
+        partial.unlink(missing_ok=True)
+        raise
     try:
         os.link(partial, path)  # fails instead of replacing when `path` appeared meanwhile
     except FileExistsError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -373,11 +374,14 @@ def _sample_run(cfg: SampleConfig, dist: DistInfo, device, held: contextlib.Exit
         run.generate(pipe, rank_batches(claim.todo, cfg.batch_size, dist), generate_batch)
         run.writes.close()
         made, skipped, seconds, sheet = run.finish()
-    except BaseException:
+    except BaseException as error:
         # Keep what landed (also when another rank failed): rank 0 indexes its own images now; the next run indexes
         # the other ranks' from their PNG metadata.
         run.writes.close()
-        run.write_index(len(run.writes.made), run.generation_seconds)
+        with contextlib.suppress(OSError):  # on a full disk the index fails too: the first error is the one to say
+            run.write_index(len(run.writes.made), run.generation_seconds)
+        if isinstance(error, OSError):  # a full disk: one line, not two chained tracebacks
+            raise SamplingError(_write_failure(Path(cfg.out_dir), error, len(run.writes.made))) from None
         raise
     out_dir = Path(cfg.out_dir)
     return SampleResult(
@@ -393,6 +397,16 @@ def _sample_run(cfg: SampleConfig, dist: DistInfo, device, held: contextlib.Exit
         generation_seconds=seconds,
         total_seconds=time.perf_counter() - started,
         rank=dist.rank,
+    )
+
+
+def _write_failure(out_dir: Path, error: OSError, made: int) -> str:
+    """One line for a failed write (a full disk): which file, why, and that a rerun completes the folder."""
+    name = Path(error.filename).name if error.filename else "a file"
+    name = re.sub(r"^\.(.+)\.\d+\.(partial|tmp)$", r"\1", name)  # the temporary file's final name
+    return (
+        f"--out_dir {out_dir}: cannot write {name} ({error.strerror or error}); the {made} image(s) made in this run "
+        "are kept, and a rerun with the same flags skips them and completes the folder. Free some space first"
     )
 
 

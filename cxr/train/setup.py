@@ -1,7 +1,7 @@
 """Everything before a training run's first step: `setup(cfg, held) -> TrainRun`, what the run holds.
 
 setup(cfg, held)
-  the device and the DDP process group; flags this device cannot honour         cxr.runtime
+  the device and the DDP process group; --cuda_graph checked against them       cxr.runtime, cxr.train.step_graph
   the output folder claimed (writable, locked), the checkpoint to resume,
   an earlier run in the folder kept apart                                       cxr.train.rundir
   the train/held-out split and the manifest (rank 0)                            cxr.data.runsplit
@@ -26,7 +26,6 @@ from cxr.runpaths import RunPaths
 from cxr.runtime import (
     DistInfo,
     broadcast_object,
-    check_flags_for_device,
     compute_dtype,
     setup_device_and_distributed,
     warn_on_main,
@@ -34,7 +33,8 @@ from cxr.runtime import (
 )
 from cxr.train.checkpoint import RunCheckpoints
 from cxr.train.rundir import check_free_space, claim_output_dir, find_resume_checkpoint, keep_earlier_run_apart
-from cxr.train.step import DataOrder, TrainStep, build_train_step
+from cxr.train.step import DataOrder, TrainStep, configure_cuda
+from cxr.train.step_graph import check_cuda_graph_flag
 from cxr.train.tblog import NullWriter
 from cxr.train.validation import fixed_validation_inputs
 
@@ -88,7 +88,8 @@ class TrainRun:
 def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     """Everything before the first step. `held` keeps the output folder's lock until the run ends."""
     dist, device = setup_device_and_distributed(cfg.device, cfg.ddp_timeout_minutes)
-    check_flags_for_device(cfg, device, dist)
+    check_cuda_graph_flag(cfg, device, dist)
+    configure_cuda(device, cfg.tf32)
     claim_output_dir(cfg, dist, held)
     resume_path = find_resume_checkpoint(cfg, dist)
     keep_earlier_run_apart(cfg, dist, resume_path)
@@ -107,7 +108,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     wrapped = model.unet if ddp is None else ddp
     if cfg.torch_compile:
         wrapped = torch.compile(wrapped)
-    step = build_train_step(
+    step = TrainStep(
         cfg,
         model=wrapped,
         params=lora_parameters(model.unet),
@@ -160,8 +161,6 @@ def _model_and_caches(cfg: TrainConfig, dist: DistInfo, device, train_records, v
     """The model with LoRA, the prompt embeddings and both latent caches; the text encoder (and the VAE, unless
     the validation grid needs it) are freed once used."""
     components, lora_paths = loading.load_for_training(cfg, device, compute_dtype(cfg.mixed_precision))
-    if cfg.lora_dropout > 0:  # the dropout masks come from the global RNG: seeded here, for a reproducible run
-        torch.manual_seed(cfg.seed)
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     scheduler_config = dict(components["scheduler"].config)
     schedule = ddpm.make_schedule(scheduler_config, device, cfg.prediction_type or None)

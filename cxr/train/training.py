@@ -69,8 +69,8 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
         if run.checkpoints.resumed_from is not None:
             resume(run, run.checkpoints.resumed_from)
         start_logging(run)
-        if cfg.cuda_graph and run.start_step < cfg.max_train_steps:
-            run.step.capture_cuda_graph(run.data.peek_indices())
+        if run.start_step < cfg.max_train_steps:
+            run.step.start_cuda_graph(run.data.peek_indices())  # --cuda_graph: replay a checked graph, or eager
         return train_loop(run, stop, stop_after_steps)
 
 
@@ -81,7 +81,10 @@ def resume(run: TrainRun, path: Path) -> None:
     load_optimizer_state(run.step.optimizer, checkpoint.optimizer["optimizer"])
     if run.step.scaler is not None and checkpoint.optimizer.get("scaler"):
         run.step.scaler.load_state_dict(checkpoint.optimizer["scaler"])
-    restore_rng_state(checkpoint.rng, {"noise": run.step.generator})
+    # A dropout stream the checkpoint lacks (its run trained without dropout) starts from its seed; the noise
+    # stream is always there.
+    saved = checkpoint.rng["generators"]
+    restore_rng_state(checkpoint.rng, {n: g for n, g in run.step.generators.items() if n == "noise" or n in saved})
     run.data.load_state(checkpoint.state["data"])
     # lora_unet/ holds this step's adapter, as `latest` left it
     run.start_step = run.checkpoints.exported_step = checkpoint.step
@@ -170,7 +173,7 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
         run.step(run.data.next_indices())
         metrics.steps += 1
         step += 1
-        clock.steps += 1
+        clock.tick()
         progress.update(1)
         stop_requested = stop.signal_name is not None or (stop_after_steps is not None and step >= stop_after_steps)
         log_due = step % cfg.log_every == 0 or step == cfg.max_train_steps
@@ -186,7 +189,6 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
             stop_requested = read["flag"]
             if log_due:
                 _log_train(run, step, read, clock.measure(), progress)
-                clock.restart()
         if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
             validate(run, step, images=True)
             clock.restart()
@@ -197,18 +199,24 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
         if stop_requested:
             run.summary.update(interrupted=True, signal=stop.signal_name or "stop_after_steps")
             break
-    _finish(run, step, clock.last)
+    _finish(run, step, clock)
     return _close(run, progress)
 
 
-def _finish(run: TrainRun, step: int, images_per_s: float) -> None:
+def _finish(run: TrainRun, step: int, clock: Throughput) -> None:
     """After the last step (or a stop): the final validation and HParams, the summary and summary.json."""
+    wall = clock.overall()  # from the first step to the last, periodic validation and checkpoints included
     if step >= run.cfg.max_train_steps:
         if step == run.start_step:  # resumed from a finished run: just (re-)export
             save_state(run, step)
         validate(run, step, images=True)
         run.writer.add_hparams_end()
-    run.summary.update(steps=step, images_per_s=images_per_s, peak_memory_mib=peak_memory_mib(run.device))
+    run.summary.update(
+        steps=step,
+        images_per_s=clock.last,
+        images_per_s_wall=wall,
+        peak_memory_mib=peak_memory_mib(run.device),
+    )
     if run.summary["val_losses"]:
         run.summary["val_loss_initial"] = run.summary["val_losses"][0][1]
         run.summary["val_loss_final"] = run.summary["val_losses"][-1][1]
@@ -216,16 +224,18 @@ def _finish(run: TrainRun, step: int, images_per_s: float) -> None:
         run.paths.summary.write_text(json.dumps(run.summary, indent=2, default=str) + "\n")
 
 
-def _log_train(run: TrainRun, step: int, read: dict, images_per_s: float, progress) -> None:
+def _log_train(run: TrainRun, step: int, read: dict, images_per_s: tuple[float, float], progress) -> None:
+    steps_only, wall = images_per_s
     for tag, value in (
         ("train/loss", read["loss"]),
         ("train/grad_norm", read["grad_norm"]),
         ("train/lr", scheduled_lr(run.cfg, step - 1)),
-        ("train/images_per_s", images_per_s),
+        ("train/images_per_s", steps_only),
+        ("train/images_per_s_wall", wall),
         ("memory/peak_mib", peak_memory_mib(run.device)),
     ):
         run.writer.add_scalar(tag, value, step)
-    progress.set_postfix(loss=f"{read['loss']:.4f}", img_s=f"{images_per_s:.1f}")
+    progress.set_postfix(loss=f"{read['loss']:.4f}", img_s=f"{steps_only:.1f}")
     run.summary["final_loss"] = read["loss"]
 
 
@@ -263,7 +273,7 @@ def save_state(run: TrainRun, step: int) -> None:
                 "optimizer": run.step.optimizer.state_dict(),
                 "scaler": run.step.scaler.state_dict() if run.step.scaler else {},
             },
-            rng=capture_rng_state({"noise": run.step.generator}),
+            rng=capture_rng_state(run.step.generators),
             state={
                 "data": run.data.state(),
                 "lr_schedule": {
