@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from cxr.perf.gpucheck import SECTION_LIMITS, Check, GpuCheckConfig, cuda_graph_argv, failure, python_child
+from cxr.perf.gpucheck_base import SECTION_LIMITS, Check, GpuCheckConfig, cuda_graph_argv, failure, python_child
 from cxr.runpaths import RunPaths
 
 RESUME_NOISE_FACTOR = 2.0
