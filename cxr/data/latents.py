@@ -15,9 +15,11 @@ Crash safety: rows are encoded in chunks, each chunk written to `cache_dir/<key>
 `os.replace`; the final file appears (again by `os.replace`) only when every row is in it. A run that is
 interrupted leaves only complete chunk files, and the next run with the same key resumes from them.
 
-Under torchrun every rank encodes its share of the chunks (chunk c goes to rank c mod world_size) into that one
-`.partial/` folder, which is why `cache_dir` must be a folder all ranks see; rank 0 joins the chunks into the file
-and the other ranks load it. A batch never spans two chunks, so the file is the one a single process writes.
+A training run's two caches (training and held-out images) come from `run_caches`. Under torchrun
+every rank encodes its share of the chunks (chunk c goes to rank c mod world_size) into that one
+`.partial/` folder, which is why `cache_dir` must be a folder all ranks see; rank 0 joins the chunks
+into the file and the other ranks load it. A batch never spans two chunks, so the file is the one a
+single process writes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from cxr.config import TrainConfig, cache_flags
 from cxr.data.dataset import DatasetError, ImageRecord
 from cxr.data.imageio import (
     PREPROCESS_VERSION,
@@ -365,13 +368,9 @@ def build_or_load_latent_cache(
         action = "reused"
         tensors = load_file(str(path))
     else:
-        partial_dir = cache_dir / f"{key}.partial"
-        partial_dir.mkdir(exist_ok=True)
-        chunks = _encode_rows(
-            unique,
-            vae,
-            key,
-            partial_dir,
+        action = "built"
+        header = _cache_header(key, unique, vae, preprocess, random_flip, vae_id, fingerprint, scaling_factor)
+        encode = dict(
             preprocess=preprocess,
             random_flip=random_flip,
             device=device,
@@ -380,29 +379,7 @@ def build_or_load_latent_cache(
             chunk_images=chunk_images,
             dist=dist,
         )
-        if chunks is not None:  # one process, or rank 0 of several: it writes the file
-            mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
-            std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
-            metadata = {
-                "format": CACHE_FORMAT,
-                "key": key,
-                **preprocess.metadata(),
-                "random_flip": str(random_flip),
-                "vae_id": str(vae_id),
-                "vae_sha256": fingerprint,
-                "vae_dtype": str(vae.dtype),
-                "scaling_factor": repr(scaling_factor),
-                "preprocess": PREPROCESS_VERSION,
-                "num_images": str(len(unique)),
-                "content_sha256": json.dumps([r.sha256 for r in unique]),
-            }
-            _atomic_save({"mean": mean.contiguous(), "std": std.contiguous()}, path, metadata)
-            shutil.rmtree(partial_dir, ignore_errors=True)
-            tensors = {"mean": mean, "std": std}
-        barrier(dist)  # rank 0 wrote the file
-        if chunks is None:
-            tensors = load_file(str(path))
-        action = "built"
+        tensors = _build_cache_file(path, unique, vae, header, **encode)
 
     size = path.stat().st_size
     print(
@@ -410,6 +387,28 @@ def build_or_load_latent_cache(
         f"{size / 2**20:.1f} MiB, {size / len(unique) / 1024:.1f} KiB per image)",
         file=sys.stderr,
     )
+    return _in_record_order(tensors, records, unique, random_flip, scaling_factor, key)
+
+
+def _cache_header(key, unique, vae, preprocess: Preprocess, random_flip, vae_id, fingerprint, scaling_factor) -> dict:
+    """The cache file's header: its key and every input of it, readable without the key's hash."""
+    return {
+        "format": CACHE_FORMAT,
+        "key": key,
+        **preprocess.metadata(),
+        "random_flip": str(random_flip),
+        "vae_id": str(vae_id),
+        "vae_sha256": fingerprint,
+        "vae_dtype": str(vae.dtype),
+        "scaling_factor": repr(scaling_factor),
+        "preprocess": PREPROCESS_VERSION,
+        "num_images": str(len(unique)),
+        "content_sha256": json.dumps([r.sha256 for r in unique]),
+    }
+
+
+def _in_record_order(tensors: dict, records: list, unique: list, random_flip, scaling_factor, key) -> LatentCache:
+    """The cache's rows (one per distinct content, then the mirrored ones) as rows of `records`, in their order."""
     row_of = {r.sha256: i for i, r in enumerate(unique)}
     index = torch.tensor([row_of[r.sha256] for r in records])
     if random_flip:
@@ -421,6 +420,51 @@ def build_or_load_latent_cache(
         key=key,
         relpaths=[r.relpath for r in records],
     )
+
+
+def run_caches(
+    cfg: TrainConfig, dist: DistInfo, vae, train_records, val_records, device
+) -> tuple[LatentCache, LatentCache | None]:
+    """The latent caches of a run's training and held-out images (None: no held-out images); under torchrun every
+    rank encodes its share of each and loads the whole."""
+    # Every flag declared cache=True goes to the cache (which keys on what it is given); the model id and
+    # revision travel as one `vae_id`, the name the key has always used for them.
+    settings = {name: getattr(cfg, name) for name in cache_flags(TrainConfig)}
+    settings["vae_id"] = f"{settings.pop('model_id')}@{settings.pop('revision') or 'main'}"
+    common = dict(
+        settings,
+        cache_dir=cfg.resolved_cache_dir,
+        device=device,
+        batch_size=cfg.encode_batch_size,
+        num_workers=cfg.resolved_num_workers,
+        dist=dist,
+    )
+    train_cache = build_or_load_latent_cache(train_records, vae, **common)
+    val_cache = None
+    if val_records:  # the held-out images are never mirrored
+        val_cache = build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False})
+    return train_cache, val_cache
+
+
+def _build_cache_file(
+    path: Path, unique: list, vae, header: dict[str, str], *, random_flip: bool, dist: DistInfo, **encode
+) -> dict:
+    """Encode `unique` chunk by chunk (finished chunks of an interrupted build are reused) and write the cache
+    file `path` with `header`; returns its tensors. `encode`: `_encode_rows`' settings. Under torchrun every rank
+    encodes its chunks, rank 0 writes the file and the other ranks then load it."""
+    from safetensors.torch import load_file
+
+    key = header["key"]
+    partial_dir = path.parent / f"{key}.partial"
+    partial_dir.mkdir(exist_ok=True)
+    chunks = _encode_rows(unique, vae, key, partial_dir, random_flip=random_flip, dist=dist, **encode)
+    if chunks is not None:  # one process, or rank 0 of several: it writes the file
+        mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
+        std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
+        _atomic_save({"mean": mean.contiguous(), "std": std.contiguous()}, path, header)
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    barrier(dist)  # rank 0 wrote the file
+    return {"mean": mean, "std": std} if chunks is not None else load_file(str(path))
 
 
 def _is_complete(path: Path, key: str, expected_rows: int) -> bool:
