@@ -15,11 +15,10 @@ Crash safety: rows are encoded in chunks, each chunk written to `cache_dir/<key>
 `os.replace`; the final file appears (again by `os.replace`) only when every row is in it. A run that is
 interrupted leaves only complete chunk files, and the next run with the same key resumes from them.
 
-A training run's two caches (training and held-out images) come from `run_caches`. Under torchrun
-every rank encodes its share of the chunks (chunk c goes to rank c mod world_size) into that one
-`.partial/` folder, which is why `cache_dir` must be a folder all ranks see; rank 0 joins the chunks
-into the file and the other ranks load it. A batch never spans two chunks, so the file is the one a
-single process writes.
+A training run's two caches (training and held-out images) come from `run_caches`. Under torchrun every rank
+encodes its share of the chunks (chunk c goes to rank c mod world_size) into that one `.partial/` folder, which is
+why `cache_dir` must be a folder all ranks see; rank 0 joins the chunks into the file and the other ranks load it.
+A batch never spans two chunks, so the file is the one a single process writes.
 """
 
 from __future__ import annotations
