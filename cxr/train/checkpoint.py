@@ -39,6 +39,8 @@ MARKER = "COMPLETE"
 NONFINITE = "NONFINITE"
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_LEFTOVER = re.compile(r"^(checkpoint-\d+)\.(tmp|old)$")  # a save killed while writing / while swapping
+_SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own file, renamed onto lora.safetensors
 
 
 class CheckpointError(RuntimeError):
@@ -108,6 +110,27 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
     return sorted(found)
+
+
+def checkpoint_leftovers(root: Path) -> list[Path]:
+    """What killed saves left under `root`, recognisably this module's: `checkpoint-<step>.tmp` folders (a write
+    that never finished) and `checkpoint-<step>.old` folders whose `checkpoint-<step>` is in place (a swap that
+    never finished its clean-up), holding nothing but a checkpoint's files. A `.old` folder without its
+    `checkpoint-<step>` may be the only copy of that step and is left alone, as is any folder holding other files."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir()):
+        match = _LEFTOVER.match(path.name)
+        if not match or path.is_symlink() or not path.is_dir():
+            continue
+        if match.group(2) == "old" and not (root / match.group(1)).is_dir():
+            continue
+        inside = list(path.iterdir())
+        if all(p.is_file() and (p.name in (*FILES, MARKER) or _SAFETENSORS_TEMP.match(p.name)) for p in inside):
+            found.append(path)
+    return found
 
 
 def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
