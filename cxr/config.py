@@ -299,8 +299,8 @@ class TrainConfig:
     # hash in the manifest, whose sha256 the adapter records; a moved folder is the same data, and a local path
     # does not belong in a shared adapter); output/cache/logging folders, workers, encode batch, export format,
     # logging, validation and checkpoint cadence (they do not touch the weights or the random streams);
-    # gradient_checkpointing (recomputes the same activations); cuda_graph and torch_compile (the same step,
-    # float rounding may differ); device (same computation; CPU and CUDA generators draw different random
+    # gradient_checkpointing (recomputes the same activations); cuda_graph, torch_compile and tf32 (the same
+    # step, float rounding may differ); device (same computation; CPU and CUDA generators draw different random
     # streams, so a resume on the other kind continues in distribution but not bit for bit); ddp_timeout_minutes.
     # skip_bad_images and min_image_size are result flags: they decide which images are trained on.
     # --- data ---
@@ -424,7 +424,22 @@ class TrainConfig:
         "is 10 min, too short while rank 0 alone scans and encodes a large dataset on the first run)",
         bounds=(1, 10080),
     )
-    cuda_graph: bool = flag(False, "capture the whole train step in a CUDA graph (CUDA only)")
+    cuda_graph: str = flag(
+        "off",
+        "replay the whole training step from a CUDA graph (one launch instead of thousands). auto: on CUDA when "
+        "the run allows it (one process, not fp16, no --gradient_checkpointing) and a check at the start (two "
+        "replayed steps against two eager ones) passes, else eager with a warning that says why; on: the same, "
+        "but an error instead of eager; off: always eager. Default off: on the one GPU run so far the graph path "
+        "gave NaN/inf inside train.py where the eager path did not (docs/performance.md); if a run with the "
+        "graph stops on NaN/inf, resume it with --cuda_graph off",
+        ("auto", "on", "off"),
+    )
+    tf32: bool = flag(
+        True,
+        "TensorFloat-32 for float32 matmuls and convolutions on CUDA (the latent cache's VAE encode; the whole step "
+        "with --mixed_precision no): inputs rounded to a 10-bit mantissa, float32 accumulation; --no-tf32 for full "
+        "float32. No effect on the CPU",
+    )
     torch_compile: bool = flag(False, "torch.compile the UNet forward")
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory, slower)")
     # --- logging, validation, checkpoints ---

@@ -20,11 +20,11 @@ def test_flag_reference_matches_the_config_dataclasses():
 
 def test_command_line_overrides_toml_file(tmp_path):
     config_file = tmp_path / "run.toml"
-    config_file.write_text('dataset_dir = "data"\nlora_rank = 8\nlearning_rate = 3e-4\ncuda_graph = true\n')
+    config_file.write_text('dataset_dir = "data"\nlora_rank = 8\nlearning_rate = 3e-4\ncuda_graph = "on"\n')
     config = parse_config(TrainConfig, ["--config", str(config_file), "--lora_rank", "4"])
     assert config.lora_rank == 4
     assert config.learning_rate == 3e-4
-    assert config.cuda_graph is True
+    assert config.cuda_graph == "on"
     assert config.dataset_dir == Path("data")
 
 

@@ -1,6 +1,6 @@
 """The run's contract (issue 14): one declaration of the result-changing flags drives the resume warning, the
 adapter header, the manifest, the latent-cache key and TensorBoard's HParams; resume keeps this run's optimizer
-mode; the DDP timeout reaches the process group; --cuda_graph refuses --gradient_checkpointing; TensorBoard
+mode; the DDP timeout reaches the process group; --cuda_graph on refuses --gradient_checkpointing; TensorBoard
 has one named folder per run, a step-0 grid with gaps between tiles, and HParams."""
 
 import copy
@@ -70,6 +70,7 @@ NEVER_WARN = (
     "dataloader_num_workers",
     "encode_batch_size",
     "cuda_graph",
+    "tf32",
     "torch_compile",
     "gradient_checkpointing",
     "validation_steps",
@@ -424,10 +425,12 @@ def test_train_passes_the_ddp_timeout_flag(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_cuda_graph_with_gradient_checkpointing_is_refused(device, tmp_path, capsys):
-    cfg = TrainConfig(dataset_dir=tmp_path, cuda_graph=True, gradient_checkpointing=True, mixed_precision="bf16")
-    with pytest.raises(training.TrainingError, match="--cuda_graph: cannot be combined with --gradient_checkpointing"):
-        training._check_flags_for_device(cfg, torch.device(device), cxr.runtime.DistInfo())
+def test_cuda_graph_on_with_gradient_checkpointing_is_refused(device, tmp_path, capsys):
+    from cxr.train.step_graph import check_cuda_graph_flag
+
+    cfg = TrainConfig(dataset_dir=tmp_path, cuda_graph="on", gradient_checkpointing=True, mixed_precision="bf16")
+    with pytest.raises(training.TrainingError, match="--cuda_graph on: .*--gradient_checkpointing"):
+        check_cuda_graph_flag(cfg, torch.device(device), cxr.runtime.DistInfo())
     sys.path.insert(0, str(REPO))
     import train as train_script
 
@@ -441,19 +444,19 @@ def test_cuda_graph_with_gradient_checkpointing_is_refused(device, tmp_path, cap
                 "--output_dir",
                 str(tmp_path / "o"),
                 "--cuda_graph",
+                "on",
                 "--gradient_checkpointing",
             ]
         )
         == 1
     )
-    assert "--cuda_graph: cannot be combined with --gradient_checkpointing" in capsys.readouterr().err
-    # Each alone still passes the combination check (cuda_graph on a CUDA device).
-    training._check_flags_for_device(
+    assert "--gradient_checkpointing is not graph-safe" in capsys.readouterr().err
+    # Each alone passes the check (cuda_graph on a CUDA device); auto and off never refuse.
+    check_cuda_graph_flag(
         dataclasses.replace(cfg, gradient_checkpointing=False), torch.device("cuda"), cxr.runtime.DistInfo()
     )
-    training._check_flags_for_device(
-        dataclasses.replace(cfg, cuda_graph=False), torch.device("cpu"), cxr.runtime.DistInfo()
-    )
+    for mode in ("auto", "off"):
+        check_cuda_graph_flag(dataclasses.replace(cfg, cuda_graph=mode), torch.device("cpu"), cxr.runtime.DistInfo())
 
 
 # ------------------------------------------------------------------------- item 7: TensorBoard

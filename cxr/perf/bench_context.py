@@ -1,5 +1,5 @@
 """What the benchmark's sections share: the settings (BenchConfig), the table row, the context with the
-random-weight models, our training step built as training builds it (`cxr.train.step.build_train_step`), and the
+random-weight models, our training step built as training builds it (`cxr.train.step.TrainStep`), and the
 interleaved timer. The sections are in `cxr.perf.bench_sections`; the command is `python -m cxr.bench`.
 """
 
@@ -22,9 +22,9 @@ from cxr.model.loading import pick_device, vae_scale_factor
 from cxr.model.lora import inject_lora, lora_parameters
 from cxr.model.tiny import build_components
 from cxr.runtime import DTYPES, DistInfo, peak_memory_mib, reset_peak_memory, synchronize
-from cxr.train.step import DataOrder, TrainStep, build_train_step
+from cxr.train.step import DataOrder, TrainStep
 
-SECTIONS = ("peak", "flops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")
+SECTIONS = ("peak", "flops", "ops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -61,6 +61,7 @@ class BenchConfig:
     sample_steps: int = flag(25, "denoising steps per image in the sampling section", bounds=(1, 1000))
     guidance_scale: float = flag(3.0, "classifier-free guidance scale of the sampling section", bounds=(0.0, 100.0))
     seed: int = flag(0, "seed for the random weights and inputs", bounds=(0, TRAIN_SEED_MAX))
+    tf32: bool = flag(True, "TensorFloat-32 for float32 matmuls and convolutions on CUDA, as train.py --tf32")
     out: Path | None = flag(None, "also write the table, machine and settings to this JSON file")
 
     def validate(self) -> None:
@@ -143,6 +144,7 @@ class Context:
     dtype: object
     peak_tflop_per_s: float | None = None
     flops: dict = field(default_factory=dict)  # name -> FLOPs per image (counted)
+    ops: dict = field(default_factory=dict)  # aten ops of one step (counted; the ops section)
     components: dict | None = None
     state: TrainState | None = None
     noise_schedule: object = None
@@ -217,10 +219,11 @@ def make_step(
     optimizer=None,
     cuda_graph: bool = False,
 ) -> TrainStep:
-    """The training step (`cxr.train.step.build_train_step`, as train() builds it) on the given model and cache;
-    `optimizer` shares an existing one, `cuda_graph` builds it as --cuda_graph does (capturable)."""
-    return build_train_step(
-        train_config(ctx, cuda_graph=cuda_graph),
+    """The training step (`cxr.train.step.TrainStep`, as train() builds it) on the given model and cache;
+    `optimizer` shares an existing one, `cuda_graph` builds it as --cuda_graph on does (capturable), else as
+    --cuda_graph off."""
+    return TrainStep(
+        train_config(ctx, cuda_graph="on" if cuda_graph else "off", tf32=ctx.cfg.tf32),
         model=model,
         params=params,
         schedule=ctx.schedule(),
