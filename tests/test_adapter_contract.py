@@ -354,7 +354,9 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
         peft_modules = {k.rsplit(".lora_", 1)[0] for k in handle.keys()}
     assert peft_modules and not peft_modules & set(key_map)
 
-    # Stock diffusers loads the file by name and gives exactly the UNet output of cxr's own loading.
+    # Stock diffusers loads the file by name and gives the UNet output of cxr's own loading, up to float rounding:
+    # cxr computes the LoRA down-projections of one input in one matmul over the concatenated A matrices, peft one
+    # matmul per projection (8.3e-7 on this model, against the adapter's own effect of > 1e-4).
     pytest.importorskip("peft")
     pipe = StableDiffusionPipeline.from_pretrained(
         str(tiny_model_dir), safety_checker=None, requires_safety_checker=False
@@ -365,7 +367,7 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
     with torch.no_grad():
         diff = (pipe.unet(sample, t, text).sample - ours(sample, t, text).sample).abs().max().item()
         moved = (pipe.unet(sample, t, text).sample - unet(sample, t, text).sample).abs().max().item()
-    assert diff == 0.0, diff
+    assert diff < 1e-5, diff
     assert moved > 1e-4  # the adapter changes the output, so the equality above is not trivial
 
 
