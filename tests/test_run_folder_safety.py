@@ -1,6 +1,7 @@
-"""What train.py removes, moves and refuses in its output folder (issue 24): only the temporary files and checkpoint
-leftovers it wrote itself, never an input that lies in a folder --overwrite_output_dir would move; clear messages
-for a lock file that is not a lock; a resume that refuses a manifest of another split."""
+"""What train.py removes, moves, keeps and refuses in its output folder (issue 24): only the temporary files and
+checkpoint leftovers it wrote itself, never an input that lies in a folder --overwrite_output_dir would move; clear
+messages for a lock file that is not a lock; after a divergence, a good checkpoint to resume from even at
+--checkpoints_total_limit 1, and no diverged adapter left loadable; a resume that refuses another split."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_checkpoint import _save
+from test_nonfinite import _poison_gradients
 from test_output_folder import dead_pid, make_cfg, no_scan, write_lock
 
 from cxr.data.dataset import DatasetError, read_manifest, records_from_manifest, write_manifest
@@ -196,3 +198,73 @@ def test_a_resume_refuses_the_manifest_of_another_split(tiny_model_dir, phantom_
             training.train(cfg)
     write_manifest(out / "manifest.json", train, val, manifest["extra"])  # the run's own split again
     assert training.train(cfg)["steps"] == 2
+
+
+# -------------------------------------------------------------------------- a divergence at --checkpoints_total_limit 1
+
+
+def test_one_checkpoint_kept_and_a_divergence_still_leave_a_good_one_to_resume(
+    tiny_model_dir, phantom_dir, tmp_path, monkeypatch
+):
+    """Issue 24 #3: the last good checkpoint was rotated away when the next one was saved; when that one's weights
+    diverged, lora_unet/ kept them unmarked and the message said `latest` starts from step 0."""
+    from cxr.model.adapter_header import read_header
+    from cxr.train.checkpoint import checkpoint_dirs
+
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    cfg = make_cfg(tiny_model_dir, phantom_dir, out, tmp_path / "cache", max_train_steps=5, checkpoints_total_limit=1)
+    _poison_gradients(monkeypatch, {4})  # step 4's gradient is NaN: the weights of step 3 are not to be trusted
+    with pytest.raises(training.NonFiniteLossError) as stop:
+        training.train(cfg)
+    message = str(stop.value)
+    assert f"{checkpoints / 'checkpoint-3'} is marked NONFINITE" in message
+    assert f"--resume_from_checkpoint latest resumes from {checkpoints / 'checkpoint-2'}." in message
+    assert [s for s, _ in checkpoint_dirs(checkpoints)] == [2, 3]
+    [adapter] = (out / "lora_unet").glob("*.safetensors")
+    assert read_header(adapter)["cxr.steps"] == "2"  # re-exported from the good checkpoint
+    monkeypatch.undo()
+    cfg.resume_from_checkpoint = "latest"
+    summary = training.train(cfg)
+    assert summary["start_step"] == 2 and summary["steps"] == 5
+    assert [s for s, _ in checkpoint_dirs(checkpoints)] == [4, 5]  # 4: known good, 5: the last
+    assert (checkpoints / "checkpoint-3.NONFINITE" / "NONFINITE").is_file()  # replaced by the resume's step 3, kept
+
+
+def test_the_disk_estimate_counts_the_good_checkpoint_kept_beside_the_last_one():
+    """At --checkpoints_total_limit 1 the run holds two checkpoints (the last one and the newest known good one),
+    and a third while it writes the next."""
+    from cxr.config import TrainConfig
+    from cxr.train.rundir import estimate_disk_bytes
+
+    def output_bytes(limit):
+        cfg = TrainConfig(
+            dataset_dir=Path("d"), max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=limit
+        )
+        return estimate_disk_bytes(cfg, 100, 8)["output"]
+
+    assert output_bytes(1) == output_bytes(2) < output_bytes(3)
+
+
+def test_a_divergence_with_no_good_checkpoint_sets_the_adapter_aside_and_says_what_latest_does(
+    tiny_model_dir, phantom_dir, tmp_path, monkeypatch
+):
+    """Issue 24 #3: with no checkpoint to re-export from, lora_unet/ kept the diverged weights, loadable by any
+    tool, and the message said `latest` starts from step 0 while it was refused."""
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, phantom_dir, out, tmp_path / "cache", max_train_steps=3)
+    _poison_gradients(monkeypatch, {2})  # the weights of step 1 give a NaN gradient at step 2
+    with pytest.raises(training.NonFiniteLossError) as stop:
+        training.train(cfg)
+    message = str(stop.value)
+    assert "starts from step 0" not in message and "then --resume_from_checkpoint latest" not in message
+    assert "--resume_from_checkpoint latest is refused" in message and "--overwrite_output_dir" in message
+    assert not list((out / "lora_unet").glob("*.safetensors"))
+    [set_aside] = (out / "lora_unet").glob("*.safetensors.NONFINITE")
+    assert f"renamed to {set_aside.name}" in message
+    monkeypatch.undo()
+    cfg.resume_from_checkpoint = "latest"
+    with monkeypatch.context() as patched:  # the message is right: `latest` is refused, before any work
+        no_scan(patched)
+        with pytest.raises(TrainingError, match="found no complete checkpoint"):
+            training.train(cfg)

@@ -4,19 +4,24 @@ Layout of `checkpoints/checkpoint-<step>/`:
     lora.safetensors   LoRA tensors keyed by module path (cxr.model.lora.lora_state_dict)
     optimizer.pt       optimizer state (and the GradScaler's, if any); tensors and plain values only
     rng.pt             RNG states: python, numpy, torch CPU, every CUDA device, the step's noise generator
-    state.json         step, data position, LR schedule, config
+    state.json         step, data position, LR schedule, config, the sha256 of the run's train/held-out split
     COMPLETE           written last: sha256 and size of every file above
     NONFINITE          only in a checkpoint whose weights gave a NaN/inf loss afterwards: why (never resumed from)
 
 A checkpoint is written into `checkpoint-<step>.tmp/`, files fsynced, then `COMPLETE`, then the folder is
 renamed into place with `os.replace`: a crash at any point leaves either the previous checkpoints alone
-or a `.tmp` folder that is ignored. When resuming, a folder whose marker is missing or whose files do
-not match their recorded hashes is skipped with a warning in favour of the previous good one.
+or a `.tmp` folder that is ignored (and removed at the next start: `checkpoint_leftovers`). When resuming, a
+folder whose marker is missing or whose files do not match their recorded hashes is skipped with a warning in
+favour of the previous good one. Rotation (--checkpoints_total_limit) keeps the newest checkpoint known to be good
+until a newer one is (`rotate_checkpoints`).
 
 No NaN/inf is ever saved: `save_checkpoint` checks the LoRA and optimizer tensors first and refuses
 (NonFiniteError). A failed write (full disk: OSError, safetensors' SafetensorError, torch.save's RuntimeError)
 removes the `.tmp` folder and is raised as OSError. A finite checkpoint whose weights then gave a NaN/inf loss
-is marked with `mark_nonfinite` (a NONFINITE file; nothing is deleted) and skipped by `latest` like a corrupt one.
+is marked with `mark_nonfinite` (a NONFINITE file; nothing is deleted) and skipped by `latest` like a corrupt one;
+a resumed run that saves the same step again keeps it as `checkpoint-<step>.NONFINITE`, and rotation never
+deletes it. `set_aside_adapter` renames an exported adapter whose weights diverged when no good checkpoint is
+left to export from.
 """
 
 from __future__ import annotations
@@ -217,7 +222,16 @@ def save_checkpoint(
             raise
         raise OSError(f"cannot write {tmp}: {error}") from error
     _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
+    if (final / NONFINITE).is_file():  # a part of the run that diverged from these weights: kept for inspection
+        kept = _free_name(root, f"{final.name}.{NONFINITE}")
+        os.replace(final, kept)
+        os.replace(tmp, final)
+        warnings.warn(
+            f"{final} was marked {NONFINITE} by an earlier part of this run; it is kept as {kept} (never resumed "
+            f"from, never rotated away: delete it when you no longer need it), and {final} is this run's step {step}",
+            stacklevel=2,
+        )
+    elif final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
         old = root / f"checkpoint-{step}.old"
         if old.exists():
             shutil.rmtree(old)
@@ -228,14 +242,32 @@ def save_checkpoint(
         os.replace(tmp, final)
     _fsync_dir(root)
     if total_limit:
-        rotate_checkpoints(root, total_limit)
+        rotate_checkpoints(root, total_limit, written=final)
     return final
 
 
-def rotate_checkpoints(root: Path, total_limit: int) -> list[Path]:
-    """Delete the oldest checkpoints so that at most `total_limit` remain; returns what was deleted."""
-    existing = checkpoint_dirs(root)
-    doomed = [path for _, path in existing[: max(0, len(existing) - total_limit)]]
+def _free_name(root: Path, name: str) -> Path:
+    """`root/name`, or `root/name-2`, `-3`, ... when it exists."""
+    path, number = root / name, 1
+    while path.exists():
+        number += 1
+        path = root / f"{name}-{number}"
+    return path
+
+
+def rotate_checkpoints(root: Path, total_limit: int, written: Path | None = None) -> list[Path]:
+    """Delete the oldest checkpoints so that at most `total_limit` remain besides those never deleted: the ones
+    marked NONFINITE (kept for inspection), `written` (the one just saved) and the newest complete one older than
+    it. A checkpoint is saved only once the steps up to it gave finite losses, so that older one is known good,
+    while `written` is not yet (only the step after it can tell): it stays until a newer one is known good.
+    Returns what was deleted."""
+    existing = [(step, path) for step, path in checkpoint_dirs(root) if not (path / NONFINITE).exists()]
+    keep = {path for _, path in existing[-total_limit:]}
+    if written is not None:
+        written_step = int(_NAME.match(written.name).group(1))
+        keep.add(written)
+        keep.update([path for step, path in existing if step < written_step and (path / MARKER).is_file()][-1:])
+    doomed = [path for _, path in existing if path not in keep]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -249,6 +281,22 @@ def mark_nonfinite(path: Path, reason: str) -> None:
     _fsync_file(tmp)
     os.replace(tmp, path / NONFINITE)
     _fsync_dir(path)
+
+
+def set_aside_adapter(folder: Path) -> list[Path]:
+    """Rename the adapter in `folder` (OUTPUT_DIR/lora_unet: cxr's `.safetensors` files and the model card) to
+    `NAME.NONFINITE`, so that no tool loads weights that gave a NaN/inf loss; returns the new paths."""
+    from cxr.model.adapter_header import read_header
+
+    folder = Path(folder)
+    adapter = [p for p in sorted(folder.glob("*.safetensors")) if p.is_file() and "cxr.version" in read_header(p)]
+    card = [folder / "README.md"] if adapter and (folder / "README.md").is_file() else []
+    renamed = []
+    for path in adapter + card:
+        target = _free_name(folder, f"{path.name}.{NONFINITE}")
+        os.replace(path, target)
+        renamed.append(target)
+    return renamed
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -299,6 +347,14 @@ def resolve_resume(value: str | None, root: Path) -> Path | None:
         raise CheckpointError(f"--resume_from_checkpoint: {path} is not a checkpoint folder")
     verify_checkpoint(path)
     return path
+
+
+def read_state(path: Path) -> dict:
+    """state.json of a checkpoint folder that `resolve_resume` returned (its hash already checked)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: state.json cannot be read ({error})") from None
 
 
 def load_checkpoint(path: Path, device="cpu") -> Checkpoint:

@@ -57,7 +57,8 @@ def estimate_disk_bytes(cfg: TrainConfig, num_images: int, vae_scale_factor: int
     lora_bytes = cfg.lora_rank * LORA_PARAMS_PER_RANK_SD15 * 4
     checkpoint = 3 * lora_bytes + (1 << 20)  # weights + two AdamW moments
     written = -(-cfg.max_train_steps // cfg.checkpointing_steps) if cfg.checkpointing_steps else 1  # incl. the last
-    kept = min(cfg.checkpoints_total_limit or written, written) + 1  # + the one written before the oldest goes
+    # + the one written before the oldest goes; at a limit of 1 the newest known-good one stays beside the last
+    kept = min(max(cfg.checkpoints_total_limit or written, 2), written) + 1
     latent = 4 * (cfg.resolution // vae_scale_factor) ** 2 * 4 * 2  # mean and std, float32
     rows = num_images * (2 if cfg.random_flip else 1)
     return {"output": kept * checkpoint + 2 * lora_bytes + (64 << 20), "cache": rows * latent + (16 << 20)}

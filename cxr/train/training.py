@@ -37,6 +37,7 @@ from cxr import __version__
 from cxr.config import TrainConfig, cache_flags, changed_result_flags, result_flags, save_json, to_dict
 from cxr.data import dataset, latents
 from cxr.data.dataset import DatasetError
+from cxr.data.manifestcheck import split_sha256
 from cxr.model import ddpm, loading
 from cxr.model.export import RunFacts, export_adapter, usage_lines
 from cxr.model.lora import AdapterError, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
@@ -61,10 +62,13 @@ from cxr.train.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
     mark_nonfinite,
+    read_state,
     restore_rng_state,
     save_checkpoint,
+    set_aside_adapter,
 )
 from cxr.train.rundir import check_free_space, claim_output_dir
+from cxr.train.runlock import previous_run_files
 from cxr.train.step import DataOrder, TrainStep, configure_cuda, load_optimizer_state, scheduled_lr, set_lr
 from cxr.train.step_graph import check_cuda_graph_flag
 from cxr.train.tblog import NullWriter, config_markdown, image_grid, make_writer, new_run_name
@@ -117,6 +121,7 @@ class TrainRun:
     train_records: list
     val_records: list
     manifest_sha: str
+    split_sha: str  # the train/held-out split's sha256 (cxr.data.manifestcheck), recorded in every checkpoint
     resume_path: Path | None = None
     start_step: int = 0
     run_name: str | None = None  # the TensorBoard run folder's name
@@ -152,7 +157,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     output_dir = Path(cfg.output_dir)
     resume_path = claim_output_dir(cfg, dist, output_dir / "checkpoints", held)
     dtype = compute_dtype(cfg.mixed_precision)
-    train_records, val_records, manifest_sha = _prepare_data(cfg, dist, resume_path)
+    train_records, val_records, manifest_sha, split_sha = _prepare_data(cfg, dist, resume_path)
     components, lora_paths = _load_model(cfg, device, dtype)
     unet, tokenizer = components["unet"], components["tokenizer"]
     scheduler_config = dict(components["scheduler"].config)
@@ -233,6 +238,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
         train_records,
         val_records,
         manifest_sha,
+        split_sha,
         resume_path,
     )
 
@@ -508,6 +514,7 @@ def save_state(run: TrainRun, step: int) -> None:
                 "world_size": run.dist.world_size,
                 "config": to_dict(cfg),
                 "run_name": run.run_name,
+                "split_sha256": run.split_sha,
             },
             total_limit=cfg.checkpoints_total_limit,
         )
@@ -551,15 +558,16 @@ def _stop_nonfinite(run: TrainRun, first_bad: int, what: str) -> None:
     """Raise NonFiniteLossError; on rank 0 first mark the checkpoints of weights that did not give a finite
     loss and gradient at the next step (the step of weights W_s is s + 1, so only those of step
     <= first_bad - 2 are trusted), and re-export the adapter from the newest trusted checkpoint."""
-    notes = _mark_nonfinite(run, first_bad) if run.dist.is_main else []
+    notes, then = _mark_nonfinite(run, first_bad) if run.dist.is_main else ([], "--resume_from_checkpoint latest")
     raise NonFiniteLossError(
         f"{what}. {' '.join(notes)} Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, a "
-        f"smaller --max_grad_norm, and check the images listed in {run.output_dir / 'manifest.json'}; then "
-        "--resume_from_checkpoint latest"
+        f"smaller --max_grad_norm, and check the images listed in {run.output_dir / 'manifest.json'}; then {then}"
     )
 
 
-def _mark_nonfinite(run: TrainRun, first_bad: int) -> list[str]:
+def _mark_nonfinite(run: TrainRun, first_bad: int) -> tuple[list[str], str]:
+    """Mark, re-export or set the adapter aside (see _stop_nonfinite); returns the sentences for the error message
+    and what to run next."""
     notes = []
     for saved_step, path in sorted(run.checkpoints.items()):
         if saved_step > first_bad - 2 and path.is_dir():
@@ -568,13 +576,20 @@ def _mark_nonfinite(run: TrainRun, first_bad: int) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the folders just marked: the message says so
         keep = find_latest_checkpoint(run.checkpoints_dir)
-    if keep is None:
+    then = "--resume_from_checkpoint latest"
+    if keep is not None:
+        notes.append(f"{then} resumes from {keep}.")
+    elif not previous_run_files(run.output_dir):  # nothing saved: `latest` finds nothing and starts over
+        notes.append(f"No checkpoint was saved: {then} starts from step 0.")
+    else:  # what `latest` does then: refuses to start over this run's files (cxr.train.rundir)
         notes.append(
-            f"No checkpoint in {run.checkpoints_dir} can be resumed from: "
-            "--resume_from_checkpoint latest starts from step 0."
+            f"No checkpoint in {run.checkpoints_dir} can be resumed from, so {then} is refused while this run's "
+            f"files are in {run.output_dir}."
         )
-    else:
-        notes.append(f"--resume_from_checkpoint latest resumes from {keep}.")
+        then = (
+            "start again without --resume_from_checkpoint, with --overwrite_output_dir (this run's files move into "
+            f"{run.output_dir}/previous-run-<time>/) or in another --output_dir"
+        )
     if run.exported_step is not None and run.exported_step > first_bad - 2:
         adapter_dir = run.output_dir / "lora_unet"
         if keep is not None:
@@ -583,11 +598,12 @@ def _mark_nonfinite(run: TrainRun, first_bad: int) -> list[str]:
             _export_adapter(run, checkpoint.step)
             notes.append(f"{adapter_dir} was re-exported from it.")
         else:
+            renamed = ", ".join(path.name for path in set_aside_adapter(adapter_dir))
             notes.append(
-                f"{adapter_dir} holds the weights of step {run.exported_step}, which gave NaN/inf "
-                "afterwards: do not use it."
+                f"{adapter_dir} held the weights of step {run.exported_step}, which gave NaN/inf afterwards: "
+                f"renamed to {renamed} so that no tool loads them."
             )
-    return notes
+    return notes, then
 
 
 # ------------------------------------------------------------------------------------- data and model
@@ -622,7 +638,7 @@ def _prepare_data(cfg: TrainConfig, dist: DistInfo, resume_path: Path | None = N
         manifest_sha = dataset.write_manifest(
             Path(cfg.output_dir) / "manifest.json", train_records, val_records, extra, dropped, deduplicated
         )
-        result = (train_records, val_records, manifest_sha)
+        result = (train_records, val_records, manifest_sha, split_sha256(train_records, val_records, dropped or []))
     return broadcast_object(result, dist)
 
 
@@ -639,6 +655,7 @@ def _split_of_first_start(cfg: TrainConfig, resume_path: Path):
             "new run (without --resume_from_checkpoint) in another --output_dir"
         )
     manifest = dataset.read_manifest(manifest_path)
+    dataset.check_split(manifest_path, manifest, read_state(resume_path).get("split_sha256"), resume_path)
     splits = {
         name: dataset.records_from_manifest(manifest, name, dataset_dir=cfg.dataset_dir) for name in ("train", "val")
     }
