@@ -248,7 +248,7 @@ def _holds_a_latent_cache(path: Path) -> bool:
     try:
         with open(path, "rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size)) if 0 < size < path.stat().st_size else None
+            header = json.loads(handle.read(size)) if 0 < size < min(path.stat().st_size, 1 << 28) else None
     except (OSError, ValueError):
         return False
     metadata = header.get("__metadata__") if isinstance(header, dict) else None

@@ -557,8 +557,9 @@ def _check_finite(run: TrainRun, step: int, read: dict, window: int) -> None:
 def _stop_nonfinite(run: TrainRun, first_bad: int, what: str) -> None:
     """Raise NonFiniteLossError; on rank 0 first mark the checkpoints of weights that did not give a finite
     loss and gradient at the next step (the step of weights W_s is s + 1, so only those of step
-    <= first_bad - 2 are trusted), and re-export the adapter from the newest trusted checkpoint."""
-    notes, then = _mark_nonfinite(run, first_bad) if run.dist.is_main else ([], "--resume_from_checkpoint latest")
+    <= first_bad - 2 are trusted), and re-export the adapter from the newest trusted checkpoint (with none, set
+    the adapter aside)."""
+    notes, then = _mark_nonfinite(run, first_bad) if run.dist.is_main else ([], "resume as rank 0's message says")
     raise NonFiniteLossError(
         f"{what}. {' '.join(notes)} Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, a "
         f"smaller --max_grad_norm, and check the images listed in {run.output_dir / 'manifest.json'}; then {then}"
