@@ -579,7 +579,7 @@ def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(
     import json
 
     cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache", intensity_clip_percent=0.5)
-    train_records, val_records, _ = training._prepare_data(cfg, cxr.runtime.DistInfo())
+    train_records, val_records, *_ = training._prepare_data(cfg, cxr.runtime.DistInfo())
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["extra"]["intensity_clip_percent"] == 0.5
 
