@@ -5,28 +5,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import save_toy_checkpoint  # tests/helpers.py
 
 from cxr.train import checkpoint as ckpt
 
 
-def _save(root, step, limit=None, value=1.0):
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    return ckpt.save_checkpoint(
-        root,
-        step,
-        lora={"a.lora_A.weight": torch.full((2, 3), value)},
-        optimizer=optimizer.state_dict(),
-        rng=ckpt.capture_rng_state(),
-        state={"epoch": 0, "offset": step * 4},
-        total_limit=limit,
-    )
-
-
 def test_save_load_round_trip(tmp_path):
-    path = _save(tmp_path, 3, value=2.5)
+    path = save_toy_checkpoint(tmp_path, 3, value=2.5)
     assert path.name == "checkpoint-3" and (path / ckpt.MARKER).is_file()
     assert not list(tmp_path.glob("*.tmp"))
     loaded = ckpt.load_checkpoint(path)
@@ -39,20 +24,20 @@ def test_save_load_round_trip(tmp_path):
 
 def test_rotation_keeps_newest(tmp_path):
     for step in (1, 2, 3, 4):
-        _save(tmp_path, step, limit=2)
+        save_toy_checkpoint(tmp_path, step, limit=2)
     assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [3, 4]
 
 
 def test_resaving_a_step_replaces_it(tmp_path):
-    _save(tmp_path, 5, value=1.0)
-    _save(tmp_path, 5, value=7.0)
+    save_toy_checkpoint(tmp_path, 5, value=1.0)
+    save_toy_checkpoint(tmp_path, 5, value=7.0)
     assert torch.equal(ckpt.load_checkpoint(tmp_path / "checkpoint-5").lora["a.lora_A.weight"], torch.full((2, 3), 7.0))
 
 
 def test_incomplete_and_corrupt_are_skipped_with_warning(tmp_path):
-    _save(tmp_path, 2)
-    _save(tmp_path, 4)
-    _save(tmp_path, 6)
+    save_toy_checkpoint(tmp_path, 2)
+    save_toy_checkpoint(tmp_path, 4)
+    save_toy_checkpoint(tmp_path, 6)
     (tmp_path / "checkpoint-6" / ckpt.MARKER).unlink()  # interrupted before the marker
     with open(tmp_path / "checkpoint-4" / "lora.safetensors", "r+b") as handle:  # bit rot / truncated copy
         handle.truncate(10)
@@ -87,14 +72,14 @@ def test_rotation_keeps_the_newest_known_good_checkpoint_until_a_newer_one_is(tm
     """Issue 24 #3: at --checkpoints_total_limit 1 the last good checkpoint went as soon as the next one was saved,
     before any step had run from its weights; when those diverged, no checkpoint was left to resume from."""
     for step in (1, 2, 3):
-        _save(tmp_path, step, limit=1)
+        save_toy_checkpoint(tmp_path, step, limit=1)
     assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [2, 3]  # 2: its next step ran; 3: not yet known
     ckpt.mark_nonfinite(tmp_path / "checkpoint-3", "its weights gave a NaN/inf loss or gradient at step 4")
     with pytest.warns(UserWarning, match="checkpoint-3: marked NONFINITE"):
         assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
-    _save(tmp_path, 5, limit=1)  # a NONFINITE checkpoint is kept for inspection, never rotated away
+    save_toy_checkpoint(tmp_path, 5, limit=1)  # a NONFINITE checkpoint is kept for inspection, never rotated away
     assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [2, 3, 5]
-    _save(tmp_path, 6, limit=1)
+    save_toy_checkpoint(tmp_path, 6, limit=1)
     assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [3, 5, 6]
 
 
@@ -102,13 +87,13 @@ def test_a_nonfinite_checkpoint_saved_again_is_kept_under_another_name(tmp_path)
     """Issue 24 #4: the resumed run's checkpoint of the same step replaced a NONFINITE one without a word."""
     from safetensors.torch import load_file
 
-    _save(tmp_path, 1)
+    save_toy_checkpoint(tmp_path, 1)
     for attempt, value in ((1, 5.0), (2, 6.0)):
-        marked = _save(tmp_path, 2, value=value)
+        marked = save_toy_checkpoint(tmp_path, 2, value=value)
         ckpt.mark_nonfinite(marked, "its weights gave a NaN/inf loss or gradient at step 3")
         kept = tmp_path / ("checkpoint-2.NONFINITE" + ("" if attempt == 1 else f"-{attempt}"))
         with pytest.warns(UserWarning, match=rf"checkpoint-2 was marked NONFINITE .* kept as {kept}"):
-            _save(tmp_path, 2, value=7.0)
+            save_toy_checkpoint(tmp_path, 2, value=7.0)
         assert (kept / "NONFINITE").is_file()
         assert torch.equal(load_file(kept / "lora.safetensors")["a.lora_A.weight"], torch.full((2, 3), value))
     assert torch.equal(ckpt.load_checkpoint(tmp_path / "checkpoint-2").lora["a.lora_A.weight"], torch.full((2, 3), 7.0))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_checkpoint import _save
+from helpers import save_toy_checkpoint  # tests/helpers.py
 from test_nonfinite import _poison_gradients
 from test_output_folder import dead_pid, make_cfg, no_scan, write_lock
 
@@ -93,7 +93,7 @@ def test_a_resume_removes_the_checkpoint_leftovers_it_wrote(tiny_model_dir, phan
     out = tmp_path / "run"
     checkpoints = out / "checkpoints"
     for step in (2, 4):
-        _save(checkpoints, step)
+        save_toy_checkpoint(checkpoints, step)
     killed_write = checkpoints / "checkpoint-3.tmp"
     write(killed_write / "lora.safetensors")
     write(killed_write / ".tmpAa11Bb")
@@ -154,7 +154,7 @@ def test_overwrite_output_dir_refuses_to_move_an_input_of_the_run(
     """Issue 24 #2: a dataset inside the output folder was moved into previous-run-*/, then the run failed with
     "--dataset_dir ... does not exist"."""
     out = tmp_path / "run"
-    _save(out / "checkpoints", 2)  # an earlier run
+    save_toy_checkpoint(out / "checkpoints", 2)  # an earlier run
     write(out / "lora_unet" / "run.safetensors")
     inputs = {"dataset_dir": phantom_dir}
     if flag == "dataset_dir":
@@ -167,7 +167,9 @@ def test_overwrite_output_dir_refuses_to_move_an_input_of_the_run(
     else:
         inputs[flag] = write(out / "dedup" / "report.json", json.dumps({"drop": []}).encode())
     before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    cfg = make_cfg(tiny_model_dir, phantom_dir, out, tmp_path / "cache", overwrite_output_dir=True, **inputs)
+    dataset = inputs.pop("dataset_dir")
+    cfg = make_cfg(tiny_model_dir, dataset, out, tmp_path / "cache", overwrite_output_dir=True, **inputs)
+    inputs["dataset_dir"] = dataset
     with monkeypatch.context() as patched:
         no_scan(patched)
         with pytest.raises(TrainingError) as error:
@@ -215,7 +217,7 @@ def test_one_checkpoint_kept_and_a_divergence_still_leave_a_good_one_to_resume(
     checkpoints = out / "checkpoints"
     cfg = make_cfg(tiny_model_dir, phantom_dir, out, tmp_path / "cache", max_train_steps=5, checkpoints_total_limit=1)
     _poison_gradients(monkeypatch, {4})  # step 4's gradient is NaN: the weights of step 3 are not to be trusted
-    with pytest.raises(training.NonFiniteLossError) as stop:
+    with pytest.raises(TrainingError, match="NaN/inf") as stop:  # NonFiniteLossError
         training.train(cfg)
     message = str(stop.value)
     assert f"{checkpoints / 'checkpoint-3'} is marked NONFINITE" in message
@@ -254,7 +256,7 @@ def test_a_divergence_with_no_good_checkpoint_sets_the_adapter_aside_and_says_wh
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, phantom_dir, out, tmp_path / "cache", max_train_steps=3)
     _poison_gradients(monkeypatch, {2})  # the weights of step 1 give a NaN gradient at step 2
-    with pytest.raises(training.NonFiniteLossError) as stop:
+    with pytest.raises(TrainingError, match="NaN/inf") as stop:  # NonFiniteLossError
         training.train(cfg)
     message = str(stop.value)
     assert "starts from step 0" not in message and "then --resume_from_checkpoint latest" not in message

@@ -21,7 +21,9 @@ removes the `.tmp` folder and is raised as OSError. A finite checkpoint whose we
 is marked with `mark_nonfinite` (a NONFINITE file; nothing is deleted) and skipped by `latest` like a corrupt one;
 a resumed run that saves the same step again keeps it as `checkpoint-<step>.NONFINITE`, and rotation never
 deletes it. `set_aside_adapter` renames an exported adapter whose weights diverged when no good checkpoint is
-left to export from.
+left to export from. After a NaN/inf loss or gradient, `stop_nonfinite` marks the run's checkpoints whose weights
+led there (`recover_from_nonfinite`, with `RunCheckpoints`: what the run saved) and stops it with
+NonFiniteLossError.
 """
 
 from __future__ import annotations
@@ -32,19 +34,22 @@ import random
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 from cxr.fileio import apply_umask, file_sha256
+from cxr.runpaths import CHECKPOINT_NAME, CHECKPOINT_PREFIX, PREVIOUS_RUN_PREFIX, RunPaths, checkpoint_name
+from cxr.runtime import TrainingError
 
 MARKER = "COMPLETE"
 NONFINITE = "NONFINITE"
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-_LEFTOVER = re.compile(r"^(checkpoint-\d+)\.(tmp|old)$")  # a save killed while writing / while swapping
+_LEFTOVER = re.compile(rf"^({CHECKPOINT_PREFIX}\d+)\.(tmp|old)$")  # a save killed while writing / while swapping
 _SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own file, renamed onto lora.safetensors
 
 
@@ -113,7 +118,7 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))]
     return sorted(found)
 
 
@@ -191,7 +196,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     root = Path(root)
-    final = root / f"checkpoint-{step}"
+    final = root / checkpoint_name(step)
     lora_cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()}
     bad = nonfinite_tensors(lora_cpu, "lora") + nonfinite_tensors(optimizer, "optimizer")
     if bad:
@@ -200,7 +205,7 @@ def save_checkpoint(
             f"{', ...' if len(bad) > 3 else ''})"
         )
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"checkpoint-{step}.tmp"
+    tmp = root / f"{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -232,7 +237,7 @@ def save_checkpoint(
             stacklevel=2,
         )
     elif final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
-        old = root / f"checkpoint-{step}.old"
+        old = root / f"{final.name}.old"
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
@@ -264,7 +269,7 @@ def rotate_checkpoints(root: Path, total_limit: int, written: Path | None = None
     existing = [(step, path) for step, path in checkpoint_dirs(root) if not (path / NONFINITE).exists()]
     keep = {path for _, path in existing[-total_limit:]}
     if written is not None:
-        written_step = int(_NAME.match(written.name).group(1))
+        written_step = int(CHECKPOINT_NAME.match(written.name).group(1))
         keep.add(written)
         keep.update([path for step, path in existing if step < written_step and (path / MARKER).is_file()][-1:])
     doomed = [path for _, path in existing if path not in keep]
@@ -371,3 +376,78 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     except Exception as error:  # noqa: BLE001 - any decode failure means the same thing to the user
         raise CheckpointError(f"{path}: cannot be read ({error})") from error
     return Checkpoint(path=path, step=int(state["step"]), lora=lora, optimizer=optimizer, rng=rng, state=state)
+
+
+# ------------------------------------------------------------------------------------- after a NaN/inf
+
+
+@dataclass
+class RunCheckpoints:
+    """The checkpoint a run resumes from, its checkpoints by step (that one included) and the step of the
+    adapter in lora_unet/: after a NaN/inf, the ones whose weights led there are marked and the adapter is
+    re-exported."""
+
+    resumed_from: Path | None = None
+    by_step: dict[int, Path] = field(default_factory=dict)
+    exported_step: int | None = None
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or gradient norm became NaN/inf; checkpoints whose weights led there are marked NONFINITE."""
+
+
+def stop_nonfinite(
+    saved: RunCheckpoints, first_bad: int, what: str, paths: RunPaths, *, main: bool, reexport: Callable[[Path], None]
+) -> NoReturn:
+    """Raise NonFiniteLossError saying `what` happened at step `first_bad` and what to do; on the main rank
+    first `recover_from_nonfinite`."""
+    notes, then = recover_from_nonfinite(saved, first_bad, paths, reexport) if main else ([], "resume as rank 0 says")
+    raise NonFiniteLossError(
+        f"{what}. {' '.join(notes)} Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, a "
+        f"smaller --max_grad_norm, and check the images listed in {paths.manifest}; then {then}"
+    )
+
+
+def recover_from_nonfinite(
+    saved: RunCheckpoints, first_bad: int, paths: RunPaths, reexport: Callable[[Path], None]
+) -> tuple[list[str], str]:
+    """After a NaN/inf loss or gradient at step `first_bad`: mark the checkpoints of weights that did not give a
+    finite loss and gradient at the next step (the step of weights W_s is s + 1, so only those of step
+    <= first_bad - 2 are trusted), and, when the exported adapter is not trusted either, `reexport` it from the
+    newest trusted checkpoint, or with none `set_aside_adapter`. Returns sentences for the error message (what was
+    marked, what `latest` does) and what to run next."""
+    from cxr.train.rundir import previous_run_files  # rundir imports this module
+
+    notes = []
+    for saved_step, path in sorted(saved.by_step.items()):
+        if saved_step > first_bad - 2 and path.is_dir():
+            mark_nonfinite(path, f"its weights gave a NaN/inf loss or gradient at step {first_bad}")
+            notes.append(f"{path} is marked NONFINITE (kept, never resumed from).")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the folders just marked: the message says so
+        keep = find_latest_checkpoint(paths.checkpoints)
+    then = "--resume_from_checkpoint latest"
+    if keep is not None:
+        notes.append(f"{then} resumes from {keep}.")
+    elif not previous_run_files(paths):  # nothing saved: `latest` finds nothing and starts over
+        notes.append(f"No checkpoint was saved: {then} starts from step 0.")
+    else:  # what `latest` does then: refuses to start over this run's files (cxr.train.rundir)
+        notes.append(
+            f"No checkpoint in {paths.checkpoints} can be resumed from, so {then} is refused while this run's "
+            f"files are in {paths.root}."
+        )
+        then = (
+            "start again without --resume_from_checkpoint, with --overwrite_output_dir (this run's files move into "
+            f"{paths.root}/{PREVIOUS_RUN_PREFIX}<time>/) or in another --output_dir"
+        )
+    if saved.exported_step is not None and saved.exported_step > first_bad - 2:
+        if keep is not None:
+            reexport(keep)
+            notes.append(f"{paths.adapter} was re-exported from it.")
+        else:
+            renamed = ", ".join(path.name for path in set_aside_adapter(paths.adapter))
+            notes.append(
+                f"{paths.adapter} held the weights of step {saved.exported_step}, which gave NaN/inf afterwards: "
+                f"renamed to {renamed} so that no tool loads them."
+            )
+    return notes, then
