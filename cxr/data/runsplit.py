@@ -1,7 +1,8 @@
 """The train/held-out split of a training run: drawn once, at the run's first start, and recorded in its
 manifest; a resumed run reads it back from there and never re-draws it, so no image moves between the splits.
 
-    split_for_run(cfg, resume_path) -> RunSplit   a fresh split, or the one of the first start (resume)
+    split_for_run(cfg, resume_path, recorded_split) -> RunSplit   a fresh split, or the one of the first start
+                                                   (a resume: refused when it is not the one its checkpoint recorded)
     write_run_manifest(cfg, split) -> sha256      OUTPUT_DIR/manifest.json, with every result flag
 """
 
