@@ -285,6 +285,7 @@ def save_state(run: TrainRun, step: int) -> None:
                 "world_size": run.dist.world_size,
                 "config": to_dict(cfg),
                 "run_name": run.run_name,
+                "split_sha256": run.images.split_sha,
             },
             total_limit=cfg.checkpoints_total_limit,
         )
