@@ -261,6 +261,8 @@ class TrainConfig:
     # gradient_checkpointing (recomputes the same activations); cuda_graph and torch_compile (the same step,
     # float rounding may differ); device (same computation; CPU and CUDA generators draw different random
     # streams, so a resume on the other kind continues in distribution but not bit for bit); ddp_timeout_minutes.
+    # The memorization watch and --stop_on_copy_rate: the watch samples with its own generators and the step reads
+    # nothing of it; a stop on the copy rate is like a signal's.
     # skip_bad_images and min_image_size are result flags: they decide which images are trained on.
     # --- data ---
     dataset_dir: Path | None = flag(
@@ -376,6 +378,24 @@ class TrainConfig:
     validation_steps: int = flag(500, "every N steps: held-out loss and a grid of samples (0 disables)")
     num_validation_images: int = flag(4, "samples in the validation grid (fixed seeds)")
     validation_inference_steps: int = flag(25, "denoising steps for the validation samples")
+    memorization_samples: int = flag(
+        64,
+        "at step 0 and every validation: this many samples (fixed seeds) are compared with every training image and "
+        "the held-out split as cxr.audit compares them (best-match NCC, copy rate, KID to the held-out images; "
+        "TensorBoard privacy/ and quality/, summary.json, each checkpoint's state.json; see docs/privacy.md); 0 "
+        "disables",
+    )
+    memorization_resolution: int = flag(64, "side of the thumbnails the memorization watch compares (cxr.audit's)")
+    memorization_features: Path | None = flag(
+        None,
+        "also watch in the embedding space of this local TorchScript network, as cxr.audit --features: copies by "
+        "cosine similarity (a sample counts when either statistic flags it) and KID in that space",
+    )
+    stop_on_copy_rate: float | None = flag(
+        None,
+        "stop with a checkpoint when a validation's copy rate is above this rate (e.g. 0.05); OUTPUT_DIR/lora_unet "
+        "then holds the adapter of the last checkpoint whose own copy rate was under it",
+    )
     checkpointing_steps: int = flag(500, "save a resumable checkpoint every N steps (0: only at the end)")
     checkpoints_total_limit: int | None = flag(3, "keep at most this many checkpoints (oldest removed first)")
     resume_from_checkpoint: str | None = flag(None, "`latest` or a checkpoint folder to continue from exactly")
@@ -441,6 +461,24 @@ class TrainConfig:
             self.validation_inference_steps > 0,
             "validation_inference_steps",
             f"must be > 0, got {self.validation_inference_steps}",
+        )
+        require(
+            self.memorization_samples >= 0, "memorization_samples", f"must be >= 0, got {self.memorization_samples}"
+        )
+        require(
+            self.memorization_resolution >= 8,
+            "memorization_resolution",
+            f"must be >= 8, got {self.memorization_resolution}",
+        )
+        require(
+            self.stop_on_copy_rate is None or 0.0 <= self.stop_on_copy_rate < 1.0,
+            "stop_on_copy_rate",
+            f"must be a rate in [0, 1), got {self.stop_on_copy_rate}",
+        )
+        require(
+            self.stop_on_copy_rate is None or (self.memorization_samples > 0 and self.validation_steps > 0),
+            "stop_on_copy_rate",
+            "needs the memorization watch: --memorization_samples > 0 and --validation_steps > 0",
         )
         require(self.checkpointing_steps >= 0, "checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
         require(

@@ -40,6 +40,7 @@ from cxr.data.dataset import DatasetError
 from cxr.model import ddpm, loading
 from cxr.model.adapter_files import save_adapter
 from cxr.model.lora import AdapterError, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from cxr.privacy.watch import MemorizationWatch, build_watch, copy_limit_report, over_limit
 from cxr.runtime import (
     DistInfo,
     StopFlag,
@@ -125,6 +126,7 @@ class TrainRun:
     # after a NaN/inf, the ones whose weights led there are marked and the adapter is re-exported.
     checkpoints: dict[int, Path] = field(default_factory=dict)
     exported_step: int | None = None
+    watch: MemorizationWatch | None = None  # rank 0, with --memorization_samples (cxr.privacy.watch)
 
     @property
     def output_dir(self) -> Path:
@@ -163,8 +165,9 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     negative_embeds = latents.encode_prompt(tokenizer, components["text_encoder"], "", device).to(device)
     train_cache, val_cache = _build_caches(cfg, dist, components["vae"], train_records, val_records, device)
     validates = dist.is_main  # rank 0 alone runs validation
-    want_images = validates and cfg.validation_steps > 0 and cfg.num_validation_images > 0
-    vae = components["vae"] if want_images else None  # kept only for the validation grid's decode
+    want_images = validates and cfg.validation_steps > 0 and (cfg.num_validation_images or cfg.memorization_samples)
+    vae = components["vae"] if want_images else None  # kept only for the validation samples' decode
+    watch = build_watch(cfg, train_records, val_records, device) if validates else None
     del components
     gc.collect()
     if device.type == "cuda":
@@ -234,6 +237,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
         val_records,
         manifest_sha,
         resume_path,
+        watch=watch,
     )
 
 
@@ -293,6 +297,8 @@ def start_logging(run: TrainRun) -> None:
             },
         )
     run.writer.add_text("config", config_markdown(to_dict(cfg), run_versions), run.start_step)
+    if run.watch is not None:
+        run.writer.add_text("privacy/calibration", run.watch.calibration_text(), run.start_step)
     run.summary = {
         "output_dir": str(run.output_dir),
         "start_step": run.start_step,
@@ -349,13 +355,19 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
             if log_due:
                 _log_train(run, step, read, clock.measure(), progress)
                 clock.restart()
-        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+        # The last step is validated here, before its checkpoint, so the checkpoint holds its own watch figures.
+        validation_due = step == cfg.max_train_steps or (cfg.validation_steps and step % cfg.validation_steps == 0)
+        if validation_due:
             validate(run, step, images=True)
             clock.restart()
-        if checkpoint_due or stop_requested:
+        copying = validation_due and _copying(run, step)
+        if checkpoint_due or stop_requested or copying:
             save_state(run, step)
             barrier(dist)
             clock.restart()
+        if copying:
+            _stop_copying(run, step)
+            break
         if stop_requested:
             run.summary.update(interrupted=True, signal=stop.signal_name or "stop_after_steps")
             break
@@ -366,10 +378,14 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
 def _finish(run: TrainRun, step: int, images_per_s: float) -> None:
     """After the last step (or a stop): the final validation and HParams, the summary and summary.json."""
     if step >= run.cfg.max_train_steps:
-        if step == run.start_step:  # resumed from a finished run: just (re-)export
+        if step == run.start_step:  # resumed from a finished run: just (re-)export (the loop validated the others)
             save_state(run, step)
-        validate(run, step, images=True)
+            validate(run, step, images=True)
         run.writer.add_hparams_end()
+    if run.watch is not None:
+        if run.cfg.stop_on_copy_rate is not None and not run.watch.limit and run.dist.is_main:
+            print(copy_limit_report(run.watch, run.checkpoints_dir, run.cfg.stop_on_copy_rate), file=sys.stderr)
+        run.summary["memorization"] = run.watch.summary()
     run.summary.update(steps=step, images_per_s=images_per_s, peak_memory_mib=peak_memory_mib(run.device))
     if run.summary["val_losses"]:
         run.summary["val_loss_initial"] = run.summary["val_losses"][0][1]
@@ -433,7 +449,9 @@ def validate(run: TrainRun, step: int, images: bool) -> None:
         )
         run.writer.add_scalar("val/loss", loss, step)
         run.summary["val_losses"].append((step, loss))
-    if images and run.vae is not None:
+    watched = run.watch is not None and (run.watch.latest or {}).get("step") != step
+    count = max(cfg.num_validation_images, cfg.memorization_samples if watched else 0)
+    if images and run.vae is not None and count:
         samples = validation_images(
             run.unet,
             run.vae,
@@ -441,14 +459,20 @@ def validate(run: TrainRun, step: int, images: bool) -> None:
             run.scheduler_config,
             run.prompt_embeds,
             run.negative_embeds,
-            num_images=cfg.num_validation_images,
+            num_images=count,
             steps=cfg.validation_inference_steps,
             resolution=cfg.resolution,
             seed=cfg.seed,
             prediction_type=run.schedule.prediction_type,
             autocast_dtype=autocast,
+            batch_size=cfg.train_batch_size,
         )
-        run.writer.add_image("val/samples", image_grid(samples, gap=VALIDATION_GRID_GAP), step)
+        if cfg.num_validation_images:  # the grid: the first samples (seeds seed, seed + 1, ...)
+            grid = image_grid(samples[: cfg.num_validation_images], gap=VALIDATION_GRID_GAP)
+            run.writer.add_image("val/samples", grid, step)
+        if watched:
+            run.watch.log(run.writer, run.watch.observe(samples[: cfg.memorization_samples], step))
+            run.summary["memorization"] = run.watch.summary()
     run.writer.flush()
     run.unet.train()
 
@@ -480,6 +504,7 @@ def save_state(run: TrainRun, step: int) -> None:
                 "world_size": run.dist.world_size,
                 "config": to_dict(cfg),
                 "run_name": run.run_name,
+                "memorization": run.watch.at_checkpoint(step) if run.watch is not None else None,
             },
             total_limit=cfg.checkpoints_total_limit,
         )
@@ -496,6 +521,32 @@ def save_state(run: TrainRun, step: int) -> None:
             "the previous checkpoints are intact. Free disk space, then --resume_from_checkpoint latest"
         ) from error
     run.summary["checkpoint"] = str(path)
+
+
+def _copying(run: TrainRun, step: int) -> bool:
+    """Whether this step's validation found a copy rate above --stop_on_copy_rate (rank 0's verdict, on every rank)."""
+    if run.cfg.stop_on_copy_rate is None:
+        return False
+    figures = run.watch.latest if run.watch is not None else None
+    verdict = figures is not None and figures["step"] == step and over_limit(figures, run.cfg.stop_on_copy_rate)
+    return broadcast_object(verdict, run.dist)
+
+
+def _stop_copying(run: TrainRun, step: int) -> None:
+    """The run ends after a validation above --stop_on_copy_rate and its checkpoint: lora_unet/ gets the adapter of
+    the last checkpoint under the limit back (the run's end says which)."""
+    run.summary.update(interrupted=True, signal="stop_on_copy_rate")
+    if not run.dist.is_main:
+        return
+    print(
+        copy_limit_report(run.watch, run.checkpoints_dir, run.cfg.stop_on_copy_rate, stopped_at=step), file=sys.stderr
+    )
+    keep = run.watch.limit.get("last_checkpoint_under_limit")
+    if keep is not None:
+        checkpoint = load_checkpoint(Path(keep), run.device)
+        load_lora_state_dict(run.unet, checkpoint.lora)
+        run.summary["adapter"] = [str(p) for p in _export_adapter(run, checkpoint.step)]
+        run.exported_step = checkpoint.step
 
 
 def _export_adapter(run: TrainRun, step: int) -> list[Path]:

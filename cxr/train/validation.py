@@ -66,9 +66,11 @@ def validation_images(
     seed: int,
     prediction_type: str,
     autocast_dtype,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """(N, 3, R, R) samples in [0, 1] from fixed seeds (seed + i): a stock StableDiffusionPipeline built from the
-    in-memory components (LoRA applied, DPM-Solver++), then a float32 VAE decode outside autocast."""
+    in-memory components (LoRA applied, DPM-Solver++), then a float32 VAE decode outside autocast. `batch_size`
+    images at a time (all at once by default); image i depends only on its seed, not on its batch."""
     # Imported on first use: the pipeline module pulls in transformers' image processors (seconds, and their
     # warnings), which a run without a validation grid never needs.
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -85,17 +87,21 @@ def validation_images(
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        latents = pipe(
-            prompt_embeds=prompt_embeds.float().expand(num_images, -1, -1),
-            negative_prompt_embeds=negative_embeds.float().expand(num_images, -1, -1),
-            num_inference_steps=steps,
-            guidance_scale=VALIDATION_GUIDANCE_SCALE,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-            output_type="latent",
-        ).images
-    decoded = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
-    return (decoded / 2 + 0.5).clamp(0, 1).float().cpu()
+    images, chunk = [], max(1, batch_size or num_images)
+    for start in range(0, num_images, chunk):
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(start, min(num_images, start + chunk))]
+        count = len(generators)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            latents = pipe(
+                prompt_embeds=prompt_embeds.float().expand(count, -1, -1),
+                negative_prompt_embeds=negative_embeds.float().expand(count, -1, -1),
+                num_inference_steps=steps,
+                guidance_scale=VALIDATION_GUIDANCE_SCALE,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                output_type="latent",
+            ).images
+        decoded = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+        images.append((decoded / 2 + 0.5).clamp(0, 1).float().cpu())
+    return torch.cat(images)
