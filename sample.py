@@ -10,6 +10,11 @@ Extend the same folder to 2000 images (images 0..999 are skipped, 1000..1999 are
     python sample.py --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --lora_path runs/cxr-lora/lora_unet --out_dir samples --num_images 2000 --grayscale_out
 
+The same 1000 images on 4 GPUs (each process makes a quarter; the folder is the one a single process writes):
+
+    torchrun --standalone --nproc_per_node 4 sample.py --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --lora_path runs/cxr-lora/lora_unet --out_dir samples --num_images 1000 --grayscale_out
+
 Regenerate image 17 alone, into another folder (same pixels as cxr_synth_000017.png, up to float rounding):
 
     python sample.py ... --out_dir check --start_index 17 --num_images 1

@@ -4,7 +4,7 @@ One GPU (bf16, the default):
     python train.py --dataset_dir /data/nih-normal --output_dir runs/cxr-lora \\
         --model_id stable-diffusion-v1-5/stable-diffusion-v1-5 --resolution 256 --train_batch_size 16 \\
         --max_train_steps 20000 --learning_rate 1e-4 --checkpointing_steps 1000 --validation_steps 1000
-    (add --cuda_graph to replay the whole step from a CUDA graph, or --torch_compile)
+    (on CUDA the step is replayed from a checked CUDA graph by default, --cuda_graph auto; or add --torch_compile)
 
 Several GPUs on one machine (the batch is per GPU; rank 0 writes logs, checkpoints and the adapter):
     torchrun --standalone --nproc_per_node=4 train.py --dataset_dir /data/nih-normal --output_dir runs/cxr-lora \\

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import types
 
@@ -32,6 +33,8 @@ class ConfigError(ValueError):
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and wraps negative values onto that range): sample.py seeds
 # image i with seed + i, so every one of those must lie in it.
 SEED_MAX = 2**64 - 1
+# An adapter file name: shown in every tool's LoRA list and typed into A1111 prompts (<lora:NAME:1>).
+OUTPUT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*(?<!\.safetensors)"
 # Training seeds its data order with seed * 1_000_003 + epoch (cxr.train.training.DataOrder), which must stay within
 # SEED_MAX too: 2**32 - 1 (numpy's seed range) leaves room for ~4e12 epochs.
 TRAIN_SEED_MAX = 2**32 - 1
@@ -47,15 +50,27 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def flag(default, help: str, choices: tuple | None = None, *, result: bool = False, cache: bool = False):
+def flag(
+    default,
+    help: str,
+    choices: tuple | None = None,
+    *,
+    result: bool = False,
+    cache: bool = False,
+    bounds: tuple | None = None,
+):
     """A dataclass field with its help text (and allowed values) kept next to the default.
+
+    `bounds=(low, high)`: the sane range of a numeric flag, both ends included, checked by every `validate()` (with
+    the other flags, before any work) and shown in --help and docs/flags.md. Every int and float flag has one: a
+    huge but finite value (1e20 steps, alpha 1e308) must be a flag error, not an overflow deep in the work.
 
     `result=True`: the flag changes what training produces (beyond float rounding). A resume with another value
     warns, and the value is recorded in the adapter's header, the manifest and TensorBoard's HParams.
     `cache=True`: it also changes the latent cache's numbers (implies `result`), so it is part of the cache key.
     Those lists are derived from these declarations (`result_flags`, `cache_flags`), never kept by hand.
     """
-    metadata = {"help": help, "choices": choices, "result": result or cache, "cache": cache}
+    metadata = {"help": help, "choices": choices, "result": result or cache, "cache": cache, "bounds": bounds}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -124,6 +139,8 @@ def build_parser(cls, description: str = "", prog: str | None = None) -> argpars
         kind = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in ("", None) else "")
+        if f.metadata.get("bounds"):
+            help_text += f" (range: {range_text(f.metadata['bounds'])})"
         # SUPPRESS: only flags actually given override the TOML file and the dataclass defaults.
         kwargs = dict(help=help_text.replace("%", "%%"), default=argparse.SUPPRESS)
         if kind is bool:
@@ -216,6 +233,8 @@ def flag_table(cls) -> str:
         choices = f.metadata.get("choices")
         if choices:
             kind = "{" + ",".join(map(str, choices)) + "}"
+        if f.metadata.get("bounds"):
+            kind += f" in {range_text(f.metadata['bounds'])}"
         help_text = f.metadata.get("help", "").replace("|", "\\|")
         if f.metadata.get("result"):
             help_text += " *(result, cache key)*" if f.metadata.get("cache") else " *(result)*"
@@ -226,6 +245,21 @@ def flag_table(cls) -> str:
 def require(condition: bool, name: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"--{name}: {message}")
+
+
+def check_output_name(given: str, resolved: str) -> None:
+    """--output_name names the adapter file in every tool's LoRA list and in A1111 prompts (<lora:NAME:1>)."""
+    require(
+        not given or re.fullmatch(OUTPUT_NAME_PATTERN, given) is not None,
+        "output_name",
+        f"{given!r} is not a file name of letters, digits, '.', '_' and '-' (starting with a letter or digit, without "
+        ".safetensors): it names the adapter file in every tool's LoRA list",
+    )
+    require(
+        resolved != "pytorch_lora_weights",
+        "output_name",
+        "pytorch_lora_weights is the name of the diffusers-format file; choose another",
+    )
 
 
 def check_finite(config) -> None:
@@ -239,14 +273,21 @@ def check_finite(config) -> None:
             raise ConfigError(f"--{f.name}: must be a finite number, got {value}")
 
 
+def range_text(bounds: tuple) -> str:
+    """`[low, high]` of a flag's bounds, as --help, docs/flags.md and the error messages write it."""
+    return "[" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in bounds) + "]"
+
+
 def check_choices(config) -> None:
-    """Choices of every flag that has them, and finite float flags (every validate() starts here)."""
+    """Choices and bounds of every flag that has them, and finite float flags (every validate() starts here)."""
     check_finite(config)
     for f in dataclasses.fields(config):
-        choices = f.metadata.get("choices")
+        choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
         value = getattr(config, f.name)
         if choices and value not in choices:
             raise ConfigError(f"--{f.name}: {value!r} is not one of {list(choices)}")
+        if bounds and value is not None and not bounds[0] <= value <= bounds[1]:
+            raise ConfigError(f"--{f.name}: must be in {range_text(bounds)}, got {value}")
 
 
 @dataclass
@@ -258,8 +299,8 @@ class TrainConfig:
     # hash in the manifest, whose sha256 the adapter records; a moved folder is the same data, and a local path
     # does not belong in a shared adapter); output/cache/logging folders, workers, encode batch, export format,
     # logging, validation and checkpoint cadence (they do not touch the weights or the random streams);
-    # gradient_checkpointing (recomputes the same activations); cuda_graph and torch_compile (the same step,
-    # float rounding may differ); device (same computation; CPU and CUDA generators draw different random
+    # gradient_checkpointing (recomputes the same activations); cuda_graph, torch_compile and tf32 (the same
+    # step, float rounding may differ); device (same computation; CPU and CUDA generators draw different random
     # streams, so a resume on the other kind continues in distribution but not bit for bit); ddp_timeout_minutes.
     # The memorization watch and --stop_on_copy_rate: the watch samples with its own generators and the step reads
     # nothing of it; a stop on the copy rate is like a signal's.
@@ -279,7 +320,7 @@ class TrainConfig:
         "group is kept), matched by content hash, before the split; recorded in the manifest",
     )
     output_dir: Path = flag(Path("cxr-lora"), "where the adapter, checkpoints, logs, manifest and config go")
-    resolution: int = flag(256, "training resolution in pixels (square; a multiple of 8)", cache=True)
+    resolution: int = flag(256, "training resolution in pixels (square; a multiple of 8)", cache=True, bounds=(8, 4096))
     pad_to_square: bool = flag(
         False, "pad non-square images to square (black borders) instead of center-cropping", cache=True
     )
@@ -288,7 +329,7 @@ class TrainConfig:
         "for 16-bit/float images and DICOM files without a VOI window: scale between the P-th and (100-P)-th "
         "percentile of the image's pixels (P = this value) instead of its min and max, clipping the tails (e.g. 0.5 "
         "for burned-in labels or hot/dead pixels; 0 = min-max). 8-bit images and DICOM files with a window are "
-        "unaffected",
+        "unaffected (range: [0, 50))",
         cache=True,
     )
     random_flip: bool = flag(
@@ -298,26 +339,31 @@ class TrainConfig:
         False, "skip unreadable/truncated/too-small images (listed in a summary) instead of stopping", result=True
     )
     min_image_size: int = flag(
-        64, "images whose shorter side is below this many pixels are rejected as bad", result=True
+        64, "images whose shorter side is below this many pixels are rejected as bad", result=True, bounds=(1, 65536)
     )
-    max_images: int | None = flag(None, "use a seeded random subset of at most this many images", result=True)
+    max_images: int | None = flag(
+        None, "use a seeded random subset of at most this many images", result=True, bounds=(1, 10**9)
+    )
     val_fraction: float = flag(
         0.02,
         "fraction of images (or of patients, when the file list has patient_id) held out for validation loss and the "
-        "memorization audit",
+        "memorization audit (range: [0, 1))",
         result=True,
     )
-    val_count: int | None = flag(None, "hold out exactly this many images instead of --val_fraction", result=True)
+    val_count: int | None = flag(
+        None, "hold out exactly this many images instead of --val_fraction", result=True, bounds=(0, 10**9)
+    )
     dataloader_num_workers: int | None = flag(
         None,
         "worker processes that decode images (bad-file check, latent-cache build); default: min(8, CPUs available)",
+        bounds=(0, 256),
     )
     cache_dir: Path | None = flag(
         None,
         "where latent caches live (default: OUTPUT_DIR/cache); reused when images, resolution, crop mode and VAE are "
         "unchanged",
     )
-    encode_batch_size: int = flag(16, "images per VAE forward pass when building the latent cache")
+    encode_batch_size: int = flag(16, "images per VAE forward pass when building the latent cache", bounds=(1, 4096))
     # --- model ---
     model_id: str = flag(
         DEFAULT_MODEL_ID,
@@ -332,60 +378,91 @@ class TrainConfig:
         ("", "epsilon", "v_prediction"),
         result=True,
     )
-    lora_rank: int = flag(16, "LoRA rank r", result=True)
-    lora_alpha: float = flag(16.0, "LoRA alpha; the update is scaled by alpha / rank", result=True)
-    lora_dropout: float = flag(0.0, "dropout on the LoRA input (0 disables)", result=True)
+    lora_rank: int = flag(16, "LoRA rank r", result=True, bounds=(1, 1024))
+    lora_alpha: float = flag(16.0, "LoRA alpha; the update is scaled by alpha / rank", result=True, bounds=(1e-6, 1e4))
+    lora_dropout: float = flag(0.0, "dropout on the LoRA input (0 disables) (range: [0, 1))", result=True)
     lora_targets: str = flag(
         "to_q,to_k,to_v,to_out.0", "comma-separated attention projections to wrap in every attn1/attn2", result=True
     )
     export_format: str = flag(
-        "both",
-        "adapter file(s) written to OUTPUT_DIR/lora_unet: kohya (cxr_lora_kohya.safetensors: ComfyUI, A1111/Forge, "
-        "kohya sd-scripts, diffusers), diffusers (pytorch_lora_weights.safetensors, peft keys: diffusers and peft "
-        "only) or both",
-        ("diffusers", "kohya", "both"),
+        "kohya",
+        "adapter format(s) written to OUTPUT_DIR/lora_unet: kohya (OUTPUT_NAME.safetensors: ComfyUI, A1111/Forge, "
+        "kohya sd-scripts and diffusers all load it), diffusers (pytorch_lora_weights.safetensors, peft keys: "
+        "diffusers and peft only) or both",
+        ("kohya", "diffusers", "both"),
+    )
+    output_name: str = flag(
+        "",
+        "name of the adapter file (OUTPUT_NAME.safetensors) and its title in other tools (A1111's <lora:NAME:1>, "
+        "ss_output_name, modelspec.title); letters, digits, '.', '_', '-'; default: the --output_dir folder's name",
     )
     # --- optimisation ---
-    train_batch_size: int = flag(16, "images per step per GPU", result=True)
-    grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step", result=True)
-    max_train_steps: int = flag(2000, "optimizer steps to train", result=True)
-    learning_rate: float = flag(1e-4, "AdamW learning rate of the LoRA parameters", result=True)
+    train_batch_size: int = flag(16, "images per step per GPU", result=True, bounds=(1, 4096))
+    grad_accum_steps: int = flag(1, "micro-batches accumulated per optimizer step", result=True, bounds=(1, 4096))
+    max_train_steps: int = flag(2000, "optimizer steps to train", result=True, bounds=(1, 10**9))
+    learning_rate: float = flag(1e-4, "AdamW learning rate of the LoRA parameters", result=True, bounds=(1e-12, 10.0))
     lr_scheduler: str = flag(
         "constant", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"), result=True
     )
-    lr_warmup_steps: int = flag(0, "linear warm-up steps", result=True)
-    adam_weight_decay: float = flag(1e-2, "AdamW weight decay", result=True)
-    max_grad_norm: float = flag(1.0, "gradient clipping norm (0 disables)", result=True)
-    snr_gamma: float = flag(5.0, "Min-SNR-gamma loss weighting (0 disables)", result=True)
-    noise_offset: float = flag(0.0, "noise offset (0 disables)", result=True)
+    lr_warmup_steps: int = flag(0, "linear warm-up steps", result=True, bounds=(0, 10**9))
+    adam_weight_decay: float = flag(1e-2, "AdamW weight decay", result=True, bounds=(0.0, 10.0))
+    max_grad_norm: float = flag(1.0, "gradient clipping norm (0 disables)", result=True, bounds=(0.0, 1e6))
+    snr_gamma: float = flag(5.0, "Min-SNR-gamma loss weighting (0 disables)", result=True, bounds=(0.0, 1e4))
+    noise_offset: float = flag(0.0, "noise offset (0 disables)", result=True, bounds=(0.0, 1.0))
     mixed_precision: str = flag(
         "bf16", "compute dtype of the frozen base and autocast", ("no", "fp16", "bf16"), result=True
     )
-    seed: int = flag(0, "seed for the split, LoRA init, noise and timesteps (0 to 2**32 - 1)", result=True)
+    seed: int = flag(
+        0,
+        "seed for the split, LoRA init, noise and timesteps (0 to 2**32 - 1)",
+        result=True,
+        bounds=(0, TRAIN_SEED_MAX),
+    )
     # --- speed ---
     device: str = flag("auto", "cuda, cpu or auto")
     ddp_timeout_minutes: int = flag(
         180,
         "under torchrun: how long a process waits for the others at a collective before aborting (NCCL's own default "
         "is 10 min, too short while rank 0 alone scans and encodes a large dataset on the first run)",
+        bounds=(1, 10080),
     )
-    cuda_graph: bool = flag(False, "capture the whole train step in a CUDA graph (CUDA only)")
+    cuda_graph: str = flag(
+        "off",
+        "replay the whole training step from a CUDA graph (one launch instead of thousands). auto: on CUDA when "
+        "the run allows it (one process, not fp16, no --gradient_checkpointing) and a check at the start (two "
+        "replayed steps against two eager ones) passes, else eager with a warning that says why; on: the same, "
+        "but an error instead of eager; off: always eager. Default off: on the one GPU run so far the graph path "
+        "gave NaN/inf inside train.py where the eager path did not (docs/performance.md); if a run with the "
+        "graph stops on NaN/inf, resume it with --cuda_graph off",
+        ("auto", "on", "off"),
+    )
+    tf32: bool = flag(
+        True,
+        "TensorFloat-32 for float32 matmuls and convolutions on CUDA (the latent cache's VAE encode; the whole step "
+        "with --mixed_precision no): inputs rounded to a 10-bit mantissa, float32 accumulation; --no-tf32 for full "
+        "float32. No effect on the CPU",
+    )
     torch_compile: bool = flag(False, "torch.compile the UNet forward")
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory, slower)")
     # --- logging, validation, checkpoints ---
     logging_dir: Path | None = flag(None, "TensorBoard log folder (default: OUTPUT_DIR/logs)")
-    log_every: int = flag(10, "read loss/grad norm from the device and log them every N steps")
-    validation_steps: int = flag(500, "every N steps: held-out loss and a grid of samples (0 disables)")
-    num_validation_images: int = flag(4, "samples in the validation grid (fixed seeds)")
-    validation_inference_steps: int = flag(25, "denoising steps for the validation samples")
+    log_every: int = flag(10, "read loss/grad norm from the device and log them every N steps", bounds=(1, 10**9))
+    validation_steps: int = flag(
+        500, "every N steps: held-out loss and a grid of samples (0 disables)", bounds=(0, 10**9)
+    )
+    num_validation_images: int = flag(4, "samples in the validation grid (fixed seeds)", bounds=(0, 256))
+    validation_inference_steps: int = flag(25, "denoising steps for the validation samples", bounds=(1, 1000))
     memorization_samples: int = flag(
         64,
         "at step 0 and every validation: this many samples (fixed seeds) are compared with every training image and "
         "the held-out split as cxr.audit compares them (best-match NCC, copy rate, KID to the held-out images; "
         "TensorBoard privacy/ and quality/, summary.json, each checkpoint's state.json; see docs/privacy.md); 0 "
         "disables",
+        bounds=(0, 4096),
     )
-    memorization_resolution: int = flag(64, "side of the thumbnails the memorization watch compares (cxr.audit's)")
+    memorization_resolution: int = flag(
+        64, "side of the thumbnails the memorization watch compares (cxr.audit's)", bounds=(8, 1024)
+    )
     memorization_features: Path | None = flag(
         None,
         "also watch in the embedding space of this local TorchScript network, as cxr.audit --features: copies by "
@@ -395,9 +472,14 @@ class TrainConfig:
         None,
         "stop with a checkpoint when a validation's copy rate is above this rate (e.g. 0.05); OUTPUT_DIR/lora_unet "
         "then holds the adapter of the last checkpoint whose own copy rate was under it",
+        bounds=(0.0, 1.0),
     )
-    checkpointing_steps: int = flag(500, "save a resumable checkpoint every N steps (0: only at the end)")
-    checkpoints_total_limit: int | None = flag(3, "keep at most this many checkpoints (oldest removed first)")
+    checkpointing_steps: int = flag(
+        500, "save a resumable checkpoint every N steps (0: only at the end)", bounds=(0, 10**9)
+    )
+    checkpoints_total_limit: int | None = flag(
+        3, "keep at most this many checkpoints (oldest removed first)", bounds=(1, 10**6)
+    )
     resume_from_checkpoint: str | None = flag(None, "`latest` or a checkpoint folder to continue from exactly")
     overwrite_output_dir: bool = flag(
         False,
@@ -422,69 +504,19 @@ class TrainConfig:
             "intensity_clip_percent",
             f"must be in [0, 50), got {self.intensity_clip_percent}",
         )
-        require(self.min_image_size >= 1, "min_image_size", f"must be >= 1, got {self.min_image_size}")
-        require(self.max_images is None or self.max_images > 0, "max_images", f"must be > 0, got {self.max_images}")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        require(self.val_count is None or self.val_count >= 0, "val_count", f"must be >= 0, got {self.val_count}")
-        require(
-            self.dataloader_num_workers is None or self.dataloader_num_workers >= 0,
-            "dataloader_num_workers",
-            f"must be >= 0, got {self.dataloader_num_workers}",
-        )
-        require(self.encode_batch_size > 0, "encode_batch_size", f"must be > 0, got {self.encode_batch_size}")
-        require(self.lora_rank > 0, "lora_rank", f"must be > 0, got {self.lora_rank}")
-        require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
         require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         require(bool(self.lora_targets.strip(",").strip()), "lora_targets", "must name at least one projection")
-        require(self.train_batch_size > 0, "train_batch_size", f"must be > 0, got {self.train_batch_size}")
-        require(self.grad_accum_steps > 0, "grad_accum_steps", f"must be > 0, got {self.grad_accum_steps}")
-        require(self.max_train_steps > 0, "max_train_steps", f"must be > 0, got {self.max_train_steps}")
-        require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
-        require(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
-        require(self.adam_weight_decay >= 0, "adam_weight_decay", f"must be >= 0, got {self.adam_weight_decay}")
-        require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        require(self.snr_gamma >= 0, "snr_gamma", f"must be >= 0, got {self.snr_gamma}")
-        require(self.noise_offset >= 0, "noise_offset", f"must be >= 0, got {self.noise_offset}")
-        require(0 <= self.seed <= TRAIN_SEED_MAX, "seed", f"must be in [0, {TRAIN_SEED_MAX}], got {self.seed}")
         require(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             "device",
             f"must be auto, cpu or cuda[:N], got {self.device!r}",
         )
-        require(self.ddp_timeout_minutes > 0, "ddp_timeout_minutes", f"must be > 0, got {self.ddp_timeout_minutes}")
-        require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
-        require(self.validation_steps >= 0, "validation_steps", f"must be >= 0, got {self.validation_steps}")
-        require(
-            self.num_validation_images >= 0, "num_validation_images", f"must be >= 0, got {self.num_validation_images}"
-        )
-        require(
-            self.validation_inference_steps > 0,
-            "validation_inference_steps",
-            f"must be > 0, got {self.validation_inference_steps}",
-        )
-        require(
-            self.memorization_samples >= 0, "memorization_samples", f"must be >= 0, got {self.memorization_samples}"
-        )
-        require(
-            self.memorization_resolution >= 8,
-            "memorization_resolution",
-            f"must be >= 8, got {self.memorization_resolution}",
-        )
-        require(
-            self.stop_on_copy_rate is None or 0.0 <= self.stop_on_copy_rate < 1.0,
-            "stop_on_copy_rate",
-            f"must be a rate in [0, 1), got {self.stop_on_copy_rate}",
-        )
+        check_output_name(self.output_name, self.resolved_output_name)
         require(
             self.stop_on_copy_rate is None or (self.memorization_samples > 0 and self.validation_steps > 0),
             "stop_on_copy_rate",
             "needs the memorization watch: --memorization_samples > 0 and --validation_steps > 0",
-        )
-        require(self.checkpointing_steps >= 0, "checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
-        require(
-            self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0,
-            "checkpoints_total_limit",
-            f"must be > 0, got {self.checkpoints_total_limit}",
         )
         require(
             not (self.overwrite_output_dir and self.resume_from_checkpoint),
@@ -496,6 +528,14 @@ class TrainConfig:
     @property
     def lora_target_list(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def resolved_output_name(self) -> str:
+        """--output_name, or the output folder's name with anything but letters, digits, '.', '_', '-' as '_'."""
+        if self.output_name:
+            return self.output_name
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(self.output_dir).resolve().name).lstrip("._-")
+        return name.removesuffix(".safetensors") or "cxr-lora"
 
     @property
     def resolved_logging_dir(self) -> Path:
@@ -531,40 +571,45 @@ class SampleConfig:
         "adapter folder (OUTPUT_DIR/lora_unet) or .safetensors file, diffusers or kohya format; omit for the base "
         "model alone",
     )
-    lora_scale: float = flag(1.0, "strength of the adapter (0 = base model)")
+    lora_scale: float = flag(1.0, "strength of the adapter (0 = base model)", bounds=(-10.0, 10.0))
     merge_lora: bool = flag(
         True, "merge the adapter into the UNet weights before sampling (faster; same images up to rounding)"
     )
     out_dir: Path = flag(Path("samples"), "folder for the images, contact sheet and index")
-    num_images: int = flag(16, "images to generate (image i uses seed + i)")
-    start_index: int = flag(0, "index of the first image (to extend a run: images already on disk are skipped)")
+    num_images: int = flag(16, "images to generate (image i uses seed + i)", bounds=(1, 10**7))
+    start_index: int = flag(
+        0, "index of the first image (to extend a run: images already on disk are skipped)", bounds=(0, 10**9)
+    )
     height: int | None = flag(
         None,
         "image height in pixels (multiple of 8); default: the adapter's training resolution (cxr.resolution in its "
         "header), else 256",
+        bounds=(8, 4096),
     )
     width: int | None = flag(
-        None, "image width in pixels (multiple of 8); default: the adapter's training resolution, else 256"
+        None,
+        "image width in pixels (multiple of 8); default: the adapter's training resolution, else 256",
+        bounds=(8, 4096),
     )
     prompt: str | None = flag(
         None, f"prompt; default: the adapter's training prompt (cxr.prompt in its header), else {DEFAULT_PROMPT!r}"
     )
     negative_prompt: str = flag("", "negative prompt")
-    num_inference_steps: int = flag(25, "denoising steps")
-    guidance_scale: float = flag(3.0, "classifier-free guidance scale (1 disables guidance)")
+    num_inference_steps: int = flag(25, "denoising steps", bounds=(1, 1000))
+    guidance_scale: float = flag(3.0, "classifier-free guidance scale (1 disables guidance)", bounds=(0.0, 100.0))
     scheduler: str = flag("dpm++", "sampler", SCHEDULERS)
-    seed: int = flag(0, "base seed; image i uses seed + i (each in 0 to 2**64 - 1, the generator's range)")
-    batch_size: int = flag(8, "images per forward pass")
+    seed: int = flag(
+        0, "base seed; image i uses seed + i (each in 0 to 2**64 - 1, the generator's range)", bounds=(0, SEED_MAX)
+    )
+    batch_size: int = flag(8, "images per forward pass", bounds=(1, 1024))
     grayscale_out: bool = flag(False, "write single-channel PNGs computed from the decoded luminance")
     bit_depth: int = flag(8, "bit depth of --grayscale_out PNGs", (8, 16))
-    contact_sheet: int = flag(16, "images in the contact sheet (0 disables)")
+    contact_sheet: int = flag(16, "images in the contact sheet (0 disables)", bounds=(0, 1024))
     device: str = flag("auto", "cuda, cpu or auto")
     dtype: str = flag("auto", "compute dtype (auto: fp16 on CUDA, fp32 on CPU)", ("auto", "fp32", "fp16", "bf16"))
 
     def validate(self) -> None:
         check_choices(self)
-        require(self.num_images > 0, "num_images", f"must be > 0, got {self.num_images}")
-        require(self.start_index >= 0, "start_index", f"must be >= 0, got {self.start_index}")
         require(
             self.height is None or (self.height > 0 and self.height % 8 == 0),
             "height",
@@ -575,8 +620,6 @@ class SampleConfig:
             "width",
             f"must be a positive multiple of 8, got {self.width}",
         )
-        require(self.num_inference_steps > 0, "num_inference_steps", f"must be > 0, got {self.num_inference_steps}")
-        require(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         last_seed = self.seed + self.start_index + self.num_images - 1
         require(
             0 <= self.seed and last_seed <= SEED_MAX,
@@ -585,8 +628,6 @@ class SampleConfig:
             f"({self.num_images}) - 1 must be in [0, {SEED_MAX}] (torch.Generator's seed range); choose a smaller "
             f"--seed",
         )
-        require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
-        require(self.contact_sheet >= 0, "contact_sheet", f"must be >= 0, got {self.contact_sheet}")
         require(
             self.bit_depth == 8 or self.grayscale_out,
             "bit_depth",
@@ -634,8 +675,29 @@ def update_flag_tables(text: str) -> str:
     return text
 
 
-if __name__ == "__main__":
-    # python -m cxr.config [docs/flags.md] : regenerate the flag reference's tables from the dataclasses.
-    reference = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/flags.md")
-    reference.write_text(update_flag_tables(reference.read_text()))
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cxr.config FILE`: regenerate the flag tables of FILE (docs/flags.md) from the dataclasses. The file
+    is named explicitly and must hold the table markers: nothing else is ever rewritten."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr.config",
+        description="Regenerate the flag tables (<!-- flags:NAME --> blocks) of the flag reference from the config "
+        "dataclasses.",
+    )
+    parser.add_argument("reference", type=Path, help="the flag reference to update, e.g. docs/flags.md")
+    reference = parser.parse_args(argv).reference
+    try:
+        text = reference.read_text(encoding="utf-8")
+        updated = update_flag_tables(text)
+    except (OSError, UnicodeDecodeError) as error:
+        parser.error(f"{reference}: cannot be read ({getattr(error, 'strerror', None) or error})")
+    except ValueError as error:
+        parser.error(f"{reference}: {error}; give the flag reference (docs/flags.md)")
+    if updated != text:
+        from cxr.fileio import atomic_write_bytes
+
+        atomic_write_bytes(reference, updated.encode("utf-8"))
     print(f"updated flag tables in {reference}")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,26 +25,41 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESOLUTION = 64
 MARKER = ".cxr-demo"  # written into --work_dir: the folder's outputs are the demo's own, safe to replace
 OUTPUTS = ("run", "samples", "samples_base", "learning.png", "distances.json")
-DEMO_NAMES = {MARKER, "phantoms", "tiny-sd", *OUTPUTS}  # tiny-sd: the base of demos before cxr.model.pretrained
+MIN_IMAGES = 9  # train.py holds out 8 images (--val_count 8) and needs at least one to train on
 
 
 def prepare_work_dir(work: Path) -> None:
-    """Make `work` ready for a fresh demo run. The outputs of an earlier demo run there are removed (train.py
-    refuses to start a fresh run over an earlier one, and sample.py to mix settings in one folder); a folder the
-    demo did not write is never touched: it is an error to point --work_dir at it."""
-    foreign = [p.name for p in work.iterdir() if p.name not in DEMO_NAMES] if work.exists() else []
-    if foreign and not (work / MARKER).is_file():
+    """Make `work` ready for a fresh demo run. A folder is the demo's only when it holds the demo's marker file
+    (written by an earlier demo run); then that run's outputs are removed (train.py refuses to start a fresh run
+    over an earlier one, and sample.py to mix settings in one folder). Any other non-empty folder is never
+    touched, whatever its files are called: it is an error to point --work_dir at it. Links among the outputs
+    are removed as links; what they point to is never followed."""
+    if work.exists() and not work.is_dir():
+        raise SystemExit(f"error: --work_dir {work} is a file; choose a new or empty folder")
+    marker = work / MARKER
+    found = sorted(p.name for p in work.iterdir()) if work.exists() else []
+    if found and not (marker.is_file() and not marker.is_symlink()):
         raise SystemExit(
-            f"error: --work_dir {work} holds files the demo did not write ({', '.join(sorted(foreign)[:5])}); "
-            "choose a new or empty folder"
+            f"error: --work_dir {work} is not empty ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}) and "
+            f"has no {MARKER} marker, so the demo did not write it; choose a new or empty folder"
         )
     work.mkdir(parents=True, exist_ok=True)
-    (work / MARKER).write_text("written by python -m cxr.demo; its outputs here are replaced on the next demo run\n")
-    earlier = [work / name for name in OUTPUTS if (work / name).exists()]
+    marker.write_text("written by python -m cxr.demo; its outputs here are replaced on the next demo run\n")
+    earlier = [work / name for name in OUTPUTS if (work / name).exists() or (work / name).is_symlink()]
     if earlier:
         print(f"      replacing the earlier demo run's {', '.join(p.name for p in earlier)} in {work}")
     for path in earlier:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 naming the flag before anything is written, instead of a failure in a later step."""
+    if not 1 <= args.steps <= 1_000_000:
+        parser.error(f"--steps: must be in [1, 1000000], got {args.steps}")
+    if not MIN_IMAGES <= args.num_images <= 100_000:
+        parser.error(f"--num_images: must be in [{MIN_IMAGES}, 100000] (8 are held out), got {args.num_images}")
+    if not 1 <= args.num_samples <= 10_000:
+        parser.error(f"--num_samples: must be in [1, 10000], got {args.num_samples}")
 
 
 def _run(script: str, args: list[str]) -> None:
@@ -53,7 +68,9 @@ def _run(script: str, args: list[str]) -> None:
     # One intra-op thread unless the user says otherwise: the tiny model gains little from more, and on a busy
     # machine spinning OpenMP threads made the demo 4x slower (7.4 min instead of 2 on 2 shared cores).
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(command, check=True, cwd=REPO_ROOT, env=env)
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=env)
+    if finished.returncode != 0:
+        raise SystemExit(f"error: {script} stopped with exit status {finished.returncode} (its message is above)")
 
 
 def learning_sheet(rows: list[list[Path]], labels: list[str], out: Path, tile: int = 96, gap: int = 4) -> Path:
@@ -105,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         "--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"), help="training target"
     )
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
     from cxr.data.phantoms import write_phantoms
     from cxr.model.pretrained import distance_to_training, image_paths, pretrained_base

@@ -71,8 +71,11 @@ def check_writable(
             if not target.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, f"{target} is a file, not a folder")
         probe = target / f".cxr-write-probe-{os.getpid()}"
-        probe.write_bytes(b"probe")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"probe")
+        finally:  # also after a failed write (a full disk can leave an empty file behind)
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
     except OSError as problem:
         raise error(
             f"{flag}: cannot write to {folder} ({problem.strerror or problem}); choose a folder you can write to"
@@ -86,6 +89,37 @@ def check_writable_file(path: str | Path, flag: str, error: type[Exception] = Ou
     if path.is_dir():
         raise error(f"{flag}: {path} is a folder; give a file name, e.g. {path / 'results.json'}")
     check_writable(path.parent, flag, error, create=False)
+
+
+class StagedFiles:
+    """The temporary paths of `staged_files`: `path(final)` gives the one to write `final` through."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self._stack, self.current = stack, None
+
+    def path(self, final: str | Path) -> Path:
+        self.current = Path(final)
+        return self._stack.enter_context(atomic_path(final))
+
+    def write_bytes(self, final: str | Path, data: bytes) -> None:
+        self.path(final).write_bytes(data)
+
+
+@contextlib.contextmanager
+def staged_files(flag: str, error: type[Exception] = OutputPathError):
+    """Write several output files that belong together (a report folder): each is written to a temporary file
+    and all are renamed onto their names only when every one was written, so a failure (a full disk) leaves the
+    earlier set or nothing, never half a report, and no temporary file. An OSError while writing becomes `error`
+    (OutputPathError by default) naming `flag` and the file, in one line."""
+    with contextlib.ExitStack() as stack:
+        files = StagedFiles(stack)
+        try:
+            yield files
+        except OSError as problem:
+            raise error(
+                f"{flag}: cannot write {files.current or problem.filename} ({problem.strerror or problem}); none of "
+                "this run's output files was written. Free some space or choose another place, then run again"
+            ) from None
 
 
 # ------------------------------------------------------------------------------------- file modes

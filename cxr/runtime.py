@@ -183,6 +183,23 @@ class StopFlag:
         return False
 
 
+def quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard's writer thread keeps a write error (a full disk) and the next call in the loop raises it, where
+    train.py names the folder in one line; the thread also printed its own raw traceback beside that line."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "cxr_quiet", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.cxr_quiet = True
+    threading.excepthook = hook
+
+
 def exit_code(summary: dict) -> int:
     """Process exit status for a summary: 0 when finished, 128 + signal number when stopped by a signal
     (130 SIGINT, 143 SIGTERM: what shells and schedulers expect), 0 for a simulated stop."""

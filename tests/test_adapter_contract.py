@@ -1,9 +1,10 @@
-"""The adapter's contract (issue 14, items 1, 1b, 6): sampled with what it was trained with, images of the size
-asked for whatever the VAE's downsampling, and a default export that ComfyUI, A1111/Forge, kohya sd-scripts and
+"""The adapter's contract: sampled with what it was trained with, images of the size asked for whatever the VAE's
+downsampling, and a default export (one file named after the run) that ComfyUI, A1111/Forge, kohya sd-scripts and
 diffusers all load.
 
 References: the stock diffusers StableDiffusionPipeline (scheduler with prediction_type="v_prediction",
-`load_lora_weights`), the small SD-shaped UNet/VAE of diffusers' own pipeline tests (VAE downsampling by 2), and
+`load_lora_weights(folder, weight_name=...)`), the small SD-shaped UNet/VAE of diffusers' own pipeline tests (VAE
+downsampling by 2), and
 small re-implementations of the key-naming rules of ComfyUI (`comfy/lora.py: model_lora_keys_unet`), kohya
 sd-scripts (`networks/lora.py: LoRANetwork`, modules under `Transformer2DModel`) and A1111
 (`convert_diffusers_name_to_compvis`), written from diffusers' UNet module names, not from cxr's code.
@@ -35,7 +36,7 @@ def pixels(path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def v_run(tiny_model_dir, phantom_dir, tmp_path_factory):
     """An adapter trained by train() with --prediction_type v_prediction, a non-default prompt, 64 px, the
-    default --export_format."""
+    default --export_format and --output_name (the output folder's name)."""
     from cxr.train.training import train
 
     run_dir = tmp_path_factory.mktemp("v_run")
@@ -64,9 +65,14 @@ def v_run(tiny_model_dir, phantom_dir, tmp_path_factory):
     return run_dir / "lora_unet"
 
 
+def run_file(adapter_dir: Path) -> Path:
+    """The file train.py writes by default: OUTPUT_DIR/lora_unet/<output folder's name>.safetensors."""
+    return adapter_dir / f"{adapter_dir.parent.name}.safetensors"
+
+
 def stock_images(model_dir, adapter_dir, seeds, *, prediction_type, steps, prompt, size):
     """diffusers' own pipeline: DPM-Solver++(2M) with the given prediction type, the adapter loaded by
-    `load_lora_weights` (peft), a generator seeded per image; float RGB in [0, 1]."""
+    `load_lora_weights` (peft) from the run's one file, a generator seeded per image; float RGB in [0, 1]."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
@@ -78,7 +84,7 @@ def stock_images(model_dir, adapter_dir, seeds, *, prediction_type, steps, promp
         use_karras_sigmas=False,
         prediction_type=prediction_type,
     )
-    pipe.load_lora_weights(str(adapter_dir), weight_name="pytorch_lora_weights.safetensors")
+    pipe.load_lora_weights(str(adapter_dir), weight_name=run_file(adapter_dir).name)
     return np.concatenate(
         [
             pipe(
@@ -317,22 +323,23 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from safetensors import safe_open
 
-    from cxr.model import adapter_files, lora
+    from cxr.model import adapter_convert, lora
 
-    assert TrainConfig().export_format == "both"
-    files = sorted(p.name for p in v_run.glob("*.safetensors"))
-    assert files == sorted([adapter_files.DIFFUSERS_WEIGHT_NAME, adapter_files.KOHYA_WEIGHT_NAME])
+    assert TrainConfig().export_format == "kohya"
+    kohya = run_file(v_run)
+    assert sorted(p.name for p in v_run.iterdir()) == sorted(["README.md", kohya.name])  # one adapter file
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     key_map, sd_scripts = comfyui_unet_key_map(unet), kohya_sd_scripts_names(unet)
-    with safe_open(str(v_run / adapter_files.KOHYA_WEIGHT_NAME), "pt") as handle:
+    with safe_open(str(kohya), "pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     modules = {}
     for key, tensor in tensors.items():
         name, _, part = key.partition(".")
         assert part in ("lora_down.weight", "lora_up.weight", "alpha"), key  # what ComfyUI/A1111/kohya read
         modules.setdefault(name, {})[part] = tensor
-    assert len(modules) == len(lora.lora_modules(_loaded(tiny_model_dir, v_run)))  # every LoRA module is in the file
+    ours = _loaded(tiny_model_dir, v_run)  # cxr's own loading, of the folder
+    assert len(modules) == len(lora.lora_modules(ours))  # every LoRA module is in the file
     for name, parts in modules.items():
         assert set(parts) == {"lora_down.weight", "lora_up.weight", "alpha"}, name
         assert name in key_map, f"ComfyUI maps no module to {name}"
@@ -341,23 +348,27 @@ def test_default_export_loads_in_comfyui_a1111_kohya_and_diffusers(tiny_model_di
         weight = unet.state_dict()[key_map[name]]
         assert (parts["lora_up.weight"] @ parts["lora_down.weight"]).shape == weight.shape
         assert parts["alpha"].numel() == 1 and float(parts["alpha"]) == 8.0
-    # The diffusers/peft file alone maps to nothing in ComfyUI: that is why it cannot be the only default file.
-    with safe_open(str(v_run / adapter_files.DIFFUSERS_WEIGHT_NAME), "pt") as handle:
+    # The diffusers/peft format (on request) maps to nothing in ComfyUI: that is why it is not the default.
+    peft_file = adapter_convert.convert_adapter(kohya, tmp_path / "peft", "diffusers")
+    with safe_open(str(peft_file), "pt") as handle:
         peft_modules = {k.rsplit(".lora_", 1)[0] for k in handle.keys()}
     assert peft_modules and not peft_modules & set(key_map)
 
-    # diffusers loads the default folder (it picks pytorch_lora_weights.safetensors) and gives our UNet's output.
+    # Stock diffusers loads the file by name and gives the UNet output of cxr's own loading, up to float rounding:
+    # cxr computes the LoRA down-projections of one input in one matmul over the concatenated A matrices, peft one
+    # matmul per projection (8.3e-7 on this model, against the adapter's own effect of > 1e-4).
     pytest.importorskip("peft")
     pipe = StableDiffusionPipeline.from_pretrained(
         str(tiny_model_dir), safety_checker=None, requires_safety_checker=False
     )
-    pipe.load_lora_weights(str(v_run))
-    ours = _loaded(tiny_model_dir, v_run)
+    pipe.load_lora_weights(str(v_run), weight_name=kohya.name)
     torch.manual_seed(0)
     sample, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
     with torch.no_grad():
         diff = (pipe.unet(sample, t, text).sample - ours(sample, t, text).sample).abs().max().item()
+        moved = (pipe.unet(sample, t, text).sample - unet(sample, t, text).sample).abs().max().item()
     assert diff < 1e-5, diff
+    assert moved > 1e-4  # the adapter changes the output, so the equality above is not trivial
 
 
 def _loaded(model_dir, adapter):
@@ -370,16 +381,17 @@ def _loaded(model_dir, adapter):
     return unet
 
 
-def test_sampler_and_converter_pick_the_diffusers_file_when_both_are_there(v_run, tmp_path):
+def test_sampler_and_converter_read_the_default_file(v_run, tmp_path):
     from safetensors.torch import load_file
 
-    from cxr.model import adapter_files
+    from cxr.model import adapter_convert, adapter_files
 
-    assert adapter_files.resolve_adapter_file(v_run) == v_run / adapter_files.DIFFUSERS_WEIGHT_NAME
+    assert adapter_files.resolve_adapter_file(v_run) == run_file(v_run)
     _, fmt, header, file = adapter_files.read_adapter(v_run)
-    assert fmt == "diffusers" and header["cxr.prediction_type"] == "v_prediction"
-    out = tmp_path / "k.safetensors"
-    assert adapter_files.main(["to-kohya", str(v_run), str(out)]) == 0
-    written, shipped = load_file(out), load_file(v_run / adapter_files.KOHYA_WEIGHT_NAME)
+    assert fmt == "kohya" and header["cxr.prediction_type"] == "v_prediction"
+    # kohya -> diffusers -> kohya gives the same tensors, and the kohya file is named after the run again.
+    assert adapter_convert.main(["convert", str(v_run), str(tmp_path / "d"), "--to", "diffusers"]) == 0
+    assert adapter_convert.main(["to-kohya", str(tmp_path / "d"), str(tmp_path / "k")]) == 0
+    written, shipped = load_file(tmp_path / "k" / run_file(v_run).name), load_file(run_file(v_run))
     assert written.keys() == shipped.keys()
     assert all(torch.equal(written[k], shipped[k]) for k in written)

@@ -216,7 +216,12 @@ def test_audit_flags_copies_and_not_fresh_phantoms(audit_data, capsys):
     ]
     assert all(sources[r["sample"].split("/")[-1]] == r["best_match"].split("/")[-1] for r in copies)
     report = json.loads((out / "report.json").read_text())
-    assert report["threshold"]["calibrated"] and report["counts"] == {"train": 48, "samples": 56, "holdout": 48}
+    assert report["threshold"]["calibrated"] and report["counts"] == {
+        "train": 48,
+        "samples": 56,
+        "holdout": 48,
+        "holdout_training_copies": 0,
+    }
     # The 0.99 quantile lets ~1% of novel images through by design: at most 1 of 24 fresh phantoms.
     assert sum(r["flagged"] == "True" for r in fresh) <= 1
     # With the held-out max as threshold, the sets separate completely: copies above, fresh below.
@@ -284,7 +289,7 @@ def test_manifest_splits_are_train_and_baseline(tmp_path):
     ]
     assert main(argv) == 1  # both samples copy training images: 100% > 50%
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["counts"] == {"train": 4, "samples": 2, "holdout": 2}
+    assert report["counts"] == {"train": 4, "samples": 2, "holdout": 2, "holdout_training_copies": 0}
     assert report["threshold"]["calibrated"] and report["exit_code"] == 1
     flagged = {Path(r["sample"]).name[len("copy_") :] for r in read_scores(tmp_path / "out") if r["flagged"] == "True"}
     assert flagged == {record.path.name for record in train[:2]}
@@ -351,22 +356,91 @@ def test_memory_is_bounded_with_shifts():
     assert growth_mb < 40, growth_mb
 
 
-def test_holdout_overlapping_training_set_warns(tmp_path):
-    from cxr.data.phantoms import write_phantoms
+def _reencoded(source: Path, target: Path) -> Path:
+    """The same pixels as `source` in a file with other bytes (another PNG compression level)."""
+    from PIL import Image
 
-    write_phantoms(tmp_path / "train", 4, seed=0)
-    write_phantoms(tmp_path / "samples", 2, seed=1)
-    config = AuditConfig(
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(source).save(target, compress_level=1)
+    assert target.read_bytes() != source.read_bytes()
+    return target
+
+
+def _overlap_config(tmp_path, holdout, **flags):
+    return AuditConfig(
         train_dir=tmp_path / "train",
-        holdout_dir=tmp_path / "train",
+        holdout_dir=holdout,
         samples_dir=tmp_path / "samples",
         out=tmp_path / "out",
         num_workers=0,
         max_shift=0,
         gallery_pairs=0,
+        **flags,
     )
-    with pytest.warns(UserWarning, match="4 held-out images have a near-identical training image"):
+
+
+def test_holdout_overlapping_training_set_warns(tmp_path):
+    from cxr.data.phantoms import write_phantoms
+
+    train = write_phantoms(tmp_path / "train", 4, seed=0)
+    write_phantoms(tmp_path / "samples", 2, seed=1)
+    holdout = write_phantoms(tmp_path / "holdout", 6, seed=2)[:2]
+    holdout += [_reencoded(path, tmp_path / "holdout" / f"again_{path.name}") for path in train[:2]]
+    config = _overlap_config(tmp_path, tmp_path / "holdout", threshold_quantile=0.5)
+    with pytest.warns(UserWarning, match="2 held-out images have a near-identical training image"):
         audit(config)
+
+
+def test_holdout_dir_equal_to_the_training_set_is_refused(tmp_path, capsys):
+    """Byte copies of every training image as the held-out set: the threshold would be 1 and flag nothing."""
+    from cxr.data.phantoms import write_phantoms
+
+    train = write_phantoms(tmp_path / "train", 4, seed=0)
+    (tmp_path / "samples").mkdir()
+    for path in train:
+        (tmp_path / "samples" / f"copy_{path.name}").write_bytes(path.read_bytes())
+    argv = ["--train_dir", str(tmp_path / "train"), "--holdout_dir", str(tmp_path / "train")]
+    argv += ["--samples_dir", str(tmp_path / "samples"), "--out", str(tmp_path / "out"), "--num_workers", "0"]
+    argv += ["--fail_above", "0.01", "--min_holdout_images", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--holdout_dir" in err and "all 4 held-out images are byte-identical copies of training images" in err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_byte_copies_of_training_images_are_dropped_from_the_holdout_with_a_count(tmp_path):
+    from cxr.data.phantoms import write_phantoms
+
+    train = write_phantoms(tmp_path / "train", 4, seed=0)
+    write_phantoms(tmp_path / "samples", 2, seed=1)
+    write_phantoms(tmp_path / "holdout", 3, seed=2)
+    for path in train[:2]:
+        (tmp_path / "holdout" / f"copy_{path.name}").write_bytes(path.read_bytes())
+    with pytest.warns(UserWarning, match="2 of the 5 held-out images are byte-identical copies of training images"):
+        report = audit(_overlap_config(tmp_path, tmp_path / "holdout"))
+    assert report["counts"]["holdout"] == 3 and report["counts"]["holdout_training_copies"] == 2
+    assert report["holdout"]["summary"]["max"] < 0.999
+
+
+def test_a_calibrated_threshold_at_1_is_refused(tmp_path, capsys):
+    """Re-encoded copies (same pixels, other bytes) pass the hash check but score NCC 1: no sample could ever
+    be above that threshold, so it is refused instead of passing every copy."""
+    from cxr.data.phantoms import write_phantoms
+
+    train = write_phantoms(tmp_path / "train", 4, seed=0)
+    write_phantoms(tmp_path / "samples", 2, seed=1)
+    for path in train:
+        _reencoded(path, tmp_path / "holdout" / path.name)
+    with pytest.raises(ValueError, match=r"calibrated threshold is 1\.0000"):
+        audit(_overlap_config(tmp_path, tmp_path / "holdout"))
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["threshold", "default_threshold", "features_threshold"])
+def test_a_threshold_of_1_is_a_flag_error(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--train_dir", str(tmp_path), "--samples_dir", str(tmp_path), f"--{flag}", "1"])
+    assert exit_info.value.code == 2 and f"--{flag}: must be below 1" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -475,3 +549,53 @@ def test_audit_warns_when_its_crop_differs_from_the_training_runs(labelled_run, 
         warnings_module.simplefilter("always")
         audit(AuditConfig(out=tmp_path / "padded", pad_to_square=True, **common))
     assert not [w for w in caught if "--pad_to_square" in str(w.message)]
+
+
+def _full_disk_audit(tmp_path, monkeypatch, failing):
+    """The audit of 2 samples against 4 training images with writes of `failing` files failing for lack of space."""
+    import errno
+
+    from PIL import Image as PILImage
+
+    from cxr.data.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "train", 4, seed=0)
+    write_phantoms(tmp_path / "samples", 2, seed=1)
+    original_open, original_save, original_write = open, PILImage.Image.save, Path.write_bytes
+
+    def full(name):
+        return OSError(errno.ENOSPC, "No space left on device", str(name))
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and failing in str(file):
+            raise full(file)
+        return original_open(file, mode, *args, **kwargs)
+
+    def save(self, fp, *args, **kwargs):
+        if failing in str(fp):
+            raise full(fp)
+        return original_save(self, fp, *args, **kwargs)
+
+    def write_bytes(self, data):
+        if failing in str(self):
+            original_write(self, data[:1])
+            raise full(self)
+        return original_write(self, data)
+
+    monkeypatch.setattr("builtins.open", guarded_open)
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    argv = ["--train_dir", str(tmp_path / "train"), "--samples_dir", str(tmp_path / "samples")]
+    return argv + ["--out", str(tmp_path / "out"), "--num_workers", "0", "--threshold", "0.9", "--gallery_pairs", "2"]
+
+
+@pytest.mark.parametrize("failing", ["scores.csv", "gallery", "report.json", "cxr-write-probe"])
+def test_a_full_disk_is_one_line_and_leaves_no_half_report(tmp_path, monkeypatch, capsys, failing):
+    argv = _full_disk_audit(tmp_path, monkeypatch, failing)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "--out: cannot write" in err and "Traceback" not in err
+    if failing != "cxr-write-probe":
+        assert failing in err.split("(No space")[0]  # the file is named
+    out = tmp_path / "out"
+    assert not out.exists() or list(out.iterdir()) == []

@@ -451,3 +451,23 @@ def test_audit_command_ignores_hidden_files(folder_with_hidden_junk, tmp_path, c
         ]
     )
     assert code == 0, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- file names that are not UTF-8
+
+
+def test_a_file_name_that_is_not_utf8_is_scanned_split_and_recorded(tmp_path):
+    """`M\\xfcller.png` from an old Latin-1 export: its name is bytes that are not UTF-8. It trains like any other."""
+    from cxr.data.dataset import read_manifest, records_from_manifest, split_holdout, write_manifest
+
+    for seed in range(4):
+        _write_png(tmp_path / "data" / f"image_{seed}.png", seed=seed)
+    os.rename(tmp_path / "data" / "image_0.png", os.fsencode(tmp_path / "data") + b"/M\xfcller.png")
+    records = scan_dataset(tmp_path / "data", max_images=4, seed=1)
+    assert "M\udcfcller.png" in [r.relpath for r in records]
+    train, val = split_holdout(records, val_fraction=0.5, seed=0)
+    write_manifest(tmp_path / "manifest.json", train, val)
+    manifest = read_manifest(tmp_path / "manifest.json")
+    back = records_from_manifest(manifest, "train") + records_from_manifest(manifest, "val")
+    assert sorted(r.relpath for r in back) == sorted(r.relpath for r in records)
+    assert all(r.path.is_file() for r in back)

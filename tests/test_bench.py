@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cxr import runtime
-from cxr.perf import bench, bench_context, bench_sections
+from cxr.perf import bench, bench_context, bench_ops, bench_sections
 
 TIMED_ROWS = {
     ("train", "our step, cached latents"),
@@ -23,6 +23,7 @@ TIMED_ROWS = {
     ("cache", "reload (cache hit)"),
     ("sampling", "txt2img, merged LoRA"),
 }
+OPS_ROWS = {("ops", "aten ops per step"), ("ops", "on LoRA tensors")}
 COUNTED_MEMORY_ROWS = {("activations", "saved for backward (counted)"), ("activations", "training lower bound (sum)")}
 FLOP_ROWS = {
     ("flops", name)
@@ -61,7 +62,10 @@ def test_tiny_bench_has_every_row_with_positive_finite_figures(tmp_path, one_thr
     result = bench.run_bench(cfg, log=lambda *a, **k: None)
     rows = [bench.Row(**r) for r in result["rows"]]
     keys = {(r.section, r.variant) for r in rows}
-    assert keys == TIMED_ROWS | FLOP_ROWS | COUNTED_MEMORY_ROWS | {("peak", "matmul float32"), ("cuda", "skipped")}
+    assert keys == TIMED_ROWS | FLOP_ROWS | OPS_ROWS | COUNTED_MEMORY_ROWS | {
+        ("peak", "matmul float32"),
+        ("cuda", "skipped"),
+    }
     saved, total = (
         next(r.peak_mem_mb for r in rows if (r.section, r.variant) == key) for key in sorted(COUNTED_MEMORY_ROWS)
     )
@@ -116,6 +120,40 @@ def test_count_flops_matches_closed_form_for_linear_conv_and_cpu_attention():
     q, k, v = (torch.randn(batch, heads, tokens, dim) for _ in range(3))
     counted = bench_sections.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert counted == 2 * (2 * batch * heads * tokens * tokens * dim)
+
+
+def test_op_counter_attributes_the_lora_branch_of_a_layer_and_nothing_else():
+    """A LoRA layer written out, forward + backward on an input that needs no gradient: LoRA's ops are the two
+    matmuls of the update, its scale and its add into the base output, and the backward matmuls for A and B;
+    the frozen base layer's matmul and what follows the add are not LoRA's."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).requires_grad_(False)
+    lora_a, lora_b = torch.nn.Parameter(torch.randn(2, 6)), torch.nn.Parameter(torch.randn(5, 2))
+    x = torch.randn(3, 6)
+    counter = bench_ops.OpCounter([lora_a, lora_b])
+    with counter:
+        (base(x) + (x @ lora_a.t() @ lora_b.t()) * 2.0).sum().backward()
+    total, lora = counter.count.total, counter.count.lora
+    assert lora["mm"] == 2 + 3  # x A^T, h B^T; backward: grad B, grad h, grad A (x needs no gradient)
+    assert total["addmm"] == 1 and "addmm" not in lora  # the frozen base layer
+    assert lora["add"] == 1 and lora["mul"] == 1 and "sum" not in lora
+    assert lora_a.grad is not None and lora_b.grad is not None
+
+
+def test_ops_section_counts_one_step_of_the_tiny_model(one_thread):
+    """The ops section on the tiny architecture: a count for the whole step and for LoRA, the same on a rerun."""
+    cfg = bench.BenchConfig(
+        arch="tiny", batch_size=1, dtype="fp32", device="cpu", resolution=64, cache_rows=4, sections="ops"
+    )
+    cfg.validate()
+    result = bench.run_bench(cfg, log=lambda *a, **k: None)
+    ops = result["ops"]
+    assert 0 < ops["lora"] < ops["total"] and 0 < ops["lora_matmuls"] < ops["matmuls"]
+    assert {(r["section"], r["variant"]) for r in result["rows"]} == OPS_ROWS
+    assert bench.run_bench(cfg, log=lambda *a, **k: None)["ops"] == ops
+    # The tiny UNet's 32 LoRA layers in 16 groups of one input: one down-projection matmul per group and one
+    # addmm per layer forward, 4 matmuls per group and layer backward (measured: 151; 181 with a matmul each).
+    assert ops["lora_matmuls"] <= 160 and ops["total"] <= 1450  # 1833 with one matmul each and the stock attention
 
 
 def test_saved_activation_bytes_matches_closed_form():

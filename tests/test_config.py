@@ -20,11 +20,11 @@ def test_flag_reference_matches_the_config_dataclasses():
 
 def test_command_line_overrides_toml_file(tmp_path):
     config_file = tmp_path / "run.toml"
-    config_file.write_text('dataset_dir = "data"\nlora_rank = 8\nlearning_rate = 3e-4\ncuda_graph = true\n')
+    config_file.write_text('dataset_dir = "data"\nlora_rank = 8\nlearning_rate = 3e-4\ncuda_graph = "on"\n')
     config = parse_config(TrainConfig, ["--config", str(config_file), "--lora_rank", "4"])
     assert config.lora_rank == 4
     assert config.learning_rate == 3e-4
-    assert config.cuda_graph is True
+    assert config.cuda_graph == "on"
     assert config.dataset_dir == Path("data")
 
 
@@ -129,3 +129,135 @@ def test_decode_workers_default_to_the_cpus_available_up_to_8(monkeypatch):
     assert TrainConfig(dataloader_num_workers=0).resolved_num_workers == 0
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--dataset_dir", "d", "--dataloader_num_workers", "-1"])
+
+
+def test_config_command_help_and_no_argument_write_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    (tmp_path / "docs").mkdir()
+    reference = tmp_path / "docs" / "flags.md"
+    reference.write_text("my own notes\n")
+    for argv, code in ((["--help"], 0), ([], 2)):
+        done = subprocess.run(
+            [sys.executable, "-m", "cxr.config", *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == code, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "usage:" in done.stdout + done.stderr
+    assert reference.read_text() == "my own notes\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["docs", "flags.md"]
+
+
+def test_config_command_on_a_file_without_flag_tables_exits_2_unchanged(tmp_path, capsys):
+    from cxr.config import main
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("my own notes\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(notes)])
+    assert exit_info.value.code == 2
+    assert "has no <!-- flags:train --> marker" in capsys.readouterr().err
+    assert notes.read_text() == "my own notes\n"
+
+
+def _valid_configs():
+    """A valid instance of every command's config (the required flags set), by docs/flags.md block name."""
+    from cxr.config import FLAG_TABLES, _config_class
+
+    required = {
+        "train": dict(dataset_dir=Path("d")),
+        "audit": dict(train_dir=Path("t"), samples_dir=Path("s")),
+        "evaluate": dict(real=Path("r"), fake=Path("f")),
+        "report": dict(run=Path("r"), samples=Path("s"), audit=Path("a")),
+        "dedup": dict(dataset_dir=Path("d")),
+    }
+    return {name: _config_class(spec)(**required.get(name, {})) for name, spec in FLAG_TABLES.items()}
+
+
+def _numeric_flags():
+    import dataclasses
+    import typing
+
+    from cxr.config import _base_type
+
+    for command, config in _valid_configs().items():
+        hints = typing.get_type_hints(type(config))
+        for f in dataclasses.fields(config):
+            if _base_type(hints[f.name]) in (int, float) and not f.metadata.get("choices"):
+                yield command, config, f, _base_type(hints[f.name])
+
+
+def test_every_numeric_flag_declares_a_range_its_default_lies_in():
+    for command, config, f, _ in _numeric_flags():
+        bounds = f.metadata.get("bounds")
+        half_open = f.name in ("intensity_clip_percent", "val_fraction", "lora_dropout", "threshold_quantile")
+        assert bounds or half_open or "threshold" in f.name, f"{command} --{f.name} has no bounds"
+        value = getattr(config, f.name)
+        assert not bounds or value is None or bounds[0] <= value <= bounds[1], (command, f.name)
+    for command, config in _valid_configs().items():
+        if command != "select":  # no numeric flags; its validate() needs real label files
+            config.validate()  # the defaults pass
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_huge_finite_values_of_every_numeric_flag_are_flag_errors(sign):
+    import dataclasses
+
+    from cxr.config import ConfigError
+
+    checked = 0
+    for _command, config, f, kind in _numeric_flags():
+        huge = sign * (10**20 if kind is int else 1e300)
+        with pytest.raises(ConfigError, match=rf"^--{f.name}: "):
+            dataclasses.replace(config, **{f.name: huge}).validate()
+        checked += 1
+    assert checked > 80
+
+
+def test_huge_values_from_the_issue_exit_2_naming_the_flag(capsys):
+    from cxr.privacy.audit import AuditConfig
+    from cxr.privacy.evaluate import EvaluateConfig
+
+    cases = [
+        (TrainConfig, ["--dataset_dir", "d", "--encode_batch_size", str(10**20)], "--encode_batch_size"),
+        (TrainConfig, ["--dataset_dir", "d", "--lora_alpha", "1e308"], "--lora_alpha"),
+        (TrainConfig, ["--dataset_dir", "d", "--snr_gamma", "1e308"], "--snr_gamma"),
+        (SampleConfig, ["--num_inference_steps", str(10**20)], "--num_inference_steps"),
+        (AuditConfig, ["--train_dir", "t", "--samples_dir", "s", "--resolution", str(10**20)], "--resolution"),
+        (EvaluateConfig, ["--real", "r", "--fake", "f", "--msssim_resolution", str(10**20)], "--msssim_resolution"),
+        (EvaluateConfig, ["--real", "r", "--fake", "f", "--seed", "-1"], "--seed"),
+    ]
+    for cls, argv, flag in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            parse_config(cls, argv)
+        assert exit_info.value.code == 2
+        assert f"{flag}: must be in [" in capsys.readouterr().err
+
+
+def test_the_checkpoint_disk_estimate_counts_only_the_checkpoints_the_run_writes():
+    from cxr.train.rundir import estimate_disk_bytes
+
+    def output_bytes(**flags):
+        return estimate_disk_bytes(TrainConfig(dataset_dir=Path("d"), **flags), 100, 8)["output"]
+
+    three_steps = dict(max_train_steps=3, checkpointing_steps=1)
+    assert output_bytes(checkpoints_total_limit=10**6, **three_steps) == output_bytes(
+        checkpoints_total_limit=3, **three_steps
+    )
+    assert output_bytes(checkpoints_total_limit=2, **three_steps) < output_bytes(
+        checkpoints_total_limit=3, **three_steps
+    )
+    assert output_bytes(checkpoints_total_limit=None, **three_steps) == output_bytes(
+        checkpoints_total_limit=3, **three_steps
+    )
+    assert output_bytes(checkpoints_total_limit=10**6, max_train_steps=3, checkpointing_steps=0) == output_bytes(
+        checkpoints_total_limit=1, max_train_steps=3, checkpointing_steps=0
+    )

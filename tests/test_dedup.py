@@ -194,3 +194,77 @@ def test_a_missing_dedup_report_is_a_clear_error(tmp_path, tiny_model_dir, plant
     )
     assert code == 1
     assert "--exclude_duplicates" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ outputs: checked first, whole or nothing
+
+
+def _small_set(tmp_path):
+    """6 phantoms and a near copy (re-encoded), so that the report has a pair and a gallery."""
+    root = tmp_path / "data"
+    files = write_phantoms(root, 6, seed=0)
+    Image.open(files[2]).convert("L").save(root / "copy_jpeg.jpg", quality=90)
+    return root
+
+
+def _argv(data, out, *extra):
+    return ["--dataset_dir", str(data), "--out", str(out), "--num_workers", "0", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("case", ["out is a file", "list is a folder", "list under a file"])
+def test_outputs_are_checked_before_any_image_is_read(tmp_path, monkeypatch, capsys, case):
+    import cxr.data.dataset as dataset_module
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    out, extra = tmp_path / "out", []
+    if case == "out is a file":
+        out = blocker
+    elif case == "list is a folder":
+        extra = ["--write_file_list", str(tmp_path)]
+    else:
+        extra = ["--write_file_list", str(blocker / "keep.csv")]
+    monkeypatch.setattr(dataset_module, "scan_dataset_report", lambda *a, **k: pytest.fail("the images were read"))
+    assert main(_argv(tmp_path / "data", out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert ("--out" if case == "out is a file" else "--write_file_list") in err and "Traceback" not in err
+    assert blocker.read_text() == "mine"
+
+
+def test_a_full_disk_leaves_no_half_report_and_names_the_file(tmp_path, monkeypatch, capsys):
+    data = _small_set(tmp_path)
+    out = tmp_path / "out"
+    import PIL.Image
+
+    original = PIL.Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        if "gallery" in str(fp):
+            raise OSError(28, "No space left on device")
+        return original(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image.Image, "save", save)
+    assert main(_argv(data, out, "--threshold", str(THRESHOLD), "--write_file_list", str(tmp_path / "keep.csv"))) == 2
+    err = capsys.readouterr().err
+    assert f"--out: cannot write {out / 'gallery.png'} (No space left on device)" in err
+    assert sorted(p.name for p in out.iterdir()) == [] and not (tmp_path / "keep.csv").exists()
+
+
+def test_report_files_replace_an_earlier_report_whole(tmp_path):
+    data = _small_set(tmp_path)
+    out = tmp_path / "out"
+    find_duplicates(_cfg(dataset_dir=data, out=out, threshold=THRESHOLD))
+    assert sorted(p.name for p in out.iterdir()) == ["gallery.png", "pairs.csv", "report.json"]
+
+
+def test_a_file_name_that_is_not_utf8_is_searched_and_listed(tmp_path, capsys):
+    import os
+
+    data = _small_set(tmp_path)
+    os.rename(data / "copy_jpeg.jpg", os.fsencode(data) + b"/M\xfcller.png")  # one of the near pair: in the gallery
+    keep = tmp_path / "keep.csv"
+    assert main(_argv(data, tmp_path / "out", "--threshold", str(THRESHOLD), "--write_file_list", str(keep))) == 0
+    kept = {c.path.name for c in read_file_list(keep)}
+    assert "M\udcfcller.png" in kept and len(kept) == 6  # 7 files, one of the near pair dropped
+    assert (tmp_path / "out" / "gallery.png").is_file()
+    assert "M\udcfcller.png" in {r.path.name for r in scan_dataset(None, keep)}  # train.py reads the list back

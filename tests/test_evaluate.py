@@ -297,3 +297,23 @@ def test_intensity_clip_percent_out_of_range_names_the_flag(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--real", "a", "--fake", "b", "--skip_features", "--intensity_clip_percent", value])
     assert exit_info.value.code == 2 and "--intensity_clip_percent" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["cxr.privacy.evaluate", "cxr.privacy.audit"])
+def test_help_says_plainly_that_a_torchscript_feature_model_runs_code(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    text = " ".join(capsys.readouterr().out.split()).lower()
+    assert "loading a torchscript file runs code from it: only load feature models you trust" in text
+    assert ".safetensors" in text  # the route that runs no code
+
+
+def test_the_pickle_refusal_does_not_call_torchscript_safe(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(MeanPoolFeatures(), path)
+    with pytest.raises(FeatureExtractorError) as info:
+        load_feature_extractor(path)
+    message = str(info.value)
+    assert "TorchScript also runs code" in message and ".safetensors" in message

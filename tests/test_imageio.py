@@ -476,3 +476,63 @@ def test_dicom_with_window_ignores_the_percentile_window(tmp_path):
     expected = np.clip((pixels - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)  # PS3.3 C.11.2.1.2.1 (LINEAR)
     np.testing.assert_allclose(read_grayscale(path, intensity_clip_percent=0.5), expected, atol=1e-5)
     np.testing.assert_array_equal(read_grayscale(path, intensity_clip_percent=0.5), read_grayscale(path))
+
+
+# ---------------------------------------------------------------- blank images and multi-frame files
+
+
+def _blank_files(tmp_path) -> dict:
+    """Files that decode to one value everywhere: they carry no image, and point to a broken export."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ramp = np.tile(np.arange(80, dtype=np.uint16) * 40, (80, 1))
+    transparent = np.dstack([np.full((80, 80, 3), 200, np.uint8), np.zeros((80, 80), np.uint8)])
+    files = {
+        "black.png": _save(Image.new("L", (80, 80), 0), tmp_path / "black.png"),
+        "white.png": _save(Image.new("L", (80, 80), 255), tmp_path / "white.png"),
+        "transparent.png": _save(Image.fromarray(transparent, "RGBA"), tmp_path / "transparent.png"),
+        "black.jpg": _save(Image.new("L", (80, 80), 0), tmp_path / "black.jpg"),
+    }
+    if "pydicom" in sys.modules or __import__("importlib").util.find_spec("pydicom"):
+        import warnings
+
+        files["slope0.dcm"] = _write_dicom(tmp_path / "slope0.dcm", ramp, RescaleSlope=0, RescaleIntercept=100)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns that "inf" is not a valid DS value: the point here
+            files["window_inf.dcm"] = _write_dicom(
+                tmp_path / "window_inf.dcm", ramp, WindowCenter="inf", WindowWidth=400
+            )
+    return files
+
+
+def test_blank_images_are_bad_files_named_by_the_scan(tmp_path, capsys):
+    from cxr.data.dataset import DatasetError, scan_dataset, scan_dataset_report
+    from cxr.data.imagecheck import inspect_file
+
+    files = _blank_files(tmp_path / "data")
+    assert len(files) >= 4
+    for name, path in files.items():
+        info, reason = inspect_file(str(path), 64)
+        assert info is None and reason.startswith("blank image: every pixel"), (name, reason)
+    _save(Image.fromarray(_ramp8(80, 80)), tmp_path / "data" / "ramp.png")
+    with pytest.raises(DatasetError) as info:
+        scan_dataset(tmp_path / "data")
+    message = str(info.value)
+    assert all(f"{name}: blank image" in message for name in files), message
+    report = scan_dataset_report(tmp_path / "data", skip_bad_images=True)
+    assert [r.relpath for r in report.records] == ["ramp.png"]
+    assert f"skipped {len(files)} bad file(s) ({len(files)} blank image)" in capsys.readouterr().err
+
+
+def test_multi_frame_dicom_uses_its_first_frame_and_the_scan_says_so(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    from cxr.data.dataset import scan_dataset
+
+    frames = np.stack([np.tile(np.arange(80, dtype=np.uint16) * (k + 1) * 10, (80, 1)) for k in range(3)])
+    frames[1:, :40] = 4000  # later frames differ from the first
+    (tmp_path / "data").mkdir()
+    path = _write_dicom(tmp_path / "data" / "cine.dcm", frames.reshape(240, 80), Rows=80, NumberOfFrames=3)
+    gray = read_grayscale(path)
+    np.testing.assert_allclose(gray, read_grayscale(_write_dicom(tmp_path / "first.dcm", frames[0])), atol=1e-6)
+    assert [r.relpath for r in scan_dataset(tmp_path / "data")] == ["cine.dcm"]
+    assert "cine.dcm (3 frames)" in capsys.readouterr().err
+    assert "the first frame" in __import__("cxr.data.imageio", fromlist=["x"]).__doc__

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.model import adapter_files, lora
+from cxr.model import adapter_convert, adapter_files, lora
 from cxr.model.lora import AdapterError
 
 RANK, ALPHA = 4, 8.0  # rank != alpha on purpose: a lost alpha shows up as a 2x wrong update
@@ -223,6 +223,86 @@ def test_matches_peft_lora_with_same_weights(tiny_model_dir, unet_inputs):
     torch.testing.assert_close(_run(ours, unet_inputs), expected)
 
 
+def test_attention_processor_matches_peft_forward_and_backward(tiny_model_dir, unet_inputs):
+    """LoRAAttnProcessor (q/k/v down-projections in one matmul, each update added inside its addmm) gives peft's
+    outputs and LoRA gradients: the same math in fewer kernels."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    ours = _trained_unet(tiny_model_dir, rank=RANK, alpha=ALPHA)
+    assert {type(p).__name__ for p in ours.attn_processors.values()} == {"LoRAAttnProcessor"}
+    modules = lora.lora_modules(ours)
+    reference = inject_adapter_in_model(
+        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(modules), init_lora_weights=False),
+        _load_unet(tiny_model_dir),
+    )
+    pairs = []
+    with torch.no_grad():
+        for path, module in modules.items():
+            peft_layer = reference.get_submodule(path)
+            for ours_weight, theirs in ((module.lora_A, peft_layer.lora_A), (module.lora_B, peft_layer.lora_B)):
+                theirs["default"].weight.copy_(ours_weight)
+                pairs.append((ours_weight, theirs["default"].weight))
+    outputs = []
+    for unet in (ours, reference):
+        out = unet(*unet_inputs).sample
+        out.square().mean().backward()
+        outputs.append(out.detach())
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for ours_weight, theirs in pairs:
+        torch.testing.assert_close(ours_weight.grad, theirs.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_linear_outputs_of_one_input_take_one_matmul_for_the_down_projections():
+    """Layers that read one input: LoRA, plain, LoRA without bias and another rank, merged LoRA. Each output is
+    its closed form; the two active LoRA layers' down-projections are one matmul, their up-projections are the
+    addmm that adds them to the base output."""
+    from cxr.perf.bench_ops import OpCounter
+
+    torch.manual_seed(0)
+    layers = [
+        lora.LoRALinear(nn.Linear(8, 6), rank=2, alpha=3.0),
+        nn.Linear(8, 5),
+        lora.LoRALinear(nn.Linear(8, 4, bias=False), rank=3, alpha=3.0),
+        lora.LoRALinear(nn.Linear(8, 6), rank=2, alpha=2.0),
+    ]
+    for layer in layers:
+        if isinstance(layer, lora.LoRALinear):
+            nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 8)
+    expected = [layer(x) for layer in layers]
+    layers[3].merge()
+    counter = OpCounter([])
+    with counter, torch.no_grad():
+        got = lora.linear_outputs(layers, x)
+    for out, layer, reference in zip(got, layers, expected):
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+        if isinstance(layer, lora.LoRALinear) and not layer.merged:
+            closed = x @ layer.base.weight.T + (x @ layer.lora_A.T @ layer.lora_B.T) * layer.scaling
+            closed = closed + (layer.base.bias if layer.base.bias is not None else 0)
+            torch.testing.assert_close(out, closed, rtol=1e-5, atol=1e-6)
+    # mm: the shared down-projection and the bias-free base layer; addmm: 3 biased bases + 2 LoRA up-projections
+    assert counter.count.total["mm"] == 2 and counter.count.total["addmm"] == 5
+
+
+def test_dropout_draws_its_masks_from_the_layer_generator():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(8, 8), rank=2, alpha=2.0, dropout=0.5)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 8)
+
+    def masked(seed):
+        layer.dropout_generator = torch.Generator().manual_seed(seed)
+        return layer(x)
+
+    global_state = torch.get_rng_state()
+    first, again, other = masked(1), masked(1), masked(2)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(torch.get_rng_state(), global_state)  # the global RNG is not touched
+    layer.eval()
+    no_dropout = x @ layer.base.weight.T + layer.base.bias + x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), no_dropout)
+
+
 def test_merge_equals_unmerged_and_unmerge_restores_base(tiny_model_dir, unet_inputs):
     unet = _trained_unet(tiny_model_dir)
     lora.set_lora_scale(unet, 0.7)
@@ -396,10 +476,12 @@ def test_conversion_command_round_trip_is_byte_stable(tiny_model_dir, tmp_path, 
     )
     kohya_file = tmp_path / "k.safetensors"
     assert (
-        adapter_files.main(["to-kohya", str(tmp_path / "orig" / adapter_files.DIFFUSERS_WEIGHT_NAME), str(kohya_file)])
+        adapter_convert.main(
+            ["to-kohya", str(tmp_path / "orig" / adapter_files.DIFFUSERS_WEIGHT_NAME), str(kohya_file)]
+        )
         == 0
     )
-    assert adapter_files.main(["to-diffusers", str(kohya_file), str(tmp_path / "back")]) == 0
+    assert adapter_convert.main(["to-diffusers", str(kohya_file), str(tmp_path / "back")]) == 0
     assert str(kohya_file) in capsys.readouterr().out
     for original, converted in (
         (saved[1], kohya_file),

@@ -449,7 +449,7 @@ def test_a_disk_that_fills_while_saving_gives_the_documented_message(
     def second_adapter_export(
         path, data
     ):  # the adapter is written by cxr.model.adapter_files through atomic_write_bytes
-        calls["adapter"] += path.name == "pytorch_lora_weights.safetensors"
+        calls["adapter"] += path.name == "run.safetensors"  # named after --output_dir
         return "lora_unet" in str(path) and calls["adapter"] == 2
 
     if writer == "checkpoint torch.save":

@@ -355,7 +355,8 @@ def test_every_output_follows_the_umask(umask, tiny_model_dir, phantom_dir, tmp_
     modes = _modes(root)
     for name in (
         "run/lora_unet/pytorch_lora_weights.safetensors",
-        "run/lora_unet/cxr_lora_kohya.safetensors",
+        "run/lora_unet/run.safetensors",
+        "run/lora_unet/README.md",
         "run/checkpoints/checkpoint-2/lora.safetensors",
         "run/checkpoints/checkpoint-2/optimizer.pt",
         "run/manifest.json",

@@ -217,3 +217,75 @@ def test_missing_inputs_are_clear_errors(released, tmp_path, capsys):
         )
     assert exit_info.value.code == 2
     assert "--out" in capsys.readouterr().err
+
+
+def _argv(released, out, **overrides) -> list[str]:
+    inputs = {key: released[key] for key in ("run", "samples", "audit", "eval")}
+    inputs.update(overrides)
+    return [item for key, value in inputs.items() for item in (f"--{key}", str(value))] + ["--out", str(out)]
+
+
+def test_out_in_an_unwritable_folder_fails_before_the_work(released, tmp_path, monkeypatch, capsys):
+    import cxr.privacy.report as report_module
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    monkeypatch.setattr(report_module, "gather_facts", lambda cfg: pytest.fail("the inputs were read"))
+    (tmp_path / "folder.html").mkdir()
+    for out in (blocker / "r.html", tmp_path / "folder.html"):
+        assert main(_argv(released, out)) == 2
+        assert "error: --out: " in capsys.readouterr().err
+    assert blocker.read_text() == "mine"
+
+
+def _copy_run(released, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(released["run"], run, ignore=shutil.ignore_patterns("cache", "checkpoints"))
+    return run
+
+
+@pytest.mark.parametrize("case", ["eval is a list", "audit counts a list", "truncated adapter", "config a list"])
+def test_malformed_inputs_are_one_line_errors(released, tmp_path, capsys, case):
+    overrides = {}
+    if case == "eval is a list":
+        overrides["eval"] = tmp_path / "eval.json"
+        overrides["eval"].write_text("[1, 2]")
+    elif case == "audit counts a list":
+        overrides["audit"] = tmp_path / "audit"
+        shutil.copytree(released["audit"], overrides["audit"])
+        report = json.loads((overrides["audit"] / "report.json").read_text())
+        report["counts"] = [1, 2]
+        (overrides["audit"] / "report.json").write_text(json.dumps(report))
+    elif case == "truncated adapter":
+        overrides["run"] = _copy_run(released, tmp_path)
+        for adapter in (overrides["run"] / "lora_unet").glob("*.safetensors"):
+            adapter.write_bytes(adapter.read_bytes()[:100])
+    else:
+        overrides["run"] = _copy_run(released, tmp_path)
+        (overrides["run"] / "config.json").write_text("[]")
+    out = tmp_path / "r.html"
+    assert main(_argv(released, out, **overrides)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    flag = {"eval is a list": "--eval", "audit counts a list": "--audit"}.get(case, "--run")
+    assert err.startswith(f"error: {flag}"), err
+    assert not out.exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_neither_file(released, tmp_path, monkeypatch, capsys):
+    import errno
+
+    out = tmp_path / "r.html"
+    original = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name.startswith(".r.json"):
+            original(self, data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return original(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    assert main(_argv(released, out)) == 2
+    err = capsys.readouterr().err
+    assert f"--out: cannot write {out.with_suffix('.json')} (No space left on device)" in err
+    assert list(tmp_path.iterdir()) == []

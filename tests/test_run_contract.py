@@ -1,6 +1,6 @@
 """The run's contract (issue 14): one declaration of the result-changing flags drives the resume warning, the
 adapter header, the manifest, the latent-cache key and TensorBoard's HParams; resume keeps this run's optimizer
-mode; the DDP timeout reaches the process group; --cuda_graph refuses --gradient_checkpointing; TensorBoard
+mode; the DDP timeout reaches the process group; --cuda_graph on refuses --gradient_checkpointing; TensorBoard
 has one named folder per run, a step-0 grid with gaps between tiles, and HParams."""
 
 import copy
@@ -30,6 +30,7 @@ from cxr.config import (
     result_flags,
     to_dict,
 )
+from cxr.model.export import adapter_metadata
 from cxr.train import training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +70,7 @@ NEVER_WARN = (
     "dataloader_num_workers",
     "encode_batch_size",
     "cuda_graph",
+    "tf32",
     "torch_compile",
     "gradient_checkpointing",
     "validation_steps",
@@ -79,6 +81,7 @@ NEVER_WARN = (
     "memorization_features",
     "stop_on_copy_rate",
     "export_format",
+    "output_name",
     "resume_from_checkpoint",
     "ddp_timeout_minutes",
     "dataset_dir",
@@ -206,7 +209,7 @@ def test_adapter_metadata_holds_every_result_flag_under_the_names_readers_use(ti
         lora_dropout=0.1,
         max_images=None,
     )
-    metadata = training._adapter_metadata(cfg, 7, "abc", "epsilon")
+    metadata = adapter_metadata(cfg, 7, "abc", "epsilon")
     # The keys and formats written before (sample.py and users read them) are unchanged.
     assert {
         k: metadata[k]
@@ -416,7 +419,7 @@ def test_train_passes_the_ddp_timeout_flag(tmp_path, monkeypatch):
         training.train(TrainConfig(dataset_dir=tmp_path, output_dir=tmp_path / "out", ddp_timeout_minutes=240))
     assert seen == [240]
     assert TrainConfig().ddp_timeout_minutes == 180
-    with pytest.raises(ConfigError, match="--ddp_timeout_minutes: must be > 0"):
+    with pytest.raises(ConfigError, match=r"--ddp_timeout_minutes: must be in \[1, 10080\]"):
         TrainConfig(dataset_dir=tmp_path, ddp_timeout_minutes=0).validate()
     assert (
         parse_config(TrainConfig, ["--dataset_dir", str(tmp_path), "--ddp_timeout_minutes", "30"]).ddp_timeout_minutes
@@ -428,10 +431,12 @@ def test_train_passes_the_ddp_timeout_flag(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_cuda_graph_with_gradient_checkpointing_is_refused(device, tmp_path, capsys):
-    cfg = TrainConfig(dataset_dir=tmp_path, cuda_graph=True, gradient_checkpointing=True, mixed_precision="bf16")
-    with pytest.raises(training.TrainingError, match="--cuda_graph: cannot be combined with --gradient_checkpointing"):
-        training._check_flags_for_device(cfg, torch.device(device), cxr.runtime.DistInfo())
+def test_cuda_graph_on_with_gradient_checkpointing_is_refused(device, tmp_path, capsys):
+    from cxr.train.step_graph import check_cuda_graph_flag
+
+    cfg = TrainConfig(dataset_dir=tmp_path, cuda_graph="on", gradient_checkpointing=True, mixed_precision="bf16")
+    with pytest.raises(training.TrainingError, match="--cuda_graph on: .*--gradient_checkpointing"):
+        check_cuda_graph_flag(cfg, torch.device(device), cxr.runtime.DistInfo())
     sys.path.insert(0, str(REPO))
     import train as train_script
 
@@ -445,19 +450,19 @@ def test_cuda_graph_with_gradient_checkpointing_is_refused(device, tmp_path, cap
                 "--output_dir",
                 str(tmp_path / "o"),
                 "--cuda_graph",
+                "on",
                 "--gradient_checkpointing",
             ]
         )
         == 1
     )
-    assert "--cuda_graph: cannot be combined with --gradient_checkpointing" in capsys.readouterr().err
-    # Each alone still passes the combination check (cuda_graph on a CUDA device).
-    training._check_flags_for_device(
+    assert "--gradient_checkpointing is not graph-safe" in capsys.readouterr().err
+    # Each alone passes the check (cuda_graph on a CUDA device); auto and off never refuse.
+    check_cuda_graph_flag(
         dataclasses.replace(cfg, gradient_checkpointing=False), torch.device("cuda"), cxr.runtime.DistInfo()
     )
-    training._check_flags_for_device(
-        dataclasses.replace(cfg, cuda_graph=False), torch.device("cpu"), cxr.runtime.DistInfo()
-    )
+    for mode in ("auto", "off"):
+        check_cuda_graph_flag(dataclasses.replace(cfg, cuda_graph=mode), torch.device("cpu"), cxr.runtime.DistInfo())
 
 
 # ------------------------------------------------------------------------- item 7: TensorBoard

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from cxr.config import SCHEDULERS, SampleConfig
+from cxr.model.provenance import folder_fingerprint
 from cxr.sample.samplefolder import SYNTHETIC_NOTE
 from cxr.sample.sampling import SamplingError, generate_batch, load_pipeline, make_scheduler, sample_run
 
@@ -160,8 +161,10 @@ def test_metadata_index_and_contact_sheet(tiny_model_dir, adapter_dir, tmp_path)
     adapter_file = adapter_dir / "pytorch_lora_weights.safetensors"
     text = Image.open(result.paths[1]).text
     assert text["seed"] == "11" and text["index"] == "1" and text["base_seed"] == "10"
-    assert text["base_model"] == str(tiny_model_dir)
-    assert text["adapter"] == str(adapter_dir)
+    # Shared with the images: the base model folder's name and fingerprint, the adapter file's name; no local path.
+    assert text["base_model"] == tiny_model_dir.name
+    assert text["base_model_sha256"] == folder_fingerprint(tiny_model_dir)
+    assert text["adapter"] == adapter_file.name
     assert text["adapter_sha256"] == hashlib.sha256(adapter_file.read_bytes()).hexdigest()
     assert (text["lora_scale"], text["scheduler"], text["steps"], text["guidance_scale"]) == (
         "0.5",
@@ -408,7 +411,7 @@ def test_adapter_trained_by_train_loads_and_changes_the_output(tiny_model_dir, p
             log_every=1,
         )
     )
-    adapter_file = run_dir / "lora_unet" / "pytorch_lora_weights.safetensors"
+    adapter_file = run_dir / "lora_unet" / f"{run_dir.name}.safetensors"  # train.py's default: one kohya file
     assert adapter_file.is_file()
     base_pipe.scheduler = make_scheduler("dpm++", base_pipe.scheduler.config)
     base = generate(base_pipe, [0, 1], steps=2)

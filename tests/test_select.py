@@ -769,6 +769,204 @@ def test_vindr_image_labels_catch_global_diagnoses(tmp_path):
     assert [r.patient_id for r in select_images("vindr", image_labels, root, verbose=False).rows] == [IDS[0]]
 
 
+# ------------------------------------------------------------------ PadChest
+
+# The columns of PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv, after an unnamed first (row index) column.
+PADCHEST_HEADER = [
+    "",
+    "ImageID",
+    "ImageDir",
+    "StudyDate_DICOM",
+    "StudyID",
+    "PatientID",
+    "PatientBirth",
+    "PatientSex_DICOM",
+    "ViewPosition_DICOM",
+    "Projection",
+    "MethodProjection",
+    "Pediatric",
+    "Modality_DICOM",
+    "Manufacturer_DICOM",
+    "PhotometricInterpretation_DICOM",
+    "PixelRepresentation_DICOM",
+    "PixelAspectRatio_DICOM",
+    "SpatialResolution_DICOM",
+    "BitsStored_DICOM",
+    "WindowCenter_DICOM",
+    "WindowWidth_DICOM",
+    "Rows_DICOM",
+    "Columns_DICOM",
+    "XRayTubeCurrent_DICOM",
+    "Exposure_DICOM",
+    "ExposureInuAs_DICOM",
+    "ExposureTime",
+    "RelativeXRayExposure_DICOM",
+    "ReportID",
+    "Report",
+    "MethodLabel",
+    "Labels",
+    "Localizations",
+    "LabelsLocalizationsBySentence",
+    "labelCUIS",
+    "LocalizationsCUIS",
+]
+PC = [f"2168401113669640{n:02d}_00-0{n:02d}-1{n:02d}.png" for n in range(12)]
+
+
+def padchest_row(number, image_id, folder, patient, projection, labels, method="Physician", report="sin hallazgos"):
+    values = dict.fromkeys(PADCHEST_HEADER, "")
+    values.update(
+        {
+            "": str(number),
+            "ImageID": image_id,
+            "ImageDir": folder,
+            "StudyDate_DICOM": "20140404",
+            "StudyID": f"study{number}",
+            "PatientID": patient,
+            "PatientBirth": "1950.0",
+            "PatientSex_DICOM": "F",
+            "ViewPosition_DICOM": "POSTEROANTERIOR" if projection == "PA" else "",
+            "Projection": projection,
+            "MethodProjection": "Manual review of DICOM fields",
+            "Pediatric": "No",
+            "Modality_DICOM": "CR",
+            "ReportID": str(4000000 + number),
+            "Report": report,
+            "MethodLabel": method,
+            "Labels": labels,
+            "Localizations": "[]",
+            "LabelsLocalizationsBySentence": f"[{labels}]" if labels else "",
+            "labelCUIS": "[]",
+            "LocalizationsCUIS": "[]",
+        }
+    )
+    return list(values.values())
+
+
+@pytest.fixture
+def padchest(tmp_path):
+    root = tmp_path / "padchest"
+    rows = [
+        padchest_row(0, PC[0], "0", "p1", "PA", "['normal']"),
+        padchest_row(1, PC[1], "0", "p1", "L", "['normal']"),  # the lateral of the same study
+        padchest_row(2, PC[2], "1", "p2", "PA", "['normal']", method="RNN_model"),
+        padchest_row(3, PC[3], "1", "p3", "AP", "['normal']"),
+        padchest_row(4, PC[4], "2", "p4", "AP_horizontal", "['normal']", method="RNN_model"),
+        padchest_row(5, PC[5], "2", "p5", "PA", "['normal', 'cardiomegaly']"),  # a quoted cell with a comma
+        padchest_row(6, PC[6], "2", "p6", "PA", ""),  # no labels: not the same as normal
+        padchest_row(7, PC[7], "3", "p7", "PA", "[' normal', '']"),  # spaces and blank entries, as in the release
+        padchest_row(8, PC[8], "3", "p8", "PA", "['normal']"),  # not on disk
+        padchest_row(9, PC[9], "3", "p9", "PA", "[]"),
+        padchest_row(10, PC[10], "4", "p1", "PA", "['normal']", report='cardiomediastino normal,\n"sin" cambios'),
+        padchest_row(11, PC[11], "4", "p10", "PA", "['exclude']"),
+    ]
+    labels = write_csv(tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", PADCHEST_HEADER, rows)
+    for row in rows:
+        image_id, folder = row[1], row[2]
+        if image_id == PC[10]:
+            touch(root, image_id)  # the numbered folders merged into one: found at the root
+        elif image_id != PC[8]:
+            touch(root, f"{folder}/{image_id}")
+    return labels, root
+
+
+def test_padchest_labels_cell_is_a_quoted_python_list(padchest):
+    labels, _ = padchest
+    text = labels.read_text()
+    assert "\"['normal', 'cardiomegaly']\"" in text and ",['normal']," in text  # csv quoting, as pandas writes it
+    with open(labels, newline="") as handle:
+        assert sum(1 for _ in handle) > 13  # a report with a line break spans two lines
+
+
+def test_padchest_selects_exactly_normal_pa(padchest, capsys):
+    labels, root = padchest
+    result = select_images("padchest", labels, root)
+    assert as_tuples(result.rows) == [
+        (f"0/{PC[0]}", "p1", "PA"),
+        (f"1/{PC[2]}", "p2", "PA"),
+        (PC[10], "p1", "PA"),  # sorted by path
+        (f"3/{PC[7]}", "p7", "PA"),
+    ]
+    assert all(row.source == "padchest" for row in result.rows)
+    assert result.counts == {"rows": 12, "normal": 8, "view": 5, "on_disk": 4, "patients": 3}
+    assert result.missing == [f"3/{PC[8]}"]
+    printed = capsys.readouterr().out
+    assert "Labels is exactly ['normal']" in printed and "Projection in ['PA']" in printed
+
+
+def test_padchest_views_and_physician_labels(padchest):
+    labels, root = padchest
+    every = select_images("padchest", labels, root, views="pa,AP,ap_horizontal", verbose=False)
+    assert [(r.patient_id, r.view) for r in every.rows] == [
+        ("p1", "PA"),
+        ("p2", "PA"),
+        ("p3", "AP"),
+        ("p4", "AP_horizontal"),
+        ("p1", "PA"),
+        ("p7", "PA"),
+    ]
+    physician = select_images("padchest", labels, root, views="PA,AP,AP_horizontal", physician_labels_only=True)
+    assert [r.patient_id for r in physician.rows] == ["p1", "p3", "p1", "p7"]
+    assert physician.counts == {"rows": 12, "normal": 8, "physician": 6, "view": 5, "on_disk": 4, "patients": 3}
+
+
+def test_padchest_errors(padchest, tmp_path):
+    _, root = padchest
+    for cell, shown in (
+        ("['normal'", r"\"\['normal'\""),
+        ("normal", "'normal'"),
+        ("[1, 2]", r"'\[1, 2\]'"),
+        (f"__import__('pathlib').Path('{tmp_path / 'pwned'}').touch()", r'"__import__'),
+    ):
+        bad = write_csv(tmp_path / "bad.csv", PADCHEST_HEADER, [padchest_row(0, PC[0], "0", "p1", "PA", cell)])
+        with pytest.raises(SelectionError, match=rf"bad\.csv, line 2, column 'Labels': unexpected value {shown}"):
+            select_images("padchest", bad, root, verbose=False)
+    assert not (tmp_path / "pwned").exists()  # the cell was parsed, never run
+    method = write_csv(tmp_path / "m.csv", PADCHEST_HEADER, [padchest_row(0, PC[0], "0", "p1", "PA", "[]", "Doctor")])
+    with pytest.raises(SelectionError, match=r"m\.csv, line 2, column 'MethodLabel': unexpected value 'Doctor'"):
+        select_images("padchest", method, root, verbose=False)
+    twice = write_csv(
+        tmp_path / "t.csv",
+        PADCHEST_HEADER,
+        [padchest_row(0, PC[0], "0", "p1", "PA", "[]"), padchest_row(1, PC[0], "0", "p1", "PA", "[]")],
+    )
+    with pytest.raises(SelectionError, match=rf"t\.csv, line 3: image {PC[0]} is listed twice"):
+        select_images("padchest", twice, root, verbose=False)
+    nih_file = write_csv(
+        tmp_path / "n.csv", [], [nih_row("00000001_000.png", "No Finding", "1", "PA")], raw_header=NIH_HEADER_2017
+    )
+    with pytest.raises(SelectionError, match=r"n\.csv: missing column\(s\) \['ImageID', 'ImageDir'"):
+        select_images("padchest", nih_file, root, verbose=False)
+
+
+def test_padchest_flags(padchest, nih, tmp_path, capsys):
+    labels, root = padchest
+    gz = tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
+    with open(labels, "rb") as source, gzip.open(gz, "wb") as target:
+        target.write(source.read())
+    out = tmp_path / "padchest.csv"
+    argv = ["--source", "padchest", "--labels", str(gz), "--images_root", str(root), "--out", str(out)]
+    assert main([*argv, "--views", "AP_horizontal", "--physician_labels_only"]) == 1  # p4 is RNN-labelled
+    assert "no images left after the step 'view'" in capsys.readouterr().err
+    assert main([*argv, "--views", "AP_horizontal"]) == 0
+    assert read_list(out)[1] == [
+        {"path": f"2/{PC[4]}", "patient_id": "p4", "view": "AP_horizontal", "source": "padchest"}
+    ]
+    assert main([*argv, "--no-check_files"]) == 0  # the label file gives the path: the list to download
+    assert len(read_list(out)[1]) == 5
+
+    nih_labels, nih_root = nih
+    nih_argv = ["--source", "nih", "--labels", str(nih_labels), "--images_root", str(nih_root), "--out", str(out)]
+    with pytest.raises(SystemExit):
+        main([*nih_argv, "--views", "PA,AP_horizontal"])
+    assert "--views: ['AP_horizontal'] not allowed (AP_horizontal: --source padchest only)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*nih_argv, "--physician_labels_only"])
+    assert "--physician_labels_only: applies to --source padchest only" in capsys.readouterr().err
+    with pytest.raises(SelectionError, match="physician_labels_only applies to padchest only"):
+        select_images("nih", nih_labels, nih_root, physician_labels_only=True, verbose=False)
+
+
 # ------------------------------------------------------------------ output file and CLI
 
 
@@ -905,3 +1103,56 @@ def test_file_list_is_read_by_scan_dataset(tmp_path):
         ("images_002/images/00000005_000.png", "5"),
     ]
     assert all(r.path == root / r.relpath for r in records)
+
+
+def test_a_truncated_csv_gz_is_an_error_naming_the_file(mimic, tmp_path, capsys):
+    (metadata, labels), root = mimic
+    cut = tmp_path / "cut" / labels.name
+    cut.parent.mkdir()
+    cut.write_bytes(labels.read_bytes()[:-20])  # the end of the gzip stream is missing
+    argv = ["--source", "mimic", "--labels", str(metadata), str(cut), "--images_root", str(root)]
+    assert main([*argv, "--out", str(tmp_path / "list.csv")]) == 1
+    err = capsys.readouterr().err
+    assert f"{cut} cannot be read" in err and "Traceback" not in err
+    assert not (tmp_path / "list.csv").exists()
+
+
+@pytest.mark.parametrize("case", ["a folder", "under a file"])
+def test_out_is_checked_before_the_label_files_are_read(nih, tmp_path, monkeypatch, capsys, case):
+    import cxr.data.select as select_module
+
+    labels, root = nih
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    out = tmp_path if case == "a folder" else blocker / "list.csv"
+    monkeypatch.setattr(select_module, "select_images", lambda *a, **k: pytest.fail("the labels were read"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--source", "nih", "--labels", str(labels), "--images_root", str(root), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out: " in err and "Traceback" not in err
+    assert blocker.read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_list(nih, tmp_path, monkeypatch, capsys):
+    import builtins
+    import errno
+
+    labels, root = nih
+    out = tmp_path / "list.csv"
+    out.write_text("path\nearlier.png\n")
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and str(file).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    assert main(["--source", "nih", "--labels", str(labels), "--images_root", str(root), "--out", str(out)]) == 1
+    assert f"--out: cannot write {out} (No space left on device)" in capsys.readouterr().err
+    assert out.read_text() == "path\nearlier.png\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "Data_Entry_2017.csv",
+        "list.csv",
+        "nih",
+    ]

@@ -63,7 +63,9 @@ def make_cfg(tiny_model_dir, phantom_dir, out, cache, **overrides) -> TrainConfi
 def lora_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(adapter_dir / "pytorch_lora_weights.safetensors")
+    from cxr.model.adapter_files import resolve_adapter_file
+
+    return load_file(resolve_adapter_file(adapter_dir))
 
 
 # --------------------------------------------------------------------------------------------- pure parts
@@ -100,8 +102,8 @@ def test_data_order_shards_the_global_batch():
         cxr.train.step.DataOrder(3, batch_size=4, grad_accum_steps=1, dist=cxr.runtime.DistInfo(), seed=0, device="cpu")
 
 
-def _tiny_step(tiny_model_dir, steps_fn=None):
-    """The training step (cxr.train.step.build_train_step) on the tiny UNet with LoRA and random 'cached' latents."""
+def _tiny_step(tiny_model_dir, lora_dropout=0.0):
+    """The training step (cxr.train.step.TrainStep) on the tiny UNet with LoRA and random 'cached' latents."""
     from cxr.model import ddpm
     from cxr.model.loading import load_components
     from cxr.model.lora import inject_lora, lora_parameters
@@ -109,7 +111,7 @@ def _tiny_step(tiny_model_dir, steps_fn=None):
     parts = load_components(str(tiny_model_dir), names=("unet", "scheduler"))
     unet = parts["unet"]
     torch.manual_seed(0)
-    inject_lora(unet, rank=4, alpha=4)
+    inject_lora(unet, rank=4, alpha=4, dropout=lora_dropout)
     schedule = ddpm.make_schedule(dict(parts["scheduler"].config))
     mean, std = torch.randn(8, 4, 8, 8), torch.full((8, 4, 8, 8), 0.1)
     cfg = TrainConfig(
@@ -122,8 +124,9 @@ def _tiny_step(tiny_model_dir, steps_fn=None):
         max_grad_norm=1.0,
         mixed_precision="no",
         seed=0,
+        lora_dropout=lora_dropout,
     )
-    step = cxr.train.step.build_train_step(
+    step = cxr.train.step.TrainStep(
         cfg,
         model=unet,
         params=lora_parameters(unet),
@@ -169,21 +172,22 @@ def test_train_step_makes_no_host_sync(tiny_model_dir):
 
 @pytest.mark.parametrize("steps_before_snapshot", [0, 1])
 def test_graph_warmup_state_restore_leaves_no_trace(tiny_model_dir, steps_before_snapshot):
-    """capture_cuda_graph's warm-up steps are undone by snapshot/restore: afterwards the run continues exactly as
-    if they had never happened (checked eagerly on the CPU, against a run without warm-up)."""
+    """The capture's warm-up steps are undone by snapshot/restore: afterwards the run continues exactly as if they
+    had never happened (checked eagerly on the CPU, against a run without warm-up)."""
     from cxr.model.lora import lora_state_dict
+    from cxr.train.step_graph import restore_train_state, snapshot_train_state
 
     indices = torch.tensor([[0, 1], [2, 3]])
     runs = []
     for warmup in (True, False):
-        unet, _, step, metrics, (params, optimizer, gen) = _tiny_step(tiny_model_dir)
+        unet, _, step, metrics, _ = _tiny_step(tiny_model_dir)
         for _ in range(steps_before_snapshot):
             step(indices)
         if warmup:
-            snapshot = cxr.train.step.snapshot_train_state(params, optimizer, gen)
+            snapshot = snapshot_train_state(step)
             for _ in range(2):
                 step(indices)
-            cxr.train.step.restore_train_state(snapshot, params, optimizer, metrics, gen)
+            restore_train_state(step, snapshot)
             assert metrics.loss_sum == 0
         for _ in range(2):
             step(indices)
@@ -192,19 +196,156 @@ def test_graph_warmup_state_restore_leaves_no_trace(tiny_model_dir, steps_before
     assert any(runs[0][k].abs().sum() > 0 for k in runs[0] if "lora_B" in k)
 
 
+def _graph_step_run(tiny_model_dir, monkeypatch, fake_capture, mode="auto"):
+    """Start --cuda_graph `mode` on the tiny step with `cxr.train.step_graph.capture_cuda_graph` replaced by
+    `fake_capture` (a CPU stand-in for the CUDA capture; the step is told a graph is possible, which only a CUDA
+    run would be), then train 2 steps. Returns the step, the warnings and the LoRA weights."""
+    import warnings
+
+    import cxr.train.step_graph
+    from cxr.model.lora import lora_state_dict
+
+    monkeypatch.setattr(cxr.train.step_graph, "capture_cuda_graph", fake_capture)
+    unet, _, step, _, _ = _tiny_step(tiny_model_dir)
+    step.cfg = dataclass_replace(step.cfg, cuda_graph=mode)
+    step.graph_wanted = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step.start_cuda_graph(torch.tensor([[0, 1], [2, 3]]))
+    for indices in ([[4, 5], [6, 7]], [[1, 3], [5, 7]]):
+        step(torch.tensor(indices))
+    return step, [str(w.message) for w in caught], lora_state_dict(unet)
+
+
+def _eager_weights(tiny_model_dir):
+    from cxr.model.lora import lora_state_dict
+
+    unet, _, step, _, _ = _tiny_step(tiny_model_dir)
+    for indices in ([[4, 5], [6, 7]], [[1, 3], [5, 7]]):
+        step(torch.tensor(indices))
+    return lora_state_dict(unet)
+
+
+def dataclass_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_graph_step_check_passes_a_faithful_replay_and_leaves_no_trace(tiny_model_dir, monkeypatch):
+    """A replay that does what the eager step does (the CPU stand-in returns the eager step itself) passes the
+    check: no warning, the step replays it, and the check's steps leave the run as if it had never run."""
+    step, caught, weights = _graph_step_run(tiny_model_dir, monkeypatch, lambda step, example: step.run_eager)
+    assert caught == [] and step.replays_graph
+    expected = _eager_weights(tiny_model_dir)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize(
+    "fake_capture, reason",
+    [
+        # a replay that keeps reading the rows it was captured with (a stale input): the second update differs
+        (lambda step, example: lambda indices: step.run_eager(example), "replayed LoRA weights differ"),
+        # a replay whose update is scaled (as if the LR were not read): losses agree, the weights do not
+        (lambda step, example: _scaled_update(step), "replayed LoRA weights differ"),
+        # a replay whose loss is off by 10%
+        (lambda step, example: _scaled_loss(step), "step 1 of the check: loss"),
+        (lambda step, example: _raise(RuntimeError("operation not permitted when stream is capturing")), "capturing"),
+        (
+            lambda step, example: lambda indices: _raise(RuntimeError("CUDA error: an illegal memory access")),
+            "replaying",
+        ),
+    ],
+    ids=["stale-input", "scaled-update", "wrong-loss", "capture-error", "replay-error"],
+)
+def test_graph_step_falls_back_to_eager_with_one_warning_that_says_why(
+    tiny_model_dir, monkeypatch, fake_capture, reason
+):
+    """--cuda_graph auto: a capture error or a replay that does not match two eager steps leaves the run eager,
+    with one warning naming the reason, and exactly the weights of a run that never tried (the CUDA capture is
+    replaced by CPU stand-ins)."""
+    step, caught, weights = _graph_step_run(tiny_model_dir, monkeypatch, fake_capture)
+    assert len(caught) == 1 and "--cuda_graph auto: the training step runs eagerly" in caught[0]
+    assert reason in caught[0] and not step.replays_graph
+    expected = _eager_weights(tiny_model_dir)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_graph_step_on_raises_where_auto_falls_back(tiny_model_dir, monkeypatch):
+    def stale(step, example):
+        return lambda indices: step.run_eager(example)
+
+    with pytest.raises(training.TrainingError, match="--cuda_graph on: after 2 steps the replayed LoRA weights"):
+        _graph_step_run(tiny_model_dir, monkeypatch, stale, mode="on")
+
+
+def _scaled_update(step):
+    def replay(indices):
+        before = [p.detach().clone() for p in step.params]
+        step.run_eager(indices)
+        with torch.no_grad():
+            for param, old in zip(step.params, before):
+                param.copy_(old + 0.5 * (param - old))
+
+    return replay
+
+
+def _scaled_loss(step):
+    def replay(indices):
+        step.run_eager(indices)
+        step.metrics.loss_sum.mul_(1.1)
+
+    return replay
+
+
+def _raise(error):
+    raise error
+
+
+def test_graph_blockers_name_what_keeps_a_run_eager():
+    from cxr.runtime import DistInfo
+    from cxr.train.step_graph import graph_blockers
+
+    cuda, cfg = torch.device("cuda", 0), TrainConfig(mixed_precision="bf16")
+    assert graph_blockers(cfg, cuda, DistInfo()) == []
+    assert graph_blockers(dataclass_replace(cfg, torch_compile=True), cuda, DistInfo()) == []
+    reasons = graph_blockers(
+        dataclass_replace(cfg, mixed_precision="fp16", gradient_checkpointing=True), torch.device("cpu"), DistInfo(0, 2)
+    )
+    assert [r.split(" ")[0] for r in reasons] == ["CUDA", "fp16", "several", "--gradient_checkpointing"]
+    assert "GradScaler's loss scale" in reasons[1] and "host" not in reasons[1]
+
+
+def test_step_draws_dropout_masks_and_noise_from_separate_streams(tiny_model_dir):
+    """LoRA dropout has a generator of its own, seeded from --seed but not with it; the noise stream advances the
+    same with dropout on or off, and the global RNG is not used by the step."""
+    indices = torch.tensor([[0, 1], [2, 3]])
+    noise_states = []
+    for dropout in (0.0, 0.1):
+        _, _, step, _, _ = _tiny_step(tiny_model_dir, lora_dropout=dropout)
+        global_state = torch.get_rng_state()
+        step(indices)
+        assert torch.equal(torch.get_rng_state(), global_state)
+        noise_states.append(step.generators["noise"].get_state())
+    seeds = {name: generator.initial_seed() for name, generator in step.generators.items()}
+    assert seeds["noise"] == 0 and seeds["lora_dropout"] != seeds["noise"]
+    assert torch.equal(*noise_states)
+
+
 def test_step_source_has_no_host_reads():
-    """The step's source has no .item()/.cpu()/.tolist()/print and no `if` on a tensor value."""
-    source = textwrap.dedent(inspect.getsource(cxr.train.step.make_train_step))
-    tree = ast.parse(source)
-    step_def = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "step")
-    calls = {n.func.attr for n in ast.walk(step_def) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
-    names = {n.func.id for n in ast.walk(step_def) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    assert not calls & {"item", "cpu", "tolist", "numpy"} and "print" not in names
-    host_names = {"micro", "grad_accum_steps", "noise_offset", "scaler", "max_grad_norm", "no_sync", "sync"}
-    for node in ast.walk(step_def):
-        if isinstance(node, (ast.If, ast.IfExp)):
-            used = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
-            assert used <= host_names, f"branch on {used - host_names}"
+    """The step's source (what a CUDA graph captures) has no .item()/.cpu()/.tolist()/print and no `if` on a
+    tensor value: its branches read only the config, the micro-batch counter and the step's fixed parts."""
+    methods = [cxr.train.step.TrainStep.run_eager, cxr.train.step.TrainStep._update, cxr.train.step.TrainStep._draw]
+    host_names = {"cfg", "self", "micro", "accum", "sync"}
+    for method in methods:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+        calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+        names = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert not calls & {"item", "cpu", "tolist", "numpy"} and "print" not in names, method.__name__
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.If, ast.IfExp)):
+                used = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
+                assert used <= host_names, f"{method.__name__}: branch on {used - host_names}"
 
 
 @pytest.mark.slow
@@ -249,8 +390,9 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     summary = training.train(cfg)
     out = tmp_path / "run"
     assert summary["steps"] == 4 and not summary["interrupted"]
+    assert summary["images_per_s"] > 0 and summary["images_per_s_wall"] > 0  # steps alone; with validation
     assert [s for s, _ in checkpoint_dirs(out / "checkpoints")] == [4]  # rotation kept the newest only
-    for name in ("manifest.json", "config.json", "lora_unet/pytorch_lora_weights.safetensors"):
+    for name in ("manifest.json", "config.json", "lora_unet/run.safetensors", "lora_unet/README.md"):
         assert (out / name).is_file(), name
     import json
 
@@ -260,7 +402,8 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     events = EventAccumulator(summary["tensorboard_run"], size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/loss", "memory/peak_mib"):
+    logged = ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/images_per_s_wall")
+    for tag in (*logged, "val/loss", "memory/peak_mib"):
         assert tag in tags["scalars"], tag
         values = [e.value for e in events.Scalars(tag)]
         assert values and all(math.isfinite(v) for v in values), tag
@@ -283,7 +426,8 @@ def test_short_run_writes_adapter_checkpoints_and_tensorboard(tiny_model_dir, ph
     assert info.metadata["cxr.manifest_sha256"] == manifest_sha == summary["manifest_sha256"]
     assert info.metadata["cxr.steps"] == "4" and info.metadata["cxr.resolution"] == "64"
     assert info.metadata["cxr.pad_to_square"] == "False" and info.metadata["cxr.intensity_clip_percent"] == "0.0"
-    assert info.metadata["cxr.base_model"] == str(tiny_model_dir) and info.metadata["cxr.prompt"] == cfg.prompt
+    assert info.metadata["cxr.base_model"] == tiny_model_dir.name and info.metadata["cxr.prompt"] == cfg.prompt
+    assert len(info.metadata["cxr.base_model_sha256"]) == 64  # a local folder: its name and content fingerprint
     assert written["resolved"]["prediction_type"] == "epsilon"
     from cxr.model.lora import lora_state_dict
 
@@ -303,6 +447,7 @@ def test_resume_is_bit_identical(tiny_model_dir, phantom_dir, shared_cache, tmp_
         lr_scheduler="cosine",
         lr_warmup_steps=2,
         noise_offset=0.1,
+        lora_dropout=0.1,
         log_every=1,
     )
     straight = training.train(make_cfg(tiny_model_dir, phantom_dir, tmp_path / "a", shared_cache, **common))
@@ -445,8 +590,8 @@ def test_cuda_graph_on_cpu_and_unwritable_output_are_clear_errors(tmp_path, caps
     sys.path.insert(0, str(REPO))
     import train as train_script
 
-    assert train_script.main(["--dataset_dir", str(tmp_path), "--device", "cpu", "--cuda_graph"]) == 1
-    assert "--cuda_graph: needs a CUDA device" in capsys.readouterr().err
+    assert train_script.main(["--dataset_dir", str(tmp_path), "--device", "cpu", "--cuda_graph", "on"]) == 1
+    assert "--cuda_graph on: CUDA graphs need a CUDA device and this run is on cpu" in capsys.readouterr().err
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     assert (

@@ -247,7 +247,8 @@ def read_file_list(file_list, dataset_dir=None) -> list[ImageToCheck]:
 
 
 def _read_csv_rows(list_path: Path) -> list[tuple[int, dict]]:
-    with open(list_path, newline="", encoding="utf-8-sig") as handle:
+    # surrogateescape: bytes that are not UTF-8 (a file name from an old export) stay the file name's own bytes.
+    with open(list_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         header = [(name or "").strip() for name in (reader.fieldnames or [])]
         if "path" not in header:
@@ -276,7 +277,9 @@ def _read_csv_rows(list_path: Path) -> list[tuple[int, dict]]:
 
 def _read_txt_rows(list_path: Path) -> list[tuple[int, dict]]:
     rows = []
-    for line, text in enumerate(list_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for line, text in enumerate(
+        list_path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines(), start=1
+    ):
         entry = text.strip()
         if not entry or entry.startswith("#") or (line == 1 and entry == "path"):
             continue
@@ -289,7 +292,8 @@ def _read_txt_rows(list_path: Path) -> list[tuple[int, dict]]:
 
 def selection_rank(seed: int, name: str) -> str:
     """Sort key of seeded choices: SHA-256 of (seed, name); depends on nothing else."""
-    return hashlib.sha256(f"{seed}\0{name}".encode()).hexdigest()
+    # surrogateescape: a file name that is not valid UTF-8 (M\xfcller.png from an old export) hashes as its bytes.
+    return hashlib.sha256(f"{seed}\0{name}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def scan_dataset(

@@ -23,7 +23,11 @@ TIFF, BMP and DICOM (through the optional `dicom` extra). The rules, each chosen
   modality is kept); without a VOI the modality values are min-max (or percentile) scaled like 16-bit PNGs.
   MONOCHROME1 (low values displayed white) is inverted so that bone is always bright.
 - EXIF orientation is applied (`ImageOps.exif_transpose`), so phone/scanner JPEGs come out upright.
-- Multi-frame files (TIFF pages, multi-frame DICOM) use the first frame.
+- Multi-frame files (TIFF pages, multi-frame DICOM, animated PNG) use the first frame; the training scan lists
+  every such file with its frame count, so that a cine loop or a stack is not taken for one radiograph unseen.
+- A file that decodes to one value everywhere (all black, all white, fully transparent, a DICOM with Rescale
+  Slope 0 or an infinite window) is read as such here; the training scan (`cxr.data.imagecheck`) rejects it as a
+  bad file: it carries no image and points to a broken export.
 
 Truncated files are an error, never padded with grey: `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is forced
 off while decoding. A PNG must pass its chunk CRCs (PIL skips those of the pixel data). An image larger than
@@ -106,6 +110,11 @@ def read_file_bytes(path) -> bytes:
 
 def decode_grayscale(data: bytes, path, intensity_clip_percent: float = 0.0) -> np.ndarray:
     """Like `read_grayscale`, from the file's bytes already in memory (`path` names it in errors)."""
+    return decode_with_frames(data, path, intensity_clip_percent)[0]
+
+
+def decode_with_frames(data: bytes, path, intensity_clip_percent: float = 0.0) -> tuple[np.ndarray, int]:
+    """`decode_grayscale`, and how many frames the file holds (the first is the image)."""
     if not 0.0 <= intensity_clip_percent < 50.0:
         raise ValueError(f"intensity_clip_percent must be in [0, 50), got {intensity_clip_percent}")
     path = Path(path)
@@ -114,14 +123,14 @@ def decode_grayscale(data: bytes, path, intensity_clip_percent: float = 0.0) -> 
     if data.startswith(PNG_SIGNATURE):
         check_png_chunks(data, path)
     if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(data):
-        gray = _decode_dicom(data, path, intensity_clip_percent)
+        gray, frames = _decode_dicom(data, path, intensity_clip_percent)
     else:
-        gray = _decode_pil(data, path, intensity_clip_percent)
+        gray, frames = _decode_pil(data, path, intensity_clip_percent)
     if gray.ndim != 2 or gray.shape[0] == 0 or gray.shape[1] == 0:
         raise ImageReadError(path, f"decoded to an array of shape {gray.shape}, expected a 2-D image")
     if not np.isfinite(gray).all():
         raise ImageReadError(path, "contains NaN or infinite pixel values")
-    return np.ascontiguousarray(gray, dtype=np.float32)
+    return np.ascontiguousarray(gray, dtype=np.float32), frames
 
 
 def _looks_like_dicom(data: bytes) -> bool:
@@ -183,7 +192,7 @@ def check_png_chunks(data: bytes, path) -> None:
             return
 
 
-def _decode_pil(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
+def _decode_pil(data: bytes, path: Path, clip_percent: float) -> tuple[np.ndarray, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, naming the file
@@ -198,6 +207,10 @@ def _decode_pil(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
     except Exception as error:  # noqa: BLE001 - a corrupt header can raise almost anything
         raise ImageReadError(path, f"corrupt image header: {error}") from None
     _check_pixel_count(path, f"{image.width} x {image.height}", image.width * image.height)
+    try:
+        frames = int(getattr(image, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - a damaged later frame: the first one is still decoded (or fails) below
+        frames = 1
 
     # A truncated file must fail here instead of being silently padded with grey.
     truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
@@ -211,7 +224,7 @@ def _decode_pil(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
         raise ImageReadError(path, f"truncated or corrupt image data: {error}") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
-    return _pil_to_gray(image, path, clip_percent)
+    return _pil_to_gray(image, path, clip_percent), frames
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -271,7 +284,7 @@ def _pil_to_gray(image, path: Path, clip_percent: float) -> np.ndarray:
     )
 
 
-def _decode_dicom(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
+def _decode_dicom(data: bytes, path: Path, clip_percent: float) -> tuple[np.ndarray, int]:
     try:
         import pydicom
     except ImportError:
@@ -325,7 +338,7 @@ def _decode_dicom(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
         pixels = pixels[0]
     if samples == 3:
         # pydicom's pixel_array already converts YBR colour spaces to RGB.
-        return np.clip(_luminance(pixels.astype(np.float32) / _full_scale(pixels)), 0.0, 1.0)
+        return np.clip(_luminance(pixels.astype(np.float32) / _full_scale(pixels)), 0.0, 1.0), frames
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageReadError(
             path, f"unsupported DICOM photometric interpretation {photometric!r} with {samples} samples per pixel"
@@ -348,7 +361,7 @@ def _decode_dicom(data: bytes, path: Path, clip_percent: float) -> np.ndarray:
         raise ImageReadError(path, f"invalid DICOM modality/VOI LUT or window attributes: {error}") from None
     if photometric == "MONOCHROME1":
         gray = 1.0 - gray
-    return gray
+    return gray, frames
 
 
 _PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and (plain) Pixel Data

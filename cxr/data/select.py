@@ -6,6 +6,8 @@
         --images_root /data/mimic-cxr-jpg/2.0.0 --out mimic.csv
     python -m cxr.select --source vindr --labels annotations/annotations_train.csv annotations/image_labels_train.csv \\
         --images_root /data/vindr-cxr/1.0.0 --out vindr.csv
+    python -m cxr.select --source padchest --labels PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz \\
+        --images_root /data/padchest --views PA,AP,AP_horizontal --physician_labels_only --out padchest.csv
     python train.py --dataset_dir IMAGES_ROOT --file_list list.csv ...
 
 The list is a CSV with the header `path,patient_id,view,source`; `path` is relative to --images_root (POSIX
@@ -25,6 +27,9 @@ Rules per source (counts are printed after every step and returned in `Selection
   with no other local or global label (e.g. Tuberculosis, which has no box); the dataset
   publishes no view column (it is described as postero-anterior, so every image counts as PA) and no patient
   id (patient id = image_id, so a patient split degrades to an image split); files <image_id>.dicom.
+- padchest: the `Labels` list is exactly `['normal']` (parsed with ast.literal_eval, never eval); `Projection` in
+  --views (PA, AP and AP_horizontal may be chosen); with --physician_labels_only also `MethodLabel == Physician`;
+  patient id = `PatientID`; path <ImageDir>/<ImageID> (or <ImageID> when the numbered folders were merged).
 A missing column or a value outside the known set is an error naming the file, line and column.
 """
 
@@ -39,11 +44,25 @@ from pathlib import Path
 
 from cxr.config import ConfigError, check_choices, flag, parse_config, require
 from cxr.data.dataset import FILE_LIST_COLUMNS
-from cxr.data.select_labels import FIND_BY_NAME, LABEL_RULES, ImageToLocate, SelectionError, Step
-from cxr.fileio import atomic_path
+from cxr.data.select_csv import ImageToLocate, LabelOptions, SelectionError, Step
+from cxr.data.select_labels import chexpert_candidates, mimic_candidates, nih_candidates, vindr_candidates
+from cxr.data.select_padchest import padchest_candidates
+from cxr.fileio import atomic_path, check_writable_file
 
-SOURCES = ("nih", "chexpert", "mimic", "vindr")
+LABEL_RULES = {
+    "nih": nih_candidates,
+    "chexpert": chexpert_candidates,
+    "mimic": mimic_candidates,
+    "vindr": vindr_candidates,
+    "padchest": padchest_candidates,
+}
+SOURCES = tuple(LABEL_RULES)
+# nih and vindr name files that may sit in any subfolder; the others give paths from the root.
+FIND_BY_NAME = {"nih": True, "vindr": True, "chexpert": False, "mimic": False, "padchest": False}
+PATH_SOURCES = tuple(source for source in SOURCES if not FIND_BY_NAME[source])
 FRONTAL_VIEWS = ("PA", "AP")
+# PadChest also records AP images taken lying down (Projection AP_horizontal); the other sources have no such value.
+FRONTAL_VIEWS_BY_SOURCE = {"padchest": ("PA", "AP", "AP_horizontal")}
 
 
 @dataclass(frozen=True)
@@ -137,16 +156,22 @@ def _locate_by_path(root: Path, candidates: list[ImageToLocate]) -> dict[str, st
 # Public API
 
 
-def parse_views(views: str | Sequence[str]) -> tuple[str, ...]:
-    """("PA",) from "PA", "pa", "PA,AP" or ["PA", "AP"]; only frontal views are allowed."""
+def parse_views(views: str | Sequence[str], source: str | None = None) -> tuple[str, ...]:
+    """("PA",) from "PA", "pa", "PA,AP" or ["PA", "AP"]; only frontal views are allowed (for padchest also
+    AP_horizontal, spelled as in its label file whatever the case given)."""
+    allowed = FRONTAL_VIEWS_BY_SOURCE.get(source, FRONTAL_VIEWS)
+    spelling = {view.upper(): view for view in allowed}
     items = views.split(",") if isinstance(views, str) else list(views)
-    parsed = tuple(dict.fromkeys(item.strip().upper() for item in items if item.strip()))
-    if not parsed:
-        raise ConfigError("--views: give at least one of PA, AP")
-    unknown = [v for v in parsed if v not in FRONTAL_VIEWS]
+    given = tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
+    if not given:
+        raise ConfigError(f"--views: give at least one of {', '.join(allowed)}")
+    unknown = [v for v in given if v.upper() not in spelling]
     if unknown:
-        raise ConfigError(f"--views: {unknown} not allowed; use frontal views PA and/or AP (e.g. --views PA,AP)")
-    return parsed
+        hint = " (AP_horizontal: --source padchest only)" if any(v.upper() == "AP_HORIZONTAL" for v in unknown) else ""
+        raise ConfigError(
+            f"--views: {unknown} not allowed{hint}; use frontal views {', '.join(allowed)} (e.g. --views PA,AP)"
+        )
+    return tuple(dict.fromkeys(spelling[v.upper()] for v in given))
 
 
 def select_images(
@@ -156,14 +181,15 @@ def select_images(
     views: str | Sequence[str] = ("PA",),
     *,
     exclude_support_devices: bool = False,
+    physician_labels_only: bool = False,
     check_files: bool = True,
     verbose: bool = True,
 ) -> SelectionResult:
     """Select the normal frontal images of one public dataset that are present under `images_root`.
 
     `labels` are the dataset's label file(s) (see the module docstring for each source's rules). Prints the
-    count left after each filter step unless `verbose` is False. With `check_files=False` (chexpert and mimic
-    only, whose label files give the full path) the disk is not looked at: the list names the files to fetch.
+    count left after each filter step unless `verbose` is False. With `check_files=False` (chexpert, mimic and
+    padchest, whose label files give the full path) the disk is not looked at: the list names the files to fetch.
     Raises SelectionError for malformed label files, duplicated files on disk, or an empty selection.
     """
     if source not in SOURCES:
@@ -172,9 +198,11 @@ def select_images(
         raise SelectionError(
             f"exclude_support_devices applies to chexpert and mimic only (they have that label), not {source}"
         )
+    if physician_labels_only and source != "padchest":
+        raise SelectionError(f"physician_labels_only applies to padchest only (it has MethodLabel), not {source}")
     if not check_files and FIND_BY_NAME[source]:
         raise SelectionError(
-            f"check_files=False needs a source whose labels give the path (chexpert, mimic); "
+            f"check_files=False needs a source whose labels give the path ({', '.join(PATH_SOURCES)}); "
             f"{source} files are found by name under the images root"
         )
     label_files = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(p) for p in labels]
@@ -183,9 +211,10 @@ def select_images(
     root = Path(images_root)
     if not root.is_dir():
         raise SelectionError(f"images root {root} is not a folder")
-    views = parse_views(views)
+    views = parse_views(views, source)
 
-    candidates, steps = LABEL_RULES[source](label_files, views, exclude_support_devices)
+    options = LabelOptions(exclude_support_devices, physician_labels_only)
+    candidates, steps = LABEL_RULES[source](label_files, views, options)
     if check_files:
         locate = _locate_by_name if FIND_BY_NAME[source] else _locate_by_path
         located = locate(root, candidates)
@@ -256,22 +285,28 @@ class SelectConfig:
         None,
         "label file(s), .csv or .csv.gz: nih Data_Entry_2017*.csv; chexpert train.csv [valid.csv]; mimic "
         "mimic-cxr-2.0.0-chexpert.csv.gz and mimic-cxr-2.0.0-metadata.csv.gz; vindr annotations_train.csv "
-        "[image_labels_train.csv] (PhysioNet) or train.csv (Kaggle)",
+        "[image_labels_train.csv] (PhysioNet) or train.csv (Kaggle); padchest "
+        "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv[.gz]",
     )
     images_root: Path | None = flag(
         None,
         "folder the images were unpacked into; list paths are relative to it (pass it to train.py as --dataset_dir)",
     )
     out: Path | None = flag(None, "the file list CSV to write (columns path,patient_id,view,source)")
-    views: str = flag("PA", "comma-separated frontal views to keep: PA, AP or PA,AP")
+    views: str = flag(
+        "PA", "comma-separated frontal views to keep: PA, AP or PA,AP (padchest also AP_horizontal: AP lying down)"
+    )
     exclude_support_devices: bool = flag(
         False, "chexpert/mimic: also drop normal images labelled Support Devices == 1.0 (lines, tubes, pacemakers)"
+    )
+    physician_labels_only: bool = flag(
+        False, "padchest: keep only reports labelled by a physician (MethodLabel == Physician), not by the RNN model"
     )
     absolute_paths: bool = flag(False, "write absolute paths instead of paths relative to --images_root")
     check_files: bool = flag(
         True,
-        "keep only images present under --images_root; --no-check_files (chexpert/mimic) lists them all, e.g. to "
-        "download just those files",
+        "keep only images present under --images_root; --no-check_files (chexpert/mimic/padchest) lists them all, "
+        "e.g. to download just those files",
     )
 
     def validate(self) -> None:
@@ -284,16 +319,23 @@ class SelectConfig:
         require(self.images_root is not None, "images_root", "is required: the folder the images were unpacked into")
         require(Path(self.images_root).is_dir(), "images_root", f"{self.images_root} is not a folder")
         require(self.out is not None, "out", "is required: where to write the file list CSV")
-        parse_views(self.views)
+        check_writable_file(self.out, "--out", ConfigError)  # before the label files are read, not after
+        parse_views(self.views, self.source)
+        require(
+            not self.physician_labels_only or self.source == "padchest",
+            "physician_labels_only",
+            f"applies to --source padchest only (it has MethodLabel), not {self.source}",
+        )
         require(
             not self.exclude_support_devices or self.source in ("chexpert", "mimic"),
             "exclude_support_devices",
             f"applies to --source chexpert and mimic only, not {self.source}",
         )
         require(
-            self.check_files or self.source in ("chexpert", "mimic"),
+            self.check_files or self.source in PATH_SOURCES,
             "check_files",
-            f"--no-check_files needs --source chexpert or mimic (their labels give the path), not {self.source}",
+            f"--no-check_files needs --source {' or '.join(PATH_SOURCES)} (their labels give the path), "
+            f"not {self.source}",
         )
 
 
@@ -312,12 +354,19 @@ def main(argv: list[str] | None = None) -> int:
             config.images_root,
             config.views,
             exclude_support_devices=config.exclude_support_devices,
+            physician_labels_only=config.physician_labels_only,
             check_files=config.check_files,
         )
     except SelectionError as error:
         print(f"cxr.data.select: error: {error}", file=sys.stderr)
         return 1
-    out = write_file_list(result.rows, config.out, absolute_root=config.images_root if config.absolute_paths else None)
+    try:
+        out = write_file_list(
+            result.rows, config.out, absolute_root=config.images_root if config.absolute_paths else None
+        )
+    except OSError as error:  # a full disk: the temporary file is removed, an earlier list is kept
+        print(f"cxr.data.select: error: --out: cannot write {config.out} ({error.strerror or error})", file=sys.stderr)
+        return 1
     print(f"wrote {len(result.rows):,} images of {result.counts['patients']:,} patients to {out}")
     if not config.check_files:
         print("the disk was not checked (--no-check_files): fetch these files, then run again without it")

@@ -2,18 +2,28 @@
 the images whose labels pass that source's normal-frontal rules (see cxr.data.select's docstring), with the count
 left after each filter step.
 
-`LABEL_RULES[source](label_files, views, exclude_support_devices)` returns (images to locate on disk, steps).
+Each rule, `rule(label_files, views, options)`, returns (images to locate on disk, steps); cxr.data.select maps
+the sources to their rules (PadChest's is in cxr.data.select_padchest).
 A missing column or a value outside the known set is a SelectionError naming the file, line and column.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
+
+from cxr.data.select_csv import (
+    ImageToLocate,
+    LabelOptions,
+    SelectionError,
+    Step,
+    bad_value,
+    check_known,
+    iter_label_rows,
+    read_header,
+    require_value,
+)
 
 NIH_LABELS = frozenset(
     {
@@ -84,113 +94,6 @@ VINDR_DECLARED_VIEW = "PA"
 VINDR_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg", ".jpeg")  # preference order when several exist
 
 
-class SelectionError(ValueError):
-    """A label file is malformed or the selection is empty; the message names the file, line and column."""
-
-
-@dataclass(frozen=True)
-class Step:
-    """One filter step: a short name, what it keeps, and how many items are left after it."""
-
-    name: str
-    description: str
-    count: int
-
-
-@dataclass(frozen=True)
-class ImageToLocate:
-    """An image that passed the label filters; `locations` are where to look, in order of preference."""
-
-    key: str
-    patient_id: str
-    view: str
-    locations: tuple[str, ...]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading label files
-
-
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
-# A zip, an image or a text file in another encoding passed by mistake as a label file.
-_UNREADABLE = (UnicodeDecodeError, OSError, csv.Error)
-
-
-def _unreadable(path: Path, error: Exception) -> SelectionError:
-    return SelectionError(
-        f"{path} cannot be read as a UTF-8 CSV file ({type(error).__name__}: {error}); "
-        "pass the label file as released (.csv or .csv.gz)"
-    )
-
-
-def read_header(path: Path) -> list[str]:
-    """The column names of a CSV label file (plain or .gz)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SelectionError(f"label file {path} does not exist")
-    try:
-        with _open_text(path) as handle:
-            header = next(csv.reader(handle), None)
-    except _UNREADABLE as error:
-        raise _unreadable(path, error) from None
-    if not header or not any(name.strip() for name in header):
-        raise SelectionError(f"{path} is empty: expected a CSV file with a header row")
-    return [name.strip() for name in header]
-
-
-def iter_label_rows(path: Path, required: Sequence[str], what: str) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield (line number, row) of a CSV label file after checking that every `required` column is there.
-
-    Values are stripped. A row too short to hold a required column, a row with more fields than the header,
-    or a file with a header but no rows is an error naming the file and line.
-    """
-    path = Path(path)
-    columns = read_header(path)
-    duplicated = sorted({name for name in columns if name and columns.count(name) > 1})
-    if duplicated:
-        raise SelectionError(f"{path}: column(s) {duplicated} appear more than once in the header")
-    missing = [name for name in required if name not in columns]
-    if missing:
-        raise SelectionError(
-            f"{path}: missing column(s) {missing} needed for a {what} file; columns found: {columns}. "
-            "Check that --source matches the file and that the file is the original release."
-        )
-    rows = 0
-    with _open_text(path) as handle:
-        reader = csv.reader(handle)
-        try:
-            next(reader)
-            for fields in reader:
-                if not fields:
-                    continue  # blank line
-                if len(fields) > len(columns):
-                    raise SelectionError(
-                        f"{path}, line {reader.line_num}: {len(fields)} fields but the header has {len(columns)}"
-                    )
-                row = {name: value.strip() for name, value in zip(columns, fields)}
-                short = [name for name in required if name not in row]
-                if short:
-                    raise SelectionError(
-                        f"{path}, line {reader.line_num}: row has {len(fields)} fields, so column(s) {short} are "
-                        f"missing"
-                    )
-                rows += 1
-                yield reader.line_num, row
-        except _UNREADABLE as error:  # decoding runs ahead of the csv reader, so no reliable line number
-            raise _unreadable(path, error) from None
-    if rows == 0:
-        raise SelectionError(f"{path} has a header but no rows")
-
-
-def _bad_value(path: Path, line: int, column: str, value: str, expected: str) -> SelectionError:
-    return SelectionError(f"{path}, line {line}, column {column!r}: unexpected value {value!r}; expected {expected}")
-
-
 def parse_chexpert_label(value: str, path: Path, line: int, column: str) -> float | None:
     """A CheXpert-labeler cell: 1.0 positive, 0.0 negative, -1.0 uncertain, None when blank (not mentioned)."""
     if value == "":
@@ -200,35 +103,22 @@ def parse_chexpert_label(value: str, path: Path, line: int, column: str) -> floa
     except ValueError:
         number = float("nan")
     if number not in (1.0, 0.0, -1.0):
-        raise _bad_value(path, line, column, value, "1.0, 0.0, -1.0 or blank")
+        raise bad_value(path, line, column, value, "1.0, 0.0, -1.0 or blank")
     return number
-
-
-def _check_known(value: str, known: Iterable[str], path: Path, line: int, column: str) -> str:
-    if value not in known:
-        shown = ", ".join(repr(v) for v in sorted(known))
-        raise _bad_value(path, line, column, value, f"one of {shown}")
-    return value
-
-
-def _require_value(value: str, path: Path, line: int, column: str) -> str:
-    if not value:
-        raise SelectionError(f"{path}, line {line}, column {column!r}: value is blank")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Label rules per source. Each returns the candidates that pass the label filters and the steps so far.
 
 
-def _nih_candidates(label_files, views, exclude_support_devices):
+def nih_candidates(label_files, views, options: LabelOptions):
     required = ("Image Index", "Finding Labels", "Patient ID", "View Position")
     seen: dict[str, tuple[Path, int]] = {}
     total = normal = 0
     candidates = []
     for path in label_files:
         for line, row in iter_label_rows(path, required, "NIH ChestX-ray14 Data_Entry_2017"):
-            name = _require_value(row["Image Index"], path, line, "Image Index")
+            name = require_value(row["Image Index"], path, line, "Image Index")
             if name in seen:
                 first_path, first_line = seen[name]
                 raise SelectionError(
@@ -240,11 +130,11 @@ def _nih_candidates(label_files, views, exclude_support_devices):
             findings = row["Finding Labels"]
             tokens = findings.split("|")
             for token in tokens:
-                _check_known(token, NIH_LABELS, path, line, "Finding Labels")
+                check_known(token, NIH_LABELS, path, line, "Finding Labels")
             if "No Finding" in tokens and len(tokens) > 1:
-                raise _bad_value(path, line, "Finding Labels", findings, '"No Finding" alone or a list of findings')
-            view = _check_known(row["View Position"], NIH_VIEWS, path, line, "View Position")
-            patient = _require_value(row["Patient ID"], path, line, "Patient ID")
+                raise bad_value(path, line, "Finding Labels", findings, '"No Finding" alone or a list of findings')
+            view = check_known(row["View Position"], NIH_VIEWS, path, line, "View Position")
+            patient = require_value(row["Patient ID"], path, line, "Patient ID")
             if findings != "No Finding":
                 continue
             normal += 1
@@ -292,7 +182,8 @@ def _count_normal_filters(row, path: Path, line: int, exclude_support_devices: b
     return True
 
 
-def _chexpert_candidates(label_files, views, exclude_support_devices):
+def chexpert_candidates(label_files, views, options: LabelOptions):
+    exclude_support_devices = options.exclude_support_devices
     required = ("Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABEL_COLUMNS)
     seen: dict[str, tuple[Path, int]] = {}
     total = frontal = 0
@@ -300,7 +191,7 @@ def _chexpert_candidates(label_files, views, exclude_support_devices):
     candidates = []
     for path in label_files:
         for line, row in iter_label_rows(path, required, "CheXpert train.csv/valid.csv"):
-            image_path = _require_value(row["Path"], path, line, "Path").replace("\\", "/")
+            image_path = require_value(row["Path"], path, line, "Path").replace("\\", "/")
             if image_path in seen:
                 first_path, first_line = seen[image_path]
                 raise SelectionError(
@@ -310,9 +201,9 @@ def _chexpert_candidates(label_files, views, exclude_support_devices):
             seen[image_path] = (path, line)
             match = _CHEXPERT_PATIENT.search(image_path)
             if match is None:
-                raise _bad_value(path, line, "Path", image_path, "a path with a patientNNNNN folder")
-            orientation = _check_known(row["Frontal/Lateral"], CHEXPERT_FRONTAL_LATERAL, path, line, "Frontal/Lateral")
-            view = _check_known(row["AP/PA"], CHEXPERT_AP_PA, path, line, "AP/PA")
+                raise bad_value(path, line, "Path", image_path, "a path with a patientNNNNN folder")
+            orientation = check_known(row["Frontal/Lateral"], CHEXPERT_FRONTAL_LATERAL, path, line, "Frontal/Lateral")
+            view = check_known(row["AP/PA"], CHEXPERT_AP_PA, path, line, "AP/PA")
             total += 1
             if not _count_normal_filters(row, path, line, exclude_support_devices, counts):
                 continue
@@ -361,11 +252,12 @@ def _split_mimic_files(label_files) -> tuple[Path, Path]:
 
 def _mimic_id(value: str, path: Path, line: int, column: str) -> str:
     if not value.isdigit():
-        raise _bad_value(path, line, column, value, "a whole number")
+        raise bad_value(path, line, column, value, "a whole number")
     return value
 
 
-def _mimic_candidates(label_files, views, exclude_support_devices):
+def mimic_candidates(label_files, views, options: LabelOptions):
+    exclude_support_devices = options.exclude_support_devices
     labels_path, metadata_path = _split_mimic_files(label_files)
     studies: dict[tuple[str, str], int] = {}
     normal_studies: set[tuple[str, str]] = set()
@@ -391,7 +283,7 @@ def _mimic_candidates(label_files, views, exclude_support_devices):
     dicom_lines: dict[str, int] = {}
     required = ("dicom_id", "subject_id", "study_id", "ViewPosition")
     for line, row in iter_label_rows(metadata_path, required, "MIMIC-CXR-JPG metadata"):
-        dicom_id = _require_value(row["dicom_id"], metadata_path, line, "dicom_id")
+        dicom_id = require_value(row["dicom_id"], metadata_path, line, "dicom_id")
         if dicom_id in dicom_lines:
             raise SelectionError(
                 f"{metadata_path}, line {line}: dicom_id {dicom_id} is listed twice (first at line "
@@ -400,7 +292,7 @@ def _mimic_candidates(label_files, views, exclude_support_devices):
         dicom_lines[dicom_id] = line
         subject = _mimic_id(row["subject_id"], metadata_path, line, "subject_id")
         study = _mimic_id(row["study_id"], metadata_path, line, "study_id")
-        view = _check_known(row["ViewPosition"], MIMIC_VIEWS, metadata_path, line, "ViewPosition")
+        view = check_known(row["ViewPosition"], MIMIC_VIEWS, metadata_path, line, "ViewPosition")
         images += 1
         if (subject, study) not in normal_studies:
             continue
@@ -423,11 +315,11 @@ def _vindr_box_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, bool]
     """(image_id, says no finding) per row of a box file: Kaggle train.csv or PhysioNet annotations_*.csv."""
     check_class_id = "class_id" in columns
     for line, row in iter_label_rows(path, ("image_id", "class_name"), "VinDr-CXR box annotation"):
-        image_id = _require_value(row["image_id"], path, line, "image_id")
-        class_name = _require_value(row["class_name"], path, line, "class_name")
+        image_id = require_value(row["image_id"], path, line, "image_id")
+        class_name = require_value(row["class_name"], path, line, "class_name")
         is_no_finding = class_name == VINDR_NO_FINDING
         if not is_no_finding and class_name.lower() == VINDR_NO_FINDING.lower():
-            raise _bad_value(path, line, "class_name", class_name, f"exactly {VINDR_NO_FINDING!r} for no finding")
+            raise bad_value(path, line, "class_name", class_name, f"exactly {VINDR_NO_FINDING!r} for no finding")
         if check_class_id and is_no_finding != (row["class_id"] == VINDR_NO_FINDING_CLASS_ID):
             raise SelectionError(
                 f"{path}, line {line}: class_name {class_name!r} does not match class_id {row['class_id']!r} "
@@ -441,18 +333,18 @@ def _vindr_image_label_rows(path: Path, columns: list[str]) -> Iterator[tuple[st
     global label. A row says no finding when `No finding` is 1 and no other label is 1 (blank = not marked)."""
     labels = [name for name in columns if name and name.lower() not in VINDR_ID_COLUMNS]
     for line, row in iter_label_rows(path, ("image_id", VINDR_NO_FINDING), "VinDr-CXR image label"):
-        image_id = _require_value(row["image_id"], path, line, "image_id")
+        image_id = require_value(row["image_id"], path, line, "image_id")
         marked = set()
         for name in labels:
             value = row.get(name, "")
             if value not in VINDR_LABEL_VALUES:
-                raise _bad_value(path, line, name, value, "0, 1 or blank")
+                raise bad_value(path, line, name, value, "0, 1 or blank")
             if value in ("1", "1.0"):
                 marked.add(name)
         yield image_id, marked == {VINDR_NO_FINDING}
 
 
-def _vindr_candidates(label_files, views, exclude_support_devices):
+def vindr_candidates(label_files, views, options: LabelOptions):
     normal_by_image: dict[str, bool] = {}
     total = 0
     for path in label_files:
@@ -489,13 +381,3 @@ def _vindr_candidates(label_files, views, exclude_support_devices):
         ),
     ]
     return candidates, steps
-
-
-LABEL_RULES: dict[str, Callable] = {
-    "nih": _nih_candidates,
-    "chexpert": _chexpert_candidates,
-    "mimic": _mimic_candidates,
-    "vindr": _vindr_candidates,
-}
-# nih and vindr name files that may sit in any subfolder; chexpert and mimic give paths from the root.
-FIND_BY_NAME = {"nih": True, "vindr": True, "chexpert": False, "mimic": False}

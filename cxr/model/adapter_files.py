@@ -2,26 +2,24 @@
 
 Two formats, keyed by the dotted module paths `inject_lora` returns:
 
-* diffusers/peft (`pytorch_lora_weights.safetensors`): `unet.<path>.lora_A.weight` / `.lora_B.weight`, with
-  rank, alpha and target modules in the safetensors header under `lora_adapter_metadata` (the JSON that
+* kohya (train.py's default, `<--output_name>.safetensors`): `lora_unet_<path with _>.lora_down.weight`,
+  `.lora_up.weight` and a scalar `.alpha` per module. The one format that ComfyUI, A1111/Forge, kohya sd-scripts
+  and diffusers (`load_lora_weights(folder, weight_name=...)`) all load;
+* diffusers/peft (`pytorch_lora_weights.safetensors`, on request): `unet.<path>.lora_A.weight` / `.lora_B.weight`,
+  with rank, alpha and target modules in the safetensors header under `lora_adapter_metadata` (the JSON that
   `StableDiffusionLoraLoaderMixin.save_lora_weights(..., unet_lora_adapter_metadata=...)` writes and
-  `load_lora_weights` turns into its `LoraConfig`, so alpha != rank loads at the right strength);
-* kohya (`cxr_lora_kohya.safetensors`): `lora_unet_<path with _>.lora_down.weight`, `.lora_up.weight` and a
-  scalar `.alpha` per module. The only one of the two that ComfyUI, A1111/Forge and kohya sd-scripts load: their
-  key maps have no entry for the peft-style names above (diffusers reads both).
+  `load_lora_weights` turns into its `LoraConfig`, so alpha != rank loads at the right strength). ComfyUI, A1111
+  and sd-scripts have no entry for these names in their key maps: it loads in diffusers and peft only.
 
-Our own provenance (base model, resolution, prompt, steps, manifest hash, ...) sits in the same header under
-keys starting with `cxr.`. Only safetensors files are ever read: nothing is unpickled.
+The header also holds the training metadata that kohya sd-scripts writes and LoRA browsers show (`ss_*`, with the
+`sshs_*` hashes computed here as sd-scripts defines them), the Stability model-spec keys (`modelspec.*`), and our
+own provenance under keys starting with `cxr.`. Only safetensors files are ever read: nothing is unpickled.
 
-Convert between the two formats without a model (`python -m cxr.lora` runs the same command):
-
-    python -m cxr.lora to-kohya lora_unet/ lora_unet/cxr_lora_kohya.safetensors
-    python -m cxr.lora to-diffusers cxr_lora_kohya.safetensors converted_dir/
+Converting between the two formats without a model: `python -m cxr.lora` (`cxr.model.adapter_convert`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -32,8 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from cxr import __version__
 from cxr.fileio import atomic_write_bytes, file_sha256, safetensors_bytes
+from cxr.model.adapter_header import kept_metadata, merged_metadata, network_metadata, sd_scripts_hashes
 from cxr.model.lora import (
     AdapterError,
     inject_lora,
@@ -46,11 +44,10 @@ from cxr.model.lora import (
 )
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "cxr_lora_kohya.safetensors"
-EXPORT_FORMATS = ("diffusers", "kohya", "both")
+KOHYA_WEIGHT_NAME = "cxr_lora_kohya.safetensors"  # the kohya file's name when no other is given (train.py names it)
+EXPORT_FORMATS = ("kohya", "diffusers", "both")
 # The header key diffusers' write_lora_layers / _load_sft_state_dict_metadata use (diffusers.loaders.lora_base).
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-CXR_METADATA_PREFIX = "cxr."
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -61,7 +58,7 @@ class Adapter:
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int
     alpha: float
-    metadata: dict[str, str] = field(default_factory=dict)  # our `cxr.*` header entries
+    metadata: dict[str, str] = field(default_factory=dict)  # `cxr.*`, `ss_*` and `modelspec.*` header entries
 
     @property
     def paths(self) -> list[str]:
@@ -128,23 +125,6 @@ def path_from_kohya_name(name: str) -> str:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _header_metadata(adapter: Adapter, extra: dict[str, str]) -> dict[str, str]:
-    """`cxr.*` provenance, always including rank, alpha, targets and the cxr version."""
-    metadata = dict(adapter.metadata)
-    for key, value in extra.items():
-        key = key if key.startswith(CXR_METADATA_PREFIX) else CXR_METADATA_PREFIX + key
-        metadata[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    metadata.update(
-        {
-            "cxr.rank": str(adapter.rank),
-            "cxr.alpha": repr(float(adapter.alpha)),
-            "cxr.targets": ",".join(adapter.targets),
-            "cxr.version": metadata.get("cxr.version", __version__),
-        }
-    )
-    return metadata
-
-
 def diffusers_tensors(
     adapter: Adapter, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -172,14 +152,7 @@ def kohya_tensors(
         tensors[f"{name}.lora_down.weight"] = lora_a.to(dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = lora_b.to(dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)  # exact even in fp16 files
-    # kohya sd-scripts' training metadata keys, shown by A1111/ComfyUI metadata viewers.
-    header = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(adapter.rank),
-        "ss_network_alpha": repr(float(adapter.alpha)),
-        "ss_base_model_version": "sd_v1",
-    }
-    return tensors, header
+    return tensors, {}
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -206,7 +179,7 @@ def check_adapter_finite(adapter: Adapter, file) -> None:
         )
 
 
-def _write_adapter(adapter: Adapter, path: Path, fmt: str, extra: dict[str, str], dtype: torch.dtype) -> Path:
+def write_adapter(adapter: Adapter, path: Path, fmt: str, extra: dict[str, str], dtype: torch.dtype) -> Path:
     check_adapter_finite(adapter, f"{path}: not written")
     tensors, header = (diffusers_tensors if fmt == "diffusers" else kohya_tensors)(adapter, dtype)
     overflow = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
@@ -214,7 +187,8 @@ def _write_adapter(adapter: Adapter, path: Path, fmt: str, extra: dict[str, str]
         raise AdapterError(
             f"{path}: not written: {len(overflow)} tensor(s) overflow {dtype} ({preview(overflow)}); export as float32"
         )
-    return _write_safetensors(path, tensors, {**header, **_header_metadata(adapter, extra)})
+    metadata = {**header, **merged_metadata(adapter, extra), **network_metadata(adapter)}
+    return _write_safetensors(path, tensors, {**metadata, **sd_scripts_hashes(tensors, metadata)})
 
 
 def adapter_from_model(model: nn.Module) -> Adapter:
@@ -240,15 +214,18 @@ def save_adapter(
     metadata: dict[str, str] | None = None,
     export_format: str = "diffusers",
     dtype: str = "float32",
+    name: str | None = None,
 ) -> list[Path]:
     """Write the adapter into `out_dir`; return the files written.
 
-    "diffusers" writes `pytorch_lora_weights.safetensors` (diffusers/peft keys, `lora_adapter_metadata` header:
-    `StableDiffusionPipeline.load_lora_weights(out_dir)` reproduces our outputs); "kohya" writes
-    `cxr_lora_kohya.safetensors` (ComfyUI, A1111/Forge, kohya sd-scripts, diffusers); "both" (train.py's default)
-    writes both, and a folder holding both resolves to the diffusers file. `metadata` (base model id, resolution,
-    prompt, steps, manifest hash, ...) goes into the header with a `cxr.` prefix. `rank`, `alpha` and `targets`
-    must describe the model's LoRA layers (a mismatch means the caller's config and model disagree).
+    "kohya" writes `<name>.safetensors` (default `cxr_lora_kohya.safetensors`; ComfyUI, A1111/Forge, kohya
+    sd-scripts, and diffusers with `load_lora_weights(out_dir, weight_name=...)`); "diffusers" writes
+    `pytorch_lora_weights.safetensors` (diffusers/peft keys, `lora_adapter_metadata` header:
+    `StableDiffusionPipeline.load_lora_weights(out_dir)` reproduces our outputs); "both" writes both, and a
+    folder holding both resolves to the diffusers file. `metadata` (base model, resolution, prompt, steps,
+    manifest hash, ...) goes into the header with a `cxr.` prefix, `ss_*` and `modelspec.*` keys under their own
+    names. `rank`, `alpha` and `targets` must describe the model's LoRA layers (a mismatch means the caller's
+    config and model disagree).
     """
     if export_format not in EXPORT_FORMATS:
         raise AdapterError(f"export_format must be one of {list(EXPORT_FORMATS)}, got {export_format!r}")
@@ -267,8 +244,12 @@ def save_adapter(
         )
     out_dir = Path(out_dir)
     formats = ("diffusers", "kohya") if export_format == "both" else (export_format,)
-    names = {"diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": KOHYA_WEIGHT_NAME}
-    return [_write_adapter(adapter, out_dir / names[f], f, metadata or {}, SAVE_DTYPES[dtype]) for f in formats]
+    names = {"diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": f"{name}.safetensors" if name else KOHYA_WEIGHT_NAME}
+    if names["kohya"] == DIFFUSERS_WEIGHT_NAME:
+        raise AdapterError(
+            f"the kohya file cannot be named {DIFFUSERS_WEIGHT_NAME}: diffusers reads that name as its own format"
+        )
+    return [write_adapter(adapter, out_dir / names[f], f, metadata or {}, SAVE_DTYPES[dtype]) for f in formats]
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -348,10 +329,6 @@ def _rank_of(path: Path, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
     return ranks[0]
 
 
-def _cxr_metadata(header: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in header.items() if k.startswith(CXR_METADATA_PREFIX)}
-
-
 def _parse_diffusers(path: Path, tensors: dict, header: dict[str, str]) -> Adapter:
     pairs = _pairs(path, tensors, (".lora_A.weight", ".lora_B.weight"), lambda name: name.removeprefix("unet."))
     rank = _rank_of(path, pairs)
@@ -366,7 +343,7 @@ def _parse_diffusers(path: Path, tensors: dict, header: dict[str, str]) -> Adapt
             raise AdapterError(f"{path}: unreadable {DIFFUSERS_METADATA_KEY} header ({error})") from None
         if file_rank != rank:
             raise AdapterError(f"{path}: header says rank {file_rank} but the tensors have rank {rank}")
-    return Adapter(tensors=pairs, rank=rank, alpha=alpha, metadata=_cxr_metadata(header))
+    return Adapter(tensors=pairs, rank=rank, alpha=alpha, metadata=kept_metadata(header))
 
 
 def _parse_kohya(path: Path, tensors: dict, header: dict[str, str]) -> Adapter:
@@ -387,7 +364,7 @@ def _parse_kohya(path: Path, tensors: dict, header: dict[str, str]) -> Adapter:
     if alphas and len(alphas) != len(names):
         raise AdapterError(f"{path}: alpha missing for {preview(sorted(names - set(alphas)))}")
     alpha = values[0] if values else float(rank)  # kohya's rule: no alpha tensor means alpha = rank
-    return Adapter(tensors=pairs, rank=rank, alpha=alpha, metadata=_cxr_metadata(header))
+    return Adapter(tensors=pairs, rank=rank, alpha=alpha, metadata=kept_metadata(header))
 
 
 def read_adapter(path) -> tuple[Adapter, str, dict[str, str], Path]:
@@ -502,44 +479,3 @@ def load_adapter(unet: nn.Module, path, *, scale: float = 1.0) -> AdapterInfo:
         file=file,
         format=fmt,
     )
-
-
-# --------------------------------------------------------------------------------------------- converting
-
-
-def convert_adapter(src, dst, to: str, dtype: str = "float32") -> Path:
-    """Rewrite an adapter file/folder in the other format, no model needed. `dst` is a folder for "diffusers"
-    (gets `pytorch_lora_weights.safetensors`) and a file or folder for "kohya"."""
-    adapter, _, _, _ = read_adapter(src)
-    dst = Path(dst)
-    if to == "diffusers":
-        out = dst / DIFFUSERS_WEIGHT_NAME if dst.suffix != ".safetensors" else dst
-    elif to == "kohya":
-        out = dst if dst.suffix == ".safetensors" else dst / KOHYA_WEIGHT_NAME
-    else:
-        raise AdapterError(f"unknown adapter format {to!r}; choose diffusers or kohya")
-    return _write_adapter(adapter, out, to, {}, SAVE_DTYPES[dtype])
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m cxr.lora") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Convert cxr LoRA adapters between formats.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for command, help_text in (
-        ("to-kohya", "diffusers/peft adapter -> kohya file for ComfyUI / A1111"),
-        ("to-diffusers", "kohya file -> folder with pytorch_lora_weights.safetensors"),
-    ):
-        cmd = sub.add_parser(command, help=help_text)
-        cmd.add_argument("src", help="adapter folder or .safetensors file")
-        cmd.add_argument("dst", help="output .safetensors file or folder")
-        cmd.add_argument("--dtype", choices=list(SAVE_DTYPES), default="float32", help="tensor dtype of the output")
-    args = parser.parse_args(argv)
-    try:
-        out = convert_adapter(args.src, args.dst, args.command.removeprefix("to-"), args.dtype)
-    except AdapterError as error:
-        parser.exit(2, f"error: {error}\n")
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

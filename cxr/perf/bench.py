@@ -28,9 +28,8 @@ downloaded. Sections (`--sections`, comma-separated):
 - `cache`: latent-cache build images/s (VAE encoding included) and reload images/s.
 - `sampling`: images/s of sampling with classifier-free guidance.
 
-Code: `cxr.perf.bench_context` (settings, the shared models, our training step built by
-`cxr.train.step.build_train_step`
-exactly as train() builds it, the interleaved timer), `cxr.perf.bench_sections` (one function per section), this
+Code: `cxr.perf.bench_context` (settings, the shared models, our training step `cxr.train.step.TrainStep`
+built exactly as train() builds it, the interleaved timer), `cxr.perf.bench_sections` (one function per section), this
 module (the table, JSON and command line).
 
 Timing: `--warmup` untimed steps per variant, then `--repeats` rounds of `--steps` timed steps; the
@@ -56,8 +55,10 @@ from pathlib import Path
 import torch
 
 from cxr.config import parse_config
+from cxr.fileio import atomic_write_bytes
 from cxr.perf.bench_context import SECTIONS, BenchConfig, Context, Row, resolve_device_dtype
 from cxr.perf.bench_sections import SECTION_FUNCTIONS
+from cxr.train.step import configure_cuda
 
 # ----------------------------------------------------------------------------------------------
 # Table, JSON, entry point
@@ -129,6 +130,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run the chosen sections in the order of SECTIONS; returns {"machine", "config", "rows", "speedups"}."""
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device_dtype(cfg)
+    configure_cuda(device, cfg.tf32)
     ctx = Context(cfg, device, dtype)
     rows: list[Row] = []
     for name in SECTIONS:
@@ -149,6 +151,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "rows": [asdict(r) for r in rows],
         "speedups": speedups(rows),
         "flops": ctx.flops,
+        "ops": ctx.ops,
     }
 
 
@@ -162,7 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, value in result["speedups"].items():
         print(f"{name}: {value:.2f}x")
     if cfg.out:
-        Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            atomic_write_bytes(cfg.out, (json.dumps(result, indent=2) + "\n").encode())
+        except OSError as error:  # a full disk: no partial file is left, an earlier one is kept
+            print(f"error: --out: cannot write {cfg.out} ({error.strerror or error})", file=sys.stderr)
+            raise SystemExit(2) from None
         print(f"wrote {cfg.out}")
     return result
 

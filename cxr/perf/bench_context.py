@@ -1,5 +1,5 @@
 """What the benchmark's sections share: the settings (BenchConfig), the table row, the context with the
-random-weight models, our training step built as training builds it (`cxr.train.step.build_train_step`), and the
+random-weight models, our training step built as training builds it (`cxr.train.step.TrainStep`), and the
 interleaved timer. The sections are in `cxr.perf.bench_sections`; the command is `python -m cxr.bench`.
 """
 
@@ -14,16 +14,17 @@ from pathlib import Path
 import torch
 
 from cxr import DEFAULT_PROMPT
-from cxr.config import ConfigError, TrainConfig, check_choices, flag
+from cxr.config import TRAIN_SEED_MAX, ConfigError, TrainConfig, check_choices, flag
 from cxr.data.latents import encode_prompt
+from cxr.fileio import check_writable_file
 from cxr.model import ddpm
 from cxr.model.loading import pick_device, vae_scale_factor
 from cxr.model.lora import inject_lora, lora_parameters
 from cxr.model.tiny import build_components
 from cxr.runtime import DTYPES, DistInfo, peak_memory_mib, reset_peak_memory, synchronize
-from cxr.train.step import DataOrder, TrainStep, build_train_step
+from cxr.train.step import DataOrder, TrainStep
 
-SECTIONS = ("peak", "flops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")
+SECTIONS = ("peak", "flops", "ops", "train", "lora", "cuda", "memory", "activations", "input", "cache", "sampling")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -34,47 +35,39 @@ class BenchConfig:
     arch: str = flag(
         "tiny", "model architecture: tiny (tests, seconds) or sd15 (full SD v1.5, random weights)", ("tiny", "sd15")
     )
-    batch_size: int = flag(2, "images per training step")
-    resolution: int = flag(256, "image resolution in pixels (latents are resolution / 8, the VAE's downsampling)")
-    steps: int = flag(3, "timed steps per round")
-    warmup: int = flag(1, "untimed steps per variant before timing")
-    repeats: int = flag(3, "timed rounds per variant; the median round is reported")
+    batch_size: int = flag(2, "images per training step", bounds=(1, 4096))
+    resolution: int = flag(
+        256, "image resolution in pixels (latents are resolution / 8, the VAE's downsampling)", bounds=(8, 4096)
+    )
+    steps: int = flag(3, "timed steps per round", bounds=(1, 10**6))
+    warmup: int = flag(1, "untimed steps per variant before timing", bounds=(0, 10**6))
+    repeats: int = flag(3, "timed rounds per variant; the median round is reported", bounds=(1, 1000))
     device: str = flag("auto", "cuda, cpu or auto")
     dtype: str = flag("auto", "compute dtype of the frozen base (auto: bf16 on CUDA, fp32 on CPU)", DTYPE_CHOICES)
     sections: str = flag(",".join(SECTIONS), f"comma-separated sections to run, from {','.join(SECTIONS)}")
-    lora_rank: int = flag(16, "LoRA rank")
-    lora_alpha: float = flag(16.0, "LoRA alpha")
+    lora_rank: int = flag(16, "LoRA rank", bounds=(1, 1024))
+    lora_alpha: float = flag(16.0, "LoRA alpha", bounds=(1e-6, 1e4))
     workers: str = flag("0,1,2", "comma-separated DataLoader worker counts for the input section")
-    input_images: int = flag(32, "phantom images decoded per round in the input section")
-    input_size: int = flag(1024, "side in pixels of the phantom PNGs of the input section (NIH: 1024)")
-    cache_images: int = flag(8, "images encoded in the latent-cache section")
-    cache_rows: int = flag(
-        20000, "rows of the synthetic device-resident latent cache of the train step (~ the dataset size)"
+    input_images: int = flag(32, "phantom images decoded per round in the input section", bounds=(1, 10**6))
+    input_size: int = flag(
+        1024, "side in pixels of the phantom PNGs of the input section (NIH: 1024)", bounds=(8, 16384)
     )
-    sample_steps: int = flag(25, "denoising steps per image in the sampling section")
-    guidance_scale: float = flag(3.0, "classifier-free guidance scale of the sampling section")
-    seed: int = flag(0, "seed for the random weights and inputs")
+    cache_images: int = flag(8, "images encoded in the latent-cache section", bounds=(1, 10**6))
+    cache_rows: int = flag(
+        20000,
+        "rows of the synthetic device-resident latent cache of the train step (~ the dataset size)",
+        bounds=(1, 10**8),
+    )
+    sample_steps: int = flag(25, "denoising steps per image in the sampling section", bounds=(1, 1000))
+    guidance_scale: float = flag(3.0, "classifier-free guidance scale of the sampling section", bounds=(0.0, 100.0))
+    seed: int = flag(0, "seed for the random weights and inputs", bounds=(0, TRAIN_SEED_MAX))
+    tf32: bool = flag(True, "TensorFloat-32 for float32 matmuls and convolutions on CUDA, as train.py --tf32")
     out: Path | None = flag(None, "also write the table, machine and settings to this JSON file")
 
     def validate(self) -> None:
         check_choices(self)
-        for name in (
-            "batch_size",
-            "resolution",
-            "steps",
-            "repeats",
-            "lora_rank",
-            "input_images",
-            "cache_images",
-            "cache_rows",
-            "sample_steps",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name}: must be > 0, got {getattr(self, name)}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"--device: must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.warmup < 0:
-            raise ConfigError(f"--warmup: must be >= 0, got {self.warmup}")
         if self.resolution % 8:
             raise ConfigError(f"--resolution: must be a multiple of 8, got {self.resolution}")
         if self.arch not in ("tiny", "sd15"):
@@ -90,6 +83,8 @@ class BenchConfig:
             counts = [-1]
         if not counts or min(counts) < 0:
             raise ConfigError(f"--workers: expected comma-separated counts >= 0 like 0,1,2, got {self.workers!r}")
+        if self.out is not None:  # before the benchmark runs, not after minutes of it
+            check_writable_file(self.out, "--out", ConfigError)
 
     @property
     def section_list(self) -> list[str]:
@@ -149,6 +144,7 @@ class Context:
     dtype: object
     peak_tflop_per_s: float | None = None
     flops: dict = field(default_factory=dict)  # name -> FLOPs per image (counted)
+    ops: dict = field(default_factory=dict)  # aten ops of one step (counted; the ops section)
     components: dict | None = None
     state: TrainState | None = None
     noise_schedule: object = None
@@ -223,10 +219,11 @@ def make_step(
     optimizer=None,
     cuda_graph: bool = False,
 ) -> TrainStep:
-    """The training step (`cxr.train.step.build_train_step`, as train() builds it) on the given model and cache;
-    `optimizer` shares an existing one, `cuda_graph` builds it as --cuda_graph does (capturable)."""
-    return build_train_step(
-        train_config(ctx, cuda_graph=cuda_graph),
+    """The training step (`cxr.train.step.TrainStep`, as train() builds it) on the given model and cache;
+    `optimizer` shares an existing one, `cuda_graph` builds it as --cuda_graph on does (capturable), else as
+    --cuda_graph off."""
+    return TrainStep(
+        train_config(ctx, cuda_graph="on" if cuda_graph else "off", tf32=ctx.cfg.tf32),
         model=model,
         params=params,
         schedule=ctx.schedule(),

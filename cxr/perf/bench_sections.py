@@ -36,6 +36,7 @@ from cxr.perf.bench_context import (
     throughput_row,
     time_interleaved,
 )
+from cxr.perf.bench_ops import section_ops
 from cxr.runtime import peak_memory_mib, reset_peak_memory, synchronize
 from cxr.sample.sampling import generate_batch, make_scheduler
 from cxr.train.step import diffusion_loss
@@ -624,6 +625,7 @@ def section_sampling(ctx: Context) -> list[Row]:
 SECTION_FUNCTIONS = {
     "peak": section_peak,
     "flops": section_flops,
+    "ops": section_ops,
     "train": section_train,
     "lora": section_lora,
     "cuda": section_cuda,

@@ -1,70 +1,96 @@
-"""GPU check: one command that measures and checks the whole CUDA path on one GPU, within a time budget.
+"""GPU check: one command that checks and measures the whole CUDA path on one GPU, within a time budget.
 
     python -m cxr.gpucheck --out gpucheck              # one CUDA GPU: at most --budget_s (480 s) of sections
     python -m cxr.gpucheck --out /tmp/gc --dry_run     # CPU, tiny architecture, small sizes: a smoke test (CI)
-    python -m cxr.gpucheck --fetch_wheels .whl         # here, with network: the wheels a bare GPU image lacks
+    python -m cxr.gpucheck --fetch_wheels wheels       # on a machine with network: the wheels to copy to a GPU box
 
-Sections, in this order, each in its own subprocess with a time limit (a hang or a crash is reported and the
-next section still runs):
+The plan, in this order (the most valuable figures first). Each section runs in its own process group with a
+time limit, cut further by what is left of --budget_s; a hang or crash is reported and the next section runs.
+Every result is saved the moment it is measured: report.json and report.md are rewritten after each row (each
+test, each throughput mode, each step of the real path), so a kill at any point keeps everything before it.
 
-- `machine`: GPU, memory, driver, CUDA, library versions, and the measured bf16 matmul TFLOP/s (`cxr.perf.bench`),
-  the ceiling the other figures are held against.
-- `tests`: `tests/test_cuda.py` through pytest (junit XML), pass/fail per test and, for every
-  `torch.testing.assert_close`, the largest difference seen against the tolerance allowed.
-- `throughput`: `cxr.perf.bench` on the chosen architecture with random weights: eager, CUDA graph
-  (`--cuda_graph`) and `torch.compile` (`--torch_compile`) of the training step; images/s, TFLOP/s (FLOPs
-  counted by the bench's FlopCounterMode), % of the measured matmul peak, `max_memory_allocated`. The first
-  batch size also runs the bench's `memory` section (a process holding only what training holds). Batch sizes
-  after the first run last, after the real path.
-- `real_path`: phantom radiographs (`cxr.data.phantoms`) and a pipeline folder written with `save_pretrained`
-  (`cxr.model.tiny`), loaded by `train.py` with `from_pretrained`; a straight run with the fastest mode of the
-  throughput section (latent-cache build rate, images/s); the same run stopped at half way (the SIGTERM path,
-  `train(..., stop_after_steps=)`) and resumed with `train.py --resume_from_checkpoint latest`, its adapter
-  compared with the straight run's; then `sample.py` images/s with its default sampler and steps.
+| section | limit s | expected s | margin s | what it measures |
+| --- | ---: | ---: | ---: | --- |
+| imports | (15 reserved) | ~10 | ~5 | every module the sections need imports (in this process) |
+| machine | 30 | ~12 | 18 | GPU, driver, versions, measured bf16 matmul TFLOP/s |
+| tests | 90 | ~50 | 40 | tests/test_cuda.py, one row per test as it finishes |
+| throughput_b16 | 70 | ~35 | 35 | SD v1.5 step at batch 16: eager row, then CUDA-graph row |
+| real_path | 165 | ~115 | 50 | train.py pinned to the CUDA graph, resume verdict, sample.py |
+| throughput_b64 | 50 | ~35 | 15 | the same two rows at batch 64 |
+| compile | what is left, at most 150 (at least 60) | 60-150 cold | none: last | torch.compile of the UNet |
 
-`DIR/report.json` and `DIR/report.md` are rewritten after every section (and before it, marking it running), so
-a run killed from outside still leaves everything finished so far. `DIR/log.txt` holds every subprocess's
-output (the tail of each), `DIR/test_cuda.xml` pytest's junit XML. Models, images and runs go to `--work_dir`.
+15 + 30 + 90 + 70 + 165 + 50 = 420 s, so torch.compile gets at least 60 s of the 480 s even when every section
+before it runs to its limit, and up to 150 s when they finish early; as the last section, a slow cold compile
+loses nothing else. The expected times are estimates for one H100/H200 (a timed-out section says so in the
+report). A killed section's process group gets SIGTERM, then SIGKILL after KILL_GRACE_S.
 
-The lent GPU machine has torch, transformers, safetensors, tensorboard and pytest but not diffusers and no
-network: bring the wheels (`--fetch_wheels`, docs/performance.md "GPU check"); the command checks its imports first.
+`DIR/report.json` and `DIR/report.md` hold the results, `DIR/log.txt` every subprocess's output (its tail).
+Models, images and runs go to `--work_dir` (default: a temporary folder, removed at the end, also on SIGTERM).
+A GPU box without network needs diffusers' wheels (`--fetch_wheels`, docs/performance.md "GPU check").
 
-This module runs the sections and keeps the report; `cxr.perf.gpucheck_children` holds what each section's subprocess
-runs, `cxr.perf.gpucheck_report` writes report.md, `cxr.perf.gpucheck_env` the wheels, the import check and the
-versions.
+This module holds the config, the subprocess runner and the report; `cxr.perf.gpucheck_sections` the sections,
+`cxr.perf.gpucheck_children` what each section's subprocess runs, `cxr.perf.gpucheck_report` report.md,
+`cxr.perf.gpucheck_env` the wheels, the import check and the versions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import xml.etree.ElementTree as ElementTree
+import typing
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cxr.config import ConfigError, flag, parse_config
+from cxr.config import ConfigError, TrainConfig, flag, parse_config
 from cxr.fileio import atomic_write_bytes
-from cxr.perf.gpucheck_env import fetch_wheels, install_line, missing_modules, versions
+from cxr.perf.gpucheck_env import fetch_wheels, install_line, missing_modules
 from cxr.perf.gpucheck_report import render_markdown
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-SECTIONS = ("machine", "tests", "throughput", "real_path")
-# Each section's own time limit in seconds, further cut by what is left of --budget_s. On an H100/H200 the
-# throughput section's torch.compile of the full UNet (forward + backward) is the largest unknown; the bench's
-# sections before it (eager step, memory) are kept when it is killed.
-SECTION_LIMITS = {"machine": 45, "tests": 120, "throughput": 200, "throughput_later": 180, "real_path": 200}
-RESULT_MARKER = "GPUCHECK_RESULT "
+SECTIONS = ("machine", "tests", "throughput", "real_path", "compile")
+# Each section's time limit in seconds (the table in the module docstring gives the expected time and margin),
+# cut by what is left of --budget_s. "throughput" is the first batch size, "throughput_later" each later one.
+SECTION_LIMITS = {
+    "machine": 30,  # expected ~12 s, margin 18 s
+    "tests": 90,  # expected ~50 s, margin 40 s
+    "throughput": 70,  # expected ~35 s, margin 35 s
+    "real_path": 165,  # expected ~115 s, margin 50 s
+    "throughput_later": 50,  # expected ~35 s, margin 15 s
+    "compile": 150,  # a cold compile: 60-150 s; what is left of the budget, at least 60 s of the default 480 s
+}
+IMPORTS_RESERVE_S = 15  # the in-process import check before the first section (expected ~10 s)
+# The CPU dry run measures nothing: its limits only catch hangs, on a CI machine that may be slow and shared.
+DRY_RUN_LIMIT_FACTOR, DRY_RUN_BUDGET_S = 5.0, 1800.0
+KILL_GRACE_S = 5  # SIGTERM to a timed-out section, then SIGKILL after this
+RESULT_MARKER = "GPUCHECK_RESULT "  # a child's final JSON result
+ROW_MARKER = "GPUCHECK_ROW "  # one measured row, saved by the parent as soon as it is printed
 LOG_TAIL_BYTES = 200_000  # per subprocess, in log.txt
-MODE_FLAGS = {"eager": [], "cuda graph": ["--cuda_graph"], "torch.compile": ["--torch_compile"]}
+
+
+def cuda_graph_value(on: bool):
+    """TrainConfig.cuda_graph for "capture" / "do not capture", whichever form the flag has (a bool, or a choice
+    of auto/on/off)."""
+    kind = typing.get_type_hints(TrainConfig)["cuda_graph"]
+    return on if kind is bool else ("on" if on else "off")
+
+
+def cuda_graph_argv(on: bool) -> list[str]:
+    """train.py's flags that force the CUDA graph on or off."""
+    value = cuda_graph_value(on)
+    if isinstance(value, bool):
+        return ["--cuda_graph"] if value else ["--no-cuda_graph"]
+    return ["--cuda_graph", value]
 
 
 @dataclass
@@ -72,16 +98,16 @@ class GpuCheckConfig:
     """Check and measure the CUDA path in one time-boxed command (missing wheels: --fetch_wheels;
     docs/performance.md)."""
 
-    out: Path = flag(
-        Path("gpucheck"), "folder for report.json, report.md, log.txt and test_cuda.xml (rewritten as sections finish)"
-    )
+    out: Path = flag(Path("gpucheck"), "folder for report.json, report.md and log.txt (rewritten after every row)")
     work_dir: Path | None = flag(
         None, "scratch folder for models, images and runs (default: a temporary folder, removed at the end)"
     )
-    device: str = flag("cuda", "cuda or cpu (on cpu the CUDA-only parts are reported as skipped)")
+    device: str = flag("cuda", "cuda, cuda:N or cpu (on cpu the CUDA-only parts are reported as skipped)")
     arch: str = flag("sd15", "model architecture, random weights: sd15 (full SD v1.5) or tiny", ("tiny", "sd15"))
     dry_run: bool = flag(
-        False, "CPU smoke test in seconds: sets --device cpu --arch tiny and small sizes (what CI runs)"
+        False,
+        "CPU smoke test: sets --device cpu --arch tiny, small sizes, 5x the section limits and a budget of 1800 s "
+        "(what CI runs)",
     )
     sections: str = flag(",".join(SECTIONS), f"comma-separated sections to run, from {','.join(SECTIONS)}")
     budget_s: float = flag(
@@ -92,18 +118,22 @@ class GpuCheckConfig:
     batch_sizes: str = flag(
         "16,64", "training batch sizes of the throughput section; the first is also the real path's"
     )
-    bench_steps: int = flag(10, "timed steps per round in the throughput section")
-    bench_warmup: int = flag(3, "untimed steps per variant in the throughput section")
-    bench_repeats: int = flag(3, "timed rounds per variant in the throughput section (median reported)")
+    bench_steps: int = flag(10, "timed steps per round in the throughput and compile sections")
+    bench_warmup: int = flag(3, "untimed steps per mode in the throughput and compile sections")
+    bench_repeats: int = flag(3, "timed rounds per mode in the throughput and compile sections (median reported)")
     train_steps: int = flag(
-        200, "real path: optimizer steps of the straight run; the stopped run stops at half and resumes"
+        120, "real path: optimizer steps of each straight run; the stopped run stops at half and resumes"
     )
     num_images: int = flag(384, "real path: phantom radiographs to train on (8-bit PNG)")
     image_size: int = flag(1024, "real path: side of the phantom PNGs in pixels (NIH ChestX-ray14: 1024)")
     sample_images: int = flag(32, "real path: images made by sample.py (its default sampler and batch size)")
     sample_steps: int | None = flag(None, "real path: sample.py --num_inference_steps (default: sample.py's own, 25)")
+    compile_backend: str = flag(
+        "inductor",
+        "torch.compile backend of the compile section (the dry run uses eager: TorchDynamo alone, no code generation)",
+    )
     fetch_wheels: Path | None = flag(
-        None, "only download the wheels a bare GPU image lacks into this folder (needs network), then exit"
+        None, "only download the wheels a GPU box without diffusers needs into this folder (needs network), then exit"
     )
 
     def validate(self) -> None:
@@ -120,17 +150,13 @@ class GpuCheckConfig:
             batches = []
         if not batches or min(batches) <= 0:
             raise ConfigError(f"--batch_sizes: expected comma-separated sizes > 0 like 16,64, got {self.batch_sizes!r}")
-        for name in (
-            "budget_s",
-            "resolution",
-            "bench_steps",
-            "bench_repeats",
-            "num_images",
-            "image_size",
-            "sample_images",
-        ):
+        if not math.isfinite(self.budget_s) or self.budget_s <= 0:
+            raise ConfigError(f"--budget_s: must be a finite number of seconds > 0, got {self.budget_s}")
+        for name in ("resolution", "bench_steps", "bench_repeats", "num_images", "image_size", "sample_images"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name}: must be > 0, got {getattr(self, name)}")
+        if self.bench_warmup < 0:
+            raise ConfigError(f"--bench_warmup: must be >= 0, got {self.bench_warmup}")
         if self.train_steps < 2:
             raise ConfigError(f"--train_steps: must be >= 2 (the stopped run stops at half), got {self.train_steps}")
         if self.resolution % 8:
@@ -141,7 +167,8 @@ class GpuCheckConfig:
     def apply_dry_run(self) -> None:
         """The CPU smoke test's settings: every section runs, on the tiny architecture, in seconds."""
         self.device, self.arch, self.resolution, self.batch_sizes = "cpu", "tiny", 64, "2"
-        self.bench_steps, self.bench_warmup, self.bench_repeats = 1, 0, 1
+        self.budget_s = DRY_RUN_BUDGET_S
+        self.bench_steps, self.bench_warmup, self.bench_repeats, self.compile_backend = 1, 0, 1, "eager"
         self.train_steps, self.num_images, self.image_size, self.sample_images, self.sample_steps = 4, 12, 96, 2, 2
 
     @property
@@ -170,6 +197,11 @@ class Child:
     tail: str  # the end of its output, for the report when it failed
     result: dict | None  # the JSON it printed after RESULT_MARKER (Python sections)
     output: str = ""
+    rows: list = dataclasses.field(default_factory=list)  # every JSON it printed after ROW_MARKER
+
+
+class Terminated(Exception):
+    """SIGTERM (or SIGHUP) reached the check: stop the running section, write the report, clean up."""
 
 
 def child_env(cfg: GpuCheckConfig) -> dict[str, str]:
@@ -188,38 +220,67 @@ def child_env(cfg: GpuCheckConfig) -> dict[str, str]:
     return env
 
 
-def run_child(command: list[str], *, timeout: float, log: Path, title: str, env: dict[str, str]) -> Child:
-    """Run `command` in its own process group with a time limit; its output goes (tail-trimmed) to `log`."""
+def run_child(command: list[str], *, timeout: float, log: Path, title: str, env: dict[str, str], on_row=None) -> Child:
+    """Run `command` in its own process group with a time limit; its output goes (tail-trimmed) to `log`.
+
+    Output is read as it comes: every line starting with ROW_MARKER is handed to `on_row(dict)` at once (the
+    caller saves it), so a kill keeps every row printed before it. Any exception here (Terminated, Ctrl-C)
+    kills the whole group before it propagates."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        timed_out = False
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    lines: list[str] = []
+    rows: list[dict] = []
+
+    def read() -> None:
+        for raw in process.stdout:
+            line = raw.decode("utf-8", "replace")
+            lines.append(line)
+            at = line.find(ROW_MARKER)  # not always at the line's start: pytest prints its progress letters first
+            if at >= 0:
+                try:
+                    row = json.loads(line[at + len(ROW_MARKER) :])
+                except ValueError:
+                    continue
+                rows.append(row)
+                if on_row is not None:
+                    try:
+                        on_row(row)
+                    except Exception as error:  # noqa: BLE001 - keep reading, or the child blocks on a full pipe
+                        lines.append(f"gpucheck: saving a row failed: {type(error).__name__}: {error}\n")
+
+    reader = threading.Thread(target=read, daemon=True)
+    timed_out = False
+    try:
+        reader.start()
         try:
             process.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(process, signal.SIGTERM)
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=KILL_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
+    finally:
         _kill_group(process, signal.SIGKILL)  # what it left behind (DataLoader workers, compile workers)
         process.wait()
-        output.seek(0)
-        text = output.read().decode("utf-8", "replace")
+        if reader.ident is not None:  # started
+            reader.join(timeout=5)
+    text = "".join(lines)
     seconds = time.perf_counter() - started
     with open(log, "a", encoding="utf-8") as handle:
         status = "TIMED OUT" if timed_out else f"exit {process.returncode}"
         handle.write(f"\n===== {title}: {status} after {seconds:.1f} s\n$ {' '.join(command)}\n")
         handle.write(text[-LOG_TAIL_BYTES:])
     result = None
-    for line in reversed(text.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            result = json.loads(line[len(RESULT_MARKER) :])
+    for line in reversed(lines):
+        at = line.find(RESULT_MARKER)
+        if at >= 0:
+            result = json.loads(line[at + len(RESULT_MARKER) :])
             break
-    return Child(None if timed_out else process.returncode, seconds, timed_out, text[-3000:], result, text)
+    return Child(None if timed_out else process.returncode, seconds, timed_out, text[-3000:], result, text, rows)
 
 
 def _kill_group(process: subprocess.Popen, sig: int) -> None:
@@ -235,30 +296,12 @@ def python_child(name: str, args: dict) -> list[str]:
     return [sys.executable, "-c", code, name, json.dumps(args)]
 
 
-# ---------------------------------------------------------------------------------------------- junit
-
-
-def parse_junit(path: Path) -> list[dict]:
-    """pytest's junit XML as [{name, outcome, seconds, message}]."""
-    tests = []
-    for case in ElementTree.parse(path).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for kind in ("failure", "error", "skipped"):
-            node = case.find(kind)
-            if node is not None:
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[kind]
-                message = (node.get("message") or node.text or "").strip()
-                break
-        tests.append(
-            {
-                "name": case.get("name"),
-                "classname": case.get("classname"),
-                "outcome": outcome,
-                "seconds": float(case.get("time") or 0.0),
-                "message": message[:500],
-            }
-        )
-    return tests
+def failure(child: Child, what: str) -> tuple[str, str]:
+    """(status, reason) of a failed child."""
+    if child.timed_out:
+        return "timeout", f"{what} killed after {child.seconds:.0f} s (time limit); see log.txt"
+    lines = [line for line in child.tail.strip().splitlines() if line.strip()]
+    return "failed", f"{what} exited {child.returncode}: {lines[-1][:300] if lines else 'no output'}; see log.txt"
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -275,15 +318,18 @@ class Check:
         self.log.write_text(f"cxr.perf.gpucheck log, started {_now()}\n")
         self.env = child_env(cfg)
         self.deadline = time.monotonic() + cfg.budget_s
+        self.lock = threading.RLock()  # rows arrive on the reader thread of the running section
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
         self.report: dict = {"started": _now(), "finished": None, "status": "running", "config": config, "sections": {}}
         self.write()
 
     # -- report
     def write(self) -> None:
-        self.report["updated"] = _now()
-        atomic_write_bytes(self.out / "report.json", (json.dumps(self.report, indent=2, default=str) + "\n").encode())
-        atomic_write_bytes(self.out / "report.md", render_markdown(self.report).encode())
+        with self.lock:
+            self.report["updated"] = _now()
+            text = json.dumps(self.report, indent=2, default=str) + "\n"
+            atomic_write_bytes(self.out / "report.json", text.encode())
+            atomic_write_bytes(self.out / "report.md", render_markdown(self.report).encode())
 
     def section(self, name: str) -> dict:
         return self.report["sections"].setdefault(name, {"status": "pending"})
@@ -294,7 +340,7 @@ class Check:
         self.write()
         return entry
 
-    def end(self, entry: dict, status: str, seconds: float | None = None, reason: str = "") -> None:
+    def end(self, entry: dict, status: str, reason: str = "", *, seconds: float | None = None) -> None:
         entry.update(status=status)
         if seconds is not None:
             entry["seconds"] = round(seconds, 1)
@@ -305,388 +351,76 @@ class Check:
     def skip(self, name: str, reason: str) -> None:
         self.end(self.section(name), "skipped", reason=reason)
 
+    def add_row(self, entry: dict, key: str, row: dict) -> None:
+        """Append one measured row to `entry[key]` and save the report at once."""
+        with self.lock:
+            entry.setdefault(key, []).append(row)
+            self.write()
+
     # -- time
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def limit(self, seconds: float) -> float:
-        return max(0.0, min(seconds, self.left()))
+        """A section's limit (SECTION_LIMITS, DRY_RUN_LIMIT_FACTOR times that in the dry run) cut by the budget."""
+        factor = DRY_RUN_LIMIT_FACTOR if self.cfg.dry_run else 1.0
+        return max(0.0, min(seconds * factor, self.left()))
 
-    def run(self, command: list[str], *, timeout: float, title: str) -> Child:
-        return run_child(command, timeout=timeout, log=self.log, title=title, env=self.env)
+    def run(self, command: list[str], *, timeout: float, title: str, on_row=None) -> Child:
+        return run_child(command, timeout=timeout, log=self.log, title=title, env=self.env, on_row=on_row)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _failure(child: Child, what: str) -> tuple[str, str]:
-    """(status, reason) of a failed child."""
-    if child.timed_out:
-        return "timeout", f"{what} killed after {child.seconds:.0f} s (time limit); see log.txt"
-    lines = [line for line in child.tail.strip().splitlines() if line.strip()]
-    return "failed", f"{what} exited {child.returncode}: {lines[-1][:300] if lines else 'no output'}; see log.txt"
-
-
-def section_machine(check: Check) -> None:
-    entry = check.begin("machine")
-    child = check.run(
-        python_child("machine", {"device": check.cfg.device}),
-        timeout=check.limit(SECTION_LIMITS["machine"]),
-        title="machine",
-    )
-    if child.result is None:
-        check.end(entry, *_failure(child, "the machine probe"), seconds=child.seconds)
-        entry["versions"] = versions()
-        check.write()
-        return
-    entry.update(child.result)
-    check.end(entry, "ok", child.seconds)
-
-
-def section_tests(check: Check) -> None:
-    entry = check.begin("tests")
-    junit = check.out / "test_cuda.xml"
-    junit.unlink(missing_ok=True)
-    args = {"test_file": "tests/test_cuda.py", "junit": str(junit)}
-    child = check.run(
-        python_child("pytest", args), timeout=check.limit(SECTION_LIMITS["tests"]), title="tests/test_cuda.py"
-    )
-    tests = parse_junit(junit) if junit.exists() else []
-    records = (child.result or {}).get("assert_close", {})
-    for test in tests:
-        for nodeid, seen in records.items():
-            if nodeid.endswith("::" + test["name"]):
-                test["assert_close"] = seen
-    entry["tests"] = tests
-    counts = {}
-    for test in tests:
-        counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
-    entry["counts"] = counts
-    if child.result is None:
-        check.end(entry, *_failure(child, "pytest"), seconds=child.seconds)
-    elif counts.get("failed") or counts.get("error"):
-        check.end(entry, "failed", child.seconds, reason=f"{counts} (pytest exit {child.result['exit_code']})")
-    elif tests and counts.get("skipped") == len(tests):
-        check.end(entry, "skipped", child.seconds, reason=tests[0]["message"] or "every test skipped")
-    else:
-        check.end(entry, "ok", child.seconds)
-
-
-def section_throughput(check: Check, batch_size: int, first: bool) -> None:
-    cfg = check.cfg
-    entry = check.begin(f"throughput_b{batch_size}")
-    entry["batch_size"] = batch_size
-    args = {
-        "device": cfg.device,
-        "arch": cfg.arch,
-        "batch_size": batch_size,
-        "resolution": cfg.resolution,
-        "steps": cfg.bench_steps,
-        "warmup": cfg.bench_warmup,
-        "repeats": cfg.bench_repeats,
-        "memory": first and cfg.on_cuda,
-    }
-    limit = SECTION_LIMITS["throughput" if first else "throughput_later"]
-    child = check.run(
-        python_child("throughput", args), timeout=check.limit(limit), title=f"throughput batch {batch_size}"
-    )
-    result = child.result or {}
-    peak = check.report["sections"].get("machine", {}).get("matmul_tflop_per_s")
-    rows = []
-    for row in result.get("rows", []):
-        if row["section"] == "flops":
-            continue
-        if row.get("tflop_per_s") and peak:
-            row["percent_of_measured_peak"] = 100.0 * row["tflop_per_s"] / peak
-        rows.append(row)
-    entry.update(
-        rows=rows,
-        flops=result.get("flops"),
-        dtype=result.get("dtype"),
-        arch=cfg.arch,
-        speedups=result.get("speedups"),
-        bench_sections_done=result.get("done"),
-    )
-    if not cfg.on_cuda:
-        entry["note"] = "CPU: the eager step only; CUDA graph and torch.compile need CUDA"
-    if child.returncode != 0:
-        status, reason = _failure(child, "cxr.perf.bench")
-        if result:
-            reason += (
-                f" (bench sections finished before: {', '.join(result['done'])} of {', '.join(result['planned'])})"
-            )
-        check.end(entry, status, child.seconds, reason)
-        return
-    failed = [row["variant"] for row in rows if row.get("note", "").startswith("failed")]
-    check.end(
-        entry,
-        "failed" if failed else "ok",
-        child.seconds,
-        reason=f"variants failed: {', '.join(failed)}" if failed else "",
-    )
-
-
-def fastest_mode(check: Check) -> tuple[str, str]:
-    """(mode, why): the fastest of eager / cuda graph / torch.compile at the first batch size."""
-    if not check.cfg.on_cuda:
-        return "eager", "CPU: eager is the only mode"
-    entry = check.report["sections"].get(f"throughput_b{check.cfg.batch_list[0]}", {})
-    speeds = {
-        row["variant"]: row["images_per_s"]
-        for row in entry.get("rows", [])
-        if row["variant"] in MODE_FLAGS and row.get("images_per_s")
-    }
-    if not speeds:
-        return "eager", "no throughput figures: eager"
-    best = max(speeds, key=speeds.get)
-    return best, "fastest in the throughput section: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in speeds.items())
-
-
-def compare_adapters(args: dict) -> dict:
-    """Max |difference| between the LoRA tensors of two adapters and of two checkpoints (exact resume check)."""
-    import torch  # here, not at the top: this module must load without torch to report it missing
-    from safetensors.torch import load_file
-
-    from cxr.model.adapter_files import DIFFUSERS_WEIGHT_NAME
-    from cxr.train.checkpoint import load_checkpoint
-
-    def compare(a: dict, b: dict) -> dict:
-        if a.keys() != b.keys():
-            return {"error": f"different tensors: {sorted(a.keys() ^ b.keys())[:5]}"}
-        diffs = [(a[k].double() - b[k].double()).abs().max().item() for k in a]
-        equal = sum(torch.equal(a[k], b[k]) for k in a)
-        scale = max(b[k].double().abs().max().item() for k in b)
-        return {"tensors": len(a), "bit_identical": equal, "max_abs_diff": max(diffs), "max_abs_value": scale}
-
-    result = {}
-    a, b = (Path(p) / "lora_unet" / DIFFUSERS_WEIGHT_NAME for p in (args["straight"], args["resumed"]))
-    result["final_adapter"] = compare(load_file(a), load_file(b))
-    half = args["half"]
-    checkpoints = [Path(p) / "checkpoints" / f"checkpoint-{half}" for p in (args["straight"], args["resumed"])]
-    if all(c.is_dir() for c in checkpoints):
-        result["half_way_checkpoint"] = compare(*(load_checkpoint(c).lora for c in checkpoints))
-    return result
-
-
-ENCODE_LINE = re.compile(r"\[cxr\] encoded (\d+) images in ([\d.]+) s \(([\d.]+) images/s, (\d+) decode workers\)")
-SPEED_LINE = re.compile(r"speed:\s+([\d.]+) images/s")
-
-
-def section_real_path(check: Check) -> None:
-    cfg, work = check.cfg, check.work
-    entry = check.begin("real_path")
-    started = time.monotonic()
-    deadline = started + check.limit(SECTION_LIMITS["real_path"])
-    left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
-    steps_done = entry.setdefault("steps", {})
-
-    def finish(status: str, reason: str = "") -> None:
-        check.end(entry, status, time.monotonic() - started, reason)
-
-    data_dir, model_dir = work / "phantoms", work / f"{cfg.arch}-pipeline"
-    child = check.run(
-        python_child(
-            "prepare",
-            {
-                "data_dir": str(data_dir),
-                "model_dir": str(model_dir),
-                "num_images": cfg.num_images,
-                "image_size": cfg.image_size,
-                "arch": cfg.arch,
-            },
-        ),
-        timeout=left(),
-        title="real path: prepare",
-    )
-    if child.result is None:
-        return finish(*_failure(child, "writing phantoms and the pipeline folder"))
-    steps_done["prepare"] = child.result
-    check.write()
-
-    mode, why = fastest_mode(check)
-    entry.update(mode=mode, mode_reason=why)
-    total, half = cfg.train_steps, cfg.train_steps // 2
-    common = _train_argv(cfg, work, data_dir, model_dir, mode)
-    straight, resumed = work / "run-straight", work / "run-resumed"
-
-    child = check.run(
-        [sys.executable, "train.py", *common, "--output_dir", str(straight)],
-        timeout=left(),
-        title=f"real path: train.py, {total} steps, {mode}",
-    )
-    if child.returncode != 0:
-        return finish(*_failure(child, "train.py (straight run)"))
-    summary = json.loads((straight / "summary.json").read_text())
-    steps_done["train"] = {
-        "seconds": child.seconds,
-        "steps": summary.get("steps"),
-        "images_per_s": summary.get("images_per_s"),
-        "peak_memory_mib": summary.get("peak_memory_mib"),
-        "train_images": summary.get("train_images"),
-    }
-    match = ENCODE_LINE.search(child.output)
-    if match:
-        steps_done["latent_cache"] = {
-            "images": int(match.group(1)),
-            "seconds": float(match.group(2)),
-            "images_per_s": float(match.group(3)),
-            "decode_workers": int(match.group(4)),
-        }
-    check.write()
-
-    stop_argv = [*common, "--output_dir", str(resumed)]
-    child = check.run(
-        python_child("train_stop", {"argv": stop_argv, "stop_after": half}),
-        timeout=left(),
-        title=f"real path: the same run stopped after {half} steps",
-    )
-    if child.result is None:
-        return finish(*_failure(child, "the stopped run"))
-    steps_done["stop"] = {"seconds": child.seconds, **child.result}
-    check.write()
-    child = check.run(
-        [sys.executable, "train.py", *stop_argv, "--resume_from_checkpoint", "latest"],
-        timeout=left(),
-        title="real path: train.py --resume_from_checkpoint latest",
-    )
-    if child.returncode != 0:
-        return finish(*_failure(child, "train.py --resume_from_checkpoint latest"))
-    steps_done["resume"] = {
-        "seconds": child.seconds,
-        "start_step": json.loads((resumed / "summary.json").read_text()).get("start_step"),
-    }
-    try:  # in this process (torch is imported by the import check): reading two small files cannot hang
-        steps_done["resume"].update(
-            compare_adapters({"straight": str(straight), "resumed": str(resumed), "half": half})
+def check_imports(check: Check) -> dict:
+    """The in-process import check; {module: why} of what is missing (then only `machine` can run)."""
+    missing = missing_modules()
+    imports = check.section("imports")
+    imports.update(missing=missing, status="failed" if missing else "ok")
+    if missing:
+        imports["reason"] = (
+            "missing Python packages: "
+            + ", ".join(f"{k} ({v})" for k, v in missing.items())
+            + ". On a machine with network: python -m cxr.gpucheck --fetch_wheels wheels; copy the wheels "
+            f"folder here, then: {install_line('wheels')}"
         )
-    except Exception as error:  # noqa: BLE001 - report it and go on to sample.py
-        return finish("failed", f"comparing the adapters: {type(error).__name__}: {error}")
+        print(f"gpucheck: {imports['reason']}", file=sys.stderr)
     check.write()
-
-    child, sample_note = _run_sample(check, model_dir, resumed / "lora_unet", left)
-    if child.returncode != 0:
-        return finish(*_failure(child, "sample.py"))
-    match = SPEED_LINE.search(child.output)
-    steps_done["sample"] = {
-        "seconds": child.seconds,
-        "images": cfg.sample_images,
-        "steps": cfg.sample_steps or "default",
-        "images_per_s": float(match.group(1)) if match else None,
-        "note": sample_note,
-    }
-    finish(*_resume_verdict(steps_done["resume"]))
+    return missing
 
 
-def _train_argv(cfg: GpuCheckConfig, work: Path, data_dir: Path, model_dir: Path, mode: str) -> list[str]:
-    """train.py's flags shared by the straight, stopped and resumed runs (all but --output_dir)."""
-    half = cfg.train_steps // 2
-    return [
-        "--dataset_dir",
-        str(data_dir),
-        "--model_id",
-        str(model_dir),
-        "--cache_dir",
-        str(work / "cache"),
-        "--resolution",
-        str(cfg.resolution),
-        "--train_batch_size",
-        str(cfg.batch_list[0]),
-        "--max_train_steps",
-        str(cfg.train_steps),
-        "--checkpointing_steps",
-        str(half),
-        "--validation_steps",
-        "0",
-        "--log_every",
-        str(max(half // 2, 1)),
-        "--val_count",
-        "2",
-        "--device",
-        cfg.device,
-        "--mixed_precision",
-        "bf16" if cfg.on_cuda else "no",
-        *MODE_FLAGS[mode],
-        *([] if cfg.on_cuda else ["--dataloader_num_workers", "0"]),
+def plan(check: Check) -> list[tuple[str, str, typing.Callable[[], None]]]:
+    """(flag section, report entry, body) in running order: later batch sizes after the real path, compile last."""
+    from cxr.perf import gpucheck_sections as sections
+
+    first, *later = check.cfg.batch_list
+    steps = [
+        ("machine", "machine", lambda: sections.section_machine(check)),
+        ("tests", "tests", lambda: sections.section_tests(check)),
+        ("throughput", f"throughput_b{first}", lambda: sections.section_throughput(check, first, True)),
+        ("real_path", "real_path", lambda: sections.section_real_path(check)),
     ]
-
-
-def _run_sample(check: Check, model_dir: Path, lora_dir: Path, left) -> tuple[Child, str]:
-    """sample.py with its default sampler and dtype (bf16 if that gives NaN/inf); (the child, a note on the dtype)."""
-    cfg, work = check.cfg, check.work
-    sample_argv = [
-        sys.executable,
-        "sample.py",
-        "--base_model",
-        str(model_dir),
-        "--lora_path",
-        str(lora_dir),
-        "--num_images",
-        str(cfg.sample_images),
-        "--device",
-        cfg.device,
-        "--contact_sheet",
-        "0",
-        *(["--num_inference_steps", str(cfg.sample_steps)] if cfg.sample_steps else []),
+    steps += [
+        ("throughput", f"throughput_b{batch}", lambda batch=batch: sections.section_throughput(check, batch, False))
+        for batch in later
     ]
-    child = check.run([*sample_argv, "--out_dir", str(work / "samples")], timeout=left(), title="real path: sample.py")
-    sample_note = "sample.py's default dtype"
-    if child.returncode != 0 and "came out NaN/inf" in child.output:
-        # Random weights may overflow fp16 (sample.py's CUDA default) where trained ones do not: time bf16 instead.
-        sample_note = "fp16 (the default) gave NaN/inf with these random weights; timed with --dtype bf16"
-        child = check.run(
-            [*sample_argv, "--out_dir", str(work / "samples-bf16"), "--dtype", "bf16"],
-            timeout=left(),
-            title="real path: sample.py --dtype bf16",
-        )
-    return child, sample_note
-
-
-def _resume_verdict(resume: dict) -> tuple[str, str]:
-    """(status, reason): ok when the resumed adapter equals the straight run's bit for bit."""
-    final = resume.get("final_adapter", {})
-    if final.get("max_abs_diff") == 0.0:
-        return "ok", ""
-    half_way = resume.get("half_way_checkpoint", {}).get("max_abs_diff")
-    noise = (
-        "; two runs of the same first half already differ by " + f"{half_way:.3g} (the GPU run is not deterministic)"
-        if half_way
-        else "; the first halves were identical, so the resume itself is not exact"
-    )
-    return "failed", f"the resumed adapter differs from the straight run's by {final.get('max_abs_diff')}{noise}"
+    steps.append(("compile", "compile", lambda: sections.section_compile(check)))
+    return steps
 
 
 def run_check(cfg: GpuCheckConfig) -> dict:
-    """Run the chosen sections within the budget; returns the report (also in cfg.out)."""
-    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="cxr-gpucheck-"))
+    """Run the chosen sections within the budget; returns the report (also in cfg.out). On Terminated (SIGTERM
+    in `main`) the running section's process group is killed, the report says where it stopped, and the
+    temporary work folder is removed; then Terminated propagates."""
+    temporary = not cfg.work_dir
+    work = Path(tempfile.mkdtemp(prefix="cxr-gpucheck-")) if temporary else Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     check = Check(cfg, work)
     try:
-        missing = missing_modules()
-        imports = check.section("imports")
-        imports.update(missing=missing, status="failed" if missing else "ok")
-        if missing:
-            imports["reason"] = (
-                "missing Python packages: "
-                + ", ".join(f"{k} ({v})" for k, v in missing.items())
-                + f". Bring the wheels: python -m cxr.gpucheck --fetch_wheels .whl here, carry .whl, "
-                f"then on the GPU machine: {install_line()}"
-            )
-            print(f"gpucheck: {imports['reason']}", file=sys.stderr)
-        check.write()
-        batches = cfg.batch_list
-        # (flag section, report entry, body): the later batch sizes run after the real path.
-        plan = [
-            ("machine", "machine", lambda: section_machine(check)),
-            ("tests", "tests", lambda: section_tests(check)),
-            ("throughput", f"throughput_b{batches[0]}", lambda: section_throughput(check, batches[0], True)),
-            ("real_path", "real_path", lambda: section_real_path(check)),
-        ]
-        plan += [
-            ("throughput", f"throughput_b{batch}", lambda batch=batch: section_throughput(check, batch, False))
-            for batch in batches[1:]
-        ]
-        for flag_name, entry_name, body in plan:
+        missing = check_imports(check)
+        for flag_name, entry_name, body in plan(check):
             if flag_name not in cfg.section_list:
                 continue
             if missing and (flag_name != "machine" or "torch" in missing):
@@ -697,12 +431,19 @@ def run_check(cfg: GpuCheckConfig) -> dict:
                 body()
         statuses = [s.get("status") for s in check.report["sections"].values()]
         check.report["status"] = "ok" if all(s in ("ok", "skipped") for s in statuses) else "problems"
+    except Terminated as stop:
+        check.report["status"] = "aborted"
+        running = [name for name, entry in check.report["sections"].items() if entry.get("status") == "running"]
+        for name in running:
+            check.report["sections"][name].update(status="aborted", reason=str(stop))
+        check.report["reason"] = f"{stop} during {', '.join(running) or 'no section'}"
+        raise
     finally:
         check.report["finished"] = _now()
         if check.report["status"] == "running":
             check.report["status"] = "aborted"
         check.write()
-        if not cfg.work_dir:
+        if temporary:
             shutil.rmtree(work, ignore_errors=True)
     return check.report
 
@@ -710,11 +451,23 @@ def run_check(cfg: GpuCheckConfig) -> dict:
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(GpuCheckConfig, argv, prog="python -m cxr.gpucheck")
     if cfg.fetch_wheels:
         return fetch_wheels(Path(cfg.fetch_wheels))
-    report = run_check(cfg)
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        report = run_check(cfg)
+    except Terminated as stop:
+        print(f"gpucheck: {stop}; the report so far is in {Path(cfg.out) / 'report.md'}", file=sys.stderr)
+        return 143
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print((Path(cfg.out) / "report.md").read_text())
     print(f"wrote {Path(cfg.out) / 'report.json'} and report.md")
     return 0 if report["status"] == "ok" else 1

@@ -1,5 +1,5 @@
-"""What `cxr.perf.gpucheck` needs on a bare GPU machine: the wheels to bring (`--fetch_wheels`), the import check run
-before any section, and the library versions reported."""
+"""What `cxr.perf.gpucheck` needs on a GPU box: the wheels to copy to one without network (`--fetch_wheels`), the
+import check run before any section, and the library versions reported."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# What the lent GPU machine's image lacks (it has torch, transformers, huggingface_hub, safetensors, numpy,
-# pillow, tqdm, tensorboard, pytest, scipy, ...): diffusers and what diffusers needs beyond that image, at the
-# versions this project was tested with. Pure-Python wheels.
+# What a CUDA box set up for PyTorch work commonly lacks (it has torch, transformers, huggingface_hub, safetensors,
+# numpy, pillow, tqdm, tensorboard, pytest, ...): diffusers and what diffusers needs beyond those, at the versions
+# this project was tested with. Pure-Python wheels: they install on any Python 3 and any platform.
 WHEELS = ("diffusers==0.42.1", "importlib_metadata==10.2.0", "lazy-importer==0.1.0")
 # Top-level modules the sections import (module -> pip name), checked before anything runs.
 REQUIRED_MODULES = {
@@ -30,41 +30,23 @@ REQUIRED_MODULES = {
 
 
 def fetch_wheels(folder: Path) -> int:
-    """Download WHEELS (no dependencies, Python 3.12 manylinux x86-64 wheels only) into `folder`."""
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--python-version",
-        "3.12",
-        "--implementation",
-        "cp",
-        "--platform",
-        "manylinux_2_28_x86_64",
-        "--platform",
-        "manylinux2014_x86_64",
-        "-d",
-        str(folder),
-        *WHEELS,
-    ]
+    """Download WHEELS (pure-Python wheels, no dependencies) into `folder`, on a machine with network."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder), *WHEELS]
     print("$ " + " ".join(command), flush=True)
     code = subprocess.call(command)
     if code == 0:
         print(
-            f"\nwheels in {folder}. On the GPU machine, from the repository root (carry {folder}):\n  "
-            f"{install_line(folder)}"
+            f"\nwheels in {folder}. Copy that folder to the GPU box (USB drive, scp, a shared disk), then there, "
+            f"in the environment that has torch:\n  {install_line(folder)}\n"
+            "and run the check from the cxr folder: python -m cxr.gpucheck --out gpucheck"
         )
     return code
 
 
-def install_line(folder: Path | str = ".whl") -> str:
-    return (
-        f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
-        f"{folder}/*.whl && export PYTHONPATH=/tmp/site"
-    )
+def install_line(folder: Path | str = "wheels") -> str:
+    """The offline install of the fetched wheels: pip takes them from `folder` only, and what diffusers needs
+    beyond them from what is installed (pip names anything still missing)."""
+    return f"python -m pip install --no-index --find-links {folder} {' '.join(WHEELS)}"
 
 
 def missing_modules() -> dict[str, str]:

@@ -17,6 +17,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"Started {report['started']}, last written {report.get('updated')}, status **{report['status']}**"
         + ("" if report.get("finished") else " (still running when written: a run killed here stops at this point)")
+        + (f" ({report['reason']})" if report.get("reason") else "")
         + f". Device `{cfg['device']}`, architecture `{cfg['arch']}`, {cfg['resolution']} px, "
         + f"budget {cfg['budget_s']:.0f} s.",
         "",
@@ -25,7 +26,7 @@ def render_markdown(report: dict) -> str:
     for name, entry in sections.items():
         lines.append(
             f"| {name} | {entry.get('status')} | {_fmt(entry.get('seconds'), '{:.0f}')} | "
-            f"{str(entry.get('reason', '')).replace('|', '/')[:400]} |"
+            f"{_cell(entry.get('reason', ''), 400)} |"
         )
     machine = sections.get("machine", {})
     if machine.get("status") == "ok":
@@ -33,13 +34,17 @@ def render_markdown(report: dict) -> str:
     tests = sections.get("tests", {})
     if tests.get("tests"):
         lines += _tests_table(tests["tests"])
-    throughput = [entry for name, entry in sections.items() if name.startswith("throughput_b") and entry.get("rows")]
-    if throughput:
-        lines += _throughput_table(throughput, cfg, machine.get("matmul_tflop_per_s"))
+    timed = [(name, entry) for name, entry in sections.items() if entry.get("rows")]
+    if timed:
+        lines += _throughput_table(timed, cfg, machine.get("matmul_tflop_per_s"))
     real = sections.get("real_path", {})
     if real.get("steps"):
         lines += _real_path_table(real)
     return "\n".join(lines) + "\n"
+
+
+def _cell(value, width: int = 200) -> str:
+    return str(value or "").replace("|", "/").replace("\n", " ")[:width]
 
 
 def _machine_table(machine: dict) -> list[str]:
@@ -86,29 +91,39 @@ def _tests_table(tests: list[dict]) -> list[str]:
                 f"({_fmt(worst.get('max_fraction_of_tolerance'), '{:.2f}')} of atol {worst.get('atol')} + rtol "
                 f"{worst.get('rtol')})"
             )
-        message = test["message"].replace("|", "/").replace("\n", " ")[:200]
-        lines.append(f"| {test['name']} | {test['outcome']} | {test['seconds']:.1f} | {tol} | {message} |")
+        lines.append(
+            f"| {test.get('name')} | {test.get('outcome')} | {_fmt(test.get('seconds'), '{:.1f}')} | {tol} | "
+            f"{_cell(test.get('message'))} |"
+        )
     return lines
 
 
-def _throughput_table(entries: list[dict], cfg: dict, peak: float | None) -> list[str]:
+def _throughput_table(entries: list[tuple[str, dict]], cfg: dict, peak: float | None) -> list[str]:
     lines = [
         "",
         f"## Training throughput ({cfg['arch']}, random weights, {cfg['resolution']} px)",
         "",
-        f"TFLOP/s from the bench's counted FLOPs per image (forward + backward); % of the measured matmul "
-        f"peak ({_fmt(peak, '{:.3g}')} TFLOP/s). Goal: {GOAL_IMAGES_PER_S} images/s at batch 16, bf16, on one H100.",
+        f"TFLOP/s from the FLOPs per image counted by the bench (forward + backward); % of the measured matmul "
+        f"peak ({_fmt(peak, '{:.3g}')} TFLOP/s). Goal: {GOAL_IMAGES_PER_S} images/s at batch 16, bf16, on one H100. "
+        "Peak memory: `max_memory_allocated` / `max_memory_reserved` (a CUDA graph's private pool shows only in "
+        "reserved); on the CPU the process's peak RSS.",
         "",
-        "| batch | mode | images/s | ms/step | TFLOP/s | % of peak | peak MiB | note |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| section | batch | mode | images/s | ms/step | TFLOP/s | % of peak | allocated MiB | reserved MiB | note |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for entry in entries:
+    for name, entry in entries:
         for row in entry["rows"]:
+            note = row.get("error") or row.get("skipped") or row.get("note", "")
+            for key, label in (("capture_s", "capture"), ("compile_s", "compile")):
+                if row.get(key) is not None:
+                    note = f"{label} {row[key]:.1f} s; {note}"
+            allocated = row.get("max_memory_allocated_mib", row.get("peak_rss_mib"))
             lines.append(
-                f"| {entry['batch_size']} | {row['variant']} | {_fmt(row.get('images_per_s'), '{:.1f}')} | "
+                f"| {name} | {entry.get('batch_size')} | {row.get('mode')} | "
+                f"{_fmt(row.get('images_per_s'), '{:.1f}')} | "
                 f"{_fmt(row.get('ms_per_step'), '{:.1f}')} | {_fmt(row.get('tflop_per_s'), '{:.3g}')} | "
-                f"{_fmt(row.get('percent_of_measured_peak'), '{:.1f}')} | {_fmt(row.get('peak_mem_mb'), '{:.0f}')} | "
-                f"{row.get('note', '').replace('|', '/')[:200]} |"
+                f"{_fmt(row.get('percent_of_measured_peak'), '{:.1f}')} | {_fmt(allocated, '{:.0f}')} | "
+                f"{_fmt(row.get('max_memory_reserved_mib'), '{:.0f}')} | {_cell(note)} |"
             )
     return lines
 
@@ -140,24 +155,43 @@ def _real_path_table(real: dict) -> list[str]:
         )
     run = steps.get("train")
     if run:
+        second = (run.get("second_run_peak_memory") or {}).get("max_memory_reserved_mib")
         lines.append(
-            f"| train.py straight run | {run['steps']} steps in {run['seconds']:.0f} s wall (load, cache, compile "
+            f"| train.py straight run | {run['steps']} steps in {run['seconds']:.0f} s wall (load, cache, capture "
             f"included); {_fmt(run.get('images_per_s'), '{:.1f}')} images/s over the last log window; "
-            f"peak {_fmt(run.get('peak_memory_mib'), '{:.0f}')} MiB |"
+            f"max_memory_allocated {_fmt(run.get('peak_memory_mib'), '{:.0f}')} MiB"
+            + (f", max_memory_reserved {second:.0f} MiB (second run, same flags)" if second else "")
+            + " |"
         )
-    resume = steps.get("resume", {})
+    stop = steps.get("stop")
+    if stop:
+        reserved = (stop.get("peak_memory") or {}).get("max_memory_reserved_mib")
+        lines.append(
+            f"| stopped run | {stop.get('steps')} steps ({stop.get('signal')}), {stop['seconds']:.0f} s wall"
+            + (f"; max_memory_reserved {reserved:.0f} MiB" if reserved else "")
+            + " |"
+        )
+    if steps.get("resume"):
+        lines.append(
+            f"| resumed run | from step {steps['resume'].get('start_step')}, {steps['resume']['seconds']:.0f} s |"
+        )
     for key, label in (
-        ("half_way_checkpoint", "straight vs stopped run at the half-way checkpoint (run-to-run)"),
-        ("final_adapter", "straight vs stopped + resumed, final adapter"),
+        ("resumed_vs_straight_half_way", "stopped vs straight at half way (run-to-run)"),
+        ("resumed_vs_straight", "stopped + resumed vs straight, final checkpoint"),
+        ("second_vs_straight", "second straight run vs straight, final checkpoint (run-to-run)"),
     ):
-        if key in resume:
-            r = resume[key]
-            lines.append(
-                f"| {label} | {r.get('bit_identical')}/{r.get('tensors')} tensors bit-identical, max abs diff "
-                f"{_fmt(r.get('max_abs_diff'), '{:.3g}')} (max abs value {_fmt(r.get('max_abs_value'), '{:.3g}')}) |"
-                if "error" not in r
-                else f"| {label} | {r['error']} |"
-            )
+        r = steps.get("comparison", {}).get(key)
+        if r is None:
+            continue
+        lines.append(
+            f"| {label} | {r.get('bit_identical')}/{r.get('tensors')} tensors bit-identical, max abs diff "
+            f"{_fmt(r.get('max_abs_diff'), '{:.3g}')} (max abs value {_fmt(r.get('max_abs_value'), '{:.3g}')}) |"
+            if "error" not in r
+            else f"| {label} | {_cell(r['error'], 300)} |"
+        )
+    verdict = real.get("resume_verdict")
+    if verdict:
+        lines.append(f"| resume verdict | **{verdict['status']}**: {_cell(verdict['reason'], 300)} |")
     sample = steps.get("sample")
     if sample:
         lines.append(

@@ -53,11 +53,12 @@ from tqdm.auto import tqdm
 from cxr.config import TrainConfig, check_choices, flag, parse_config, recorded_values, require, to_dict
 from cxr.data.dataset import read_manifest, records_from_manifest
 from cxr.data.imageio import Preprocess, thumbnail
-from cxr.fileio import check_writable
+from cxr.fileio import check_writable, staged_files
 from cxr.model.loading import pick_device
 from cxr.privacy.embedding import embedding_search
+from cxr.privacy.evaluate import FEATURES_TRUST
 from cxr.privacy.imagemetrics import ssim
-from cxr.privacy.imagesets import draw_gallery, list_images, load_thumbnails
+from cxr.privacy.imagesets import byte_identical, draw_gallery, list_images, load_thumbnails
 from cxr.privacy.ncc import best_matches, calibrate_threshold, standardize_in_place
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
@@ -69,6 +70,8 @@ EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
 # 50 %. And never fewer than 100, whatever q: the rate the threshold lets through has a sampling error of about
 # sqrt(q (1 - q) / n), which 100 images keep to a third of the rate or less for q <= 0.9 (0.03 of 0.1).
 MIN_HOLDOUT_IMAGES = 100
+# A threshold at or above this flags nothing: an NCC or a cosine is at most 1 (float32 rounding gives ~1e-7 either way).
+SCORE_CEILING = 1.0 - 1e-6
 
 
 class CalibrationError(ValueError):
@@ -99,7 +102,7 @@ class AuditConfig:
     exclude: str = flag(
         "contact_sheet*", "comma-separated file-name patterns to skip in every folder (sample.py's contact sheet)"
     )
-    resolution: int = flag(64, "side of the square thumbnails compared by NCC")
+    resolution: int = flag(64, "side of the square thumbnails compared by NCC", bounds=(8, 1024))
     pad_to_square: bool = flag(
         False, "pad non-square images to square instead of center-cropping (use the training setting)"
     )
@@ -107,56 +110,67 @@ class AuditConfig:
         None,
         "read the training and held-out images (not the samples) with this train.py --intensity_clip_percent "
         "(percentile window for 16-bit/float images and DICOM without a VOI window); default: the value in "
-        "--train_manifest, else 0 (min-max)",
+        "--train_manifest, else 0 (min-max) (range: [0, 50))",
     )
-    top_k: int = flag(5, "nearest training images kept per image (the best is reported; --ssim scores all of them)")
+    top_k: int = flag(
+        5, "nearest training images kept per image (the best is reported; --ssim scores all of them)", bounds=(1, 1000)
+    )
     max_shift: float = flag(
         0.5,
         "tolerate translations up to this many thumbnail pixels (0.5 px at 64 = 2 px at 256; 0 disables; cost grows "
         "with the number of shifts)",
+        bounds=(0.0, 256.0),
     )
-    shift_step: float = flag(0.5, "step of the shift grid in thumbnail pixels (fractional shifts are bilinear)")
+    shift_step: float = flag(
+        0.5, "step of the shift grid in thumbnail pixels (fractional shifts are bilinear)", bounds=(0.01, 256.0)
+    )
     ssim: bool = flag(
         False, "also compute SSIM with the top-k candidates at --ssim_resolution (informative; flagging uses NCC)"
     )
-    ssim_resolution: int = flag(256, "image side for SSIM")
+    ssim_resolution: int = flag(256, "image side for SSIM", bounds=(16, 4096))
     threshold: float | None = flag(
-        None, "flag images whose best NCC is above this value (default: calibrated on held-out images)"
+        None, "flag images whose best NCC is above this value (default: calibrated on held-out images) (range: [-1, 1))"
     )
     threshold_quantile: float = flag(
-        0.99, "calibrated threshold = this quantile of the held-out images' best NCC with the training set"
+        0.99,
+        "calibrated threshold = this quantile of the held-out images' best NCC with the training set (range: (0, 1])",
     )
     default_threshold: float = flag(
-        0.95, "threshold used when there are no held-out images and no --threshold (uncalibrated)"
+        0.95, "threshold used when there are no held-out images and no --threshold (uncalibrated) (range: [-1, 1))"
     )
     min_holdout_images: int | None = flag(
         None,
         "held-out images a calibrated threshold needs; fewer: a loud warning, and with --fail_above an error unless "
         "--threshold is given (default: 1 / (1 - --threshold_quantile), at least 100; lower it only knowingly)",
+        bounds=(1, 10**9),
     )
     fail_above: float | None = flag(
-        None, "exit with code 1 when the flagged fraction of samples is above this rate (e.g. 0.01)"
+        None, "exit with code 1 when the flagged fraction of samples is above this rate (e.g. 0.01)", bounds=(0.0, 1.0)
     )
-    gallery_pairs: int = flag(16, "closest sample/training pairs shown in gallery.png (0 disables)")
+    gallery_pairs: int = flag(16, "closest sample/training pairs shown in gallery.png (0 disables)", bounds=(0, 1000))
     device: str = flag("auto", "cuda, cpu or auto (matrix products)")
-    num_workers: int = flag(2, "worker processes that read and resize images")
-    batch_size: int = flag(64, "images per reading batch")
+    num_workers: int = flag(2, "worker processes that read and resize images", bounds=(0, 256))
+    batch_size: int = flag(64, "images per reading batch", bounds=(1, 4096))
     memory_budget_mb: int = flag(
         512,
         "working memory of the search (similarity blocks and shifted copies of the queries); sets the chunk sizes. "
         "The thumbnails come on top: N x resolution^2 x 4 bytes per set",
+        bounds=(1, 10**7),
     )
     features: Path | None = flag(
         None,
-        "also audit in the embedding space of this local TorchScript network ((N, 3, H, W) images in [0, 1] -> (N, "
-        "D), as cxr.privacy.evaluate --features): the same top-k search and held-out calibration by cosine "
-        "similarity, reported beside NCC; a sample is flagged when either statistic is above its threshold",
+        "also audit in the embedding space of this local feature network, as cxr.privacy.evaluate --features takes "
+        "it (a TorchScript file mapping (N, 3, H, W) images in [0, 1] to (N, D), or torchvision Inception-v3 "
+        "weights): the same top-k search and held-out calibration by cosine similarity, reported beside NCC; a "
+        f"sample is flagged when either statistic is above its threshold. {FEATURES_TRUST}",
     )
-    features_image_size: int = flag(224, "with --features: images are resized to this square size for the network")
+    features_image_size: int = flag(
+        224, "with --features: images are resized to this square size for the network", bounds=(8, 4096)
+    )
     features_threshold: float | None = flag(
         None,
         "with --features: flag samples whose best cosine is above this value (default: calibrated on the held-out "
-        "images like the NCC threshold)",
+        "images like the NCC threshold) (range: [-1, 1))",
     )
 
     def validate(self) -> None:
@@ -172,58 +186,28 @@ class AuditConfig:
             "intensity_clip_percent",
             f"must be in [0, 50), got {self.intensity_clip_percent}",
         )
-        require(self.resolution >= 8, "resolution", f"must be >= 8, got {self.resolution}")
-        require(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
         require(
             0 <= self.max_shift < self.resolution / 4,
             "max_shift",
             f"must be in [0, resolution/4), got {self.max_shift}",
         )
-        require(self.shift_step > 0, "shift_step", f"must be > 0, got {self.shift_step}")
-        require(
-            self.ssim_resolution >= 16,
-            "ssim_resolution",
-            f"must be >= 16 (SSIM uses an 11-pixel window), got {self.ssim_resolution}",
-        )
-        require(
-            self.threshold is None or -1.0 <= self.threshold <= 1.0,
-            "threshold",
-            f"must be in [-1, 1] (an NCC), got {self.threshold}",
-        )
+        for name in ("threshold", "default_threshold", "features_threshold"):
+            value = getattr(self, name)
+            require(value is None or value >= -1.0, name, f"must be in [-1, 1), got {value}")
+            require(
+                value is None or value < 1.0,
+                name,
+                f"must be below 1: an NCC or cosine is at most 1, so a threshold of {value} would flag nothing",
+            )
         require(
             0.0 < self.threshold_quantile <= 1.0,
             "threshold_quantile",
             f"must be in (0, 1], got {self.threshold_quantile}",
         )
         require(
-            -1.0 <= self.default_threshold <= 1.0,
-            "default_threshold",
-            f"must be in [-1, 1], got {self.default_threshold}",
-        )
-        require(
-            self.min_holdout_images is None or self.min_holdout_images >= 1,
-            "min_holdout_images",
-            f"must be >= 1, got {self.min_holdout_images}",
-        )
-        require(
-            self.fail_above is None or 0.0 <= self.fail_above <= 1.0,
-            "fail_above",
-            f"must be a rate in [0, 1], got {self.fail_above}",
-        )
-        require(self.gallery_pairs >= 0, "gallery_pairs", f"must be >= 0, got {self.gallery_pairs}")
-        require(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             "device",
             f"must be auto, cpu or cuda[:N], got {self.device!r}",
-        )
-        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.memory_budget_mb >= 1, "memory_budget_mb", f"must be >= 1, got {self.memory_budget_mb}")
-        require(self.features_image_size >= 8, "features_image_size", f"must be >= 8, got {self.features_image_size}")
-        require(
-            self.features_threshold is None or -1.0 <= self.features_threshold <= 1.0,
-            "features_threshold",
-            f"must be in [-1, 1] (a cosine), got {self.features_threshold}",
         )
 
 
@@ -382,10 +366,11 @@ def audit(config: AuditConfig) -> dict:
     check_writable(config.out, "--out", create=False)  # before any image is read, not after the search
     if config.features is not None and not Path(config.features).is_file():
         raise FileNotFoundError(
-            f"--features {config.features}: file does not exist (a local TorchScript network; nothing is downloaded)"
+            f"--features {config.features}: file does not exist (a local feature network; nothing is downloaded)"
         )
     device = pick_device(config.device)
     train_paths, sample_paths, holdout_paths, clip_percent = _resolve_sets(config)
+    holdout_paths, training_copies = _drop_training_copies(config, train_paths, holdout_paths)
     calibration = check_calibration(config, len(holdout_paths))  # before the work: may refuse a --fail_above gate
     real = Preprocess(
         config.resolution, config.pad_to_square, clip_percent
@@ -423,40 +408,79 @@ def audit(config: AuditConfig) -> dict:
     if config.features is not None:
         embedding = _embedding_audit(config, train_paths, holdout_paths, sample_paths, real, device, rows)
     flagged_any = np.array([row["flagged"] or row.get("embedding_flagged", False) for row in rows], dtype=bool)
-    closest = _write_tables(config, rows, real)
-
-    # --fail_above gates on the samples flagged by either statistic (NCC, and the embedding with --features).
-    gate_rate = float(flagged_any.mean())
-    exit_code = EXIT_FLAGGED if config.fail_above is not None and gate_rate > config.fail_above else EXIT_OK
-    report = {
-        "config": to_dict(config),
-        "counts": {"train": len(train_paths), "samples": len(sample_paths), "holdout": int(holdout_best.size)},
-        "intensity_clip_percent": clip_percent,
-        "statistic": f"best NCC with a training image of {config.resolution}x{config.resolution} "
-        "standardized thumbnails, "
-        f"max over shifts up to {config.max_shift} px in steps of {config.shift_step} px",
-        "threshold": {
-            "value": float(threshold),
-            "rule": rule,
-            "calibrated": config.threshold is None and holdout_best.size > 0,
-        },
-        "calibration": calibration,
-        "flagged_any": {"count": int(flagged_any.sum()), "rate": gate_rate},
-        "embedding": embedding,
-        "flagged": {
-            "count": int(flagged.sum()),
-            "rate": float(flagged.mean()),
-            "holdout_rate": float((holdout_best > threshold).mean()) if holdout_best.size else None,
-        },
-        "samples": {"summary": score_summary(best), "histogram": score_histogram(best)},
-        "holdout": {"summary": score_summary(holdout_best), "histogram": score_histogram(holdout_best)},
-        "closest_pairs": closest,
-        "fail_above": config.fail_above,
-        "exit_code": exit_code,
-        "seconds": round(time.time() - started, 2),
-    }
-    (Path(config.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with staged_files("--out") as files:  # scores.csv, gallery.png and report.json appear together or not at all
+        closest = _write_tables(config, files, rows, real)
+        # --fail_above gates on the samples flagged by either statistic (NCC, and the embedding with --features).
+        gate_rate = float(flagged_any.mean())
+        exit_code = EXIT_FLAGGED if config.fail_above is not None and gate_rate > config.fail_above else EXIT_OK
+        report = {
+            "config": to_dict(config),
+            "counts": {
+                "train": len(train_paths),
+                "samples": len(sample_paths),
+                "holdout": int(holdout_best.size),
+                "holdout_training_copies": training_copies,
+            },
+            "intensity_clip_percent": clip_percent,
+            "statistic": f"best NCC with a training image of {config.resolution}x{config.resolution} "
+            "standardized thumbnails, "
+            f"max over shifts up to {config.max_shift} px in steps of {config.shift_step} px",
+            "threshold": {
+                "value": float(threshold),
+                "rule": rule,
+                "calibrated": config.threshold is None and holdout_best.size > 0,
+            },
+            "calibration": calibration,
+            "flagged_any": {"count": int(flagged_any.sum()), "rate": gate_rate},
+            "embedding": embedding,
+            "flagged": {
+                "count": int(flagged.sum()),
+                "rate": float(flagged.mean()),
+                "holdout_rate": float((holdout_best > threshold).mean()) if holdout_best.size else None,
+            },
+            "samples": {"summary": score_summary(best), "histogram": score_histogram(best)},
+            "holdout": {"summary": score_summary(holdout_best), "histogram": score_histogram(holdout_best)},
+            "closest_pairs": closest,
+            "fail_above": config.fail_above,
+            "exit_code": exit_code,
+            "seconds": round(time.time() - started, 2),
+        }
+        files.write_bytes(Path(config.out) / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+def _drop_training_copies(config: AuditConfig, train_paths, holdout_paths) -> tuple[list[Path], int]:
+    """The held-out images without the byte-identical copies of training images, and how many those were. A copy
+    scores NCC 1 and pushes the threshold to 1, where no sample can be flagged; all of them copies is an error."""
+    copies = byte_identical(holdout_paths, train_paths)
+    if not copies:
+        return holdout_paths, 0
+    example = f"{copies[0][0]} = {copies[0][1]}"
+    if len(copies) == len(holdout_paths):
+        source = f"--holdout_dir {config.holdout_dir}" if config.holdout_dir else "--train_manifest's val split"
+        raise CalibrationError(
+            f"{source}: all {len(copies)} held-out images are byte-identical copies of training images (e.g. "
+            f"{example}), so they cannot calibrate a threshold; give real images the model never trained on (the "
+            "training run's val split: --train_manifest OUTPUT_DIR/manifest.json)"
+        )
+    warnings.warn(
+        f"{len(copies)} of the {len(holdout_paths)} held-out images are byte-identical copies of training images "
+        f"(e.g. {example}); they are left out, and the other {len(holdout_paths) - len(copies)} calibrate the "
+        "threshold",
+        stacklevel=3,
+    )
+    dropped = {path for path, _ in copies}
+    return [path for path in holdout_paths if Path(path) not in dropped], len(copies)
+
+
+def check_ceiling(threshold: float, statistic: str, holdout_count: int) -> None:
+    """CalibrationError when a calibrated threshold is at the score's ceiling of 1: nothing could be flagged."""
+    if threshold >= SCORE_CEILING:
+        raise CalibrationError(
+            f"the calibrated threshold is {threshold:.4f}: the held-out images ({holdout_count}) match training "
+            f"images perfectly ({statistic} 1), so no sample could be flagged. They hold copies of training images "
+            "(re-encoded or renamed); give real images the model never trained on, or set the threshold by hand"
+        )
 
 
 def _holdout_baseline(holdout_paths, train_features, real: Preprocess, read: dict, search: dict) -> np.ndarray:
@@ -485,7 +509,9 @@ def _threshold(config: AuditConfig, holdout_best: np.ndarray) -> tuple[float, st
             f"quantile {config.threshold_quantile} of {holdout_best.size} held-out images' "
             "best NCC with the training set"
         )
-        return calibrate_threshold(holdout_best, config.threshold_quantile), rule
+        threshold = calibrate_threshold(holdout_best, config.threshold_quantile)
+        check_ceiling(threshold, "NCC", holdout_best.size)
+        return threshold, rule
     threshold = config.default_threshold
     warnings.warn(
         f"no held-out images: using the uncalibrated threshold {threshold}. Pass --holdout_dir or "
@@ -516,11 +542,11 @@ def _score_rows(sample_paths, train_paths, best, flagged, indices, shifts, ssim_
     return rows
 
 
-def _write_tables(config: AuditConfig, rows: list[dict], real: Preprocess) -> list[dict]:
-    """Write scores.csv and gallery.png (the --gallery_pairs closest pairs); return those closest rows."""
+def _write_tables(config: AuditConfig, files, rows: list[dict], real: Preprocess) -> list[dict]:
+    """Write scores.csv and gallery.png (the --gallery_pairs closest pairs) through `files` (staged); return those
+    closest rows. File names that are not valid UTF-8 are written as their own bytes."""
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scores.csv", "w", newline="") as handle:
+    with open(files.path(out / "scores.csv"), "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(
@@ -536,7 +562,7 @@ def _write_tables(config: AuditConfig, rows: list[dict], real: Preprocess) -> li
         )
     closest = sorted(rows, key=lambda r: -r["ncc"])[: config.gallery_pairs]
     if closest:
-        draw_gallery(closest, out / "gallery.png", real)
+        draw_gallery(closest, files.path(out / "gallery.png"), real)
     return closest
 
 
@@ -559,6 +585,8 @@ def _embedding_audit(
         device=device,
         memory_budget_mb=config.memory_budget_mb,
     )
+    if matches.calibrated:
+        check_ceiling(matches.threshold, "cosine", matches.holdout_best.size)
     best = matches.scores[:, 0]
     flagged = best > matches.threshold if matches.threshold is not None else np.zeros(len(best), dtype=bool)
     for i, row in enumerate(rows):
@@ -618,7 +646,13 @@ def format_summary(report: dict) -> str:
     samples = report["samples"]["summary"]
     lines = [
         f"audited {counts['samples']} samples against {counts['train']} training images "
-        f"({counts['holdout']} held-out images for calibration)",
+        f"({counts['holdout']} held-out images for calibration"
+        + (
+            f"; {counts['holdout_training_copies']} copies of training images left out"
+            if counts.get("holdout_training_copies")
+            else ""
+        )
+        + ")",
         f"threshold NCC > {threshold['value']:.4f} ({threshold['rule']})",
         *_calibration_warning(report),
         f"flagged {flagged['count']} / {counts['samples']} samples = {flagged['rate']:.2%}"

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.config import check_choices, flag, parse_config, require, to_dict
+from cxr.fileio import check_writable, check_writable_file, staged_files
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
@@ -55,31 +56,41 @@ class DedupConfig:
     )
     out: Path = flag(Path("dedup"), "report folder: report.json, pairs.csv, gallery.png")
     threshold: float = flag(
-        0.98, "a pair whose shift-tolerant NCC is at least this is a near duplicate (1 = identical thumbnails)"
+        0.98,
+        "a pair whose shift-tolerant NCC is at least this is a near duplicate (1 = identical thumbnails) "
+        "(range: (-1, 1])",
     )
-    resolution: int = flag(64, "side of the square thumbnails compared by NCC")
+    resolution: int = flag(64, "side of the square thumbnails compared by NCC", bounds=(8, 1024))
     pad_to_square: bool = flag(
         False, "pad non-square images to square instead of center-cropping (use the training setting)"
     )
     intensity_clip_percent: float = flag(
-        0.0, "read 16-bit/float images and DICOM without a VOI window with this train.py --intensity_clip_percent"
+        0.0,
+        "read 16-bit/float images and DICOM without a VOI window with this train.py --intensity_clip_percent "
+        "(range: [0, 50))",
     )
-    max_shift: float = flag(0.5, "tolerate translations up to this many thumbnail pixels (0 disables)")
-    shift_step: float = flag(0.5, "step of the shift grid in thumbnail pixels")
+    max_shift: float = flag(
+        0.5, "tolerate translations up to this many thumbnail pixels (0 disables)", bounds=(0.0, 256.0)
+    )
+    shift_step: float = flag(0.5, "step of the shift grid in thumbnail pixels", bounds=(0.01, 256.0))
     neighbours: int = flag(
-        8, "nearest images examined per image (a group larger than this is still joined through its members)"
+        8,
+        "nearest images examined per image (a group larger than this is still joined through its members)",
+        bounds=(1, 1000),
     )
-    gallery_pairs: int = flag(16, "closest pairs shown in gallery.png (0 disables)")
+    gallery_pairs: int = flag(16, "closest pairs shown in gallery.png (0 disables)", bounds=(0, 1000))
     write_file_list: Path | None = flag(
         None, "write the kept images (one per group, none dropped otherwise) as a CSV for train.py --file_list"
     )
     fail_on_duplicates: bool = flag(False, "exit with code 1 when any duplicate (exact or near) is found")
-    min_image_size: int = flag(64, "as train.py: images whose shorter side is below this are bad")
+    min_image_size: int = flag(64, "as train.py: images whose shorter side is below this are bad", bounds=(1, 65536))
     skip_bad_images: bool = flag(False, "as train.py: skip unreadable images instead of stopping")
     device: str = flag("auto", "cuda, cpu or auto (matrix products)")
-    num_workers: int = flag(2, "worker processes that read and resize images")
-    batch_size: int = flag(64, "images per reading batch")
-    memory_budget_mb: int = flag(512, "working memory of the search (sets the chunk sizes); the thumbnails come on top")
+    num_workers: int = flag(2, "worker processes that read and resize images", bounds=(0, 256))
+    batch_size: int = flag(64, "images per reading batch", bounds=(1, 4096))
+    memory_budget_mb: int = flag(
+        512, "working memory of the search (sets the chunk sizes); the thumbnails come on top", bounds=(1, 10**7)
+    )
 
     def validate(self) -> None:
         check_choices(self)
@@ -89,7 +100,6 @@ class DedupConfig:
             "is required (or give --file_list or --train_manifest)",
         )
         require(-1.0 < self.threshold <= 1.0, "threshold", f"must be in (-1, 1] (an NCC), got {self.threshold}")
-        require(self.resolution >= 8, "resolution", f"must be >= 8, got {self.resolution}")
         require(
             0.0 <= self.intensity_clip_percent < 50.0,
             "intensity_clip_percent",
@@ -100,18 +110,11 @@ class DedupConfig:
             "max_shift",
             f"must be in [0, resolution/4), got {self.max_shift}",
         )
-        require(self.shift_step > 0, "shift_step", f"must be > 0, got {self.shift_step}")
-        require(self.neighbours >= 1, "neighbours", f"must be >= 1, got {self.neighbours}")
-        require(self.gallery_pairs >= 0, "gallery_pairs", f"must be >= 0, got {self.gallery_pairs}")
-        require(self.min_image_size >= 1, "min_image_size", f"must be >= 1, got {self.min_image_size}")
         require(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             "device",
             f"must be auto, cpu or cuda[:N], got {self.device!r}",
         )
-        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.memory_budget_mb >= 1, "memory_budget_mb", f"must be >= 1, got {self.memory_budget_mb}")
 
 
 # --------------------------------------------------------------------------------------------- pure parts
@@ -192,13 +195,16 @@ def find_duplicates(cfg: DedupConfig) -> dict:
     from cxr.data.imageio import Preprocess
     from cxr.model.loading import pick_device
     from cxr.privacy.audit import score_histogram
-    from cxr.privacy.imagesets import draw_gallery, load_thumbnails
+    from cxr.privacy.imagesets import load_thumbnails
     from cxr.privacy.ncc import best_matches, standardize
 
     started = time.time()
-    device = pick_device(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Before any image is read: a bad path fails at once, not after the search.
+    check_writable(out, "--out", create=False)
+    if cfg.write_file_list is not None:
+        check_writable_file(cfg.write_file_list, "--write_file_list")
+    device = pick_device(cfg.device)
     records, splits, exact = _records(cfg)
     if len(records) < 2:
         raise FileNotFoundError(f"found {len(records)} usable image(s): nothing to compare")
@@ -286,54 +292,45 @@ def find_duplicates(cfg: DedupConfig) -> dict:
             "search": round(search_seconds, 2),
         },
     }
-    with open(out / "pairs.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(
-            handle,
-            fieldnames=[
-                "a",
-                "b",
-                "ncc",
-                "shift_y",
-                "shift_x",
-                "split_a",
-                "split_b",
-                "patient_a",
-                "patient_b",
-                "cross_split",
-            ],
-        )
+    with staged_files("--out") as files:
+        _write_outputs(cfg, files, report, records, preprocess)
+    return report
+
+
+PAIR_COLUMNS = ("a", "b", "ncc", "shift_y", "shift_x", "split_a", "split_b", "patient_a", "patient_b", "cross_split")
+
+
+def _write_outputs(cfg: DedupConfig, files, report: dict, records, preprocess) -> None:
+    """pairs.csv, gallery.png, the kept file list and report.json, staged (`cxr.fileio.staged_files`): they appear
+    together or not at all. File names that are not valid UTF-8 are written as their own bytes (surrogateescape),
+    which is how train.py reads --file_list back."""
+    from cxr.privacy.imagesets import draw_gallery
+
+    out, pair_rows = Path(cfg.out), report["pairs"]
+    with open(files.path(out / "pairs.csv"), "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(PAIR_COLUMNS))
         writer.writeheader()
         writer.writerows(pair_rows)
     closest = pair_rows[: cfg.gallery_pairs]
     if closest:
         by_rel = {r.relpath: r.path for r in records}
-        draw_gallery(
-            [
-                {
-                    "sample": str(by_rel[row["a"]]),
-                    "best_match": str(by_rel[row["b"]]),
-                    "ncc": row["ncc"],
-                    "flagged": True,
-                }
-                for row in closest
-            ],
-            out / "gallery.png",
-            preprocess,
-        )
+        rows = [
+            {"sample": str(by_rel[row["a"]]), "best_match": str(by_rel[row["b"]]), "ncc": row["ncc"], "flagged": True}
+            for row in closest
+        ]
+        draw_gallery(rows, files.path(out / "gallery.png"), preprocess)
     if cfg.write_file_list is not None:
-        dropped = {d["relpath"] for d in drop}
-        write_kept_list(cfg.write_file_list, [r for r in records if r.relpath not in dropped])
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return report
+        dropped = {d["relpath"] for d in report["drop"]}
+        write_kept_list(files.path(cfg.write_file_list), [r for r in records if r.relpath not in dropped])
+    files.write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
 
 
 def write_kept_list(path, records) -> None:
     """A train.py --file_list CSV: absolute paths, plus the patient id (when every image has one: train.py
     then splits by patient), view and source."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["path"] + (["patient_id"] if all(r.patient_id for r in records) else []) + ["view", "source"]
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for record in records:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from cxr.data.dataset import DatasetError, find_images
 from cxr.data.imageio import Preprocess, thumbnail
+from cxr.fileio import file_sha256
 
 
 def list_images(folder, exclude: str = "") -> list[Path]:
@@ -36,6 +37,20 @@ def list_images(folder, exclude: str = "") -> list[Path]:
             )
         )
     return search.paths
+
+
+def byte_identical(paths, references) -> list[tuple[Path, Path]]:
+    """(path, reference) for every file of `paths` whose bytes are those of a file of `references`: the sizes are
+    compared first, so only files of a size found in both sets are hashed (sha256)."""
+    sizes = {}
+    for path in references:
+        sizes.setdefault(Path(path).stat().st_size, []).append(Path(path))
+    candidates = [Path(p) for p in paths if Path(p).stat().st_size in sizes]
+    if not candidates:
+        return []
+    wanted = {path.stat().st_size for path in candidates}
+    by_hash = {file_sha256(ref): ref for size in sorted(wanted) for ref in sizes[size]}
+    return [(path, by_hash[digest]) for path in candidates if (digest := file_sha256(path)) in by_hash]
 
 
 class _ThumbnailDataset:
@@ -91,4 +106,4 @@ def draw_gallery(rows: list[dict], path, preprocess: Preprocess, tile: int = 192
             image = thumbnail(reader.read(row[key]), reader).numpy()
             pixels = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8), mode="L")
             sheet.paste(pixels, (left + margin + column * (tile + margin), top + banner))
-    sheet.save(path)
+    sheet.save(path, format="PNG")  # by name: `path` may be a temporary file without the .png suffix

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from cxr import __version__
 from cxr.config import TrainConfig, check_choices, flag, parse_config, require, result_flags
-from cxr.fileio import atomic_write_bytes, file_sha256
+from cxr.fileio import check_writable_file, file_sha256, staged_files
+from cxr.model.provenance import shared_name, without_local_paths
 
 EXIT_OK, EXIT_USAGE = 0, 2
 # The memorization watch's curves too (train.py --memorization_samples): copy rate, best match, KID to held-out.
@@ -79,7 +80,7 @@ class ReportConfig:
     out: Path = flag(
         Path("report.html"), "the HTML page to write; the same facts go beside it as JSON (same name, .json)"
     )
-    grid_images: int = flag(16, "samples shown in the page's grid")
+    grid_images: int = flag(16, "samples shown in the page's grid", bounds=(1, 1024))
 
     def validate(self) -> None:
         check_choices(self)
@@ -87,24 +88,49 @@ class ReportConfig:
         require(self.samples is not None, "samples", "is required: the sample.py --out_dir of the released set")
         require(self.audit is not None, "audit", "is required: the cxr.privacy.audit --out folder of these samples")
         require(Path(self.out).suffix.lower() in (".html", ".htm"), "out", f"must end in .html, got {self.out}")
-        require(self.grid_images >= 1, "grid_images", f"must be >= 1, got {self.grid_images}")
 
 
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path, flag_name: str, what: str) -> dict:
+# The sections of each input the page reads, and their JSON types (checked when read, so that a damaged or foreign
+# file is named instead of failing deep in the drawing).
+RUN_SHAPE = {"config": dict, "versions": dict, "resolved": dict}
+INDEX_SHAPE = {"settings": dict, "images": list}
+AUDIT_SHAPE = {
+    **dict.fromkeys(("config", "counts", "threshold", "calibration", "flagged", "flagged_any"), dict),
+    **dict.fromkeys(("samples", "holdout", "embedding"), dict),
+    "closest_pairs": list,
+}
+EVAL_SHAPE = {"kid": dict, "features": dict, "diversity_ms_ssim": dict, "intensity": dict}
+_JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _read_json(path: Path, flag_name: str, what: str, shape: dict[str, type] | None = None) -> dict:
+    """The JSON object in `path`; ReportError naming the flag when it is missing, unreadable, not an object, or a
+    section of `shape` has another type."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ReportError(f"--{flag_name}: {path} does not exist; {what}") from None
     except (OSError, ValueError) as error:
         raise ReportError(f"--{flag_name}: {path} is unreadable ({error}); {what}") from None
+    wrong = [] if isinstance(data, dict) else [("the file", data, dict)]
+    wrong += [
+        (f"`{key}`", data[key], kind)
+        for key, kind in (shape or {}).items()
+        if not wrong and data.get(key) is not None and not isinstance(data[key], kind)
+    ]
+    if wrong:
+        where, value, kind = wrong[0]
+        found = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise ReportError(f"--{flag_name}: {path}: {where} is a JSON {found}, not an {_JSON_TYPES[kind]}; {what}")
+    return data
 
 
 def adapter_facts(run_dir: Path) -> dict:
     """sha256 and `cxr.*` header metadata of every adapter file in RUN/lora_unet, and the one sample.py loads."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from cxr.model.adapter_files import resolve_adapter_file
     from cxr.model.lora import AdapterError
@@ -116,8 +142,11 @@ def adapter_facts(run_dir: Path) -> dict:
         raise ReportError(f"--run: {error}; point --run at a finished training run's --output_dir") from None
     files = []
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except (SafetensorError, OSError) as error:
+            raise ReportError(f"--run: adapter {path} is unreadable ({error}); it is damaged or incomplete") from None
         files.append(
             {
                 "file": path.name,
@@ -179,24 +208,11 @@ def _same_folder(a, b) -> bool:
         return False
 
 
-def gather_facts(cfg: ReportConfig) -> dict:
-    """Everything the page shows, as a JSON-ready dict (written beside the page). Raises ReportError."""
-    run_dir, samples_dir, audit_dir = Path(cfg.run), Path(cfg.samples), Path(cfg.audit)
-    run_config = _read_json(run_dir / "config.json", "run", "give a training run's --output_dir")
-    train_flags = run_config.get("config", {})
-    manifest_path = run_dir / "manifest.json"
-    manifest_sha = file_sha256(manifest_path) if manifest_path.is_file() else None
-    adapter = adapter_facts(run_dir)
-    index = _read_json(samples_dir / "index.json", "samples", "give the folder sample.py wrote (it holds index.json)")
-    audit = _read_json(
-        audit_dir / "report.json", "audit", "run `python -m cxr.audit --samples_dir SAMPLES --out DIR` first"
-    )
-    evaluation = (
-        _read_json(Path(cfg.eval), "eval", "give the file written by `python -m cxr.evaluate --out FILE`")
-        if cfg.eval is not None
-        else None
-    )
-
+def _consistency_warnings(
+    run_config: dict, manifest_sha: str | None, adapter: dict, index: dict, audit: dict, samples_dir: Path
+) -> list[str]:
+    """What does not fit together: samples of another adapter, a changed manifest, an audit of other samples or
+    with an uncalibrated threshold."""
     warnings_list = []
     settings = index.get("settings", {})
     if settings.get("adapter_sha256") != adapter["sha256"]:
@@ -213,7 +229,10 @@ def gather_facts(cfg: ReportConfig) -> dict:
         warnings_list.append("The adapter was trained on another manifest than the run's manifest.json.")
     audited = audit.get("config", {}).get("samples_dir")
     if audited and not _same_folder(audited, samples_dir):
-        warnings_list.append(f"The audit was run on {audited}, not on the released samples {samples_dir}.")
+        warnings_list.append(
+            f"The audit was run on the folder {shared_name(audited)!r}, not on the released samples "
+            f"{shared_name(samples_dir)!r}."
+        )
     counts = audit.get("counts", {})
     calibration = audit.get("calibration") or {}
     if not audit.get("threshold", {}).get("calibrated", False):
@@ -227,60 +246,95 @@ def gather_facts(cfg: ReportConfig) -> dict:
     image_count = len(index.get("images", []))
     if counts.get("samples") is not None and counts["samples"] != image_count:
         warnings_list.append(f"The audit covered {counts['samples']} images; the sample folder indexes {image_count}.")
+    return warnings_list
+
+
+def gather_facts(cfg: ReportConfig) -> dict:
+    """Everything the page shows, as a JSON-ready dict (written beside the page). Raises ReportError."""
+    run_dir, samples_dir, audit_dir = Path(cfg.run), Path(cfg.samples), Path(cfg.audit)
+    run_config = _read_json(run_dir / "config.json", "run", "give a training run's --output_dir", RUN_SHAPE)
+    train_flags = run_config.get("config", {})
+    manifest_path = run_dir / "manifest.json"
+    manifest_sha = file_sha256(manifest_path) if manifest_path.is_file() else None
+    adapter = adapter_facts(run_dir)
+    index = _read_json(
+        samples_dir / "index.json", "samples", "give the folder sample.py wrote (it holds index.json)", INDEX_SHAPE
+    )
+    audit = _read_json(
+        audit_dir / "report.json",
+        "audit",
+        "run `python -m cxr.audit --samples_dir SAMPLES --out DIR` first",
+        AUDIT_SHAPE,
+    )
+    evaluation = (
+        _read_json(Path(cfg.eval), "eval", "give the file written by `python -m cxr.evaluate --out FILE`", EVAL_SHAPE)
+        if cfg.eval is not None
+        else None
+    )
+
+    settings = index.get("settings", {})
+    image_count = len(index.get("images", []))
+    warnings_list = _consistency_warnings(run_config, manifest_sha, adapter, index, audit, samples_dir)
 
     log_dir = Path(train_flags.get("logging_dir") or run_dir / "logs")
     if not log_dir.is_absolute() and not log_dir.exists():
         log_dir = run_dir / "logs"
-    return {
-        "report": {
-            "cxr_version": __version__,
-            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "inputs": {
-                "run": str(run_dir),
-                "samples": str(samples_dir),
-                "audit": str(audit_dir),
-                "eval": str(cfg.eval) if cfg.eval else None,
+    # The page and its JSON are meant to be shared: every local path in them becomes its name.
+    return without_local_paths(
+        {
+            "report": {
+                "cxr_version": __version__,
+                "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "inputs": {
+                    "run": str(run_dir),
+                    "samples": str(samples_dir),
+                    "audit": str(audit_dir),
+                    "eval": str(cfg.eval) if cfg.eval else None,
+                },
             },
-        },
-        "warnings": warnings_list,
-        "provenance": {
-            "base_model": train_flags.get("model_id"),
-            "revision": train_flags.get("revision"),
-            "adapter": adapter,
-            "manifest_sha256": manifest_sha,
-            "result_flags": {name: train_flags.get(name) for name in result_flags(TrainConfig) if name in train_flags},
-            "training_flags": train_flags,
-            "training_versions": run_config.get("versions", {}),
-            "report_versions": versions_here(),
-            "resolved": run_config.get("resolved", {}),
-        },
-        "samples": {
-            "folder": str(samples_dir),
-            "count": image_count,
-            "settings": settings,
-            "files": [row["file"] for row in index.get("images", [])],
-        },
-        "training_curves": training_curves(log_dir),
-        "audit": {
-            key: audit.get(key)
-            for key in (
-                "counts",
-                "statistic",
-                "threshold",
-                "calibration",
-                "flagged",
-                "flagged_any",
-                "embedding",
-                "samples",
-                "holdout",
-                "closest_pairs",
-                "intensity_clip_percent",
-            )
-        },
-        "evaluation": evaluation,
-        "intended_use": INTENDED_USE,
-        "known_limits": list(KNOWN_LIMITS),
-    }
+            "warnings": warnings_list,
+            "provenance": {
+                "base_model": adapter["metadata"].get("cxr.base_model") or train_flags.get("model_id"),
+                "base_model_sha256": adapter["metadata"].get("cxr.base_model_sha256"),
+                "revision": train_flags.get("revision"),
+                "adapter": adapter,
+                "manifest_sha256": manifest_sha,
+                "result_flags": {
+                    name: train_flags.get(name) for name in result_flags(TrainConfig) if name in train_flags
+                },
+                "training_flags": train_flags,
+                "training_versions": run_config.get("versions", {}),
+                "report_versions": versions_here(),
+                "resolved": run_config.get("resolved", {}),
+            },
+            "samples": {
+                "folder": str(samples_dir),
+                "count": image_count,
+                "settings": settings,
+                "files": [row["file"] for row in index.get("images", [])],
+            },
+            "training_curves": training_curves(log_dir),
+            "audit": {
+                key: audit.get(key)
+                for key in (
+                    "counts",
+                    "statistic",
+                    "threshold",
+                    "calibration",
+                    "flagged",
+                    "flagged_any",
+                    "embedding",
+                    "samples",
+                    "holdout",
+                    "closest_pairs",
+                    "intensity_clip_percent",
+                )
+            },
+            "evaluation": evaluation,
+            "intended_use": INTENDED_USE,
+            "known_limits": list(KNOWN_LIMITS),
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------- drawing
@@ -640,6 +694,7 @@ def _provenance_section(prov: dict, samples: dict) -> list[str]:
         _table(
             [
                 ("base model", _code(prov["base_model"])),
+                ("base model content sha256 (a local folder)", _code(prov.get("base_model_sha256") or "-")),
                 ("base model revision", _code(prov["revision"] or "main (unpinned)")),
                 ("adapter file (loaded by sample.py)", _code(adapter["loaded_by_sample_py"])),
                 ("adapter sha256", _code(adapter["sha256"])),
@@ -681,16 +736,27 @@ def _provenance_section(prov: dict, samples: dict) -> list[str]:
 
 def write_report(cfg: ReportConfig) -> dict:
     """Gather the facts, draw the images, write OUT (HTML) and OUT.json. Returns the facts."""
+    out = Path(cfg.out)
+    for path in (out, out.with_suffix(".json")):  # before any input is read, not after the work
+        check_writable_file(path, "--out", ReportError)
+    try:
+        facts = gather_facts(cfg)
+        page = _render(cfg, facts)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:  # a field deeper than the checked sections
+        raise ReportError(
+            f"--run, --samples, --audit or --eval: a file has an unexpected structure ({type(error).__name__}: "
+            f"{error}); give the files as the cxr commands wrote them"
+        ) from None
+    with staged_files("--out", ReportError) as files:  # the page and its JSON appear together or not at all
+        files.write_bytes(out, page.encode("utf-8"))
+        files.write_bytes(out.with_suffix(".json"), (json.dumps(facts, indent=2, default=str) + "\n").encode("utf-8"))
+    return facts
+
+
+def _render(cfg: ReportConfig, facts: dict) -> str:
+    """The HTML page of `facts`, with the sample grid and the audit's gallery embedded."""
     from PIL import Image
 
-    out = Path(cfg.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ReportError(
-            f"--out: cannot create {out.parent} ({error.strerror or error}); choose a folder you can write to"
-        ) from None
-    facts = gather_facts(cfg)
     images: dict[str, str] = {}
     grid_paths = [Path(cfg.samples) / name for name in facts["samples"]["files"][: cfg.grid_images]]
     grid_paths = [p for p in grid_paths if p.is_file()]
@@ -701,9 +767,7 @@ def write_report(cfg: ReportConfig) -> dict:
     if gallery.is_file():
         with Image.open(gallery) as image:
             images["gallery"] = png_data_uri(image.copy())
-    atomic_write_bytes(out, render_html(facts, images).encode("utf-8"))
-    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(facts, indent=2, default=str) + "\n").encode("utf-8"))
-    return facts
+    return render_html(facts, images)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ import torch
 
 from cxr.data.imageio import BT601_LUMA, Preprocess, thumbnail
 from cxr.fileio import atomic_path
-from cxr.privacy.audit import AuditConfig, check_calibration
+from cxr.privacy.audit import SCORE_CEILING, AuditConfig, check_calibration
 from cxr.privacy.imagemetrics import kid
 from cxr.privacy.imagesets import load_thumbnails
 from cxr.privacy.ncc import best_matches, calibrate_threshold, ncc_topk, standardize_in_place
@@ -128,6 +128,11 @@ class _Space:
                 f"{self.holdout_count} held-out images, fewer than the {needed} that quantile "
                 f"{AUDIT.threshold_quantile} needs ({what}copy rates are indicative). Hold out at least {needed} "
                 f"images (--val_count {needed}) for a calibrated threshold"
+            )
+        if self.threshold >= SCORE_CEILING:
+            self.notes.append(
+                f"memorization watch ({self.name}): the threshold is {self.threshold:.4f}, the score's ceiling: the "
+                "held-out images match training images perfectly, so no sample can count as a copy"
             )
         duplicates = int((holdout_best > 0.999).sum()) if self.name == "ncc" else 0
         if duplicates:

@@ -8,19 +8,20 @@ generator. So image `i` does not depend on which other images share its batch, o
 `--batch_size` (beyond float rounding of batched kernels), and the initial noise is the same on CPU and GPU.
 
 The output folder (images with PNG provenance, index.json / index.csv, contact sheet) and its bookkeeping live in
-`cxr.sample.samplefolder`; this module makes the images.
+`cxr.sample.samplefolder`, the PNG files in `cxr.sample.pngwrites`, and the split of a run over torchrun ranks and
+the folder lock in `cxr.sample.ranks`; this module makes the images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import re
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -35,38 +36,29 @@ from diffusers import (
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
-from PIL import Image
-from tqdm.auto import tqdm
 
 from cxr import DEFAULT_PROMPT
-from cxr.config import SampleConfig, TrainConfig, to_dict
+from cxr.config import SampleConfig, TrainConfig
 from cxr.fileio import check_writable
 from cxr.model.adapter_files import load_adapter
 from cxr.model.ddpm import PREDICTION_TYPES
 from cxr.model.loading import pick_device, resolve_model_id
 from cxr.model.lora import AdapterError, merge_lora
-from cxr.runtime import DTYPES
+from cxr.runtime import DTYPES, DistInfo
+from cxr.sample.ranks import RankRun, claim_folder, rank_batches, refuse_if_in_use, start_processes, stop_processes
 from cxr.sample.samplefolder import (
     IMAGE_PREFIX,
+    INDEX_CSV,
+    INDEX_JSON,
     SamplingError,
     image_name,
-    png_bytes,
-    png_text,
-    reconcile_folder,
-    remove_stale_partials,
     run_identity,
-    sha256_bytes,
-    write_contact_sheet,
-    write_index,
-    write_new_file,
 )
 
 logger = logging.getLogger(__name__)
 
-# ITU-R BT.601 luma weights, the ones Pillow's convert("L") and cxr.data.imageio's colour -> gray use.
-from cxr.data.imageio import BT601_LUMA as LUMA_WEIGHTS  # noqa: E402 - one home for the luma weights
-
-INDEX_WRITE_SECONDS = 60.0  # rewrite the index at most this often during a run (and always at the end)
+# The image files (cxr.sample.pngwrites): BT.601 luminance with the one home of the luma weights, cxr.data.imageio.
+from cxr.sample.pngwrites import LUMA_WEIGHTS, luminance, quantise, to_pil  # noqa: E402, F401 - used from here too
 
 
 @dataclass
@@ -82,12 +74,13 @@ class SampleResult:
     contact_sheet: Path | None
     device: str
     dtype: str
-    generation_seconds: float  # time inside the pipeline (device synchronised), without loading or file writing
+    generation_seconds: float  # time inside the pipeline (device synchronised; the slowest rank's under torchrun)
     total_seconds: float
+    rank: int = 0  # this process's rank under torchrun
 
     @property
     def images_per_second(self) -> float:
-        """Images made per second of generation (the pipeline's throughput)."""
+        """Images made per second of generation (the pipeline's throughput, of all ranks together)."""
         return len(self.made) / self.generation_seconds if self.generation_seconds > 0 else 0.0
 
     def summary(self) -> str:
@@ -115,9 +108,14 @@ def resolve_device_and_dtype(device: str, dtype: str):
         torch_device = pick_device(device)
     except RuntimeError as error:
         raise SamplingError(str(error)) from error
+    return torch_device, resolve_dtype(torch_device, dtype)
+
+
+def resolve_dtype(device, dtype: str):
+    """The torch dtype for `--dtype` on `device`: auto is fp16 on CUDA, fp32 elsewhere."""
     if dtype == "auto":
-        dtype = "fp16" if torch_device.type == "cuda" else "fp32"
-    return torch_device, DTYPES[dtype]
+        dtype = "fp16" if device.type == "cuda" else "fp32"
+    return DTYPES[dtype]
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -337,192 +335,78 @@ def generate_batch(
     return images
 
 
-# --------------------------------------------------------------------------------------------- pixels
-
-
-def luminance(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 luma of float RGB (..., 3) -> (...) in float64, computed before any quantisation."""
-    return np.tensordot(np.asarray(rgb, dtype=np.float64), np.asarray(LUMA_WEIGHTS, dtype=np.float64), axes=([-1], [0]))
-
-
-def quantise(values: np.ndarray, bit_depth: int) -> np.ndarray:
-    """Round [0, 1] floats to 0..255 (uint8) or 0..65535 (uint16)."""
-    top = (1 << bit_depth) - 1
-    dtype = np.uint8 if bit_depth == 8 else np.uint16
-    return np.round(np.clip(values, 0.0, 1.0) * top).astype(dtype)
-
-
-def to_pil(rgb: np.ndarray, *, grayscale: bool, bit_depth: int = 8):
-    """A PIL image from a float RGB (H, W, 3) decode: RGB 8-bit, or luminance as mode L / I;16."""
-    if grayscale:
-        return Image.fromarray(quantise(luminance(rgb), bit_depth))  # uint8 -> "L", uint16 -> "I;16"
-    return Image.fromarray(quantise(rgb, 8))  # uint8 (H, W, 3) -> "RGB"
-
-
-def _encode_and_write(
-    path: Path, rgb: np.ndarray, text: dict[str, str], *, grayscale: bool, bit_depth: int
-) -> str | None:
-    """Encode one image as PNG and write it unless the file exists: the file's sha256, or None when skipped."""
-    data = png_bytes(to_pil(rgb, grayscale=grayscale, bit_depth=bit_depth), text)
-    return sha256_bytes(data) if write_new_file(path, data) else None
-
-
 # --------------------------------------------------------------------------------------------- the run
-
-
-class _PngWrites:
-    """The image files of one run, encoded and written on two worker threads: PNG encoding (zlib releases the GIL)
-    and writing of batch k overlap the generation of batch k + 1. `collect` turns finished writes into index rows
-    (`rows`, updated in place) and the `made` / `skipped` lists."""
-
-    def __init__(
-        self, rows: dict[int, dict], skipped: list[Path], image_fields: dict, *, grayscale: bool, bit_depth: int
-    ):
-        self.rows, self.skipped, self.made = rows, skipped, []
-        self.image_fields = image_fields  # device, dtype, lora_merged: the same for every image of the run
-        self.encoding = dict(grayscale=grayscale, bit_depth=bit_depth)
-        self.pending: list[tuple[int, int, Path, Future]] = []  # (index, seed, path, future of sha256 or None)
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cxr-png")
-
-    def submit(self, path: Path, index: int, seed: int, rgb: np.ndarray, text: dict[str, str]) -> None:
-        self.pending.append((index, seed, path, self.pool.submit(_encode_and_write, path, rgb, text, **self.encoding)))
-
-    def collect(self, quiet: bool = False) -> None:
-        while self.pending:
-            index, seed, path, future = self.pending.pop(0)
-            if quiet and future.exception() is not None:  # already failing: keep what was written
-                continue
-            digest = future.result()  # raises the writer's error (e.g. a full disk)
-            if digest is None:  # the file appeared meanwhile (another process): left as it is
-                self.skipped.append(path)
-                continue
-            self.made.append(path)
-            self.rows[index] = {"file": path.name, "index": index, "seed": seed, "sha256": digest, **self.image_fields}
-
-    def close(self) -> None:
-        """Wait for the writes in flight and record those that landed (after an error: the ones that succeeded)."""
-        self.pool.shutdown(wait=True)
-        self.collect(quiet=True)
-
-
-def _check_finite(images: np.ndarray, batch: list[int], dtype_name: str) -> None:
-    if not np.isfinite(images).all():
-        hint = (
-            "fp16 overflow in the UNet or VAE? Rerun with --dtype bf16 or --dtype fp32"
-            if dtype_name == "float16"
-            else "Check the adapter (--lora_path: from a training run that diverged?), --lora_scale and "
-            "--guidance_scale"
-        )
-        raise SamplingError(
-            f"images {batch[0]}..{batch[-1]} came out NaN/inf in {dtype_name}; nothing of this "
-            f"batch was written. {hint} (the images already written are kept and skipped)."
-        )
 
 
 def sample_run(cfg: SampleConfig) -> SampleResult:
     """Generate images [start_index, start_index + num_images) into --out_dir; skip those already there.
 
-    Everything that can be wrong (flags, base model, adapter, a folder made with other settings) raises
-    before the first image is generated.
+    Under torchrun the images are shared out over the ranks (cxr.sample.ranks) and the folder ends up the same as
+    with one process; the result is the run's, the same on every rank but for `device`. Everything that can be
+    wrong (flags, base model, adapter, a folder made with other settings or in use by another run) raises before
+    the first image is generated.
     """
     cfg.validate()
     check_writable(cfg.out_dir, "--out_dir", SamplingError, create=False)  # before the model loads, not after
     started = time.perf_counter()
-    device, dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
+    dist, device, started_group = start_processes(cfg.device)
+    try:
+        refuse_if_in_use(cfg.out_dir, dist)  # before the model loads, like the other folder checks
+        with contextlib.ExitStack() as held:
+            return _sample_run(cfg, dist, device, held, started)
+    finally:
+        stop_processes(started_group)
+
+
+def _sample_run(cfg: SampleConfig, dist: DistInfo, device, held: contextlib.ExitStack, started: float):
+    dtype = resolve_dtype(device, cfg.dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     pipe, adapter = load_pipeline(cfg, device, dtype)
     cfg = resolve_sample_settings(cfg, adapter.metadata if adapter else None, adapter.file if adapter else None)
     latent_shape(pipe, cfg.height, cfg.width)  # a size this VAE cannot make fails before the first image
     identity = run_identity(cfg, adapter.sha256 if adapter else None)
-    out_dir = Path(cfg.out_dir)
-    rows, runs = reconcile_folder(out_dir, identity)
-
     requested = list(range(cfg.start_index, cfg.start_index + cfg.num_images))
-    present = {i for i in requested if (out_dir / image_name(i)).exists()}
-    todo = [i for i in requested if i not in present]
-    skipped = [out_dir / image_name(i) for i in sorted(present)]
-    if skipped:
-        logger.info("skipping %d of %d image(s) already in %s", len(skipped), len(requested), out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir)
-
-    merged = bool(adapter is not None and cfg.merge_lora)
-    run_record = {
-        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": to_dict(cfg),
-        "device": str(device),
-        "dtype": dtype_name,
-        "adapter_file": str(adapter.file) if adapter else None,
-        "requested": [cfg.start_index, cfg.start_index + cfg.num_images],
-        "made": 0,
-        "skipped": len(skipped),
-    }
-    runs = [*runs, run_record]
-    generation_seconds = 0.0
-    last_index_write = time.perf_counter()
-    progress = tqdm(total=len(todo), unit="img", desc="sampling", disable=not todo)
-    writes = _PngWrites(
-        rows,
-        skipped,
-        {"device": device.type, "dtype": dtype_name, "lora_merged": merged},
-        grayscale=cfg.grayscale_out,
-        bit_depth=cfg.bit_depth,
-    )
+    claim = claim_folder(Path(cfg.out_dir), identity, requested, dist, held)
+    if claim.present and dist.is_main:
+        logger.info("skipping %d of %d image(s) already in %s", len(claim.present), len(requested), cfg.out_dir)
+    run = RankRun(cfg, claim, identity, dist, device, dtype_name, adapter)
     try:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
-            batch_started = time.perf_counter()
-            images = generate_batch(
-                pipe,
-                [cfg.seed + i for i in batch],
-                prompt=cfg.prompt,
-                negative_prompt=cfg.negative_prompt,
-                num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale,
-                height=cfg.height,
-                width=cfg.width,
-            )
-            generation_seconds += time.perf_counter() - batch_started  # output_type="np" already synchronised
-            _check_finite(images, batch, dtype_name)
-            writes.collect()
-            for index, rgb in zip(batch, images):
-                text = png_text(
-                    identity,
-                    index=index,
-                    adapter=str(cfg.lora_path) if adapter else None,
-                    device=device.type,
-                    dtype=dtype_name,
-                    merged=merged,
-                )
-                writes.submit(out_dir / image_name(index), index, cfg.seed + index, rgb, text)
-            progress.update(len(batch))
-            if time.perf_counter() - last_index_write > INDEX_WRITE_SECONDS:
-                run_record["made"] = len(writes.made)
-                write_index(out_dir, identity, rows, runs)
-                last_index_write = time.perf_counter()
-        writes.collect()
-    finally:
-        writes.close()
-        progress.close()
-        run_record["made"] = len(writes.made)
-        run_record["images_per_second"] = (
-            round(len(writes.made) / generation_seconds, 4) if generation_seconds else None
-        )
-        index_json, index_csv = write_index(out_dir, identity, rows, runs)
-    sheet_paths = [out_dir / rows[i]["file"] for i in sorted(rows)[: cfg.contact_sheet]]
-    contact_sheet = write_contact_sheet(out_dir, sheet_paths) if cfg.contact_sheet else None
+        run.generate(pipe, rank_batches(claim.todo, cfg.batch_size, dist), generate_batch)
+        run.writes.close()
+        made, skipped, seconds, sheet = run.finish()
+    except BaseException as error:
+        # Keep what landed (also when another rank failed): rank 0 indexes its own images now; the next run indexes
+        # the other ranks' from their PNG metadata.
+        run.writes.close()
+        with contextlib.suppress(OSError):  # on a full disk the index fails too: the first error is the one to say
+            run.write_index(len(run.writes.made), run.generation_seconds)
+        if isinstance(error, OSError):  # a full disk: one line, not two chained tracebacks
+            raise SamplingError(_write_failure(Path(cfg.out_dir), error, len(run.writes.made))) from None
+        raise
+    out_dir = Path(cfg.out_dir)
     return SampleResult(
         out_dir=out_dir,
         paths=[out_dir / image_name(i) for i in requested],
-        made=writes.made,
-        skipped=sorted(skipped),
-        index_json=index_json,
-        index_csv=index_csv,
-        contact_sheet=contact_sheet,
+        made=made,
+        skipped=skipped,
+        index_json=out_dir / INDEX_JSON,
+        index_csv=out_dir / INDEX_CSV,
+        contact_sheet=sheet,
         device=str(device),
         dtype=dtype_name,
-        generation_seconds=generation_seconds,
+        generation_seconds=seconds,
         total_seconds=time.perf_counter() - started,
+        rank=dist.rank,
+    )
+
+
+def _write_failure(out_dir: Path, error: OSError, made: int) -> str:
+    """One line for a failed write (a full disk): which file, why, and that a rerun completes the folder."""
+    name = Path(error.filename).name if error.filename else "a file"
+    name = re.sub(r"^\.(.+)\.\d+\.(partial|tmp)$", r"\1", name)  # the temporary file's final name
+    return (
+        f"--out_dir {out_dir}: cannot write {name} ({error.strerror or error}); the {made} image(s) made in this run "
+        "are kept, and a rerun with the same flags skips them and completes the folder. Free some space first"
     )
 
 
@@ -530,5 +414,6 @@ def sample(cfg: SampleConfig) -> list[Path]:
     """Run sampling for `cfg`, print where everything went, and return the paths of images
     [start_index, start_index + num_images) (made now or already present)."""
     result = sample_run(cfg)
-    print(result.summary(), flush=True)
+    if result.rank == 0:
+        print(result.summary(), flush=True)
     return result.paths

@@ -38,10 +38,8 @@ def estimate_disk_bytes(cfg: TrainConfig, num_images: int, vae_scale_factor: int
     `vae_scale_factor`: the base VAE's downsampling (8 for SD v1.5; `cxr.model.loading.read_vae_scale_factor`)."""
     lora_bytes = cfg.lora_rank * LORA_PARAMS_PER_RANK_SD15 * 4
     checkpoint = 3 * lora_bytes + (1 << 20)  # weights + two AdamW moments
-    kept = (
-        cfg.checkpoints_total_limit
-        or max(1, cfg.max_train_steps // max(1, cfg.checkpointing_steps or cfg.max_train_steps))
-    ) + 1
+    written = -(-cfg.max_train_steps // cfg.checkpointing_steps) if cfg.checkpointing_steps else 1  # incl. the last
+    kept = min(cfg.checkpoints_total_limit or written, written) + 1  # + the one written before the oldest goes
     latent = 4 * (cfg.resolution // vae_scale_factor) ** 2 * 4 * 2  # mean and std, float32
     rows = num_images * (2 if cfg.random_flip else 1)
     return {"output": kept * checkpoint + 2 * lora_bytes + (64 << 20), "cache": rows * latent + (16 << 20)}

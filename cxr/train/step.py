@@ -1,30 +1,30 @@
-"""One training step and the pieces it is made of; `build_train_step(cfg, ...)` wires them as train() runs them.
+"""One training step: `TrainStep(cfg, model=, params=, ...)` holds it and the state it changes.
 
-Every caller builds the step through `build_train_step` (training, the benchmark, the tests), so the step
-that is timed and tested is the step that trains.
+Training, the benchmark and the tests all build the step as `TrainStep(cfg, ...)`, so the step that is timed
+and tested is the step that trains.
 
-    build_train_step(cfg, model=, params=, schedule=, latents_mean=, ...) -> TrainStep   the step + its state
-    make_train_step(...) -> step(indices)       one optimizer step (all micro-batches) on device tensors
+    TrainStep(cfg, model=, params=, schedule=, latents_mean=, ...)   the step, its optimizer, scaler,
+        step(indices)                                                 generators and device metrics
+        step.start_cuda_graph(example_indices)   --cuda_graph: from then on step(indices) may replay a graph
     diffusion_loss(model, x0, noise, t, prompt_embeds, schedule, snr_gamma, autocast_dtype)  forward + loss
     make_optimizer / load_optimizer_state       AdamW over the LoRA tensors, fused where possible
     lr_at / scheduled_lr / set_lr               the LR schedule, set without a host sync
     StepMetrics(device)                         device accumulators for loss / grad norm / non-finite flag
     step_unless                                 an optimizer step that is skipped (no host read) on NaN/inf
     DataOrder                                   per-epoch permutations on the device, rank shards, position
-    snapshot_train_state / restore_train_state  undo warm-up steps (LoRA weights, optimizer state, generator)
-    capture_cuda_graph(step, indices, ...) -> step(indices)   the same step replayed from a CUDA graph
+    configure_cuda(device, tf32)                the CUDA device made current, TensorFloat-32 on or off
 
 The step has static shapes and no host synchronisation (no `.item()`, no tensor-valued `if`), so on CUDA it
-can be captured whole in a CUDA graph (`--cuda_graph`); the loss and grad norm are summed on the device and
-read every `--log_every` steps.
+can be captured whole in a CUDA graph (`--cuda_graph`, cxr.train.step_graph); the loss and grad norm are
+summed on the device and read every `--log_every` steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed
@@ -32,7 +32,9 @@ import torch.distributed
 from cxr.config import TrainConfig
 from cxr.data.latents import sample_latents
 from cxr.model import ddpm
+from cxr.model.lora import lora_modules
 from cxr.runtime import DistInfo, TrainingError, autocast_dtype
+from cxr.train import step_graph
 
 # ------------------------------------------------------------------------------------- optimizer and LR
 
@@ -70,6 +72,27 @@ def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
             group["lr"].fill_(value)
         else:
             group["lr"] = value
+
+
+def configure_cuda(device, tf32: bool) -> None:
+    """On CUDA: make `device` the current device (streams, graphs and anything else created without an explicit
+    device land on it: `--device cuda:1` captures on GPU 1), and TensorFloat-32 for float32 matmuls and cuDNN
+    convolutions (`--tf32`: float32 in and out, inputs rounded to a 10-bit mantissa, several times the float32
+    throughput; the run's float32 work is the latent cache's VAE encode, and the whole step with
+    `--mixed_precision no`). Nothing on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """The seed of one of the run's random streams, derived from --seed, so that two streams never draw the
+    same sequence (a CPU generator keeps 32 bits of its seed, so offsets like seed + 2**32 would collide)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:4], "little")
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float, device: torch.device, capturable: bool = False):
@@ -233,88 +256,6 @@ def diffusion_loss(model, x0, noise, timesteps, prompt_embeds, schedule, snr_gam
     return per_sample.mean()
 
 
-def make_train_step(
-    *,
-    model,
-    params: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    schedule,
-    latents_mean: torch.Tensor,
-    latents_std: torch.Tensor,
-    scaling_factor: float,
-    prompt_embeds: torch.Tensor,
-    generator: torch.Generator,
-    metrics: StepMetrics,
-    batch_size: int,
-    grad_accum_steps: int = 1,
-    rank: int = 0,
-    world_size: int = 1,
-    snr_gamma: float = 0.0,
-    noise_offset: float = 0.0,
-    max_grad_norm: float = 0.0,
-    autocast_dtype: torch.dtype | None = None,
-    scaler=None,
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> Callable[[torch.Tensor], None]:
-    """Build `step(indices)`: one optimizer step over `indices` (grad_accum_steps, batch_size) of cache rows.
-
-    Everything runs on the device: latent sampling (mean + std * noise), diffusion noise (+ offset) and uniform
-    timesteps drawn from `generator` for the whole global batch (every rank draws all `batch_size * world_size`
-    rows and keeps its own slice, so N ranks at batch B equal one process at batch N*B), forward + weighted
-    loss, backward, gradient clipping, AdamW. Loss and grad norm are added to `metrics` on the device. An update
-    whose gradient norm is NaN/inf is never applied (`step_unless`: LoRA weights and AdamW state stay as they
-    were); such a step, or a NaN/inf loss, is flagged in `metrics`. With a GradScaler (fp16) the scaler skips
-    inf steps itself (its loss-scale search) and only the loss is flagged. No host sync except inside a
-    GradScaler, which reads its inf check on the host.
-    `model` may be the UNet, its DDP wrapper or a compiled module; `no_sync` is DDP's `no_sync` (skips the
-    all-reduce on all but the last micro-batch).
-    """
-    device = latents_mean.device
-    global_batch = batch_size * world_size
-    own = slice(rank * batch_size, (rank + 1) * batch_size)
-    latent_shape = tuple(latents_mean.shape[1:])
-    prompt_embeds = prompt_embeds.to(device)
-
-    def draw(*shape):
-        return torch.randn((global_batch, *shape), generator=generator, device=device)[own]
-
-    def step(indices: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        bad_loss = torch.zeros((), device=device)
-        for micro in range(grad_accum_steps):
-            rows = indices[micro]
-            x0 = sample_latents(latents_mean[rows], latents_std[rows], draw(*latent_shape), scaling_factor)
-            noise = draw(*latent_shape)
-            if noise_offset > 0:
-                noise = ddpm.offset_noise(noise, draw(latent_shape[0], 1, 1), noise_offset)
-            timesteps = ddpm.sample_timesteps(global_batch, schedule, generator, device)[own]
-            sync = no_sync is not None and micro < grad_accum_steps - 1
-            with no_sync() if sync else contextlib.nullcontext():
-                loss = diffusion_loss(model, x0, noise, timesteps, prompt_embeds, schedule, snr_gamma, autocast_dtype)
-                scaled = loss / grad_accum_steps
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            metrics.loss_sum.add_(scaled.detach())
-            bad_loss = bad_loss + (~torch.isfinite(loss.detach())).float()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        metrics.grad_norm_sum.add_(grad_norm.detach())
-        if scaler is not None:
-            metrics.add_nonfinite(bad_loss)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            # Decided on the (all-reduced) gradient norm alone, so that every DDP rank skips the same steps.
-            skip = (~torch.isfinite(grad_norm.detach())).float()
-            metrics.add_nonfinite(bad_loss + skip)
-            step_unless(optimizer, params, skip)
-
-    return step
-
-
 def step_unless(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], skip: torch.Tensor) -> None:
     """`optimizer.step()`, without any effect when `skip` (0-dim float32 on the device, 1.0 or 0.0) is 1.
 
@@ -344,157 +285,148 @@ def step_unless(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramete
                     value.copy_(torch.where(skip.to(value.device) > 0, old, value))
 
 
-def snapshot_train_state(params: list[torch.nn.Parameter], optimizer, generator) -> dict:
-    """Copies of what a training step changes (LoRA weights, optimizer state, noise generator)."""
-    return {
-        "params": [p.detach().clone() for p in params],
-        "optimizer": {
-            p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
-            for p in params
-            if p in optimizer.state
-        },
-        "generator": generator.get_state(),
-    }
+# ------------------------------------------------------------------------------------------ the step
 
 
-@torch.no_grad()
-def restore_train_state(snapshot: dict, params, optimizer, metrics: StepMetrics, generator) -> None:
-    """Put back a snapshot in place (tensor storage is kept: a captured graph keeps pointing at it); optimizer
-    state created since the snapshot is zeroed, which is what a fresh AdamW state is; metrics are reset."""
-    for param, saved in zip(params, snapshot["params"]):
-        param.copy_(saved)
-    for param in params:
-        for key, value in optimizer.state.get(param, {}).items():
-            if torch.is_tensor(value):
-                saved = snapshot["optimizer"].get(param, {}).get(key)
-                if saved is None:
-                    value.zero_()
-                else:
-                    value.copy_(saved)
-    metrics.reset()
-    generator.set_state(snapshot["generator"])
-
-
-def capture_cuda_graph(
-    step: Callable[[torch.Tensor], None],
-    example_indices: torch.Tensor,
-    *,
-    params: list[torch.nn.Parameter],
-    optimizer,
-    metrics: StepMetrics,
-    generator,
-    warmup_steps: int = 3,
-) -> Callable[[torch.Tensor], None]:
-    """Capture `step` in a CUDA graph and return `replay(indices)` with the same effect.
-
-    Warm-up runs on a side stream (as torch.cuda.graph requires); the LoRA weights, optimizer state, metrics
-    and the noise generator are restored afterwards, so the warm-up leaves no trace in the training run.
-    The optimizer must be capturable and `generator` the device's default CUDA generator (graph-safe).
-    """
-    static_indices = example_indices.clone()
-    snapshot = snapshot_train_state(params, optimizer, generator)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup_steps):
-            step(static_indices)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(static_indices)
-    restore_train_state(snapshot, params, optimizer, metrics, generator)
-
-    def replay(indices: torch.Tensor) -> None:
-        static_indices.copy_(indices)
-        graph.replay()
-
-    return replay
-
-
-# ------------------------------------------------------------------------------------------ the builder
-
-
-@dataclass
 class TrainStep:
-    """The training step and the state it changes. `step(indices)` runs one optimizer step; after
-    `capture_cuda_graph(example)` the same call replays it from a CUDA graph."""
+    """One optimizer step over `indices` (grad_accum_steps, batch_size) of cache rows, from the run's flags,
+    and the state it changes: AdamW at the schedule's first LR (capturable where a CUDA graph may replay the
+    step), a GradScaler for fp16, the random streams, the device metrics.
 
-    run: Callable[[torch.Tensor], None]
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    metrics: StepMetrics
-    scaler: torch.amp.GradScaler | None = None
+    Everything runs on the device: latent sampling (mean + std * noise), diffusion noise (+ offset) and
+    uniform timesteps drawn from the noise generator (seeded with --seed) for the whole global batch (every
+    rank draws all `batch_size * world_size` rows and keeps its own slice, so N ranks at batch B equal one
+    process at batch N*B), forward + weighted loss, backward, gradient clipping, AdamW. LoRA dropout draws its
+    masks from a generator of its own (seeded from --seed too, but another stream), so that the noise does not
+    depend on whether dropout is on. Loss and grad norm are added to `metrics` on the device. An update whose
+    gradient norm is NaN/inf is never applied (`step_unless`: LoRA weights and AdamW state stay as they were);
+    such a step, or a NaN/inf loss, is flagged in `metrics`. With a GradScaler (fp16) the scaler skips inf
+    steps itself (its loss-scale search) and only the loss is flagged. No host sync: a fused AdamW (what
+    make_optimizer builds on CUDA and CPU) takes the skip flag, and the GradScaler's `found_inf`, as device
+    tensors; only the foreach fallback makes a GradScaler read it.
 
-    def __call__(self, indices: torch.Tensor) -> None:
-        self.run(indices)
+    `model` may be the UNet, its DDP wrapper (`no_sync`: its no_sync, which skips the all-reduce on all but
+    the last micro-batch) or a compiled module; `optimizer` shares an existing one (the benchmark's variants
+    of one step). After `start_cuda_graph(example_indices)` (--cuda_graph auto/on) the same call may replay
+    the step from a CUDA graph; `capture_cuda_graph` captures without the check (the benchmark).
+    """
 
-    def capture_cuda_graph(self, example_indices: torch.Tensor) -> None:
-        self.run = capture_cuda_graph(
-            self.run,
-            example_indices,
-            params=self.params,
-            optimizer=self.optimizer,
-            metrics=self.metrics,
-            generator=self.generator,
-        )
-
-
-def build_train_step(
-    cfg: TrainConfig,
-    *,
-    model,
-    params: list[torch.nn.Parameter],
-    schedule,
-    latents_mean: torch.Tensor,
-    latents_std: torch.Tensor,
-    scaling_factor: float,
-    prompt_embeds: torch.Tensor,
-    dist: DistInfo = DistInfo(),
-    no_sync=None,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> TrainStep:
-    """The step train() runs, from the run's flags: AdamW at the schedule's first LR (capturable with
-    --cuda_graph), a GradScaler for fp16, the noise generator seeded with --seed (the default CUDA generator
-    with --cuda_graph: graph capture tracks its offsets by itself), and the loss settings. `optimizer` shares
-    an existing one (the benchmark's variants of one step); `model` may be the UNet, its DDP wrapper
-    (`no_sync`: its no_sync) or a compiled module."""
-    device = latents_mean.device
-    if optimizer is None:
-        optimizer = make_optimizer(
-            params,
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        model,
+        params: list[torch.nn.Parameter],
+        schedule,
+        latents_mean: torch.Tensor,
+        latents_std: torch.Tensor,
+        scaling_factor: float,
+        prompt_embeds: torch.Tensor,
+        dist: DistInfo = DistInfo(),
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
+        self.cfg, self.model, self.params, self.schedule = cfg, model, list(params), schedule
+        self.latents_mean, self.latents_std, self.scaling_factor = latents_mean, latents_std, scaling_factor
+        self.device = device = latents_mean.device
+        self.dist, self.no_sync = dist, no_sync
+        configure_cuda(device, cfg.tf32)
+        step_graph.check_cuda_graph_flag(cfg, device, dist)
+        self.graph_wanted = cfg.cuda_graph != "off" and not step_graph.graph_blockers(cfg, device, dist)
+        self.prompt_embeds = prompt_embeds.to(device)
+        self.global_batch = cfg.train_batch_size * dist.world_size
+        self.own = slice(dist.rank * cfg.train_batch_size, (dist.rank + 1) * cfg.train_batch_size)
+        self.autocast_dtype = autocast_dtype(cfg.mixed_precision)
+        self.optimizer = optimizer or make_optimizer(
+            self.params,
             lr=scheduled_lr(cfg, 0),
             weight_decay=cfg.adam_weight_decay,
             device=device,
-            capturable=cfg.cuda_graph,
+            capturable=self.graph_wanted,
         )
-    scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
-    if cfg.cuda_graph:
-        generator = torch.cuda.default_generators[device.index or 0]
-        generator.manual_seed(cfg.seed)
-    else:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    metrics = StepMetrics(device)
-    run = make_train_step(
-        model=model,
-        params=params,
-        optimizer=optimizer,
-        schedule=schedule,
-        latents_mean=latents_mean,
-        latents_std=latents_std,
-        scaling_factor=scaling_factor,
-        prompt_embeds=prompt_embeds,
-        generator=generator,
-        metrics=metrics,
-        batch_size=cfg.train_batch_size,
-        grad_accum_steps=cfg.grad_accum_steps,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        snr_gamma=cfg.snr_gamma,
-        noise_offset=cfg.noise_offset,
-        max_grad_norm=cfg.max_grad_norm,
-        autocast_dtype=autocast_dtype(cfg.mixed_precision),
-        scaler=scaler,
-        no_sync=no_sync,
-    )
-    return TrainStep(run, params, optimizer, generator, metrics, scaler)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.generators = {"noise": self.generator}  # what a checkpoint saves and a CUDA graph advances
+        if cfg.lora_dropout > 0:
+            dropout = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, "lora_dropout"))
+            self.generators["lora_dropout"] = dropout
+            for module in lora_modules(model).values():
+                module.dropout_generator = dropout
+        self.metrics = StepMetrics(device)
+        self._replay: Callable[[torch.Tensor], None] | None = None
+
+    def __call__(self, indices: torch.Tensor) -> None:
+        (self._replay or self.run_eager)(indices)
+
+    @property
+    def replays_graph(self) -> bool:
+        return self._replay is not None
+
+    def start_cuda_graph(self, example_indices: torch.Tensor) -> None:
+        """--cuda_graph auto/on: capture the step, check it against the eager step, and replay it from then on
+        if they agree (cxr.train.step_graph); otherwise stay eager with a warning (auto) or raise (on)."""
+        step_graph.start_cuda_graph(self, example_indices)
+
+    def capture_cuda_graph(self, example_indices: torch.Tensor) -> None:
+        """Capture the step and replay it from now on, without the check against the eager step."""
+        self.use_replay(step_graph.capture_cuda_graph(self, example_indices))
+
+    def use_replay(self, replay: Callable[[torch.Tensor], None]) -> None:
+        self._replay = replay
+
+    def _draw(self, *shape) -> torch.Tensor:
+        return torch.randn((self.global_batch, *shape), generator=self.generator, device=self.device)[self.own]
+
+    def run_eager(self, indices: torch.Tensor) -> None:
+        """The step itself (what a CUDA graph captures): no host reads, no branch on a tensor's value."""
+        cfg, metrics = self.cfg, self.metrics
+        accum, shape = cfg.grad_accum_steps, tuple(self.latents_mean.shape[1:])
+        self.optimizer.zero_grad(set_to_none=True)
+        bad_loss = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            rows = indices[micro]
+            x0 = sample_latents(
+                self.latents_mean[rows], self.latents_std[rows], self._draw(*shape), self.scaling_factor
+            )
+            noise = self._draw(*shape)
+            if cfg.noise_offset > 0:
+                noise = ddpm.offset_noise(noise, self._draw(shape[0], 1, 1), cfg.noise_offset)
+            timesteps = ddpm.sample_timesteps(self.global_batch, self.schedule, self.generator, self.device)[self.own]
+            sync = self.no_sync is not None and micro < accum - 1
+            with self.no_sync() if sync else contextlib.nullcontext():
+                loss = diffusion_loss(
+                    self.model,
+                    x0,
+                    noise,
+                    timesteps,
+                    self.prompt_embeds,
+                    self.schedule,
+                    cfg.snr_gamma,
+                    self.autocast_dtype,
+                )
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            metrics.loss_sum.add_(scaled.detach())
+            bad_loss = bad_loss + (~torch.isfinite(loss.detach())).float()
+        self._update(bad_loss)
+
+    def _update(self, bad_loss: torch.Tensor) -> None:
+        """Clip, add the gradient norm to the metrics, and step AdamW unless the step went non-finite."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        # Every tensor's norm in one launch (`_foreach_norm`), then the clipping in one (`_foreach_mul_`): the
+        # arithmetic of clip_grad_norm_.
+        norms = torch._foreach_norm([p.grad for p in self.params])
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.max_grad_norm, grad_norm, foreach=True)
+        self.metrics.grad_norm_sum.add_(grad_norm.detach())
+        if self.scaler is not None:
+            self.metrics.add_nonfinite(bad_loss)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            # Decided on the (all-reduced) gradient norm alone, so that every DDP rank skips the same steps.
+            skip = (~torch.isfinite(grad_norm.detach())).float()
+            self.metrics.add_nonfinite(bad_loss + skip)
+            step_unless(self.optimizer, self.params, skip)

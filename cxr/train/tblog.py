@@ -81,6 +81,9 @@ def make_writer(log_dir: Path, rank: int = 0, purge_step: int | None = None):
     this step and later that an earlier, interrupted part wrote are hidden by TensorBoard."""
     if rank != 0:
         return NullWriter()
+    from cxr.runtime import quiet_tensorboard_thread_errors
+
+    quiet_tensorboard_thread_errors()
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     return _summary_writer_class()(log_dir=str(log_dir), purge_step=purge_step)
 

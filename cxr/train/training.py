@@ -2,7 +2,7 @@
 
     train(cfg)
       setup(cfg, held) -> TrainRun    device/DDP, output folder claim, data split, model + LoRA, latent caches,
-                                      the step (cxr.train.step.build_train_step) and its data order
+                                      the step (cxr.train.step.TrainStep) and its data order
       resume(run, checkpoint)         LoRA, optimizer, scaler, RNG and data position of a checkpoint
       start_logging(run)              TensorBoard run folder (a resume appends to its run's), config.json
       train_loop(run, stop, ...)      the loop: step, read metrics every --log_every steps, validate, save
@@ -38,7 +38,7 @@ from cxr.config import TrainConfig, cache_flags, changed_result_flags, result_fl
 from cxr.data import dataset, latents
 from cxr.data.dataset import DatasetError
 from cxr.model import ddpm, loading
-from cxr.model.adapter_files import save_adapter
+from cxr.model.export import RunFacts, export_adapter, usage_lines
 from cxr.model.lora import AdapterError, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from cxr.privacy.watch import MemorizationWatch, build_watch, copy_limit_report, over_limit
 from cxr.runtime import (
@@ -66,7 +66,8 @@ from cxr.train.checkpoint import (
     save_checkpoint,
 )
 from cxr.train.rundir import check_free_space, claim_output_dir
-from cxr.train.step import DataOrder, TrainStep, build_train_step, load_optimizer_state, scheduled_lr, set_lr
+from cxr.train.step import DataOrder, TrainStep, configure_cuda, load_optimizer_state, scheduled_lr, set_lr
+from cxr.train.step_graph import check_cuda_graph_flag
 from cxr.train.tblog import NullWriter, config_markdown, image_grid, make_writer, new_run_name
 from cxr.train.validation import VALIDATION_GRID_GAP, fixed_validation_inputs, validation_images, validation_loss
 
@@ -91,8 +92,8 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
         if run.resume_path is not None:
             resume(run, run.resume_path)
         start_logging(run)
-        if cfg.cuda_graph and run.start_step < cfg.max_train_steps:
-            run.step.capture_cuda_graph(run.data.peek_indices())
+        if run.start_step < cfg.max_train_steps:
+            run.step.start_cuda_graph(run.data.peek_indices())  # --cuda_graph: replay a checked graph, or eager
         return train_loop(run, stop, stop_after_steps)
 
 
@@ -148,14 +149,13 @@ class TrainRun:
 def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     """Everything before the first step. `held` keeps the output folder's lock until the run ends."""
     dist, device = setup_device_and_distributed(cfg.device, cfg.ddp_timeout_minutes)
-    _check_flags_for_device(cfg, device, dist)
+    check_cuda_graph_flag(cfg, device, dist)
+    configure_cuda(device, cfg.tf32)
     output_dir = Path(cfg.output_dir)
     resume_path = claim_output_dir(cfg, dist, output_dir / "checkpoints", held)
     dtype = compute_dtype(cfg.mixed_precision)
     train_records, val_records, manifest_sha = _prepare_data(cfg, dist, resume_path)
     components, lora_paths = _load_model(cfg, device, dtype)
-    if cfg.lora_dropout > 0:  # the dropout masks come from the global RNG: seeded here, for a reproducible run
-        torch.manual_seed(cfg.seed)
     unet, tokenizer = components["unet"], components["tokenizer"]
     scheduler_config = dict(components["scheduler"].config)
     schedule = ddpm.make_schedule(scheduler_config, device, cfg.prediction_type or None)
@@ -192,7 +192,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
         model = ddp
     if cfg.torch_compile:
         model = torch.compile(model)
-    step = build_train_step(
+    step = TrainStep(
         cfg,
         model=model,
         params=lora_parameters(unet),
@@ -248,7 +248,10 @@ def resume(run: TrainRun, path: Path) -> None:
     load_optimizer_state(run.step.optimizer, checkpoint.optimizer["optimizer"])
     if run.step.scaler is not None and checkpoint.optimizer.get("scaler"):
         run.step.scaler.load_state_dict(checkpoint.optimizer["scaler"])
-    restore_rng_state(checkpoint.rng, {"noise": run.step.generator})
+    # A dropout stream the checkpoint lacks (its run trained without dropout) starts from its seed; the noise
+    # stream is always there.
+    saved = checkpoint.rng["generators"]
+    restore_rng_state(checkpoint.rng, {n: g for n, g in run.step.generators.items() if n == "noise" or n in saved})
     run.data.load_state(checkpoint.state["data"])
     run.start_step = run.exported_step = checkpoint.step  # lora_unet/ holds this step's adapter, as `latest` left it
     run.checkpoints[checkpoint.step] = path
@@ -338,7 +341,7 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
         run.step(run.data.next_indices())
         metrics.steps += 1
         step += 1
-        clock.steps += 1
+        clock.tick()
         progress.update(1)
         stop_requested = stop.signal_name is not None or (stop_after_steps is not None and step >= stop_after_steps)
         log_due = step % cfg.log_every == 0 or step == cfg.max_train_steps
@@ -354,7 +357,6 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
             stop_requested = read["flag"]
             if log_due:
                 _log_train(run, step, read, clock.measure(), progress)
-                clock.restart()
         # The last step is validated here, before its checkpoint, so the checkpoint holds its own watch figures.
         validation_due = step == cfg.max_train_steps or (cfg.validation_steps and step % cfg.validation_steps == 0)
         if validation_due:
@@ -371,12 +373,13 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
         if stop_requested:
             run.summary.update(interrupted=True, signal=stop.signal_name or "stop_after_steps")
             break
-    _finish(run, step, clock.last)
+    _finish(run, step, clock)
     return _close(run, progress)
 
 
-def _finish(run: TrainRun, step: int, images_per_s: float) -> None:
+def _finish(run: TrainRun, step: int, clock: _Throughput) -> None:
     """After the last step (or a stop): the final validation and HParams, the summary and summary.json."""
+    wall = clock.overall()  # from the first step to the last, periodic validation and checkpoints included
     if step >= run.cfg.max_train_steps:
         if step == run.start_step:  # resumed from a finished run: just (re-)export (the loop validated the others)
             save_state(run, step)
@@ -386,7 +389,12 @@ def _finish(run: TrainRun, step: int, images_per_s: float) -> None:
         if run.cfg.stop_on_copy_rate is not None and not run.watch.limit and run.dist.is_main:
             print(copy_limit_report(run.watch, run.checkpoints_dir, run.cfg.stop_on_copy_rate), file=sys.stderr)
         run.summary["memorization"] = run.watch.summary()
-    run.summary.update(steps=step, images_per_s=images_per_s, peak_memory_mib=peak_memory_mib(run.device))
+    run.summary.update(
+        steps=step,
+        images_per_s=clock.last,
+        images_per_s_wall=wall,
+        peak_memory_mib=peak_memory_mib(run.device),
+    )
     if run.summary["val_losses"]:
         run.summary["val_loss_initial"] = run.summary["val_losses"][0][1]
         run.summary["val_loss_final"] = run.summary["val_losses"][-1][1]
@@ -394,32 +402,52 @@ def _finish(run: TrainRun, step: int, images_per_s: float) -> None:
         (run.output_dir / "summary.json").write_text(json.dumps(run.summary, indent=2, default=str) + "\n")
 
 
-def _log_train(run: TrainRun, step: int, read: dict, images_per_s: float, progress) -> None:
+def _log_train(run: TrainRun, step: int, read: dict, images_per_s: tuple[float, float], progress) -> None:
+    steps_only, wall = images_per_s
     for tag, value in (
         ("train/loss", read["loss"]),
         ("train/grad_norm", read["grad_norm"]),
         ("train/lr", scheduled_lr(run.cfg, step - 1)),
-        ("train/images_per_s", images_per_s),
+        ("train/images_per_s", steps_only),
+        ("train/images_per_s_wall", wall),
         ("memory/peak_mib", peak_memory_mib(run.device)),
     ):
         run.writer.add_scalar(tag, value, step)
-    progress.set_postfix(loss=f"{read['loss']:.4f}", img_s=f"{images_per_s:.1f}")
+    progress.set_postfix(loss=f"{read['loss']:.4f}", img_s=f"{steps_only:.1f}")
     run.summary["final_loss"] = read["loss"]
 
 
 class _Throughput:
-    """Images/s over the steps since the last restart (validation and checkpoints restart it)."""
+    """Images/s since the last log, two ways: of the training steps alone (`images_per_s`: validation and
+    checkpoints restart its clock, so their time is left out) and of the wall clock (`images_per_s_wall`:
+    everything since the last log); `overall()` is the wall-clock figure of the whole loop."""
 
     def __init__(self, images_per_step: int):
         self.images_per_step, self.last = images_per_step, float("nan")
+        self.loop_started = self.window_started = time.perf_counter()
+        self.loop_steps = self.window_steps = 0
         self.restart()
+
+    def tick(self) -> None:
+        self.steps += 1
+        self.window_steps += 1
+        self.loop_steps += 1
 
     def restart(self) -> None:
         self.started, self.steps = time.perf_counter(), 0
 
-    def measure(self) -> float:
-        self.last = self.steps * self.images_per_step / (time.perf_counter() - self.started)
-        return self.last
+    def measure(self) -> tuple[float, float]:
+        """(steps only, wall clock) since the last call; both clocks restart."""
+        now = time.perf_counter()
+        self.last = self.steps * self.images_per_step / (now - self.started)
+        wall = self.window_steps * self.images_per_step / (now - self.window_started)
+        self.window_started, self.window_steps = now, 0
+        self.restart()
+        return self.last, wall
+
+    def overall(self) -> float:
+        elapsed = time.perf_counter() - self.loop_started
+        return self.loop_steps * self.images_per_step / elapsed if self.loop_steps else float("nan")
 
 
 def _close(run: TrainRun, progress) -> dict:
@@ -492,7 +520,7 @@ def save_state(run: TrainRun, step: int) -> None:
                 "optimizer": run.step.optimizer.state_dict(),
                 "scaler": run.step.scaler.state_dict() if run.step.scaler else {},
             },
-            rng=capture_rng_state({"noise": run.step.generator}),
+            rng=capture_rng_state(run.step.generators),
             state={
                 "data": run.data.state(),
                 "lr_schedule": {
@@ -550,16 +578,11 @@ def _stop_copying(run: TrainRun, step: int) -> None:
 
 
 def _export_adapter(run: TrainRun, step: int) -> list[Path]:
-    cfg = run.cfg
-    return save_adapter(
-        run.unet,
-        run.output_dir / "lora_unet",
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        targets=cfg.lora_target_list,
-        export_format=cfg.export_format,
-        metadata=_adapter_metadata(cfg, step, run.manifest_sha, run.schedule.prediction_type),
-    )
+    """The adapter file(s) and model card of `step` in OUTPUT_DIR/lora_unet (cxr.model.export)."""
+    facts = RunFacts(step, run.manifest_sha, run.schedule.prediction_type, run.train_records, run.val_records)
+    exported = export_adapter(run.unet, run.cfg, facts)
+    run.summary["card"] = str(exported.card)
+    return exported.files
 
 
 def _check_finite(run: TrainRun, step: int, read: dict, window: int) -> None:
@@ -759,48 +782,6 @@ def _load_model(cfg: TrainConfig, device, dtype):
     return components, paths
 
 
-def _check_flags_for_device(cfg: TrainConfig, device, dist: DistInfo) -> None:
-    if cfg.cuda_graph and cfg.gradient_checkpointing:
-        # Checkpointing stashes and restores the CUDA RNG state inside the captured region, which graph capture
-        # does not support in the torch versions we run (pytorch/pytorch#162504); untested on a GPU, so refused.
-        raise TrainingError(
-            "--cuda_graph: cannot be combined with --gradient_checkpointing (activation "
-            "checkpointing is not graph-safe in this PyTorch); drop one of them: "
-            "--gradient_checkpointing to save memory, --cuda_graph for speed"
-        )
-    if cfg.cuda_graph:
-        if device.type != "cuda":
-            raise TrainingError(f"--cuda_graph: needs a CUDA device but this run is on {device}; drop --cuda_graph")
-        if cfg.mixed_precision == "fp16":
-            raise TrainingError(
-                "--cuda_graph: cannot capture fp16 training (the GradScaler checks for inf on the "
-                "host every step); use --mixed_precision bf16"
-            )
-        if dist.enabled:
-            raise TrainingError("--cuda_graph: not supported with several processes (DDP); drop --cuda_graph")
-        if cfg.torch_compile:
-            raise TrainingError("--cuda_graph: use either --cuda_graph or --torch_compile, not both")
-
-
-# Result flags the adapter header records from the weights themselves (cxr.rank, cxr.alpha, cxr.targets).
-_HEADER_FROM_WEIGHTS = ("lora_rank", "lora_alpha", "lora_targets")
-
-
-def _adapter_metadata(cfg: TrainConfig, step: int, manifest_sha: str, prediction_type: str) -> dict[str, str]:
-    """Every result flag (as `str(value)`, None as ""), under the names sample.py and users read: the model id
-    as `base_model` (resolved), the prediction type as resolved from the base scheduler when the flag is empty."""
-    metadata = {
-        name: "" if value is None else str(value)
-        for name, value in to_dict(cfg).items()
-        if name in result_flags(TrainConfig) and name not in _HEADER_FROM_WEIGHTS
-    }
-    metadata["base_model"] = loading.resolve_model_id(metadata.pop("model_id"))
-    metadata.update(
-        prediction_type=prediction_type, steps=str(step), manifest_sha256=manifest_sha, cxr_version=__version__
-    )
-    return metadata
-
-
 def versions() -> dict[str, str]:
     return {
         "cxr": __version__,
@@ -823,4 +804,7 @@ def run(cfg: TrainConfig) -> int:
         return 1
     finally:
         shutdown_distributed()
+    lines = usage_lines([Path(p) for p in summary.get("adapter", [])], summary.get("card") and Path(summary["card"]))
+    if lines:  # rank 0 exported the adapter; the other ranks have nothing to say
+        print("\n".join(lines), flush=True)
     return exit_code(summary)
