@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr import DEFAULT_MODEL_ID, DEFAULT_PROMPT
+from cxr.runpaths import RunPaths
 
 
 class ConfigError(ValueError):
@@ -35,7 +36,7 @@ class ConfigError(ValueError):
 SEED_MAX = 2**64 - 1
 # An adapter file name: shown in every tool's LoRA list and typed into A1111 prompts (<lora:NAME:1>).
 OUTPUT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*(?<!\.safetensors)"
-# Training seeds its data order with seed * 1_000_003 + epoch (cxr.train.training.DataOrder), which must stay within
+# Training seeds its data order with seed * 1_000_003 + epoch (cxr.train.step.DataOrder), which must stay within
 # SEED_MAX too: 2**32 - 1 (numpy's seed range) leaves room for ~4e12 epochs.
 TRAIN_SEED_MAX = 2**32 - 1
 
@@ -530,6 +531,11 @@ class TrainConfig:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     @property
+    def run_paths(self) -> RunPaths:
+        """Every path of the run folder, --logging_dir and --cache_dir applied."""
+        return RunPaths.of(self.output_dir, logging_dir=self.logging_dir, cache_dir=self.cache_dir)
+
+    @property
     def resolved_output_name(self) -> str:
         """--output_name, or the output folder's name with anything but letters, digits, '.', '_', '-' as '_'."""
         if self.output_name:
@@ -539,11 +545,11 @@ class TrainConfig:
 
     @property
     def resolved_logging_dir(self) -> Path:
-        return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
+        return self.run_paths.logs
 
     @property
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+        return self.run_paths.cache
 
     @property
     def resolved_num_workers(self) -> int:

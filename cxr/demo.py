@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from cxr.runpaths import RunPaths
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESOLUTION = 64
 MARKER = ".cxr-demo"  # written into --work_dir: the folder's outputs are the demo's own, safe to replace
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     work = args.work_dir.resolve()
-    data_dir, output_dir = work / "phantoms", work / "run"
+    data_dir, run = work / "phantoms", RunPaths.of(work / "run")
     base_samples, samples_dir = work / "samples_base", work / "samples"
 
     prepare_work_dir(work)
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             "--model_id",
             str(model_dir),
             "--output_dir",
-            str(output_dir),
+            str(run.root),
             "--resolution",
             str(RESOLUTION),
             "--train_batch_size",
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     print("[5/5] sampling the adapter with sample.py (same seeds)")
-    _run("sample.py", [*sample_flags, "--lora_path", str(output_dir / "lora_unet"), "--out_dir", str(samples_dir)])
+    _run("sample.py", [*sample_flags, "--lora_path", str(run.adapter), "--out_dir", str(samples_dir)])
 
     training, base_paths, adapter_paths = image_paths(data_dir), image_paths(base_samples), image_paths(samples_dir)
     distances = {
@@ -233,11 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     print("  distance to the training images (16x16 thumbnails; KID x1000: lower is closer; NN-NCC: higher is closer)")
     for name, d in distances.items():
         print(f"    {name:8s} KID x1000 {d['kid_x1000']:8.2f}   nearest-neighbour NCC {d['nn_ncc']:.3f}")
-    print_memorization_curve(output_dir / "summary.json")
+    print_memorization_curve(run.summary)
     print(f"  base | adapter: {sheet}")
-    print(f"  adapter:        {output_dir / 'lora_unet'}")
+    print(f"  adapter:        {run.adapter}")
     print(f"  samples:        {samples_dir} (base model alone: {base_samples})")
-    print(f"  TensorBoard:    tensorboard --logdir {output_dir / 'logs'}  (validation grid every {every} steps)")
+    print(f"  TensorBoard:    tensorboard --logdir {run.logs}  (validation grid every {every} steps)")
 
 
 if __name__ == "__main__":

@@ -4,21 +4,25 @@ Used by training, the benchmark and sampling, so that each of these has one home
     DTYPES / compute_dtype / autocast_dtype   the one dtype table (flag value -> torch dtype)
     DistInfo, setup_device_and_distributed    rank, world size and device (torchrun's env vars)
     barrier, broadcast_object, warn_on_main   rank-aware helpers (no-ops / plain in a single process)
-    synchronize                               wait for the device before reading a clock
+    wrap_ddp                                  the DDP wrapper of a module (None in a single process)
+    synchronize, Throughput                   wait for the device before reading a clock; images/s
     reset_peak_memory, peak_memory_mib        peak memory, measured one way (see peak_memory_mib)
     StopFlag, exit_code                       SIGINT/SIGTERM -> stop at the next step; 130 / 143 on exit
     TrainingError                             a run cannot start or continue (names the flag or file)
+    package_versions                          the versions a run records (cxr, torch, diffusers, ...)
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import platform
 import re
 import resource
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +117,20 @@ def broadcast_object(value, info: DistInfo):
     return holder[0]
 
 
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device):
+    """`module` in DistributedDataParallel (on cuda: its device) when several processes run, else None."""
+    if not info.enabled:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False,
+        gradient_as_bucket_view=True,
+    )
+
+
 # ------------------------------------------------------------------------------------ clocks and memory
 
 
@@ -120,6 +138,39 @@ def synchronize(device) -> None:
     """Wait for the queued CUDA work of `device` (a torch.device or a name); nothing on the CPU."""
     if getattr(device, "type", str(device)) == "cuda":
         torch.cuda.synchronize(device)
+
+
+class Throughput:
+    """Images/s since the last log, two ways: of the training steps alone (`measure()[0]`: validation and
+    checkpoints `restart` its clock, so their time is left out) and of the wall clock (`measure()[1]`: everything
+    since the last log); `overall()` is the wall-clock figure of the whole loop."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step, self.last = images_per_step, float("nan")
+        self.loop_started = self.window_started = time.perf_counter()
+        self.loop_steps = self.window_steps = 0
+        self.restart()
+
+    def tick(self) -> None:
+        self.steps += 1
+        self.window_steps += 1
+        self.loop_steps += 1
+
+    def restart(self) -> None:
+        self.started, self.steps = time.perf_counter(), 0
+
+    def measure(self) -> tuple[float, float]:
+        """(steps only, wall clock) since the last call; both clocks restart."""
+        now = time.perf_counter()
+        self.last = self.steps * self.images_per_step / (now - self.started)
+        wall = self.window_steps * self.images_per_step / (now - self.window_started)
+        self.window_started, self.window_steps = now, 0
+        self.restart()
+        return self.last, wall
+
+    def overall(self) -> float:
+        elapsed = time.perf_counter() - self.loop_started
+        return self.loop_steps * self.images_per_step / elapsed if self.loop_steps else float("nan")
 
 
 def _proc_status_kib(key: str) -> int | None:
@@ -198,6 +249,23 @@ def quiet_tensorboard_thread_errors() -> None:
 
     hook.cxr_quiet = True
     threading.excepthook = hook
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of cxr, torch, diffusers, transformers and Python this process runs (config.json records
+    them)."""
+    import diffusers
+    import transformers
+
+    from cxr import __version__
+
+    return {
+        "cxr": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def exit_code(summary: dict) -> int:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny SD-shaped pipeline saved with save_pretrained, and phantom datasets."""
+"""Shared fixtures: a tiny SD-shaped pipeline saved with save_pretrained, phantom datasets, an adapter of the tiny
+UNet. Shared helper functions are in helpers.py."""
 
 import os
 
@@ -26,6 +27,25 @@ def phantom_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("phantoms")
     write_phantoms(out, 24, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A valid adapter of the tiny UNet with random (non-zero) B, in both formats (diffusers and kohya), written by
+    cxr.model.adapter_files; shared read-only by tests."""
+    from cxr.model.adapter_files import save_adapter
+    from cxr.model.loading import load_components
+    from cxr.model.lora import DEFAULT_TARGETS, inject_lora, lora_modules
+
+    unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
+    torch.manual_seed(1)
+    inject_lora(unet, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for module in lora_modules(unet).values():
+            module.lora_B.normal_(0.0, 0.2)
+    out = tmp_path_factory.mktemp("adapter") / "lora_unet"
+    save_adapter(unet, out, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, export_format="both")
     return out
 
 

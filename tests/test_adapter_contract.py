@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import pixels  # tests/helpers.py
 from PIL import Image
 
 from cxr.config import SampleConfig, TrainConfig
@@ -26,11 +27,6 @@ TRAIN_PROMPT = "chest x-ray, pa view"  # not the default, so a sampler that igno
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image).astype(np.int64)
 
 
 @pytest.fixture(scope="module")

@@ -5,28 +5,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import save_toy_checkpoint  # tests/helpers.py
 
 from cxr.train import checkpoint as ckpt
 
 
-def _save(root, step, limit=None, value=1.0):
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    return ckpt.save_checkpoint(
-        root,
-        step,
-        lora={"a.lora_A.weight": torch.full((2, 3), value)},
-        optimizer=optimizer.state_dict(),
-        rng=ckpt.capture_rng_state(),
-        state={"epoch": 0, "offset": step * 4},
-        total_limit=limit,
-    )
-
-
 def test_save_load_round_trip(tmp_path):
-    path = _save(tmp_path, 3, value=2.5)
+    path = save_toy_checkpoint(tmp_path, 3, value=2.5)
     assert path.name == "checkpoint-3" and (path / ckpt.MARKER).is_file()
     assert not list(tmp_path.glob("*.tmp"))
     loaded = ckpt.load_checkpoint(path)
@@ -39,20 +24,20 @@ def test_save_load_round_trip(tmp_path):
 
 def test_rotation_keeps_newest(tmp_path):
     for step in (1, 2, 3, 4):
-        _save(tmp_path, step, limit=2)
+        save_toy_checkpoint(tmp_path, step, limit=2)
     assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [3, 4]
 
 
 def test_resaving_a_step_replaces_it(tmp_path):
-    _save(tmp_path, 5, value=1.0)
-    _save(tmp_path, 5, value=7.0)
+    save_toy_checkpoint(tmp_path, 5, value=1.0)
+    save_toy_checkpoint(tmp_path, 5, value=7.0)
     assert torch.equal(ckpt.load_checkpoint(tmp_path / "checkpoint-5").lora["a.lora_A.weight"], torch.full((2, 3), 7.0))
 
 
 def test_incomplete_and_corrupt_are_skipped_with_warning(tmp_path):
-    _save(tmp_path, 2)
-    _save(tmp_path, 4)
-    _save(tmp_path, 6)
+    save_toy_checkpoint(tmp_path, 2)
+    save_toy_checkpoint(tmp_path, 4)
+    save_toy_checkpoint(tmp_path, 6)
     (tmp_path / "checkpoint-6" / ckpt.MARKER).unlink()  # interrupted before the marker
     with open(tmp_path / "checkpoint-4" / "lora.safetensors", "r+b") as handle:  # bit rot / truncated copy
         handle.truncate(10)

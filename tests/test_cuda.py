@@ -24,7 +24,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from test_training import make_cfg  # noqa: E402
+from helpers import train_cfg as make_cfg  # noqa: E402  (tests/helpers.py)
 
 from cxr.config import TrainConfig  # noqa: E402
 from cxr.model import ddpm  # noqa: E402

@@ -14,7 +14,7 @@ def test_demo_runs_twice_in_one_folder_and_never_touches_a_foreign_one(tmp_path,
     demo.main(args)
     first = json.loads((work / "distances.json").read_text())
     (work / "run" / "note.txt").write_text("left by the first run")
-    demo.main(args)  # before the fix: train.py refused the earlier run's folder (exit 1)
+    demo.main(args)  # train.py would refuse a fresh run over the earlier run: the demo replaces its own outputs
     assert json.loads((work / "distances.json").read_text()) == first  # same seeds, same result
     assert not (work / "run" / "note.txt").exists()
     assert "replacing the earlier demo run's" in capsys.readouterr().out

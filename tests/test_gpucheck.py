@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cxr.config import build_parser
-from cxr.perf import gpucheck, gpucheck_env, gpucheck_realpath, gpucheck_report
+from cxr.perf import gpucheck, gpucheck_base, gpucheck_env, gpucheck_realpath, gpucheck_report
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_the_plan_fits_the_default_budget_with_compile_last():
     assert budget <= 480 and budget - before_compile >= 60
     assert gpucheck.KILL_GRACE_S <= 5  # a timed-out section overruns its limit by at most this
     for name, limit in limits.items():  # each limit has its expected time and margin beside it
-        assert f'"{name}": {limit},  # ' in Path(gpucheck.__file__).read_text()
+        assert f'"{name}": {limit},  # ' in Path(gpucheck_base.__file__).read_text()
     cfg = gpucheck.GpuCheckConfig(out=Path("unused"), batch_sizes="16,64,128")
     cfg.validate()
     order = [entry for _, entry, _ in gpucheck.plan(_PlanOnly(cfg))]

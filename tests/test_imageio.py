@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import write_dicom  # tests/helpers.py
 from PIL import Image, ImageFile
 
 from cxr.data.imageio import (
@@ -168,43 +169,15 @@ def test_gray_jpeg_close_to_source(tmp_path):
 # ---------------------------------------------------------------- DICOM
 
 
-def _write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", bits_stored=12, signed=False, **attributes):
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = pydicom.Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "DX"
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = photometric
-    dataset.BitsAllocated = 16
-    dataset.BitsStored = bits_stored
-    dataset.HighBit = bits_stored - 1
-    dataset.PixelRepresentation = int(signed)
-    for name, value in attributes.items():
-        setattr(dataset, name, value)
-    dataset.PixelData = pixels.astype("<i2" if signed else "<u2").tobytes()
-    dataset.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_dicom_monochrome2_without_window_is_min_max_scaled(tmp_path):
     pixels = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
-    gray = read_grayscale(_write_dicom(tmp_path / "m2.dcm", pixels))
+    gray = read_grayscale(write_dicom(tmp_path / "m2.dcm", pixels))
     np.testing.assert_allclose(gray, pixels / 4080.0, atol=1e-6)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
     pixels = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
-    gray = read_grayscale(_write_dicom(tmp_path / "m1.dicom", pixels, photometric="MONOCHROME1"))
+    gray = read_grayscale(write_dicom(tmp_path / "m1.dicom", pixels, photometric="MONOCHROME1"))
     np.testing.assert_allclose(gray, 1.0 - pixels / 4080.0, atol=1e-6)
     assert gray[0, 0] == 1.0  # low stored value is displayed white in MONOCHROME1
 
@@ -212,7 +185,7 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
 def test_dicom_rescale_and_window_follow_the_dicom_formula(tmp_path):
     pixels = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
     slope, intercept, center, width = 2.0, -1000.0, 3000.0, 4001.0
-    path = _write_dicom(
+    path = write_dicom(
         tmp_path / "windowed.dcm",
         pixels,
         RescaleSlope=slope,
@@ -229,27 +202,27 @@ def test_dicom_rescale_and_window_follow_the_dicom_formula(tmp_path):
 
 def test_dicom_window_on_monochrome1(tmp_path):
     pixels = np.linspace(0, 4095, 64).astype(np.uint16).reshape(8, 8)
-    path = _write_dicom(tmp_path / "w1.dcm", pixels, photometric="MONOCHROME1", WindowCenter=2048.0, WindowWidth=2049.0)
+    path = write_dicom(tmp_path / "w1.dcm", pixels, photometric="MONOCHROME1", WindowCenter=2048.0, WindowWidth=2049.0)
     expected = np.clip((pixels - 2047.5) / 2048.0 + 0.5, 0.0, 1.0)
     np.testing.assert_allclose(read_grayscale(path), 1.0 - expected, atol=1e-5)
 
 
 def test_dicom_signed_pixels(tmp_path):
     pixels = np.linspace(-2000, 2000, 64).astype(np.int16).reshape(8, 8)
-    gray = read_grayscale(_write_dicom(tmp_path / "signed.dcm", pixels, signed=True, bits_stored=16))
+    gray = read_grayscale(write_dicom(tmp_path / "signed.dcm", pixels, signed=True, bits_stored=16))
     np.testing.assert_allclose(gray, (pixels + 2000.0) / 4000.0, atol=1e-6)
 
 
 def test_dicom_detected_by_magic_without_suffix_in_name(tmp_path):
     pixels = np.arange(64, dtype=np.uint16).reshape(8, 8)
-    path = _write_dicom(tmp_path / "IM0001.dcm", pixels)
+    path = write_dicom(tmp_path / "IM0001.dcm", pixels)
     renamed = path.with_name("IM0001")
     path.rename(renamed)
     np.testing.assert_allclose(read_grayscale(renamed), pixels / 63.0, atol=1e-6)
 
 
 def test_dicom_without_pydicom_says_how_to_install(tmp_path, monkeypatch):
-    path = _write_dicom(tmp_path / "x.dcm", np.zeros((4, 4), np.uint16))
+    path = write_dicom(tmp_path / "x.dcm", np.zeros((4, 4), np.uint16))
     monkeypatch.setitem(sys.modules, "pydicom", None)  # makes `import pydicom` raise ImportError
     with pytest.raises(ImageReadError, match=r"pip install 'cxr\[dicom\]'") as info:
         read_grayscale(path)
@@ -257,7 +230,7 @@ def test_dicom_without_pydicom_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_dicom_without_pixel_data(tmp_path):
-    path = _write_dicom(tmp_path / "nopix.dcm", np.zeros((4, 4), np.uint16))
+    path = write_dicom(tmp_path / "nopix.dcm", np.zeros((4, 4), np.uint16))
     import pydicom
 
     dataset = pydicom.dcmread(path)
@@ -458,7 +431,7 @@ def test_percentile_window_out_of_range_is_an_error(tmp_path, value):
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 def test_dicom_without_window_honours_the_percentile_window(tmp_path, photometric):
     pixels, _ = _ramp_with_label()
-    path = _write_dicom(tmp_path / "label.dcm", pixels, photometric=photometric, bits_stored=16)
+    path = write_dicom(tmp_path / "label.dcm", pixels, photometric=photometric, bits_stored=16)
     expected = np.clip((pixels.astype(np.float64) - RAMP_LOW) / (RAMP_HIGH - RAMP_LOW), 0.0, 1.0)
     if photometric == "MONOCHROME1":
         expected = 1.0 - expected
@@ -472,7 +445,7 @@ def test_dicom_without_window_honours_the_percentile_window(tmp_path, photometri
 def test_dicom_with_window_ignores_the_percentile_window(tmp_path):
     pixels, _ = _ramp_with_label()
     center, width = 2000.0, 3001.0
-    path = _write_dicom(tmp_path / "windowed.dcm", pixels, bits_stored=16, WindowCenter=center, WindowWidth=width)
+    path = write_dicom(tmp_path / "windowed.dcm", pixels, bits_stored=16, WindowCenter=center, WindowWidth=width)
     expected = np.clip((pixels - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)  # PS3.3 C.11.2.1.2.1 (LINEAR)
     np.testing.assert_allclose(read_grayscale(path, intensity_clip_percent=0.5), expected, atol=1e-5)
     np.testing.assert_array_equal(read_grayscale(path, intensity_clip_percent=0.5), read_grayscale(path))
@@ -495,10 +468,10 @@ def _blank_files(tmp_path) -> dict:
     if "pydicom" in sys.modules or __import__("importlib").util.find_spec("pydicom"):
         import warnings
 
-        files["slope0.dcm"] = _write_dicom(tmp_path / "slope0.dcm", ramp, RescaleSlope=0, RescaleIntercept=100)
+        files["slope0.dcm"] = write_dicom(tmp_path / "slope0.dcm", ramp, RescaleSlope=0, RescaleIntercept=100)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns that "inf" is not a valid DS value: the point here
-            files["window_inf.dcm"] = _write_dicom(
+            files["window_inf.dcm"] = write_dicom(
                 tmp_path / "window_inf.dcm", ramp, WindowCenter="inf", WindowWidth=400
             )
     return files
@@ -530,9 +503,9 @@ def test_multi_frame_dicom_uses_its_first_frame_and_the_scan_says_so(tmp_path, c
     frames = np.stack([np.tile(np.arange(80, dtype=np.uint16) * (k + 1) * 10, (80, 1)) for k in range(3)])
     frames[1:, :40] = 4000  # later frames differ from the first
     (tmp_path / "data").mkdir()
-    path = _write_dicom(tmp_path / "data" / "cine.dcm", frames.reshape(240, 80), Rows=80, NumberOfFrames=3)
+    path = write_dicom(tmp_path / "data" / "cine.dcm", frames.reshape(240, 80), Rows=80, NumberOfFrames=3)
     gray = read_grayscale(path)
-    np.testing.assert_allclose(gray, read_grayscale(_write_dicom(tmp_path / "first.dcm", frames[0])), atol=1e-6)
+    np.testing.assert_allclose(gray, read_grayscale(write_dicom(tmp_path / "first.dcm", frames[0])), atol=1e-6)
     assert [r.relpath for r in scan_dataset(tmp_path / "data")] == ["cine.dcm"]
     assert "cine.dcm (3 frames)" in capsys.readouterr().err
     assert "the first frame" in __import__("cxr.data.imageio", fromlist=["x"]).__doc__

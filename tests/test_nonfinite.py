@@ -1,4 +1,4 @@
-"""No NaN/inf reaches a checkpoint or an adapter (issue 13 part 1): flags, the train step, saving, loading."""
+"""No NaN/inf reaches a checkpoint or an adapter: flags, the train step, saving, loading."""
 
 import dataclasses
 import math
@@ -7,10 +7,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import sample_cfg, save_toy_checkpoint, tiny_step, train_cfg  # tests/helpers.py
 
 import cxr.train.step
 from cxr.config import ConfigError, SampleConfig, TrainConfig, parse_config
 from cxr.train import training
+from cxr.train.checkpoint import NonFiniteLossError
 
 # ------------------------------------------------------------------------------------------------- flags
 
@@ -114,11 +116,10 @@ def test_step_unless_equals_never_taking_the_skipped_step(kind):
 
 @pytest.mark.parametrize("where", ["lora", "optimizer"])
 def test_save_checkpoint_refuses_nan_tensors_and_writes_nothing(tmp_path, where):
-    from test_checkpoint import _save
 
     from cxr.train import checkpoint as ckpt
 
-    _save(tmp_path, 1)
+    save_toy_checkpoint(tmp_path, 1)
     real = ckpt.save_checkpoint
 
     def poisoned(root, step, **kwargs):
@@ -133,17 +134,16 @@ def test_save_checkpoint_refuses_nan_tensors_and_writes_nothing(tmp_path, where)
         with pytest.raises(
             ckpt.NonFiniteError, match=rf"checkpoint-2: not saved: NaN/inf in 1 tensor\(s\) \({where}\."
         ):
-            _save(tmp_path, 2, limit=1)
+            save_toy_checkpoint(tmp_path, 2, limit=1)
     assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [1] and not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_nonfinite_marked_checkpoint_is_kept_but_never_resumed_from(tmp_path):
-    from test_checkpoint import _save
 
     from cxr.train import checkpoint as ckpt
 
-    _save(tmp_path, 1)
-    marked = _save(tmp_path, 2)
+    save_toy_checkpoint(tmp_path, 1)
+    marked = save_toy_checkpoint(tmp_path, 2)
     files = sorted(p.name for p in marked.iterdir())
     ckpt.mark_nonfinite(marked, "its weights gave a NaN/inf loss or gradient at step 3")
     assert sorted(p.name for p in marked.iterdir()) == sorted(files + ["NONFINITE"])  # nothing removed
@@ -174,10 +174,9 @@ def _poison_gradients(monkeypatch, which_calls):
 
 
 def test_a_nan_gradient_with_a_finite_loss_is_flagged_and_not_applied(tiny_model_dir, monkeypatch):
-    from test_training import _tiny_step
 
     _poison_gradients(monkeypatch, {3, 4})  # 2 micro-batches per step: the second step's gradient is NaN
-    _, _, step, metrics, (params, optimizer, _) = _tiny_step(tiny_model_dir)
+    _, _, step, metrics, (params, optimizer, _) = tiny_step(tiny_model_dir)
     indices = torch.tensor([[0, 1], [2, 3]])
     step(indices)
     assert metrics.read()["nonfinite"] is False
@@ -242,12 +241,11 @@ def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(
 ):
     """4 good steps with a checkpoint each; resumed at --learning_rate 1e6 it stops on a NaN/inf; `latest` then
     picks a checkpoint whose weights gave a finite loss afterwards (named in the message) and at 1e-4 finishes."""
-    from test_training import make_cfg
 
     from cxr.train.checkpoint import CheckpointError, checkpoint_dirs, find_latest_checkpoint
 
     out = tmp_path / "run"
-    cfg = make_cfg(
+    cfg = train_cfg(
         tiny_model_dir,
         phantom_dir,
         out,
@@ -259,7 +257,7 @@ def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(
     )
     assert training.train(cfg, stop_after_steps=4)["steps"] == 4
     cfg.resume_from_checkpoint, cfg.learning_rate = "latest", 1e6
-    with pytest.warns(UserWarning, match="--learning_rate"), pytest.raises(training.NonFiniteLossError) as stop:
+    with pytest.warns(UserWarning, match="--learning_rate"), pytest.raises(NonFiniteLossError) as stop:
         training.train(cfg)
     message = str(stop.value)
     print(message)
@@ -282,24 +280,6 @@ def test_a_diverged_run_never_becomes_the_checkpoint_latest_resumes(
 
 
 # ----------------------------------------------------------------------------------- adapters and sampling
-
-
-@pytest.fixture(scope="module")
-def good_adapter(tiny_model_dir, tmp_path_factory):
-    """A valid adapter of the tiny UNet in both formats, and the UNet it was made from."""
-    from cxr.model.adapter_files import save_adapter
-    from cxr.model.loading import load_components
-    from cxr.model.lora import DEFAULT_TARGETS, inject_lora, lora_modules
-
-    unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
-    torch.manual_seed(1)
-    inject_lora(unet, rank=4, alpha=8.0)
-    with torch.no_grad():
-        for module in lora_modules(unet).values():
-            module.lora_B.normal_(0.0, 0.2)
-    out = tmp_path_factory.mktemp("adapter") / "lora_unet"
-    save_adapter(unet, out, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, export_format="both")
-    return out
 
 
 def _rewrite(src, dst, change_tensor=None, change_header=None):
@@ -340,46 +320,45 @@ BAD_ADAPTERS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
-def test_an_adapter_with_nan_or_inf_is_refused_at_load_naming_the_file(case, good_adapter, tiny_model_dir, tmp_path):
+def test_an_adapter_with_nan_or_inf_is_refused_at_load_naming_the_file(case, adapter_dir, tiny_model_dir, tmp_path):
     from cxr.model.adapter_files import load_adapter
     from cxr.model.loading import load_components
     from cxr.model.lora import AdapterError, lora_modules
 
     name, tensor_change, header_change, message = BAD_ADAPTERS[case]
-    bad = _rewrite(good_adapter / name, tmp_path / "bad" / name, tensor_change, header_change)
+    bad = _rewrite(adapter_dir / name, tmp_path / "bad" / name, tensor_change, header_change)
     unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
-    load_adapter(unet, good_adapter / name)  # the untouched file loads
+    load_adapter(unet, adapter_dir / name)  # the untouched file loads
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     with pytest.raises(AdapterError, match=rf"^{bad}: .*{message}"):
         load_adapter(unet, bad)
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # nothing changed
     with pytest.raises(AdapterError, match="finite"):
-        load_adapter(unet, good_adapter / name, scale=math.nan)
+        load_adapter(unet, adapter_dir / name, scale=math.nan)
     assert all(m.scale == 1.0 for m in lora_modules(unet).values())
 
 
-def test_sample_refuses_a_nan_adapter_naming_the_file_before_any_image(good_adapter, tiny_model_dir, tmp_path):
-    from test_sampling import make_cfg as sample_cfg
+def test_sample_refuses_a_nan_adapter_naming_the_file_before_any_image(adapter_dir, tiny_model_dir, tmp_path):
 
     from cxr.sample.sampling import SamplingError, sample_run
 
     bad = _rewrite(
-        good_adapter / "pytorch_lora_weights.safetensors", tmp_path / "bad" / "a.safetensors", ("lora_B", math.nan)
+        adapter_dir / "pytorch_lora_weights.safetensors", tmp_path / "bad" / "a.safetensors", ("lora_B", math.nan)
     )
     with pytest.raises(SamplingError, match=rf"--lora_path {bad}: {bad}: NaN/inf values"):
         sample_run(sample_cfg(tiny_model_dir, tmp_path / "out", lora_path=bad))
     assert not list((tmp_path / "out").glob("*.png"))
     with pytest.raises(ConfigError, match="--lora_scale: must be a finite number"):
-        sample_run(sample_cfg(tiny_model_dir, tmp_path / "out", lora_path=good_adapter, lora_scale=math.inf))
+        sample_run(sample_cfg(tiny_model_dir, tmp_path / "out", lora_path=adapter_dir, lora_scale=math.inf))
 
 
-def test_save_adapter_refuses_nan_weights_and_fp16_overflow(good_adapter, tiny_model_dir, tmp_path):
+def test_save_adapter_refuses_nan_weights_and_fp16_overflow(adapter_dir, tiny_model_dir, tmp_path):
     from cxr.model.adapter_files import load_adapter, save_adapter
     from cxr.model.loading import load_components
     from cxr.model.lora import DEFAULT_TARGETS, AdapterError, lora_modules
 
     unet = load_components(str(tiny_model_dir), names=("unet",))["unet"]
-    load_adapter(unet, good_adapter)
+    load_adapter(unet, adapter_dir)
     module = next(iter(lora_modules(unet).values()))
     save = dict(rank=4, alpha=8.0, targets=DEFAULT_TARGETS)
     with torch.no_grad():
@@ -398,7 +377,6 @@ def test_save_adapter_refuses_nan_weights_and_fp16_overflow(good_adapter, tiny_m
 @pytest.mark.parametrize("dtype, hinted", [("fp32", False), ("fp16", True)])
 def test_the_fp16_overflow_hint_only_for_fp16(dtype, hinted, tiny_model_dir, tmp_path, monkeypatch):
     import numpy as np
-    from test_sampling import make_cfg as sample_cfg
 
     from cxr.sample import sampling
 
@@ -438,7 +416,6 @@ def test_a_disk_that_fills_while_saving_gives_the_documented_message(
     writer, tiny_model_dir, phantom_dir, shared_cache, tmp_path, monkeypatch
 ):
     import safetensors.torch
-    from test_training import make_cfg
 
     from cxr.model import adapter_files
     from cxr.train.checkpoint import checkpoint_dirs, verify_checkpoint
@@ -465,7 +442,7 @@ def test_a_disk_that_fills_while_saving_gives_the_documented_message(
             _fails_like_a_full_disk(adapter_files.atomic_write_bytes, second_adapter_export),
         )
     out = tmp_path / "run"
-    cfg = make_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=3, checkpointing_steps=1)
+    cfg = train_cfg(tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=3, checkpointing_steps=1)
     what = "the adapter of step 2" if writer.startswith("adapter") else "checkpoint 2"
     # (torch.save's own message does not name the cause: "unexpected pos 64 vs 0")
     with pytest.raises(
@@ -488,17 +465,16 @@ def test_a_nan_gradient_mid_window_stops_before_any_save_and_keeps_the_checkpoin
     """Step 4 of 6 gets a NaN gradient (its loss is finite), read at step 4 together with step 3: the stop names
     step 4, checkpoint-2 (whose weights gave finite steps 3) stays resumable, and resuming finishes with finite
     tensors everywhere."""
-    from test_training import make_cfg
 
     from cxr.train.checkpoint import checkpoint_dirs
 
     _poison_gradients(monkeypatch, {4})
     out = tmp_path / "run"
-    cfg = make_cfg(
+    cfg = train_cfg(
         tiny_model_dir, phantom_dir, out, shared_cache, max_train_steps=6, log_every=4, checkpointing_steps=2
     )
     with pytest.raises(
-        training.NonFiniteLossError,
+        NonFiniteLossError,
         match=r"NaN/inf at step 4 \(found by the check of steps 3-4,"
         rf".* latest resumes from {out / 'checkpoints' / 'checkpoint-2'}\.",
     ):

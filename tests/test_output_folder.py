@@ -1,5 +1,5 @@
-"""One run per output folder (lock, earlier runs, stale temp files), the split fixed at the first start, and
---resume_from_checkpoint checked before any work (issue 13, sections 2, 3, 4 and 5)."""
+"""The output folder: one run per folder (lock, earlier runs, stale temp files), the split fixed at the first start,
+--resume_from_checkpoint checked before any work, and the folder's layout (cxr.runpaths)."""
 
 import json
 import os
@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import save_toy_checkpoint, train_cfg  # tests/helpers.py
 
 import cxr.train.rundir
 from cxr.config import TrainConfig
+from cxr.runpaths import RunPaths
 from cxr.train import runlock, training
+from cxr.train.rundir import find_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,31 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_cfg(tiny_model_dir, dataset, out, cache, **overrides) -> TrainConfig:
-    values = dict(
-        dataset_dir=Path(dataset),
-        model_id=str(tiny_model_dir),
-        output_dir=Path(out),
-        cache_dir=Path(cache),
-        device="cpu",
-        mixed_precision="no",
-        resolution=64,
-        train_batch_size=4,
-        val_count=4,
-        dataloader_num_workers=0,
-        learning_rate=1e-3,
-        max_train_steps=2,
-        log_every=1,
-        checkpointing_steps=1,
-        validation_steps=0,
-        num_validation_images=0,
-        lora_rank=4,
-        lora_alpha=4.0,
-        seed=0,
-    )
-    values.update(overrides)
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    return cfg
+    """The shared tiny config (tests/helpers.py) for 2 steps, logging and saving every step."""
+    short = {"max_train_steps": 2, "log_every": 1, "checkpointing_steps": 1}
+    return train_cfg(tiny_model_dir, dataset, out, cache, **{**short, **overrides})
 
 
 def dead_pid() -> int:
@@ -194,7 +175,8 @@ def wait_for_checkpoint_2(process: subprocess.Popen, out: Path, timeout_s: float
 
 @pytest.mark.slow
 def test_second_run_into_a_folder_in_use_is_refused(tiny_model_dir, phantom_dir, tmp_path, monkeypatch):
-    """Issue 13 #2: two train.py into one --output_dir at once both exited 0 and mixed their files."""
+    """A second train.py into an --output_dir a running one holds is refused before it writes anything, and the
+    first one finishes normally."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     first = start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout=subprocess.PIPE)
     try:
@@ -245,8 +227,9 @@ def test_lock_of_a_killed_run_is_taken_over_by_the_resume(tiny_model_dir, phanto
 
 
 def test_fresh_run_over_an_earlier_run_is_refused_or_moves_it_aside(tiny_model_dir, phantom_dir, tmp_path):
-    """Issue 13 #2: a fresh run into a folder with another run's checkpoints exited 0, rotation deleted its new
-    checkpoints and `latest` later resumed the old run."""
+    """A fresh run into a folder with another run's checkpoints would mix the two (rotation deleting the new
+    checkpoints, `latest` resuming the old run): it is refused, or with --overwrite_output_dir the old run is moved
+    aside byte for byte."""
     from cxr.train.checkpoint import checkpoint_dirs
 
     out = tmp_path / "run"
@@ -292,7 +275,8 @@ def test_overwrite_output_dir_with_resume_is_a_flag_error(capsys):
 def test_stale_lock_and_temp_files_of_a_killed_run_are_cleaned_at_the_next_start(
     tiny_model_dir, phantom_dir, tmp_path, sleeper
 ):
-    """Issue 13 #5: `kill -9` left `.NAME.PID.tmp` and safetensors' `.tmpXXXXXX` files that nothing removed."""
+    """The `.NAME.PID.tmp` and safetensors' `.tmpXXXXXX` files a `kill -9` leaves are removed at the next start
+    (in --cache_dir, shared by runs, only old ones); those of a writer that still runs are kept."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     gone = dead_pid()
     write_lock(out, gone)
@@ -327,8 +311,8 @@ def test_stale_lock_and_temp_files_of_a_killed_run_are_cleaned_at_the_next_start
 
 
 def test_resume_keeps_the_split_of_the_first_start(tiny_model_dir, phantom_dir, tmp_path, monkeypatch):
-    """Issue 13 #3: after deleting a held-out image, a resume re-split the data and listed an image the model had
-    trained on as held-out."""
+    """A resume never re-splits the data: an image missing or changed since the first start is an error, or with
+    --skip_bad_images left out of both splits, so no training image becomes held-out."""
     from cxr.data.dataset import DatasetError
 
     data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
@@ -391,7 +375,8 @@ def test_dropped_images_stay_out_on_later_resumes(tiny_model_dir, phantom_dir, t
 def test_bad_resume_path_fails_before_the_scan_and_the_model_load(
     tiny_model_dir, phantom_dir, tmp_path, monkeypatch, kind
 ):
-    """Issue 13 #4: `--resume_from_checkpoint /etc` was checked only after the scan, model load and cache build."""
+    """A bad --resume_from_checkpoint (not a checkpoint folder, missing, incomplete) fails before the scan, the
+    model load and the cache build, and leaves no lock behind."""
     from cxr.train.checkpoint import CheckpointError
 
     target = {"system folder": Path("/etc"), "missing": tmp_path / "nope"}.get(kind, tmp_path / "checkpoint-3")
@@ -410,3 +395,36 @@ def test_bad_resume_path_fails_before_the_scan_and_the_model_load(
     with pytest.raises((training.TrainingError, CheckpointError), match=expected):
         training.train(cfg)
     assert not (tmp_path / "run" / runlock.LOCK_NAME).exists()
+
+
+def test_find_resume_checkpoint_names_the_checkpoint_the_flag_points_at(tmp_path):
+    from cxr.runtime import DistInfo
+
+    paths = RunPaths.of(tmp_path / "run")
+    cfg = TrainConfig(dataset_dir=tmp_path, output_dir=paths.root)
+    assert find_resume_checkpoint(cfg, DistInfo()) is None  # no flag: step 0
+    cfg.resume_from_checkpoint = "latest"
+    assert find_resume_checkpoint(cfg, DistInfo()) is None  # nothing saved yet
+    for step in (2, 4):
+        save_toy_checkpoint(paths.checkpoints, step)
+    assert find_resume_checkpoint(cfg, DistInfo()) == paths.checkpoint(4)
+    cfg.resume_from_checkpoint = str(paths.checkpoint(2))
+    assert find_resume_checkpoint(cfg, DistInfo()) == paths.checkpoint(2)
+    cfg.resume_from_checkpoint = str(paths.root)
+    with pytest.raises(training.TrainingError, match=rf"{paths.root} is not a checkpoint folder"):
+        find_resume_checkpoint(cfg, DistInfo())
+
+
+# ------------------------------------------------------------------------------------------ the layout
+
+
+def test_run_paths_name_everything_a_run_writes(tiny_model_dir, phantom_dir, tmp_path):
+    paths = RunPaths.of(tmp_path / "run")
+    summary = training.train(make_cfg(tiny_model_dir, phantom_dir, paths.root, paths.cache))
+    named = {paths.manifest, paths.config, paths.summary, paths.checkpoints, paths.adapter, paths.logs, paths.cache}
+    assert set(paths.root.iterdir()) == named  # the lock is gone once the run ends
+    assert Path(summary["checkpoint"]) == paths.checkpoint(2)
+    assert RunPaths.of_checkpoint(summary["checkpoint"]) == paths
+    assert TrainConfig(dataset_dir=tmp_path, output_dir=paths.root).run_paths == paths
+    moved = RunPaths.of(paths.root, logging_dir=tmp_path / "tb", cache_dir=tmp_path / "latents")
+    assert (moved.logs, moved.cache, moved.adapter) == (tmp_path / "tb", tmp_path / "latents", paths.adapter)

@@ -1,5 +1,5 @@
-"""Issue 13 (sections 4-6): seed ranges, output paths checked before the work, reproducible adapter bytes, file
-modes that follow the umask, and a memorization-audit threshold that says how many held-out images set it."""
+"""Seed ranges, output paths checked before the work, reproducible adapter bytes, file modes that follow the
+umask, and a memorization-audit threshold that says how many held-out images set it."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import stat
 import sys
 from pathlib import Path
 
+import helpers  # tests/helpers.py
 import pytest
 import torch
 
@@ -16,43 +17,20 @@ from cxr.privacy import evaluate as evaluate_module
 from cxr.sample import sampling
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_SAMPLE = dict(height=64, width=64, num_inference_steps=2, device="cpu", contact_sheet=2, batch_size=2)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sample_cfg(model_dir, out_dir, **overrides) -> SampleConfig:
-    values = dict(base_model=str(model_dir), out_dir=Path(out_dir), num_images=1, **SMALL_SAMPLE)
-    values.update(overrides)
-    return SampleConfig(**values)
+    """The shared sampling config (tests/helpers.py) for one image and a contact sheet of 2."""
+    return helpers.sample_cfg(model_dir, out_dir, **{"num_images": 1, "contact_sheet": 2, **overrides})
 
 
 def train_cfg(model_dir, dataset_dir, out, **overrides) -> TrainConfig:
-    values = dict(
-        dataset_dir=Path(dataset_dir),
-        model_id=str(model_dir),
-        output_dir=Path(out),
-        device="cpu",
-        mixed_precision="no",
-        resolution=64,
-        train_batch_size=4,
-        val_count=4,
-        dataloader_num_workers=0,
-        learning_rate=1e-3,
-        max_train_steps=2,
-        log_every=1,
-        checkpointing_steps=1,
-        validation_steps=0,
-        num_validation_images=0,
-        lora_rank=4,
-        lora_alpha=4.0,
-        seed=0,
-    )
-    values.update(overrides)
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    return cfg
+    """The shared tiny config (tests/helpers.py) for 2 steps, logging and saving every step, cache in the run."""
+    short = {"max_train_steps": 2, "log_every": 1, "checkpointing_steps": 1}
+    return helpers.train_cfg(model_dir, dataset_dir, out, **{**short, **overrides})
 
 
 # ------------------------------------------------------------------------------------------ seeds
@@ -103,7 +81,7 @@ def test_sample_seed_range_covers_every_image(argv, capsys):
 
 def test_sample_largest_seeds_are_accepted_and_usable(tiny_model_dir, tmp_path):
     """The bound is the generator's own: images up to seed 2**64 - 1 are made; one more is refused before any
-    file is written (before the fix: image 0 written, then a ValueError overflow midway)."""
+    file is written, not midway through the images."""
     top = 2**64 - 1
     result = sampling.sample_run(sample_cfg(tiny_model_dir, tmp_path / "ok", seed=top - 1, num_images=2))
     assert len(result.made) == 2

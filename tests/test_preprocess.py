@@ -1,5 +1,5 @@
 """cxr.data.imageio.Preprocess and the one crop-to-square: training's and the comparison tools' squaring agree, and the
-latent cache's key and header are the bytes they were before the settings became one object."""
+latent cache's key and header keep their exact bytes (caches built by earlier versions stay valid)."""
 
 import dataclasses
 import hashlib

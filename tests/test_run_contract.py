@@ -1,7 +1,7 @@
-"""The run's contract (issue 14): one declaration of the result-changing flags drives the resume warning, the
-adapter header, the manifest, the latent-cache key and TensorBoard's HParams; resume keeps this run's optimizer
-mode; the DDP timeout reaches the process group; --cuda_graph on refuses --gradient_checkpointing; TensorBoard
-has one named folder per run, a step-0 grid with gaps between tiles, and HParams."""
+"""The run's contract: one declaration of the result-changing flags drives the resume warning, the adapter
+header, the manifest, the latent-cache key and TensorBoard's HParams; resume keeps this run's optimizer mode; the
+DDP timeout reaches the process group; --cuda_graph on refuses --gradient_checkpointing; TensorBoard has one named
+folder per run, a step-0 grid with gaps between tiles, and HParams."""
 
 import copy
 import dataclasses
@@ -14,10 +14,11 @@ import warnings
 from pathlib import Path
 
 import pytest
-import test_training  # tests/ is on sys.path (rootdir conftest): one tiny TrainConfig for both files
 import torch
+from helpers import train_cfg  # tests/helpers.py
 
 import cxr.runtime
+import cxr.train.setup
 import cxr.train.step
 import cxr.train.validation
 from cxr.config import (
@@ -32,10 +33,11 @@ from cxr.config import (
 )
 from cxr.model.export import adapter_metadata
 from cxr.train import training
+from cxr.train.setup import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The issue's list of flags the resume check skipped, and the ones it already covered.
+# Flags that change what a run trains: a resume with any of them changed must warn.
 MUST_WARN = (
     "prompt",
     "prediction_type",
@@ -100,8 +102,8 @@ def shared_cache(tmp_path_factory):
 
 
 def make_cfg(tiny_model_dir, phantom_dir, out, cache, **overrides) -> TrainConfig:
-    """test_training's tiny config, logging every step."""
-    return test_training.make_cfg(tiny_model_dir, phantom_dir, out, cache, **{"log_every": 1, **overrides})
+    """The shared tiny config (tests/helpers.py), logging every step."""
+    return train_cfg(tiny_model_dir, phantom_dir, out, cache, **{"log_every": 1, **overrides})
 
 
 def other_value(field: dataclasses.Field, value):
@@ -136,10 +138,10 @@ def other_value(field: dataclasses.Field, value):
     raise AssertionError(f"no other value for {field.name}={value!r}")
 
 
-# ------------------------------------------------------------------------- item 2: one declaration
+# ------------------------------------------------------------------------- one declaration of the result flags
 
 
-def test_the_declaration_covers_the_issues_flags_and_leaves_out_the_harmless_ones():
+def test_the_declaration_covers_the_result_changing_flags_and_leaves_out_the_harmless_ones():
     declared = set(result_flags(TrainConfig))
     assert set(MUST_WARN) <= declared, set(MUST_WARN) - declared
     assert not declared & set(NEVER_WARN), declared & set(NEVER_WARN)
@@ -255,7 +257,7 @@ def test_manifest_extra_holds_every_result_flag(tiny_model_dir, phantom_dir, tmp
         intensity_clip_percent=0.5,
         pad_to_square=True,
     )
-    training._prepare_data(cfg, cxr.runtime.DistInfo())
+    prepare_data(cfg, cxr.runtime.DistInfo())
     extra = json.loads((tmp_path / "run" / "manifest.json").read_text())["extra"]
     assert extra == {name: to_dict(cfg)[name] for name in result_flags(TrainConfig)}
     assert extra["snr_gamma"] == 1.5 and extra["model_id"] == str(tiny_model_dir) and extra["seed"] == 0
@@ -279,7 +281,7 @@ class _KeyFound(Exception):
 def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(
     tiny_model_dir, phantom_dir, tmp_path, monkeypatch
 ):
-    """The key `_build_caches` reaches, for the base config and with each flag changed alone; the latent cache
+    """The key `run_caches` reaches, for the base config and with each flag changed alone; the latent cache
     itself is not built (cache_key raises the key it computed)."""
     import hashlib
 
@@ -295,15 +297,15 @@ def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(
     monkeypatch.setattr(latents, "cache_key", capture)
     vae = load_components(str(tiny_model_dir), names=("vae",))["vae"]
     base = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache")
-    records, _, _ = training._prepare_data(base, cxr.runtime.DistInfo())
+    records, _, _ = prepare_data(base, cxr.runtime.DistInfo())
 
     def key_of(cfg):
         with pytest.raises(_KeyFound) as found:
-            training._build_caches(cfg, cxr.runtime.DistInfo(), vae, records, [], torch.device("cpu"))
+            latents.run_caches(cfg, cxr.runtime.DistInfo(), vae, records, [], torch.device("cpu"))
         return found.value.args[0]
 
     base_key = key_of(base)
-    # At the defaults the key is the one caches were built with before the declaration (old caches stay valid).
+    # At the defaults the key keeps its exact inputs, so caches built by earlier versions stay valid.
     legacy = {
         "format": latents.CACHE_FORMAT,
         "preprocess": PREPROCESS_VERSION,
@@ -327,7 +329,7 @@ def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(
     assert key_of(dataclasses.replace(base, model_id="another/model")) != base_key
 
 
-# ------------------------------------------------------------------------- item 3: optimizer mode
+# ------------------------------------------------------------------------- optimizer mode on resume
 
 
 def _adamw(param, **kwargs):
@@ -390,7 +392,7 @@ def test_resumed_optimizer_keeps_a_device_lr_tensor():
     assert optimizer.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(1e-3)
 
 
-# ------------------------------------------------------------------------- item 4: DDP timeout
+# ------------------------------------------------------------------------- DDP timeout
 
 
 def test_ddp_timeout_reaches_init_process_group(monkeypatch):
@@ -414,7 +416,7 @@ def test_train_passes_the_ddp_timeout_flag(tmp_path, monkeypatch):
         seen.append(timeout_minutes)
         raise _KeyFound
 
-    monkeypatch.setattr(training, "setup_device_and_distributed", stop)
+    monkeypatch.setattr(cxr.train.setup, "setup_device_and_distributed", stop)
     with pytest.raises(_KeyFound):
         training.train(TrainConfig(dataset_dir=tmp_path, output_dir=tmp_path / "out", ddp_timeout_minutes=240))
     assert seen == [240]
@@ -427,7 +429,7 @@ def test_train_passes_the_ddp_timeout_flag(tmp_path, monkeypatch):
     )
 
 
-# ------------------------------------------------------------------------- item 5: cuda_graph + checkpointing
+# ------------------------------------------------------------------------- cuda_graph + checkpointing
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -465,7 +467,7 @@ def test_cuda_graph_on_with_gradient_checkpointing_is_refused(device, tmp_path, 
         check_cuda_graph_flag(dataclasses.replace(cfg, cuda_graph=mode), torch.device("cpu"), cxr.runtime.DistInfo())
 
 
-# ------------------------------------------------------------------------- item 7: TensorBoard
+# ------------------------------------------------------------------------- TensorBoard
 
 
 def test_image_grid_leaves_a_white_gap_between_tiles():

@@ -14,53 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import pixels, pngs  # tests/helpers.py
+from helpers import sample_cfg as make_cfg
 from PIL import Image
 
-from cxr.config import SCHEDULERS, SampleConfig
+from cxr.config import SCHEDULERS
 from cxr.model.provenance import folder_fingerprint
 from cxr.sample.samplefolder import SYNTHETIC_NOTE
 from cxr.sample.sampling import SamplingError, generate_batch, load_pipeline, make_scheduler, sample_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "chest x-ray, normal"
-SMALL = dict(height=64, width=64, num_inference_steps=2, device="cpu", contact_sheet=4)
-
-
-def make_cfg(model_dir, out_dir, **overrides) -> SampleConfig:
-    values = dict(base_model=str(model_dir), out_dir=Path(out_dir), num_images=2, batch_size=2, **SMALL)
-    values.update(overrides)
-    return SampleConfig(**values)
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image).astype(np.int64)
-
-
-def pngs(folder) -> list[str]:
-    return sorted(p.name for p in Path(folder).glob("*.png")) if Path(folder).exists() else []
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """A diffusers-format adapter for the tiny UNet with random (non-zero) B, written by cxr.model.lora."""
-    from diffusers import UNet2DConditionModel
-
-    from cxr.model.adapter_files import save_adapter
-    from cxr.model.lora import DEFAULT_TARGETS, inject_lora, lora_modules
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    torch.manual_seed(1)
-    inject_lora(unet, rank=4, alpha=8.0)
-    with torch.no_grad():
-        for module in lora_modules(unet).values():
-            module.lora_B.normal_(0.0, 0.2)
-    out = tmp_path_factory.mktemp("adapter") / "lora_unet"
-    save_adapter(unet, out, rank=4, alpha=8.0, targets=DEFAULT_TARGETS, export_format="both")
-    return out
 
 
 @pytest.fixture(scope="module")

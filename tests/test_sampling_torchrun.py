@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_sampling import SMALL, make_cfg, pngs  # tests/ is on sys.path (rootdir conftest)
+from helpers import SMALL_SAMPLES, pngs  # tests/helpers.py
+from helpers import sample_cfg as make_cfg
 
 from cxr.runtime import DistInfo
 from cxr.sample.ranks import lock_out_dir, rank_batches
@@ -35,7 +36,7 @@ def _env() -> dict:
 def _flags(model_dir, out) -> list[str]:
     flags = ["--base_model", str(model_dir), "--out_dir", str(out), "--num_images", str(IMAGES)]
     flags += ["--batch_size", str(BATCH), "--height", "64", "--width", "64", "--device", "cpu"]
-    flags += ["--num_inference_steps", str(SMALL["num_inference_steps"]), "--contact_sheet", "4"]
+    flags += ["--num_inference_steps", str(SMALL_SAMPLES["num_inference_steps"]), "--contact_sheet", "4"]
     return flags
 
 

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import lora_tensors, tiny_step  # tests/helpers.py
+from helpers import train_cfg as make_cfg
 
 import cxr.runtime
 import cxr.train.step
 import cxr.train.validation
 from cxr.config import TrainConfig
+from cxr.data.latents import run_caches
 from cxr.train import training
+from cxr.train.checkpoint import NonFiniteLossError
+from cxr.train.setup import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,42 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def shared_cache(tmp_path_factory):
     """One latent cache folder for the whole module: the phantoms are encoded once, then reused (keyed)."""
     return tmp_path_factory.mktemp("latent_cache")
-
-
-def make_cfg(tiny_model_dir, phantom_dir, out, cache, **overrides) -> TrainConfig:
-    values = dict(
-        dataset_dir=Path(phantom_dir),
-        model_id=str(tiny_model_dir),
-        output_dir=Path(out),
-        cache_dir=Path(cache),
-        device="cpu",
-        mixed_precision="no",
-        resolution=64,
-        train_batch_size=4,
-        val_count=4,
-        dataloader_num_workers=0,
-        learning_rate=1e-3,
-        max_train_steps=4,
-        log_every=2,
-        checkpointing_steps=2,
-        validation_steps=0,
-        num_validation_images=0,
-        lora_rank=4,
-        lora_alpha=4.0,
-        seed=0,
-    )
-    values.update(overrides)
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    return cfg
-
-
-def lora_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from cxr.model.adapter_files import resolve_adapter_file
-
-    return load_file(resolve_adapter_file(adapter_dir))
 
 
 # --------------------------------------------------------------------------------------------- pure parts
@@ -102,41 +71,23 @@ def test_data_order_shards_the_global_batch():
         cxr.train.step.DataOrder(3, batch_size=4, grad_accum_steps=1, dist=cxr.runtime.DistInfo(), seed=0, device="cpu")
 
 
-def _tiny_step(tiny_model_dir, lora_dropout=0.0):
-    """The training step (cxr.train.step.TrainStep) on the tiny UNet with LoRA and random 'cached' latents."""
-    from cxr.model import ddpm
-    from cxr.model.loading import load_components
-    from cxr.model.lora import inject_lora, lora_parameters
+def test_model_loading_inits_lora_from_the_seed_and_leaves_the_global_rng_alone(tiny_model_dir):
+    from cxr.model.loading import load_components, load_for_training
+    from cxr.model.lora import inject_lora, lora_state_dict
 
-    parts = load_components(str(tiny_model_dir), names=("unet", "scheduler"))
-    unet = parts["unet"]
-    torch.manual_seed(0)
-    inject_lora(unet, rank=4, alpha=4, dropout=lora_dropout)
-    schedule = ddpm.make_schedule(dict(parts["scheduler"].config))
-    mean, std = torch.randn(8, 4, 8, 8), torch.full((8, 4, 8, 8), 0.1)
-    cfg = TrainConfig(
-        learning_rate=1e-3,
-        adam_weight_decay=0.01,
-        train_batch_size=2,
-        grad_accum_steps=2,
-        snr_gamma=5.0,
-        noise_offset=0.05,
-        max_grad_norm=1.0,
-        mixed_precision="no",
-        seed=0,
-        lora_dropout=lora_dropout,
-    )
-    step = cxr.train.step.TrainStep(
-        cfg,
-        model=unet,
-        params=lora_parameters(unet),
-        schedule=schedule,
-        latents_mean=mean,
-        latents_std=std,
-        scaling_factor=0.18215,
-        prompt_embeds=torch.randn(1, 77, 32),
-    )
-    return unet, schedule, step, step.metrics, (step.params, step.optimizer, step.generator)
+    cfg = TrainConfig(dataset_dir=Path("."), model_id=str(tiny_model_dir), seed=7, lora_rank=4, lora_alpha=4.0)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    components, _ = load_for_training(cfg, torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.get_rng_state(), before), "load_for_training changed the global torch RNG"
+
+    # The A init draws from torch.manual_seed(--seed), as a plain inject_lora after seeding does.
+    reference = load_components(str(tiny_model_dir), names=("unet",))["unet"]
+    torch.manual_seed(cfg.seed)
+    inject_lora(reference, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_target_list)
+    expected, got = lora_state_dict(reference), lora_state_dict(components["unet"])
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
 
 
 def test_train_step_makes_no_host_sync(tiny_model_dir):
@@ -158,7 +109,7 @@ def test_train_step_makes_no_host_sync(tiny_model_dir):
                 self.syncs.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    unet, _, step, metrics, _ = _tiny_step(tiny_model_dir)
+    unet, _, step, metrics, _ = tiny_step(tiny_model_dir)
     indices = torch.tensor([[0, 1], [2, 3]])
     step(indices)  # first step creates the optimizer state
     with SyncRecorder() as recorder:
@@ -180,7 +131,7 @@ def test_graph_warmup_state_restore_leaves_no_trace(tiny_model_dir, steps_before
     indices = torch.tensor([[0, 1], [2, 3]])
     runs = []
     for warmup in (True, False):
-        unet, _, step, metrics, _ = _tiny_step(tiny_model_dir)
+        unet, _, step, metrics, _ = tiny_step(tiny_model_dir)
         for _ in range(steps_before_snapshot):
             step(indices)
         if warmup:
@@ -206,7 +157,7 @@ def _graph_step_run(tiny_model_dir, monkeypatch, fake_capture, mode="auto"):
     from cxr.model.lora import lora_state_dict
 
     monkeypatch.setattr(cxr.train.step_graph, "capture_cuda_graph", fake_capture)
-    unet, _, step, _, _ = _tiny_step(tiny_model_dir)
+    unet, _, step, _, _ = tiny_step(tiny_model_dir)
     step.cfg = dataclass_replace(step.cfg, cuda_graph=mode)
     step.graph_wanted = True
     with warnings.catch_warnings(record=True) as caught:
@@ -220,7 +171,7 @@ def _graph_step_run(tiny_model_dir, monkeypatch, fake_capture, mode="auto"):
 def _eager_weights(tiny_model_dir):
     from cxr.model.lora import lora_state_dict
 
-    unet, _, step, _, _ = _tiny_step(tiny_model_dir)
+    unet, _, step, _, _ = tiny_step(tiny_model_dir)
     for indices in ([[4, 5], [6, 7]], [[1, 3], [5, 7]]):
         step(torch.tensor(indices))
     return lora_state_dict(unet)
@@ -322,7 +273,7 @@ def test_step_draws_dropout_masks_and_noise_from_separate_streams(tiny_model_dir
     indices = torch.tensor([[0, 1], [2, 3]])
     noise_states = []
     for dropout in (0.0, 0.1):
-        _, _, step, _, _ = _tiny_step(tiny_model_dir, lora_dropout=dropout)
+        _, _, step, _, _ = tiny_step(tiny_model_dir, lora_dropout=dropout)
         global_state = torch.get_rng_state()
         step(indices)
         assert torch.equal(torch.get_rng_state(), global_state)
@@ -353,7 +304,7 @@ def test_forward_and_loss_compile_without_graph_breaks(tiny_model_dir):
     """torch.compile(fullgraph=True) fails on any graph break, which every host sync would cause."""
     import torch._dynamo
 
-    unet, schedule, _, _, _ = _tiny_step(tiny_model_dir)
+    unet, schedule, _, _, _ = tiny_step(tiny_model_dir)
     torch._dynamo.reset()
     compiled = torch.compile(cxr.train.step.diffusion_loss, fullgraph=True, backend="eager")
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
@@ -499,7 +450,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(
         log_every=4,
         checkpointing_steps=2,
     )
-    with pytest.raises(training.NonFiniteLossError, match=r"before step 4.*--learning_rate.*bf16"):
+    with pytest.raises(NonFiniteLossError, match=r"before step 4.*--learning_rate.*bf16"):
         training.train(cfg)
     from cxr.train.checkpoint import checkpoint_dirs
 
@@ -574,7 +525,7 @@ def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(
     import json
 
     cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache", intensity_clip_percent=0.5)
-    train_records, val_records, _ = training._prepare_data(cfg, cxr.runtime.DistInfo())
+    train_records, val_records, _ = prepare_data(cfg, cxr.runtime.DistInfo())
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["extra"]["intensity_clip_percent"] == 0.5
 
@@ -582,7 +533,7 @@ def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(
     monkeypatch.setattr(
         "cxr.data.latents.build_or_load_latent_cache", lambda records, vae, **kwargs: builds.append(kwargs)
     )
-    training._build_caches(cfg, cxr.runtime.DistInfo(), None, train_records, val_records, torch.device("cpu"))
+    run_caches(cfg, cxr.runtime.DistInfo(), None, train_records, val_records, torch.device("cpu"))
     assert [kwargs["intensity_clip_percent"] for kwargs in builds] == [0.5, 0.5]  # train and val caches
 
 

@@ -14,6 +14,9 @@ input gives a new key (the cache is rebuilt); an unchanged one finds the file.
 Crash safety: rows are encoded in chunks, each chunk written to `cache_dir/<key>.partial/` by temp file +
 `os.replace`; the final file appears (again by `os.replace`) only when every row is in it. A run that is
 interrupted leaves only complete chunk files, and the next run with the same key resumes from them.
+
+A training run's two caches (training and held-out images) come from `run_caches`: rank 0 builds them, the
+other ranks wait and then load them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from cxr.config import TrainConfig, cache_flags
 from cxr.data.dataset import DatasetError, ImageRecord
 from cxr.data.imageio import (
     PREPROCESS_VERSION,
@@ -39,6 +43,7 @@ from cxr.data.imageio import (
     to_model_input,
 )
 from cxr.fileio import atomic_path
+from cxr.runtime import DistInfo, barrier
 
 CACHE_FORMAT = "cxr-latents/1"
 CHUNK_IMAGES = 1024  # rows per resumable chunk file (32 MiB of mean+std at 256 px)
@@ -309,13 +314,9 @@ def build_or_load_latent_cache(
         action = "reused"
         tensors = load_file(str(path))
     else:
-        partial_dir = cache_dir / f"{key}.partial"
-        partial_dir.mkdir(exist_ok=True)
-        chunks = _encode_rows(
-            unique,
-            vae,
-            key,
-            partial_dir,
+        action = "built"
+        header = _cache_header(key, unique, vae, preprocess, random_flip, vae_id, fingerprint, scaling_factor)
+        encode = dict(
             preprocess=preprocess,
             random_flip=random_flip,
             device=device,
@@ -323,25 +324,7 @@ def build_or_load_latent_cache(
             num_workers=num_workers,
             chunk_images=chunk_images,
         )
-        mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
-        std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
-        metadata = {
-            "format": CACHE_FORMAT,
-            "key": key,
-            **preprocess.metadata(),
-            "random_flip": str(random_flip),
-            "vae_id": str(vae_id),
-            "vae_sha256": fingerprint,
-            "vae_dtype": str(vae.dtype),
-            "scaling_factor": repr(scaling_factor),
-            "preprocess": PREPROCESS_VERSION,
-            "num_images": str(len(unique)),
-            "content_sha256": json.dumps([r.sha256 for r in unique]),
-        }
-        _atomic_save({"mean": mean.contiguous(), "std": std.contiguous()}, path, metadata)
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        tensors = {"mean": mean, "std": std}
-        action = "built"
+        tensors = _build_cache_file(path, unique, vae, header, **encode)
 
     size = path.stat().st_size
     print(
@@ -349,6 +332,28 @@ def build_or_load_latent_cache(
         f"{size / 2**20:.1f} MiB, {size / len(unique) / 1024:.1f} KiB per image)",
         file=sys.stderr,
     )
+    return _in_record_order(tensors, records, unique, random_flip, scaling_factor, key)
+
+
+def _cache_header(key, unique, vae, preprocess: Preprocess, random_flip, vae_id, fingerprint, scaling_factor) -> dict:
+    """The cache file's header: its key and every input of it, readable without the key's hash."""
+    return {
+        "format": CACHE_FORMAT,
+        "key": key,
+        **preprocess.metadata(),
+        "random_flip": str(random_flip),
+        "vae_id": str(vae_id),
+        "vae_sha256": fingerprint,
+        "vae_dtype": str(vae.dtype),
+        "scaling_factor": repr(scaling_factor),
+        "preprocess": PREPROCESS_VERSION,
+        "num_images": str(len(unique)),
+        "content_sha256": json.dumps([r.sha256 for r in unique]),
+    }
+
+
+def _in_record_order(tensors: dict, records: list, unique: list, random_flip, scaling_factor, key) -> LatentCache:
+    """The cache's rows (one per distinct content, then the mirrored ones) as rows of `records`, in their order."""
     row_of = {r.sha256: i for i, r in enumerate(unique)}
     index = torch.tensor([row_of[r.sha256] for r in records])
     if random_flip:
@@ -360,6 +365,52 @@ def build_or_load_latent_cache(
         key=key,
         relpaths=[r.relpath for r in records],
     )
+
+
+def run_caches(
+    cfg: TrainConfig, dist: DistInfo, vae, train_records, val_records, device
+) -> tuple[LatentCache, LatentCache | None]:
+    """The latent caches of a run's training and held-out images (None: no held-out images). Rank 0 builds
+    them (or finds them built) first; the other ranks wait at a barrier, then load what it wrote."""
+    # Every flag declared cache=True goes to the cache (which keys on what it is given); the model id and
+    # revision travel as one `vae_id`, the name the key has always used for them.
+    settings = {name: getattr(cfg, name) for name in cache_flags(TrainConfig)}
+    settings["vae_id"] = f"{settings.pop('model_id')}@{settings.pop('revision') or 'main'}"
+    common = dict(
+        settings,
+        cache_dir=cfg.resolved_cache_dir,
+        device=device,
+        batch_size=cfg.encode_batch_size,
+        num_workers=cfg.resolved_num_workers,
+    )
+
+    def build_or_load():
+        train_cache = build_or_load_latent_cache(train_records, vae, **common)
+        val_cache = None
+        if val_records:  # the held-out images are never mirrored
+            val_cache = build_or_load_latent_cache(val_records, vae, **{**common, "random_flip": False})
+        return train_cache, val_cache
+
+    caches = build_or_load() if dist.is_main else None
+    barrier(dist)
+    if not dist.is_main:
+        caches = build_or_load()
+    barrier(dist)
+    return caches
+
+
+def _build_cache_file(path: Path, unique: list, vae, header: dict[str, str], *, random_flip: bool, **encode) -> dict:
+    """Encode `unique` chunk by chunk (finished chunks of an interrupted build are reused) and write the cache
+    file `path` with `header`; returns its tensors. `encode`: `_encode_rows`' settings."""
+    key = header["key"]
+    partial_dir = path.parent / f"{key}.partial"
+    partial_dir.mkdir(exist_ok=True)
+    chunks = _encode_rows(unique, vae, key, partial_dir, random_flip=random_flip, **encode)
+    mean = torch.cat([c[0] for c in chunks] + ([c[2] for c in chunks] if random_flip else []))
+    std = torch.cat([c[1] for c in chunks] + ([c[3] for c in chunks] if random_flip else []))
+    _atomic_save({"mean": mean.contiguous(), "std": std.contiguous()}, path, header)
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    return {"mean": mean, "std": std}
 
 
 def _is_complete(path: Path, key: str, expected_rows: int) -> bool:

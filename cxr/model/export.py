@@ -37,7 +37,6 @@ from cxr.model.card import CardFacts, existing_links, write_model_card
 from cxr.model.lora import AdapterError
 from cxr.model.provenance import BaseModel, describe_base_model
 
-ADAPTER_DIR = "lora_unet"
 # Result flags the header records from the weights themselves (cxr.rank, cxr.alpha, cxr.targets).
 _HEADER_FROM_WEIGHTS = ("lora_rank", "lora_alpha", "lora_targets")
 
@@ -128,7 +127,7 @@ def standard_metadata(cfg: TrainConfig, facts: RunFacts, base: BaseModel, date: 
 def export_adapter(unet: torch.nn.Module, cfg: TrainConfig, facts: RunFacts) -> Export:
     """Write the run's adapter file(s) and model card into OUTPUT_DIR/lora_unet; remove adapter files an earlier
     export of this folder left there under another name or format, so a folder never offers a stale adapter."""
-    folder = Path(cfg.output_dir) / ADAPTER_DIR
+    folder = cfg.run_paths.adapter
     name = cfg.resolved_output_name
     base = describe_base_model(cfg.model_id, cfg.revision)
     adapter = adapter_from_model(unet)

@@ -1,4 +1,5 @@
-"""Loading the frozen base model components with `from_pretrained` (hub id or local folder)."""
+"""Loading the frozen base model components with `from_pretrained` (hub id or local folder), and the model a
+training run starts from (`load_for_training`: the components on the device, LoRA injected into the UNet)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,31 @@ def load_components(
         if name in components:
             components[name].eval().requires_grad_(False)
     return components
+
+
+def load_for_training(cfg, device, dtype) -> tuple[dict, list[str]]:
+    """The components of --model_id on `device` and the module paths LoRA was injected into: the UNet in `dtype`
+    with LoRA (--lora_rank, --lora_alpha, --lora_targets, --lora_dropout; A initialised from --seed), the VAE in
+    float32, the text encoder as loaded. `cfg` is a `cxr.config.TrainConfig`."""
+    import torch
+
+    from cxr.model.lora import inject_lora
+
+    components = load_components(cfg.model_id, cfg.revision)
+    unet = components["unet"].to(device=device, dtype=dtype)
+    # The LoRA A init draws from --seed without touching the global RNG the caller (or a later run) relies on.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        paths = inject_lora(
+            unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_target_list, dropout=cfg.lora_dropout
+        )
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    # The VAE stays float32: the cache stores its posterior exactly and validation decodes without fp16 overflow.
+    components["vae"].to(device=device, dtype=torch.float32)
+    components["text_encoder"].to(device=device)
+    components["unet"] = unet
+    return components, paths
 
 
 def vae_scale_factor(vae_config) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from cxr.config import TrainConfig, parse_config
 from cxr.data.phantoms import write_phantoms
 from cxr.model.tiny import save_pipeline
-from cxr.perf.gpucheck import RESULT_MARKER, ROW_MARKER, cuda_graph_value
+from cxr.perf.gpucheck_base import RESULT_MARKER, ROW_MARKER, cuda_graph_value
 from cxr.perf.gpucheck_env import versions
 
 

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from cxr.perf.gpucheck import SECTION_LIMITS, Check, GpuCheckConfig, cuda_graph_argv, failure, python_child
+from cxr.perf.gpucheck_base import SECTION_LIMITS, Check, GpuCheckConfig, cuda_graph_argv, failure, python_child
+from cxr.runpaths import RunPaths
 
 RESUME_NOISE_FACTOR = 2.0
 ENCODE_LINE = re.compile(r"\[cxr\] encoded (\d+) images in ([\d.]+) s \(([\d.]+) images/s, (\d+) decode workers\)")
@@ -88,14 +89,14 @@ def section_real_path(check: Check) -> None:
     child = check.run(argv, timeout=left(), title=title)
     if child.returncode != 0:
         return finish(*failure(child, "train.py --resume_from_checkpoint latest"))
-    summary = json.loads((resumed / "summary.json").read_text())
+    summary = json.loads(RunPaths.of(resumed).summary.read_text())
     save("resume", {"seconds": child.seconds, "start_step": summary.get("start_step")})
 
     verdict, reason = _compare_runs(check, entry, common, work, left)
     entry["resume_verdict"] = {"status": verdict, "reason": reason}
     check.write()
 
-    child, note = _run_sample(check, model_dir, resumed / "lora_unet", left)
+    child, note = _run_sample(check, model_dir, RunPaths.of(resumed).adapter, left)
     if child.returncode != 0:
         status, why = failure(child, "sample.py")
         return finish(status if verdict == "ok" else verdict, "; ".join(filter(None, [reason, why])))
@@ -129,7 +130,7 @@ def _compare_runs(check: Check, entry: dict, common: list[str], work: Path, left
 
 
 def _train_figures(child, out: Path) -> dict:
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(RunPaths.of(out).summary.read_text())
     return {
         "seconds": child.seconds,
         "steps": summary.get("steps"),
@@ -168,7 +169,7 @@ def compare_checkpoints(a_run: Path, b_run: Path, step: int) -> dict:
     from cxr.train.checkpoint import load_checkpoint
 
     try:
-        a, b = (load_checkpoint(Path(run) / "checkpoints" / f"checkpoint-{step}").lora for run in (a_run, b_run))
+        a, b = (load_checkpoint(RunPaths.of(run).checkpoint(step)).lora for run in (a_run, b_run))
     except Exception as error:  # noqa: BLE001 - reported in the verdict
         return {"error": f"{type(error).__name__}: {error}"[:300]}
     if a.keys() != b.keys():

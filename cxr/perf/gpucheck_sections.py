@@ -4,7 +4,7 @@ it reports the moment the row arrives."""
 
 from __future__ import annotations
 
-from cxr.perf.gpucheck import SECTION_LIMITS, Check, failure, python_child
+from cxr.perf.gpucheck_base import SECTION_LIMITS, Check, failure, python_child
 from cxr.perf.gpucheck_env import versions
 from cxr.perf.gpucheck_realpath import section_real_path
 

@@ -35,6 +35,7 @@ from cxr import __version__
 from cxr.config import TrainConfig, check_choices, flag, parse_config, require, result_flags
 from cxr.fileio import check_writable_file, file_sha256, staged_files
 from cxr.model.provenance import shared_name, without_local_paths
+from cxr.runpaths import RunPaths
 
 EXIT_OK, EXIT_USAGE = 0, 2
 # The memorization watch's curves too (train.py --memorization_samples): copy rate, best match, KID to held-out.
@@ -135,7 +136,7 @@ def adapter_facts(run_dir: Path) -> dict:
     from cxr.model.adapter_files import resolve_adapter_file
     from cxr.model.lora import AdapterError
 
-    folder = Path(run_dir) / "lora_unet"
+    folder = RunPaths.of(run_dir).adapter
     try:
         loaded = resolve_adapter_file(folder)
     except AdapterError as error:
@@ -252,9 +253,9 @@ def _consistency_warnings(
 def gather_facts(cfg: ReportConfig) -> dict:
     """Everything the page shows, as a JSON-ready dict (written beside the page). Raises ReportError."""
     run_dir, samples_dir, audit_dir = Path(cfg.run), Path(cfg.samples), Path(cfg.audit)
-    run_config = _read_json(run_dir / "config.json", "run", "give a training run's --output_dir", RUN_SHAPE)
+    run_config = _read_json(RunPaths.of(run_dir).config, "run", "give a training run's --output_dir", RUN_SHAPE)
     train_flags = run_config.get("config", {})
-    manifest_path = run_dir / "manifest.json"
+    manifest_path = RunPaths.of(run_dir).manifest
     manifest_sha = file_sha256(manifest_path) if manifest_path.is_file() else None
     adapter = adapter_facts(run_dir)
     index = _read_json(
@@ -276,9 +277,9 @@ def gather_facts(cfg: ReportConfig) -> dict:
     image_count = len(index.get("images", []))
     warnings_list = _consistency_warnings(run_config, manifest_sha, adapter, index, audit, samples_dir)
 
-    log_dir = Path(train_flags.get("logging_dir") or run_dir / "logs")
+    log_dir = RunPaths.of(run_dir, logging_dir=train_flags.get("logging_dir")).logs
     if not log_dir.is_absolute() and not log_dir.exists():
-        log_dir = run_dir / "logs"
+        log_dir = RunPaths.of(run_dir).logs
     # The page and its JSON are meant to be shared: every local path in them becomes its name.
     return without_local_paths(
         {

@@ -17,6 +17,8 @@ No NaN/inf is ever saved: `save_checkpoint` checks the LoRA and optimizer tensor
 (NonFiniteError). A failed write (full disk: OSError, safetensors' SafetensorError, torch.save's RuntimeError)
 removes the `.tmp` folder and is raised as OSError. A finite checkpoint whose weights then gave a NaN/inf loss
 is marked with `mark_nonfinite` (a NONFINITE file; nothing is deleted) and skipped by `latest` like a corrupt one.
+After a NaN/inf loss or gradient, `stop_nonfinite` marks the run's checkpoints whose weights led there
+(`recover_from_nonfinite`, with `RunCheckpoints`: what the run saved) and stops it with NonFiniteLossError.
 """
 
 from __future__ import annotations
@@ -24,21 +26,23 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 from cxr.fileio import apply_umask, file_sha256
+from cxr.runpaths import CHECKPOINT_NAME, RunPaths, checkpoint_name
+from cxr.runtime import TrainingError
 
 MARKER = "COMPLETE"
 NONFINITE = "NONFINITE"
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -106,7 +110,7 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))]
     return sorted(found)
 
 
@@ -163,7 +167,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     root = Path(root)
-    final = root / f"checkpoint-{step}"
+    final = root / checkpoint_name(step)
     lora_cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()}
     bad = nonfinite_tensors(lora_cpu, "lora") + nonfinite_tensors(optimizer, "optimizer")
     if bad:
@@ -172,7 +176,7 @@ def save_checkpoint(
             f"{', ...' if len(bad) > 3 else ''})"
         )
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"checkpoint-{step}.tmp"
+    tmp = root / f"{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -195,7 +199,7 @@ def save_checkpoint(
         raise OSError(f"cannot write {tmp}: {error}") from error
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
-        old = root / f"checkpoint-{step}.old"
+        old = root / f"{final.name}.old"
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
@@ -292,3 +296,68 @@ def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     except Exception as error:  # noqa: BLE001 - any decode failure means the same thing to the user
         raise CheckpointError(f"{path}: cannot be read ({error})") from error
     return Checkpoint(path=path, step=int(state["step"]), lora=lora, optimizer=optimizer, rng=rng, state=state)
+
+
+# ------------------------------------------------------------------------------------- after a NaN/inf
+
+
+@dataclass
+class RunCheckpoints:
+    """The checkpoint a run resumes from, its checkpoints by step (that one included) and the step of the
+    adapter in lora_unet/: after a NaN/inf, the ones whose weights led there are marked and the adapter is
+    re-exported."""
+
+    resumed_from: Path | None = None
+    by_step: dict[int, Path] = field(default_factory=dict)
+    exported_step: int | None = None
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or gradient norm became NaN/inf; checkpoints whose weights led there are marked NONFINITE."""
+
+
+def stop_nonfinite(
+    saved: RunCheckpoints, first_bad: int, what: str, paths: RunPaths, *, main: bool, reexport: Callable[[Path], None]
+) -> NoReturn:
+    """Raise NonFiniteLossError saying `what` happened at step `first_bad` and what to do; on the main rank
+    first `recover_from_nonfinite`."""
+    notes = recover_from_nonfinite(saved, first_bad, paths, reexport) if main else []
+    raise NonFiniteLossError(
+        f"{what}. {' '.join(notes)} Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, a "
+        f"smaller --max_grad_norm, and check the images listed in {paths.manifest}; then "
+        "--resume_from_checkpoint latest"
+    )
+
+
+def recover_from_nonfinite(
+    saved: RunCheckpoints, first_bad: int, paths: RunPaths, reexport: Callable[[Path], None]
+) -> list[str]:
+    """After a NaN/inf loss or gradient at step `first_bad`: mark the checkpoints of weights that did not give a
+    finite loss and gradient at the next step (the step of weights W_s is s + 1, so only those of step
+    <= first_bad - 2 are trusted), and, when the exported adapter is not trusted either, `reexport` it from the
+    newest trusted checkpoint. Returns sentences for the error message: what was marked, what `latest` resumes."""
+    notes = []
+    for saved_step, path in sorted(saved.by_step.items()):
+        if saved_step > first_bad - 2 and path.is_dir():
+            mark_nonfinite(path, f"its weights gave a NaN/inf loss or gradient at step {first_bad}")
+            notes.append(f"{path} is marked NONFINITE (kept, never resumed from).")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the folders just marked: the message says so
+        keep = find_latest_checkpoint(paths.checkpoints)
+    if keep is None:
+        notes.append(
+            f"No checkpoint in {paths.checkpoints} can be resumed from: "
+            "--resume_from_checkpoint latest starts from step 0."
+        )
+    else:
+        notes.append(f"--resume_from_checkpoint latest resumes from {keep}.")
+    if saved.exported_step is not None and saved.exported_step > first_bad - 2:
+        if keep is not None:
+            reexport(keep)
+            notes.append(f"{paths.adapter} was re-exported from it.")
+        else:
+            notes.append(
+                f"{paths.adapter} holds the weights of step {saved.exported_step}, which gave NaN/inf "
+                "afterwards: do not use it."
+            )
+    return notes

@@ -1,11 +1,13 @@
 """The output folder of a training run: writable and free-space checks before anything heavy, then the claim:
-rank 0 locks --output_dir for the run's life, removes temporary files killed runs left, checks
---resume_from_checkpoint and refuses to start over an earlier run (or moves it aside with --overwrite_output_dir).
+rank 0 locks --output_dir for the run's life and removes temporary files killed runs left; the checkpoint to
+resume from is found; an earlier run in the folder is refused (or moved aside with --overwrite_output_dir).
+The folder's layout is `cxr.runpaths.RunPaths`.
 
-    check_writable(folder, flag)                  TrainingError naming the flag when `folder` is not writable
-    check_free_space(cfg, num_images)             TrainingError when a disk is too small for the run
-    claim_output_dir(cfg, dist, checkpoints_dir, held) -> checkpoint to resume from, or None (after checking
-                                                  that the output, cache and logging folders are writable)
+    check_writable(folder, flag)              TrainingError naming the flag when `folder` is not writable
+    check_free_space(cfg, num_images)         TrainingError when a disk is too small for the run
+    claim_output_dir(cfg, dist, held)         output, cache and logging folders writable; the lock; stale temp files
+    find_resume_checkpoint(cfg, dist)         the checkpoint --resume_from_checkpoint names, or None (step 0)
+    keep_earlier_run_apart(cfg, dist, resume) refuse to start over an earlier run's files, or move them aside
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from pathlib import Path
 from cxr import fileio
 from cxr.config import TrainConfig
 from cxr.model.loading import read_vae_scale_factor
+from cxr.runpaths import CHECKPOINT_PREFIX, PREVIOUS_RUN_PREFIX, RunPaths
 from cxr.runtime import DistInfo, TrainingError, broadcast_object
 from cxr.train import runlock
-from cxr.train.checkpoint import FILES, MARKER, CheckpointError, resolve_resume
+from cxr.train.checkpoint import FILES, MARKER, CheckpointError, checkpoint_dirs, resolve_resume
 
 LORA_PARAMS_PER_RANK_SD15 = 199_296  # LoRA parameters per unit of rank on SD v1.5's 4 default targets
 STALE_TEMP_AGE_S = 3600  # temporary files in --cache_dir (may be shared by runs) are removed only this old
@@ -47,9 +50,10 @@ def estimate_disk_bytes(cfg: TrainConfig, num_images: int, vae_scale_factor: int
 
 def check_free_space(cfg: TrainConfig, num_images: int) -> None:
     need = estimate_disk_bytes(cfg, num_images, read_vae_scale_factor(cfg.model_id, cfg.revision))
+    paths = cfg.run_paths
     places = [
-        (Path(cfg.output_dir), need["output"], "--output_dir"),
-        (cfg.resolved_cache_dir, need["cache"], "--cache_dir"),
+        (paths.root, need["output"], "--output_dir"),
+        (paths.cache, need["cache"], "--cache_dir"),
     ]
     for folder, needed, flag in places:
         folder.mkdir(parents=True, exist_ok=True)
@@ -62,29 +66,56 @@ def check_free_space(cfg: TrainConfig, num_images: int) -> None:
             )
 
 
-def claim_output_dir(cfg: TrainConfig, dist: DistInfo, checkpoints_dir: Path, held: contextlib.ExitStack):
+def claim_output_dir(cfg: TrainConfig, dist: DistInfo, held: contextlib.ExitStack) -> None:
     """Before the scan and the model load: rank 0 checks that --output_dir, --cache_dir and --logging_dir are
-    writable, locks --output_dir for the run's life (released by `held`),
-    removes temporary files killed runs left there, checks --resume_from_checkpoint, and refuses to start over an
-    earlier run's checkpoints/adapter (or moves them aside with --overwrite_output_dir). Returns the checkpoint to
-    resume from (None: step 0); every rank gets the same result or the same error."""
-    resume_path, error = None, None
+    writable, locks --output_dir for the run's life (released by `held`) and removes temporary files killed runs
+    left there. Every rank gets the same error."""
+    _on_main_rank(dist, lambda: _claim(cfg, held))
+
+
+def find_resume_checkpoint(cfg: TrainConfig, dist: DistInfo) -> Path | None:
+    """The checkpoint folder to resume from: None without --resume_from_checkpoint (or with `latest` when
+    OUTPUT_DIR/checkpoints holds no complete one yet), the newest complete one for `latest`, or the given folder
+    once its files match their hashes. Rank 0 looks; every rank gets the same answer or the same error."""
+    return _on_main_rank(dist, lambda: _find_resume_checkpoint(cfg))
+
+
+def keep_earlier_run_apart(cfg: TrainConfig, dist: DistInfo, resume_path: Path | None) -> None:
+    """Refuse to start over an earlier run's checkpoints/adapter in --output_dir (two runs would mix), or move
+    them aside with --overwrite_output_dir. A run resuming from a checkpoint of this folder continues that run."""
+    _on_main_rank(dist, lambda: _keep_earlier_run_apart(cfg, resume_path))
+
+
+def previous_run_files(paths: RunPaths) -> list[str]:
+    """What an earlier training run left in the folder that a fresh run would mix with: its checkpoints and
+    adapter files (relative paths; empty when there are none)."""
+    found = [f"{paths.checkpoints.name}/{path.name}" for _, path in checkpoint_dirs(paths.checkpoints)]
+    if paths.adapter.is_dir():
+        found += [
+            f"{paths.adapter.name}/{p.name}"
+            for p in sorted(paths.adapter.iterdir())
+            if p.is_file() and not p.name.startswith(".")
+        ]
+    return found
+
+
+def _on_main_rank(dist: DistInfo, work):
+    """`work()` on rank 0 alone; every rank returns its result, or raises its error."""
+    result, error = None, None
     if dist.is_main:
         try:
-            resume_path = _claim_output_dir_main(cfg, checkpoints_dir, held)
+            result = work()
         except (TrainingError, CheckpointError) as caught:
             error = caught
-    shared = broadcast_object(
-        (None if resume_path is None else str(resume_path), None if error is None else str(error)), dist
-    )
+    shared = broadcast_object((result, None if error is None else str(error)), dist)
     if error is not None:
         raise error
     if shared[1] is not None:
         raise TrainingError(shared[1])
-    return None if shared[0] is None else Path(shared[0])
+    return shared[0]
 
 
-def _claim_output_dir_main(cfg: TrainConfig, checkpoints_dir: Path, held: contextlib.ExitStack) -> Path | None:
+def _claim(cfg: TrainConfig, held: contextlib.ExitStack) -> None:
     output_dir = Path(cfg.output_dir)
     check_writable(output_dir, "--output_dir")
     check_writable(cfg.resolved_cache_dir, "--cache_dir")
@@ -101,34 +132,40 @@ def _claim_output_dir_main(cfg: TrainConfig, checkpoints_dir: Path, held: contex
     held.callback(lock.release)
     _remove_stale_temp_files(cfg)
 
-    resume_path = None
-    if cfg.resume_from_checkpoint:
-        given = Path(cfg.resume_from_checkpoint)
-        if (
-            cfg.resume_from_checkpoint != "latest"
-            and given.is_dir()
-            and not any((given / n).exists() for n in (*FILES, MARKER))
-        ):
-            raise TrainingError(
-                f"--resume_from_checkpoint: {given} is not a checkpoint folder (it has none of "
-                f"{MARKER}, {', '.join(FILES)}); give `latest` or a folder "
-                f"{checkpoints_dir}/checkpoint-<step>"
-            )
-        resume_path = resolve_resume(cfg.resume_from_checkpoint, checkpoints_dir)
+
+def _find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    checkpoints_dir = cfg.run_paths.checkpoints
+    if not cfg.resume_from_checkpoint:
+        return None
+    given = Path(cfg.resume_from_checkpoint)
+    if (
+        cfg.resume_from_checkpoint != "latest"
+        and given.is_dir()
+        and not any((given / n).exists() for n in (*FILES, MARKER))
+    ):
+        raise TrainingError(
+            f"--resume_from_checkpoint: {given} is not a checkpoint folder (it has none of "
+            f"{MARKER}, {', '.join(FILES)}); give `latest` or a folder "
+            f"{checkpoints_dir}/{CHECKPOINT_PREFIX}<step>"
+        )
+    return resolve_resume(cfg.resume_from_checkpoint, checkpoints_dir)
+
+
+def _keep_earlier_run_apart(cfg: TrainConfig, resume_path: Path | None) -> None:
+    paths = cfg.run_paths
+    output_dir, checkpoints_dir = paths.root, paths.checkpoints
     continues_here = resume_path is not None and os.path.realpath(resume_path.parent) == os.path.realpath(
         checkpoints_dir
     )
-    earlier = [] if continues_here else runlock.previous_run_files(output_dir)
+    earlier = [] if continues_here else previous_run_files(paths)
     if not earlier:
-        return resume_path
+        return
     listed = ", ".join(earlier[:6]) + (f" and {len(earlier) - 6} more" if len(earlier) > 6 else "")
     if cfg.overwrite_output_dir:
         keep = (
             ()
-            if not _is_inside(cfg.resolved_cache_dir, output_dir)
-            else (
-                Path(os.path.relpath(os.path.realpath(cfg.resolved_cache_dir), os.path.realpath(output_dir))).parts[0],
-            )
+            if not _is_inside(paths.cache, output_dir)
+            else (Path(os.path.relpath(os.path.realpath(paths.cache), os.path.realpath(output_dir))).parts[0],)
         )
         moved = runlock.move_previous_run(output_dir, keep=keep)
         warnings.warn(
@@ -136,7 +173,7 @@ def _claim_output_dir_main(cfg: TrainConfig, checkpoints_dir: Path, held: contex
             "delete that folder when you no longer need it",
             stacklevel=2,
         )
-        return resume_path
+        return
     if resume_path is not None:
         why = f"this run resumes from {resume_path}, a checkpoint of another folder, but {output_dir} holds"
     elif cfg.resume_from_checkpoint:
@@ -150,7 +187,7 @@ def _claim_output_dir_main(cfg: TrainConfig, checkpoints_dir: Path, held: contex
         f"--output_dir: {why} an earlier run's files ({listed}). Starting over them would mix two runs (checkpoint "
         "rotation would delete the new checkpoints, `latest` would pick the old run). Continue that run with "
         "--resume_from_checkpoint latest, write this run to another --output_dir, or pass --overwrite_output_dir to "
-        f"move the earlier run into {output_dir}/{runlock.PREVIOUS_RUN_PREFIX}<time>/ (nothing is deleted)"
+        f"move the earlier run into {output_dir}/{PREVIOUS_RUN_PREFIX}<time>/ (nothing is deleted)"
     )
 
 
@@ -163,7 +200,7 @@ def _remove_stale_temp_files(cfg: TrainConfig) -> None:
     """Delete the temporary files killed runs left (see cxr.train.runlock.stale_temp_files): in --output_dir, which this
     run holds the lock of, every stale one; in --cache_dir, which other runs may share, only those untouched for
     STALE_TEMP_AGE_S."""
-    output_dir, cache_dir = Path(cfg.output_dir), cfg.resolved_cache_dir
+    output_dir, cache_dir = cfg.run_paths.root, cfg.run_paths.cache
     found = runlock.stale_temp_files(output_dir, unnamed=True, skip=(cache_dir,))
     found += runlock.stale_temp_files(cache_dir, unnamed=True, min_age_s=STALE_TEMP_AGE_S)
     if found:

@@ -33,8 +33,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-LOCK_NAME = ".cxr-run.lock"
-PREVIOUS_RUN_PREFIX = "previous-run-"
+from cxr.runpaths import LOCK_NAME, PREVIOUS_RUN_PREFIX
+
 UNREADABLE_LOCK_GRACE_S = 60.0  # a lock file still empty this long after its creation was left by a crash
 _PID_TEMP = re.compile(r"^\..+\.(\d+)\.(?:tmp|partial)$")  # .NAME.PID.tmp / .NAME.PID.partial
 _UNNAMED_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors (Rust tempfile crate): .tmp + 6 characters
@@ -294,21 +294,6 @@ def remove_files(paths: list[Path]) -> int:
 
 
 # ------------------------------------------------------------------------------------- an earlier run in the folder
-
-
-def previous_run_files(folder: Path) -> list[str]:
-    """What an earlier training run left in `folder` that a fresh run would mix with: its checkpoints and adapter
-    files (relative paths; empty when there are none)."""
-    from cxr.train.checkpoint import checkpoint_dirs
-
-    folder = Path(folder)
-    found = [f"checkpoints/{path.name}" for _, path in checkpoint_dirs(folder / "checkpoints")]
-    adapter = folder / "lora_unet"
-    if adapter.is_dir():
-        found += [
-            f"lora_unet/{p.name}" for p in sorted(adapter.iterdir()) if p.is_file() and not p.name.startswith(".")
-        ]
-    return found
 
 
 def move_previous_run(folder: Path, keep: tuple[str, ...] = ()) -> Path | None:

@@ -1,5 +1,6 @@
 """Validation during training: the held-out loss at fixed latents, noise and timesteps, and the sample grid.
 
+log_validation(model, val_inputs, writer, cfg, step, images) -> loss   both, logged to TensorBoard
 fixed_validation_inputs(val_mean, scaling_factor, seed, device) -> (x0, noise, timesteps)
 validation_loss(unet, x0, noise, timesteps, prompt_embeds, schedule, batch_size, autocast_dtype) -> float
 validation_images(unet, vae, tokenizer, scheduler_config, ...) -> (N, 3, R, R) in [0, 1]
@@ -9,12 +10,60 @@ from __future__ import annotations
 
 import torch
 
+from cxr.runtime import autocast_dtype, compute_dtype
 from cxr.train.step import diffusion_loss
+from cxr.train.tblog import image_grid
 
 VALIDATION_GUIDANCE_SCALE = 3.0
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed timesteps of the held-out loss
 VALIDATION_MAX_IMAGES = 256  # held-out images used for the loss (the first ones of the split)
 VALIDATION_GRID_GAP = 4  # white pixels between the validation grid's tiles
+
+
+def log_validation(model, val_inputs, writer, cfg, step: int, *, images: bool, watch=None) -> float | None:
+    """The held-out loss at `step` (val/loss; None without held-out images) and, with `images`, the sample grid
+    (val/samples), written to `writer`. `model` is the run's model side (cxr.train.setup.RunModel), `cfg` its
+    TrainConfig; the UNet is back in training mode on return. With `watch` (cxr.privacy.watch, not yet measured
+    at `step`), the samples of its seeds (the grid's are the first of them) go through it too."""
+    autocast = autocast_dtype(cfg.mixed_precision)
+    model.unet.eval()
+    loss = None
+    if val_inputs is not None:
+        loss = validation_loss(
+            model.unet,
+            *val_inputs,
+            model.prompt_embeds.to(compute_dtype(cfg.mixed_precision)),
+            model.schedule,
+            cfg.train_batch_size,
+            autocast,
+        )
+        writer.add_scalar("val/loss", loss, step)
+    watched = watch is not None and (watch.latest or {}).get("step") != step
+    count = max(cfg.num_validation_images, cfg.memorization_samples if watched else 0)
+    if images and model.vae is not None and count:
+        samples = validation_images(
+            model.unet,
+            model.vae,
+            model.tokenizer,
+            model.scheduler_config,
+            model.prompt_embeds,
+            model.negative_embeds,
+            num_images=count,
+            steps=cfg.validation_inference_steps,
+            resolution=cfg.resolution,
+            seed=cfg.seed,
+            prediction_type=model.schedule.prediction_type,
+            autocast_dtype=autocast,
+            batch_size=cfg.train_batch_size,
+        )
+        if cfg.num_validation_images:
+            grid = image_grid(samples[: cfg.num_validation_images], gap=VALIDATION_GRID_GAP)
+            writer.add_image("val/samples", grid, step)
+        if watched:
+            watch.log(writer, watch.observe(samples[: cfg.memorization_samples], step))
+    writer.flush()
+    model.unet.train()
+    return loss
 
 
 @torch.no_grad()
