@@ -66,3 +66,35 @@ def test_rng_round_trip(tmp_path):
     again = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=gen))
     assert expected[0] == again[0] and expected[1] == again[1]
     assert torch.equal(expected[2], again[2]) and torch.equal(expected[3], again[3])
+
+
+def test_rotation_keeps_the_newest_known_good_checkpoint_until_a_newer_one_is(tmp_path):
+    """Issue 24 #3: at --checkpoints_total_limit 1 the last good checkpoint went as soon as the next one was saved,
+    before any step had run from its weights; when those diverged, no checkpoint was left to resume from."""
+    for step in (1, 2, 3):
+        save_toy_checkpoint(tmp_path, step, limit=1)
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [2, 3]  # 2: its next step ran; 3: not yet known
+    ckpt.mark_nonfinite(tmp_path / "checkpoint-3", "its weights gave a NaN/inf loss or gradient at step 4")
+    with pytest.warns(UserWarning, match="checkpoint-3: marked NONFINITE"):
+        assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    save_toy_checkpoint(tmp_path, 5, limit=1)  # a NONFINITE checkpoint is kept for inspection, never rotated away
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [2, 3, 5]
+    save_toy_checkpoint(tmp_path, 6, limit=1)
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [3, 5, 6]
+
+
+def test_a_nonfinite_checkpoint_saved_again_is_kept_under_another_name(tmp_path):
+    """Issue 24 #4: the resumed run's checkpoint of the same step replaced a NONFINITE one without a word."""
+    from safetensors.torch import load_file
+
+    save_toy_checkpoint(tmp_path, 1)
+    for attempt, value in ((1, 5.0), (2, 6.0)):
+        marked = save_toy_checkpoint(tmp_path, 2, value=value)
+        ckpt.mark_nonfinite(marked, "its weights gave a NaN/inf loss or gradient at step 3")
+        kept = tmp_path / ("checkpoint-2.NONFINITE" + ("" if attempt == 1 else f"-{attempt}"))
+        with pytest.warns(UserWarning, match=rf"checkpoint-2 was marked NONFINITE .* kept as {kept}"):
+            save_toy_checkpoint(tmp_path, 2, value=7.0)
+        assert (kept / "NONFINITE").is_file()
+        assert torch.equal(load_file(kept / "lora.safetensors")["a.lora_A.weight"], torch.full((2, 3), value))
+    assert torch.equal(ckpt.load_checkpoint(tmp_path / "checkpoint-2").lora["a.lora_A.weight"], torch.full((2, 3), 7.0))
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [1, 2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from cxr.data.dataset import (
     DatasetError,
     ImageRecord,
+    drop_duplicates,
     read_manifest,
     records_from_manifest,
     scan_dataset,
@@ -346,6 +348,64 @@ def test_manifest_refuses_patient_overlap_and_bad_files(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(DatasetError, match="not a cxr manifest"):
         read_manifest(tmp_path / "other.json")
+
+
+@pytest.mark.parametrize(
+    "field, change",
+    [
+        ("train", lambda m: m.update(train=5)),
+        ("val", lambda m: m.pop("val")),
+        ("train[1].size_bytes", lambda m: m["train"][1].update(size_bytes="big")),
+        ("val[0].sha256", lambda m: m["val"][0].pop("sha256")),
+        ("train[0].relpath", lambda m: m["train"][0].update(relpath=None)),
+        ("train[2]", lambda m: m["train"].__setitem__(2, "img_0002.png")),
+        ("dataset_dir", lambda m: m.update(dataset_dir=["/data"])),
+        ("dropped", lambda m: m.update(dropped={"relpath": "a.png"})),
+    ],
+)
+def test_a_manifest_with_a_wrong_field_is_refused_naming_the_field(tmp_path, field, change):
+    """Issue 24 #11: `"train": 5` or a missing `val` gave TypeError/KeyError tracebacks."""
+    train, val = split_holdout(_records(6), val_fraction=0.0, val_count=2)
+    path = tmp_path / "manifest.json"
+    write_manifest(path, train, val)
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=rf"^manifest {re.escape(str(path))}: `{re.escape(field)}` "):
+        manifest = read_manifest(path)
+        for split in ("train", "val"):
+            records_from_manifest(manifest, split)
+
+
+def _dedup_report(path: Path, drop: list[ImageRecord]) -> Path:
+    """A report.json of `python -m cxr.dedup` listing `drop` (only the keys train.py reads)."""
+    entries = [{"relpath": r.relpath, "sha256": r.sha256, "duplicate_of": "img_9999.png"} for r in drop]
+    path.write_text(json.dumps({"drop": entries}))
+    return path
+
+
+def test_exclude_duplicates_says_how_many_images_it_excluded(tmp_path, capsys):
+    """Issue 24 #9: --exclude_duplicates printed nothing about what it excluded."""
+    records = _records(6)
+    kept, recorded = drop_duplicates(records, _dedup_report(tmp_path / "report.json", records[:2]))
+    assert kept == records[2:] and len(recorded["dropped"]) == 2
+    assert f"--exclude_duplicates {tmp_path / 'report.json'}: excluded 2 of 6 images" in capsys.readouterr().err
+
+
+def test_exclude_duplicates_warns_when_the_report_matches_no_image(tmp_path, capsys):
+    """Issue 24 #9: a report made from other data excluded 0 images without a word."""
+    records, others = _records(6), _records(9)[6:]
+    with pytest.warns(UserWarning, match=r"--exclude_duplicates .*: none of the 3 images it lists to drop is among"):
+        kept, _ = drop_duplicates(records, _dedup_report(tmp_path / "report.json", others))
+    assert kept == records
+    assert "excluded 0 of 6 images" in capsys.readouterr().err
+
+
+def test_exclude_duplicates_that_drops_every_image_names_the_flag(tmp_path):
+    """Issue 24 #13: a report that drops every image ended in `split_holdout: no images to split`."""
+    records = _records(3)
+    with pytest.raises(DatasetError, match=r"^--exclude_duplicates .*: it drops all 3 images"):
+        drop_duplicates(records, _dedup_report(tmp_path / "report.json", records))
 
 
 def test_dicom_files_without_pydicom_fail_once_with_the_install_hint(tmp_path, monkeypatch):

@@ -283,13 +283,12 @@ def test_stale_lock_and_temp_files_of_a_killed_run_are_cleaned_at_the_next_start
     stale = [
         out / f".manifest.json.{gone}.tmp",
         out / "lora_unet" / f".pytorch_lora_weights.safetensors.{gone}.tmp",
-        out / "lora_unet" / ".tmpAb12Cd",
         out / f"{runlock.LOCK_NAME}.{gone}.tmp",
-        cache / f".0123abcd.safetensors.{gone}.tmp",
+        cache / f".{'0123abcd' * 8}.safetensors.{gone}.tmp",
     ]
     kept = [
         out / f".summary.json.{sleeper.pid}.tmp",  # its writer still runs
-        cache / f".4567cdef.safetensors.{gone}.tmp",
+        cache / f".{'4567cdef' * 8}.safetensors.{gone}.tmp",
         cache / ".tmpZz99Yy",
     ]  # --cache_dir: too recent
     for path in stale + kept:

@@ -297,7 +297,7 @@ def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(
     monkeypatch.setattr(latents, "cache_key", capture)
     vae = load_components(str(tiny_model_dir), names=("vae",))["vae"]
     base = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache")
-    records, _, _ = prepare_data(base, cxr.runtime.DistInfo())
+    records, *_ = prepare_data(base, cxr.runtime.DistInfo())
 
     def key_of(cfg):
         with pytest.raises(_KeyFound) as found:

@@ -452,12 +452,17 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(
     )
     with pytest.raises(NonFiniteLossError, match=r"before step 4.*--learning_rate.*bf16"):
         training.train(cfg)
+    from safetensors.torch import load_file
+
     from cxr.train.checkpoint import checkpoint_dirs
 
-    # Step 3 went NaN: the checkpoint of step 4 must not be written; the step-2 one is intact and finite.
+    # Step 3 went NaN: the checkpoint of step 4 must not be written; the step-2 one is intact and finite. Its
+    # weights led to the NaN, so it is marked NONFINITE and, with no good checkpoint to re-export from, its
+    # adapter is renamed out of lora_unet/'s *.safetensors (issue 24 #3).
     assert [s for s, _ in checkpoint_dirs(tmp_path / "nan" / "checkpoints")] == [2]
-    exported = lora_tensors(tmp_path / "nan" / "lora_unet")
-    assert all(torch.isfinite(v).all() for v in exported.values())
+    assert not list((tmp_path / "nan" / "lora_unet").glob("*.safetensors"))
+    [set_aside] = (tmp_path / "nan" / "lora_unet").glob("*.safetensors.NONFINITE")
+    assert all(torch.isfinite(v).all() for v in load_file(set_aside).values())
 
 
 @pytest.mark.slow
@@ -525,7 +530,7 @@ def test_intensity_clip_percent_reaches_the_manifest_and_the_latent_caches(
     import json
 
     cfg = make_cfg(tiny_model_dir, phantom_dir, tmp_path / "run", tmp_path / "cache", intensity_clip_percent=0.5)
-    train_records, val_records, _ = prepare_data(cfg, cxr.runtime.DistInfo())
+    train_records, val_records, *_ = prepare_data(cfg, cxr.runtime.DistInfo())
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["extra"]["intensity_clip_percent"] == 0.5
 

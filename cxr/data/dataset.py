@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from cxr.data.imagecheck import LISTED_IN_ERRORS, bad_files_message, bad_files_summary, inspect_all
 from cxr.data.imageio import DICOM_INSTALL_HINT, DICOM_SUFFIXES, SUPPORTED_SUFFIXES
+from cxr.data.manifestcheck import manifest_problem, manifest_split_sha256
 from cxr.fileio import atomic_write_bytes, file_sha256
 
 MANIFEST_FORMAT = "cxr-manifest/1"
@@ -510,10 +512,11 @@ def content_fingerprint(records) -> str:
 
 
 def drop_duplicates(records: list[ImageRecord], report_path) -> tuple[list[ImageRecord], dict]:
-    """The records without the images a `cxr.privacy.dedup` report lists to drop (matched by SHA-256 content hash, so
-    the
-    report may come from another folder or file list), and what to record in the manifest."""
+    """The records without the images a `cxr.privacy.dedup` report lists to drop (matched by SHA-256 content hash,
+    so the report may come from another folder or file list), and what to record in the manifest. Prints how many
+    it excluded, warns when the report matches none of them, and refuses to drop every image."""
     report_path = Path(report_path)
+    flag = f"--exclude_duplicates {report_path}"
     try:
         report = json.loads(report_path.read_text())
         drop = {entry["sha256"]: entry for entry in report["drop"]}
@@ -532,6 +535,18 @@ def drop_duplicates(records: list[ImageRecord], report_path) -> tuple[list[Image
         for r in records
         if r.sha256 in drop
     ]
+    if records and not kept:
+        raise DatasetError(
+            f"{flag}: it drops all {len(records)} images of this run (it lists every one to drop), so none is left "
+            "to train on; check that the report was made from these images, or train without --exclude_duplicates"
+        )
+    print(f"[cxr] {flag}: excluded {len(removed)} of {len(records)} images", file=sys.stderr)
+    if drop and not removed:
+        warnings.warn(
+            f"{flag}: none of the {len(drop)} images it lists to drop is among the {len(records)} images of this "
+            "run (matched by content hash); the report was made from other data, so no duplicate was excluded",
+            stacklevel=2,
+        )
     return kept, {"report": str(report_path), "report_sha256": file_sha256(report_path), "dropped": removed}
 
 
@@ -580,7 +595,8 @@ def write_manifest(
 
 
 def read_manifest(path) -> dict:
-    """Read a manifest written by `write_manifest` (DatasetError when missing or not a cxr manifest)."""
+    """Read a manifest written by `write_manifest` (DatasetError when missing, not a cxr manifest, or a field has
+    the wrong type: the message names the field)."""
     path = Path(path)
     try:
         manifest = json.loads(path.read_text())
@@ -590,7 +606,25 @@ def read_manifest(path) -> dict:
         raise DatasetError(f"manifest {path} is not valid JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DatasetError(f"{path} is not a cxr manifest (expected format {MANIFEST_FORMAT!r})")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DatasetError(
+            f"manifest {path}: {problem}; the file was edited or damaged: use the manifest.json the training run wrote"
+        )
     return manifest
+
+
+def check_split(manifest_path, manifest: dict, recorded: str | None, checkpoint) -> None:
+    """DatasetError unless `manifest` records the split that `checkpoint` was trained on: `recorded`, its
+    `cxr.data.manifestcheck.split_sha256` (None: a checkpoint written before checkpoints recorded it)."""
+    actual = manifest_split_sha256(manifest)
+    if recorded is not None and recorded != actual:
+        raise DatasetError(
+            f"--resume_from_checkpoint {checkpoint}: the run's manifest {manifest_path} holds another train/held-out "
+            f"split than the one this checkpoint was trained on (split sha256 {actual[:12]}..., the checkpoint "
+            f"recorded {recorded[:12]}...): it was replaced or edited, and resuming would train on held-out images. "
+            "Put the run's own manifest.json back, or start a new run in another --output_dir"
+        )
 
 
 def records_from_manifest(manifest: dict, split: str, dataset_dir=None) -> list[ImageRecord]:

@@ -1,7 +1,8 @@
 """The train/held-out split of a training run: drawn once, at the run's first start, and recorded in its
 manifest; a resumed run reads it back from there and never re-draws it, so no image moves between the splits.
 
-    split_for_run(cfg, resume_path) -> RunSplit   a fresh split, or the one of the first start (resume)
+    split_for_run(cfg, resume_path, recorded_split) -> RunSplit   a fresh split, or the one of the first start
+                                                   (a resume: refused when it is not the one its checkpoint recorded)
     write_run_manifest(cfg, split) -> sha256      OUTPUT_DIR/manifest.json, with every result flag
 """
 
@@ -33,11 +34,11 @@ class RunSplit:
         return len(self.train) + len(self.val)
 
 
-def split_for_run(cfg: TrainConfig, resume_path: Path | None = None) -> RunSplit:
+def split_for_run(cfg: TrainConfig, resume_path: Path | None = None, recorded_split: str | None = None) -> RunSplit:
     """A fresh run scans the dataset and splits it by --seed; a resumed run (`resume_path`, its checkpoint)
-    takes the split recorded at its first start."""
+    takes the split recorded at its first start, once it is the one the checkpoint recorded (`recorded_split`)."""
     if resume_path is not None:
-        return split_of_first_start(cfg, Path(resume_path))
+        return split_of_first_start(cfg, Path(resume_path), recorded_split)
     records = dataset.scan_dataset(
         cfg.dataset_dir,
         cfg.file_list,
@@ -62,8 +63,9 @@ def write_run_manifest(cfg: TrainConfig, split: RunSplit) -> str:
     )
 
 
-def split_of_first_start(cfg: TrainConfig, resume_path: Path) -> RunSplit:
-    """The split recorded in the manifest of the run the checkpoint `resume_path` belongs to. Images missing or
+def split_of_first_start(cfg: TrainConfig, resume_path: Path, recorded_split: str | None = None) -> RunSplit:
+    """The split recorded in the manifest of the run the checkpoint `resume_path` belongs to; DatasetError when it
+    is not the one the checkpoint recorded (`recorded_split`, `cxr.data.dataset.check_split`). Images missing or
     changed since are an error naming them, or with --skip_bad_images left out of both splits with a warning
     (listed under `dropped`)."""
     manifest_path = RunPaths.of_checkpoint(resume_path).manifest
@@ -74,6 +76,7 @@ def split_of_first_start(cfg: TrainConfig, resume_path: Path) -> RunSplit:
             "new run (without --resume_from_checkpoint) in another --output_dir"
         )
     manifest = dataset.read_manifest(manifest_path)
+    dataset.check_split(manifest_path, manifest, recorded_split, resume_path)
     splits = {
         name: dataset.records_from_manifest(manifest, name, dataset_dir=cfg.dataset_dir) for name in ("train", "val")
     }

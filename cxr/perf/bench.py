@@ -2,7 +2,7 @@
 
     python -m cxr.bench --arch tiny                    # the tiny architecture, CPU: a few minutes at most
     python -m cxr.bench --arch sd15 --batch_size 2 --steps 1 --warmup 1 --repeats 3 \
-        --sections peak,flops,train,lora --out bench-sd15-cpu.json          # the issue's CPU comparison
+        --sections peak,flops,train,lora --out bench-sd15-cpu.json          # the CPU comparison in docs/performance.md
     python -m cxr.bench --arch sd15 --batch_size 16 --device cuda --dtype bf16 --steps 20 --warmup 5 \
         --out bench-cuda.json                                              # one GPU, every section
 
@@ -90,7 +90,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def speedups(rows: list[Row]) -> dict[str, float]:
-    """The ratios the issue's goals are stated in (images/s of one variant over another)."""
+    """The ratios the goals are stated in (images/s of one variant over another)."""
     by_key = {(r.section, r.variant): r.images_per_s for r in rows if r.images_per_s}
     pairs = {
         "cached_vs_encode_every_step": (("train", "our step, cached latents"), ("train", "encode every step")),

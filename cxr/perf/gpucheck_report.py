@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# The goal, stated against the bench's rows.
+# The throughput goal, stated against the bench's rows.
 GOAL_IMAGES_PER_S = 1000
 
 

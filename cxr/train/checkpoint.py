@@ -4,21 +4,26 @@ Layout of `checkpoints/checkpoint-<step>/`:
     lora.safetensors   LoRA tensors keyed by module path (cxr.model.lora.lora_state_dict)
     optimizer.pt       optimizer state (and the GradScaler's, if any); tensors and plain values only
     rng.pt             RNG states: python, numpy, torch CPU, every CUDA device, the step's noise generator
-    state.json         step, data position, LR schedule, config
+    state.json         step, data position, LR schedule, config, the sha256 of the run's train/held-out split
     COMPLETE           written last: sha256 and size of every file above
     NONFINITE          only in a checkpoint whose weights gave a NaN/inf loss afterwards: why (never resumed from)
 
 A checkpoint is written into `checkpoint-<step>.tmp/`, files fsynced, then `COMPLETE`, then the folder is
 renamed into place with `os.replace`: a crash at any point leaves either the previous checkpoints alone
-or a `.tmp` folder that is ignored. When resuming, a folder whose marker is missing or whose files do
-not match their recorded hashes is skipped with a warning in favour of the previous good one.
+or a `.tmp` folder that is ignored (and removed at the next start: `checkpoint_leftovers`). When resuming, a
+folder whose marker is missing or whose files do not match their recorded hashes is skipped with a warning in
+favour of the previous good one. Rotation (--checkpoints_total_limit) keeps the newest checkpoint known to be good
+until a newer one is (`rotate_checkpoints`).
 
 No NaN/inf is ever saved: `save_checkpoint` checks the LoRA and optimizer tensors first and refuses
 (NonFiniteError). A failed write (full disk: OSError, safetensors' SafetensorError, torch.save's RuntimeError)
 removes the `.tmp` folder and is raised as OSError. A finite checkpoint whose weights then gave a NaN/inf loss
-is marked with `mark_nonfinite` (a NONFINITE file; nothing is deleted) and skipped by `latest` like a corrupt one.
-After a NaN/inf loss or gradient, `stop_nonfinite` marks the run's checkpoints whose weights led there
-(`recover_from_nonfinite`, with `RunCheckpoints`: what the run saved) and stops it with NonFiniteLossError.
+is marked with `mark_nonfinite` (a NONFINITE file; nothing is deleted) and skipped by `latest` like a corrupt one;
+a resumed run that saves the same step again keeps it as `checkpoint-<step>.NONFINITE`, and rotation never
+deletes it. `set_aside_adapter` renames an exported adapter whose weights diverged when no good checkpoint is
+left to export from. After a NaN/inf loss or gradient, `stop_nonfinite` marks the run's checkpoints whose weights
+led there (`recover_from_nonfinite`, with `RunCheckpoints`: what the run saved) and stops it with
+NonFiniteLossError.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -37,12 +43,14 @@ import numpy as np
 import torch
 
 from cxr.fileio import apply_umask, file_sha256
-from cxr.runpaths import CHECKPOINT_NAME, RunPaths, checkpoint_name
+from cxr.runpaths import CHECKPOINT_NAME, CHECKPOINT_PREFIX, PREVIOUS_RUN_PREFIX, RunPaths, checkpoint_name
 from cxr.runtime import TrainingError
 
 MARKER = "COMPLETE"
 NONFINITE = "NONFINITE"
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
+_LEFTOVER = re.compile(rf"^({CHECKPOINT_PREFIX}\d+)\.(tmp|old)$")  # a save killed while writing / while swapping
+_SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own file, renamed onto lora.safetensors
 
 
 class CheckpointError(RuntimeError):
@@ -112,6 +120,27 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))]
     return sorted(found)
+
+
+def checkpoint_leftovers(root: Path) -> list[Path]:
+    """What killed saves left under `root`, recognisably this module's: `checkpoint-<step>.tmp` folders (a write
+    that never finished) and `checkpoint-<step>.old` folders whose `checkpoint-<step>` is in place (a swap that
+    never finished its clean-up), holding nothing but a checkpoint's files. A `.old` folder without its
+    `checkpoint-<step>` may be the only copy of that step and is left alone, as is any folder holding other files."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir()):
+        match = _LEFTOVER.match(path.name)
+        if not match or path.is_symlink() or not path.is_dir():
+            continue
+        if match.group(2) == "old" and not (root / match.group(1)).is_dir():
+            continue
+        inside = list(path.iterdir())
+        if all(p.is_file() and (p.name in (*FILES, MARKER) or _SAFETENSORS_TEMP.match(p.name)) for p in inside):
+            found.append(path)
+    return found
 
 
 def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
@@ -198,7 +227,16 @@ def save_checkpoint(
             raise
         raise OSError(f"cannot write {tmp}: {error}") from error
     _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
+    if (final / NONFINITE).is_file():  # a part of the run that diverged from these weights: kept for inspection
+        kept = _free_name(root, f"{final.name}.{NONFINITE}")
+        os.replace(final, kept)
+        os.replace(tmp, final)
+        warnings.warn(
+            f"{final} was marked {NONFINITE} by an earlier part of this run; it is kept as {kept} (never resumed "
+            f"from, never rotated away: delete it when you no longer need it), and {final} is this run's step {step}",
+            stacklevel=2,
+        )
+    elif final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
         old = root / f"{final.name}.old"
         if old.exists():
             shutil.rmtree(old)
@@ -209,14 +247,32 @@ def save_checkpoint(
         os.replace(tmp, final)
     _fsync_dir(root)
     if total_limit:
-        rotate_checkpoints(root, total_limit)
+        rotate_checkpoints(root, total_limit, written=final)
     return final
 
 
-def rotate_checkpoints(root: Path, total_limit: int) -> list[Path]:
-    """Delete the oldest checkpoints so that at most `total_limit` remain; returns what was deleted."""
-    existing = checkpoint_dirs(root)
-    doomed = [path for _, path in existing[: max(0, len(existing) - total_limit)]]
+def _free_name(root: Path, name: str) -> Path:
+    """`root/name`, or `root/name-2`, `-3`, ... when it exists."""
+    path, number = root / name, 1
+    while path.exists():
+        number += 1
+        path = root / f"{name}-{number}"
+    return path
+
+
+def rotate_checkpoints(root: Path, total_limit: int, written: Path | None = None) -> list[Path]:
+    """Delete the oldest checkpoints so that at most `total_limit` remain besides those never deleted: the ones
+    marked NONFINITE (kept for inspection), `written` (the one just saved) and the newest complete one older than
+    it. A checkpoint is saved only once the steps up to it gave finite losses, so that older one is known good,
+    while `written` is not yet (only the step after it can tell): it stays until a newer one is known good.
+    Returns what was deleted."""
+    existing = [(step, path) for step, path in checkpoint_dirs(root) if not (path / NONFINITE).exists()]
+    keep = {path for _, path in existing[-total_limit:]}
+    if written is not None:
+        written_step = int(CHECKPOINT_NAME.match(written.name).group(1))
+        keep.add(written)
+        keep.update([path for step, path in existing if step < written_step and (path / MARKER).is_file()][-1:])
+    doomed = [path for _, path in existing if path not in keep]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -230,6 +286,22 @@ def mark_nonfinite(path: Path, reason: str) -> None:
     _fsync_file(tmp)
     os.replace(tmp, path / NONFINITE)
     _fsync_dir(path)
+
+
+def set_aside_adapter(folder: Path) -> list[Path]:
+    """Rename the adapter in `folder` (OUTPUT_DIR/lora_unet: cxr's `.safetensors` files and the model card) to
+    `NAME.NONFINITE`, so that no tool loads weights that gave a NaN/inf loss; returns the new paths."""
+    from cxr.model.adapter_header import read_header
+
+    folder = Path(folder)
+    adapter = [p for p in sorted(folder.glob("*.safetensors")) if p.is_file() and "cxr.version" in read_header(p)]
+    card = [folder / "README.md"] if adapter and (folder / "README.md").is_file() else []
+    renamed = []
+    for path in adapter + card:
+        target = _free_name(folder, f"{path.name}.{NONFINITE}")
+        os.replace(path, target)
+        renamed.append(target)
+    return renamed
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -282,6 +354,14 @@ def resolve_resume(value: str | None, root: Path) -> Path | None:
     return path
 
 
+def read_state(path: Path) -> dict:
+    """state.json of a checkpoint folder that `resolve_resume` returned (its hash already checked)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: state.json cannot be read ({error})") from None
+
+
 def load_checkpoint(path: Path, device="cpu") -> Checkpoint:
     """Read a verified checkpoint. Only safetensors and weights-only torch files are loaded (no pickle code)."""
     from safetensors.torch import load_file
@@ -321,21 +401,23 @@ def stop_nonfinite(
 ) -> NoReturn:
     """Raise NonFiniteLossError saying `what` happened at step `first_bad` and what to do; on the main rank
     first `recover_from_nonfinite`."""
-    notes = recover_from_nonfinite(saved, first_bad, paths, reexport) if main else []
+    notes, then = recover_from_nonfinite(saved, first_bad, paths, reexport) if main else ([], "resume as rank 0 says")
     raise NonFiniteLossError(
         f"{what}. {' '.join(notes)} Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, a "
-        f"smaller --max_grad_norm, and check the images listed in {paths.manifest}; then "
-        "--resume_from_checkpoint latest"
+        f"smaller --max_grad_norm, and check the images listed in {paths.manifest}; then {then}"
     )
 
 
 def recover_from_nonfinite(
     saved: RunCheckpoints, first_bad: int, paths: RunPaths, reexport: Callable[[Path], None]
-) -> list[str]:
+) -> tuple[list[str], str]:
     """After a NaN/inf loss or gradient at step `first_bad`: mark the checkpoints of weights that did not give a
     finite loss and gradient at the next step (the step of weights W_s is s + 1, so only those of step
     <= first_bad - 2 are trusted), and, when the exported adapter is not trusted either, `reexport` it from the
-    newest trusted checkpoint. Returns sentences for the error message: what was marked, what `latest` resumes."""
+    newest trusted checkpoint, or with none `set_aside_adapter`. Returns sentences for the error message (what was
+    marked, what `latest` does) and what to run next."""
+    from cxr.train.rundir import previous_run_files  # rundir imports this module
+
     notes = []
     for saved_step, path in sorted(saved.by_step.items()):
         if saved_step > first_bad - 2 and path.is_dir():
@@ -344,20 +426,28 @@ def recover_from_nonfinite(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the folders just marked: the message says so
         keep = find_latest_checkpoint(paths.checkpoints)
-    if keep is None:
+    then = "--resume_from_checkpoint latest"
+    if keep is not None:
+        notes.append(f"{then} resumes from {keep}.")
+    elif not previous_run_files(paths):  # nothing saved: `latest` finds nothing and starts over
+        notes.append(f"No checkpoint was saved: {then} starts from step 0.")
+    else:  # what `latest` does then: refuses to start over this run's files (cxr.train.rundir)
         notes.append(
-            f"No checkpoint in {paths.checkpoints} can be resumed from: "
-            "--resume_from_checkpoint latest starts from step 0."
+            f"No checkpoint in {paths.checkpoints} can be resumed from, so {then} is refused while this run's "
+            f"files are in {paths.root}."
         )
-    else:
-        notes.append(f"--resume_from_checkpoint latest resumes from {keep}.")
+        then = (
+            "start again without --resume_from_checkpoint, with --overwrite_output_dir (this run's files move into "
+            f"{paths.root}/{PREVIOUS_RUN_PREFIX}<time>/) or in another --output_dir"
+        )
     if saved.exported_step is not None and saved.exported_step > first_bad - 2:
         if keep is not None:
             reexport(keep)
             notes.append(f"{paths.adapter} was re-exported from it.")
         else:
+            renamed = ", ".join(path.name for path in set_aside_adapter(paths.adapter))
             notes.append(
-                f"{paths.adapter} holds the weights of step {saved.exported_step}, which gave NaN/inf "
-                "afterwards: do not use it."
+                f"{paths.adapter} held the weights of step {saved.exported_step}, which gave NaN/inf afterwards: "
+                f"renamed to {renamed} so that no tool loads them."
             )
-    return notes
+    return notes, then

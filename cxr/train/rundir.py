@@ -13,7 +13,9 @@ The folder's layout is `cxr.runpaths.RunPaths`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -21,14 +23,29 @@ from pathlib import Path
 
 from cxr import fileio
 from cxr.config import TrainConfig
+from cxr.data.latents import CACHE_FORMAT
 from cxr.model.loading import read_vae_scale_factor
 from cxr.runpaths import CHECKPOINT_PREFIX, PREVIOUS_RUN_PREFIX, RunPaths
 from cxr.runtime import DistInfo, TrainingError, broadcast_object
 from cxr.train import runlock
-from cxr.train.checkpoint import FILES, MARKER, CheckpointError, checkpoint_dirs, resolve_resume
+from cxr.train.checkpoint import (
+    FILES,
+    MARKER,
+    NONFINITE,
+    CheckpointError,
+    checkpoint_dirs,
+    checkpoint_leftovers,
+    resolve_resume,
+)
 
 LORA_PARAMS_PER_RANK_SD15 = 199_296  # LoRA parameters per unit of rank on SD v1.5's 4 default targets
 STALE_TEMP_AGE_S = 3600  # temporary files in --cache_dir (may be shared by runs) are removed only this old
+# The files whose `.NAME.PID.tmp` a killed run leaves (cxr.fileio.atomic_path), by the folder they are written to.
+_RUN_FILES = re.compile(r"manifest\.json|config\.json|summary\.json|" + re.escape(runlock.LOCK_NAME.lstrip(".")))
+_ADAPTER_FILES = re.compile(r".+\.safetensors|README\.md")
+_CACHE_FILES = re.compile(r"[0-9a-f]{64}\.safetensors")  # cxr.data.latents: <key>.safetensors
+_CACHE_CHUNKS = re.compile(r"chunk-\d+\.safetensors")  # in <key>.partial/
+_CACHE_PARTIAL = re.compile(r"[0-9a-f]{64}\.partial")
 
 
 def check_writable(folder: Path, flag: str) -> None:
@@ -42,7 +59,8 @@ def estimate_disk_bytes(cfg: TrainConfig, num_images: int, vae_scale_factor: int
     lora_bytes = cfg.lora_rank * LORA_PARAMS_PER_RANK_SD15 * 4
     checkpoint = 3 * lora_bytes + (1 << 20)  # weights + two AdamW moments
     written = -(-cfg.max_train_steps // cfg.checkpointing_steps) if cfg.checkpointing_steps else 1  # incl. the last
-    kept = min(cfg.checkpoints_total_limit or written, written) + 1  # + the one written before the oldest goes
+    # + the one written before the oldest goes; at a limit of 1 the newest known-good one stays beside the last
+    kept = min(max(cfg.checkpoints_total_limit or written, 2), written) + 1
     latent = 4 * (cfg.resolution // vae_scale_factor) ** 2 * 4 * 2  # mean and std, float32
     rows = num_images * (2 if cfg.random_flip else 1)
     return {"output": kept * checkpoint + 2 * lora_bytes + (64 << 20), "cache": rows * latent + (16 << 20)}
@@ -162,17 +180,7 @@ def _keep_earlier_run_apart(cfg: TrainConfig, resume_path: Path | None) -> None:
         return
     listed = ", ".join(earlier[:6]) + (f" and {len(earlier) - 6} more" if len(earlier) > 6 else "")
     if cfg.overwrite_output_dir:
-        keep = (
-            ()
-            if not _is_inside(paths.cache, output_dir)
-            else (Path(os.path.relpath(os.path.realpath(paths.cache), os.path.realpath(output_dir))).parts[0],)
-        )
-        moved = runlock.move_previous_run(output_dir, keep=keep)
-        warnings.warn(
-            f"--overwrite_output_dir: the earlier run in {output_dir} ({listed}) was moved to {moved}; "
-            "delete that folder when you no longer need it",
-            stacklevel=2,
-        )
+        _move_earlier_run_aside(cfg, listed)
         return
     if resume_path is not None:
         why = f"this run resumes from {resume_path}, a checkpoint of another folder, but {output_dir} holds"
@@ -191,23 +199,96 @@ def _keep_earlier_run_apart(cfg: TrainConfig, resume_path: Path | None) -> None:
     )
 
 
+def _move_earlier_run_aside(cfg: TrainConfig, listed: str) -> None:
+    """--overwrite_output_dir: move the earlier run into OUTPUT_DIR/previous-run-<time>/, keeping a --cache_dir
+    inside the folder where it is; refused, before anything moves, when an input of the run would move with it."""
+    output_dir, cache_dir = cfg.run_paths.root, cfg.run_paths.cache
+    keep = ()
+    if _is_inside(cache_dir, output_dir):
+        keep = (Path(os.path.relpath(os.path.realpath(cache_dir), os.path.realpath(output_dir))).parts[0],)
+    entries = runlock.previous_run_entries(output_dir, keep)
+    model = cfg.model_id if Path(cfg.model_id).exists() else None  # a local folder, not a hub id
+    inputs = [
+        (flag, value)
+        for flag, value in (
+            ("--dataset_dir", cfg.dataset_dir),
+            ("--file_list", cfg.file_list),
+            ("--exclude_duplicates", cfg.exclude_duplicates),
+            ("--model_id", model),
+        )
+        if value is not None and any(_within(value, entry) for entry in entries)
+    ]
+    if inputs:
+        named = ", ".join(f"{flag} {value}" for flag, value in inputs)
+        raise TrainingError(
+            f"--overwrite_output_dir: {named} lies inside {output_dir}, whose earlier run this flag would move into "
+            f"{output_dir}/{PREVIOUS_RUN_PREFIX}<time>/ ({listed}), and this run could then not read it. "
+            f"Nothing was moved. Keep the run's inputs outside {output_dir}, or write this run to another --output_dir"
+        )
+    moved = runlock.move_previous_run(output_dir, keep=keep)
+    warnings.warn(
+        f"--overwrite_output_dir: the earlier run in {output_dir} ({listed}) was moved to {moved}; "
+        "delete that folder when you no longer need it",
+        stacklevel=3,
+    )
+
+
 def _is_inside(path: Path, folder: Path) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path != folder and os.path.commonpath([path, folder]) == folder
 
 
+def _within(path, entry: Path) -> bool:
+    """Whether `path` is `entry` or lies in it, as written or with links resolved; `entry` itself is moved by a
+    rename, so a link there counts as the link, not as what it points to."""
+    entry_forms = (os.path.abspath(entry), os.path.join(os.path.realpath(entry.parent), entry.name))
+    for form in {os.path.abspath(path), os.path.realpath(path)}:
+        if any(form == e or form.startswith(e.rstrip(os.sep) + os.sep) for e in entry_forms):
+            return True
+    return False
+
+
 def _remove_stale_temp_files(cfg: TrainConfig) -> None:
-    """Delete the temporary files killed runs left (see cxr.train.runlock.stale_temp_files): in --output_dir, which this
-    run holds the lock of, every stale one; in --cache_dir, which other runs may share, only those untouched for
-    STALE_TEMP_AGE_S."""
-    output_dir, cache_dir = cfg.run_paths.root, cfg.run_paths.cache
-    found = runlock.stale_temp_files(output_dir, unnamed=True, skip=(cache_dir,))
-    found += runlock.stale_temp_files(cache_dir, unnamed=True, min_age_s=STALE_TEMP_AGE_S)
-    if found:
-        freed = runlock.remove_files(found)
-        print(
-            f"[cxr] removed {len(found)} temporary file(s) ({freed / 2**20:.1f} MiB) that a killed run left: "
-            + ", ".join(str(p) for p in found[:10])
-            + (" ..." if len(found) > 10 else ""),
-            file=sys.stderr,
-        )
+    """Delete what killed runs left, recognised by name and place (never by a pattern elsewhere): in --output_dir,
+    which this run holds the lock of, the `.NAME.PID.tmp` of its own files, adapter files and NONFINITE markers
+    and the checkpoint-<step>.tmp/.old folders of a killed save (cxr.train.checkpoint.checkpoint_leftovers); in
+    --cache_dir, which other runs may share, the temporary files of latent caches untouched for STALE_TEMP_AGE_S."""
+    paths = cfg.run_paths
+    output_dir, cache_dir = paths.root, paths.cache
+    found = runlock.stale_temp_files(output_dir, _RUN_FILES)
+    found += runlock.stale_temp_files(paths.adapter, _ADAPTER_FILES)
+    for _, folder in checkpoint_dirs(paths.checkpoints):
+        found += runlock.stale_temp_files(folder, re.compile(NONFINITE))
+    age = STALE_TEMP_AGE_S
+    found += runlock.stale_temp_files(cache_dir, _CACHE_FILES, min_age_s=age)
+    found += runlock.stale_unnamed_temp_files(cache_dir, min_age_s=age, is_ours=_holds_a_latent_cache)
+    for partial in sorted(cache_dir.glob("*.partial")) if cache_dir.is_dir() else []:
+        if _CACHE_PARTIAL.fullmatch(partial.name) and partial.is_dir() and not partial.is_symlink():
+            found += runlock.stale_temp_files(partial, _CACHE_CHUNKS, min_age_s=age)
+            found += runlock.stale_unnamed_temp_files(partial, min_age_s=age)
+    folders = checkpoint_leftovers(paths.checkpoints)
+    if not found and not folders:
+        return
+    freed = runlock.remove_files(found)
+    for folder in folders:
+        freed += sum(p.stat().st_size for p in folder.iterdir())
+        shutil.rmtree(folder)
+    removed = [str(p) for p in found + folders]
+    print(
+        f"[cxr] removed {len(removed)} temporary file(s) or folder(s) ({freed / 2**20:.1f} MiB) that a killed run "
+        "left: " + ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else ""),
+        file=sys.stderr,
+    )
+
+
+def _holds_a_latent_cache(path: Path) -> bool:
+    """Whether a safetensors temporary file is one of a latent cache: its header (written first) names the
+    cache's format."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size)) if 0 < size < min(path.stat().st_size, 1 << 28) else None
+    except (OSError, ValueError):
+        return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and metadata.get("format") == CACHE_FORMAT

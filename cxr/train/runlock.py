@@ -12,11 +12,14 @@ An existing lock is
   once that run is over.
 `RunLock.release()` (or leaving the `with` block) deletes the file if it is still ours.
 
-`stale_temp_files(folder)` finds the temporary files a killed writer leaves behind: `.NAME.PID.tmp` (from
-`cxr.fileio.atomic_path`, e.g. `.manifest.json.PID.tmp`, `.pytorch_lora_weights.safetensors.PID.tmp`, latent
-cache chunks), `.NAME.PID.partial` (sample images) and safetensors' own `.tmpXXXXXX` (written next to its target
-before the rename). A PID-named file is stale when that PID no longer runs on this host; an unnamed one (no PID)
-only in a folder this run holds the lock of, or when it was not modified for `min_age_s`.
+A lock file that is not one (a symbolic link, not JSON, a JSON list, no valid PID) is named as such: refused
+while it is recent (a starting run may be writing it), taken over with a warning once it is older.
+
+`stale_temp_files(folder, names)` finds the temporary files a killed writer left directly in `folder`:
+`.NAME.PID.tmp` (from `cxr.fileio.atomic_path`) whose NAME is one this tool writes there and whose PID no longer
+runs on this host. `stale_unnamed_temp_files(folder)` finds safetensors' own `.tmpXXXXXX` (written next to its
+target before the rename) in a folder only this tool writes, or that a check recognises as this tool's. Nothing
+is matched by a generic pattern anywhere else: the caller names each place (cxr.train.rundir).
 `move_previous_run(folder)` moves an earlier run's files into `folder/previous-run-<UTC time>/`
 (--overwrite_output_dir).
 """
@@ -36,7 +39,7 @@ from pathlib import Path
 from cxr.runpaths import LOCK_NAME, PREVIOUS_RUN_PREFIX
 
 UNREADABLE_LOCK_GRACE_S = 60.0  # a lock file still empty this long after its creation was left by a crash
-_PID_TEMP = re.compile(r"^\..+\.(\d+)\.(?:tmp|partial)$")  # .NAME.PID.tmp / .NAME.PID.partial
+_PID_TEMP = re.compile(r"^\.(.+)\.(\d+)\.tmp$")  # .NAME.PID.tmp (cxr.fileio.atomic_path)
 _UNNAMED_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors (Rust tempfile crate): .tmp + 6 characters
 _HELD: set[str] = set()  # tokens of the locks this process holds
 
@@ -84,7 +87,7 @@ def pid_running(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    except OSError:
+    except (OSError, OverflowError):  # OverflowError: larger than any PID the system can give
         return False
     return True
 
@@ -105,13 +108,33 @@ def holder_alive(info: LockInfo) -> bool | None:
 
 
 def read_lock(path: Path) -> LockInfo | None:
-    """The lock's holder, or None when the file is empty or unreadable (being written, or a crash while writing)."""
+    """The lock's holder, or None when the file is empty (being written, or a crash while writing), unreadable or
+    not a lock."""
     try:
-        data = json.loads(Path(path).read_text())
-        info = LockInfo(**{k: data.get(k) for k in LockInfo.__dataclass_fields__})
-    except (OSError, ValueError, TypeError, AttributeError):
+        return _parse_lock(Path(path).read_bytes())[0]
+    except OSError:
         return None
-    return info if isinstance(info.pid, int) and isinstance(info.host, str) and info.token else None
+
+
+def _parse_lock(raw: bytes) -> tuple[LockInfo | None, str]:
+    """(holder, "") of a lock file's bytes, or (None, what the bytes are instead: "empty", "not JSON", ...)."""
+    if not raw.strip(b"\0 \t\r\n"):
+        return None, "empty"
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None, "not JSON"
+    if not isinstance(data, dict):
+        kinds = {list: "a JSON list", str: "a JSON string", int: "a JSON number", float: "a JSON number"}
+        return None, kinds.get(type(data), "a JSON value that is not an object")
+    info = LockInfo(**{k: data.get(k) for k in LockInfo.__dataclass_fields__})
+    if _is_pid(info.pid) and isinstance(info.host, str) and info.token:
+        return info, ""
+    return None, "not a lock cxr wrote (it has no valid pid, host and token)"
+
+
+def _is_pid(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _new_info() -> LockInfo:
@@ -190,42 +213,36 @@ def acquire(folder: Path, *, flag: str = "--output_dir", attempts: int = 5) -> R
     path = folder / LOCK_NAME
     info = _new_info()
     _HELD.add(info.token)
-    previous, previous_unreadable = None, False
+    previous, previous_unreadable, unreadable = None, False, None
     try:
         for _ in range(attempts):
             if _create(path, info):
                 return RunLock(path, info, previous, previous_unreadable)
+            if path.is_symlink():
+                raise RunLockError(
+                    f"{flag} {folder}: the lock file {path} is a symbolic link (to {os.readlink(path)}); cxr writes "
+                    f"its lock as a plain file and never follows a link there. If no run uses {folder}, delete "
+                    f"{path} and start again"
+                )
             try:
                 raw = path.read_bytes()
                 age = time.time() - path.stat().st_mtime
             except FileNotFoundError:
                 continue  # released meanwhile: try again
-            holder = read_lock(path)
+            holder, unreadable = _parse_lock(raw)
             if holder is None:
-                if age < UNREADABLE_LOCK_GRACE_S:  # another run is writing it right now
+                if age < UNREADABLE_LOCK_GRACE_S:  # another run may be writing it right now
                     time.sleep(0.2)
                     continue
                 warnings.warn(
-                    f"{flag} {folder}: the lock file {path} is unreadable and {age:.0f} s old (a run "
-                    "crashed while creating it); taking it over",
+                    f"{flag} {folder}: the lock file {path} is {unreadable} and {age:.0f} s old (a run crashed while "
+                    "creating it, or something else wrote it); taking it over",
                     stacklevel=2,
                 )
                 previous_unreadable = True
                 _remove_stale(path, raw)
                 continue
-            alive = holder_alive(holder)
-            if alive:
-                raise RunLockError(
-                    f"{flag} {folder} is in use by another training run ({holder.describe()}; lock file {path}). "
-                    "Two runs in one folder would mix their checkpoints, adapter and manifest. Wait for that run to "
-                    f"finish or stop it, or choose another {flag}"
-                )
-            if alive is None:
-                raise RunLockError(
-                    f"{flag} {folder} is locked by a training run on another machine ({holder.describe()}; lock "
-                    f"file {path}); this host ({socket.gethostname()}) cannot check whether it still runs. If it "
-                    f"does, choose another {flag}; if it has ended, delete {path} and start again"
-                )
+            _refuse_if_held(holder, folder, path, flag)
             warnings.warn(
                 f"{flag} {folder}: taking over the lock of a run that is no longer running "
                 f"({holder.describe()}; killed or crashed)",
@@ -233,6 +250,12 @@ def acquire(folder: Path, *, flag: str = "--output_dir", attempts: int = 5) -> R
             )
             previous = holder
             _remove_stale(path, raw)
+        if unreadable:
+            raise RunLockError(
+                f"{flag} {folder}: the lock file {path} is {unreadable} and was written less than "
+                f"{UNREADABLE_LOCK_GRACE_S:.0f} s ago: a run starting right now may still be writing it, or it is not "
+                f"a lock cxr wrote. If no run uses {folder}, delete {path} and start again"
+            )
         raise RunLockError(
             f"{flag} {folder}: could not take the lock {path} (other runs are starting in this folder "
             f"at the same time); start one run per {flag}"
@@ -242,42 +265,62 @@ def acquire(folder: Path, *, flag: str = "--output_dir", attempts: int = 5) -> R
         raise
 
 
+def _refuse_if_held(holder: LockInfo, folder: Path, path: Path, flag: str) -> None:
+    """RunLockError when `holder` still runs, or runs on another host where this one cannot tell."""
+    alive = holder_alive(holder)
+    if alive:
+        raise RunLockError(
+            f"{flag} {folder} is in use by another training run ({holder.describe()}; lock file {path}). "
+            "Two runs in one folder would mix their checkpoints, adapter and manifest. Wait for that run to "
+            f"finish or stop it, or choose another {flag}"
+        )
+    if alive is None:
+        raise RunLockError(
+            f"{flag} {folder} is locked by a training run on another machine ({holder.describe()}; lock "
+            f"file {path}); this host ({socket.gethostname()}) cannot check whether it still runs. If it "
+            f"does, choose another {flag}; if it has ended, delete {path} and start again"
+        )
+
+
 # ------------------------------------------------------------------------------------- stray temporary files
 
 
-def stale_temp_files(folder: Path, *, unnamed: bool, min_age_s: float = 0.0, skip: tuple[Path, ...] = ()) -> list[Path]:
-    """Temporary files under `folder` (recursively) that no running writer will finish: PID-named ones whose PID
-    is not running on this host, and with `unnamed` also safetensors' `.tmpXXXXXX`; in both cases only files not
-    modified for `min_age_s` seconds. Folders in `skip` (and earlier runs moved aside) are not searched."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    skipped = {os.path.realpath(p) for p in skip}
-    now = time.time()
+def stale_temp_files(folder: Path, names: re.Pattern, *, min_age_s: float = 0.0) -> list[Path]:
+    """`.NAME.PID.tmp` files directly in `folder` (not below it) whose NAME `names` matches in full, whose PID does
+    not run on this host and that were not modified for `min_age_s` seconds: what a killed writer of those files
+    left there."""
     found = []
-    for root, subfolders, files in os.walk(folder):
-        subfolders[:] = [
-            d
-            for d in subfolders
-            if os.path.realpath(os.path.join(root, d)) not in skipped
-            and not (root == str(folder) and d.startswith(PREVIOUS_RUN_PREFIX))
-        ]
-        for name in files:
-            named = _PID_TEMP.match(name)
-            if named:
-                pid = int(named.group(1))
-                if pid == os.getpid() or pid_running(pid):
-                    continue
-            elif not (unnamed and _UNNAMED_TEMP.match(name)):
-                continue
-            path = Path(root) / name
-            try:
-                if now - path.stat().st_mtime < min_age_s:
-                    continue
-            except FileNotFoundError:
-                continue
-            found.append(path)
-    return sorted(found)
+    for path in _files_in(folder):
+        named = _PID_TEMP.match(path.name)
+        if named and names.fullmatch(named.group(1)):
+            pid = int(named.group(2))
+            if pid != os.getpid() and not pid_running(pid) and _untouched_for(path, min_age_s):
+                found.append(path)
+    return found
+
+
+def stale_unnamed_temp_files(folder: Path, *, min_age_s: float, is_ours=None) -> list[Path]:
+    """safetensors' `.tmpXXXXXX` files directly in `folder` not modified for `min_age_s` seconds; with `is_ours`
+    only those it recognises as written by this tool (for a folder that is not only this tool's)."""
+    return [
+        path
+        for path in _files_in(folder)
+        if _UNNAMED_TEMP.match(path.name) and _untouched_for(path, min_age_s) and (is_ours is None or is_ours(path))
+    ]
+
+
+def _files_in(folder: Path) -> list[Path]:
+    try:
+        return sorted(entry for entry in Path(folder).iterdir() if entry.is_file() and not entry.is_symlink())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _untouched_for(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime >= seconds
+    except FileNotFoundError:
+        return False
 
 
 def remove_files(paths: list[Path]) -> int:
@@ -296,13 +339,19 @@ def remove_files(paths: list[Path]) -> int:
 # ------------------------------------------------------------------------------------- an earlier run in the folder
 
 
-def move_previous_run(folder: Path, keep: tuple[str, ...] = ()) -> Path | None:
-    """Move every entry of `folder` except the lock, `keep` (names) and earlier `previous-run-*` folders into a new
-    `folder/previous-run-<UTC yyyymmdd-HHMMSS>/` (renames within the folder: nothing is copied or deleted).
-    Returns that folder, or None when there was nothing to move."""
-    folder = Path(folder)
+def previous_run_entries(folder: Path, keep: tuple[str, ...] = ()) -> list[Path]:
+    """What `move_previous_run` moves: every entry of `folder` except the lock, `keep` (names) and earlier
+    `previous-run-*` folders."""
     kept = {LOCK_NAME, *keep}
-    entries = [p for p in sorted(folder.iterdir()) if p.name not in kept and not p.name.startswith(PREVIOUS_RUN_PREFIX)]
+    entries = sorted(Path(folder).iterdir())
+    return [p for p in entries if p.name not in kept and not p.name.startswith(PREVIOUS_RUN_PREFIX)]
+
+
+def move_previous_run(folder: Path, keep: tuple[str, ...] = ()) -> Path | None:
+    """Move `previous_run_entries(folder, keep)` into a new `folder/previous-run-<UTC yyyymmdd-HHMMSS>/` (renames
+    within the folder: nothing is copied or deleted). Returns that folder, or None when there was nothing to move."""
+    folder = Path(folder)
+    entries = previous_run_entries(folder, keep)
     if not entries:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

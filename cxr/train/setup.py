@@ -20,6 +20,7 @@ import torch
 
 from cxr.config import TrainConfig
 from cxr.data import latents, runsplit
+from cxr.data.manifestcheck import split_sha256
 from cxr.model import ddpm, loading
 from cxr.model.lora import lora_parameters
 from cxr.privacy.watch import MemorizationWatch, build_watch
@@ -32,7 +33,7 @@ from cxr.runtime import (
     warn_on_main,
     wrap_ddp,
 )
-from cxr.train.checkpoint import RunCheckpoints
+from cxr.train.checkpoint import RunCheckpoints, read_state
 from cxr.train.rundir import check_free_space, claim_output_dir, find_resume_checkpoint, keep_earlier_run_apart
 from cxr.train.step import DataOrder, TrainStep, configure_cuda
 from cxr.train.step_graph import check_cuda_graph_flag
@@ -61,6 +62,7 @@ class RunImages:
     train: list
     val: list
     manifest_sha: str
+    split_sha: str  # the split's sha256 (cxr.data.manifestcheck), recorded in every checkpoint
     val_inputs: tuple | None  # fixed held-out (x0, noise, timesteps), rank 0 only
 
 
@@ -95,7 +97,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
     claim_output_dir(cfg, dist, held)
     resume_path = find_resume_checkpoint(cfg, dist)
     keep_earlier_run_apart(cfg, dist, resume_path)
-    train_records, val_records, manifest_sha = prepare_data(cfg, dist, resume_path)
+    train_records, val_records, manifest_sha, split_sha = prepare_data(cfg, dist, resume_path)
     model, train_cache, val_cache = _model_and_caches(cfg, dist, device, train_records, val_records)
 
     latents_mean = train_cache.mean.to(device=device, dtype=torch.float32)
@@ -141,7 +143,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
         dist=dist,
         device=device,
         model=model,
-        images=RunImages(train_records, val_records, manifest_sha, val_inputs),
+        images=RunImages(train_records, val_records, manifest_sha, split_sha, val_inputs),
         data=data,
         step=step,
         checkpoints=RunCheckpoints(resumed_from=resume_path),
@@ -150,13 +152,16 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
 
 
 def prepare_data(cfg: TrainConfig, dist: DistInfo, resume_path: Path | None = None):
-    """(train records, held-out records, manifest sha256), the same on every rank. Rank 0 draws the split (or, on
-    a resume, takes the first start's: cxr.data.runsplit), checks the disks have room, writes the manifest."""
+    """(train records, held-out records, manifest sha256, split sha256), the same on every rank. Rank 0 draws the
+    split (or, on a resume, takes the first start's: cxr.data.runsplit), checks the disks have room, writes the
+    manifest."""
     result = None
     if dist.is_main:
-        split = runsplit.split_for_run(cfg, resume_path)
+        recorded = None if resume_path is None else read_state(resume_path).get("split_sha256")
+        split = runsplit.split_for_run(cfg, resume_path, recorded)
         check_free_space(cfg, split.image_count)
-        result = (split.train, split.val, runsplit.write_run_manifest(cfg, split))
+        split_sha = split_sha256(split.train, split.val, split.dropped or [])
+        result = (split.train, split.val, runsplit.write_run_manifest(cfg, split), split_sha)
     return broadcast_object(result, dist)
 
 

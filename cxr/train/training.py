@@ -301,6 +301,7 @@ def save_state(run: TrainRun, step: int) -> None:
                 "world_size": run.dist.world_size,
                 "config": to_dict(cfg),
                 "run_name": run.run_name,
+                "split_sha256": run.images.split_sha,
                 "memorization": run.watch.at_checkpoint(step) if run.watch is not None else None,
             },
             total_limit=cfg.checkpoints_total_limit,
