@@ -303,6 +303,8 @@ class TrainConfig:
     # gradient_checkpointing (recomputes the same activations); cuda_graph, torch_compile and tf32 (the same
     # step, float rounding may differ); device (same computation; CPU and CUDA generators draw different random
     # streams, so a resume on the other kind continues in distribution but not bit for bit); ddp_timeout_minutes.
+    # The memorization watch and --stop_on_copy_rate: the watch samples with its own generators and the step reads
+    # nothing of it; a stop on the copy rate is like a signal's.
     # skip_bad_images and min_image_size are result flags: they decide which images are trained on.
     # --- data ---
     dataset_dir: Path | None = flag(
@@ -453,6 +455,28 @@ class TrainConfig:
     )
     num_validation_images: int = flag(4, "samples in the validation grid (fixed seeds)", bounds=(0, 256))
     validation_inference_steps: int = flag(25, "denoising steps for the validation samples", bounds=(1, 1000))
+    memorization_samples: int = flag(
+        64,
+        "at step 0 and every validation: this many samples (fixed seeds) are compared with every training image and "
+        "the held-out split as cxr.audit compares them (best-match NCC, copy rate, KID to the held-out images; "
+        "TensorBoard privacy/ and quality/, summary.json, each checkpoint's state.json; see docs/privacy.md); 0 "
+        "disables",
+        bounds=(0, 4096),
+    )
+    memorization_resolution: int = flag(
+        64, "side of the thumbnails the memorization watch compares (cxr.audit's)", bounds=(8, 1024)
+    )
+    memorization_features: Path | None = flag(
+        None,
+        "also watch in the embedding space of this local TorchScript network, as cxr.audit --features: copies by "
+        "cosine similarity (a sample counts when either statistic flags it) and KID in that space",
+    )
+    stop_on_copy_rate: float | None = flag(
+        None,
+        "stop with a checkpoint when a validation's copy rate is above this rate (e.g. 0.05); OUTPUT_DIR/lora_unet "
+        "then holds the adapter of the last checkpoint whose own copy rate was under it",
+        bounds=(0.0, 1.0),
+    )
     checkpointing_steps: int = flag(
         500, "save a resumable checkpoint every N steps (0: only at the end)", bounds=(0, 10**9)
     )
@@ -492,6 +516,11 @@ class TrainConfig:
             f"must be auto, cpu or cuda[:N], got {self.device!r}",
         )
         check_output_name(self.output_name, self.resolved_output_name)
+        require(
+            self.stop_on_copy_rate is None or (self.memorization_samples > 0 and self.validation_steps > 0),
+            "stop_on_copy_rate",
+            "needs the memorization watch: --memorization_samples > 0 and --validation_steps > 0",
+        )
         require(
             not (self.overwrite_output_dir and self.resume_from_checkpoint),
             "overwrite_output_dir",

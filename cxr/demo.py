@@ -99,6 +99,21 @@ def learning_sheet(rows: list[list[Path]], labels: list[str], out: Path, tile: i
     return out
 
 
+def print_memorization_curve(summary_path: Path) -> None:
+    """The memorization watch's figures at each validation of the run (docs/privacy.md)."""
+    watch = json.loads(summary_path.read_text()).get("memorization")
+    if not watch:
+        return
+    print("  memorization watch: validation samples against the training images (docs/privacy.md)")
+    print("     step  copy rate  best NCC median / p95 / max  KID to held-out")
+    for figures in watch["curve"]:
+        ncc, kid = figures["ncc"], figures["kid"]
+        print(
+            f"    {figures['step']:5d}  {figures['copy_rate']:9.1%}  {ncc['median']:.3f} / {ncc['p95']:.3f} / "
+            f"{ncc['max']:.3f}   {kid['mean'] if kid else float('nan'):.4f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the cxr demo end to end on the CPU.")
     parser.add_argument("--work_dir", type=Path, default=Path("cxr-demo"), help="folder for everything the demo writes")
@@ -189,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
             "8",
             "--validation_inference_steps",
             "20",
+            "--memorization_samples",
+            "16",
             "--log_every",
             "50",
         ],
@@ -218,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     print("  distance to the training images (16x16 thumbnails; KID x1000: lower is closer; NN-NCC: higher is closer)")
     for name, d in distances.items():
         print(f"    {name:8s} KID x1000 {d['kid_x1000']:8.2f}   nearest-neighbour NCC {d['nn_ncc']:.3f}")
+    print_memorization_curve(run.summary)
     print(f"  base | adapter: {sheet}")
     print(f"  adapter:        {run.adapter}")
     print(f"  samples:        {samples_dir} (base model alone: {base_samples})")

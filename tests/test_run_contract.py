@@ -78,6 +78,10 @@ NEVER_WARN = (
     "validation_steps",
     "num_validation_images",
     "validation_inference_steps",
+    "memorization_samples",
+    "memorization_resolution",
+    "memorization_features",
+    "stop_on_copy_rate",
     "export_format",
     "output_name",
     "resume_from_checkpoint",
@@ -128,6 +132,8 @@ def other_value(field: dataclasses.Field, value):
             "dataloader_num_workers": 3,
             "checkpoints_total_limit": 7,
             "resume_from_checkpoint": "latest",
+            "memorization_features": Path("m.pt"),
+            "stop_on_copy_rate": 0.05,
         }[field.name]
     raise AssertionError(f"no other value for {field.name}={value!r}")
 

@@ -126,22 +126,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def polynomial_kernel(x, y, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> np.ndarray:
-    """(x y^T * gamma + coef0) ** degree with gamma = 1 / D by default (float64)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+def _float64(values):
+    """float64 numpy array, or for a torch tensor a float64 tensor on its own device (KID of features that live on
+    the training GPU, `cxr.privacy.watch`)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(torch.float64)
+    return np.asarray(values, np.float64)
+
+
+def polynomial_kernel(x, y, degree: int = 3, gamma: float | None = None, coef0: float = 1.0):
+    """(x y^T * gamma + coef0) ** degree with gamma = 1 / D by default (float64; numpy, or torch on x's device)."""
+    x, y = _float64(x), _float64(y)
     gamma = 1.0 / x.shape[1] if gamma is None else gamma
     return (x @ y.T * gamma + coef0) ** degree
 
 
 def mmd2_unbiased(x, y, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> float:
-    """Unbiased MMD^2 of two equally sized samples (m, D) under the polynomial kernel."""
+    """Unbiased MMD^2 of two equally sized samples (m, D) under the polynomial kernel (numpy arrays or torch
+    tensors)."""
     m = len(x)
     if len(y) != m or m < 2:
         raise ValueError(f"mmd2_unbiased needs two samples of the same size >= 2, got {len(x)} and {len(y)}")
     k_xx = polynomial_kernel(x, x, degree, gamma, coef0)
     k_yy = polynomial_kernel(y, y, degree, gamma, coef0)
     k_xy = polynomial_kernel(x, y, degree, gamma, coef0)
-    off_diagonal = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    off_diagonal = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
     return float(off_diagonal - 2 * k_xy.sum() / m**2)
 
 
@@ -164,14 +173,20 @@ def kid(
 ) -> tuple[float, float]:
     """Kernel Inception Distance: (mean, std) of the unbiased MMD^2 over random subsets.
 
-    Each subset takes min(subset_size, N1, N2) rows of each set without replacement.
+    Each subset takes min(subset_size, N1, N2) rows of each set without replacement. Torch tensors (both on one
+    device) are computed there in float64, with the same subsets as numpy arrays.
     """
-    features1, features2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    features1, features2 = _float64(features1), _float64(features2)
     values = [
-        mmd2_unbiased(features1[i], features2[j], degree, gamma, coef0)
+        mmd2_unbiased(features1[_rows(i, features1)], features2[_rows(j, features2)], degree, gamma, coef0)
         for i, j in kid_subset_indices(len(features1), len(features2), num_subsets, subset_size, seed)
     ]
     return float(np.mean(values)), float(np.std(values))
+
+
+def _rows(indices: np.ndarray, features):
+    """`indices` as what indexes `features`: the numpy array itself, or a tensor on the features' device."""
+    return torch.as_tensor(indices, device=features.device) if isinstance(features, torch.Tensor) else indices
 
 
 # ----------------------------------------------------------------------------------------------

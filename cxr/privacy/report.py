@@ -38,7 +38,16 @@ from cxr.model.provenance import shared_name, without_local_paths
 from cxr.runpaths import RunPaths
 
 EXIT_OK, EXIT_USAGE = 0, 2
-CURVE_TAGS = ("train/loss", "val/loss", "train/lr", "train/grad_norm")
+# The memorization watch's curves too (train.py --memorization_samples): copy rate, best match, KID to held-out.
+CURVE_TAGS = (
+    "train/loss",
+    "val/loss",
+    "train/lr",
+    "train/grad_norm",
+    "privacy/copy_rate",
+    "privacy/best_ncc_p95",
+    "quality/kid_heldout",
+)
 INTENDED_USE = (
     "Research use: data augmentation, training and testing anomaly detectors, method development, and sharing "
     "example images where real radiographs cannot be shared. Every image is synthetic: it shows no real patient "
@@ -565,7 +574,9 @@ def _training_section(curves: dict) -> list[str]:
         parts.append("<div>" + "".join(svg_line_chart(points, title=tag) for tag, points in curves.items()) + "</div>")
         parts.append(
             "<p class='small'>Read back from the run's TensorBoard event files. val/loss is the plain MSE on "
-            "fixed held-out latents, noise and timesteps, so its points compare across steps.</p>"
+            "fixed held-out latents, noise and timesteps, so its points compare across steps. privacy/copy_rate is "
+            "the share of the run's fixed-seed validation samples whose best match with a training image is above "
+            "the audit's held-out threshold (the memorization watch: docs/privacy.md).</p>"
         )
     else:
         parts.append("<p>No TensorBoard scalars were found in the run's log folder.</p>")

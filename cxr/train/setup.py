@@ -23,6 +23,7 @@ from cxr.data import latents, runsplit
 from cxr.data.manifestcheck import split_sha256
 from cxr.model import ddpm, loading
 from cxr.model.lora import lora_parameters
+from cxr.privacy.watch import MemorizationWatch, build_watch
 from cxr.runpaths import RunPaths
 from cxr.runtime import (
     DistInfo,
@@ -81,6 +82,7 @@ class TrainRun:
     run_name: str | None = None  # the TensorBoard run folder's name
     writer: object = field(default_factory=NullWriter)
     summary: dict = field(default_factory=dict)
+    watch: MemorizationWatch | None = None  # rank 0, with --memorization_samples (cxr.privacy.watch)
 
     @property
     def paths(self) -> RunPaths:
@@ -145,6 +147,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainRun:
         data=data,
         step=step,
         checkpoints=RunCheckpoints(resumed_from=resume_path),
+        watch=build_watch(cfg, train_records, val_records, device) if dist.is_main else None,
     )
 
 
@@ -173,10 +176,10 @@ def _model_and_caches(cfg: TrainConfig, dist: DistInfo, device, train_records, v
     prompt_embeds = latents.encode_prompt(tokenizer, text_encoder, cfg.prompt, device).to(device)
     negative_embeds = latents.encode_prompt(tokenizer, text_encoder, "", device).to(device)
     train_cache, val_cache = latents.run_caches(cfg, dist, components["vae"], train_records, val_records, device)
-    want_images = dist.is_main and cfg.validation_steps > 0 and cfg.num_validation_images > 0
+    want_images = dist.is_main and cfg.validation_steps > 0 and (cfg.num_validation_images or cfg.memorization_samples)
     model = RunModel(
         unet=components["unet"],
-        vae=components["vae"] if want_images else None,  # kept only for the validation grid's decode
+        vae=components["vae"] if want_images else None,  # kept only for the validation samples' decode
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
         schedule=schedule,

@@ -28,11 +28,13 @@ from cxr.config import TrainConfig, changed_result_flags, result_flags, save_jso
 from cxr.data.dataset import DatasetError
 from cxr.model.export import RunFacts, export_adapter, usage_lines
 from cxr.model.lora import AdapterError, load_lora_state_dict, lora_state_dict
+from cxr.privacy.watch import copy_limit_report, over_limit
 from cxr.runtime import (
     StopFlag,
     Throughput,
     TrainingError,
     barrier,
+    broadcast_object,
     exit_code,
     package_versions,
     peak_memory_mib,
@@ -134,6 +136,8 @@ def start_logging(run: TrainRun) -> None:
             },
         )
     run.writer.add_text("config", config_markdown(to_dict(cfg), run_versions), run.start_step)
+    if run.watch is not None:
+        run.writer.add_text("privacy/calibration", run.watch.calibration_text(), run.start_step)
     run.summary = {
         "output_dir": str(run.paths.root),
         "start_step": run.start_step,
@@ -189,13 +193,19 @@ def train_loop(run: TrainRun, stop: StopFlag, stop_after_steps: int | None) -> d
             stop_requested = read["flag"]
             if log_due:
                 _log_train(run, step, read, clock.measure(), progress)
-        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+        # The last step is validated here, before its checkpoint, so the checkpoint holds its own watch figures.
+        validation_due = step == cfg.max_train_steps or (cfg.validation_steps and step % cfg.validation_steps == 0)
+        if validation_due:
             validate(run, step, images=True)
             clock.restart()
-        if checkpoint_due or stop_requested:
+        copying = validation_due and _copying(run, step)
+        if checkpoint_due or stop_requested or copying:
             save_state(run, step)
             barrier(dist)
             clock.restart()
+        if copying:
+            _stop_copying(run, step)
+            break
         if stop_requested:
             run.summary.update(interrupted=True, signal=stop.signal_name or "stop_after_steps")
             break
@@ -207,10 +217,14 @@ def _finish(run: TrainRun, step: int, clock: Throughput) -> None:
     """After the last step (or a stop): the final validation and HParams, the summary and summary.json."""
     wall = clock.overall()  # from the first step to the last, periodic validation and checkpoints included
     if step >= run.cfg.max_train_steps:
-        if step == run.start_step:  # resumed from a finished run: just (re-)export
+        if step == run.start_step:  # resumed from a finished run: just (re-)export (the loop validated the others)
             save_state(run, step)
-        validate(run, step, images=True)
+            validate(run, step, images=True)
         run.writer.add_hparams_end()
+    if run.watch is not None:
+        if run.cfg.stop_on_copy_rate is not None and not run.watch.limit and run.dist.is_main:
+            print(copy_limit_report(run.watch, run.paths.checkpoints, run.cfg.stop_on_copy_rate), file=sys.stderr)
+        run.summary["memorization"] = run.watch.summary()
     run.summary.update(
         steps=step,
         images_per_s=clock.last,
@@ -253,9 +267,11 @@ def validate(run: TrainRun, step: int, images: bool) -> None:
     """Rank 0: the held-out loss (val/loss) and, with `images`, the sample grid (val/samples)."""
     if not run.dist.is_main:
         return
-    loss = log_validation(run.model, run.images.val_inputs, run.writer, run.cfg, step, images=images)
+    loss = log_validation(run.model, run.images.val_inputs, run.writer, run.cfg, step, images=images, watch=run.watch)
     if loss is not None:
         run.summary["val_losses"].append((step, loss))
+    if run.watch is not None:
+        run.summary["memorization"] = run.watch.summary()
 
 
 def save_state(run: TrainRun, step: int) -> None:
@@ -286,6 +302,7 @@ def save_state(run: TrainRun, step: int) -> None:
                 "config": to_dict(cfg),
                 "run_name": run.run_name,
                 "split_sha256": run.images.split_sha,
+                "memorization": run.watch.at_checkpoint(step) if run.watch is not None else None,
             },
             total_limit=cfg.checkpoints_total_limit,
         )
@@ -302,6 +319,31 @@ def save_state(run: TrainRun, step: int) -> None:
             "the previous checkpoints are intact. Free disk space, then --resume_from_checkpoint latest"
         ) from error
     run.summary["checkpoint"] = str(path)
+
+
+def _copying(run: TrainRun, step: int) -> bool:
+    """Whether this step's validation found a copy rate above --stop_on_copy_rate (rank 0's verdict, on every rank)."""
+    if run.cfg.stop_on_copy_rate is None:
+        return False
+    figures = run.watch.latest if run.watch is not None else None
+    verdict = figures is not None and figures["step"] == step and over_limit(figures, run.cfg.stop_on_copy_rate)
+    return broadcast_object(verdict, run.dist)
+
+
+def _stop_copying(run: TrainRun, step: int) -> None:
+    """The run ends after a validation above --stop_on_copy_rate and its checkpoint: lora_unet/ gets the adapter of
+    the last checkpoint under the limit back (the run's end says which)."""
+    run.summary.update(interrupted=True, signal="stop_on_copy_rate")
+    if not run.dist.is_main:
+        return
+    report = copy_limit_report(run.watch, run.paths.checkpoints, run.cfg.stop_on_copy_rate, stopped_at=step)
+    print(report, file=sys.stderr)
+    keep = run.watch.limit.get("last_checkpoint_under_limit")
+    if keep is not None:
+        checkpoint = load_checkpoint(Path(keep), run.device)
+        load_lora_state_dict(run.model.unet, checkpoint.lora)
+        run.summary["adapter"] = [str(p) for p in _export_adapter(run, checkpoint.step)]
+        run.checkpoints.exported_step = checkpoint.step
 
 
 def _export_adapter(run: TrainRun, step: int) -> list[Path]:

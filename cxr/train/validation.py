@@ -20,10 +20,11 @@ VALIDATION_MAX_IMAGES = 256  # held-out images used for the loss (the first ones
 VALIDATION_GRID_GAP = 4  # white pixels between the validation grid's tiles
 
 
-def log_validation(model, val_inputs, writer, cfg, step: int, *, images: bool) -> float | None:
+def log_validation(model, val_inputs, writer, cfg, step: int, *, images: bool, watch=None) -> float | None:
     """The held-out loss at `step` (val/loss; None without held-out images) and, with `images`, the sample grid
     (val/samples), written to `writer`. `model` is the run's model side (cxr.train.setup.RunModel), `cfg` its
-    TrainConfig; the UNet is back in training mode on return."""
+    TrainConfig; the UNet is back in training mode on return. With `watch` (cxr.privacy.watch, not yet measured
+    at `step`), the samples of its seeds (the grid's are the first of them) go through it too."""
     autocast = autocast_dtype(cfg.mixed_precision)
     model.unet.eval()
     loss = None
@@ -37,7 +38,9 @@ def log_validation(model, val_inputs, writer, cfg, step: int, *, images: bool) -
             autocast,
         )
         writer.add_scalar("val/loss", loss, step)
-    if images and model.vae is not None:
+    watched = watch is not None and (watch.latest or {}).get("step") != step
+    count = max(cfg.num_validation_images, cfg.memorization_samples if watched else 0)
+    if images and model.vae is not None and count:
         samples = validation_images(
             model.unet,
             model.vae,
@@ -45,14 +48,19 @@ def log_validation(model, val_inputs, writer, cfg, step: int, *, images: bool) -
             model.scheduler_config,
             model.prompt_embeds,
             model.negative_embeds,
-            num_images=cfg.num_validation_images,
+            num_images=count,
             steps=cfg.validation_inference_steps,
             resolution=cfg.resolution,
             seed=cfg.seed,
             prediction_type=model.schedule.prediction_type,
             autocast_dtype=autocast,
+            batch_size=cfg.train_batch_size,
         )
-        writer.add_image("val/samples", image_grid(samples, gap=VALIDATION_GRID_GAP), step)
+        if cfg.num_validation_images:
+            grid = image_grid(samples[: cfg.num_validation_images], gap=VALIDATION_GRID_GAP)
+            writer.add_image("val/samples", grid, step)
+        if watched:
+            watch.log(writer, watch.observe(samples[: cfg.memorization_samples], step))
     writer.flush()
     model.unet.train()
     return loss
@@ -107,9 +115,11 @@ def validation_images(
     seed: int,
     prediction_type: str,
     autocast_dtype,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """(N, 3, R, R) samples in [0, 1] from fixed seeds (seed + i): a stock StableDiffusionPipeline built from the
-    in-memory components (LoRA applied, DPM-Solver++), then a float32 VAE decode outside autocast."""
+    in-memory components (LoRA applied, DPM-Solver++), then a float32 VAE decode outside autocast. `batch_size`
+    images at a time (all at once by default); image i depends only on its seed, not on its batch."""
     # Imported on first use: the pipeline module pulls in transformers' image processors (seconds, and their
     # warnings), which a run without a validation grid never needs.
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -126,17 +136,21 @@ def validation_images(
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        latents = pipe(
-            prompt_embeds=prompt_embeds.float().expand(num_images, -1, -1),
-            negative_prompt_embeds=negative_embeds.float().expand(num_images, -1, -1),
-            num_inference_steps=steps,
-            guidance_scale=VALIDATION_GUIDANCE_SCALE,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-            output_type="latent",
-        ).images
-    decoded = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
-    return (decoded / 2 + 0.5).clamp(0, 1).float().cpu()
+    images, chunk = [], max(1, batch_size or num_images)
+    for start in range(0, num_images, chunk):
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(start, min(num_images, start + chunk))]
+        count = len(generators)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            latents = pipe(
+                prompt_embeds=prompt_embeds.float().expand(count, -1, -1),
+                negative_prompt_embeds=negative_embeds.float().expand(count, -1, -1),
+                num_inference_steps=steps,
+                guidance_scale=VALIDATION_GUIDANCE_SCALE,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                output_type="latent",
+            ).images
+        decoded = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+        images.append((decoded / 2 + 0.5).clamp(0, 1).float().cpu())
+    return torch.cat(images)
