@@ -69,8 +69,8 @@ def test_rng_round_trip(tmp_path):
 
 
 def test_rotation_keeps_the_newest_known_good_checkpoint_until_a_newer_one_is(tmp_path):
-    """Issue 24 #3: at --checkpoints_total_limit 1 the last good checkpoint went as soon as the next one was saved,
-    before any step had run from its weights; when those diverged, no checkpoint was left to resume from."""
+    """Without the guard: at --checkpoints_total_limit 1 the last good checkpoint went as soon as the next one was
+    saved, before any step had run from its weights; when those diverged, no checkpoint was left to resume from."""
     for step in (1, 2, 3):
         save_toy_checkpoint(tmp_path, step, limit=1)
     assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [2, 3]  # 2: its next step ran; 3: not yet known
@@ -84,7 +84,7 @@ def test_rotation_keeps_the_newest_known_good_checkpoint_until_a_newer_one_is(tm
 
 
 def test_a_nonfinite_checkpoint_saved_again_is_kept_under_another_name(tmp_path):
-    """Issue 24 #4: the resumed run's checkpoint of the same step replaced a NONFINITE one without a word."""
+    """Without the guard: the resumed run's checkpoint of the same step replaced a NONFINITE one without a word."""
     from safetensors.torch import load_file
 
     save_toy_checkpoint(tmp_path, 1)

@@ -364,7 +364,7 @@ def test_manifest_refuses_patient_overlap_and_bad_files(tmp_path):
     ],
 )
 def test_a_manifest_with_a_wrong_field_is_refused_naming_the_field(tmp_path, field, change):
-    """Issue 24 #11: `"train": 5` or a missing `val` gave TypeError/KeyError tracebacks."""
+    """Without the guard: `"train": 5` or a missing `val` gave TypeError/KeyError tracebacks."""
     train, val = split_holdout(_records(6), val_fraction=0.0, val_count=2)
     path = tmp_path / "manifest.json"
     write_manifest(path, train, val)
@@ -385,7 +385,7 @@ def _dedup_report(path: Path, drop: list[ImageRecord]) -> Path:
 
 
 def test_exclude_duplicates_says_how_many_images_it_excluded(tmp_path, capsys):
-    """Issue 24 #9: --exclude_duplicates printed nothing about what it excluded."""
+    """Without the guard: --exclude_duplicates printed nothing about what it excluded."""
     records = _records(6)
     kept, recorded = drop_duplicates(records, _dedup_report(tmp_path / "report.json", records[:2]))
     assert kept == records[2:] and len(recorded["dropped"]) == 2
@@ -393,7 +393,7 @@ def test_exclude_duplicates_says_how_many_images_it_excluded(tmp_path, capsys):
 
 
 def test_exclude_duplicates_warns_when_the_report_matches_no_image(tmp_path, capsys):
-    """Issue 24 #9: a report made from other data excluded 0 images without a word."""
+    """Without the guard: a report made from other data excluded 0 images without a word."""
     records, others = _records(6), _records(9)[6:]
     with pytest.warns(UserWarning, match=r"--exclude_duplicates .*: none of the 3 images it lists to drop is among"):
         kept, _ = drop_duplicates(records, _dedup_report(tmp_path / "report.json", others))
@@ -402,7 +402,7 @@ def test_exclude_duplicates_warns_when_the_report_matches_no_image(tmp_path, cap
 
 
 def test_exclude_duplicates_that_drops_every_image_names_the_flag(tmp_path):
-    """Issue 24 #13: a report that drops every image ended in `split_holdout: no images to split`."""
+    """Without the guard: a report that drops every image ended in `split_holdout: no images to split`."""
     records = _records(3)
     with pytest.raises(DatasetError, match=r"^--exclude_duplicates .*: it drops all 3 images"):
         drop_duplicates(records, _dedup_report(tmp_path / "report.json", records))

@@ -1,4 +1,4 @@
-"""What train.py removes, moves, keeps and refuses in its output folder (issue 24): only the temporary files and
+"""What train.py removes, moves, keeps and refuses in its output folder: only the temporary files and
 checkpoint leftovers it wrote itself, never an input that lies in a folder --overwrite_output_dir would move; clear
 messages for a lock file that is not a lock; after a divergence, a good checkpoint to resume from even at
 --checkpoints_total_limit 1, and no diverged adapter left loadable; a resume that refuses another split."""
@@ -56,7 +56,7 @@ def latent_cache_start(key: str) -> bytes:
 
 
 def test_the_start_removes_only_temporary_files_this_tool_wrote(tiny_model_dir, phantom_dir, tmp_path, monkeypatch):
-    """Issue 24 #1: the clean-up walked the output folder and removed anything named like a temporary file: a
+    """Without the guard: the clean-up walked the output folder and removed anything named like a temporary file: a
     user's notes/.tmpAbC123, mydata/.draft.PID.tmp and .report.PID.partial went. #10: a PID too large for any
     process gave an OverflowError traceback."""
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -88,7 +88,7 @@ def test_the_start_removes_only_temporary_files_this_tool_wrote(tiny_model_dir, 
 
 
 def test_a_resume_removes_the_checkpoint_leftovers_it_wrote(tiny_model_dir, phantom_dir, tmp_path):
-    """Issue 24 (#16 of the first pass): checkpoint-N.tmp / checkpoint-N.old folders of a killed save stayed when
+    """checkpoint-N.tmp / checkpoint-N.old folders of a killed save stayed when
     the run resumed with another --checkpointing_steps (only a save of the same step removed them)."""
     out = tmp_path / "run"
     checkpoints = out / "checkpoints"
@@ -113,7 +113,7 @@ def test_a_resume_removes_the_checkpoint_leftovers_it_wrote(tiny_model_dir, phan
 
 
 def test_a_lock_with_a_pid_no_process_can_have_is_taken_over(tmp_path):
-    """Issue 24 #10: OverflowError traceback."""
+    """Without the guard: OverflowError traceback."""
     write_lock(tmp_path, NO_SUCH_PID)
     with pytest.warns(
         UserWarning, match=rf"taking over the lock of a run that is no longer running \(PID {NO_SUCH_PID}"
@@ -123,7 +123,7 @@ def test_a_lock_with_a_pid_no_process_can_have_is_taken_over(tmp_path):
 
 @pytest.mark.parametrize("kind", ["dangling link", "JSON list", "garbage"])
 def test_a_lock_file_that_is_not_a_lock_says_what_it_is(tmp_path, kind):
-    """Issue 24 #10: these said "other runs are starting in this folder at the same time"."""
+    """Without the guard: these said "other runs are starting in this folder at the same time"."""
     path = tmp_path / runlock.LOCK_NAME
     if kind == "dangling link":
         path.symlink_to(tmp_path / "gone")
@@ -151,7 +151,7 @@ def test_an_old_lock_file_that_is_not_a_lock_is_taken_over_saying_what_it_was(tm
 def test_overwrite_output_dir_refuses_to_move_an_input_of_the_run(
     flag, tiny_model_dir, phantom_dir, tmp_path, monkeypatch
 ):
-    """Issue 24 #2: a dataset inside the output folder was moved into previous-run-*/, then the run failed with
+    """Without the guard: a dataset inside the output folder was moved into previous-run-*/, then the run failed with
     "--dataset_dir ... does not exist"."""
     out = tmp_path / "run"
     save_toy_checkpoint(out / "checkpoints", 2)  # an earlier run
@@ -184,7 +184,7 @@ def test_overwrite_output_dir_refuses_to_move_an_input_of_the_run(
 
 
 def test_a_resume_refuses_the_manifest_of_another_split(tiny_model_dir, phantom_dir, tmp_path, monkeypatch):
-    """Issue 24 #7: with manifest.json replaced by a valid one of another split, the resume trained on, with a
+    """Without the guard: with manifest.json replaced by a valid one of another split, the resume trained on, with a
     held-out image now in training."""
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, phantom_dir, out, tmp_path / "cache")
@@ -208,7 +208,7 @@ def test_a_resume_refuses_the_manifest_of_another_split(tiny_model_dir, phantom_
 def test_one_checkpoint_kept_and_a_divergence_still_leave_a_good_one_to_resume(
     tiny_model_dir, phantom_dir, tmp_path, monkeypatch
 ):
-    """Issue 24 #3: the last good checkpoint was rotated away when the next one was saved; when that one's weights
+    """Without the guard: the last good checkpoint was rotated away when the next one was saved; when that one's weights
     diverged, lora_unet/ kept them unmarked and the message said `latest` starts from step 0."""
     from cxr.model.adapter_header import read_header
     from cxr.train.checkpoint import checkpoint_dirs
@@ -229,7 +229,8 @@ def test_one_checkpoint_kept_and_a_divergence_still_leave_a_good_one_to_resume(
     cfg.resume_from_checkpoint = "latest"
     summary = training.train(cfg)
     assert summary["start_step"] == 2 and summary["steps"] == 5
-    assert [s for s, _ in checkpoint_dirs(checkpoints)] == [4, 5]  # 4: known good, 5: the last
+    # The finished run keeps its last checkpoint alone (the limit): the good one beside it is no longer needed.
+    assert [s for s, _ in checkpoint_dirs(checkpoints)] == [5]
     assert (checkpoints / "checkpoint-3.NONFINITE" / "NONFINITE").is_file()  # replaced by the resume's step 3, kept
 
 
@@ -251,7 +252,7 @@ def test_the_disk_estimate_counts_the_good_checkpoint_kept_beside_the_last_one()
 def test_a_divergence_with_no_good_checkpoint_sets_the_adapter_aside_and_says_what_latest_does(
     tiny_model_dir, phantom_dir, tmp_path, monkeypatch
 ):
-    """Issue 24 #3: with no checkpoint to re-export from, lora_unet/ kept the diverged weights, loadable by any
+    """Without the guard: with no checkpoint to re-export from, lora_unet/ kept the diverged weights, loadable by any
     tool, and the message said `latest` starts from step 0 while it was refused."""
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, phantom_dir, out, tmp_path / "cache", max_train_steps=3)

@@ -458,7 +458,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(
 
     # Step 3 went NaN: the checkpoint of step 4 must not be written; the step-2 one is intact and finite. Its
     # weights led to the NaN, so it is marked NONFINITE and, with no good checkpoint to re-export from, its
-    # adapter is renamed out of lora_unet/'s *.safetensors (issue 24 #3).
+    # adapter is renamed out of lora_unet/'s *.safetensors.
     assert [s for s, _ in checkpoint_dirs(tmp_path / "nan" / "checkpoints")] == [2]
     assert not list((tmp_path / "nan" / "lora_unet").glob("*.safetensors"))
     [set_aside] = (tmp_path / "nan" / "lora_unet").glob("*.safetensors.NONFINITE")

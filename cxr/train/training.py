@@ -47,6 +47,7 @@ from cxr.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
+    rotate_checkpoints,
     save_checkpoint,
     stop_nonfinite,
 )
@@ -221,6 +222,10 @@ def _finish(run: TrainRun, step: int, clock: Throughput) -> None:
             save_state(run, step)
             validate(run, step, images=True)
         run.writer.add_hparams_end()
+        if run.cfg.checkpoints_total_limit and run.dist.is_main:
+            # A finished run resumes from its last checkpoint alone: the older good one kept beside it in case the
+            # next step diverged is no longer needed.
+            rotate_checkpoints(run.paths.checkpoints, run.cfg.checkpoints_total_limit)
     if run.watch is not None:
         if run.cfg.stop_on_copy_rate is not None and not run.watch.limit and run.dist.is_main:
             print(copy_limit_report(run.watch, run.paths.checkpoints, run.cfg.stop_on_copy_rate), file=sys.stderr)
