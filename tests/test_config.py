@@ -2,6 +2,7 @@
 Also: every link between README.md and docs/*.md resolves, and every module they name exists."""
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -136,6 +137,11 @@ def _defined_names(body: list[ast.stmt]) -> dict[str, ast.stmt]:
     return names
 
 
+@functools.cache
+def _module_body(source: Path) -> list[ast.stmt]:
+    return ast.parse(source.read_text()).body
+
+
 def _names_something(dotted: str) -> bool:
     """Whether `dotted` is a module of the package, or a name defined in the longest module it starts with (and in a
     class, a name of its body). Read from the source, so that checking the docs imports nothing."""
@@ -145,7 +151,7 @@ def _names_something(dotted: str) -> bool:
         source = next((path for path in (stem.with_suffix(".py"), stem / "__init__.py") if path.is_file()), None)
         if source is None:
             continue
-        body = ast.parse(source.read_text()).body
+        body = _module_body(source) if parts[end:] else []
         for attribute in parts[end:]:
             node = _defined_names(body).get(attribute)
             if node is None:
