@@ -131,10 +131,10 @@ def test_graph_replay_equals_the_eager_step_at_sd15_shapes(sd15_unet):
 
 
 def test_a_replay_reads_no_freed_memory_once_the_step_lets_go_of_its_inputs(tiny_unet):
-    """How train() went NaN/inf with the CUDA graph on the first H200 run: the graph read the latent cache and the
-    prompt embedding after train() had let go of them, and their memory went to the next allocations. Here the
-    step lets go of them after the capture and the next allocations of their sizes hold NaN: the replay, which
-    holds what the graph reads, still gives the eager step's loss."""
+    """A graph reads the latent cache and the prompt embedding it was captured with at every replay, whoever else
+    still holds them; freed, their memory goes to the next allocations and the replay computes with what those
+    write (NaN/inf in train()). Here the step lets go of them after the capture and the next allocations of their
+    sizes hold NaN: the replay, which holds what the graph reads, still gives the eager step's loss."""
     unet = _with_lora(tiny_unet, torch.float32)
     params = lora_parameters(unet)
     start = [p.detach().clone() for p in params]
