@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,16 @@ def child_env(*, new_group=False) -> dict[str, str]:
         for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(name, None)
     return env
+
+
+def wait_for_checkpoint(process, out, step: int, timeout_s: float = 300, what: str = "the run") -> None:
+    """Wait until the train.py `process` has completed checkpoint `step` in `out`; fails with the end of its stderr
+    if it exits first, or saying that `what` did not start after `timeout_s`."""
+    deadline = time.time() + timeout_s
+    while not (Path(out) / "checkpoints" / f"checkpoint-{step}" / "COMPLETE").exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.time() < deadline, f"{what} did not start"
+        time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------------------- step, checkpoint, adapter

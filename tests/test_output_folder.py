@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, child_env, save_toy_checkpoint, train_cfg, train_py_flags  # tests/helpers.py
+from helpers import (  # tests/helpers.py
+    REPO,
+    child_env,
+    save_toy_checkpoint,
+    train_cfg,
+    train_py_flags,
+    wait_for_checkpoint,
+)
 
 import cxr.train.rundir
 from cxr.config import TrainConfig
@@ -130,14 +137,6 @@ def start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout) -> subp
     return subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_checkpoint_2(process: subprocess.Popen, out: Path, timeout_s: float = 300) -> None:
-    deadline = time.time() + timeout_s
-    while not (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists():
-        assert process.poll() is None, process.communicate()[1][-2000:]
-        assert time.time() < deadline, "the run did not start"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_second_run_into_a_folder_in_use_is_refused(tiny_model_dir, phantom_dir, tmp_path, monkeypatch):
     """A second train.py into an --output_dir a running one holds is refused before it writes anything, and the
@@ -145,7 +144,7 @@ def test_second_run_into_a_folder_in_use_is_refused(tiny_model_dir, phantom_dir,
     out, cache = tmp_path / "run", tmp_path / "cache"
     first = start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout=subprocess.PIPE)
     try:
-        wait_for_checkpoint_2(first, out)
+        wait_for_checkpoint(first, out, 2)
         manifest = (out / "manifest.json").read_bytes()
         no_scan(monkeypatch)
         second = make_cfg(tiny_model_dir, phantom_dir, out, cache, seed=1, resume_from_checkpoint="latest")
@@ -166,7 +165,7 @@ def test_lock_of_a_killed_run_is_taken_over_by_the_resume(tiny_model_dir, phanto
     out, cache = tmp_path / "run", tmp_path / "cache"
     killed = start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout=subprocess.DEVNULL)
     try:
-        wait_for_checkpoint_2(killed, out)
+        wait_for_checkpoint(killed, out, 2)
     finally:
         killed.kill()  # SIGKILL: no clean-up runs
         killed.communicate()

@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, child_env, lora_tensors, tiny_step, train_py_flags  # tests/helpers.py
+from helpers import REPO, child_env, lora_tensors, tiny_step, train_py_flags, wait_for_checkpoint  # tests/helpers.py
 from helpers import train_cfg as make_cfg
 
 import cxr.runtime
@@ -583,11 +582,7 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_d
     env = child_env()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 300
-        while not (out / "checkpoints" / "checkpoint-5" / "COMPLETE").exists():  # training is under way
-            assert process.poll() is None, process.communicate()[1][-2000:]
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_for_checkpoint(process, out, 5, what="training")  # training is under way
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=300)
     finally:
