@@ -117,7 +117,7 @@ def test_the_copy_rate_rises_from_zero_and_the_run_stops_at_the_limit(stopped_ru
 def test_tensorboard_and_the_report_read_the_curves_back(stopped_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cxr.privacy.report import training_curves
+    from cxr.privacy.report_facts import training_curves
 
     cfg, summary = stopped_run
     curve = summary["memorization"]["curve"]
