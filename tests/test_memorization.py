@@ -143,7 +143,8 @@ def test_cxr_audit_flags_the_same_samples_at_the_stopping_checkpoint(stopped_run
     from cxr.model.adapter_files import read_adapter, save_adapter
     from cxr.model.loading import load_components
     from cxr.model.lora import inject_lora, load_lora_state_dict
-    from cxr.privacy.audit import AuditConfig, audit
+    from cxr.privacy.audit import audit
+    from cxr.privacy.audit_config import AuditConfig
     from cxr.sample.sampling import sample_run
     from cxr.train.checkpoint import load_checkpoint
 

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from cxr.config import SampleConfig, TrainConfig
-from cxr.privacy.audit import AuditConfig, audit
+from cxr.privacy.audit import audit
+from cxr.privacy.audit_config import AuditConfig
 from cxr.privacy.evaluate import EvaluateConfig, evaluate
 from cxr.privacy.report import ReportConfig, main, write_report
 from cxr.privacy.report_facts import training_curves

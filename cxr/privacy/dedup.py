@@ -123,7 +123,7 @@ class DedupConfig:
 def near_duplicate_pairs(scores, indices, shifts, threshold: float) -> dict[tuple[int, int], tuple[float, tuple]]:
     """{(i, j) with i < j: (best score, (dy, dx))} for every neighbour j of i (j != i) scoring >= threshold.
 
-    `scores`/`indices`/`shifts` are `cxr.privacy.audit.best_matches` of a set against itself; a pair found from both
+    `scores`/`indices`/`shifts` are `cxr.privacy.ncc.best_matches` of a set against itself; a pair found from both
     ends keeps its higher score (shifting i onto j and j onto i can differ by interpolation).
     """
     pairs: dict[tuple[int, int], tuple[float, tuple]] = {}
@@ -194,7 +194,7 @@ def find_duplicates(cfg: DedupConfig) -> dict:
 
     from cxr.data.imageio import Preprocess
     from cxr.model.loading import pick_device
-    from cxr.privacy.audit import score_histogram
+    from cxr.privacy.audit_scores import score_histogram
     from cxr.privacy.imagesets import load_thumbnails
     from cxr.privacy.ncc import best_matches, standardize
 
