@@ -73,7 +73,7 @@ def sample_cfg(model_dir, out_dir, **overrides) -> SampleConfig:
 def audit_cfg(run, train_dir, samples_dir, out):
     """An AuditConfig of `samples_dir` against the training images of `run`'s manifest, on 16 px thumbnails
     without shifts, 2 gallery pairs, on the CPU."""
-    from cxr.privacy.audit import AuditConfig
+    from cxr.privacy.audit_config import AuditConfig
 
     return AuditConfig(
         train_manifest=Path(run) / "manifest.json",
