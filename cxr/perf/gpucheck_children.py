@@ -70,12 +70,10 @@ def emit(row: dict) -> None:
 
 
 def train_step(cfg, **kwargs):
-    """Our training step, built as train() builds it (`cxr.train.step`'s `build_train_step(cfg, ...)`, or its
-    `TrainStep(cfg, ...)` class where that is the builder: the same arguments)."""
-    from cxr.train import step
+    """Our training step, built as train() builds it: `cxr.train.step.TrainStep(cfg, ...)`."""
+    from cxr.train.step import TrainStep
 
-    builder = getattr(step, "build_train_step", None) or step.TrainStep
-    return builder(cfg, **kwargs)
+    return TrainStep(cfg, **kwargs)
 
 
 def built_on(device, build):
