@@ -21,9 +21,9 @@ import cxr.runtime
 import cxr.train.setup
 import cxr.train.step
 import cxr.train.validation
-from cxr.config import (
+from cxr.config import TrainConfig
+from cxr.flags import (
     ConfigError,
-    TrainConfig,
     cache_flags,
     changed_result_flags,
     parse_config,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from cxr.config import TrainConfig, cache_flags
+from cxr.config import TrainConfig
 from cxr.data.dataset import DatasetError, ImageRecord
 from cxr.data.imageio import (
     PREPROCESS_VERSION,
@@ -45,6 +45,7 @@ from cxr.data.imageio import (
     to_model_input,
 )
 from cxr.fileio import atomic_path
+from cxr.flags import cache_flags
 from cxr.runtime import DistInfo, barrier, broadcast_object, require_shared_folder
 
 CACHE_FORMAT = "cxr-latents/1"

@@ -13,9 +13,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr.config import TrainConfig, result_flags, to_dict
+from cxr.config import TrainConfig
 from cxr.data import dataset
 from cxr.data.dataset import DatasetError, ImageRecord
+from cxr.flags import result_flags, to_dict
 from cxr.runpaths import RunPaths
 from cxr.runtime import TrainingError
 

@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 
-from cxr.config import parse_config
 from cxr.fileio import atomic_write_bytes
+from cxr.flags import parse_config
 from cxr.perf.bench_context import SECTIONS, BenchConfig, Context, Row, resolve_device_dtype
 from cxr.perf.bench_sections import SECTION_FUNCTIONS
 from cxr.train.step import configure_cuda

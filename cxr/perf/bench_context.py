@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from cxr import DEFAULT_PROMPT
-from cxr.config import TRAIN_SEED_MAX, ConfigError, TrainConfig, check_choices, flag
+from cxr.config import TRAIN_SEED_MAX, TrainConfig
 from cxr.data.latents import encode_prompt
 from cxr.fileio import check_writable_file
+from cxr.flags import ConfigError, check_choices, flag
 from cxr.model import ddpm
 from cxr.model.loading import pick_device, vae_scale_factor
 from cxr.model.lora import inject_lora, lora_parameters

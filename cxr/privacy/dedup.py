@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.config import check_choices, flag, parse_config, require, to_dict
 from cxr.fileio import check_writable, check_writable_file, staged_files
+from cxr.flags import check_choices, flag, parse_config, require, to_dict
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 

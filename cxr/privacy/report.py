@@ -32,8 +32,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cxr import __version__
-from cxr.config import TrainConfig, check_choices, flag, parse_config, require, result_flags
+from cxr.config import TrainConfig
 from cxr.fileio import check_writable_file, file_sha256, staged_files
+from cxr.flags import check_choices, flag, parse_config, require, result_flags
 from cxr.model.provenance import shared_name, without_local_paths
 from cxr.runpaths import RunPaths
 
