@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cxr.config import TrainConfig
-from cxr.data.dataset import read_manifest, records_from_manifest
 from cxr.data.imageio import Preprocess, thumbnail
+from cxr.data.manifest import read_manifest, records_from_manifest
 from cxr.fileio import check_writable, staged_files
 from cxr.flags import check_choices, flag, parse_config, recorded_values, require, to_dict
 from cxr.model.loading import pick_device

@@ -162,7 +162,8 @@ def connected_groups(count: int, pairs) -> list[list[int]]:
 
 def _records(cfg: DedupConfig):
     """(records, split of each record or None, byte-identical duplicates [(relpath, kept relpath)])."""
-    from cxr.data.dataset import read_manifest, records_from_manifest, scan_dataset_report
+    from cxr.data.dataset import scan_dataset_report
+    from cxr.data.manifest import read_manifest, records_from_manifest
 
     if cfg.train_manifest is not None:
         manifest = read_manifest(cfg.train_manifest)
