@@ -286,7 +286,7 @@ def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(
     import hashlib
 
     from cxr.data import latents
-    from cxr.data.imageio import PREPROCESS_VERSION
+    from cxr.data.preprocess import PREPROCESS_VERSION
     from cxr.model.loading import load_components
 
     real_key = latents.cache_key

@@ -37,13 +37,8 @@ import torch
 
 from cxr.config import TrainConfig
 from cxr.data.dataset import DatasetError, ImageRecord
-from cxr.data.imageio import (
-    PREPROCESS_VERSION,
-    Preprocess,
-    flip_warning,
-    read_file_bytes,
-    to_model_input,
-)
+from cxr.data.imageio import read_file_bytes
+from cxr.data.preprocess import PREPROCESS_VERSION, Preprocess, flip_warning, to_model_input
 from cxr.fileio import atomic_path
 from cxr.flags import cache_flags
 from cxr.runtime import DistInfo, barrier, broadcast_object, require_shared_folder
@@ -323,7 +318,7 @@ def build_or_load_latent_cache(
     """Load the latent cache of these images and settings, or build it (batched VAE encoding on `device`,
     decoding in `num_workers` DataLoader processes); see the module docstring for the key and crash safety.
     `resolution`, `pad_to_square` and `intensity_clip_percent` (0: min-max scaling) are the flags of the same names,
-    given one by one like every `cache=True` training flag; they travel on as one `cxr.data.imageio.Preprocess`.
+    given one by one like every `cache=True` training flag; they travel on as one `cxr.data.preprocess.Preprocess`.
 
     Under torchrun (`dist` of several processes) every rank calls this: each encodes its share of the chunks and
     rank 0 writes the file, which is byte for byte the file one process writes; the other ranks then load it.

@@ -23,9 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cxr import DEFAULT_PROMPT
 from cxr.data.dataset import scan_dataset
-from cxr.data.imageio import Preprocess, read_grayscale, to_model_input
+from cxr.data.imageio import read_grayscale
 from cxr.data.latents import build_or_load_latent_cache
 from cxr.data.phantoms import write_phantoms
+from cxr.data.preprocess import Preprocess, to_model_input
 from cxr.model.lora import DEFAULT_TARGETS, lora_modules, merge_lora, unmerge_lora
 from cxr.perf.bench_context import (
     BenchConfig,

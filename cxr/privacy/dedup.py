@@ -193,7 +193,7 @@ def find_duplicates(cfg: DedupConfig) -> dict:
     """Run the search and write report.json, pairs.csv, gallery.png (and the kept file list) to `cfg.out`."""
     import torch
 
-    from cxr.data.imageio import Preprocess
+    from cxr.data.preprocess import Preprocess
     from cxr.model.loading import pick_device
     from cxr.privacy.audit import score_histogram
     from cxr.privacy.imagesets import load_thumbnails

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cxr.config import TRAIN_SEED_MAX
-from cxr.data.imageio import Preprocess, thumbnail
+from cxr.data.preprocess import Preprocess, thumbnail
 from cxr.fileio import atomic_write_bytes, check_writable_file
 from cxr.flags import check_choices, flag, parse_config, require, to_dict
 from cxr.model.loading import pick_device
