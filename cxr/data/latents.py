@@ -349,10 +349,7 @@ def build_or_load_latent_cache(
     )
     path = cache_dir / f"{key}.safetensors"
 
-    unique = {}
-    for record in records:
-        unique.setdefault(record.sha256, record)
-    unique = [unique[h] for h in sorted(unique)]
+    unique = _one_per_content(records)
     expected_rows = len(unique) * (2 if random_flip else 1)
 
     complete = _is_complete(path, key, expected_rows) if dist.is_main else None
@@ -376,13 +373,25 @@ def build_or_load_latent_cache(
         )
         tensors = _build_cache_file(path, unique, vae, header, **encode)
 
+    _print_cache_size(action, path, len(unique), expected_rows)
+    return _in_record_order(tensors, records, unique, random_flip, scaling_factor, key)
+
+
+def _one_per_content(records) -> list:
+    """One record per content hash (the first given), sorted by hash: the images the cache encodes, in row order."""
+    unique = {}
+    for record in records:
+        unique.setdefault(record.sha256, record)
+    return [unique[h] for h in sorted(unique)]
+
+
+def _print_cache_size(action: str, path: Path, images: int, rows: int) -> None:
     size = path.stat().st_size
     print(
-        f"[cxr] latent cache {action}: {path} ({len(unique)} images, {expected_rows} rows, "
-        f"{size / 2**20:.1f} MiB, {size / len(unique) / 1024:.1f} KiB per image)",
+        f"[cxr] latent cache {action}: {path} ({images} images, {rows} rows, "
+        f"{size / 2**20:.1f} MiB, {size / images / 1024:.1f} KiB per image)",
         file=sys.stderr,
     )
-    return _in_record_order(tensors, records, unique, random_flip, scaling_factor, key)
 
 
 def _cache_header(key, unique, vae, preprocess: Preprocess, random_flip, vae_id, fingerprint, scaling_factor) -> dict:
