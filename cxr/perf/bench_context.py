@@ -1,6 +1,7 @@
 """What the benchmark's sections share: the settings (BenchConfig), the table row, the context with the
 random-weight models, our training step built as training builds it (`cxr.train.step.TrainStep`), and the
-interleaved timer. The sections are in `cxr.perf.bench_sections`; the command is `python -m cxr.bench`.
+interleaved timer. The sections are registered in `cxr.perf.bench_sections.SECTION_FUNCTIONS`; the command is
+`python -m cxr.bench`.
 """
 
 from __future__ import annotations
