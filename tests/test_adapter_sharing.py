@@ -44,7 +44,8 @@ def shared(tiny_model_dir, phantom_dir, tmp_path_factory):
     """A run made from a base model in a temporary folder, its samples (--lora_path the adapter file), an audit and
     a release report: everything a user has before sharing. The finished run is then resumed once (a re-export)."""
     from cxr.model.adapter_files import resolve_adapter_file
-    from cxr.privacy.audit import AuditConfig, audit
+    from cxr.privacy.audit import audit
+    from cxr.privacy.audit_config import AuditConfig
     from cxr.privacy.report import ReportConfig, write_report
     from cxr.sample.sampling import sample_run
     from cxr.train import training

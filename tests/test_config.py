@@ -224,7 +224,7 @@ def test_huge_finite_values_of_every_numeric_flag_are_flag_errors(sign):
 
 
 def test_huge_values_from_the_issue_exit_2_naming_the_flag(capsys):
-    from cxr.privacy.audit import AuditConfig
+    from cxr.privacy.audit_config import AuditConfig
     from cxr.privacy.evaluate import EvaluateConfig
 
     cases = [

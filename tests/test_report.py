@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 
 from cxr.config import SampleConfig, TrainConfig
-from cxr.privacy.audit import AuditConfig, audit
+from cxr.privacy.audit import audit
+from cxr.privacy.audit_config import AuditConfig
 from cxr.privacy.evaluate import EvaluateConfig, evaluate
-from cxr.privacy.report import ReportConfig, main, training_curves, write_report
+from cxr.privacy.report import ReportConfig, main, write_report
+from cxr.privacy.report_facts import training_curves
 from cxr.sample.sampling import sample_run
 from cxr.train.training import train
 
@@ -230,7 +232,7 @@ def test_out_in_an_unwritable_folder_fails_before_the_work(released, tmp_path, m
 
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
-    monkeypatch.setattr(report_module, "gather_facts", lambda cfg: pytest.fail("the inputs were read"))
+    monkeypatch.setattr(report_module, "gather_facts", lambda *inputs: pytest.fail("the inputs were read"))
     (tmp_path / "folder.html").mkdir()
     for out in (blocker / "r.html", tmp_path / "folder.html"):
         assert main(_argv(released, out)) == 2
