@@ -22,6 +22,8 @@ except ModuleNotFoundError:  # Python 3.10
 import typing
 from pathlib import Path
 
+from cxr.fileio import atomic_write_bytes
+
 
 class ConfigError(ValueError):
     """A flag has an invalid value. The message starts with the flag's name."""
@@ -194,8 +196,9 @@ def to_dict(config) -> dict:
 
 
 def save_json(config, path: Path, extra: dict | None = None) -> None:
+    """Write `config` (every flag) and `extra` to `path` atomically: a failed write keeps the previous file."""
     payload = {"config": to_dict(config), **(extra or {})}
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def flag_table(cls) -> str:
