@@ -35,7 +35,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cxr.config import SampleConfig, parse_config
+    from cxr.config import SampleConfig
+    from cxr.flags import parse_config
 
     cfg = parse_config(SampleConfig, argv)
     from cxr.sample.sampling import (

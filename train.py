@@ -30,7 +30,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cxr.config import TrainConfig, parse_config
+    from cxr.config import TrainConfig
+    from cxr.flags import parse_config
 
     cfg = parse_config(TrainConfig, argv)
     from cxr.train.training import (

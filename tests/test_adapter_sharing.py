@@ -315,7 +315,7 @@ def test_card_of_a_physionet_derived_adapter_states_the_terms():
 
 
 def test_output_name_defaults_to_the_output_folder_and_bad_names_exit_2(capsys):
-    from cxr.config import parse_config
+    from cxr.flags import parse_config
 
     assert TrainConfig(dataset_dir=Path("d"), output_dir=Path("runs/My Run (2)")).resolved_output_name == "My_Run__2_"
     assert TrainConfig(dataset_dir=Path("d"), output_name="nih-256").resolved_output_name == "nih-256"

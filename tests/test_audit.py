@@ -260,7 +260,8 @@ def test_fresh_phantoms_need_calibration(audit_data):
 
 
 def test_manifest_splits_are_train_and_baseline(tmp_path):
-    from cxr.data.dataset import scan_dataset, split_holdout, write_manifest
+    from cxr.data.dataset import scan_dataset
+    from cxr.data.manifest import split_holdout, write_manifest
     from cxr.data.phantoms import write_phantoms
 
     data = tmp_path / "data"
@@ -451,7 +452,8 @@ def labelled_run(tmp_path_factory):
     of 2 of them (no label)."""
     from PIL import Image
 
-    from cxr.data.dataset import scan_dataset, write_manifest
+    from cxr.data.dataset import scan_dataset
+    from cxr.data.manifest import write_manifest
 
     root = tmp_path_factory.mktemp("labelled")
     (root / "train").mkdir()
@@ -505,7 +507,8 @@ def test_audit_reads_training_images_with_the_manifests_intensity_window(labelle
 
 
 def test_manifest_from_before_the_window_reads_min_max(labelled_run, tmp_path):
-    from cxr.data.dataset import scan_dataset, write_manifest
+    from cxr.data.dataset import scan_dataset
+    from cxr.data.manifest import write_manifest
 
     write_manifest(tmp_path / "old_run" / "manifest.json", scan_dataset(labelled_run / "train"), [], {"seed": 0})
     report = audit(
@@ -532,7 +535,8 @@ def test_bad_intensity_clip_percent_exits_2(tmp_path, capsys, value):
 def test_audit_warns_when_its_crop_differs_from_the_training_runs(labelled_run, tmp_path):
     import warnings as warnings_module
 
-    from cxr.data.dataset import scan_dataset, write_manifest
+    from cxr.data.dataset import scan_dataset
+    from cxr.data.manifest import write_manifest
 
     manifest = tmp_path / "padded_run" / "manifest.json"
     write_manifest(manifest, scan_dataset(labelled_run / "train"), [], {"pad_to_square": True})

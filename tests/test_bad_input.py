@@ -404,7 +404,7 @@ def test_audit_command_ignores_hidden_files(folder_with_hidden_junk, tmp_path, c
 
 def test_a_file_name_that_is_not_utf8_is_scanned_split_and_recorded(tmp_path):
     """`M\\xfcller.png` from an old Latin-1 export: its name is bytes that are not UTF-8. It trains like any other."""
-    from cxr.data.dataset import read_manifest, records_from_manifest, split_holdout, write_manifest
+    from cxr.data.manifest import read_manifest, records_from_manifest, split_holdout, write_manifest
 
     for seed in range(4):
         _write_png(tmp_path / "data" / f"image_{seed}.png", seed=seed)

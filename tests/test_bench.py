@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cxr import runtime
-from cxr.perf import bench, bench_context, bench_ops, bench_sections
+from cxr.perf import bench, bench_context, bench_memory, bench_ops, bench_sections
 
 TIMED_ROWS = {
     ("train", "our step, cached latents"),
@@ -162,11 +162,11 @@ def test_saved_activation_bytes_matches_closed_form():
     batch = 3
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     x = torch.randn(batch, 8)
-    counted = bench_sections.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters()))
+    counted = bench_memory.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters()))
     assert counted == 4 * batch * (8 + 16)
     # frozen weights and an input without grad: nothing needs saving
     model.requires_grad_(False)
-    assert bench_sections.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters())) == 0
+    assert bench_memory.saved_activation_bytes(lambda: model(x), exclude=list(model.parameters())) == 0
 
 
 def test_peak_memory_window_resets_on_cpu():

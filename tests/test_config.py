@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr.config import SampleConfig, TrainConfig, parse_config, update_flag_tables
+from cxr.config import SampleConfig, TrainConfig, update_flag_tables
+from cxr.flags import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -262,7 +263,7 @@ def _numeric_flags():
     import dataclasses
     import typing
 
-    from cxr.config import _base_type
+    from cxr.flags import _base_type
 
     for command, config in _valid_configs().items():
         hints = typing.get_type_hints(type(config))
@@ -287,7 +288,7 @@ def test_every_numeric_flag_declares_a_range_its_default_lies_in():
 def test_huge_finite_values_of_every_numeric_flag_are_flag_errors(sign):
     import dataclasses
 
-    from cxr.config import ConfigError
+    from cxr.flags import ConfigError
 
     checked = 0
     for _command, config, f, kind in _numeric_flags():

@@ -1,4 +1,5 @@
-"""cxr.data.dataset: discovery, file lists, validation of bad files, seeded subsets, held-out split, manifest."""
+"""cxr.data.dataset (discovery, file lists, validation of bad files, seeded subsets) and cxr.data.manifest (the
+held-out split, the manifest)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.data.dataset import (
-    DatasetError,
-    ImageRecord,
-    drop_duplicates,
-    read_manifest,
-    records_from_manifest,
-    scan_dataset,
-    scan_dataset_report,
-    selection_rank,
-    split_holdout,
-    write_manifest,
-)
+from cxr.data.dataset import DatasetError, ImageRecord, scan_dataset, scan_dataset_report, selection_rank
+from cxr.data.manifest import drop_duplicates, read_manifest, records_from_manifest, split_holdout, write_manifest
 
 
 def _png(path: Path, size=(96, 96), value=None, seed=0) -> Path:

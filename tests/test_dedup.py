@@ -12,7 +12,8 @@ import torch
 from helpers import train_cfg  # tests/helpers.py
 from PIL import Image
 
-from cxr.data.dataset import read_file_list, scan_dataset, write_manifest
+from cxr.data.dataset import read_file_list, scan_dataset
+from cxr.data.manifest import write_manifest
 from cxr.data.phantoms import write_phantoms
 from cxr.fileio import file_sha256
 from cxr.privacy.dedup import DedupConfig, connected_groups, find_duplicates, main, near_duplicate_pairs
@@ -143,7 +144,7 @@ def test_exit_codes(planted, tmp_path, capsys):
 
 
 def test_train_exclude_duplicates_drops_them_before_the_split_and_records_it(planted, tmp_path, tiny_model_dir):
-    from cxr.data.dataset import read_manifest
+    from cxr.data.manifest import read_manifest
     from cxr.train.training import train
 
     torch.set_num_threads(1)

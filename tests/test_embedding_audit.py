@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.data.imageio import Preprocess
 from cxr.data.phantoms import write_phantoms
+from cxr.data.preprocess import Preprocess
 from cxr.privacy.embedding import embedding_search
 from cxr.privacy.imagesets import load_thumbnails
 from cxr.privacy.ncc import best_matches, calibrate_threshold, standardize

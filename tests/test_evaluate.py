@@ -207,7 +207,8 @@ def test_evaluate_end_to_end_with_a_torchscript_extractor(image_sets, tmp_path, 
     results = json.loads(out.read_text())
     assert results["counts"] == {"real": 12, "fake": 10} and results["features"]["dim"] == 48
     # The FID equals the formula on features computed here independently of the command.
-    from cxr.data.imageio import Preprocess, read_grayscale, thumbnail
+    from cxr.data.imageio import read_grayscale
+    from cxr.data.preprocess import Preprocess, thumbnail
     from cxr.privacy.imagesets import list_images
 
     def direct_features(folder):

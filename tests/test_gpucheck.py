@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr.config import build_parser
+from cxr.flags import build_parser
 from cxr.perf import gpucheck, gpucheck_base, gpucheck_env, gpucheck_realpath, gpucheck_report
 
 
@@ -264,7 +264,8 @@ def test_help_says_how_to_bring_the_wheels_and_the_dry_run_settings():
 
 def test_train_py_gets_the_cuda_graph_flag_in_the_form_it_has():
     """Forced on or off, whether --cuda_graph is a switch or a choice of auto/on/off."""
-    from cxr.config import TrainConfig, parse_config
+    from cxr.config import TrainConfig
+    from cxr.flags import parse_config
 
     for on in (True, False):
         cfg = parse_config(TrainConfig, ["--dataset_dir", "d", *gpucheck.cuda_graph_argv(on)])

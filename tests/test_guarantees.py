@@ -218,7 +218,8 @@ def test_a_runs_config_json_is_replaced_whole_or_not_at_all(tmp_path):
     import resource
     import signal
 
-    from cxr.config import TrainConfig, save_json
+    from cxr.config import TrainConfig
+    from cxr.flags import save_json
 
     path = tmp_path / "config.json"
     save_json(TrainConfig(max_train_steps=4), path, {"world_size": 1})

@@ -11,16 +11,8 @@ import torch
 from helpers import write_dicom  # tests/helpers.py
 from PIL import Image, ImageFile
 
-from cxr.data.imageio import (
-    BT601_LUMA,
-    FLIP_WARNING,
-    SUPPORTED_SUFFIXES,
-    ImageReadError,
-    Preprocess,
-    flip_warning,
-    read_grayscale,
-    to_model_input,
-)
+from cxr.data.imageio import BT601_LUMA, SUPPORTED_SUFFIXES, ImageReadError, read_grayscale
+from cxr.data.preprocess import FLIP_WARNING, Preprocess, flip_warning, to_model_input
 
 
 def _ramp8(height=32, width=64) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from helpers import child_env  # tests/helpers.py
 
 from cxr.data.dataset import DatasetError, scan_dataset
-from cxr.data.imageio import Preprocess, read_grayscale, to_model_input
+from cxr.data.imageio import read_grayscale
 from cxr.data.latents import (
     build_or_load_latent_cache,
     cache_key,
@@ -26,6 +26,7 @@ from cxr.data.latents import (
     vae_fingerprint,
 )
 from cxr.data.phantoms import write_phantoms
+from cxr.data.preprocess import Preprocess, to_model_input
 
 RESOLUTION = 32  # 4x4 latents keep the tiny VAE fast on a shared CPU
 
@@ -188,8 +189,8 @@ def test_intensity_clip_percent_enters_the_key_only_when_set():
     import hashlib
     import json
 
-    from cxr.data.imageio import PREPROCESS_VERSION
     from cxr.data.latents import CACHE_FORMAT
+    from cxr.data.preprocess import PREPROCESS_VERSION
 
     base = {
         "resolution": 256,

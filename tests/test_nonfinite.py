@@ -10,7 +10,8 @@ import torch
 from helpers import sample_cfg, save_toy_checkpoint, tiny_step, train_cfg  # tests/helpers.py
 
 import cxr.train.step
-from cxr.config import ConfigError, SampleConfig, TrainConfig, parse_config
+from cxr.config import SampleConfig, TrainConfig
+from cxr.flags import ConfigError, parse_config
 from cxr.train import training
 from cxr.train.checkpoint import NonFiniteLossError
 

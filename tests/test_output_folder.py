@@ -311,7 +311,7 @@ def test_resume_keeps_the_split_of_the_first_start(tiny_model_dir, phantom_dir, 
 
 
 def test_dropped_images_stay_out_on_later_resumes(tiny_model_dir, phantom_dir, tmp_path):
-    from cxr.data.dataset import check_unchanged, read_manifest, records_from_manifest
+    from cxr.data.manifest import check_unchanged, read_manifest, records_from_manifest
 
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)

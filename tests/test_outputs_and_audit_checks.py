@@ -11,7 +11,8 @@ import helpers  # tests/helpers.py
 import pytest
 import torch
 
-from cxr.config import ConfigError, SampleConfig, TrainConfig, parse_config
+from cxr.config import SampleConfig, TrainConfig
+from cxr.flags import ConfigError, parse_config
 from cxr.privacy import audit as audit_module
 from cxr.privacy import evaluate as evaluate_module
 from cxr.sample import sampling

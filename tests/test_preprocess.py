@@ -1,5 +1,5 @@
-"""cxr.data.imageio.Preprocess and the one crop-to-square: training's and the comparison tools' squaring agree, and the
-latent cache's key and header keep their exact bytes (caches built by earlier versions stay valid)."""
+"""cxr.data.preprocess.Preprocess and the one crop-to-square: training's and the comparison tools' squaring agree, and
+the latent cache's key and header keep their exact bytes (caches built by earlier versions stay valid)."""
 
 import dataclasses
 import hashlib
@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr.data.imageio import BT601_LUMA, PREPROCESS_VERSION, Preprocess, crop_or_pad_square, thumbnail, to_model_input
+from cxr.data.imageio import BT601_LUMA
 from cxr.data.latents import CACHE_FORMAT, cache_key
+from cxr.data.preprocess import PREPROCESS_VERSION, Preprocess, crop_or_pad_square, thumbnail, to_model_input
 
 
 @pytest.mark.parametrize("shape", [(47, 64), (64, 47), (50, 50)])

@@ -21,9 +21,9 @@ import cxr.runtime
 import cxr.train.setup
 import cxr.train.step
 import cxr.train.validation
-from cxr.config import (
+from cxr.config import TrainConfig
+from cxr.flags import (
     ConfigError,
-    TrainConfig,
     cache_flags,
     changed_result_flags,
     parse_config,
@@ -287,7 +287,7 @@ def test_every_cache_flag_changes_the_cache_key_and_no_other_flag_does(
     import hashlib
 
     from cxr.data import latents
-    from cxr.data.imageio import PREPROCESS_VERSION
+    from cxr.data.preprocess import PREPROCESS_VERSION
     from cxr.model.loading import load_components
 
     real_key = latents.cache_key

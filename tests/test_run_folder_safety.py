@@ -14,7 +14,8 @@ from helpers import save_toy_checkpoint  # tests/helpers.py
 from test_nonfinite import _poison_gradients
 from test_output_folder import dead_pid, make_cfg, no_scan, write_lock
 
-from cxr.data.dataset import DatasetError, read_manifest, records_from_manifest, write_manifest
+from cxr.data.dataset import DatasetError
+from cxr.data.manifest import read_manifest, records_from_manifest, write_manifest
 from cxr.runtime import TrainingError
 from cxr.train import runlock, training
 

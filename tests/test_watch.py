@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from cxr.data.dataset import ImageRecord
-from cxr.data.imageio import Preprocess, read_grayscale
+from cxr.data.imageio import read_grayscale
 from cxr.data.phantoms import make_phantom
+from cxr.data.preprocess import Preprocess
 from cxr.privacy.audit import audit
 from cxr.privacy.audit_config import AuditConfig
 from cxr.privacy.imagemetrics import kid

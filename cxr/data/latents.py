@@ -35,16 +35,12 @@ from pathlib import Path
 
 import torch
 
-from cxr.config import TrainConfig, cache_flags
+from cxr.config import TrainConfig
 from cxr.data.dataset import DatasetError, ImageRecord
-from cxr.data.imageio import (
-    PREPROCESS_VERSION,
-    Preprocess,
-    flip_warning,
-    read_file_bytes,
-    to_model_input,
-)
+from cxr.data.imageio import read_file_bytes
+from cxr.data.preprocess import PREPROCESS_VERSION, Preprocess, flip_warning, to_model_input
 from cxr.fileio import atomic_path
+from cxr.flags import cache_flags
 from cxr.runtime import DistInfo, barrier, broadcast_object, require_shared_folder
 
 CACHE_FORMAT = "cxr-latents/1"
@@ -322,7 +318,7 @@ def build_or_load_latent_cache(
     """Load the latent cache of these images and settings, or build it (batched VAE encoding on `device`,
     decoding in `num_workers` DataLoader processes); see the module docstring for the key and crash safety.
     `resolution`, `pad_to_square` and `intensity_clip_percent` (0: min-max scaling) are the flags of the same names,
-    given one by one like every `cache=True` training flag; they travel on as one `cxr.data.imageio.Preprocess`.
+    given one by one like every `cache=True` training flag; they travel on as one `cxr.data.preprocess.Preprocess`.
 
     Under torchrun (`dist` of several processes) every rank calls this: each encodes its share of the chunks and
     rank 0 writes the file, which is byte for byte the file one process writes; the other ranks then load it.
@@ -353,10 +349,7 @@ def build_or_load_latent_cache(
     )
     path = cache_dir / f"{key}.safetensors"
 
-    unique = {}
-    for record in records:
-        unique.setdefault(record.sha256, record)
-    unique = [unique[h] for h in sorted(unique)]
+    unique = _one_per_content(records)
     expected_rows = len(unique) * (2 if random_flip else 1)
 
     complete = _is_complete(path, key, expected_rows) if dist.is_main else None
@@ -380,13 +373,25 @@ def build_or_load_latent_cache(
         )
         tensors = _build_cache_file(path, unique, vae, header, **encode)
 
+    _print_cache_size(action, path, len(unique), expected_rows)
+    return _in_record_order(tensors, records, unique, random_flip, scaling_factor, key)
+
+
+def _one_per_content(records) -> list:
+    """One record per content hash (the first given), sorted by hash: the images the cache encodes, in row order."""
+    unique = {}
+    for record in records:
+        unique.setdefault(record.sha256, record)
+    return [unique[h] for h in sorted(unique)]
+
+
+def _print_cache_size(action: str, path: Path, images: int, rows: int) -> None:
     size = path.stat().st_size
     print(
-        f"[cxr] latent cache {action}: {path} ({len(unique)} images, {expected_rows} rows, "
-        f"{size / 2**20:.1f} MiB, {size / len(unique) / 1024:.1f} KiB per image)",
+        f"[cxr] latent cache {action}: {path} ({images} images, {rows} rows, "
+        f"{size / 2**20:.1f} MiB, {size / images / 1024:.1f} KiB per image)",
         file=sys.stderr,
     )
-    return _in_record_order(tensors, records, unique, random_flip, scaling_factor, key)
 
 
 def _cache_header(key, unique, vae, preprocess: Preprocess, random_flip, vae_id, fingerprint, scaling_factor) -> dict:

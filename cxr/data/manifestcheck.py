@@ -1,6 +1,6 @@
-"""Checks of a run's manifest (cxr.data.dataset writes and reads it): the fields this package reads, with the
+"""Checks of a run's manifest (cxr.data.manifest writes and reads it): the fields this package reads, with the
 field named when one is wrong, and the hash of the train/held-out split that every checkpoint records, so a
-resumed run refuses a manifest of another split (`cxr.data.dataset.check_split`).
+resumed run refuses a manifest of another split (`cxr.data.manifest.check_split`).
 
     manifest_problem(manifest) -> str | None     "`train[3].size_bytes` must be an integer >= 0, got ..."
     split_sha256(train, val, dropped) -> str     the split as drawn at the run's first start (a run's records)

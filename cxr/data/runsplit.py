@@ -13,9 +13,19 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr.config import TrainConfig, result_flags, to_dict
+from cxr.config import TrainConfig
 from cxr.data import dataset
 from cxr.data.dataset import DatasetError, ImageRecord
+from cxr.data.manifest import (
+    check_split,
+    check_unchanged,
+    drop_duplicates,
+    read_manifest,
+    records_from_manifest,
+    split_holdout,
+    write_manifest,
+)
+from cxr.flags import result_flags, to_dict
 from cxr.runpaths import RunPaths
 from cxr.runtime import TrainingError
 
@@ -50,22 +60,20 @@ def split_for_run(cfg: TrainConfig, resume_path: Path | None = None, recorded_sp
     )
     deduplicated = None
     if cfg.exclude_duplicates is not None:
-        records, deduplicated = dataset.drop_duplicates(records, cfg.exclude_duplicates)
-    train, val = dataset.split_holdout(records, val_fraction=cfg.val_fraction, val_count=cfg.val_count, seed=cfg.seed)
+        records, deduplicated = drop_duplicates(records, cfg.exclude_duplicates)
+    train, val = split_holdout(records, val_fraction=cfg.val_fraction, val_count=cfg.val_count, seed=cfg.seed)
     return RunSplit(train, val, deduplicated=deduplicated)
 
 
 def write_run_manifest(cfg: TrainConfig, split: RunSplit) -> str:
     """Write the run's manifest (both splits, every result flag under `extra`); returns its sha256."""
     extra = {name: value for name, value in to_dict(cfg).items() if name in result_flags(TrainConfig)}
-    return dataset.write_manifest(
-        cfg.run_paths.manifest, split.train, split.val, extra, split.dropped, split.deduplicated
-    )
+    return write_manifest(cfg.run_paths.manifest, split.train, split.val, extra, split.dropped, split.deduplicated)
 
 
 def split_of_first_start(cfg: TrainConfig, resume_path: Path, recorded_split: str | None = None) -> RunSplit:
     """The split recorded in the manifest of the run the checkpoint `resume_path` belongs to; DatasetError when it
-    is not the one the checkpoint recorded (`recorded_split`, `cxr.data.dataset.check_split`). Images missing or
+    is not the one the checkpoint recorded (`recorded_split`, `cxr.data.manifest.check_split`). Images missing or
     changed since are an error naming them, or with --skip_bad_images left out of both splits with a warning
     (listed under `dropped`)."""
     manifest_path = RunPaths.of_checkpoint(resume_path).manifest
@@ -75,15 +83,13 @@ def split_of_first_start(cfg: TrainConfig, resume_path: Path, recorded_split: st
             "train/held-out split fixed at the run's first start, which a resumed run keeps. Restore it, or start a "
             "new run (without --resume_from_checkpoint) in another --output_dir"
         )
-    manifest = dataset.read_manifest(manifest_path)
-    dataset.check_split(manifest_path, manifest, recorded_split, resume_path)
-    splits = {
-        name: dataset.records_from_manifest(manifest, name, dataset_dir=cfg.dataset_dir) for name in ("train", "val")
-    }
+    manifest = read_manifest(manifest_path)
+    check_split(manifest_path, manifest, recorded_split, resume_path)
+    splits = {name: records_from_manifest(manifest, name, dataset_dir=cfg.dataset_dir) for name in ("train", "val")}
     changed = [
         (name, record, reason)
         for name in splits
-        for record, reason in dataset.check_unchanged(splits[name], cfg.resolved_num_workers)
+        for record, reason in check_unchanged(splits[name], cfg.resolved_num_workers)
     ]
     dropped = list(manifest.get("dropped", []))
     if changed:

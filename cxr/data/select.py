@@ -42,12 +42,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr.config import ConfigError, check_choices, flag, parse_config, require
 from cxr.data.dataset import FILE_LIST_COLUMNS
 from cxr.data.select_csv import ImageToLocate, LabelOptions, SelectionError, Step
 from cxr.data.select_labels import chexpert_candidates, mimic_candidates, nih_candidates, vindr_candidates
 from cxr.data.select_padchest import padchest_candidates
 from cxr.fileio import atomic_path, check_writable_file
+from cxr.flags import ConfigError, check_choices, flag, parse_config, require
 
 LABEL_RULES = {
     "nih": nih_candidates,

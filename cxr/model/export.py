@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from cxr import __version__
-from cxr.config import TrainConfig, result_flags, to_dict
+from cxr.config import TrainConfig
+from cxr.flags import result_flags, to_dict
 from cxr.model.adapter_files import (
     DIFFUSERS_WEIGHT_NAME,
     Adapter,

@@ -29,7 +29,8 @@ downloaded. Sections (`--sections`, comma-separated):
 - `sampling`: images/s of sampling with classifier-free guidance.
 
 Code: `cxr.perf.bench_context` (settings, the shared models, our training step `cxr.train.step.TrainStep`
-built exactly as train() builds it, the interleaved timer), `cxr.perf.bench_sections` (one function per section), this
+built exactly as train() builds it, the interleaved timer), one function per section in `cxr.perf.bench_sections`
+(step, LoRA, CUDA, FLOPs, sampling), `cxr.perf.bench_memory`, `cxr.perf.bench_data` and `cxr.perf.bench_ops`, this
 module (the table, JSON and command line).
 
 Timing: `--warmup` untimed steps per variant, then `--repeats` rounds of `--steps` timed steps; the
@@ -54,8 +55,8 @@ from pathlib import Path
 
 import torch
 
-from cxr.config import parse_config
 from cxr.fileio import atomic_write_bytes
+from cxr.flags import parse_config
 from cxr.perf.bench_context import SECTIONS, BenchConfig, Context, Row, resolve_device_dtype
 from cxr.perf.bench_sections import SECTION_FUNCTIONS
 from cxr.train.step import configure_cuda

@@ -1,6 +1,7 @@
 """What the benchmark's sections share: the settings (BenchConfig), the table row, the context with the
 random-weight models, our training step built as training builds it (`cxr.train.step.TrainStep`), and the
-interleaved timer. The sections are in `cxr.perf.bench_sections`; the command is `python -m cxr.bench`.
+interleaved timer. The sections are registered in `cxr.perf.bench_sections.SECTION_FUNCTIONS`; the command is
+`python -m cxr.bench`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 import torch
 
 from cxr import DEFAULT_PROMPT
-from cxr.config import TRAIN_SEED_MAX, ConfigError, TrainConfig, check_choices, flag
+from cxr.config import TRAIN_SEED_MAX, TrainConfig
 from cxr.data.latents import encode_prompt
 from cxr.fileio import check_writable_file
+from cxr.flags import ConfigError, check_choices, flag
 from cxr.model import ddpm
 from cxr.model.loading import pick_device, vae_scale_factor
 from cxr.model.lora import inject_lora, lora_parameters

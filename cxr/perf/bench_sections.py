@@ -1,45 +1,33 @@
 """The benchmark's sections: each takes the shared Context and returns table rows (see `python -m cxr.bench`).
 
-peak, flops, train, lora, cuda, memory, activations, input, cache, sampling   (SECTION_FUNCTIONS)
+peak, flops, train, lora, cuda, sampling here; memory, activations in `cxr.perf.bench_memory`; input, cache in
+`cxr.perf.bench_data`; ops in `cxr.perf.bench_ops`   (all registered in SECTION_FUNCTIONS)
 """
 
 from __future__ import annotations
 
 import copy
-import gc
-import json
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from cxr import DEFAULT_PROMPT
-from cxr.data.dataset import scan_dataset
-from cxr.data.imageio import Preprocess, read_grayscale, to_model_input
-from cxr.data.latents import build_or_load_latent_cache
-from cxr.data.phantoms import write_phantoms
 from cxr.model.lora import DEFAULT_TARGETS, lora_modules, merge_lora, unmerge_lora
 from cxr.perf.bench_context import (
-    BenchConfig,
     Context,
     Row,
     make_step,
-    resolve_device_dtype,
     throughput_row,
     time_interleaved,
 )
+from cxr.perf.bench_data import section_cache, section_input
+from cxr.perf.bench_memory import free_memory, section_activations, section_memory
 from cxr.perf.bench_ops import section_ops
-from cxr.runtime import peak_memory_mib, reset_peak_memory, synchronize
+from cxr.runtime import synchronize
 from cxr.sample.sampling import generate_batch, make_scheduler
-from cxr.train.step import diffusion_loss
 
 
 def measure_matmul_peak(device, dtype) -> float:
@@ -212,15 +200,8 @@ def section_lora(ctx: Context) -> list[Row]:
         ),
     ]
     del theirs, step, variants
-    _free_memory(ctx.device)
+    free_memory(ctx.device)
     return rows
-
-
-def _free_memory(device) -> None:
-    """Return what the last section dropped, so that later peak-memory windows start clean."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def section_cuda(ctx: Context) -> list[Row]:
@@ -296,117 +277,6 @@ def section_cuda(ctx: Context) -> list[Row]:
     return rows
 
 
-def section_memory(ctx: Context) -> list[Row]:
-    """Peak memory of our step in a child process that holds only what training holds (UNet + LoRA +
-    optimizer + latent cache + prompt embedding; VAE and text encoder freed, as train() does)."""
-    cfg = ctx.cfg
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    settings.update(device=str(ctx.device), out=None)
-    code = (
-        "import json, sys; from cxr.perf.bench_sections import memory_child; "
-        "print(json.dumps(memory_child(json.loads(sys.argv[1]))))"
-    )
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"--sections memory: the child process failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    what = "CUDA max_memory_allocated" if ctx.device.type == "cuda" else "peak RSS of the process"
-    return [
-        Row(
-            "memory",
-            "training process",
-            result["images_per_s"],
-            result["ms_per_step"],
-            result["peak_mem_mb"],
-            note=f"{what}; batch {cfg.batch_size}, {cfg.cache_rows} cached latents, only the UNet resident",
-        )
-    ]
-
-
-def memory_child(settings: dict) -> dict:
-    """Body of the memory section's child process: build our step, free VAE and text encoder, run, report."""
-    cfg = BenchConfig(**{**settings, "out": None})
-    device, dtype = resolve_device_dtype(cfg)
-    ctx = Context(cfg, device, dtype)
-    state = ctx.train_state()
-    for name in ("vae", "text_encoder"):
-        del ctx.components[name]
-    _free_memory(device)
-    reset = reset_peak_memory(device)
-    for _ in range(cfg.warmup):
-        state.run()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(cfg.steps):
-        state.run()
-    synchronize(device)
-    seconds = (time.perf_counter() - started) / cfg.steps
-    return {
-        "peak_mem_mb": peak_memory_mib(device),
-        "peak_reset": reset,
-        "ms_per_step": 1000 * seconds,
-        "images_per_s": cfg.batch_size / seconds,
-    }
-
-
-def saved_activation_bytes(forward: Callable[[], object], exclude=()) -> int:
-    """Bytes of the distinct tensor storages autograd saves for the backward pass while `forward()` runs, not
-    counting the storages of the tensors in `exclude` (the model's parameters). The graph is freed on return."""
-    excluded = {tensor.untyped_storage().data_ptr() for tensor in exclude}
-    sizes: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            sizes[storage.data_ptr()] = storage.nbytes()  # saved tensors stay alive: no address is reused
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = forward()
-    del result
-    return sum(sizes.values())
-
-
-def section_activations(ctx: Context) -> list[Row]:
-    """Saved activations of one forward of our step (counted), and the budget they add up to with the weights,
-    the LoRA + AdamW state and the latent cache (a lower bound of the training peak: no temporaries)."""
-    cfg, state = ctx.cfg, ctx.train_state()
-    generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
-    shape = (cfg.batch_size, *state.latents_mean.shape[1:])
-    x0, noise = (torch.randn(shape, generator=generator, device=ctx.device) for _ in range(2))
-    timesteps = torch.randint(
-        0, len(ctx.schedule().alphas_cumprod), (cfg.batch_size,), generator=generator, device=ctx.device
-    )
-    autocast_dtype = None if ctx.dtype == torch.float32 else ctx.dtype
-    saved = saved_activation_bytes(
-        lambda: diffusion_loss(
-            state.unet, x0, noise, timesteps, state.prompt_embedding, ctx.schedule(), 0.0, autocast_dtype
-        ),
-        exclude=list(state.unet.parameters()),
-    )
-    frozen = sum(p.numel() * p.element_size() for p in state.unet.parameters() if not p.requires_grad)
-    lora_state = 4 * sum(p.numel() * p.element_size() for p in state.params)  # weights, grads, 2 AdamW moments
-    cache = state.latents_mean.nbytes + state.latents_std.nbytes
-    mib = 2**20
-    dtype_name = str(ctx.dtype).replace("torch.", "")
-    return [
-        Row(
-            "activations",
-            "saved for backward (counted)",
-            peak_mem_mb=saved / mib,
-            note=f"batch {cfg.batch_size}, {dtype_name}: {saved / cfg.batch_size / mib:.0f} MiB per image; "
-            "autograd's saved tensors of one forward (saved_tensors_hooks)",
-        ),
-        Row(
-            "activations",
-            "training lower bound (sum)",
-            peak_mem_mb=(saved + frozen + lora_state + cache) / mib,
-            note=f"saved activations + frozen UNet {frozen / mib:.0f} MiB + LoRA/AdamW {lora_state / mib:.0f} MiB + "
-            f"latent cache {cache / mib:.0f} MiB ({cfg.cache_rows} rows); excludes backward temporaries",
-        ),
-    ]
-
-
 def count_flops(call: Callable[[], object]) -> int:
     """FLOPs of one call, counted by PyTorch's FLOP counter (matmuls, convolutions, attention)."""
     # PyTorch has no FLOP formula for the CPU's fused attention kernel; the math backend spells attention
@@ -461,115 +331,6 @@ def section_flops(ctx: Context) -> list[Row]:
         "encode_every_step": "generic step: + VAE encoder + text encoder per image",
     }
     return [Row("flops", name, gflop_per_image=ctx.flops[name] / 1e9, note=note) for name, note in notes.items()]
-
-
-class _DecodeDataset:
-    """Decode + resize files exactly as the latent-cache build does (torch Dataset protocol)."""
-
-    def __init__(self, paths: list[Path], resolution: int):
-        self.paths, self.resolution = paths, resolution
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return to_model_input(read_grayscale(self.paths[index]), Preprocess(self.resolution))
-
-
-def write_bench_phantoms(out_dir: Path, count: int, size: int, seed: int) -> list[Path]:
-    """`count` 8-bit PNG phantoms of `size` x `size` pixels (NIH ChestX-ray14 files are 1024 px 8-bit PNGs)."""
-    return write_phantoms(out_dir, count, seed=seed, sizes=((size, size),), formats=("png8",))
-
-
-def section_input(ctx: Context) -> list[Row]:
-    """Decode + resize images/s through a DataLoader, per worker count."""
-    cfg = ctx.cfg
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
-        paths = write_bench_phantoms(Path(tmp), cfg.input_images, cfg.input_size, cfg.seed)
-        dataset = _DecodeDataset(paths, cfg.resolution)
-        for workers in cfg.worker_counts:
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers, persistent_workers=workers > 0)
-
-            def epoch(loader=loader):
-                for _ in loader:
-                    pass
-
-            timing = time_interleaved({"epoch": epoch}, torch.device("cpu"), warmup=1, steps=1, repeats=cfg.repeats)[
-                "epoch"
-            ]
-            rows.append(
-                throughput_row(
-                    ctx,
-                    "input",
-                    f"decode+resize, {workers} workers",
-                    timing,
-                    len(paths),
-                    note=f"{cfg.input_size} px 8-bit PNG -> {cfg.resolution} px; ms per epoch of {len(paths)}",
-                )
-            )
-            del loader
-    return rows
-
-
-def section_cache(ctx: Context) -> list[Row]:
-    """Latent-cache build images/s (decode, resize, VAE encode) and reload images/s."""
-    cfg = ctx.cfg
-    vae = ctx.models()["vae"]
-    bench_dtype = vae.dtype
-    vae.float()  # training keeps the VAE in float32 to cache its posterior exactly
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
-        write_bench_phantoms(Path(tmp) / "images", cfg.cache_images, cfg.input_size, cfg.seed)
-        records = scan_dataset(Path(tmp) / "images")
-        workers = max(cfg.worker_counts)
-
-        def cache_in(folder: Path):
-            return build_or_load_latent_cache(
-                records,
-                vae,
-                resolution=cfg.resolution,
-                pad_to_square=False,
-                random_flip=False,
-                cache_dir=folder,
-                device=ctx.device,
-                batch_size=cfg.batch_size,
-                num_workers=workers,
-                vae_id=f"bench-{cfg.arch}",
-            )
-
-        builds = iter(range(10**6))
-        build = lambda: cache_in(Path(tmp) / f"cache-{next(builds)}")  # a fresh folder: every call builds  # noqa: E731
-        load = lambda: cache_in(Path(tmp) / "cache-0")  # noqa: E731
-
-        with torch.no_grad():
-            timing = time_interleaved({"build": build}, ctx.device, warmup=0, steps=1, repeats=1)["build"]
-            flops = ctx.flops.get("vae_encoder")
-            rows.append(
-                throughput_row(
-                    ctx,
-                    "cache",
-                    f"build, {workers} workers",
-                    timing,
-                    len(records),
-                    flops,
-                    note=f"{len(records)} images {cfg.input_size} px -> {cfg.resolution} px latents; one build",
-                )
-            )
-            timing = time_interleaved({"load": load}, ctx.device, warmup=0, steps=1, repeats=cfg.repeats)["load"]
-            rows.append(
-                throughput_row(
-                    ctx,
-                    "cache",
-                    "reload (cache hit)",
-                    timing,
-                    len(records),
-                    note="same images, resolution, crop and VAE: read back, nothing encoded",
-                )
-            )
-    if bench_dtype != torch.float32:
-        vae.to(dtype=bench_dtype)
-    return rows
 
 
 def section_sampling(ctx: Context) -> list[Row]:

@@ -43,7 +43,7 @@ import tempfile
 import typing
 from pathlib import Path
 
-from cxr.config import parse_config
+from cxr.flags import parse_config
 from cxr.perf import gpucheck_sections as sections
 from cxr.perf.gpucheck_base import (  # the names tests and callers reach through this module too
     IMPORTS_RESERVE_S,

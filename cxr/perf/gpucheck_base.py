@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cxr.config import ConfigError, TrainConfig, flag
+from cxr.config import TrainConfig
 from cxr.fileio import atomic_write_bytes
+from cxr.flags import ConfigError, flag
 from cxr.perf.gpucheck_report import render_markdown
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

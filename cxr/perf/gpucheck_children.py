@@ -18,8 +18,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from cxr.config import TrainConfig, parse_config
+from cxr.config import TrainConfig
 from cxr.data.phantoms import write_phantoms
+from cxr.flags import parse_config
 from cxr.model.tiny import save_pipeline
 from cxr.perf.gpucheck_base import RESULT_MARKER, ROW_MARKER, cuda_graph_value
 from cxr.perf.gpucheck_env import versions

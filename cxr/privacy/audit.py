@@ -4,7 +4,7 @@ A near-copy of a chest X-ray can re-identify the patient, so every generated ima
 every training image:
 
 1. Each image is center-cropped (or padded) to a square by the same function as in training
-   (`cxr.data.imageio.crop_or_pad_square`), resized with an antialiased bilinear filter (training resizes with
+   (`cxr.data.preprocess.crop_or_pad_square`), resized with an antialiased bilinear filter (training resizes with
    Lanczos) to `--resolution` pixels (64 by default) and standardized (zero mean, unit norm).
 2. The normalized cross-correlation (NCC) of two images is then the dot product of their vectors. An
    exact top-k search runs as chunked matrix products (float32, CPU or CUDA) whose chunk sizes come from
@@ -48,10 +48,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.config import TrainConfig, parse_config, recorded_values, to_dict
-from cxr.data.dataset import read_manifest, records_from_manifest
-from cxr.data.imageio import Preprocess
+from cxr.config import TrainConfig
+from cxr.data.manifest import read_manifest, records_from_manifest
+from cxr.data.preprocess import Preprocess
 from cxr.fileio import check_writable, staged_files
+from cxr.flags import parse_config, recorded_values, to_dict
 from cxr.model.loading import pick_device
 from cxr.privacy.audit_calibration import check_calibration, choose_threshold, drop_training_copies
 from cxr.privacy.audit_config import AuditConfig

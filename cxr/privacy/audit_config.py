@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr.config import check_choices, flag, require
+from cxr.flags import check_choices, flag, require
 from cxr.privacy.evaluate import FEATURES_TRUST
 
 

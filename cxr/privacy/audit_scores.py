@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cxr.data.imageio import Preprocess, thumbnail
+from cxr.data.preprocess import Preprocess, thumbnail
 from cxr.privacy.audit_calibration import check_ceiling
 from cxr.privacy.audit_config import AuditConfig
 from cxr.privacy.embedding import embedding_search

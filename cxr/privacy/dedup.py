@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.config import check_choices, flag, parse_config, require, to_dict
 from cxr.fileio import check_writable, check_writable_file, staged_files
+from cxr.flags import check_choices, flag, parse_config, require, to_dict
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
@@ -162,7 +162,8 @@ def connected_groups(count: int, pairs) -> list[list[int]]:
 
 def _records(cfg: DedupConfig):
     """(records, split of each record or None, byte-identical duplicates [(relpath, kept relpath)])."""
-    from cxr.data.dataset import read_manifest, records_from_manifest, scan_dataset_report
+    from cxr.data.dataset import scan_dataset_report
+    from cxr.data.manifest import read_manifest, records_from_manifest
 
     if cfg.train_manifest is not None:
         manifest = read_manifest(cfg.train_manifest)
@@ -190,7 +191,7 @@ def _records(cfg: DedupConfig):
 
 def find_duplicates(cfg: DedupConfig) -> dict:
     """Run the search and write report.json, pairs.csv, gallery.png (and the kept file list) to `cfg.out`."""
-    from cxr.data.imageio import Preprocess
+    from cxr.data.preprocess import Preprocess
     from cxr.model.loading import pick_device
     from cxr.privacy.imagesets import load_thumbnails
 

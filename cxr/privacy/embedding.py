@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.data.imageio import Preprocess
+from cxr.data.preprocess import Preprocess
 from cxr.privacy.evaluate import load_feature_extractor, read_set
 from cxr.privacy.ncc import calibrate_threshold, ncc_topk
 

@@ -34,9 +34,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cxr.config import TRAIN_SEED_MAX, check_choices, flag, parse_config, require, to_dict
-from cxr.data.imageio import Preprocess, thumbnail
+from cxr.config import TRAIN_SEED_MAX
+from cxr.data.preprocess import Preprocess, thumbnail
 from cxr.fileio import atomic_write_bytes, check_writable_file
+from cxr.flags import check_choices, flag, parse_config, require, to_dict
 from cxr.model.loading import pick_device
 from cxr.privacy.imagemetrics import (
     feature_statistics,

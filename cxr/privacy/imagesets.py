@@ -2,8 +2,8 @@
 reading every
 image as a small square thumbnail with DataLoader workers, and a gallery of image pairs.
 
-Each image is read as `preprocess` says (`cxr.data.imageio.Preprocess`: intensity window, crop or pad) and resized
-by `cxr.data.imageio.thumbnail` (antialiased bilinear).
+Each image is read as `preprocess` says (`cxr.data.preprocess.Preprocess`: intensity window, crop or pad) and resized
+by `cxr.data.preprocess.thumbnail` (antialiased bilinear).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cxr.data.dataset import DatasetError, find_images
-from cxr.data.imageio import Preprocess, thumbnail
+from cxr.data.preprocess import Preprocess, thumbnail
 from cxr.fileio import file_sha256
 
 

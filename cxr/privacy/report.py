@@ -27,8 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr.config import check_choices, flag, parse_config, require
 from cxr.fileio import check_writable_file, staged_files
+from cxr.flags import check_choices, flag, parse_config, require
 from cxr.privacy.report_facts import ReportError, gather_facts
 from cxr.privacy.report_figures import png_data_uri, sample_grid
 from cxr.privacy.report_page import render_html

@@ -14,8 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cxr import __version__
-from cxr.config import TrainConfig, result_flags
+from cxr.config import TrainConfig
 from cxr.fileio import file_sha256
+from cxr.flags import result_flags
 from cxr.model.provenance import shared_name, without_local_paths
 from cxr.runpaths import RunPaths
 

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.data.imageio import BT601_LUMA, Preprocess, thumbnail
+from cxr.data.imageio import BT601_LUMA
+from cxr.data.preprocess import Preprocess, thumbnail
 from cxr.fileio import atomic_path
 from cxr.privacy.audit_calibration import SCORE_CEILING, check_calibration
 from cxr.privacy.audit_config import AuditConfig

@@ -28,8 +28,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cxr import __version__
-from cxr.config import SampleConfig, to_dict
+from cxr.config import SampleConfig
 from cxr.fileio import atomic_write_bytes
+from cxr.flags import to_dict
 from cxr.model.provenance import describe_base_model, shared_name
 
 logger = logging.getLogger(__name__)

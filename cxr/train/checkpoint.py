@@ -143,6 +143,19 @@ def checkpoint_leftovers(root: Path) -> list[Path]:
     return found
 
 
+def previous_run_files(paths: RunPaths) -> list[str]:
+    """What an earlier training run left in the folder that a fresh run would mix with: its checkpoints and
+    adapter files (relative paths; empty when there are none)."""
+    found = [f"{paths.checkpoints.name}/{path.name}" for _, path in checkpoint_dirs(paths.checkpoints)]
+    if paths.adapter.is_dir():
+        found += [
+            f"{paths.adapter.name}/{p.name}"
+            for p in sorted(paths.adapter.iterdir())
+            if p.is_file() and not p.name.startswith(".")
+        ]
+    return found
+
+
 def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
     """Every RNG state the loop depends on, as tensors and plain values (loadable with weights_only)."""
     version, internal, gauss = random.getstate()
@@ -416,8 +429,6 @@ def recover_from_nonfinite(
     <= first_bad - 2 are trusted), and, when the exported adapter is not trusted either, `reexport` it from the
     newest trusted checkpoint, or with none `set_aside_adapter`. Returns sentences for the error message (what was
     marked, what `latest` does) and what to run next."""
-    from cxr.train.rundir import previous_run_files  # rundir imports this module
-
     notes = []
     for saved_step, path in sorted(saved.by_step.items()):
         if saved_step > first_bad - 2 and path.is_dir():

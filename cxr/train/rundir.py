@@ -25,7 +25,7 @@ from cxr import fileio
 from cxr.config import TrainConfig
 from cxr.data.latents import CACHE_FORMAT
 from cxr.model.loading import read_vae_scale_factor
-from cxr.runpaths import CHECKPOINT_PREFIX, PREVIOUS_RUN_PREFIX, RunPaths
+from cxr.runpaths import CHECKPOINT_PREFIX, PREVIOUS_RUN_PREFIX
 from cxr.runtime import DistInfo, TrainingError, broadcast_object
 from cxr.train import runlock
 from cxr.train.checkpoint import (
@@ -35,6 +35,7 @@ from cxr.train.checkpoint import (
     CheckpointError,
     checkpoint_dirs,
     checkpoint_leftovers,
+    previous_run_files,
     resolve_resume,
 )
 
@@ -102,19 +103,6 @@ def keep_earlier_run_apart(cfg: TrainConfig, dist: DistInfo, resume_path: Path |
     """Refuse to start over an earlier run's checkpoints/adapter in --output_dir (two runs would mix), or move
     them aside with --overwrite_output_dir. A run resuming from a checkpoint of this folder continues that run."""
     _on_main_rank(dist, lambda: _keep_earlier_run_apart(cfg, resume_path))
-
-
-def previous_run_files(paths: RunPaths) -> list[str]:
-    """What an earlier training run left in the folder that a fresh run would mix with: its checkpoints and
-    adapter files (relative paths; empty when there are none)."""
-    found = [f"{paths.checkpoints.name}/{path.name}" for _, path in checkpoint_dirs(paths.checkpoints)]
-    if paths.adapter.is_dir():
-        found += [
-            f"{paths.adapter.name}/{p.name}"
-            for p in sorted(paths.adapter.iterdir())
-            if p.is_file() and not p.name.startswith(".")
-        ]
-    return found
 
 
 def _on_main_rank(dist: DistInfo, work):

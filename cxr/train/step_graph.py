@@ -32,17 +32,42 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cxr.config import TrainConfig
 from cxr.runtime import DistInfo, TrainingError
 
-if TYPE_CHECKING:
-    from cxr.config import TrainConfig
-    from cxr.train.step import TrainStep
+
+class _Metrics(Protocol):
+    loss_sum: torch.Tensor
+    grad_norm_sum: torch.Tensor
+    nonfinite: torch.Tensor
+
+    def reset(self) -> None: ...
+
+
+class GraphableStep(Protocol):
+    """What the check, the capture and the snapshots use of a training step (`cxr.train.step.TrainStep`): named
+    here, so that this module imports nothing from step.py, which imports it."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dist: DistInfo
+    graph_wanted: bool
+    latents_mean: torch.Tensor
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    generators: dict[str, torch.Generator]
+    metrics: _Metrics
+
+    def run_eager(self, indices: torch.Tensor) -> None: ...
+
+    def use_replay(self, replay: Callable[[torch.Tensor], None]) -> None: ...
+
 
 RTOL = 1e-2  # loss and grad norm, relative; weights, relative to the largest eager update
 CHECK_STEPS = 2
@@ -78,7 +103,7 @@ def check_cuda_graph_flag(cfg: TrainConfig, device: torch.device, dist: DistInfo
         )
 
 
-def start_cuda_graph(step: TrainStep, example_indices: torch.Tensor) -> None:
+def start_cuda_graph(step: GraphableStep, example_indices: torch.Tensor) -> None:
     """Decide, once at the start, whether `step(indices)` replays a CUDA graph (see the module docstring).
 
     The eager steps run first and their memory is returned before the capture, so the check needs no more
@@ -137,7 +162,7 @@ def compare(graphed: dict, eager: dict, start: list[torch.Tensor]) -> str | None
     return None
 
 
-def _probe(step: TrainStep, call: Callable[[torch.Tensor], None], batches: list[torch.Tensor]) -> dict:
+def _probe(step: GraphableStep, call: Callable[[torch.Tensor], None], batches: list[torch.Tensor]) -> dict:
     record = {"loss": [], "grad_norm": [], "nonfinite": []}
     for indices in batches:
         step.metrics.reset()
@@ -149,7 +174,7 @@ def _probe(step: TrainStep, call: Callable[[torch.Tensor], None], batches: list[
     return record
 
 
-def capture_cuda_graph(step: TrainStep, example_indices: torch.Tensor, warmup_steps: int = 3) -> GraphReplay:
+def capture_cuda_graph(step: GraphableStep, example_indices: torch.Tensor, warmup_steps: int = 3) -> GraphReplay:
     """Capture `step.run_eager` in a CUDA graph; returns `replay(indices)` with the same effect.
 
     Warm-up runs on a side stream (as torch.cuda.graph requires); what the step changes is put back afterwards,
@@ -223,7 +248,7 @@ class GraphInputs(TorchDispatchMode):
 # ------------------------------------------------------------------------------------------ the state
 
 
-def snapshot_train_state(step: TrainStep) -> dict:
+def snapshot_train_state(step: GraphableStep) -> dict:
     """Copies of what a training step changes: LoRA weights, optimizer state, the step's generators."""
     optimizer = step.optimizer
     return {
@@ -238,7 +263,7 @@ def snapshot_train_state(step: TrainStep) -> dict:
 
 
 @torch.no_grad()
-def restore_train_state(step: TrainStep, snapshot: dict) -> None:
+def restore_train_state(step: GraphableStep, snapshot: dict) -> None:
     """Put back a snapshot in place (tensor storage is kept: a captured graph keeps pointing at it); optimizer
     state created since the snapshot is zeroed, which is what a fresh AdamW state is; metrics are reset."""
     for param, saved in zip(step.params, snapshot["params"]):

@@ -24,8 +24,9 @@ from pathlib import Path
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from cxr.config import TrainConfig, changed_result_flags, result_flags, save_json, to_dict
+from cxr.config import TrainConfig
 from cxr.data.dataset import DatasetError
+from cxr.flags import changed_result_flags, result_flags, save_json, to_dict
 from cxr.model.export import RunFacts, export_adapter, usage_lines
 from cxr.model.lora import AdapterError, load_lora_state_dict, lora_state_dict
 from cxr.privacy.watch import copy_limit_report, over_limit
