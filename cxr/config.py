@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr import DEFAULT_MODEL_ID, DEFAULT_PROMPT
+from cxr.fileio import atomic_write_bytes
 from cxr.runpaths import RunPaths
 
 
@@ -218,8 +219,9 @@ def to_dict(config) -> dict:
 
 
 def save_json(config, path: Path, extra: dict | None = None) -> None:
+    """Write `config` (every flag) and `extra` to `path` atomically: a failed write keeps the previous file."""
     payload = {"config": to_dict(config), **(extra or {})}
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def flag_table(cls) -> str:
