@@ -216,12 +216,18 @@ class TrainConfig:
     num_validation_images: int = flag(4, "samples in the validation grid (fixed seeds)", bounds=(0, 256))
     validation_inference_steps: int = flag(25, "denoising steps for the validation samples", bounds=(1, 1000))
     memorization_samples: int = flag(
-        64,
+        32,
         "at step 0 and every validation: this many samples (fixed seeds) are compared with every training image and "
         "the held-out split as cxr.audit compares them (best-match NCC, copy rate, KID to the held-out images; "
-        "TensorBoard privacy/ and quality/, summary.json, each checkpoint's state.json; see docs/privacy.md); 0 "
-        "disables",
+        "TensorBoard privacy/ and quality/, summary.json, each checkpoint's state.json; see docs/privacy.md for "
+        "what a count resolves); 0 disables",
         bounds=(0, 4096),
+    )
+    memorization_inference_steps: int = flag(
+        8,
+        "denoising steps for the memorization watch's samples (DPM-Solver++, guidance 3; fewer than the grid's "
+        "--validation_inference_steps keeps the watch under 5% of training time, docs/performance.md)",
+        bounds=(1, 1000),
     )
     memorization_resolution: int = flag(
         64, "side of the thumbnails the memorization watch compares (cxr.audit's)", bounds=(8, 1024)

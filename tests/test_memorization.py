@@ -74,6 +74,7 @@ def stopped_run(tmp_path_factory):
         num_validation_images=4,
         validation_inference_steps=10,
         memorization_samples=SAMPLES,
+        memorization_inference_steps=10,  # the grid's: one draw serves both
         memorization_resolution=THUMBNAIL,
         stop_on_copy_rate=LIMIT,
         seed=0,
@@ -171,7 +172,7 @@ def test_cxr_audit_flags_the_same_samples_at_the_stopping_checkpoint(stopped_run
             out_dir=samples,
             num_images=SAMPLES,
             seed=cfg.seed,
-            num_inference_steps=cfg.validation_inference_steps,
+            num_inference_steps=cfg.memorization_inference_steps,
             guidance_scale=3.0,
             merge_lora=False,
             batch_size=SAMPLES,

@@ -79,6 +79,7 @@ NEVER_WARN = (
     "num_validation_images",
     "validation_inference_steps",
     "memorization_samples",
+    "memorization_inference_steps",
     "memorization_resolution",
     "memorization_features",
     "stop_on_copy_rate",

@@ -226,3 +226,99 @@ def test_with_a_feature_network_the_copies_are_the_audits_flagged_by_either_stat
     assert figures["copy_rate"] == report["flagged_any"]["rate"] >= figures["ncc"]["copy_rate"]
     assert figures["cosine"]["max"] == pytest.approx(report["embedding"]["samples"]["summary"]["max"], abs=1e-5)
     assert figures["cosine"]["copies"] >= 1 and figures["kid"]["space"] == "embedding"
+
+
+def test_held_out_images_that_are_byte_identical_copies_of_training_images_are_left_out_as_the_audit_does(
+    sets, tmp_path
+):
+    """Two held-out files are copies of training files: the audit leaves them out before calibrating, and so
+    does the run's watch (they would score NCC 1 and lift the threshold to the ceiling)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from cxr.fileio import file_sha256
+    from cxr.privacy.watch import build_watch
+
+    holdout = tmp_path / "holdout"
+    shutil.copytree(sets["folders"]["holdout"], holdout)
+    for name in ("t02.png", "t05.png"):
+        shutil.copy(sets["folders"]["train"] / name, holdout / f"copy_{name}")
+
+    def records(paths):
+        return [ImageRecord(path=p, relpath=p.name, size_bytes=p.stat().st_size, sha256=file_sha256(p)) for p in paths]
+
+    cfg = SimpleNamespace(
+        memorization_samples=8,
+        validation_steps=10,
+        memorization_resolution=SIZE,
+        pad_to_square=False,
+        intensity_clip_percent=0.0,
+        resolved_num_workers=0,
+        resolved_cache_dir=tmp_path / "cache",
+        memorization_features=None,
+    )
+    watch = build_watch(cfg, records(sets["train"]), records(sorted(holdout.glob("*.png"))), "cpu")
+    with pytest.warns(UserWarning, match="2 of the 12 held-out images are byte-identical copies"):
+        report = audit(
+            AuditConfig(
+                train_dir=sets["folders"]["train"],
+                holdout_dir=holdout,
+                samples_dir=sets["folders"]["samples"],
+                out=tmp_path / "audit",
+                num_workers=0,
+                gallery_pairs=0,
+            )
+        )
+    assert watch.ncc.threshold == report["threshold"]["value"] < 0.999
+    assert watch.ncc.calibration["holdout_images"] == 10
+    assert any("2 of the 12 held-out images are byte-identical copies" in note for note in watch.notes)
+    assert watch.observe(sets["samples"], step=0)["copy_rate"] == report["flagged"]["rate"]
+
+
+@pytest.mark.parametrize(
+    ("grid", "watch_steps", "draws", "observed"),
+    [
+        (4, 8, [(4, 25), (6, 8)], 6),  # the grid at its steps, the watch at its own
+        (4, 25, [(6, 25)], 6),  # same steps: one draw, the grid's seeds are the first of the watch's
+        (8, 25, [(8, 25)], 6),
+        (0, 8, [(6, 8)], 6),  # no grid
+    ],
+)
+def test_the_watch_draws_at_its_own_step_count_and_shares_the_grids_draw_when_they_agree(
+    monkeypatch, grid, watch_steps, draws, observed
+):
+    from types import SimpleNamespace
+
+    import cxr.train.validation as validation
+
+    calls = []
+
+    def fake_images(*args, num_images, steps, **kwargs):
+        calls.append((num_images, steps))
+        return torch.rand(num_images, 3, 8, 8)
+
+    monkeypatch.setattr(validation, "validation_images", fake_images)
+    seen = []
+    watch = SimpleNamespace(latest=None, observe=lambda samples, step: seen.append(len(samples)), log=lambda *a: None)
+    model = SimpleNamespace(
+        unet=torch.nn.Linear(1, 1),
+        vae=object(),
+        tokenizer=None,
+        scheduler_config={},
+        prompt_embeds=torch.zeros(1, 2, 2),
+        negative_embeds=torch.zeros(1, 2, 2),
+        schedule=SimpleNamespace(prediction_type="epsilon"),
+    )
+    cfg = SimpleNamespace(
+        mixed_precision="no",
+        num_validation_images=grid,
+        validation_inference_steps=25,
+        memorization_samples=6,
+        memorization_inference_steps=watch_steps,
+        resolution=8,
+        seed=0,
+        train_batch_size=2,
+    )
+    writer = SimpleNamespace(add_image=lambda *a: None, add_scalar=lambda *a: None, flush=lambda: None)
+    validation.log_validation(model, None, writer, cfg, 0, images=True, watch=watch)
+    assert calls == draws and seen == [observed]

@@ -165,8 +165,10 @@ class MemorizationWatch:
         device,
         preprocess: Preprocess,
         embedding: dict | None = None,
+        notes: list[str] = (),
     ):
         self.device, self.preprocess, self.train_names = torch.device(device), preprocess, list(train_names)
+        self.split_notes = list(notes)  # what was left out of the held-out split before calibrating
         self.search = dict(
             max_shift=AUDIT.max_shift,
             shift_step=AUDIT.shift_step,
@@ -193,7 +195,7 @@ class MemorizationWatch:
 
     @property
     def notes(self) -> list[str]:
-        return self.ncc.notes + (self.cosine.notes if self.cosine else [])
+        return self.split_notes + self.ncc.notes + (self.cosine.notes if self.cosine else [])
 
     @property
     def latest(self) -> dict | None:
@@ -296,6 +298,7 @@ def build_watch(cfg, train_records, val_records, device) -> MemorizationWatch | 
     if cfg.memorization_samples <= 0 or cfg.validation_steps <= 0:
         return None
     preprocess = Preprocess(cfg.memorization_resolution, cfg.pad_to_square, cfg.intensity_clip_percent)
+    val_records, notes = without_training_copies(train_records, val_records)
     read = dict(num_workers=cfg.resolved_num_workers)
     cache = cfg.resolved_cache_dir
     train = cached_thumbnails(train_records, preprocess, cache, desc="thumbnails of the training images", **read)
@@ -315,10 +318,29 @@ def build_watch(cfg, train_records, val_records, device) -> MemorizationWatch | 
         device=device,
         preprocess=preprocess,
         embedding=embedding,
+        notes=notes,
     )
     print(f"[cxr] memorization watch: {len(train_records)} training thumbnails; threshold:", file=sys.stderr)
     print(watch.calibration_text(), file=sys.stderr)
     return watch
+
+
+def without_training_copies(train_records, val_records) -> tuple[list, list[str]]:
+    """The held-out records without the byte-identical copies of training images (same sha256 of the file's
+    bytes), and a note naming them, as `cxr.audit` leaves them out before calibrating: a copy scores 1 and lifts
+    the threshold to the ceiling. All of them copies leaves none (the uncalibrated threshold, said in the notes)."""
+    training = {record.sha256: record.relpath for record in train_records}
+    copies = [record for record in val_records if record.sha256 in training]
+    if not copies:
+        return list(val_records), []
+    example = f"{copies[0].relpath} = {training[copies[0].sha256]}"
+    note = (
+        f"memorization watch: {len(copies)} of the {len(val_records)} held-out images are byte-identical copies of "
+        f"training images (e.g. {example}); they are left out, and the other {len(val_records) - len(copies)} "
+        "calibrate the threshold"
+    )
+    left_out = {id(record) for record in copies}
+    return [record for record in val_records if id(record) not in left_out], [note]
 
 
 def _embedding_sets(cfg, train_records, val_records, preprocess: Preprocess, device) -> dict:

@@ -8,6 +8,8 @@ validation_images(unet, vae, tokenizer, scheduler_config, ...) -> (N, 3, R, R) i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cxr.runtime import autocast_dtype, compute_dtype
@@ -20,11 +22,31 @@ VALIDATION_MAX_IMAGES = 256  # held-out images used for the loss (the first ones
 VALIDATION_GRID_GAP = 4  # white pixels between the validation grid's tiles
 
 
+def _draw(model, cfg, autocast, count: int, steps: int) -> torch.Tensor:
+    """`count` validation samples (seeds --seed + i) at `steps` denoising steps."""
+    return validation_images(
+        model.unet,
+        model.vae,
+        model.tokenizer,
+        model.scheduler_config,
+        model.prompt_embeds,
+        model.negative_embeds,
+        num_images=count,
+        steps=steps,
+        resolution=cfg.resolution,
+        seed=cfg.seed,
+        prediction_type=model.schedule.prediction_type,
+        autocast_dtype=autocast,
+        batch_size=cfg.train_batch_size,
+    )
+
+
 def log_validation(model, val_inputs, writer, cfg, step: int, *, images: bool, watch=None) -> float | None:
     """The held-out loss at `step` (val/loss; None without held-out images) and, with `images`, the sample grid
     (val/samples), written to `writer`. `model` is the run's model side (cxr.train.setup.RunModel), `cfg` its
     TrainConfig; the UNet is back in training mode on return. With `watch` (cxr.privacy.watch, not yet measured
-    at `step`), the samples of its seeds (the grid's are the first of them) go through it too."""
+    at `step`), --memorization_samples samples at --memorization_inference_steps (the grid's seeds are the first
+    of them) go through it too."""
     autocast = autocast_dtype(cfg.mixed_precision)
     model.unet.eval()
     loss = None
@@ -39,27 +61,19 @@ def log_validation(model, val_inputs, writer, cfg, step: int, *, images: bool, w
         )
         writer.add_scalar("val/loss", loss, step)
     watched = watch is not None and (watch.latest or {}).get("step") != step
-    count = max(cfg.num_validation_images, cfg.memorization_samples if watched else 0)
-    if images and model.vae is not None and count:
-        samples = validation_images(
-            model.unet,
-            model.vae,
-            model.tokenizer,
-            model.scheduler_config,
-            model.prompt_embeds,
-            model.negative_embeds,
-            num_images=count,
-            steps=cfg.validation_inference_steps,
-            resolution=cfg.resolution,
-            seed=cfg.seed,
-            prediction_type=model.schedule.prediction_type,
-            autocast_dtype=autocast,
-            batch_size=cfg.train_batch_size,
-        )
+    if images and model.vae is not None:
+        draw = functools.partial(_draw, model, cfg, autocast)
+        # One draw serves both when the step counts agree: the grid's seeds are the first of the watch's.
+        shared = watched and cfg.memorization_inference_steps == cfg.validation_inference_steps
+        samples = None
         if cfg.num_validation_images:
+            count = max(cfg.num_validation_images, cfg.memorization_samples if shared else 0)
+            samples = draw(count, cfg.validation_inference_steps)
             grid = image_grid(samples[: cfg.num_validation_images], gap=VALIDATION_GRID_GAP)
             writer.add_image("val/samples", grid, step)
         if watched:
+            if not shared or samples is None:
+                samples = draw(cfg.memorization_samples, cfg.memorization_inference_steps)
             watch.log(writer, watch.observe(samples[: cfg.memorization_samples], step))
     writer.flush()
     model.unet.train()
