@@ -26,7 +26,7 @@ from cxr.data.dataset import scan_dataset
 from cxr.data.imageio import Preprocess, read_grayscale, to_model_input
 from cxr.data.latents import build_or_load_latent_cache
 from cxr.data.phantoms import write_phantoms
-from cxr.model.lora import DEFAULT_TARGETS, lora_modules, merge_lora, unmerge_lora
+from cxr.model.lora import DEFAULT_TARGETS, PACK_NAME, lora_modules, merge_lora, unmerge_lora
 from cxr.perf.bench_context import (
     BenchConfig,
     Context,
@@ -152,6 +152,7 @@ def _plain_copy(unet):
     for path, module in lora_modules(clone).items():
         parent_path, _, name = path.rpartition(".")
         setattr(clone.get_submodule(parent_path) if parent_path else clone, name, module.base)
+    clone._modules.pop(PACK_NAME, None)  # the packed LoRA tensors: nothing reads them any more
     return clone
 
 
