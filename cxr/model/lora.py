@@ -13,8 +13,9 @@ dotted module paths it wrapped; those paths are the keys of every adapter file (
 reads the diffusers/peft and kohya formats, and converts between them). It also gives those attention modules
 `LoRAAttnProcessor`: the attention of diffusers' `AttnProcessor2_0`, with the projections that read one input
 (q, k, v of self-attention; k, v of cross-attention, on the text context) computed together: one matmul for
-their LoRA down-projections (the A matrices concatenated on the fly, so every layer keeps its own `lora_A`),
-and each up-projection fused with the add into its base output (`addmm`). Same math, fewer kernels.
+their LoRA down-projections (their A matrices side by side in the UNet's `LoRAPack`, `cxr.model.lora_pack`,
+where every layer's A and B live as views), and each up-projection fused with the add into its base output
+(`addmm`). Same math, fewer kernels.
 
     python -m cxr.lora to-kohya lora_unet/ lora_unet/cxr_lora_kohya.safetensors
     python -m cxr.lora to-diffusers cxr_lora_kohya.safetensors converted_dir/
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr.model.lora_pack import PACK_NAME, LoRAPack, layer_view, refresh_views
+from cxr.model.lora_pack import PACK_NAME, LoRAPack, input_groups, layer_view, refresh_views
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ATTENTION_NAMES = ("attn1", "attn2")
@@ -70,8 +71,9 @@ class LoRALinear(nn.Module):
         # Not registered as a child: the pack belongs to the UNet (`inject_lora`); None while the layer has its own.
         self.__dict__["pack"] = None
         # Registered directly: `lora_A` / `lora_B` are properties (they read the pack once the layer joins one).
-        self._parameters["lora_A"] = nn.Parameter(torch.empty(self.rank, base.in_features, device=device))
-        self._parameters["lora_B"] = nn.Parameter(torch.empty(base.out_features, self.rank, device=device))
+        f32 = {"dtype": torch.float32, "device": device}
+        self._parameters["lora_A"] = nn.Parameter(torch.empty(self.rank, base.in_features, **f32))
+        self._parameters["lora_B"] = nn.Parameter(torch.empty(base.out_features, self.rank, **f32))
         self.dropout = float(dropout)
         # The dropout masks' generator (the training step gives it one of its own, apart from the noise's);
         # None draws from the global RNG.
@@ -377,7 +379,7 @@ def inject_lora(
     for name, attention in _attention_modules(unet).items():
         if any(path.startswith(f"{name}.") for path in paths):
             attention.set_processor(LoRAAttnProcessor())
-    pack = LoRAPack(_segments(unet))
+    pack = LoRAPack(input_groups(_attention_modules(unet).values(), list(lora_modules(unet).values())))
     for layer in pack.slots:
         layer.join_pack(pack)
     unet.add_module(PACK_NAME, pack)
@@ -385,26 +387,6 @@ def inject_lora(
     for param in lora_parameters(unet):
         param.requires_grad_(True)
     return paths
-
-
-def _segments(unet: nn.Module) -> list[list[LoRALinear]]:
-    """The LoRA layers in path order, grouped as `LoRAAttnProcessor` computes them: the wrapped q, k, v of a
-    self-attention read one input, as do k and v of a cross-attention; every other layer is alone."""
-    grouped: dict[LoRALinear, list[LoRALinear]] = {}
-    for attention in _attention_modules(unet).values():
-        cross = getattr(attention, "is_cross_attention", False)
-        names = ("to_k", "to_v") if cross else ("to_q", "to_k", "to_v")
-        group = [m for m in (_get_child(attention, n) for n in names) if isinstance(m, LoRALinear)]
-        if len({m.in_features for m in group}) == 1:
-            for layer in group:
-                grouped[layer] = group
-    segments, seen = [], set()
-    for layer in lora_modules(unet).values():
-        segment = grouped.get(layer, [layer])
-        if segment[0] not in seen:
-            seen.update(segment)
-            segments.append(segment)
-    return segments
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -164,6 +164,26 @@ class LoRAPack(nn.Module):
         return self._parameters[slot.down if which == "A" else slot.up]
 
 
+def input_groups(attentions, layers: list[nn.Module]) -> list[list[nn.Module]]:
+    """`layers` (LoRA layers in path order) grouped as the attention processor computes them: the wrapped q, k, v
+    of a self-attention read one input, as do k and v of a cross-attention; every other layer is alone."""
+    wrapped = set(layers)
+    grouped: dict[nn.Module, list[nn.Module]] = {}
+    for attention in attentions:
+        names = ("to_k", "to_v") if getattr(attention, "is_cross_attention", False) else ("to_q", "to_k", "to_v")
+        group = [m for m in (getattr(attention, n, None) for n in names) if m in wrapped]
+        if len({m.in_features for m in group}) == 1:
+            for layer in group:
+                grouped[layer] = group
+    segments, seen = [], set()
+    for layer in layers:
+        segment = grouped.get(layer, [layer])
+        if segment[0] not in seen:
+            seen.update(segment)
+            segments.append(segment)
+    return segments
+
+
 def refresh_views(module: nn.Module, args) -> None:
     """Forward pre-hook of a UNet with a LoRAPack: every forward takes fresh views of the packed tensors."""
     pack = module._modules.get(PACK_NAME)
