@@ -108,18 +108,23 @@ class LoRAPack(nn.Module):
         when the grad mode, autocast, or the tensors' storage or values change)."""
         device = next(iter(self._parameters.values())).device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if torch.compiler.is_compiling():  # traced into the graph: the compiler merges repeated views and casts
+            return self._split(dtype)
         key = (
             torch.is_grad_enabled(),
             dtype,
             tuple((p.data_ptr(), p._version) for p in self._parameters.values()),
         )
         if self._live is None or key != self._live_key:
-            live = {}
-            for name, param in self._parameters.items():
-                source = param if dtype is None or dtype == param.dtype else param.to(dtype)
-                live[name] = source.split_with_sizes(self.sizes[name], dim=1)
-            self._live, self._live_key, self._layer_downs = live, key, {}
+            self._live, self._live_key, self._layer_downs = self._split(dtype), key, {}
         return self._live
+
+    def _split(self, dtype: torch.dtype | None) -> dict[str, tuple[torch.Tensor, ...]]:
+        live = {}
+        for name, param in self._parameters.items():
+            source = param if dtype is None or dtype == param.dtype else param.to(dtype)
+            live[name] = source.split_with_sizes(self.sizes[name], dim=1)
+        return live
 
     def down_t(self, layer: nn.Module) -> torch.Tensor:
         """`layer`'s A^T (in, rank), live."""
@@ -128,6 +133,8 @@ class LoRAPack(nn.Module):
         if segment.shape[1] == layer.rank:
             return segment
         key = (slot.down, slot.segment)
+        if torch.compiler.is_compiling():
+            return segment.split(self.segment_ranks[key], dim=1)[slot.position]
         if key not in self._layer_downs:  # one split per segment and forward: its gradient is one cat
             self._layer_downs[key] = segment.split(self.segment_ranks[key], dim=1)
         return self._layer_downs[key][slot.position]
