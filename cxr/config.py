@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr import DEFAULT_MODEL_ID, DEFAULT_PROMPT
+from cxr.fileio import atomic_write_bytes
 from cxr.runpaths import RunPaths
 
 
@@ -218,8 +219,9 @@ def to_dict(config) -> dict:
 
 
 def save_json(config, path: Path, extra: dict | None = None) -> None:
+    """Write `config` (every flag) and `extra` to `path` atomically: a failed write keeps the previous file."""
     payload = {"config": to_dict(config), **(extra or {})}
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def flag_table(cls) -> str:
@@ -430,13 +432,12 @@ class TrainConfig:
         bounds=(1, 10080),
     )
     cuda_graph: str = flag(
-        "off",
+        "auto",
         "replay the whole training step from a CUDA graph (one launch instead of thousands). auto: on CUDA when "
         "the run allows it (one process, not fp16, no --gradient_checkpointing) and a check at the start (two "
         "replayed steps against two eager ones) passes, else eager with a warning that says why; on: the same, "
-        "but an error instead of eager; off: always eager. Default off: on the one GPU run so far the graph path "
-        "gave NaN/inf inside train.py where the eager path did not (docs/performance.md); if a run with the "
-        "graph stops on NaN/inf, resume it with --cuda_graph off",
+        "but an error instead of eager; off: always eager (if a run with the graph stops on NaN/inf where an "
+        "eager run would not, resume it with --cuda_graph off and report it)",
         ("auto", "on", "off"),
     )
     tf32: bool = flag(

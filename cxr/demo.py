@@ -114,7 +114,7 @@ def print_memorization_curve(summary_path: Path) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the cxr demo end to end on the CPU.")
     parser.add_argument("--work_dir", type=Path, default=Path("cxr-demo"), help="folder for everything the demo writes")
     parser.add_argument("--num_images", type=int, default=64, help="phantom chest X-rays to train on")
@@ -125,6 +125,85 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     check_args(parser, args)
+    return args
+
+
+def sample_flags(model_dir: Path, num_samples: int) -> list[str]:
+    """sample.py's flags for both sample sets (base and adapter): the same seeds, size and steps."""
+    return [
+        "--base_model",
+        str(model_dir),
+        "--num_images",
+        str(num_samples),
+        "--height",
+        str(RESOLUTION),
+        "--width",
+        str(RESOLUTION),
+        "--num_inference_steps",
+        "20",
+        "--batch_size",
+        "8",
+        "--device",
+        "cpu",
+        "--grayscale_out",
+        "--contact_sheet",
+        str(num_samples),
+    ]
+
+
+def train_flags(data_dir: Path, model_dir: Path, run: RunPaths, steps: int, prediction_type: str) -> list[str]:
+    """train.py's flags: 64 px on the CPU, 8 images held out, a validation every quarter of the run."""
+    return [
+        "--dataset_dir",
+        str(data_dir),
+        "--model_id",
+        str(model_dir),
+        "--output_dir",
+        str(run.root),
+        "--resolution",
+        str(RESOLUTION),
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        str(steps),
+        "--learning_rate",
+        "2e-3",
+        "--lora_rank",
+        "16",
+        "--lora_alpha",
+        "16",
+        "--mixed_precision",
+        "no",
+        "--prediction_type",
+        prediction_type,
+        "--device",
+        "cpu",
+        "--val_count",
+        "8",
+        "--dataloader_num_workers",
+        "0",
+        "--checkpointing_steps",
+        str(steps // 2 or 1),
+        "--validation_steps",
+        str(validation_every(steps)),
+        "--num_validation_images",
+        "8",
+        "--validation_inference_steps",
+        "20",
+        "--memorization_samples",
+        "16",
+        "--log_every",
+        "50",
+    ]
+
+
+def validation_every(steps: int) -> int:
+    """Steps between validations: a quarter of the run, at least 1."""
+    return max(steps // 4, 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     from cxr.data.phantoms import write_phantoms
     from cxr.model.pretrained import distance_to_training, image_paths, pretrained_base
@@ -140,79 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     print("[2/5] the tiny pretrained base (UNet trained on grey shapes, never on a radiograph)")
     model_dir = pretrained_base()
     print(f"      {model_dir}")
-
-    sample_flags = [
-        "--base_model",
-        str(model_dir),
-        "--num_images",
-        str(args.num_samples),
-        "--height",
-        str(RESOLUTION),
-        "--width",
-        str(RESOLUTION),
-        "--num_inference_steps",
-        "20",
-        "--batch_size",
-        "8",
-        "--device",
-        "cpu",
-        "--grayscale_out",
-        "--contact_sheet",
-        str(args.num_samples),
-    ]
     print("[3/5] sampling the base model with sample.py (before training)")
-    _run("sample.py", [*sample_flags, "--out_dir", str(base_samples)])
-
+    _run("sample.py", [*sample_flags(model_dir, args.num_samples), "--out_dir", str(base_samples)])
     print(f"[4/5] training a LoRA adapter with train.py ({args.prediction_type})")
-    every = max(args.steps // 4, 1)
-    _run(
-        "train.py",
-        [
-            "--dataset_dir",
-            str(data_dir),
-            "--model_id",
-            str(model_dir),
-            "--output_dir",
-            str(run.root),
-            "--resolution",
-            str(RESOLUTION),
-            "--train_batch_size",
-            "8",
-            "--max_train_steps",
-            str(args.steps),
-            "--learning_rate",
-            "2e-3",
-            "--lora_rank",
-            "16",
-            "--lora_alpha",
-            "16",
-            "--mixed_precision",
-            "no",
-            "--prediction_type",
-            args.prediction_type,
-            "--device",
-            "cpu",
-            "--val_count",
-            "8",
-            "--dataloader_num_workers",
-            "0",
-            "--checkpointing_steps",
-            str(args.steps // 2 or 1),
-            "--validation_steps",
-            str(every),
-            "--num_validation_images",
-            "8",
-            "--validation_inference_steps",
-            "20",
-            "--memorization_samples",
-            "16",
-            "--log_every",
-            "50",
-        ],
-    )
-
+    _run("train.py", train_flags(data_dir, model_dir, run, args.steps, args.prediction_type))
     print("[5/5] sampling the adapter with sample.py (same seeds)")
-    _run("sample.py", [*sample_flags, "--lora_path", str(run.adapter), "--out_dir", str(samples_dir)])
+    adapter_flags = ["--lora_path", str(run.adapter), "--out_dir", str(samples_dir)]
+    _run("sample.py", [*sample_flags(model_dir, args.num_samples), *adapter_flags])
 
     training, base_paths, adapter_paths = image_paths(data_dir), image_paths(base_samples), image_paths(samples_dir)
     distances = {
@@ -239,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  base | adapter: {sheet}")
     print(f"  adapter:        {run.adapter}")
     print(f"  samples:        {samples_dir} (base model alone: {base_samples})")
+    every = validation_every(args.steps)
     print(f"  TensorBoard:    tensorboard --logdir {run.logs}  (validation grid every {every} steps)")
 
 

@@ -166,11 +166,17 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
 
     data = save(tensors, metadata=metadata)
     length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length])
-    ordered = {}
-    if "__metadata__" in header:
-        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
-    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text = ordered_safetensors_header(json.loads(data[8 : 8 + length]))
     text += b" " * (-len(text) % 8)
     return b"".join((len(text).to_bytes(8, "little"), text, memoryview(data)[8 + length :]))
+
+
+def ordered_safetensors_header(header: dict) -> bytes:
+    """A safetensors header as compact JSON in one order: metadata keys sorted, then the tensor entries in file
+    order (unpadded). The same tensors and metadata give the same bytes, whatever order safetensors wrote."""
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    ordered.update(sorted(tensors.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    return json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()

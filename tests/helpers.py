@@ -1,5 +1,6 @@
-"""Helpers the test files share (their fixtures are in conftest.py): tiny training and sampling configs, the
-training step on the tiny UNet, a checkpoint of a toy model, PNGs and an adapter's tensors, DICOM files.
+"""Helpers the test files share (their fixtures are in conftest.py): tiny training, sampling and audit configs,
+train.py's flags and a child process's environment, the training step on the tiny UNet, a checkpoint of a toy
+model, PNGs and an adapter's tensors, DICOM files.
 
 tests/ is on sys.path (pytest's rootdir conftest), so a test file imports them with `from helpers import ...`.
 """
@@ -7,6 +8,8 @@ tests/ is on sys.path (pytest's rootdir conftest), so a test file imports them w
 from __future__ import annotations
 
 import io
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,23 @@ import torch
 
 from cxr.config import SampleConfig, TrainConfig
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout: train.py, sample.py and the cxr package
+
 # ------------------------------------------------------------------------------------------------ configs
+
+# What every tiny CPU training run of the tests shares (train_cfg, train_py_flags): 64 px, batch 4, 4 held-out
+# images, no validation, LoRA rank 4 and alpha 4.
+TINY_RUN = dict(
+    device="cpu",
+    mixed_precision="no",
+    resolution=64,
+    train_batch_size=4,
+    val_count=4,
+    dataloader_num_workers=0,
+    validation_steps=0,
+    lora_rank=4,
+    lora_alpha=4.0,
+)
 
 
 def train_cfg(tiny_model_dir, dataset_dir, out, cache=None, **overrides) -> TrainConfig:
@@ -27,20 +46,12 @@ def train_cfg(tiny_model_dir, dataset_dir, out, cache=None, **overrides) -> Trai
         model_id=str(tiny_model_dir),
         output_dir=Path(out),
         cache_dir=None if cache is None else Path(cache),
-        device="cpu",
-        mixed_precision="no",
-        resolution=64,
-        train_batch_size=4,
-        val_count=4,
-        dataloader_num_workers=0,
+        **TINY_RUN,
         learning_rate=1e-3,
         max_train_steps=4,
         log_every=2,
         checkpointing_steps=2,
-        validation_steps=0,
         num_validation_images=0,
-        lora_rank=4,
-        lora_alpha=4.0,
         seed=0,
     )
     values.update(overrides)
@@ -57,6 +68,56 @@ def sample_cfg(model_dir, out_dir, **overrides) -> SampleConfig:
     values = dict(base_model=str(model_dir), out_dir=Path(out_dir), num_images=2, batch_size=2, **SMALL_SAMPLES)
     values.update(overrides)
     return SampleConfig(**values)
+
+
+def audit_cfg(run, train_dir, samples_dir, out):
+    """An AuditConfig of `samples_dir` against the training images of `run`'s manifest, on 16 px thumbnails
+    without shifts, 2 gallery pairs, on the CPU."""
+    from cxr.privacy.audit_config import AuditConfig
+
+    return AuditConfig(
+        train_manifest=Path(run) / "manifest.json",
+        train_dir=Path(train_dir),
+        samples_dir=samples_dir,
+        out=out,
+        num_workers=0,
+        resolution=16,
+        max_shift=0.0,
+        gallery_pairs=2,
+        device="cpu",
+    )
+
+
+# ------------------------------------------------------------------------------------------ child processes
+
+
+def train_py_flags(model_dir, dataset_dir, out, cache, **flags) -> list[str]:
+    """train.py's flags for a tiny CPU run (TINY_RUN) into `out`; `flags` add to or replace them, `name=value` as
+    `--name value`."""
+    values = dict(dataset_dir=dataset_dir, model_id=model_dir, output_dir=out, cache_dir=cache, **TINY_RUN)
+    values.update(flags)
+    return [part for name, value in values.items() for part in (f"--{name}", str(value))]
+
+
+def child_env(*, new_group=False) -> dict[str, str]:
+    """The environment of a train.py, sample.py or torchrun child: no hub, this checkout importable, one OpenMP
+    thread. `new_group`: without the rendezvous variables an outer launcher may have set, so that torchrun
+    starts a process group of its own."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    if new_group:
+        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+    return env
+
+
+def wait_for_checkpoint(process, out, step: int, timeout_s: float = 300, what: str = "the run") -> None:
+    """Wait until the train.py `process` has completed checkpoint `step` in `out`; fails with the end of its stderr
+    if it exits first, or saying that `what` did not start after `timeout_s`."""
+    deadline = time.time() + timeout_s
+    while not (Path(out) / "checkpoints" / f"checkpoint-{step}" / "COMPLETE").exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.time() < deadline, f"{what} did not start"
+        time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------------------- step, checkpoint, adapter

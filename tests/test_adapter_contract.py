@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import pixels  # tests/helpers.py
+from helpers import pixels, train_cfg  # tests/helpers.py
 from PIL import Image
 
 from cxr.config import SampleConfig, TrainConfig
@@ -36,28 +36,20 @@ def v_run(tiny_model_dir, phantom_dir, tmp_path_factory):
     from cxr.train.training import train
 
     run_dir = tmp_path_factory.mktemp("v_run")
-    cfg = TrainConfig(
-        dataset_dir=phantom_dir,
-        model_id=str(tiny_model_dir),
-        output_dir=run_dir,
-        resolution=64,
-        device="cpu",
-        mixed_precision="no",
-        train_batch_size=4,
-        max_train_steps=3,
-        learning_rate=1e-2,
-        lora_rank=4,
-        lora_alpha=8.0,
-        val_count=4,
-        dataloader_num_workers=0,
-        validation_steps=0,
-        checkpointing_steps=0,
-        log_every=1,
-        prediction_type="v_prediction",
-        prompt=TRAIN_PROMPT,
+    train(
+        train_cfg(
+            tiny_model_dir,
+            phantom_dir,
+            run_dir,
+            max_train_steps=3,
+            learning_rate=1e-2,
+            lora_alpha=8.0,
+            checkpointing_steps=0,
+            log_every=1,
+            prediction_type="v_prediction",
+            prompt=TRAIN_PROMPT,
+        )
     )
-    cfg.validate()
-    train(cfg)
     return run_dir / "lora_unet"
 
 

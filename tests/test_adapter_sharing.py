@@ -7,6 +7,7 @@ addnet_hash_legacy); sd-scripts' library/sai_model_spec.py for the model-spec va
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import audit_cfg, train_cfg  # tests/helpers.py
 from PIL import Image
 
 from cxr.config import SampleConfig, TrainConfig
@@ -44,7 +46,7 @@ def shared(tiny_model_dir, phantom_dir, tmp_path_factory):
     """A run made from a base model in a temporary folder, its samples (--lora_path the adapter file), an audit and
     a release report: everything a user has before sharing. The finished run is then resumed once (a re-export)."""
     from cxr.model.adapter_files import resolve_adapter_file
-    from cxr.privacy.audit import AuditConfig, audit
+    from cxr.privacy.audit import audit
     from cxr.privacy.report import ReportConfig, write_report
     from cxr.sample.sampling import sample_run
     from cxr.train import training
@@ -53,31 +55,14 @@ def shared(tiny_model_dir, phantom_dir, tmp_path_factory):
     base = root / PRIVATE / "sd-base"
     shutil.copytree(tiny_model_dir, base)
     run = root / PRIVATE / "runs" / RUN_NAME
-    values = dict(
-        dataset_dir=Path(phantom_dir),
-        model_id=str(base),
-        output_dir=run,
-        device="cpu",
-        mixed_precision="no",
-        resolution=64,
-        train_batch_size=4,
-        val_count=4,
-        dataloader_num_workers=0,
-        learning_rate=1e-3,
-        max_train_steps=3,
-        log_every=1,
-        checkpointing_steps=2,
-        validation_steps=0,
-        lora_rank=4,
-        lora_alpha=8.0,
-    )
+    cfg = train_cfg(base, phantom_dir, run, max_train_steps=3, log_every=1, lora_alpha=8.0)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert training.run(TrainConfig(**values)) == 0
+        assert training.run(cfg) == 0
     adapter = resolve_adapter_file(run / "lora_unet")  # the file sample.py picks in the folder
     first_export = adapter.read_bytes()
     with contextlib.redirect_stdout(io.StringIO()):  # a finished run resumed: it only exports again
-        assert training.run(TrainConfig(**values, resume_from_checkpoint="latest")) == 0
+        assert training.run(dataclasses.replace(cfg, resume_from_checkpoint="latest")) == 0
     samples = root / PRIVATE / "samples"
     sample_run(
         SampleConfig(
@@ -92,19 +77,7 @@ def shared(tiny_model_dir, phantom_dir, tmp_path_factory):
         )
     )
     audit_dir = root / PRIVATE / "audit"
-    audit(
-        AuditConfig(
-            train_manifest=run / "manifest.json",
-            train_dir=Path(phantom_dir),
-            samples_dir=samples,
-            out=audit_dir,
-            num_workers=0,
-            resolution=16,
-            max_shift=0.0,
-            gallery_pairs=2,
-            device="cpu",
-        )
-    )
+    audit(audit_cfg(run, phantom_dir, samples, audit_dir))
     report = root / PRIVATE / "report.html"
     write_report(ReportConfig(run=run, samples=samples, audit=audit_dir, out=report))
     return {

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cxr.data.phantoms import make_phantom, to_uint
-from cxr.privacy.audit import AuditConfig, audit, main
+from cxr.privacy.audit import audit, main
+from cxr.privacy.audit_config import AuditConfig
 from cxr.privacy.imagemetrics import ssim
 from cxr.privacy.ncc import (
     best_matches,

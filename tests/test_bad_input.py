@@ -339,6 +339,12 @@ def test_audit_and_evaluate_listing_report_an_unreadable_folder(tmp_path, monkey
             listing(tmp_path)
 
 
+def _audit_argv(train, samples, out, *extra) -> list[str]:
+    """cxr.audit's flags for `samples` against the images in `train`, with a fixed threshold and no workers."""
+    flags = ["--train_dir", str(train), "--samples_dir", str(samples), "--out", str(out), "--num_workers", "0"]
+    return flags + ["--threshold", "0.9", *extra]
+
+
 def test_audit_command_exits_2_naming_an_unreadable_folder(tmp_path, monkeypatch, capsys):
     from cxr.privacy.audit import main
 
@@ -346,20 +352,7 @@ def test_audit_command_exits_2_naming_an_unreadable_folder(tmp_path, monkeypatch
         _write_png(tmp_path / "train" / f"t{index}.png", seed=index)
     _write_png(tmp_path / "samples" / "s.png", seed=9)
     _deny_listing(monkeypatch, tmp_path / "samples")
-    code = main(
-        [
-            "--train_dir",
-            str(tmp_path / "train"),
-            "--samples_dir",
-            str(tmp_path / "samples"),
-            "--out",
-            str(tmp_path / "report"),
-            "--num_workers",
-            "0",
-            "--threshold",
-            "0.9",
-        ]
-    )
+    code = main(_audit_argv(tmp_path / "train", tmp_path / "samples", tmp_path / "report"))
     error = capsys.readouterr().err
     assert code == 2 and "samples" in error and "Permission denied" in error
 
@@ -402,22 +395,7 @@ def test_audit_command_ignores_hidden_files(folder_with_hidden_junk, tmp_path, c
     samples = tmp_path / "samples"
     _write_png(samples / "s0.png", seed=10)
     (samples / "._s0.png").write_bytes(b"AppleDouble")
-    code = main(
-        [
-            "--train_dir",
-            str(folder_with_hidden_junk),
-            "--samples_dir",
-            str(samples),
-            "--out",
-            str(tmp_path / "report"),
-            "--num_workers",
-            "0",
-            "--threshold",
-            "0.9",
-            "--gallery_pairs",
-            "0",
-        ]
-    )
+    code = main(_audit_argv(folder_with_hidden_junk, samples, tmp_path / "report", "--gallery_pairs", "0"))
     assert code == 0, capsys.readouterr().err
 
 

@@ -1,6 +1,8 @@
 """Flags: one dataclass per command drives the parser, the TOML file, validation and docs/flags.md.
-Also: every link between README.md and docs/*.md resolves."""
+Also: every link between README.md and docs/*.md resolves, and every module they name exists."""
 
+import ast
+import functools
 import re
 from pathlib import Path
 
@@ -110,6 +112,80 @@ def test_links_in_readme_and_docs_point_at_files_and_headings():
                 broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
     assert checked > 30
     assert broken == []
+
+
+def _adapter_header_keys() -> set[str]:
+    """The `cxr.` keys of an exported adapter's header: docs name them in the same dotted form as modules."""
+    from cxr.model.export import adapter_metadata
+    from cxr.model.provenance import BaseModel
+
+    keys = adapter_metadata(TrainConfig(), 1, "0" * 64, "epsilon", BaseModel("base", sha256="0" * 64))
+    return {f"cxr.{key}" for key in keys} | {"cxr.rank", "cxr.alpha", "cxr.targets", "cxr.version"}
+
+
+def _defined_names(body: list[ast.stmt]) -> dict[str, ast.stmt]:
+    """The names a module or class body binds: functions, classes, assignments, imports."""
+    names = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update({name.id: node for name in ast.walk(target) if isinstance(name, ast.Name)})
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update({(alias.asname or alias.name).split(".")[0]: node for alias in node.names})
+    return names
+
+
+@functools.cache
+def _module_body(source: Path) -> list[ast.stmt]:
+    return ast.parse(source.read_text()).body
+
+
+def _names_something(dotted: str) -> bool:
+    """Whether `dotted` is a module of the package, or a name defined in the longest module it starts with (and in a
+    class, a name of its body). Read from the source, so that checking the docs imports nothing."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 1, -1):
+        stem = ROOT.joinpath(*parts[:end])
+        source = next((path for path in (stem.with_suffix(".py"), stem / "__init__.py") if path.is_file()), None)
+        if source is None:
+            continue
+        body = _module_body(source) if parts[end:] else []
+        for attribute in parts[end:]:
+            node = _defined_names(body).get(attribute)
+            if node is None:
+                return False
+            body = node.body if isinstance(node, ast.ClassDef) else []
+        return True
+    return False
+
+
+def test_every_module_and_function_the_docs_name_exists():
+    """`cxr.<module>[.<name>]` in README.md and docs/*.md (prose and code blocks) imports; adapter header keys aside."""
+    header_keys, checked, missing = _adapter_header_keys(), set(), []
+    for doc in [README, *DOCS]:
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            for dotted in re.findall(r"\bcxr(?:\.[A-Za-z_]\w*)+", line):
+                if dotted in header_keys:
+                    continue
+                checked.add(dotted)
+                if not _names_something(dotted):
+                    missing.append(f"{doc.relative_to(ROOT)}:{number}: {dotted}")
+    assert len(checked) > 30
+    assert missing == []
+
+
+def test_docs_do_not_send_users_to_the_test_suite_for_code():
+    """A user's install has no tests/ folder: the docs may cite a test as evidence, never import from one."""
+    importing = re.compile(r"sys\.path\.insert\([^)]*tests|\bfrom test_\w+ import|\bimport test_\w+")
+    found = [
+        f"{doc.relative_to(ROOT)}:{number}"
+        for doc in [README, *DOCS]
+        for number, line in enumerate(doc.read_text().splitlines(), 1)
+        if importing.search(line)
+    ]
+    assert found == []
 
 
 def test_readme_links_every_doc():
@@ -223,7 +299,7 @@ def test_huge_finite_values_of_every_numeric_flag_are_flag_errors(sign):
 
 
 def test_huge_values_from_the_issue_exit_2_naming_the_flag(capsys):
-    from cxr.privacy.audit import AuditConfig
+    from cxr.privacy.audit_config import AuditConfig
     from cxr.privacy.evaluate import EvaluateConfig
 
     cases = [

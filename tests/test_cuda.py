@@ -3,6 +3,7 @@
 - the training step makes no host synchronisation;
 - one step replayed from a CUDA graph gives the eager step's loss and gradients at SD v1.5 shapes (random
   weights, batch 2, bf16 autocast: the attention kernels training runs, head dims 40, 80 and 160);
+- a replay reads no freed memory after the step lets go of what it read at the capture (the replay holds it);
 - the LR set between two replays is the LR the replay applies (AdamW's update in closed form);
 - a step whose loss is NaN, replayed from a graph, leaves the LoRA weights, AdamW's moments and its step count
   as they were, and is counted as non-finite;
@@ -127,6 +128,37 @@ def test_graph_replay_equals_the_eager_step_at_sd15_shapes(sd15_unet):
     relative = ((graph_grad - eager_grad).norm() / eager_grad.norm()).item()
     assert relative < 1e-2, f"gradients of the replay differ from the eager step's by {relative:.3g} (relative L2)"
     assert any(not torch.equal(a, b) for a, b in zip(graph_after, start))
+
+
+def test_a_replay_reads_no_freed_memory_once_the_step_lets_go_of_its_inputs(tiny_unet):
+    """A graph reads the latent cache and the prompt embedding it was captured with at every replay, whoever else
+    still holds them; freed, their memory goes to the next allocations and the replay computes with what those
+    write (NaN/inf in train()). Here the step lets go of them after the capture and the next allocations of their
+    sizes hold NaN: the replay, which holds what the graph reads, still gives the eager step's loss."""
+    unet = _with_lora(tiny_unet, torch.float32)
+    params = lora_parameters(unet)
+    start = [p.detach().clone() for p in params]
+    losses = {}
+    for graph in (False, True):
+        with torch.no_grad():
+            for param, value in zip(params, start):
+                param.copy_(value)
+        step, mean = _step(unet, graph=graph, precision="no")
+        del mean  # the step's tensors are the only references left
+        if graph:
+            step.capture_cuda_graph(_rows())
+            names = ("latents_mean", "latents_std", "prompt_embeds")
+            layouts = [(getattr(step, name).shape, getattr(step, name).dtype) for name in names]
+            for name in names:
+                setattr(step, name, getattr(step, name).clone())
+            # The caching allocator hands a freed block to the next allocation of its size on its stream.
+            poison = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape, dtype in layouts * 4]
+        step(_rows())
+        torch.cuda.synchronize()
+        losses[graph] = (step.metrics.loss_sum.item(), step.metrics.nonfinite.item())
+    del poison
+    assert losses[True][1] == 0 and math.isfinite(losses[True][0]), f"the replay read freed memory: {losses[True]}"
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-3)
 
 
 def _adamw_update(optimizer, param, before: torch.Tensor, lr: float) -> torch.Tensor:

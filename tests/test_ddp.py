@@ -3,7 +3,6 @@
 rendezvous, as on two nodes)."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,61 +10,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, child_env, train_py_flags
 
 
 def _argv(tiny_model_dir, phantom_dir, out, cache, batch):
-    return [
-        str(REPO / "train.py"),
-        "--dataset_dir",
-        str(phantom_dir),
-        "--model_id",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
-        "--cache_dir",
-        str(cache),
-        "--device",
-        "cpu",
-        "--mixed_precision",
-        "no",
-        "--resolution",
-        "64",
-        "--train_batch_size",
-        str(batch),
-        "--val_count",
-        "4",
-        "--dataloader_num_workers",
-        "0",
-        "--max_train_steps",
-        "3",
-        "--checkpointing_steps",
-        "0",
-        "--validation_steps",
-        "0",
-        "--log_every",
-        "1",
-        "--lora_rank",
-        "4",
-        "--lora_alpha",
-        "4",
-        "--learning_rate",
-        "1e-3",
-        "--lora_dropout",
-        "0",
-        "--grad_accum_steps",
-        "2",
-        "--seed",
-        "7",
-    ]
-
-
-def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
+    return [str(REPO / "train.py")] + train_py_flags(
+        tiny_model_dir,
+        phantom_dir,
+        out,
+        cache,
+        train_batch_size=batch,
+        max_train_steps=3,
+        checkpointing_steps=0,
+        log_every=1,
+        learning_rate="1e-3",
+        lora_dropout=0,
+        grad_accum_steps=2,
+        seed=7,
+    )
 
 
 def _run(cmd, env):
@@ -87,7 +49,7 @@ def single_process(tiny_model_dir, phantom_dir, tmp_path_factory):
     """One process at batch 4: the reference run, and the latent cache the torchrun runs reuse."""
     root = tmp_path_factory.mktemp("single")
     cache = root / "cache"
-    _run([sys.executable] + _argv(tiny_model_dir, phantom_dir, root / "out", cache, batch=4), _env())
+    _run([sys.executable] + _argv(tiny_model_dir, phantom_dir, root / "out", cache, batch=4), child_env(new_group=True))
     adapter = _adapter(root / "out")
     moved = max(adapter[k].abs().max().item() for k in adapter if "lora_up" in k)
     assert moved > 1e-4  # B starts at zero: training moved it, so the equalities below are not trivial
@@ -111,7 +73,7 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(
     _run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         + _argv(tiny_model_dir, phantom_dir, tmp_path / "ddp", tmp_path / "cache", batch=2),
-        _env(),
+        child_env(new_group=True),
     )
     _assert_trains_like_one_process(single, tmp_path / "ddp")
     # The two ranks built their own caches (training and held-out images): the files one process wrote.
@@ -147,7 +109,10 @@ def test_two_nodes_equal_one_process_with_twice_the_batch(single_process, tiny_m
     ] + _argv(tiny_model_dir, phantom_dir, tmp_path / "nodes", cache, batch=2)
     logs = [tmp_path / f"agent{n}.log" for n in range(2)]
     agents = [
-        subprocess.Popen(agent, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, text=True) for log in logs
+        subprocess.Popen(
+            agent, env=child_env(new_group=True), stdout=log.open("w"), stderr=subprocess.STDOUT, text=True
+        )
+        for log in logs
     ]
     try:
         codes = [process.wait(timeout=600) for process in agents]

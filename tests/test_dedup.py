@@ -1,6 +1,7 @@
 """Training-set hygiene: planted duplicates among phantoms are found, and only they; groups, file list, split."""
 
 import csv
+import dataclasses
 import itertools
 import json
 import shutil
@@ -8,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import train_cfg  # tests/helpers.py
 from PIL import Image
 
 from cxr.data.dataset import read_file_list, scan_dataset, write_manifest
@@ -141,32 +143,22 @@ def test_exit_codes(planted, tmp_path, capsys):
 
 
 def test_train_exclude_duplicates_drops_them_before_the_split_and_records_it(planted, tmp_path, tiny_model_dir):
-    from cxr.config import TrainConfig
     from cxr.data.dataset import read_manifest
     from cxr.train.training import train
 
     torch.set_num_threads(1)
     report = find_duplicates(_cfg(dataset_dir=planted, out=tmp_path / "dedup"))
-    values = dict(
-        dataset_dir=planted,
-        model_id=str(tiny_model_dir),
-        output_dir=tmp_path / "run",
-        device="cpu",
-        mixed_precision="no",
-        resolution=64,
-        train_batch_size=4,
-        val_count=4,
-        dataloader_num_workers=0,
+    cfg = train_cfg(
+        tiny_model_dir,
+        planted,
+        tmp_path / "run",
+        learning_rate=1e-4,
         max_train_steps=2,
         log_every=1,
         checkpointing_steps=1,
-        validation_steps=0,
-        num_validation_images=0,
-        lora_rank=4,
-        lora_alpha=4.0,
         exclude_duplicates=tmp_path / "dedup" / "report.json",
     )
-    train(TrainConfig(**values))
+    train(cfg)
     manifest = read_manifest(tmp_path / "run" / "manifest.json")
     used = {entry["relpath"] for entry in manifest["train"] + manifest["val"]}
     dropped = {d["relpath"] for d in report["drop"]}
@@ -174,7 +166,7 @@ def test_train_exclude_duplicates_drops_them_before_the_split_and_records_it(pla
     assert {d["relpath"] for d in manifest["deduplicated"]["dropped"]} == dropped
     assert manifest["deduplicated"]["report_sha256"] == file_sha256(tmp_path / "dedup" / "report.json")
     # A resumed run keeps the split of the first start, and the record of what was left out.
-    train(TrainConfig(**dict(values, max_train_steps=3, resume_from_checkpoint="latest")))
+    train(dataclasses.replace(cfg, max_train_steps=3, resume_from_checkpoint="latest"))
     assert read_manifest(tmp_path / "run" / "manifest.json")["deduplicated"] == manifest["deduplicated"]
 
 

@@ -100,7 +100,8 @@ def test_cosine_scores_equal_a_direct_computation(sets):
 def test_audit_with_features_reports_both_statistics_and_gates_on_either(sets, tmp_path):
     import csv
 
-    from cxr.privacy.audit import AuditConfig, audit, format_summary
+    from cxr.privacy.audit import audit, format_summary
+    from cxr.privacy.audit_config import AuditConfig
 
     folders = {name: sets[name][0].parent for name in ("train", "holdout", "samples")}
     cfg = AuditConfig(

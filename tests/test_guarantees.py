@@ -210,3 +210,27 @@ def test_a_full_disk_under_tensorboard_raises_in_the_loop_without_a_thread_trace
     assert done.returncode == 0, done.stderr
     assert "raised in the loop: No space left on device" in done.stdout
     assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr
+
+
+def test_a_runs_config_json_is_replaced_whole_or_not_at_all(tmp_path):
+    """A write that fails part way (here a 64-byte file-size limit: EFBIG, as a disk that fills) leaves the
+    config.json of the previous start as it was, and no temporary file."""
+    import resource
+    import signal
+
+    from cxr.config import TrainConfig, save_json
+
+    path = tmp_path / "config.json"
+    save_json(TrainConfig(max_train_steps=4), path, {"world_size": 1})
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the default kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
+    try:
+        with pytest.raises(OSError):
+            save_json(TrainConfig(max_train_steps=8), path, {"world_size": 1})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]

@@ -4,7 +4,6 @@ the same file bytes from one process and from two torchrun ranks."""
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
 import struct
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import child_env  # tests/helpers.py
 
 from cxr.data.dataset import DatasetError, scan_dataset
 from cxr.data.imageio import Preprocess, read_grayscale, to_model_input
@@ -28,7 +28,6 @@ from cxr.data.latents import (
 from cxr.data.phantoms import write_phantoms
 
 RESOLUTION = 32  # 4x4 latents keep the tiny VAE fast on a shared CPU
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -411,9 +410,7 @@ def test_two_torchrun_ranks_build_the_cache_file_of_one_process(tiny_model_dir, 
     one = _build(records, vae, tmp_path / "one", **TORCHRUN_BUILD)
 
     (tmp_path / "out").mkdir()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
+    env = child_env(new_group=True)
     folders = [tiny_model_dir, tmp_path / "images", tmp_path / "ranks", tmp_path / "out"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [__file__, *map(str, folders)]

@@ -117,7 +117,7 @@ def test_the_copy_rate_rises_from_zero_and_the_run_stops_at_the_limit(stopped_ru
 def test_tensorboard_and_the_report_read_the_curves_back(stopped_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cxr.privacy.report import training_curves
+    from cxr.privacy.report_facts import training_curves
 
     cfg, summary = stopped_run
     curve = summary["memorization"]["curve"]
@@ -143,7 +143,8 @@ def test_cxr_audit_flags_the_same_samples_at_the_stopping_checkpoint(stopped_run
     from cxr.model.adapter_files import read_adapter, save_adapter
     from cxr.model.loading import load_components
     from cxr.model.lora import inject_lora, load_lora_state_dict
-    from cxr.privacy.audit import AuditConfig, audit
+    from cxr.privacy.audit import audit
+    from cxr.privacy.audit_config import AuditConfig
     from cxr.sample.sampling import sample_run
     from cxr.train.checkpoint import load_checkpoint
 

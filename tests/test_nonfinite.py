@@ -20,7 +20,7 @@ from cxr.train.checkpoint import NonFiniteLossError
 def _config_classes():
     from cxr.data.select import SelectConfig
     from cxr.perf.bench import BenchConfig
-    from cxr.privacy.audit import AuditConfig
+    from cxr.privacy.audit_config import AuditConfig
     from cxr.privacy.evaluate import EvaluateConfig
 
     # the fewest values each validate() needs before it reaches the flag checks

@@ -12,16 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import save_toy_checkpoint, train_cfg  # tests/helpers.py
+from helpers import (  # tests/helpers.py
+    REPO,
+    child_env,
+    save_toy_checkpoint,
+    train_cfg,
+    train_py_flags,
+    wait_for_checkpoint,
+)
 
 import cxr.train.rundir
 from cxr.config import TrainConfig
 from cxr.runpaths import RunPaths
 from cxr.train import runlock, training
 from cxr.train.rundir import find_resume_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -127,50 +131,10 @@ def test_taking_over_a_stale_lock_never_removes_a_fresh_one(tmp_path):
 
 def start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout) -> subprocess.Popen:
     """A real `train.py` run into `out` in a subprocess (100,000 steps: it runs until it is signalled)."""
-    argv = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "--dataset_dir",
-        str(phantom_dir),
-        "--model_id",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
-        "--cache_dir",
-        str(cache),
-        "--device",
-        "cpu",
-        "--mixed_precision",
-        "no",
-        "--resolution",
-        "64",
-        "--train_batch_size",
-        "4",
-        "--val_count",
-        "4",
-        "--dataloader_num_workers",
-        "0",
-        "--max_train_steps",
-        "100000",
-        "--checkpointing_steps",
-        "2",
-        "--validation_steps",
-        "0",
-        "--lora_rank",
-        "4",
-        "--lora_alpha",
-        "4",
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    argv = [sys.executable, str(REPO / "train.py")]
+    argv += train_py_flags(tiny_model_dir, phantom_dir, out, cache, max_train_steps=100000, checkpointing_steps=2)
+    env = child_env()
     return subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_checkpoint_2(process: subprocess.Popen, out: Path, timeout_s: float = 300) -> None:
-    deadline = time.time() + timeout_s
-    while not (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists():
-        assert process.poll() is None, process.communicate()[1][-2000:]
-        assert time.time() < deadline, "the run did not start"
-        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -180,7 +144,7 @@ def test_second_run_into_a_folder_in_use_is_refused(tiny_model_dir, phantom_dir,
     out, cache = tmp_path / "run", tmp_path / "cache"
     first = start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout=subprocess.PIPE)
     try:
-        wait_for_checkpoint_2(first, out)
+        wait_for_checkpoint(first, out, 2)
         manifest = (out / "manifest.json").read_bytes()
         no_scan(monkeypatch)
         second = make_cfg(tiny_model_dir, phantom_dir, out, cache, seed=1, resume_from_checkpoint="latest")
@@ -201,7 +165,7 @@ def test_lock_of_a_killed_run_is_taken_over_by_the_resume(tiny_model_dir, phanto
     out, cache = tmp_path / "run", tmp_path / "cache"
     killed = start_long_train_py(tiny_model_dir, phantom_dir, out, cache, stdout=subprocess.DEVNULL)
     try:
-        wait_for_checkpoint_2(killed, out)
+        wait_for_checkpoint(killed, out, 2)
     finally:
         killed.kill()  # SIGKILL: no clean-up runs
         killed.communicate()

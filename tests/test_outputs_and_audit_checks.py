@@ -292,7 +292,8 @@ def _modes(root: Path) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
 def test_every_output_follows_the_umask(umask, tiny_model_dir, phantom_dir, tmp_path):
-    from cxr.privacy.audit import AuditConfig, audit
+    from cxr.privacy.audit import audit
+    from cxr.privacy.audit_config import AuditConfig
     from cxr.privacy.evaluate import EvaluateConfig, evaluate
     from cxr.train import training
 
@@ -408,7 +409,7 @@ def _argv(root, out, *extra):
 
 
 def test_minimum_held_out_images_follows_the_quantile():
-    from cxr.privacy.audit import required_holdout_images
+    from cxr.privacy.audit_calibration import required_holdout_images
 
     assert required_holdout_images(0.99) == 100
     assert required_holdout_images(0.999) == 1000

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import audit_cfg, sample_cfg, train_cfg  # tests/helpers.py
 from PIL import Image
 
-from cxr.config import SampleConfig, TrainConfig
-from cxr.privacy.audit import AuditConfig, audit
+from cxr.privacy.audit import audit
 from cxr.privacy.evaluate import EvaluateConfig, evaluate
-from cxr.privacy.report import ReportConfig, main, training_curves, write_report
+from cxr.privacy.report import ReportConfig, main, write_report
+from cxr.privacy.report_facts import training_curves
 from cxr.sample.sampling import sample_run
 from cxr.train.training import train
 
@@ -27,57 +28,13 @@ def released(tmp_path_factory, tiny_model_dir, phantom_dir):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("release")
     run = root / "run"
-    cfg = TrainConfig(
-        dataset_dir=Path(phantom_dir),
-        model_id=str(tiny_model_dir),
-        output_dir=run,
-        device="cpu",
-        mixed_precision="no",
-        resolution=64,
-        train_batch_size=4,
-        val_count=4,
-        dataloader_num_workers=0,
-        learning_rate=1e-3,
-        max_train_steps=4,
-        log_every=2,
-        checkpointing_steps=2,
-        validation_steps=2,
-        num_validation_images=0,
-        lora_rank=4,
-        lora_alpha=4.0,
-        seed=0,
-    )
-    cfg.validate()
-    summary = train(cfg)
+    summary = train(train_cfg(tiny_model_dir, phantom_dir, run, validation_steps=2))
     samples = root / "samples"
     sample_run(
-        SampleConfig(
-            base_model=str(tiny_model_dir),
-            lora_path=run / "lora_unet",
-            out_dir=samples,
-            num_images=4,
-            batch_size=4,
-            height=64,
-            width=64,
-            num_inference_steps=2,
-            device="cpu",
-            contact_sheet=0,
-        )
+        sample_cfg(tiny_model_dir, samples, lora_path=run / "lora_unet", num_images=4, batch_size=4, contact_sheet=0)
     )
     audit_dir = root / "audit"
-    audit(
-        AuditConfig(
-            train_manifest=run / "manifest.json",
-            train_dir=Path(phantom_dir),
-            samples_dir=samples,
-            out=audit_dir,
-            num_workers=0,
-            resolution=16,
-            max_shift=0.0,
-            gallery_pairs=2,
-            device="cpu",
-        )
-    )
+    audit(audit_cfg(run, phantom_dir, samples, audit_dir))
     eval_file = root / "eval.json"
     evaluate(
         EvaluateConfig(
@@ -186,43 +143,23 @@ def test_samples_from_another_adapter_are_flagged_on_the_page(released, tmp_path
 
 
 def test_missing_inputs_are_clear_errors(released, tmp_path, capsys):
-    code = main(
-        [
-            "--run",
-            str(released["run"]),
-            "--samples",
-            str(released["samples"]),
-            "--audit",
-            str(tmp_path / "no-audit"),
-            "--out",
-            str(tmp_path / "r.html"),
-        ]
-    )
+    code = main(_argv(released, tmp_path / "r.html", audit=tmp_path / "no-audit", eval=None))
     assert code == 2
     err = capsys.readouterr().err
     assert "--audit" in err and "report.json" in err and "python -m cxr.audit" in err
     assert not (tmp_path / "r.html").exists()
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "--run",
-                str(released["run"]),
-                "--samples",
-                str(released["samples"]),
-                "--audit",
-                str(released["audit"]),
-                "--out",
-                str(tmp_path / "r.txt"),
-            ]
-        )
+        main(_argv(released, tmp_path / "r.txt", eval=None))
     assert exit_info.value.code == 2
     assert "--out" in capsys.readouterr().err
 
 
 def _argv(released, out, **overrides) -> list[str]:
+    """cxr.report's flags for the released run's folders, `overrides` replacing them (None: the flag left out)."""
     inputs = {key: released[key] for key in ("run", "samples", "audit", "eval")}
     inputs.update(overrides)
-    return [item for key, value in inputs.items() for item in (f"--{key}", str(value))] + ["--out", str(out)]
+    flags = [item for key, value in inputs.items() if value is not None for item in (f"--{key}", str(value))]
+    return flags + ["--out", str(out)]
 
 
 def test_out_in_an_unwritable_folder_fails_before_the_work(released, tmp_path, monkeypatch, capsys):
@@ -230,7 +167,7 @@ def test_out_in_an_unwritable_folder_fails_before_the_work(released, tmp_path, m
 
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
-    monkeypatch.setattr(report_module, "gather_facts", lambda cfg: pytest.fail("the inputs were read"))
+    monkeypatch.setattr(report_module, "gather_facts", lambda *inputs: pytest.fail("the inputs were read"))
     (tmp_path / "folder.html").mkdir()
     for out in (blocker / "r.html", tmp_path / "folder.html"):
         assert main(_argv(released, out)) == 2

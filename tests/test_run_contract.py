@@ -262,7 +262,8 @@ def test_manifest_extra_holds_every_result_flag(tiny_model_dir, phantom_dir, tmp
     assert extra == {name: to_dict(cfg)[name] for name in result_flags(TrainConfig)}
     assert extra["snr_gamma"] == 1.5 and extra["model_id"] == str(tiny_model_dir) and extra["seed"] == 0
     # ... and the audit reads the pixel settings from it.
-    from cxr.privacy.audit import AuditConfig, _resolve_sets
+    from cxr.privacy.audit import _resolve_sets
+    from cxr.privacy.audit_config import AuditConfig
 
     samples = tmp_path / "samples"
     samples.mkdir()

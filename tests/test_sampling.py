@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import pixels, pngs  # tests/helpers.py
+from helpers import pixels, pngs, train_cfg  # tests/helpers.py
 from helpers import sample_cfg as make_cfg
 from PIL import Image
 
@@ -354,26 +354,16 @@ def test_kohya_file_gives_the_same_images_as_the_diffusers_file(tiny_model_dir, 
 
 @pytest.mark.slow
 def test_adapter_trained_by_train_loads_and_changes_the_output(tiny_model_dir, phantom_dir, base_pipe, tmp_path):
-    from cxr.config import TrainConfig
     from cxr.train.training import train
 
     run_dir = tmp_path / "run"
     train(
-        TrainConfig(
-            dataset_dir=phantom_dir,
-            model_id=str(tiny_model_dir),
-            output_dir=run_dir,
-            resolution=64,
-            device="cpu",
-            mixed_precision="no",
-            train_batch_size=4,
+        train_cfg(
+            tiny_model_dir,
+            phantom_dir,
+            run_dir,
             max_train_steps=3,
             learning_rate=1e-2,
-            lora_rank=4,
-            lora_alpha=4.0,
-            val_count=4,
-            dataloader_num_workers=0,
-            validation_steps=0,
             checkpointing_steps=0,
             log_every=1,
         )

@@ -6,31 +6,22 @@ Reference: the same run in one process (`sample_run`), compared byte for byte.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import SMALL_SAMPLES, pngs  # tests/helpers.py
+from helpers import REPO, SMALL_SAMPLES, child_env, pngs  # tests/helpers.py
 from helpers import sample_cfg as make_cfg
 
 from cxr.runtime import DistInfo
 from cxr.sample.ranks import lock_out_dir, rank_batches
 from cxr.sample.sampling import SamplingError, sample_run
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGES, BATCH = 8, 2  # 4 batches: ranks 0 and 1 make 2 each
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
 
 
 def _flags(model_dir, out) -> list[str]:
@@ -42,7 +33,7 @@ def _flags(model_dir, out) -> list[str]:
 
 def _torchrun(script, flags) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    return subprocess.run(command + flags, env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(command + flags, env=child_env(new_group=True), capture_output=True, text=True, timeout=600)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -140,7 +131,7 @@ def test_a_second_process_on_a_folder_in_use_is_refused(tiny_model_dir, tmp_path
             "time.sleep(120)",
             str(out),
         ],
-        env=_env(),
+        env=child_env(new_group=True),
         stdout=subprocess.PIPE,
         text=True,
     )

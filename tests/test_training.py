@@ -3,17 +3,15 @@
 import ast
 import inspect
 import math
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import lora_tensors, tiny_step  # tests/helpers.py
+from helpers import REPO, child_env, lora_tensors, tiny_step, train_py_flags, wait_for_checkpoint  # tests/helpers.py
 from helpers import train_cfg as make_cfg
 
 import cxr.runtime
@@ -24,9 +22,6 @@ from cxr.data.latents import run_caches
 from cxr.train import training
 from cxr.train.checkpoint import NonFiniteLossError
 from cxr.train.setup import prepare_data
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -574,50 +569,20 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(tiny_model_dir, phantom_d
     from cxr.train.checkpoint import find_latest_checkpoint
 
     out = tmp_path / "preempted"
-    argv = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "--dataset_dir",
-        str(phantom_dir),
-        "--model_id",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
-        "--cache_dir",
-        str(shared_cache),
-        "--device",
-        "cpu",
-        "--mixed_precision",
-        "no",
-        "--resolution",
-        "64",
-        "--train_batch_size",
-        "4",
-        "--val_count",
-        "4",
-        "--dataloader_num_workers",
-        "0",
-        "--max_train_steps",
-        "100000",
-        "--checkpointing_steps",
-        "5",
-        "--validation_steps",
-        "0",
-        "--lora_rank",
-        "4",
-        "--lora_alpha",
-        "4",
-        "--learning_rate",
-        "1e-3",
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    argv = [sys.executable, str(REPO / "train.py")]
+    argv += train_py_flags(
+        tiny_model_dir,
+        phantom_dir,
+        out,
+        shared_cache,
+        max_train_steps=100000,
+        checkpointing_steps=5,
+        learning_rate="1e-3",
+    )
+    env = child_env()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 300
-        while not (out / "checkpoints" / "checkpoint-5" / "COMPLETE").exists():  # training is under way
-            assert process.poll() is None, process.communicate()[1][-2000:]
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_for_checkpoint(process, out, 5, what="training")  # training is under way
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=300)
     finally:

@@ -10,7 +10,8 @@ import torch
 from cxr.data.dataset import ImageRecord
 from cxr.data.imageio import Preprocess, read_grayscale
 from cxr.data.phantoms import make_phantom
-from cxr.privacy.audit import AuditConfig, audit
+from cxr.privacy.audit import audit
+from cxr.privacy.audit_config import AuditConfig
 from cxr.privacy.imagemetrics import kid
 from cxr.privacy.imagesets import load_thumbnails
 from cxr.privacy.watch import (

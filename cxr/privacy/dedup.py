@@ -123,7 +123,7 @@ class DedupConfig:
 def near_duplicate_pairs(scores, indices, shifts, threshold: float) -> dict[tuple[int, int], tuple[float, tuple]]:
     """{(i, j) with i < j: (best score, (dy, dx))} for every neighbour j of i (j != i) scoring >= threshold.
 
-    `scores`/`indices`/`shifts` are `cxr.privacy.audit.best_matches` of a set against itself; a pair found from both
+    `scores`/`indices`/`shifts` are `cxr.privacy.ncc.best_matches` of a set against itself; a pair found from both
     ends keeps its higher score (shifting i onto j and j onto i can differ by interpolation).
     """
     pairs: dict[tuple[int, int], tuple[float, tuple]] = {}
@@ -190,18 +190,13 @@ def _records(cfg: DedupConfig):
 
 def find_duplicates(cfg: DedupConfig) -> dict:
     """Run the search and write report.json, pairs.csv, gallery.png (and the kept file list) to `cfg.out`."""
-    import torch
-
     from cxr.data.imageio import Preprocess
     from cxr.model.loading import pick_device
-    from cxr.privacy.audit import score_histogram
     from cxr.privacy.imagesets import load_thumbnails
-    from cxr.privacy.ncc import best_matches, standardize
 
     started = time.time()
-    out = Path(cfg.out)
     # Before any image is read: a bad path fails at once, not after the search.
-    check_writable(out, "--out", create=False)
+    check_writable(Path(cfg.out), "--out", create=False)
     if cfg.write_file_list is not None:
         check_writable_file(cfg.write_file_list, "--write_file_list")
     device = pick_device(cfg.device)
@@ -217,52 +212,14 @@ def find_duplicates(cfg: DedupConfig) -> dict:
         desc="reading images",
     )
     read_seconds = time.time() - started
-    features = standardize(thumbs)
-    # k + 1: the image itself is its own best match (NCC 1 at shift 0).
-    scores, indices, shifts = best_matches(
-        thumbs,
-        features,
-        k=min(cfg.neighbours + 1, len(records)),
-        max_shift=cfg.max_shift,
-        shift_step=cfg.shift_step,
-        memory_budget_mb=cfg.memory_budget_mb,
-        device=device,
-        progress=True,
-    )
-    del thumbs, features
+    scores, indices, shifts = _self_matches(cfg, thumbs, device)
+    del thumbs
     search_seconds = time.time() - started - read_seconds
     pairs = near_duplicate_pairs(scores, indices, shifts, cfg.threshold)
-    others = (indices != torch.arange(len(records))[:, None]) & (indices >= 0)
-    best_other = np.array([float(row[mask][0]) if mask.any() else -1.0 for row, mask in zip(scores, others)])
-
     groups = connected_groups(len(records), pairs)
-    keep_of = {member: group[0] for group in groups for member in group}
     rel = [r.relpath for r in records]
-    pair_rows = []
-    for (i, j), (score, (dy, dx)) in sorted(pairs.items(), key=lambda item: -item[1][0]):
-        pair_rows.append(
-            {
-                "a": rel[i],
-                "b": rel[j],
-                "ncc": score,
-                "shift_y": dy,
-                "shift_x": dx,
-                "split_a": splits[i],
-                "split_b": splits[j],
-                "patient_a": records[i].patient_id,
-                "patient_b": records[j].patient_id,
-                "cross_split": splits[i] is not None and splits[i] != splits[j],
-            }
-        )
-    # The content hash identifies a dropped image whatever folder or file list it is later read from.
-    drop = sorted(
-        (
-            {"relpath": rel[m], "sha256": records[m].sha256, "duplicate_of": rel[keep_of[m]]}
-            for m in keep_of
-            if keep_of[m] != m
-        ),
-        key=lambda d: d["relpath"],
-    )
+    pair_rows = _pair_rows(pairs, records, splits)
+    drop = _drop_list(groups, records)
     report = {
         "config": to_dict(cfg),
         "counts": {
@@ -280,12 +237,7 @@ def find_duplicates(cfg: DedupConfig) -> dict:
         "drop": drop,
         "pairs": pair_rows,
         "cross_split_pairs": [row for row in pair_rows if row["cross_split"]],
-        "best_other": {
-            "histogram": score_histogram(best_other, low=-1.0, high=1.0),
-            "p50": float(np.median(best_other)),
-            "p99": float(np.quantile(best_other, 0.99)),
-            "max": float(best_other.max()),
-        },
+        "best_other": _best_other(scores, indices),
         "seconds": {
             "total": round(time.time() - started, 2),
             "scan_and_read": round(read_seconds, 2),
@@ -295,6 +247,74 @@ def find_duplicates(cfg: DedupConfig) -> dict:
     with staged_files("--out") as files:
         _write_outputs(cfg, files, report, records, preprocess)
     return report
+
+
+def _self_matches(cfg: DedupConfig, thumbs, device):
+    """(scores, indices, shifts): the `--neighbours` best matches of every image among all of them, itself included
+    (k + 1: the image itself is its own best match, NCC 1 at shift 0)."""
+    from cxr.privacy.ncc import best_matches, standardize
+
+    return best_matches(
+        thumbs,
+        standardize(thumbs),
+        k=min(cfg.neighbours + 1, len(thumbs)),
+        max_shift=cfg.max_shift,
+        shift_step=cfg.shift_step,
+        memory_budget_mb=cfg.memory_budget_mb,
+        device=device,
+        progress=True,
+    )
+
+
+def _best_other(scores, indices) -> dict:
+    """The report's `best_other`: each image's best score with another image, as a histogram and quantiles."""
+    import torch
+
+    from cxr.privacy.audit_scores import score_histogram
+
+    others = (indices != torch.arange(len(indices))[:, None]) & (indices >= 0)
+    best_other = np.array([float(row[mask][0]) if mask.any() else -1.0 for row, mask in zip(scores, others)])
+    return {
+        "histogram": score_histogram(best_other, low=-1.0, high=1.0),
+        "p50": float(np.median(best_other)),
+        "p99": float(np.quantile(best_other, 0.99)),
+        "max": float(best_other.max()),
+    }
+
+
+def _pair_rows(pairs: dict, records, splits) -> list[dict]:
+    """One pairs.csv row per near-duplicate pair, the highest score first, with the split and patient of each side."""
+    rows = []
+    for (i, j), (score, (dy, dx)) in sorted(pairs.items(), key=lambda item: -item[1][0]):
+        rows.append(
+            {
+                "a": records[i].relpath,
+                "b": records[j].relpath,
+                "ncc": score,
+                "shift_y": dy,
+                "shift_x": dx,
+                "split_a": splits[i],
+                "split_b": splits[j],
+                "patient_a": records[i].patient_id,
+                "patient_b": records[j].patient_id,
+                "cross_split": splits[i] is not None and splits[i] != splits[j],
+            }
+        )
+    return rows
+
+
+def _drop_list(groups: list[list[int]], records) -> list[dict]:
+    """Every member of a group but its first (the kept image), sorted by path, with its content hash: the hash
+    identifies a dropped image whatever folder or file list it is later read from."""
+    keep_of = {member: group[0] for group in groups for member in group}
+    return sorted(
+        (
+            {"relpath": records[m].relpath, "sha256": records[m].sha256, "duplicate_of": records[keep_of[m]].relpath}
+            for m in keep_of
+            if keep_of[m] != m
+        ),
+        key=lambda d: d["relpath"],
+    )
 
 
 PAIR_COLUMNS = ("a", "b", "ncc", "shift_y", "shift_x", "split_a", "split_b", "patient_a", "patient_b", "cross_split")

@@ -8,7 +8,7 @@ with the held-out split, with the audit's own pieces and defaults:
   the audit's shift grid and memory budget), summarised as median, 95th percentile and maximum;
 * copy rate: the fraction of samples whose best match is above the threshold. The threshold is calibrated once,
   at the start, by the audit's rule: the `threshold_quantile` (0.99) of the held-out images' best match with the
-  training set (`cxr.privacy.ncc.calibrate_threshold`), trusted from `cxr.privacy.audit.check_calibration`'s
+  training set (`cxr.privacy.ncc.calibrate_threshold`), trusted from `cxr.privacy.audit_calibration.check_calibration`'s
   minimum count of held-out images on (100 at 0.99). Below it, or without held-out images (the audit's
   uncalibrated `default_threshold` then), the log and TensorBoard's text say so;
 * KID (`cxr.privacy.imagemetrics.kid`) of the samples to the held-out images, in the thumbnail space, or with
@@ -39,7 +39,8 @@ import torch
 
 from cxr.data.imageio import BT601_LUMA, Preprocess, thumbnail
 from cxr.fileio import atomic_path
-from cxr.privacy.audit import SCORE_CEILING, AuditConfig, check_calibration
+from cxr.privacy.audit_calibration import SCORE_CEILING, check_calibration
+from cxr.privacy.audit_config import AuditConfig
 from cxr.privacy.imagemetrics import kid
 from cxr.privacy.imagesets import load_thumbnails
 from cxr.privacy.ncc import best_matches, calibrate_threshold, ncc_topk, standardize_in_place

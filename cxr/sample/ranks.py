@@ -27,7 +27,7 @@ import torch.distributed
 from tqdm.auto import tqdm
 
 from cxr.config import SampleConfig
-from cxr.runtime import DistInfo, broadcast_object, setup_device_and_distributed
+from cxr.runtime import DistInfo, broadcast_object, gather_object, setup_device_and_distributed
 from cxr.sample.pngwrites import PngWrites, to_pil
 from cxr.sample.samplefolder import (
     SamplingError,
@@ -140,15 +140,6 @@ def claim_folder(
     return claim if claim is not None else Claim(*lists, rows={}, runs=[])
 
 
-def gather(value, dist: DistInfo) -> list:
-    """`value` of every rank, in rank order, on every rank (a list of one in a single process)."""
-    if not dist.enabled:
-        return [value]
-    values = [None] * dist.world_size
-    torch.distributed.all_gather_object(values, value)
-    return values
-
-
 def stop_processes(started: bool) -> None:
     """Destroy the process group `start_processes` started (nothing when it started none)."""
     if started and torch.distributed.is_initialized():
@@ -254,7 +245,7 @@ class RankRun:
             [p.name for p in self.writes.skipped],
             self.generation_seconds,
         )
-        everyone = gather(mine, self.dist)
+        everyone = gather_object(mine, self.dist)
         made = sorted(self.out_dir / name for _, names, _, _ in everyone for name in names)
         skipped = [self.out_dir / image_name(i) for i in self.claim.present]
         skipped = sorted(skipped + [self.out_dir / name for _, _, names, _ in everyone for name in names])

@@ -3,7 +3,8 @@
     graph_blockers(cfg, device, dist) -> [reasons]     what keeps this run's step out of a CUDA graph
     check_cuda_graph_flag(cfg, device, dist)          `--cuda_graph on` where it cannot: an error before any model loads
     start_cuda_graph(step, example_indices)           two eager steps, the capture, two replayed steps, compared
-    capture_cuda_graph(step, example_indices) -> replay(indices)
+    capture_cuda_graph(step, example_indices) -> GraphReplay: replay(indices), owning what the graph reads
+    GraphInputs()                                     records the tensors a call reads that existed before it
     snapshot_train_state / restore_train_state        what a step changes, copied and put back in place
 
 A graph replays the whole step (forward, backward, clipping, AdamW) with one launch instead of thousands, so
@@ -19,6 +20,12 @@ atomics (attention's backward): losses and gradient norms within 1%, weights wit
 stale input, a random stream that does not advance, an update that is not replayed: each moves them further.
 The check sees the first replays only: a graph that goes wrong later in a run (after a checkpoint, say) is not
 caught by it.
+
+A graph replays its kernels on the memory its capture used. Whatever the step read from outside (the latent
+cache, the prompt embedding, the weights, AdamW's state) must therefore stay allocated, and in place, as long as
+the graph can be replayed: `GraphReplay` holds every such tensor, and the run never puts a new tensor where the
+step reads one (restores copy into the tensors; tests/test_step_graph.py follows train() through validation,
+checkpoints and a resume to check both).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from cxr.runtime import DistInfo, TrainingError
 
@@ -140,19 +149,25 @@ def _probe(step: TrainStep, call: Callable[[torch.Tensor], None], batches: list[
     return record
 
 
-def capture_cuda_graph(step: TrainStep, example_indices: torch.Tensor, warmup_steps: int = 3):
+def capture_cuda_graph(step: TrainStep, example_indices: torch.Tensor, warmup_steps: int = 3) -> GraphReplay:
     """Capture `step.run_eager` in a CUDA graph; returns `replay(indices)` with the same effect.
 
     Warm-up runs on a side stream (as torch.cuda.graph requires); what the step changes is put back afterwards,
-    so the warm-up leaves no trace in the run. The step's generators are registered with the graph, so every
-    replay draws fresh noise (and dropout masks) and advances them as an eager step would.
+    so the warm-up leaves no trace in the run. The last warm-up step reads what the captured one does (AdamW's
+    state exists from the first on), so it is the one that names the graph's inputs. The step's generators are
+    registered with the graph, so every replay draws fresh noise (and dropout masks) and advances them as an
+    eager step would.
     """
+    if warmup_steps < 1:
+        raise ValueError(f"capture_cuda_graph: warmup_steps must be >= 1, got {warmup_steps}")
     static_indices = example_indices.clone()
     snapshot = snapshot_train_state(step)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(warmup_steps):
+        for _ in range(warmup_steps - 1):
+            step.run_eager(static_indices)
+        with GraphInputs() as inputs:
             step.run_eager(static_indices)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -161,12 +176,48 @@ def capture_cuda_graph(step: TrainStep, example_indices: torch.Tensor, warmup_st
     with torch.cuda.graph(graph):
         step.run_eager(static_indices)
     restore_train_state(step, snapshot)
+    return GraphReplay(graph, static_indices, inputs.tensors)
 
-    def replay(indices: torch.Tensor) -> None:
-        static_indices.copy_(indices)
-        graph.replay()
 
-    return replay
+class GraphReplay:
+    """A captured step: `replay(indices)` copies `indices` into the graph's static input and replays the graph.
+
+    A graph reads and writes the memory its capture used, at every replay, whoever else still holds it. So the
+    replay owns, besides the graph, every tensor the step read that existed before it: the latent cache, the
+    prompt embedding, the schedule tables, the weights, AdamW's state and LR, the metrics. Freed while the graph
+    still reads it, such memory is handed to the next allocation, and the replay computes with whatever that
+    writes there (NaN where deterministic algorithms fill new memory with NaN)."""
+
+    def __init__(self, graph, static_indices: torch.Tensor, inputs: list[torch.Tensor]):
+        self.graph, self.static_indices, self.inputs = graph, static_indices, inputs
+
+    def __call__(self, indices: torch.Tensor) -> None:
+        self.static_indices.copy_(indices)
+        self.graph.replay()
+
+
+class GraphInputs(TorchDispatchMode):
+    """Records, while active, the tensors the ops read or write that existed before it began (one per storage):
+    the memory a graph captured from the same ops reads at every replay. Recording is host work only."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors: list[torch.Tensor] = []
+        self._seen: set[int] = set()  # storage addresses: the inputs found, and everything made while recording
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes():
+                address = value.untyped_storage().data_ptr()
+                if address not in self._seen:
+                    self._seen.add(address)
+                    self.tensors.append(value)
+        out = func(*args, **kwargs)
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._seen.add(value.untyped_storage().data_ptr())
+        return out
 
 
 # ------------------------------------------------------------------------------------------ the state

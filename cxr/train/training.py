@@ -72,6 +72,8 @@ def train(cfg: TrainConfig, *, stop_after_steps: int | None = None) -> dict:
         if run.checkpoints.resumed_from is not None:
             resume(run, run.checkpoints.resumed_from)
         start_logging(run)
+        # After the resume: loading AdamW's state makes new tensors, which a graph captured earlier would not read.
+        # From the capture on, the run only copies into what the step reads (cxr.train.step_graph).
         if run.start_step < cfg.max_train_steps:
             run.step.start_cuda_graph(run.data.peek_indices())  # --cuda_graph: replay a checked graph, or eager
         return train_loop(run, stop, stop_after_steps)
