@@ -166,13 +166,16 @@ def test_injection_paths_freezing_and_reproducible_init(tiny_model_dir):
     paths = lora.inject_lora(unet, rank=RANK, alpha=ALPHA)
     attentions = [n for n, m in _load_unet(tiny_model_dir).named_modules() if n.endswith((".attn1", ".attn2"))]
     assert paths == sorted(f"{a}.{t}" for a in attentions for t in lora.DEFAULT_TARGETS)
-    assert {n for n, p in unet.named_parameters() if p.requires_grad} == {
-        f"{p}.lora_{ab}" for p in paths for ab in "AB"
-    }
+    # The trainable tensors are the pack's few; every layer's A and B is its own part of one of them.
+    trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     params = lora.lora_parameters(unet)
-    assert [id(p) for p in params] == [
-        id(getattr(lora.lora_modules(unet)[p], f"lora_{ab}")) for p in paths for ab in "AB"
-    ]
+    assert sorted(map(id, trainable.values())) == sorted(map(id, params)) and len(params) < len(paths)
+    assert all(n.startswith(f"{lora.PACK_NAME}.") for n in trainable)
+    layers = [getattr(lora.lora_modules(unet)[p], f"lora_{ab}") for p in paths for ab in "AB"]
+    assert sum(t.numel() for t in layers) == sum(p.numel() for p in params)
+    for tensor, (holder, view) in zip(layers, lora.layer_slots(unet)):
+        assert tensor.untyped_storage().data_ptr() == holder.untyped_storage().data_ptr()
+        assert torch.equal(tensor, view(holder.detach()))
 
     again = _load_unet(tiny_model_dir)
     torch.manual_seed(3)
@@ -239,17 +242,19 @@ def test_attention_processor_matches_peft_forward_and_backward(tiny_model_dir, u
     with torch.no_grad():
         for path, module in modules.items():
             peft_layer = reference.get_submodule(path)
-            for ours_weight, theirs in ((module.lora_A, peft_layer.lora_A), (module.lora_B, peft_layer.lora_B)):
+            for index, (ours_weight, theirs) in enumerate(
+                ((module.lora_A, peft_layer.lora_A), (module.lora_B, peft_layer.lora_B))
+            ):
                 theirs["default"].weight.copy_(ours_weight)
-                pairs.append((ours_weight, theirs["default"].weight))
+                pairs.append((module, index, theirs["default"].weight))
     outputs = []
     for unet in (ours, reference):
         out = unet(*unet_inputs).sample
         out.square().mean().backward()
         outputs.append(out.detach())
     torch.testing.assert_close(outputs[0], outputs[1])
-    for ours_weight, theirs in pairs:
-        torch.testing.assert_close(ours_weight.grad, theirs.grad, rtol=1e-4, atol=1e-7)
+    for module, index, theirs in pairs:
+        torch.testing.assert_close(module.lora_grads()[index], theirs.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_linear_outputs_of_one_input_take_one_matmul_for_the_down_projections():

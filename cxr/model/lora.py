@@ -13,8 +13,9 @@ dotted module paths it wrapped; those paths are the keys of every adapter file (
 reads the diffusers/peft and kohya formats, and converts between them). It also gives those attention modules
 `LoRAAttnProcessor`: the attention of diffusers' `AttnProcessor2_0`, with the projections that read one input
 (q, k, v of self-attention; k, v of cross-attention, on the text context) computed together: one matmul for
-their LoRA down-projections (the A matrices concatenated on the fly, so every layer keeps its own `lora_A`),
-and each up-projection fused with the add into its base output (`addmm`). Same math, fewer kernels.
+their LoRA down-projections (their A matrices side by side in the UNet's `LoRAPack`, `cxr.model.lora_pack`,
+where every layer's A and B live as views), and each up-projection fused with the add into its base output
+(`addmm`). Same math, fewer kernels.
 
     python -m cxr.lora to-kohya lora_unet/ lora_unet/cxr_lora_kohya.safetensors
     python -m cxr.lora to-diffusers cxr_lora_kohya.safetensors converted_dir/
@@ -23,10 +24,13 @@ and each up-projection fused with the add into its base output (`addmm`). Same m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cxr.model.lora_pack import PACK_NAME, LoRAPack, input_groups, layer_view, refresh_views
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ATTENTION_NAMES = ("attn1", "attn2")
@@ -64,8 +68,12 @@ class LoRALinear(nn.Module):
         self.merged = False
         self._merged_factor = 0.0  # scaling * scale at merge time, so unmerge subtracts exactly what was added
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(self.rank, base.in_features, dtype=torch.float32, device=device))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, self.rank, dtype=torch.float32, device=device))
+        # Not registered as a child: the pack belongs to the UNet (`inject_lora`); None while the layer has its own.
+        self.__dict__["pack"] = None
+        # Registered directly: `lora_A` / `lora_B` are properties (they read the pack once the layer joins one).
+        f32 = {"dtype": torch.float32, "device": device}
+        self._parameters["lora_A"] = nn.Parameter(torch.empty(self.rank, base.in_features, **f32))
+        self._parameters["lora_B"] = nn.Parameter(torch.empty(base.out_features, self.rank, **f32))
         self.dropout = float(dropout)
         # The dropout masks' generator (the training step gives it one of its own, apart from the noise's);
         # None draws from the global RNG.
@@ -76,6 +84,41 @@ class LoRALinear(nn.Module):
         """A as nn.Linear's default init (Kaiming-uniform, a=sqrt(5)), as peft and loralib do; B zeros."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    @property
+    def lora_A(self) -> torch.Tensor:
+        """A (rank x in): the layer's own parameter, or a view of the UNet's `LoRAPack` (in-place writes land
+        there; not traced by autograd: the forward reads `down_t()`)."""
+        return self._parameters["lora_A"] if self.pack is None else self.pack.stored(self, "A")
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """B (out x rank), as `lora_A`."""
+        return self._parameters["lora_B"] if self.pack is None else self.pack.stored(self, "B")
+
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        return self._parameters["lora_A"].dtype if self.pack is None else self.pack.dtype
+
+    def down_t(self) -> torch.Tensor:
+        """A^T (in x rank), traced by autograd: what the forward multiplies by."""
+        return self._parameters["lora_A"].t() if self.pack is None else self.pack.down_t(self)
+
+    def up_t(self) -> torch.Tensor:
+        """B^T (rank x out), traced by autograd."""
+        return self._parameters["lora_B"].t() if self.pack is None else self.pack.up_t(self)
+
+    def lora_grads(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gradients of A and B (views of the pack's gradients when packed); None before a backward."""
+        if self.pack is None:
+            return self._parameters["lora_A"].grad, self._parameters["lora_B"].grad
+        grads = [self.pack.holder(self, which).grad for which in "AB"]
+        return tuple(None if g is None else self.pack.stored(self, w, g) for g, w in zip(grads, "AB"))
+
+    def join_pack(self, pack) -> None:
+        """Read A and B from `pack` (which copied their values) from now on; the layer's own tensors go."""
+        del self._parameters["lora_A"], self._parameters["lora_B"]
+        self.__dict__["pack"] = pack
 
     @property
     def in_features(self) -> int:
@@ -111,7 +154,7 @@ class LoRALinear(nn.Module):
             return self.base(x)
         if not self.fused_dtype(x):
             # A bf16/fp16 base without autocast would round the small update away: compute it in float32.
-            update = F.linear(F.linear(self.dropped(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+            update = self.dropped(x).to(self.lora_dtype) @ self.down_t() @ self.up_t()
             out = self.base(x)
             return torch.add(out, update.to(out.dtype), alpha=self.scaling * self.scale)
         (out,) = linear_outputs([self], x.reshape(-1, x.shape[-1]))
@@ -120,7 +163,7 @@ class LoRALinear(nn.Module):
     def fused_dtype(self, x: torch.Tensor) -> bool:
         """Whether the update can be added inside the base output's matmul: under autocast (every matmul in the
         autocast dtype), or when the input already has the LoRA weights' dtype."""
-        return torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A.dtype
+        return torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_dtype
 
     def dropped(self, x: torch.Tensor) -> torch.Tensor:
         """`x` with LoRA dropout applied (training only), masks drawn from `dropout_generator`."""
@@ -169,8 +212,10 @@ def linear_outputs(layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tenso
     shared = [m for m in lora if m.dropout == 0.0 or not m.training]
     down: dict[LoRALinear, torch.Tensor] = {}
     if len(shared) > 1:
-        weights = torch.cat([m.lora_A for m in shared])
-        down = dict(zip(shared, F.linear(x, weights).split([m.rank for m in shared], dim=1)))
+        weight_t = shared[0].pack.shared_down_t(shared) if shared[0].pack is not None else None
+        if weight_t is None:
+            weight_t = torch.cat([m.down_t() for m in shared], dim=1)
+        down = dict(zip(shared, torch.mm(x, weight_t).split([m.rank for m in shared], dim=1)))
     outputs = []
     for layer in layers:
         if isinstance(layer, LoRALinear) and layer not in lora:
@@ -179,8 +224,8 @@ def linear_outputs(layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tenso
         base = layer.base if isinstance(layer, LoRALinear) else layer
         out = F.linear(x, base.weight, base.bias)
         if isinstance(layer, LoRALinear):
-            h = down[layer] if layer in down else F.linear(layer.dropped(x), layer.lora_A)
-            out = torch.addmm(out, h, layer.lora_B.t(), alpha=layer.scaling * layer.scale)
+            h = down[layer] if layer in down else torch.mm(layer.dropped(x), layer.down_t())
+            out = torch.addmm(out, h, layer.up_t(), alpha=layer.scaling * layer.scale)
         outputs.append(out)
     return outputs
 
@@ -334,14 +379,48 @@ def inject_lora(
     for name, attention in _attention_modules(unet).items():
         if any(path.startswith(f"{name}.") for path in paths):
             attention.set_processor(LoRAAttnProcessor())
+    pack = LoRAPack(input_groups(_attention_modules(unet).values(), list(lora_modules(unet).values())))
+    for layer in pack.slots:
+        layer.join_pack(pack)
+    unet.add_module(PACK_NAME, pack)
+    unet.register_forward_pre_hook(refresh_views)
     for param in lora_parameters(unet):
         param.requires_grad_(True)
     return paths
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable LoRA tensors, sorted by module path, `lora_A` before `lora_B`."""
-    return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+    """The trainable LoRA tensors: the packed ones of an injected UNet (`cxr.model.lora_pack`), or each layer's
+    own `lora_A` before its `lora_B`, sorted by module path."""
+    found, seen = [], set()
+    for holder, _ in layer_slots(model):
+        if id(holder) not in seen:
+            seen.add(id(holder))
+            found.append(holder)
+    return found
+
+
+def layer_slots(model: nn.Module) -> list[tuple[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]:
+    """One entry per layer's A and B, in `lora_state_dict` order (path, A before B): the trainable tensor that
+    holds it and a function giving its slice (A: rank x in, B: out x rank) of any tensor shaped like that one
+    (the tensor itself, its gradient, an optimizer moment). What maps packed state to per-layer files."""
+    slots = []
+    for module in lora_modules(model).values():
+        for which in "AB":
+            if module.pack is None:
+                slots.append((module._parameters[f"lora_{which}"], _same))
+            else:
+                slots.append((module.pack.holder(module, which), layer_view(module.pack, module, which)))
+    return slots
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def is_packed(model: nn.Module) -> bool:
+    """Whether the LoRA layers of `model` read their A and B from a `LoRAPack` (every injected UNet does)."""
+    return any(module.pack is not None for module in lora_modules(model).values())
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cxr import DEFAULT_PROMPT
-from cxr.model.lora import DEFAULT_TARGETS, lora_modules, merge_lora, unmerge_lora
+from cxr.model.lora import DEFAULT_TARGETS, PACK_NAME, lora_modules, merge_lora, unmerge_lora
 from cxr.perf.bench_context import (
     Context,
     Row,
@@ -140,6 +140,7 @@ def _plain_copy(unet):
     for path, module in lora_modules(clone).items():
         parent_path, _, name = path.rpartition(".")
         setattr(clone.get_submodule(parent_path) if parent_path else clone, name, module.base)
+    clone._modules.pop(PACK_NAME, None)  # the packed LoRA tensors: nothing reads them any more
     return clone
 
 

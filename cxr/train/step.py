@@ -8,6 +8,7 @@ and tested is the step that trains.
         step.start_cuda_graph(example_indices)   --cuda_graph: from then on step(indices) may replay a graph
     diffusion_loss(model, x0, noise, t, prompt_embeds, schedule, snr_gamma, autocast_dtype)  forward + loss
     make_optimizer / load_optimizer_state       AdamW over the LoRA tensors, fused where possible
+    optimizer_state_dict                        its state per layer, as checkpoints store it
     lr_at / scheduled_lr / set_lr               the LR schedule, set without a host sync
     StepMetrics(device)                         device accumulators for loss / grad norm / non-finite flag
     step_unless                                 an optimizer step that is skipped (no host read) on NaN/inf
@@ -32,7 +33,7 @@ import torch.distributed
 from cxr.config import TrainConfig
 from cxr.data.latents import sample_latents
 from cxr.model import ddpm
-from cxr.model.lora import lora_modules
+from cxr.model.lora import is_packed, layer_slots, lora_modules
 from cxr.runtime import DistInfo, TrainingError, autocast_dtype
 from cxr.train import step_graph
 
@@ -108,8 +109,62 @@ def make_optimizer(params, *, lr: float, weight_decay: float, device: torch.devi
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+def optimizer_state_dict(optimizer: torch.optim.Optimizer, model=None) -> dict:
+    """`optimizer.state_dict()` with one entry per layer's A and B (`cxr.model.lora.layer_slots` order), as a
+    checkpoint stores it whatever the tensors' layout: with `model`, the packed LoRA tensors' state (moments,
+    step count) is cut into each layer's part. Copies: the optimizer's own tensors are left alone."""
+    full = optimizer.state_dict()
+    if model is None or not is_packed(model):
+        return full
+    slots = layer_slots(model)
+    if len(full["param_groups"]) != 1:
+        raise ValueError("per-layer optimizer state needs one parameter group over the LoRA tensors")
+    index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
+    state = {}
+    for number, (holder, view) in enumerate(slots):
+        saved = full["state"].get(index[id(holder)])
+        if saved:
+            state[number] = {key: _part(value, holder, view) for key, value in saved.items()}
+    group = {**full["param_groups"][0], "params": list(range(len(slots)))}
+    return {"state": state, "param_groups": [group]}
+
+
+def _part(value, holder: torch.Tensor, view) -> object:
+    if torch.is_tensor(value):
+        return view(value).clone() if value.shape == holder.shape else value.clone()
+    return value
+
+
+def _packed(optimizer: torch.optim.Optimizer, saved: dict, model) -> dict:
+    """A per-layer state dict (`optimizer_state_dict`) as the state of `optimizer`'s (packed) tensors."""
+    slots = layer_slots(model)
+    params = optimizer.param_groups[0]["params"]
+    if len(saved["state"]) and len(saved["param_groups"][0]["params"]) != len(slots):
+        raise ValueError(
+            f"the checkpoint's optimizer state has {len(saved['param_groups'][0]['params'])} LoRA tensors, "
+            f"this model {len(slots)} (another --lora_targets?)"
+        )
+    index = {id(p): i for i, p in enumerate(params)}
+    state: dict[int, dict] = {}
+    for number, (holder, view) in enumerate(slots):
+        layer = saved["state"].get(number)
+        if not layer:
+            continue
+        target = state.setdefault(index[id(holder)], {})
+        for key, value in layer.items():
+            if torch.is_tensor(value) and value.shape != holder.shape and value.ndim == 2:
+                whole = target.setdefault(key, torch.zeros_like(holder, dtype=value.dtype, device=value.device))
+                view(whole).copy_(value)
+            else:
+                target.setdefault(key, value)
+    group = {**saved["param_groups"][0], "params": list(range(len(params)))}
+    return {"state": state, "param_groups": [group]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model=None) -> None:
     """Load a checkpoint's optimizer state but keep this optimizer's settings.
+
+    With `model`, the checkpoint's state is per layer (`optimizer_state_dict`) and goes into the packed tensors.
 
     The checkpoint gives the state (moments, step counts); the freshly built param groups give everything
     else: the flags of this run (LR, weight decay) and its mode (`fused`, `capturable`, `foreach`). Taking
@@ -118,6 +173,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     counters are placed where this mode needs them (on the device when fused or capturable). The LR object
     itself (a device tensor a CUDA graph reads) is put back after loading, which copies it.
     """
+    if model is not None and is_packed(model):
+        saved = _packed(optimizer, saved, model)
     fresh = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     groups = [{**old, **new} for old, new in zip(saved["param_groups"], fresh)]
     optimizer.load_state_dict({**saved, "param_groups": groups})

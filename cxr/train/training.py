@@ -53,7 +53,7 @@ from cxr.train.checkpoint import (
     stop_nonfinite,
 )
 from cxr.train.setup import TrainRun, setup
-from cxr.train.step import load_optimizer_state, scheduled_lr, set_lr
+from cxr.train.step import load_optimizer_state, optimizer_state_dict, scheduled_lr, set_lr
 from cxr.train.tblog import config_markdown, make_writer, new_run_name
 from cxr.train.validation import log_validation
 
@@ -84,7 +84,7 @@ def resume(run: TrainRun, path: Path) -> None:
     """Continue from checkpoint `path` exactly: LoRA, optimizer (this run's settings), scaler, RNG, data position."""
     checkpoint = load_checkpoint(path, run.device)
     load_lora_state_dict(run.model.unet, checkpoint.lora)
-    load_optimizer_state(run.step.optimizer, checkpoint.optimizer["optimizer"])
+    load_optimizer_state(run.step.optimizer, checkpoint.optimizer["optimizer"], run.model.unet)
     if run.step.scaler is not None and checkpoint.optimizer.get("scaler"):
         run.step.scaler.load_state_dict(checkpoint.optimizer["scaler"])
     # A dropout stream the checkpoint lacks (its run trained without dropout) starts from its seed; the noise
@@ -294,7 +294,7 @@ def save_state(run: TrainRun, step: int) -> None:
             step,
             lora=lora_state_dict(run.model.unet),
             optimizer={
-                "optimizer": run.step.optimizer.state_dict(),
+                "optimizer": optimizer_state_dict(run.step.optimizer, run.model.unet),
                 "scaler": run.step.scaler.state_dict() if run.step.scaler else {},
             },
             rng=capture_rng_state(run.step.generators),
